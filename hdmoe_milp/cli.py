@@ -1,0 +1,187 @@
+"""Command line: ``hdmoe-milp evaluate ...`` and ``hdmoe-milp stats ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError, check_choice
+from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions, check_model_fits, evaluate
+from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
+from .instance import Instance, load_instance
+from .models import MODEL_PRESETS, get_model
+from .placement import Placement
+from .strategies import STRATEGIES, build
+from .synthetic import synthetic_trace
+from .workload import BATCHING, expected_workload, load_trace, sample_batch, summarize
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hdmoe-milp", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--instance", help="instance TOML file; other flags override its values")
+        sp.add_argument("--model", help="model preset: " + ", ".join(MODEL_PRESETS))
+        sp.add_argument("--mesh", help="mesh ROWSxCOLS, e.g. 4x8")
+        sp.add_argument("--hw", help="hardware point: " + ", ".join(HARDWARE_PRESETS))
+        sp.add_argument("--trace", help="routing trace (.json, .json.gz or .npz); default: synthetic")
+        sp.add_argument("--seed", type=int, help="seed for sampling, homes, random EP and synthetic traces")
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ev = sub.add_parser("evaluate", help="score baseline strategies (or a saved plan) with the shared evaluator")
+    common(ev)
+    ev.add_argument("--batch", type=float, help="tokens per decode step (default 128)")
+    ev.add_argument("--strategy", help="one of " + ", ".join(STRATEGIES) + ", or 'all' (default)")
+    ev.add_argument("--plan", help="evaluate a saved placement JSON instead of a strategy")
+    ev.add_argument("--save-plan", help="write the placement of the (single) strategy to this JSON file")
+    ev.add_argument("--mode", help="unit mode: mesh (default) or paper")
+    ev.add_argument("--delivery", help="tree (default in mesh mode) or unicast")
+    ev.add_argument("--home", help="token home nodes: spread, holder or random")
+    ev.add_argument("--batching", help="expected (default), random or contiguous")
+    ev.add_argument("--capacity-gb", type=float, help="DRAM capacity per node, GB (default: unlimited)")
+    ev.add_argument("--hop-latency-ns", type=float, help="per-hop latency, ns (default 0)")
+
+    st = sub.add_parser("stats", help="skew and drift statistics of a trace")
+    common(st)
+    st.add_argument("--against", help="second trace: report per-layer total-variation drift")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Instance:
+    inst = load_instance(args.instance) if args.instance else Instance("cli", "deepseek-v2-lite", "5/50", "4x8")
+    over: dict[str, Any] = {}
+    for flag, field in (
+        ("model", "model"), ("mesh", "mesh"), ("hw", "hw"), ("trace", "trace"), ("seed", "seed"),
+        ("batch", "batch"), ("mode", "mode"), ("delivery", "delivery"), ("home", "home"),
+        ("batching", "batching"), ("capacity_gb", "dram_capacity_gb"), ("hop_latency_ns", "hop_latency_ns"),
+    ):
+        v = getattr(args, flag, None)
+        if v is not None:
+            over[field] = v
+    s = replace(inst, **over)
+    check_choice("model", s.model, tuple(MODEL_PRESETS))
+    check_choice("hw", s.hw, tuple(HARDWARE_PRESETS))
+    Mesh.parse(s.mesh)
+    check_choice("mode", s.mode, MODES)
+    check_choice("batching", s.batching, BATCHING)
+    if s.delivery is not None:
+        check_choice("delivery", s.delivery, DELIVERIES)
+    if s.home is not None:
+        check_choice("home", s.home, HOMES)
+    if not (isinstance(s.batch, (int, float)) and np.isfinite(s.batch) and s.batch > 0):
+        raise InputError("batch", f"must be a positive number of tokens, got {s.batch!r}", "e.g. --batch 128")
+    return s
+
+
+def _trace(s: Instance, model):
+    if s.trace:
+        return load_trace(s.trace, model.num_experts, model.top_k)
+    return synthetic_trace(model, s.synthetic_tokens, seed=s.seed)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    model = get_model(s.model)
+    cap = None if s.dram_capacity_gb is None else float(s.dram_capacity_gb) * 1e9
+    if cap is not None and cap <= 0:
+        raise InputError("capacity", f"must be positive, got {s.dram_capacity_gb} GB")
+    hw = make_hardware(s.hw, s.mesh, dram_bw_bytes_per_s=s.dram_bw_gbps * 1e9, dram_capacity_bytes=cap,
+                       hop_latency_s=s.hop_latency_ns * 1e-9)
+    check_model_fits(model, hw)
+    trace = _trace(s, model)
+    if trace.num_layers != model.moe_layers:
+        raise InputError(
+            "trace", f"has {trace.num_layers} layers but {model.name} has {model.moe_layers} MoE layers",
+            "use a trace recorded on this model",
+        )
+    if s.batching == "expected":
+        wl = expected_workload(trace, s.batch)
+    else:
+        wl = sample_batch(trace, s.batch, s.batching, s.seed)
+    opts = EvalOptions(mode=s.mode, delivery=s.delivery, home=s.home, seed=s.seed, context_len=s.context_len)
+    freqs = trace.frequencies()
+
+    if args.plan:
+        placements = [Placement.load(args.plan)]
+    else:
+        names = list(STRATEGIES) if (args.strategy or "all") == "all" else [args.strategy]
+        for n in names:
+            check_choice("strategy", n, tuple(STRATEGIES) + ("all",))
+        placements = [build(n, model, hw, freqs, seed=s.seed) for n in names]
+    if args.save_plan:
+        if len(placements) != 1:
+            raise InputError("save-plan", "needs a single --strategy", "e.g. --strategy cb --save-plan plan.json")
+        placements[0].save(args.save_plan)
+
+    results = [evaluate(p, model, hw, wl, opts) for p in placements]
+    tp = next((r for r in results if r.strategy == "tp"), None)
+    if tp is None:
+        tp = evaluate(build("tp", model, hw, freqs), model, hw, wl, opts)
+    rows = []
+    for r in results:
+        row = r.summary()
+        row["speedup_vs_tp"] = tp.tbt_s / r.tbt_s
+        rows.append(row)
+    setting = {
+        "model": model.name, "hw": s.hw, "mesh": hw.mesh.name, "batch": s.batch, "batching": s.batching,
+        "trace": s.trace or trace.name, "mode": opts.mode, "delivery": opts.resolved_delivery,
+        "home": opts.resolved_home, "seed": s.seed,
+    }
+    if args.json:
+        if len(rows) == 1:
+            out = {**setting, **rows[0], "per_layer": results[0].per_layer()}
+        else:
+            out = {**setting, "results": rows}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(" ".join(f"{k}={v}" for k, v in setting.items()))
+    df = pd.DataFrame(rows)[
+        ["strategy", "tbt_us", "moe_compute_us", "moe_comm_us", "non_moe_us", "max_node_imbalance", "speedup_vs_tp"]
+    ]
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .workload import total_variation
+
+    s = _settings(args)
+    model = get_model(s.model)
+    trace = _trace(s, model)
+    out: dict[str, Any] = {"trace": s.trace or trace.name, "model": model.name,
+                           **summarize(trace, Mesh.parse(s.mesh).num_nodes, s.seed)}
+    if args.against:
+        other = load_trace(args.against, model.num_experts, model.top_k)
+        if other.num_layers != trace.num_layers:
+            raise InputError("against", f"has {other.num_layers} layers, the trace has {trace.num_layers}")
+        tv = total_variation(trace.frequencies(), other.frequencies())
+        out.update(tv_median=float(np.median(tv)), tv_max=float(tv.max()))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hdmoe-milp`` console script. Bad input: one line on stderr, exit 2."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "evaluate":
+            return _evaluate(args)
+        return _stats(args)
+    except InputError as exc:
+        print(f"hdmoe-milp: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""MoE model specifications and presets (values from the public Hugging Face configs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError, check_choice
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """Shape of a decoder-only MoE LLM.
+
+    ``expert_intermediate`` is the routed experts' intermediate size (SwiGLU: gate, up and down
+    matrices of ``hidden x expert_intermediate``). ``dense_intermediate`` is the FFN size of the
+    ``dense_layers`` non-MoE layers. ``paper_intermediate`` is the intermediate size the HD-MoE
+    evaluation scripts used for this model (None = ``expert_intermediate``); only ``paper`` mode reads it.
+    Bytes per element: ``weight_bytes`` for weights, ``activation_bytes`` for activations.
+    """
+
+    name: str
+    num_experts: int
+    top_k: int
+    hidden: int
+    expert_intermediate: int
+    moe_layers: int
+    dense_layers: int = 0
+    dense_intermediate: int = 0
+    shared_experts: int = 0
+    shared_intermediate: int = 0
+    weight_bytes: float = 2.0
+    activation_bytes: float = 2.0
+    paper_intermediate: int | None = None
+
+    def __post_init__(self) -> None:
+        for fld in ("num_experts", "top_k", "hidden", "expert_intermediate", "moe_layers"):
+            v = getattr(self, fld)
+            if not isinstance(v, int) or v < 1:
+                raise InputError(f"model.{fld}", f"must be a positive integer, got {v!r}")
+        for fld in ("dense_layers", "dense_intermediate", "shared_experts", "shared_intermediate"):
+            v = getattr(self, fld)
+            if not isinstance(v, int) or v < 0:
+                raise InputError(f"model.{fld}", f"must be a non-negative integer, got {v!r}")
+        if self.top_k > self.num_experts:
+            raise InputError("model.top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        for fld in ("weight_bytes", "activation_bytes"):
+            if not getattr(self, fld) > 0:
+                raise InputError(f"model.{fld}", "must be positive (bytes per element)")
+
+    def expert_weight_bytes(self) -> float:
+        """Bytes of one routed expert's weights (3 SwiGLU matrices)."""
+        return 3.0 * self.hidden * self.expert_intermediate * self.weight_bytes
+
+    def expert_flops_per_token(self) -> float:
+        """FLOPs of one routed expert for one token (3 matrices, 2 FLOPs per multiply-add)."""
+        return 6.0 * self.hidden * self.expert_intermediate
+
+    @property
+    def total_layers(self) -> int:
+        return self.moe_layers + self.dense_layers
+
+
+MODEL_PRESETS: dict[str, MoEModel] = {
+    m.name: m
+    for m in (
+        MoEModel("mixtral-8x7b", 8, 2, 4096, 14336, 32),
+        MoEModel(
+            "deepseek-v2-lite", 64, 6, 2048, 1408, 26, dense_layers=1, dense_intermediate=10944,
+            shared_experts=2, shared_intermediate=1408,
+        ),
+        MoEModel(
+            "qwen2-57b-a14b", 64, 8, 3584, 2560, 28, shared_experts=1, shared_intermediate=20480,
+            paper_intermediate=18944,
+        ),
+        MoEModel(
+            "deepseek-v3", 256, 8, 7168, 2048, 58, dense_layers=3, dense_intermediate=18432,
+            shared_experts=1, shared_intermediate=2048, weight_bytes=1.0,
+        ),
+        MoEModel("qwen3-30b-a3b", 128, 8, 2048, 768, 48),
+        MoEModel("olmoe-1b-7b", 64, 8, 2048, 1024, 16),
+    )
+}
+
+
+def get_model(name: str) -> MoEModel:
+    """A preset by name (see ``MODEL_PRESETS``)."""
+    check_choice("model", name, tuple(MODEL_PRESETS))
+    return MODEL_PRESETS[name]

@@ -1,0 +1,189 @@
+"""The one placement type every strategy returns and the evaluator scores.
+
+Per MoE layer, a :class:`LayerPlacement` lists *copies* of experts. Copy ``r`` holds expert
+``expert_of[r]``; ``shares[r, c]`` is the fraction of that expert's weights (its intermediate
+dimension, hence its FLOPs per token) held by node ``c``; each row sums to 1 (a copy is a whole
+expert). Without replication there is exactly one copy per expert, in expert order. With
+replication, ``token_fraction[r]`` is the share of the expert's tokens served by copy ``r``
+(summing to 1 over the copies of an expert).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """Copies of the experts of one layer. Shapes: ``shares [R, D]``, ``expert_of [R]``,
+    ``token_fraction [R]``."""
+
+    shares: np.ndarray
+    expert_of: np.ndarray
+    token_fraction: np.ndarray
+    num_experts: int
+
+    def __post_init__(self) -> None:
+        s = np.asarray(self.shares, dtype=float)
+        eo = np.asarray(self.expert_of, dtype=np.int64)
+        tf = np.asarray(self.token_fraction, dtype=float)
+        if s.ndim != 2 or s.shape[0] == 0:
+            raise InputError("placement.shares", f"must be a non-empty [copies, nodes] array, got shape {s.shape}")
+        if eo.shape != (s.shape[0],) or tf.shape != (s.shape[0],):
+            raise InputError("placement", "expert_of and token_fraction need one entry per copy (row of shares)")
+        if not np.all(np.isfinite(s)) or np.any(s < -_TOL):
+            raise InputError("placement.shares", "must be finite and non-negative", "shares are fractions in [0, 1]")
+        rows = s.sum(axis=1)
+        bad = np.flatnonzero(np.abs(rows - 1.0) > _TOL)
+        if bad.size:
+            raise InputError(
+                "placement.shares",
+                f"copy {int(bad[0])} (expert {int(eo[bad[0]])}) sums to {rows[bad[0]]:.6g}, not 1",
+                "each copy must hold the whole expert: its shares over nodes sum to 1",
+            )
+        if eo.min() < 0 or eo.max() >= self.num_experts:
+            raise InputError("placement.expert_of", f"expert ids must lie in 0..{self.num_experts - 1}")
+        missing = np.setdiff1d(np.arange(self.num_experts), eo)
+        if missing.size:
+            raise InputError("placement", f"expert {int(missing[0])} has no copy", "every expert must be placed")
+        if not np.all(np.isfinite(tf)) or np.any(tf < -_TOL):
+            raise InputError("placement.token_fraction", "must be finite and non-negative")
+        tot = np.bincount(eo, weights=tf, minlength=self.num_experts)
+        badt = np.flatnonzero(np.abs(tot - 1.0) > _TOL)
+        if badt.size:
+            raise InputError(
+                "placement.token_fraction",
+                f"expert {int(badt[0])}'s copies serve {tot[badt[0]]:.6g} of its tokens, not 1",
+                "the token fractions of an expert's copies must sum to 1",
+            )
+        s = np.clip(s, 0.0, None)
+        for name, arr in (("shares", s), ("expert_of", eo), ("token_fraction", np.clip(tf, 0, None))):
+            arr = np.array(arr)
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+
+    @classmethod
+    def from_shares(cls, shares: np.ndarray) -> LayerPlacement:
+        """One copy per expert: ``shares [E, D]``."""
+        s = np.asarray(shares, dtype=float)
+        if s.ndim != 2:
+            raise InputError("placement.shares", f"must be [experts, nodes], got shape {s.shape}")
+        E = s.shape[0]
+        return cls(s, np.arange(E), np.ones(E), E)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.shares.shape[1]
+
+    @property
+    def num_copies(self) -> int:
+        return self.shares.shape[0]
+
+    @property
+    def is_replicated(self) -> bool:
+        return self.num_copies != self.num_experts
+
+    def expert_shares(self) -> np.ndarray:
+        """``[E, D]`` share of each expert's token work done by each node (copies weighted by tokens)."""
+        out = np.zeros((self.num_experts, self.num_nodes))
+        np.add.at(out, self.expert_of, self.shares * self.token_fraction[:, None])
+        return out
+
+    def weight_copies_per_node(self) -> np.ndarray:
+        """``[D]`` expert-weight volume stored on each node, in units of one expert."""
+        return self.shares.sum(axis=0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A placement of every MoE layer of a model on ``num_nodes`` nodes."""
+
+    layers: tuple[LayerPlacement, ...]
+    strategy: str = "custom"
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise InputError("placement", "has no layers")
+        d = {lp.num_nodes for lp in self.layers}
+        e = {lp.num_experts for lp in self.layers}
+        if len(d) != 1 or len(e) != 1:
+            raise InputError("placement", "all layers must use the same number of nodes and experts")
+
+    @classmethod
+    def from_shares(cls, shares: list[np.ndarray] | np.ndarray, strategy: str = "custom", **meta: Any) -> Placement:
+        """One copy per expert in every layer: ``shares [layers, E, D]``."""
+        return cls(tuple(LayerPlacement.from_shares(s) for s in shares), strategy, dict(meta))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.layers[0].num_nodes
+
+    @property
+    def num_experts(self) -> int:
+        return self.layers[0].num_experts
+
+    def memory_bytes_per_node(self, expert_bytes: float) -> np.ndarray:
+        """``[D]`` bytes of routed-expert weights stored on each node, summed over layers."""
+        return expert_bytes * np.sum([lp.weight_copies_per_node() for lp in self.layers], axis=0)
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "hdmoe_milp.placement/1",
+            "strategy": self.strategy,
+            "num_nodes": self.num_nodes,
+            "num_experts": self.num_experts,
+            "meta": self.meta,
+            "layers": [
+                {
+                    "shares": lp.shares.tolist(),
+                    "expert_of": lp.expert_of.tolist(),
+                    "token_fraction": lp.token_fraction.tolist(),
+                }
+                for lp in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Placement:
+        try:
+            E = int(d["num_experts"])
+            layers = tuple(
+                LayerPlacement(
+                    np.asarray(ld["shares"], dtype=float),
+                    np.asarray(ld["expert_of"], dtype=np.int64),
+                    np.asarray(ld["token_fraction"], dtype=float),
+                    E,
+                )
+                for ld in d["layers"]
+            )
+        except (KeyError, TypeError) as exc:
+            raise InputError("plan", f"not a placement file (missing {exc})", "write it with Placement.save") from None
+        return cls(layers, d.get("strategy", "custom"), dict(d.get("meta", {})))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Placement:
+        p = Path(path)
+        if not p.exists():
+            raise InputError("plan", f"file not found: {p}")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as exc:
+            raise InputError("plan", f"{p} is not valid JSON: {exc}") from None

@@ -1,0 +1,38 @@
+"""Baseline strategies. Each is ``fn(model, hardware, freqs [layers, E], *, seed) -> Placement``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import check_choice
+from ..hardware import Hardware
+from ..models import MoEModel
+from ..placement import Placement
+from .cb import compute_balanced
+from .ep import expert_parallel, expert_parallel_lpt
+from .eplb import eplb_placement, rebalance_experts
+from .tp import tensor_parallel
+
+Strategy = Callable[..., Placement]
+
+STRATEGIES: dict[str, Strategy] = {
+    "tp": tensor_parallel,
+    "ep": expert_parallel,
+    "ep-lpt": expert_parallel_lpt,
+    "cb": compute_balanced,
+    "eplb": eplb_placement,
+}
+
+
+def build(name: str, model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: int = 0) -> Placement:
+    """Run the strategy called ``name`` (one of ``STRATEGIES``)."""
+    check_choice("strategy", name, tuple(STRATEGIES))
+    return STRATEGIES[name](model, hw, freqs, seed=seed)
+
+
+__all__ = [
+    "STRATEGIES", "build", "compute_balanced", "eplb_placement", "expert_parallel", "expert_parallel_lpt",
+    "rebalance_experts", "tensor_parallel",
+]

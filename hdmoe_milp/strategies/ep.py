@@ -1,0 +1,63 @@
+"""Expert parallelism: whole experts per node (or each expert over D/E nodes when D >= E)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..hardware import Hardware
+from ..models import MoEModel
+from ..placement import Placement
+from .common import check_freqs, lpt_pack, shares_from_groups, split_groups, whole_experts
+
+
+def _even_sizes(total: int, parts: int) -> np.ndarray:
+    base, extra = divmod(total, parts)
+    return np.array([base + 1] * extra + [base] * (parts - extra), dtype=np.int64)
+
+
+def expert_parallel(model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: int = 0) -> Placement:
+    """Random EP as in the paper (seeded): experts shuffled and dealt round-robin, so every node
+    holds floor(E/D) or ceil(E/D) whole experts. When D > E, each expert is split evenly over a
+    contiguous (snake-order) group of floor(D/E) or ceil(D/E) nodes, groups shuffled."""
+    f = check_freqs(freqs, model)
+    E, D = model.num_experts, hw.num_nodes
+    rng = np.random.default_rng(seed)
+    layers = []
+    for _ in range(f.shape[0]):
+        perm = rng.permutation(E)
+        if E >= D:
+            node_of = np.empty(E, dtype=np.int64)
+            node_of[perm] = np.arange(E) % D
+            layers.append(whole_experts(node_of, D))
+        else:
+            groups = split_groups(hw.mesh.snake_order(), _even_sizes(D, E))
+            layers.append(shares_from_groups(E, D, [groups[j] for j in np.argsort(perm)]))
+    return Placement.from_shares(layers, "ep", seed=seed)
+
+
+def expert_parallel_lpt(model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: int = 0) -> Placement:
+    """Load-balanced EP: longest-processing-time packing of whole experts with at most ceil(E/D)
+    per node. When D > E, node counts proportional to load (largest remainder, at least 1 each),
+    as contiguous snake-order groups."""
+    f = check_freqs(freqs, model)
+    E, D = model.num_experts, hw.num_nodes
+    layers = []
+    for row in f:
+        if E >= D:
+            layers.append(whole_experts(lpt_pack(row, D, cap=-(-E // D)), D))
+        else:
+            total = row.sum()
+            ideal = row / total * D if total > 0 else np.full(E, D / E)
+            n = np.maximum(1, np.floor(ideal).astype(np.int64))
+            while n.sum() > D:
+                # take back from the expert with the most nodes per unit of load
+                n[np.argmax(np.where(n > 1, n / np.maximum(ideal, 1e-12), -np.inf))] -= 1
+            while n.sum() < D:
+                n[np.argmax(ideal - n)] += 1
+            order = np.argsort(-row, kind="stable")
+            groups = split_groups(hw.mesh.snake_order(), n[order])
+            g = [None] * E
+            for j, i in enumerate(order):
+                g[i] = groups[j]
+            layers.append(shares_from_groups(E, D, g))
+    return Placement.from_shares(layers, "ep-lpt")

@@ -1,0 +1,277 @@
+"""Routing traces, workload statistics and batches.
+
+A :class:`Trace` holds, per MoE layer, the top-k expert ids of every token (``[tokens, k]``).
+A :class:`Workload` is what the evaluator scores: per layer, a list of *flows* (a token, or a group
+of identical tokens) with their expert ids and a token count. It comes either from observed tokens
+(:func:`sample_batch`, one flow per token) or from expected statistics (:func:`expected_workload`,
+one flow per distinct expert set, weight ``f_g * B``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, check_choice
+
+BATCHING = ("expected", "random", "contiguous")
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Per-layer routing: ``layers[l]`` is an int array ``[tokens_l, top_k]`` of expert ids."""
+
+    layers: tuple[np.ndarray, ...]
+    num_experts: int
+    top_k: int
+    name: str = "trace"
+
+    def __post_init__(self) -> None:
+        if len(self.layers) == 0:
+            raise InputError("trace", "has no layers", "a trace needs at least one MoE layer")
+        for li, a in enumerate(self.layers):
+            if a.ndim != 2 or a.shape[0] == 0:
+                raise InputError(f"trace layer {li}", "is empty", "every layer needs at least one token")
+            if a.shape[1] != self.top_k:
+                raise InputError(
+                    f"trace layer {li}", f"has {a.shape[1]} experts per token, expected top_k={self.top_k}",
+                    "check the model's top-k or the trace file",
+                )
+            if a.min() < 0 or a.max() >= self.num_experts:
+                raise InputError(
+                    f"trace layer {li}",
+                    f"expert id out of range [{int(a.min())}, {int(a.max())}]",
+                    f"ids must lie in 0..{self.num_experts - 1}",
+                )
+            srt = np.sort(a, axis=1)
+            if np.any(srt[:, 1:] == srt[:, :-1]):
+                raise InputError(f"trace layer {li}", "a token lists the same expert twice", "top-k ids are distinct")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def num_tokens(self) -> int:
+        """Tokens available in every layer (the shortest layer)."""
+        return min(a.shape[0] for a in self.layers)
+
+    def frequencies(self) -> np.ndarray:
+        """``[layers, E]`` f_i: fraction of tokens routed to expert i (each row sums to top_k)."""
+        return np.stack([np.bincount(a.ravel(), minlength=self.num_experts) / a.shape[0] for a in self.layers])
+
+    def groups(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct sorted expert sets of a layer and their frequencies f_g (summing to 1)."""
+        uniq, counts = np.unique(np.sort(self.layers[layer], axis=1), axis=0, return_counts=True)
+        return uniq, counts / counts.sum()
+
+    def slice_tokens(self, start: int, stop: int, name: str | None = None) -> Trace:
+        return Trace(tuple(a[start:stop] for a in self.layers), self.num_experts, self.top_k, name or self.name)
+
+
+def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int | None = None) -> Trace:
+    """Load a routing trace.
+
+    Formats: HD-MoE JSON ``{"<layer>": [[e1..ek], ...]}`` (``.json`` or ``.json.gz``) and token-major
+    arrays ``topk_ids [tokens, layers, k]`` in ``.npz``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("trace", f"file not found: {p}", "give the path of a .json, .json.gz or .npz trace")
+    name = p.name.split(".")[0]
+    try:
+        if p.suffix == ".npz":
+            with np.load(p) as z:
+                if "topk_ids" not in z.files:
+                    raise InputError("trace", f"{p} has no 'topk_ids' array", "expected topk_ids [tokens, layers, k]")
+                ids = np.asarray(z["topk_ids"])
+            if ids.ndim != 3:
+                raise InputError("trace", f"topk_ids must be [tokens, layers, k], got shape {ids.shape}")
+            layers = tuple(np.ascontiguousarray(ids[:, li, :]).astype(np.int64) for li in range(ids.shape[1]))
+        elif p.name.endswith(".json") or p.name.endswith(".json.gz"):
+            opener = gzip.open if p.name.endswith(".gz") else open
+            with opener(p, "rt") as fh:
+                raw = json.load(fh)
+            if not isinstance(raw, dict) or not raw:
+                raise InputError("trace", f"{p} must hold a non-empty object {{layer: [[experts]...]}}")
+            keys = sorted(raw, key=lambda k: int(k))
+            layers = []
+            for k in keys:
+                rows = raw[k]
+                if len(rows) == 0:
+                    raise InputError(f"trace layer {k}", "is empty", "every layer needs at least one token")
+                a = np.asarray(rows, dtype=np.int64)
+                if a.ndim != 2:
+                    raise InputError(f"trace layer {k}", "tokens must all list the same number of experts")
+                layers.append(a)
+            layers = tuple(layers)
+        else:
+            raise InputError("trace", f"unsupported file type {p.name}", "use .json, .json.gz or .npz")
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError("trace", f"cannot read {p}: {exc}") from None
+    if max_tokens is not None:
+        layers = tuple(a[:max_tokens] for a in layers)
+    return Trace(layers, num_experts, top_k, name)
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """Flows of one layer: ``experts [F, k]`` ids and ``weight [F]`` tokens per flow."""
+
+    experts: np.ndarray
+    weight: np.ndarray
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the evaluator scores: per-layer flows for a batch of ``batch_size`` tokens.
+
+    ``kind`` is ``"observed"`` (each flow is real tokens) or ``"expected"`` (frequencies x B).
+    """
+
+    layers: tuple[LayerRouting, ...]
+    num_experts: int
+    top_k: int
+    batch_size: float
+    kind: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def expert_loads(self) -> np.ndarray:
+        """``[layers, E]`` tokens routed to each expert in this batch."""
+        return np.stack(
+            [
+                np.bincount(lr.experts.ravel(), weights=np.repeat(lr.weight, self.top_k), minlength=self.num_experts)
+                for lr in self.layers
+            ]
+        )
+
+
+def check_batch(batch: float) -> float:
+    if not np.isfinite(batch) or batch <= 0:
+        raise InputError("batch", f"must be a positive number of tokens, got {batch!r}", "e.g. --batch 128")
+    return batch
+
+
+def expected_workload(trace: Trace, batch: float) -> Workload:
+    """Expected batch of ``batch`` tokens: one flow per distinct expert set g with weight f_g * B."""
+    check_batch(batch)
+    layers = []
+    for li in range(trace.num_layers):
+        g, fg = trace.groups(li)
+        layers.append(LayerRouting(g, fg * batch))
+    return Workload(tuple(layers), trace.num_experts, trace.top_k, float(batch), "expected")
+
+
+def sample_batch(trace: Trace, batch: int, mode: str = "random", seed: int = 0) -> Workload:
+    """A batch of ``batch`` observed tokens.
+
+    ``random``: tokens drawn without replacement from the whole trace (many concurrent requests);
+    ``contiguous``: a window of consecutive tokens (one conversation). The same token rows are used in
+    every layer, so cross-layer structure is kept. Seeded.
+    """
+    check_batch(batch)
+    check_choice("batching", mode, ("random", "contiguous"))
+    n = trace.num_tokens()
+    b = int(batch)
+    if b != batch:
+        raise InputError("batch", f"an observed batch needs a whole number of tokens, got {batch!r}")
+    rng = np.random.default_rng(seed)
+    if mode == "random":
+        idx = rng.choice(n, size=b, replace=b > n)
+    else:
+        start = int(rng.integers(0, max(1, n - b + 1)))
+        idx = (start + np.arange(b)) % n
+    layers = tuple(LayerRouting(a[idx], np.ones(b)) for a in trace.layers)
+    return Workload(layers, trace.num_experts, trace.top_k, float(b), "observed")
+
+
+def iter_batches(trace: Trace, batch: int, mode: str = "random", seed: int = 0, count: int | None = None):
+    """Yield ``count`` successive observed batches (contiguous: consecutive windows)."""
+    n = trace.num_tokens()
+    rng = np.random.default_rng(seed)
+    i = 0
+    while count is None or i < count:
+        if mode == "contiguous":
+            start = (i * batch) % n
+            idx = (start + np.arange(batch)) % n
+        else:
+            idx = rng.choice(n, size=batch, replace=batch > n)
+        yield Workload(tuple(LayerRouting(a[idx], np.ones(batch)) for a in trace.layers),
+                       trace.num_experts, trace.top_k, float(batch), "observed")
+        i += 1
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def load_imbalance(loads: np.ndarray) -> np.ndarray:
+    """max/mean of the last axis (1.0 = perfectly balanced)."""
+    loads = np.asarray(loads, dtype=float)
+    mean = loads.mean(axis=-1)
+    return np.where(mean > 0, loads.max(axis=-1) / np.where(mean > 0, mean, 1), 1.0)
+
+
+def hottest_share(freqs: np.ndarray) -> np.ndarray:
+    """Per layer, the fraction of tokens that use the hottest expert (``max_i f_i``)."""
+    return np.asarray(freqs).max(axis=-1)
+
+
+def total_variation(freqs_a: np.ndarray, freqs_b: np.ndarray) -> np.ndarray:
+    """Per-layer total-variation distance between two expert-popularity distributions."""
+    a = np.asarray(freqs_a, dtype=float)
+    b = np.asarray(freqs_b, dtype=float)
+    a = a / a.sum(axis=-1, keepdims=True)
+    b = b / b.sum(axis=-1, keepdims=True)
+    return 0.5 * np.abs(a - b).sum(axis=-1)
+
+
+def top_pair_share(trace: Trace) -> np.ndarray:
+    """Per layer, the fraction of tokens whose top-k contains the most frequent expert pair."""
+    out = []
+    E = trace.num_experts
+    for a in trace.layers:
+        onehot = np.zeros((a.shape[0], E))
+        np.put_along_axis(onehot, a, 1.0, axis=1)
+        co = onehot.T @ onehot
+        np.fill_diagonal(co, 0)
+        out.append(co.max() / a.shape[0])
+    return np.array(out)
+
+
+def ep_node_imbalance(freqs: np.ndarray, num_nodes: int, seed: int = 0) -> np.ndarray:
+    """Per layer max/mean node load when whole experts are dealt to ``num_nodes`` nodes at random."""
+    rng = np.random.default_rng(seed)
+    f = np.asarray(freqs, dtype=float)
+    E = f.shape[-1]
+    out = []
+    for row in f:
+        node = np.empty(E, dtype=np.int64)
+        node[rng.permutation(E)] = np.arange(E) % num_nodes
+        out.append(load_imbalance(np.bincount(node, weights=row, minlength=num_nodes)))
+    return np.array(out)
+
+
+def summarize(trace: Trace, num_nodes: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Median/min/max skew statistics of a trace (for reports and calibration tests)."""
+    f = trace.frequencies()
+    hot = hottest_share(f)
+    out = {
+        "layers": trace.num_layers,
+        "tokens": trace.num_tokens(),
+        "hottest_share_min": float(hot.min()),
+        "hottest_share_median": float(np.median(hot)),
+        "hottest_share_max": float(hot.max()),
+        "expert_max_over_mean_median": float(np.median(load_imbalance(f))),
+        "top_pair_share_median": float(np.median(top_pair_share(trace))),
+    }
+    if num_nodes:
+        out["ep_node_max_over_mean_median"] = float(np.median(ep_node_imbalance(f, num_nodes, seed)))
+    return out
