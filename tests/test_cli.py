@@ -1,0 +1,82 @@
+"""The console script: tables, JSON, instances and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hdmoe_milp.cli import main
+from hdmoe_milp.strategies import STRATEGIES
+
+from .conftest import ROOT, TRACES
+
+INSTANCE = str(ROOT / "instances" / "deepseek-v2-lite_5-50_4x8.toml")
+
+
+def test_all_baselines_table(capsys):
+    assert main(["evaluate", "--instance", INSTANCE]) == 0
+    out = capsys.readouterr().out
+    for name in STRATEGIES:
+        assert f" {name} " in out or out.splitlines()[2].strip().startswith(name) or name in out
+    assert "tbt_us" in out
+
+
+def test_json_single_strategy(capsys):
+    rc = main(["evaluate", "--model", "deepseek-v2-lite", "--mesh", "4x8", "--hw", "5/50", "--batch", "128",
+               "--strategy", "tp", "--trace", str(TRACES / "deepseek_v2_lite_law_4k.npz"), "--mode", "paper",
+               "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    for key in ("tbt_us", "moe_compute_us", "moe_comm_us", "strategy", "mode"):
+        assert key in d
+    assert d["strategy"] == "tp" and d["mode"] == "paper"
+    assert d["tbt_us"] == pytest.approx(3448.0, rel=1e-3)  # the paper's DeepSeek-V2-Lite 4x8 5/50 B=128 TP
+
+
+def test_plan_round_trip(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["evaluate", "--instance", INSTANCE, "--strategy", "cb", "--save-plan", str(plan), "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--instance", INSTANCE, "--plan", str(plan), "--json"]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert a["tbt_us"] == b["tbt_us"]
+
+
+@pytest.mark.parametrize(
+    "args,field",
+    [
+        (["--model", "gpt-5"], "model"),
+        (["--hw", "3/30"], "hw"),
+        (["--mesh", "4by8"], "mesh"),
+        (["--mesh", "0x8"], "mesh"),
+        (["--batch", "0"], "batch"),
+        (["--strategy", "magic"], "strategy"),
+        (["--mode", "fast"], "mode"),
+        (["--capacity-gb", "0.01"], "capacity"),
+        (["--model", "mixtral-8x7b", "--trace", str(TRACES / "deepseek_v2_lite_law_4k.npz")], "trace"),
+        (["--trace", "/no/such/file.json"], "trace"),
+    ],
+)
+def test_bad_input_exit_2(capsys, args, field):
+    assert main(["evaluate", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hdmoe-milp: error:") and field in err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_console_script_exit_status(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\npreset = "deepseek-v2-lite"\n[hardware]\npreset = "5/50"\nmesh = "4x8"\nfoo = 1\n')
+    r = subprocess.run([sys.executable, "-m", "hdmoe_milp.cli", "evaluate", "--instance", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "foo" in r.stderr
+
+
+def test_stats(capsys):
+    assert main(["stats", "--model", "deepseek-v2-lite", "--trace", str(TRACES / "deepseek_v2_lite_law_4k.npz"),
+                 "--against", str(TRACES / "deepseek_v2_lite_translation_4k.npz"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert 0 < d["tv_median"] <= 1 and d["hottest_share_max"] <= 1

@@ -1,0 +1,113 @@
+"""Baselines: EPLB golden example, CB ILP against brute force, EP/TP structure."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from hdmoe_milp import InputError, Mesh, MoEModel, get_model, make_hardware
+from hdmoe_milp.hardware import Hardware
+from hdmoe_milp.strategies import STRATEGIES, build, rebalance_experts
+from hdmoe_milp.strategies.cb import balance_ilp, compute_balanced, region_nodes
+from hdmoe_milp.strategies.common import lpt_pack
+
+
+def test_eplb_readme_golden_example():
+    w = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                  [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
+    phy2log, log2phy, logcnt = rebalance_experts(w, 16, 4, 2, 8)
+    assert phy2log.tolist() == [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+                                [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+    assert logcnt.tolist() == [[1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]]
+    for li in range(2):  # log2phy inverts phy2log
+        for e in range(12):
+            slots = log2phy[li, e][log2phy[li, e] >= 0]
+            assert len(slots) == logcnt[li, e] and np.all(phy2log[li, slots] == e)
+
+
+def test_eplb_properties():
+    w = np.array([[1000.0, 1, 1, 1, 1, 1, 1, 1]])
+    phy2log, _, logcnt = rebalance_experts(w, 16, 1, 1, 4)
+    assert logcnt.sum() == 16 and logcnt[0, 0] == logcnt.max() == 9
+    _, _, cnt = rebalance_experts(np.ones((1, 8)), 8, 1, 1, 4)
+    assert np.all(cnt == 1)
+    with pytest.raises(InputError):
+        rebalance_experts(np.ones((1, 8)), 10, 1, 1, 4)
+
+
+def _bin_max(loads, assign, bins):
+    return np.bincount(assign, weights=loads, minlength=bins).max()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cb_ilp_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    loads = rng.pareto(1.5, size=6) + 0.1
+    assign, status = balance_ilp(loads, 3, time_limit_s=20, gap=0.0)
+    best = min(_bin_max(loads, np.array(a), 3) for a in itertools.product(range(3), repeat=6))
+    assert _bin_max(loads, assign, 3) == pytest.approx(best)
+    assert status in ("optimal", "lpt-within-gap")
+    assert _bin_max(loads, assign, 3) <= _bin_max(loads, lpt_pack(loads, 3), 3) + 1e-12
+
+
+def test_cb_regions_and_shares():
+    m = get_model("deepseek-v2-lite")
+    hw = make_hardware("5/50", "4x8")
+    regs = region_nodes(hw, (2, 4))
+    assert sorted(np.concatenate(regs).tolist()) == list(range(32))
+    assert all(len(r) == 4 for r in regs)
+    assert sorted(regs[0].tolist()) == [0, 1, 8, 9]  # a 2x2 block
+    f = np.random.default_rng(0).dirichlet(np.ones(64), size=m.moe_layers) * 6
+    p = compute_balanced(m, hw, f)
+    for lp in p.layers:
+        nz = (lp.shares > 0).sum(axis=1)
+        assert np.all(nz == 4)
+    with pytest.raises(InputError, match="regions"):
+        region_nodes(hw, (3, 4))
+
+
+def test_ep_structure():
+    hw = make_hardware("5/50", "4x8")
+    ds = get_model("deepseek-v2-lite")
+    f = np.random.default_rng(1).dirichlet(np.ones(64), size=ds.moe_layers) * 6
+    for name in ("ep", "ep-lpt"):
+        p = build(name, ds, hw, f, seed=3)
+        for lp in p.layers:
+            assert set(np.unique(lp.shares)) <= {0.0, 1.0}
+            assert np.all(lp.shares.sum(axis=0) == 2)  # exactly E/D = 2 whole experts per node
+    mx = get_model("mixtral-8x7b")
+    fm = np.full((mx.moe_layers, 8), 0.25)
+    p = build("ep", mx, hw, fm, seed=0)
+    for lp in p.layers:
+        assert np.all((lp.shares > 0).sum(axis=1) == 4)  # D >= E: each expert over D/E nodes
+        assert np.all((lp.shares > 0).sum(axis=0) == 1)
+    # LPT variant gives hot experts more nodes
+    fm2 = np.tile([0.8, 0.2, 0.2, 0.2, 0.2, 0.2, 0.1, 0.1], (mx.moe_layers, 1))
+    lp = build("ep-lpt", mx, hw, fm2).layers[0]
+    cnt = (lp.shares > 0).sum(axis=1)
+    assert cnt.sum() == 32 and cnt[0] == cnt.max() and cnt.min() >= 1
+
+
+def test_lpt_balances_better_than_random_ep():
+    hw = make_hardware("5/50", "4x8")
+    ds = get_model("deepseek-v2-lite")
+    f = np.random.default_rng(2).dirichlet(np.ones(64) * 0.3, size=ds.moe_layers) * 6
+    rand = build("ep", ds, hw, f, seed=0)
+    lpt = build("ep-lpt", ds, hw, f)
+    for li in range(ds.moe_layers):
+        r = (f[li] @ rand.layers[li].expert_shares()).max()
+        b = (f[li] @ lpt.layers[li].expert_shares()).max()
+        assert b <= r + 1e-12
+
+
+def test_every_strategy_returns_valid_placement_on_tiny_mesh():
+    m = MoEModel("t", num_experts=4, top_k=2, hidden=8, expert_intermediate=16, moe_layers=2)
+    hw = Hardware(Mesh(2, 2), 1e9, 1e8)
+    f = np.array([[0.9, 0.5, 0.4, 0.2], [0.5, 0.5, 0.5, 0.5]])
+    for name in STRATEGIES:
+        p = build(name, m, hw, f)
+        assert p.num_layers == 2 and p.num_nodes == 4
+        for lp in p.layers:
+            np.testing.assert_allclose(lp.shares.sum(axis=1), 1.0)
