@@ -43,6 +43,9 @@ class EvalOptions:
     ``home``: where a token's vector lives: ``spread`` (evenly over all nodes), ``holder`` (a node
     holding one of its experts, chosen at random: the paper's aggregator) or ``random`` (a uniformly
     random node); None = ``spread`` in mesh mode, ``holder`` in paper mode.
+    ``coalesce``: a node holding shards of several of a token's experts receives the token once
+    (True, default) or once per expert (False: one message per (token, expert) pair, the additive
+    traffic model of the offline MILP, an upper bound on the coalesced traffic).
     ``context_len``: KV-cache length in tokens for the attention term. ``seed``: for random homes.
     """
 
@@ -51,6 +54,7 @@ class EvalOptions:
     home: str | None = None
     seed: int = 0
     context_len: int = 1024
+    coalesce: bool = True
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
@@ -437,9 +441,14 @@ def evaluate(
         compute[li] = t_node.max()
 
         holders = lp.shares > 0
-        dest = holders[copies].any(axis=1)  # [F, D]
         home = _homes(lp, copies, home_rule, rng)
         weight = lr.weight
+        if opts.coalesce:
+            dest = holders[copies].any(axis=1)  # [F, D]
+        else:  # one message per (token, expert)
+            dest = holders[copies.ravel()]
+            weight = np.repeat(weight, copies.shape[1])
+            home = None if home is None else np.repeat(home, copies.shape[1])
         if home is None:
             dest, weight = _dedupe(dest, weight)
         d_load, c_load, hops = link_loads(mesh, dest, weight * vec_bytes, home, tree)

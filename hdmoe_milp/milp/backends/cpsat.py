@@ -1,0 +1,114 @@
+"""CP-SAT through OR-Tools' own API, on an integer-scaled copy of the model.
+
+Scaling: a continuous variable v in [0, ub] becomes an integer V in [0, RES] with v = V * ub / RES.
+Each row is scaled so that its smallest coefficient is about RES and rounded: ``relax`` rows so that
+the integer model is a relaxation (coefficients of a ``<=`` row rounded down, its right-hand side
+up and widened by one grid step per continuous variable; all variables are non-negative), hence
+CP-SAT's bound is a valid bound on the real model;
+``safe`` rows the other way, so that their solutions stay feasible; ``exact`` rows must already have
+integer coefficients. The objective's coefficients are rounded down (the bound stays valid). The
+caller recomputes the true objective of the returned assignment.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+
+from ..model import LinearModel
+from .base import Backend, RawResult, SolveParams, Status
+
+RES = 10_000_000
+
+
+def _row_scale(g: np.ndarray, dom: np.ndarray) -> float:
+    """Multiplier making the smallest non-zero |coefficient| about RES (rounding error <= 1e-6 of it),
+    capped so that every |coefficient| x variable range stays <= 1e13 (no int64 overflow)."""
+    nz = g != 0
+    mag = np.abs(g[nz])
+    if mag.size == 0:
+        return 1.0
+    return min(1e13 / (mag * dom[nz]).max(), max(RES / mag.max(), RES / mag.min()))
+
+
+class CpSatBackend(Backend):
+    name = "cpsat"
+
+    def __init__(self, presolve: bool = True) -> None:
+        self.presolve = presolve
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec("ortools") is not None
+
+    def solve(self, model: LinearModel, params: SolveParams) -> RawResult:
+        from ortools.sat.python import cp_model
+
+        if np.any(model.lb < 0):
+            return RawResult(Status.ERROR, None, None, "CP-SAT backend needs non-negative variables")
+        m = cp_model.CpModel()
+        scale = np.where(model.integer, 1.0, np.maximum(model.ub, 1e-300) / RES)  # real = int * scale
+        dom = np.where(model.integer, np.maximum(np.abs(model.ub), 1.0), float(RES))
+        V = []
+        for j in range(model.num_vars):
+            if model.integer[j]:
+                V.append(m.NewIntVar(int(math.ceil(model.lb[j] - 1e-9)), int(math.floor(model.ub[j] + 1e-9)), ""))
+            else:
+                V.append(m.NewIntVar(0, RES, ""))
+        A = model.A
+        for r in range(model.num_rows):
+            sl = slice(A.indptr[r], A.indptr[r + 1])
+            cols, vals = A.indices[sl], A.data[sl] * scale[A.indices[sl]]
+            kind = model.row_kind[r]
+            for sign, rhs in ((1.0, model.row_hi[r]), (-1.0, -model.row_lo[r])):
+                if not np.isfinite(rhs):
+                    continue
+                g = sign * vals
+                if kind == "exact":
+                    coef = np.rint(g).astype(np.int64)
+                    expr = sum(int(c) * V[j] for c, j in zip(coef, cols, strict=True) if c)
+                    m.Add(expr <= int(math.floor(rhs + 1e-9)))
+                    continue
+                R = _row_scale(g, dom[cols])
+                if kind == "safe":
+                    coef, rr = np.ceil(g * R - 1e-9), math.floor(rhs * R + 1e-9)
+                else:
+                    coef, rr = np.floor(g * R + 1e-9), math.ceil(rhs * R - 1e-9)
+                    # continuous values live on a grid: allow one grid step per continuous variable, so
+                    # that every real solution has a nearby integer point satisfying the row
+                    rr += int(np.abs(coef[~model.integer[cols]]).sum())
+                m.Add(sum(int(c) * V[j] for c, j in zip(coef, cols, strict=True) if c) <= int(rr))
+        cs = model.c * scale
+        Ro = _row_scale(cs, dom)
+        ocoef = np.floor(cs * Ro + 1e-9).astype(np.int64)
+        m.Minimize(sum(int(c) * V[j] for j, c in enumerate(ocoef) if c))
+        if model.hint is not None:
+            for j, v in enumerate(model.hint):
+                if model.integer[j]:
+                    m.AddHint(V[j], int(round(v)))
+                else:
+                    m.AddHint(V[j], int(min(RES, math.ceil(v / scale[j] - 1e-9))))
+        solver = cp_model.CpSolver()
+        p = solver.parameters
+        p.max_time_in_seconds = float(params.time_limit_s)
+        p.num_workers = max(1, int(params.threads))
+        p.random_seed = int(params.seed)
+        p.relative_gap_limit = float(params.gap)
+        p.log_search_progress = bool(params.verbose)
+        p.cp_model_presolve = self.presolve
+        st = solver.Solve(m)
+        bound = solver.BestObjectiveBound() / Ro + model.obj_const if st in (
+            cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN) else None
+        if bound is not None and not np.isfinite(bound):
+            bound = None
+        if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            x = np.array([solver.Value(v) for v in V], dtype=float) * scale
+            return RawResult(Status.OPTIMAL if st == cp_model.OPTIMAL else Status.FEASIBLE, x, bound,
+                             solver.StatusName(st))
+        if st == cp_model.INFEASIBLE:
+            return RawResult(Status.INFEASIBLE, None, None, "CP-SAT: infeasible")
+        if st == cp_model.UNKNOWN:
+            return RawResult(Status.NO_SOLUTION, None, bound, "CP-SAT: no solution within the limits")
+        return RawResult(Status.ERROR, None, None, f"CP-SAT: {solver.StatusName(st)}")

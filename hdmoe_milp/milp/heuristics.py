@@ -1,0 +1,92 @@
+"""Warm starts for the block MILP: objective-aware greedy (all blocks, or one block shape at a time:
+the uniform-degree LPT of the notes) and a move-one-expert local search. All vectorised over blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .formulation import BlockModel
+
+
+def _state(bm: BlockModel, assign: np.ndarray, skip: int | None = None) -> tuple[np.ndarray, ...]:
+    """Node compute, node memory, link dispatch/combine and memory-per-node of a (partial) assignment.
+    Experts with ``assign < 0`` or index ``skip`` are left out."""
+    mask = assign >= 0
+    if skip is not None:
+        mask = mask.copy()
+        mask[skip] = False
+    a = assign[mask]
+    f, act = bm.f[mask], bm.a[mask]
+    return (f @ bm.comp_coef[a], act @ bm.mem_coef[a], f @ bm.disp_coef[a], f @ bm.comb_coef[a],
+            bm.mem_bytes[a].sum(axis=0))
+
+
+def _candidate_scores(bm: BlockModel, i: int, state: tuple[np.ndarray, ...], allowed: np.ndarray) -> np.ndarray:
+    """Objective (s) after adding expert ``i`` to each block (inf where not allowed or over capacity)."""
+    comp, mem, disp, comb, memb = state
+    c = np.maximum((comp[None, :] + bm.f[i] * bm.comp_coef).max(axis=1),
+                   (mem[None, :] + bm.a[i] * bm.mem_coef).max(axis=1))
+    d = (disp[None, :] + bm.f[i] * bm.disp_coef).max(axis=1, initial=0.0)
+    b = (comb[None, :] + bm.f[i] * bm.comb_coef).max(axis=1, initial=0.0)
+    score = c + d + b
+    ok = allowed.copy()
+    if bm.cap_layer is not None:
+        ok &= (memb[None, :] + bm.mem_bytes).max(axis=1) <= bm.cap_layer * (1 + 1e-9)
+    return np.where(ok, score, np.inf)
+
+
+def greedy(bm: BlockModel, block_mask: np.ndarray | None = None) -> np.ndarray | None:
+    """Heaviest expert first, each onto the allowed block that minimises the layer objective so far.
+    ``block_mask [nb]`` restricts the blocks (e.g. one shape). None if some expert cannot be placed."""
+    E = bm.model.num_experts
+    assign = np.full(E, -1, dtype=np.int64)
+    for i in np.argsort(-bm.f, kind="stable"):
+        allowed = bm.allowed[i] if block_mask is None else bm.allowed[i] & block_mask
+        s = _candidate_scores(bm, i, _state(bm, assign), allowed)
+        if not np.isfinite(s).any():
+            return None
+        assign[i] = int(np.argmin(s))
+    return assign
+
+
+def local_search(bm: BlockModel, assign: np.ndarray, max_passes: int = 4) -> np.ndarray:
+    """Move one expert at a time to its best block while the objective strictly improves."""
+    cur = assign.copy()
+    best = bm.objective(cur)
+    for _ in range(max_passes):
+        improved = False
+        for i in np.argsort(-bm.f, kind="stable"):
+            s = _candidate_scores(bm, i, _state(bm, cur, skip=i), bm.allowed[i])
+            b = int(np.argmin(s))
+            if b != cur[i]:
+                trial = cur.copy()
+                trial[i] = b
+                obj = bm.objective(trial)
+                if obj < best * (1 - 1e-12) and bm.feasible(trial):
+                    cur, best, improved = trial, obj, True
+        if not improved:
+            break
+    return cur
+
+
+def warm_starts(bm: BlockModel, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Candidate assignments: ``extra`` (e.g. baselines), the greedy over all blocks and the greedy
+    per block shape, each polished by local search. Only feasible ones are returned."""
+    out: dict[str, np.ndarray] = {}
+    for name, a in (extra or {}).items():
+        if a is not None and bm.feasible(a):
+            out[name] = a
+    g = greedy(bm)
+    if g is not None:
+        out["greedy"] = g
+    shapes = {tuple(s) for s in bm.blocks.shape.tolist()}
+    for shp in sorted(shapes):
+        mask = (bm.blocks.shape == np.array(shp)).all(axis=1)
+        g = greedy(bm, mask)
+        if g is not None:
+            out[f"uniform-{shp[0]}x{shp[1]}"] = g
+    # polish the three best
+    ranked = sorted(out, key=lambda k: bm.objective(out[k]))[:3]
+    for k in ranked:
+        out[k + "+ls"] = local_search(bm, out[k])
+    return out

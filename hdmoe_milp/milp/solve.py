@@ -1,0 +1,245 @@
+"""Solving the block MILP: one layer (warm start, backend, bound, gap) and whole models (in parallel)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, check_choice
+from ..hardware import Hardware
+from ..models import MoEModel
+from ..placement import LayerPlacement, Placement
+from ..strategies import STRATEGIES
+from .backends import SolveParams, Status, get_backend
+from .formulation import US, BlockModel, MilpOptions
+from .heuristics import warm_starts
+from .model import LinearModel
+
+EXECUTORS = ("local", "ray")
+GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
+
+
+@dataclass(frozen=True)
+class LayerSolveResult:
+    """Outcome of one layer. Times in seconds. ``objective_s``: the MILP model's latency of the
+    returned placement; ``bound_s``: a valid lower bound on the MILP model's optimum (what it
+    certifies is in ``bound_certifies``); ``gap = (objective - bound) / objective``."""
+
+    layer: int
+    status: str
+    objective_s: float
+    bound_s: float | None
+    gap: float | None
+    time_s: float
+    backend: str
+    num_vars: int
+    num_binaries: int
+    num_rows: int
+    warm_start_s: float
+    warm_start_source: str
+    source: str
+    bound_certifies: str
+    message: str
+    placement: LayerPlacement = field(repr=False)
+    assign: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer, "status": self.status, "objective": self.objective_s, "bound": self.bound_s,
+            "gap": self.gap, "time_s": self.time_s, "backend": self.backend, "num_vars": self.num_vars,
+            "num_binaries": self.num_binaries, "num_rows": self.num_rows, "warm_start": self.warm_start_s,
+            "warm_start_source": self.warm_start_source, "source": self.source,
+            "bound_certifies": self.bound_certifies, "message": self.message,
+        }
+
+
+def lp_bound(lm: LinearModel) -> float | None:
+    """Optimum of the LP relaxation (HiGHS via SciPy): a valid lower bound on the MILP."""
+    from scipy.optimize import linprog
+
+    A = lm.A
+    eq = lm.row_lo == lm.row_hi
+    ub_rows = np.isfinite(lm.row_hi) & ~eq
+    lb_rows = np.isfinite(lm.row_lo) & ~eq
+    import scipy.sparse as sp
+
+    A_ub = sp.vstack([A[ub_rows], -A[lb_rows]]).tocsr()
+    b_ub = np.r_[lm.row_hi[ub_rows], -lm.row_lo[lb_rows]]
+    res = linprog(lm.c, A_ub=A_ub, b_ub=b_ub, A_eq=A[eq], b_eq=lm.row_lo[eq],
+                  bounds=np.c_[lm.lb, lm.ub], method="highs")
+    if res.status != 0:
+        return None
+    return float(res.fun) + lm.obj_const
+
+
+def _baseline_assigns(bm: BlockModel, model: MoEModel, hw: Hardware, freqs_all: np.ndarray | None,
+                      layer: int, seed: int) -> dict[str, np.ndarray]:
+    """Block assignments of the baselines that the block model can express (TP, EP, EP-LPT, CB)."""
+    out = {}
+    if freqs_all is None:
+        freqs_all = np.tile(bm.f, (model.moe_layers, 1))
+    for name in ("tp", "ep-lpt", "ep", "cb"):
+        try:
+            lp = STRATEGIES[name](model, hw, freqs_all, seed=seed).layers[layer]
+        except InputError:
+            continue
+        if lp.is_replicated:
+            continue
+        a = bm.assign_from_shares(lp.shares)
+        if a is not None:
+            out[name] = a
+    return out
+
+
+def solve_layer(
+    model: MoEModel,
+    hw: Hardware,
+    freqs: np.ndarray,
+    batch: float = 128,
+    *,
+    backend: str = "cpsat",
+    params: SolveParams | None = None,
+    options: MilpOptions | None = None,
+    layer: int = 0,
+    freqs_all: np.ndarray | None = None,
+) -> LayerSolveResult:
+    """Solve one layer's block MILP for expert frequencies ``freqs [E]`` and batch ``batch``.
+
+    Warm start: the best of the expressible baselines and the greedy heuristics (a MIP start for CBC,
+    a hint for CP-SAT). The returned placement is never worse (MILP model) than the warm start; when
+    the solver fails, the warm start comes back with the solver's status.
+    """
+    params = params or SolveParams()
+    t0 = time.perf_counter()
+    solver = get_backend(backend)
+    bm = BlockModel(model, hw, freqs, batch, options)
+    starts = warm_starts(bm, _baseline_assigns(bm, model, hw, freqs_all, layer, params.seed))
+    if not starts:
+        need = model.num_experts * model.expert_weight_bytes() / hw.num_nodes
+        raise InputError(
+            "hardware.dram_capacity_bytes",
+            f"no block placement of layer {layer} fits {bm.cap_layer / 1e9:.3f} GB per node for this layer "
+            f"(experts need at least {need / 1e9:.3f} GB per node)", "raise the capacity or use a larger mesh",
+        )
+    ws_name = min(starts, key=lambda k: bm.objective(starts[k]))
+    ws = starts[ws_name]
+    ws_obj = bm.objective(ws)
+    lm = bm.to_linear(hint=ws)
+    try:
+        raw = solver.solve(lm, params)
+    except Exception as exc:  # a solver crash must not lose the warm start
+        from .backends.base import RawResult
+
+        raw = RawResult(Status.ERROR, None, None, f"{type(exc).__name__}: {exc}")
+    assign, obj, source = ws, ws_obj, "warm-start:" + ws_name
+    if raw.x is not None:
+        cand = bm.decode(raw.x)
+        if bm.feasible(cand):
+            cobj = bm.objective(cand)
+            if cobj < ws_obj * (1 - 1e-12):
+                assign, obj, source = cand, cobj, backend
+    bounds = [b / US for b in (raw.bound, lp_bound(lm)) if b is not None]
+    bound = max(bounds) if bounds else None
+    if raw.status == Status.OPTIMAL and backend == "cbc":
+        # CBC stops at relative gap params.gap: its incumbent is within that of the optimum.
+        bound = max(bound or 0.0, bm.objective(bm.decode(raw.x)) * (1 - params.gap) if raw.x is not None else 0.0)
+    if bound is not None:
+        bound = min(bound, obj)
+    gap = None if bound is None or obj <= 0 else max(0.0, (obj - bound) / obj)
+    if raw.status in (Status.ERROR, Status.INFEASIBLE):
+        status = Status.ERROR.value if raw.status == Status.ERROR else "error:solver-says-infeasible"
+    elif gap is not None and gap <= params.gap + GAP_TOL:
+        status = Status.OPTIMAL.value
+    else:
+        status = Status.FEASIBLE.value
+    certifies = ("lower bound on this layer's latency under the MILP model (one message per token and "
+                 "expert, spread homes, expected workload, this block set)")
+    return LayerSolveResult(
+        layer=layer, status=status, objective_s=obj, bound_s=bound, gap=gap, time_s=time.perf_counter() - t0,
+        backend=backend, num_vars=lm.num_vars, num_binaries=lm.num_binaries, num_rows=lm.num_rows,
+        warm_start_s=ws_obj, warm_start_source=ws_name, source=source, bound_certifies=certifies,
+        message=raw.message, placement=bm.placement(assign), assign=assign,
+    )
+
+
+def _solve_one(args: tuple) -> LayerSolveResult:
+    model, hw, freqs_all, li, batch, backend, params, options = args
+    return solve_layer(model, hw, freqs_all[li], batch, backend=backend, params=params, options=options,
+                       layer=li, freqs_all=freqs_all)
+
+
+@dataclass(frozen=True)
+class ModelSolveResult:
+    layers: tuple[LayerSolveResult, ...]
+    placement: Placement
+    wall_s: float
+
+
+def solve_model(
+    model: MoEModel,
+    hw: Hardware,
+    freqs: np.ndarray,
+    batch: float = 128,
+    *,
+    backend: str = "cpsat",
+    params: SolveParams | None = None,
+    options: MilpOptions | None = None,
+    jobs: int = 1,
+    executor: str = "local",
+    progress: bool = False,
+) -> ModelSolveResult:
+    """Solve every layer (independent problems): serially, in a local process pool (``jobs > 1``)
+    or on Ray (``executor="ray"``, needs ``pip install .[ray]``)."""
+    from ..strategies.common import check_freqs
+
+    f = check_freqs(freqs, model)
+    check_choice("executor", executor, EXECUTORS)
+    if jobs < 1:
+        raise InputError("jobs", f"must be >= 1, got {jobs}")
+    params = params or SolveParams()
+    get_backend(backend)
+    tasks = [(model, hw, f, li, batch, backend, params, options) for li in range(f.shape[0])]
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc=f"solve {model.name}", disable=not progress, unit="layer")
+    if executor == "ray":
+        results = _solve_ray(tasks, bar)
+    elif jobs == 1:
+        results = []
+        for t in tasks:
+            results.append(_solve_one(t))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            results = []
+            for r in pool.map(_solve_one, tasks):
+                results.append(r)
+                bar.update()
+    bar.close()
+    placement = Placement(tuple(r.placement for r in results), f"milp-{backend}",
+                          {"backend": backend, "batch": batch, "time_limit_s": params.time_limit_s})
+    return ModelSolveResult(tuple(results), placement, time.perf_counter() - t0)
+
+
+def _solve_ray(tasks: list[tuple], bar) -> list[LayerSolveResult]:
+    try:
+        import ray
+    except ImportError:
+        raise InputError("executor", "ray is not installed", "pip install '.[ray]' or use --executor local") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(_solve_one)
+    refs = [remote.remote(t) for t in tasks]
+    out = []
+    for r in refs:
+        out.append(ray.get(r))
+        bar.update()
+    if started:
+        ray.shutdown()
+    return out
