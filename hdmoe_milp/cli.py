@@ -48,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--capacity-gb", type=float, help="DRAM capacity per node, GB (default: unlimited)")
     ev.add_argument("--hop-latency-ns", type=float, help="per-hop latency, ns (default 0)")
 
+    so = sub.add_parser("solve", help="offline block MILP per layer; compare the plan with every baseline")
+    common(so)
+    so.add_argument("--batch", type=float, help="tokens per decode step the plan is optimised for (default 128)")
+    so.add_argument("--backend", default="cpsat", help="cbc, cpsat or highs (default cpsat)")
+    so.add_argument("--time-limit", type=float, default=10.0, help="seconds per layer (default 10)")
+    so.add_argument("--gap", type=float, default=1e-4, help="relative gap target (default 1e-4)")
+    so.add_argument("--threads", type=int, default=1, help="solver threads per layer (default 1)")
+    so.add_argument("--jobs", type=int, default=1, help="layers solved in parallel (default 1)")
+    so.add_argument("--executor", default="local", help="local (process pool) or ray")
+    so.add_argument("--delivery", help="tree (default) or unicast: the traffic rule optimised and evaluated")
+    so.add_argument("--out", help="write the plan (placement JSON) here")
+    so.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")
+    so.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+
     st = sub.add_parser("stats", help="skew and drift statistics of a trace")
     common(st)
     st.add_argument("--against", help="second trace: report per-layer total-variation drift")
@@ -89,11 +103,7 @@ def _trace(s: Instance, model):
 def _evaluate(args: argparse.Namespace) -> int:
     s = _settings(args)
     model = get_model(s.model)
-    cap = None if s.dram_capacity_gb is None else float(s.dram_capacity_gb) * 1e9
-    if cap is not None and cap <= 0:
-        raise InputError("capacity", f"must be positive, got {s.dram_capacity_gb} GB")
-    hw = make_hardware(s.hw, s.mesh, dram_bw_bytes_per_s=s.dram_bw_gbps * 1e9, dram_capacity_bytes=cap,
-                       hop_latency_s=s.hop_latency_ns * 1e-9)
+    hw = _hardware(s)
     check_model_fits(model, hw)
     trace = _trace(s, model)
     if trace.num_layers != model.moe_layers:
@@ -149,6 +159,75 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hardware(s: Instance):
+    cap = None if s.dram_capacity_gb is None else float(s.dram_capacity_gb) * 1e9
+    if cap is not None and cap <= 0:
+        raise InputError("capacity", f"must be positive, got {s.dram_capacity_gb} GB")
+    return make_hardware(s.hw, s.mesh, dram_bw_bytes_per_s=s.dram_bw_gbps * 1e9, dram_capacity_bytes=cap,
+                         hop_latency_s=s.hop_latency_ns * 1e-9)
+
+
+def _solve(args: argparse.Namespace) -> int:
+    from .milp import MilpOptions, SolveParams, solve_model
+    from .milp.solve import best_per_layer
+
+    s = _settings(args)
+    model = get_model(s.model)
+    hw = _hardware(s)
+    check_model_fits(model, hw)
+    trace = _trace(s, model)
+    if trace.num_layers != model.moe_layers:
+        raise InputError("trace", f"has {trace.num_layers} layers but {model.name} has {model.moe_layers}")
+    if args.time_limit <= 0:
+        raise InputError("time-limit", f"must be positive seconds, got {args.time_limit}")
+    if args.threads < 1:
+        raise InputError("threads", f"must be >= 1, got {args.threads}")
+    if not 0 <= args.gap < 1:
+        raise InputError("gap", f"must be in [0, 1), got {args.gap}")
+    opts = EvalOptions(mode="mesh", delivery=s.delivery, seed=s.seed, context_len=s.context_len)
+    freqs = trace.frequencies()
+    params = SolveParams(time_limit_s=args.time_limit, threads=args.threads, seed=s.seed, gap=args.gap)
+    res = solve_model(model, hw, freqs, s.batch, backend=args.backend, params=params,
+                      options=MilpOptions(delivery=opts.resolved_delivery), jobs=args.jobs,
+                      executor=args.executor, progress=args.progress,
+                      groups=[trace.groups(li) for li in range(trace.num_layers)])
+    wl = expected_workload(trace, s.batch)
+    candidates = {"milp": res.placement}
+    if not args.no_baselines:
+        for n in STRATEGIES:
+            candidates[n] = build(n, model, hw, freqs, seed=s.seed)
+    evals = {n: evaluate(p, model, hw, wl, opts) for n, p in candidates.items()}
+    plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, f"milp-{args.backend}")
+    plan_eval = evaluate(plan, model, hw, wl, opts)
+    if args.out:
+        plan.save(args.out)
+    layers = []
+    for r, src in zip(res.layers, sources, strict=True):
+        d = r.to_dict()
+        for key in ("objective", "bound", "warm_start"):
+            d[key + "_us"] = None if d[key] is None else d[key] * 1e6
+        d["final_source"] = src
+        layers.append(d)
+    tbt = {"plan": plan_eval.tbt_us, **{n: e.tbt_us for n, e in evals.items() if n != "milp"}}
+    out = {
+        "model": model.name, "hw": s.hw, "mesh": hw.mesh.name, "batch": s.batch, "backend": args.backend,
+        "time_limit_s": args.time_limit, "wall_s": res.wall_s, "delivery": opts.resolved_delivery,
+        "tbt_us": tbt, "layers": layers,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"model={model.name} hw={s.hw} mesh={hw.mesh.name} batch={s.batch} backend={args.backend} "
+          f"time_limit={args.time_limit}s wall={res.wall_s:.1f}s")
+    df = pd.DataFrame(layers)[["layer", "status", "objective_us", "bound_us", "gap", "time_s", "source",
+                               "final_source"]]
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    tb = pd.DataFrame({"strategy": list(tbt), "tbt_us": list(tbt.values())})
+    tb["plan_speedup"] = tb["tbt_us"] / tbt["plan"]
+    print(tb.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     from .workload import total_variation
 
@@ -177,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "solve":
+            return _solve(args)
         return _stats(args)
     except InputError as exc:
         print(f"hdmoe-milp: error: {exc}", file=sys.stderr)

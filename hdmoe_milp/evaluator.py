@@ -31,6 +31,7 @@ from .workload import Workload
 MODES = ("mesh", "paper")
 DELIVERIES = ("tree", "unicast")
 HOMES = ("spread", "holder", "random")
+COALESCE = ("node", "block", "expert")
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,11 @@ class EvalOptions:
     ``home``: where a token's vector lives: ``spread`` (evenly over all nodes), ``holder`` (a node
     holding one of its experts, chosen at random: the paper's aggregator) or ``random`` (a uniformly
     random node); None = ``spread`` in mesh mode, ``holder`` in paper mode.
-    ``coalesce``: a node holding shards of several of a token's experts receives the token once
-    (True, default) or once per expert (False: one message per (token, expert) pair, the additive
-    traffic model of the offline MILP, an upper bound on the coalesced traffic).
+    ``coalesce``: how a token's messages to its experts merge. ``node`` (default): one message per
+    token over the union of the nodes holding any of its experts (every node gets it once);
+    ``block``: one message per distinct holder set (experts on identical node sets share it);
+    ``expert``: one message per (token, expert). Traffic: node <= block <= expert. The offline MILP
+    models ``block`` exactly for the co-activation groups it tracks and ``expert`` for the rest.
     ``context_len``: KV-cache length in tokens for the attention term. ``seed``: for random homes.
     """
 
@@ -54,7 +57,7 @@ class EvalOptions:
     home: str | None = None
     seed: int = 0
     context_len: int = 1024
-    coalesce: bool = True
+    coalesce: str = "node"
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
@@ -62,6 +65,7 @@ class EvalOptions:
             check_choice("delivery", self.delivery, DELIVERIES)
         if self.home is not None:
             check_choice("home", self.home, HOMES)
+        check_choice("coalesce", self.coalesce, COALESCE)
         if self.context_len < 0:
             raise InputError("context_len", f"must be >= 0, got {self.context_len}")
 
@@ -443,12 +447,21 @@ def evaluate(
         holders = lp.shares > 0
         home = _homes(lp, copies, home_rule, rng)
         weight = lr.weight
-        if opts.coalesce:
+        if opts.coalesce == "node":
             dest = holders[copies].any(axis=1)  # [F, D]
-        else:  # one message per (token, expert)
-            dest = holders[copies.ravel()]
-            weight = np.repeat(weight, copies.shape[1])
-            home = None if home is None else np.repeat(home, copies.shape[1])
+        else:  # one message per (token, expert), or per (token, distinct holder set)
+            keep = np.ones(copies.shape, dtype=bool)
+            if opts.coalesce == "block":
+                _, set_id = np.unique(holders, axis=0, return_inverse=True)
+                ids = np.sort(set_id.ravel()[copies], axis=1)
+                order = np.argsort(set_id.ravel()[copies], axis=1, kind="stable")
+                dup = np.zeros(copies.shape, dtype=bool)
+                dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+                np.put_along_axis(keep, order, ~dup, axis=1)
+            fi, ji = np.nonzero(keep)
+            dest = holders[copies[fi, ji]]
+            weight = weight[fi]
+            home = None if home is None else home[fi]
         if home is None:
             dest, weight = _dedupe(dest, weight)
         d_load, c_load, hops = link_loads(mesh, dest, weight * vec_bytes, home, tree)

@@ -21,13 +21,17 @@ def tiny(E=3, k=2, layers=1, mesh="2x2", bw=2e8, comp=1e9, **hw_kw):
     return m, hw
 
 
-def brute_force(bm: BlockModel) -> float:
+def brute_force(bm: BlockModel, trace) -> float:
+    """Exhaustive enumeration; the optimum is re-scored by the evaluator (coalesce="block")."""
     E, nb = bm.model.num_experts, bm.blocks.num_blocks
-    best = np.inf
+    best, arg = np.inf, None
     for a in itertools.product(range(nb), repeat=E):
         a = np.array(a)
-        if bm.feasible(a):
-            best = min(best, bm.objective(a))
+        if bm.feasible(a) and bm.objective(a) < best:
+            best, arg = bm.objective(a), a
+    ev = evaluate(Placement((bm.placement(arg),)), bm.model, bm.hw, expected_workload(trace, bm.B),
+                  EvalOptions(coalesce="block"))
+    assert ev.layer_s[0] == pytest.approx(best, rel=1e-9)
     return best
 
 
@@ -43,15 +47,17 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_optimum_equals_brute_force(backend, case):
     m, hw = tiny(**CASES[case])
-    f = synthetic_trace(m, 400, seed=case).frequencies()[0]
+    tr = synthetic_trace(m, 400, seed=case)
+    f, groups = tr.frequencies()[0], tr.groups(0)
     opts = MilpOptions(symmetry=False)
-    bm = BlockModel(m, hw, f, 16, opts)
-    best = brute_force(bm)
-    r = solve_layer(m, hw, f, 16, backend=backend, params=SolveParams(time_limit_s=20, gap=1e-6), options=opts)
+    bm = BlockModel(m, hw, f, 16, opts, groups=groups)
+    best = brute_force(bm, tr)
+    r = solve_layer(m, hw, f, 16, backend=backend, params=SolveParams(time_limit_s=20, gap=1e-6), options=opts,
+                    groups=groups)
     assert r.objective_s == pytest.approx(best, rel=1e-6)
     assert r.status == "optimal" and r.gap is not None and r.gap <= 1e-4
     # symmetry breaking keeps the optimum
-    r2 = solve_layer(m, hw, f, 16, backend=backend, params=SolveParams(time_limit_s=20, gap=1e-6))
+    r2 = solve_layer(m, hw, f, 16, backend=backend, params=SolveParams(time_limit_s=20, gap=1e-6), groups=groups)
     assert r2.objective_s == pytest.approx(best, rel=1e-6)
 
 
@@ -60,19 +66,25 @@ def test_objective_equals_evaluator(backend):
     m, hw = tiny(E=4, layers=2, mesh="2x4", bw=4e8)
     tr = synthetic_trace(m, 500, seed=3)
     f = tr.frequencies()
-    results = [solve_layer(m, hw, f[li], 32, backend=backend, params=SolveParams(time_limit_s=5), layer=li,
-                           freqs_all=f) for li in range(2)]
-    plan = Placement(tuple(r.placement for r in results))
     wl = expected_workload(tr, 32)
-    exact = evaluate(plan, m, hw, wl, EvalOptions(coalesce=False))
-    coalesced = evaluate(plan, m, hw, wl, EvalOptions())
+    # every co-activation group modelled: the MILP is exactly the evaluator with coalesce="block"
+    results = [solve_layer(m, hw, f[li], 32, backend=backend, params=SolveParams(time_limit_s=5), layer=li,
+                           freqs_all=f, groups=tr.groups(li)) for li in range(2)]
+    plan = Placement(tuple(r.placement for r in results))
+    block = evaluate(plan, m, hw, wl, EvalOptions(coalesce="block"))
+    node = evaluate(plan, m, hw, wl, EvalOptions())
+    expert = evaluate(plan, m, hw, wl, EvalOptions(coalesce="expert"))
     for li, r in enumerate(results):
-        assert exact.layer_s[li] == pytest.approx(r.objective_s, rel=1e-9)
-        assert coalesced.layer_s[li] <= r.objective_s * (1 + 1e-12)  # coalescing only saves traffic
+        assert block.layer_s[li] == pytest.approx(r.objective_s, rel=1e-9)
+        assert node.layer_s[li] <= block.layer_s[li] * (1 + 1e-12) <= expert.layer_s[li] * (1 + 1e-12)
+    # no group modelled: one message per (token, expert)
+    r = solve_layer(m, hw, f[0], 32, backend=backend, params=SolveParams(time_limit_s=5))
+    ev = evaluate(Placement((r.placement, r.placement)), m, hw, wl, EvalOptions(coalesce="expert"))
+    assert ev.layer_s[0] == pytest.approx(r.objective_s, rel=1e-9)
     # the unicast variant agrees with the unicast evaluator
     r = solve_layer(m, hw, f[0], 32, backend=backend, params=SolveParams(time_limit_s=5),
-                    options=MilpOptions(delivery="unicast"))
-    ev = evaluate(Placement((r.placement, r.placement)), m, hw, wl, EvalOptions(coalesce=False, delivery="unicast"))
+                    options=MilpOptions(delivery="unicast"), groups=tr.groups(0))
+    ev = evaluate(Placement((r.placement, r.placement)), m, hw, wl, EvalOptions(coalesce="block", delivery="unicast"))
     assert ev.layer_s[0] == pytest.approx(r.objective_s, rel=1e-9)
 
 

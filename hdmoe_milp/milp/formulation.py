@@ -43,13 +43,15 @@ class MilpOptions:
     shapes: tuple[tuple[int, int], ...] | None = None
     max_degree: int | None = None
     capacity_share: float | None = None
+    coloc_rows: int = 6000
 
 
 class BlockModel:
     """Data and formulation of one layer; ``to_linear()`` gives the neutral MILP."""
 
     def __init__(self, model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
-                 options: MilpOptions | None = None, blocks: Blocks | None = None) -> None:
+                 options: MilpOptions | None = None, blocks: Blocks | None = None,
+                 groups: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.model = model
         self.hw = hw
         self.opts = options or MilpOptions()
@@ -76,6 +78,34 @@ class BlockModel:
         self.mem_bytes = per_node * model.expert_weight_bytes()  # [nb, D] bytes per expert placed
         self.cap_layer = self._layer_capacity()
         self.allowed = self._allowed_blocks()
+        self._set_groups(groups)
+
+    def _set_groups(self, groups: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Co-activation groups modelled exactly (ids ``[G, k]``, frequencies ``[G]``); the tail
+        frequency ``f_tail`` of each expert is what remains, modelled additively."""
+        k, nb = self.model.top_k, self.blocks.num_blocks
+        G = 0
+        if groups is not None and k > 1:
+            ids, fg = np.asarray(groups[0]), np.asarray(groups[1], dtype=float)
+            G = min(int((fg > 0).sum()), self.opts.coloc_rows // (k * nb))
+            top = np.argsort(-fg, kind="stable")[:G]
+            self.g_ids, self.g_f = ids[top].astype(np.int64), fg[top]
+        if G == 0:
+            self.g_ids, self.g_f = np.zeros((0, k), dtype=np.int64), np.zeros(0)
+        covered = np.bincount(self.g_ids.ravel(), weights=np.repeat(self.g_f, k), minlength=self.model.num_experts)
+        self.f_tail = np.clip(self.f - covered, 0.0, None)
+
+    def traffic(self, assign: np.ndarray) -> np.ndarray:
+        """``[nb]`` tokens-worth of messages sent to each block: one per (tail token, expert) and one
+        per (modelled group token, distinct block of its experts)."""
+        a = np.asarray(assign)
+        u = np.bincount(a, weights=self.f_tail, minlength=self.blocks.num_blocks)
+        if len(self.g_f):
+            blk = np.sort(a[self.g_ids], axis=1)
+            first = np.ones(blk.shape, dtype=bool)
+            first[:, 1:] = blk[:, 1:] != blk[:, :-1]
+            np.add.at(u, blk[first], np.broadcast_to(self.g_f[:, None], blk.shape)[first])
+        return u
 
     # --- data --------------------------------------------------------------------------------
     def _layer_capacity(self) -> float | None:
@@ -121,12 +151,14 @@ class BlockModel:
         """(compute, dispatch, combine) seconds of ``assign [E]`` (block per expert)."""
         a = np.asarray(assign)
         comp = max((self.f @ self.comp_coef[a]).max(), (self.a @ self.mem_coef[a]).max())
-        disp = (self.f @ self.disp_coef[a]).max(initial=0.0)
-        comb = (self.f @ self.comb_coef[a]).max(initial=0.0)
+        u = self.traffic(a)
+        disp = (u @ self.disp_coef).max(initial=0.0)
+        comb = (u @ self.comb_coef).max(initial=0.0)
         return float(comp), float(disp), float(comb)
 
     def objective(self, assign: np.ndarray) -> float:
-        """Layer latency in seconds under the MILP's model (= evaluator with coalesce=False)."""
+        """Layer latency in seconds under the MILP's model (= the evaluator with ``coalesce="block"``
+        when every group is modelled, ``"expert"`` when none is)."""
         return float(sum(self.parts(assign)) + self.hop_const_s)
 
     def feasible(self, assign: np.ndarray) -> bool:
@@ -156,31 +188,38 @@ class BlockModel:
     def to_linear(self, hint: np.ndarray | None = None) -> LinearModel:
         E, nb, D = self.model.num_experts, self.blocks.num_blocks, self.hw.num_nodes
         nl = self.hw.mesh.num_links
+        G = len(self.g_f)
         mb = ModelBuilder()
-        x = mb.add_vars("x", E * nb, 0.0, self.allowed.ravel().astype(float), integer=True).reshape(E, nb)
+        ix: dict[str, np.ndarray] = {}
+        ix["x"] = x = mb.add_vars("x", E * nb, 0.0, self.allowed.ravel().astype(float), integer=True).reshape(E, nb)
         fsum, asum = float(self.f.sum()), float(self.a.sum())
-        y = mb.add_vars("y", nb, 0.0, fsum, integer=False)
-        z = mb.add_vars("z", nb, 0.0, asum, integer=False)
-        n = mb.add_vars("n", nb, 0.0, float(E), integer=True) if self.cap_layer is not None else None
+        ix["y"] = y = mb.add_vars("y", nb, 0.0, fsum, integer=False)
+        ix["z"] = z = mb.add_vars("z", nb, 0.0, asum, integer=False)
+        ix["u"] = u = mb.add_vars("u", nb, 0.0, fsum, integer=False)
+        ix["Y"] = Y = mb.add_vars("Y", G * nb, 0.0, 1.0, integer=False).reshape(G, nb)
+        n = None
+        if self.cap_layer is not None:
+            ix["n"] = n = mb.add_vars("n", nb, 0.0, float(E), integer=True)
         # upper bounds of the epigraph variables (CP-SAT needs finite domains), with a little slack
         ub_comp = 1.001 * US * max((fsum * self.comp_coef).max(), (asum * self.mem_coef).max())
         ub_disp = 1.001 * US * fsum * max(self.disp_coef.max(initial=0.0), 1e-30)
         ub_comb = 1.001 * US * fsum * max(self.comb_coef.max(initial=0.0), 1e-30)
-        t_comp = mb.add_vars("T_comp", 1, 0.0, ub_comp, integer=False, cost=1.0)[0]
-        t_disp = mb.add_vars("T_disp", 1, 0.0, ub_disp, integer=False, cost=1.0)[0]
-        t_comb = mb.add_vars("T_comb", 1, 0.0, ub_comb, integer=False, cost=1.0)[0]
+        ix["T"] = t = np.r_[mb.add_vars("T_comp", 1, 0.0, ub_comp, integer=False, cost=1.0),
+                            mb.add_vars("T_disp", 1, 0.0, ub_disp, integer=False, cost=1.0),
+                            mb.add_vars("T_comb", 1, 0.0, ub_comb, integer=False, cost=1.0)]
         self.build_assignment(mb, x)
         self.build_aggregates(mb, x, y, z, n)
-        self.build_node_time(mb, y, z, t_comp)
-        self.build_link_time(mb, y, t_disp, t_comb, nl)
+        self.build_traffic(mb, x, u, Y)
+        self.build_node_time(mb, y, z, t[0])
+        self.build_link_time(mb, u, t[1], t[2], nl)
         if self.opts.per_expert_cut:
-            self.build_per_expert_cut(mb, x, t_comp)
+            self.build_per_expert_cut(mb, x, t[0])
         if n is not None:
             self.build_capacity(mb, n, D)
         lm = mb.build(obj_const=US * self.hop_const_s)
+        self._ix = ix
         if hint is not None:
             lm.hint = self.full_vector(hint, lm)
-        self._x_index = x
         return lm
 
     def build_assignment(self, mb: ModelBuilder, x: np.ndarray) -> None:
@@ -196,6 +235,16 @@ class BlockModel:
             if n is not None:
                 mb.add_row(np.r_[n[b], x[:, b]], np.r_[1.0, -np.ones(x.shape[0])], 0.0, 0.0, kind="exact")
 
+    def build_traffic(self, mb: ModelBuilder, x, u, Y) -> None:
+        """(A3) u_b = sum_i f_tail_i x_ib + sum_g f_g Y_gb and (A4) Y_gb >= x_ib for i in g:
+        a modelled group sends one message per distinct block of its experts."""
+        for b in range(x.shape[1]):
+            mb.add_row(np.r_[u[b], x[:, b], Y[:, b]], np.r_[1.0, -self.f_tail, -self.g_f], 0.0, 0.0)
+        for g, members in enumerate(self.g_ids):
+            for i in members:
+                for b in range(x.shape[1]):
+                    mb.add_row(np.r_[Y[g, b], x[i, b]], np.array([1.0, -1.0]), 0.0, np.inf)
+
     def build_node_time(self, mb: ModelBuilder, y, z, t_comp) -> None:
         """(C1) per node c: T_comp >= sum_b y_b * FLOPs share / comp and >= sum_b z_b * bytes share / BWmem."""
         for c in range(self.hw.num_nodes):
@@ -203,13 +252,13 @@ class BlockModel:
             mb.add_row(np.r_[t_comp, y[on]], np.r_[-1.0, US * self.comp_coef[on, c]], -np.inf, 0.0)
             mb.add_row(np.r_[t_comp, z[on]], np.r_[-1.0, US * self.mem_coef[on, c]], -np.inf, 0.0)
 
-    def build_link_time(self, mb: ModelBuilder, y, t_disp, t_comb, nl: int) -> None:
-        """(L1) per directed link l: T_disp >= sum_b y_b * dispatch bytes / BW_l, same for combine."""
+    def build_link_time(self, mb: ModelBuilder, u, t_disp, t_comb, nl: int) -> None:
+        """(L1) per directed link l: T_disp >= sum_b u_b * dispatch bytes / BW_l, same for combine."""
         for ln in range(nl):
             for coef, t in ((self.disp_coef, t_disp), (self.comb_coef, t_comb)):
                 used = np.flatnonzero(coef[:, ln] > 0)
                 if used.size:
-                    mb.add_row(np.r_[t, y[used]], np.r_[-1.0, US * coef[used, ln]], -np.inf, 0.0)
+                    mb.add_row(np.r_[t, u[used]], np.r_[-1.0, US * coef[used, ln]], -np.inf, 0.0)
 
     def build_per_expert_cut(self, mb: ModelBuilder, x, t_comp) -> None:
         """(V1) T_comp >= sum_b x_ib * f_i * FLOPs / (d_b comp): a node holding a shard of i carries it."""
@@ -228,22 +277,22 @@ class BlockModel:
     def full_vector(self, assign: np.ndarray, lm: LinearModel) -> np.ndarray:
         """All variable values implied by an assignment (for hints and MIP starts)."""
         E, nb = self.model.num_experts, self.blocks.num_blocks
+        ix = self._ix
+        a = np.asarray(assign)
         v = np.zeros(lm.num_vars)
         X = np.zeros((E, nb))
-        X[np.arange(E), np.asarray(assign)] = 1.0
-        v[: E * nb] = X.ravel()
-        y = self.f @ X
-        z = self.a @ X
-        v[E * nb : E * nb + nb] = y
-        v[E * nb + nb : E * nb + 2 * nb] = z
-        k = E * nb + 2 * nb
-        if self.cap_layer is not None:
-            v[k : k + nb] = X.sum(axis=0)
-            k += nb
-        comp, disp, comb = self.parts(assign)
-        per_exp = max((self.f[:, None] * self.comp_coef.max(axis=1)[None, :] * X).sum(axis=1).max(),
-                      (self.a[:, None] * self.mem_coef.max(axis=1)[None, :] * X).sum(axis=1).max())
-        v[k : k + 3] = US * np.array([max(comp, per_exp), disp, comb])
+        X[np.arange(E), a] = 1.0
+        v[ix["x"].ravel()] = X.ravel()
+        v[ix["y"]] = self.f @ X
+        v[ix["z"]] = self.a @ X
+        v[ix["u"]] = self.traffic(a)
+        if len(self.g_f):
+            v[ix["Y"].ravel()] = (X[self.g_ids].max(axis=1)).ravel()
+        if "n" in ix:
+            v[ix["n"]] = X.sum(axis=0)
+        comp, disp, comb = self.parts(a)
+        per_exp = max((self.f * self.comp_coef.max(axis=1)[a]).max(), (self.a * self.mem_coef.max(axis=1)[a]).max())
+        v[ix["T"]] = US * np.array([max(comp, per_exp), disp, comb])
         return v
 
     def decode(self, xvec: np.ndarray) -> np.ndarray:

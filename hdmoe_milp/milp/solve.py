@@ -106,8 +106,10 @@ def solve_layer(
     options: MilpOptions | None = None,
     layer: int = 0,
     freqs_all: np.ndarray | None = None,
+    groups: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LayerSolveResult:
-    """Solve one layer's block MILP for expert frequencies ``freqs [E]`` and batch ``batch``.
+    """Solve one layer's block MILP for expert frequencies ``freqs [E]`` and batch ``batch``;
+    ``groups`` (distinct expert sets ``[G, k]`` and their frequencies) enable co-location modelling.
 
     Warm start: the best of the expressible baselines and the greedy heuristics (a MIP start for CBC,
     a hint for CP-SAT). The returned placement is never worse (MILP model) than the warm start; when
@@ -116,7 +118,7 @@ def solve_layer(
     params = params or SolveParams()
     t0 = time.perf_counter()
     solver = get_backend(backend)
-    bm = BlockModel(model, hw, freqs, batch, options)
+    bm = BlockModel(model, hw, freqs, batch, options, groups=groups)
     starts = warm_starts(bm, _baseline_assigns(bm, model, hw, freqs_all, layer, params.seed))
     if not starts:
         need = model.num_experts * model.expert_weight_bytes() / hw.num_nodes
@@ -167,9 +169,9 @@ def solve_layer(
 
 
 def _solve_one(args: tuple) -> LayerSolveResult:
-    model, hw, freqs_all, li, batch, backend, params, options = args
+    model, hw, freqs_all, li, batch, backend, params, options, groups = args
     return solve_layer(model, hw, freqs_all[li], batch, backend=backend, params=params, options=options,
-                       layer=li, freqs_all=freqs_all)
+                       layer=li, freqs_all=freqs_all, groups=groups)
 
 
 @dataclass(frozen=True)
@@ -191,9 +193,11 @@ def solve_model(
     jobs: int = 1,
     executor: str = "local",
     progress: bool = False,
+    groups: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> ModelSolveResult:
     """Solve every layer (independent problems): serially, in a local process pool (``jobs > 1``)
-    or on Ray (``executor="ray"``, needs ``pip install .[ray]``)."""
+    or on Ray (``executor="ray"``, needs ``pip install .[ray]``). ``groups[l]``: the layer's
+    co-activation groups (``Trace.groups(l)``), for co-location modelling."""
     from ..strategies.common import check_freqs
 
     f = check_freqs(freqs, model)
@@ -202,7 +206,8 @@ def solve_model(
         raise InputError("jobs", f"must be >= 1, got {jobs}")
     params = params or SolveParams()
     get_backend(backend)
-    tasks = [(model, hw, f, li, batch, backend, params, options) for li in range(f.shape[0])]
+    tasks = [(model, hw, f, li, batch, backend, params, options, None if groups is None else groups[li])
+             for li in range(f.shape[0])]
     t0 = time.perf_counter()
     from tqdm import tqdm
 
@@ -243,3 +248,16 @@ def _solve_ray(tasks: list[tuple], bar) -> list[LayerSolveResult]:
     if started:
         ray.shutdown()
     return out
+
+
+def best_per_layer(candidates: dict[str, Placement], layer_times: dict[str, np.ndarray],
+                   strategy: str = "milp") -> tuple[Placement, list[str]]:
+    """Per layer, the candidate placement with the smallest evaluator layer time. The evaluator's
+    layers are independent (the non-MoE terms do not depend on the placement), so the combined plan's
+    TBT is no worse than any candidate's. Returns the plan and the source of each layer."""
+    names = list(candidates)
+    times = np.stack([np.asarray(layer_times[n]) for n in names])  # [candidates, L]
+    pick = np.argmin(times, axis=0)  # first (preferred) candidate wins ties
+    layers = tuple(candidates[names[p]].layers[li] for li, p in enumerate(pick))
+    sources = [names[p] for p in pick]
+    return Placement(layers, strategy, {"layer_sources": sources}), sources
