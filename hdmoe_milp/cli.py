@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score baseline strategies (or a saved plan) with the shared evaluator")
     common(ev)
     ev.add_argument("--batch", type=float, help="tokens per decode step (default 128)")
-    ev.add_argument("--strategy", help="one of " + ", ".join(STRATEGIES) + ", or 'all' (default)")
+    ev.add_argument("--strategy", help="one of " + ", ".join(STRATEGIES) + ", a comma-separated list, or 'all' "
+                    "(default)")
+    ev.add_argument("--time-limit", type=float, default=2.0,
+                    help="seconds per layer for strategies that solve a MILP (hdmoe; default 2)")
     ev.add_argument("--plan", help="evaluate a saved placement JSON instead of a strategy")
     ev.add_argument("--save-plan", help="write the placement of the (single) strategy to this JSON file")
     ev.add_argument("--mode", help="unit mode: mesh (default) or paper")
@@ -121,10 +124,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.plan:
         placements = [Placement.load(args.plan)]
     else:
-        names = list(STRATEGIES) if (args.strategy or "all") == "all" else [args.strategy]
+        names = list(STRATEGIES) if (args.strategy or "all") == "all" else args.strategy.split(",")
         for n in names:
             check_choice("strategy", n, tuple(STRATEGIES) + ("all",))
-        placements = [build(n, model, hw, freqs, seed=s.seed) for n in names]
+        groups = [trace.groups(li) for li in range(trace.num_layers)] if "hdmoe" in names else None
+        placements = [build(n, model, hw, freqs, seed=s.seed, groups=groups, batch=s.batch,
+                            time_limit_s=args.time_limit) for n in names]
     if args.save_plan:
         if len(placements) != 1:
             raise InputError("save-plan", "needs a single --strategy", "e.g. --strategy cb --save-plan plan.json")
@@ -194,8 +199,10 @@ def _solve(args: argparse.Namespace) -> int:
     wl = expected_workload(trace, s.batch)
     candidates = {"milp": res.placement}
     if not args.no_baselines:
+        groups = [trace.groups(li) for li in range(trace.num_layers)]
         for n in STRATEGIES:
-            candidates[n] = build(n, model, hw, freqs, seed=s.seed)
+            candidates[n] = build(n, model, hw, freqs, seed=s.seed, groups=groups, batch=s.batch,
+                                  time_limit_s=args.time_limit, backend=args.backend)
     evals = {n: evaluate(p, model, hw, wl, opts) for n, p in candidates.items()}
     plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, f"milp-{args.backend}")
     plan_eval = evaluate(plan, model, hw, wl, opts)
