@@ -65,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")
     so.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
 
+    rp = sub.add_parser("replay", help="stream a trace batch by batch under online policies")
+    common(rp)
+    rp.add_argument("--plan", help="offline plan (placement JSON); default: --plan-strategy on --plan-trace")
+    rp.add_argument("--plan-strategy", default="cb", help="baseline to build the plan from when no --plan (cb)")
+    rp.add_argument("--plan-trace", help="trace the plan is built on (default: --trace)")
+    rp.add_argument("--batch", type=int, default=512, help="tokens per batch (default 512)")
+    rp.add_argument("--policy", default="all", help="static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle, "
+                    "a comma-separated list, or all (default; all but oracle)")
+    rp.add_argument("--batches", type=int, default=50, help="batches to replay (default 50)")
+    rp.add_argument("--batching", help="contiguous (default) or random")
+
     st = sub.add_parser("stats", help="skew and drift statistics of a trace")
     common(st)
     st.add_argument("--against", help="second trace: report per-layer total-variation drift")
@@ -235,6 +246,46 @@ def _solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from .online import POLICIES, replay
+
+    s = _settings(args)
+    model = get_model(s.model)
+    hw = _hardware(s)
+    trace = _trace(s, model)
+    if args.batch < 1 or args.batches < 1:
+        raise InputError("batch/batches", "must be positive integers")
+    batching = args.batching or "contiguous"
+    check_choice("batching", batching, ("random", "contiguous"))
+    if args.plan:
+        plan = Placement.load(args.plan)
+    else:
+        base = load_trace(args.plan_trace, model.num_experts, model.top_k) if args.plan_trace else trace
+        plan = build(args.plan_strategy, model, hw, base.frequencies(), seed=s.seed)
+    names = [p for p in POLICIES if p != "oracle"] if args.policy == "all" else args.policy.split(",")
+    for n in names:
+        check_choice("policy", n, POLICIES)
+    if trace.num_layers != plan.num_layers:
+        raise InputError("trace", f"has {trace.num_layers} layers, the plan {plan.num_layers}")
+    opts = EvalOptions(seed=s.seed)
+    rows = [replay(plan, model, hw, trace, args.batch, n, batches=args.batches, batching=batching,
+                   seed=s.seed, options=opts).summary() for n in names]
+    static = next((r["mean_us"] for r in rows if r["policy"] == "static"), None)
+    for r in rows:
+        r["speedup_vs_static"] = None if static is None else static / r["mean_us"]
+    if args.json:
+        print(json.dumps({"model": model.name, "hw": s.hw, "mesh": hw.mesh.name, "batch": args.batch,
+                          "plan": args.plan or f"{args.plan_strategy}", "trace": s.trace or trace.name,
+                          "results": rows}, indent=2))
+        return 0
+    print(f"model={model.name} hw={s.hw} mesh={hw.mesh.name} batch={args.batch} batches={args.batches} "
+          f"batching={batching} trace={s.trace or trace.name}")
+    df = pd.DataFrame(rows)[["policy", "mean_us", "p50_us", "p99_us", "migration_us", "bytes_moved", "actions",
+                             "decide_us_per_layer_mean", "speedup_vs_static"]]
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     from .workload import total_variation
 
@@ -265,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "solve":
             return _solve(args)
+        if args.command == "replay":
+            return _replay(args)
         return _stats(args)
     except InputError as exc:
         print(f"hdmoe-milp: error: {exc}", file=sys.stderr)

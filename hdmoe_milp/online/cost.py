@@ -1,0 +1,94 @@
+"""Fast per-layer latency model used by the online policies (written out in ``formulations/online.md``).
+
+It is the evaluator's model with one message per (token, expert copy) (``coalesce="expert"``),
+spread homes and expected counts: node time = max(FLOPs/comp, weight bytes read/BWmem), link time =
+max over links of the copies' traffic. Everything is arrays over copies, so a candidate action is
+scored with a handful of numpy operations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..evaluator import link_loads
+from ..hardware import Hardware
+from ..models import MoEModel
+
+
+class LinkTable:
+    """Link load of one token sent to a holder set from spread homes (cached per holder set)."""
+
+    def __init__(self, hw: Hardware, tree: bool = True) -> None:
+        self.hw = hw
+        self.tree = tree
+        self._cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        D = hw.num_nodes
+        # single nodes, the common case for replicas, as two [D, links] arrays
+        self.node_disp = np.zeros((D, hw.mesh.num_links))
+        self.node_comb = np.zeros((D, hw.mesh.num_links))
+        for c in range(D):
+            m = np.zeros((1, D), dtype=bool)
+            m[0, c] = True
+            self.node_disp[c], self.node_comb[c] = self.get(m[0])
+
+    def get(self, holders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        key = np.packbits(holders).tobytes()
+        hit = self._cache.get(key)
+        if hit is None:
+            d, c, _ = link_loads(self.hw.mesh, holders[None, :], np.ones(1), None, self.tree)
+            hit = self._cache[key] = (d / self.hw.link_bw, c / self.hw.link_bw)
+        return hit
+
+
+class LayerCost:
+    """Cost model of one layer for per-expert token counts ``n [E]`` in a batch of ``B`` tokens.
+
+    Copies: ``shares [R, D]``, ``expert_of [R]``, ``frac [R]`` (token fraction of each copy).
+    """
+
+    def __init__(self, model: MoEModel, hw: Hardware, links: LinkTable) -> None:
+        self.model, self.hw, self.links = model, hw, links
+        self.phi_s = model.expert_flops_per_token() / hw.compute_flops  # s per token on one node
+        self.w_s = model.expert_weight_bytes() / hw.dram_bw_bytes_per_s  # s to read one expert
+        self.vec = model.hidden * model.activation_bytes  # bytes per token message
+        D = hw.num_nodes
+        self.route_bw = np.full((D, D), np.inf)  # slowest link on each XY route
+        for a in range(D):
+            for b in range(D):
+                if a != b:
+                    self.route_bw[a, b] = float(hw.link_bw[hw.mesh.xy_route(a, b)].min())
+        self.hops = hw.mesh.distance
+
+    def copy_links(self, shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[R, links]`` seconds per token of each copy (dispatch, combine)."""
+        pairs = [self.links.get(row > 0) for row in shares]
+        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+    def activation(self, tokens: np.ndarray, batch: float) -> np.ndarray:
+        """Probability that a batch uses each copy (its weights are then read)."""
+        return 1.0 - (1.0 - np.clip(np.asarray(tokens) / max(batch, 1e-12), 0.0, 1.0)) ** batch
+
+    def node_terms(self, shares: np.ndarray, tokens: np.ndarray, batch: float) -> tuple[np.ndarray, np.ndarray]:
+        """(FLOP time [D], weight-read time [D]) of every node."""
+        return self.phi_s * (tokens @ shares), self.w_s * (self.activation(tokens, batch) @ shares)
+
+    def parts(self, shares: np.ndarray, tokens: np.ndarray, batch: float, disp: np.ndarray,
+              comb: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """(node time [D], dispatch s, combine s) for ``tokens [R]`` per copy."""
+        node = np.maximum(*self.node_terms(shares, tokens, batch))
+        bytes_ = tokens * self.vec
+        return node, float((bytes_ @ disp).max(initial=0.0)), float((bytes_ @ comb).max(initial=0.0))
+
+    def latency(self, shares: np.ndarray, tokens: np.ndarray, batch: float, disp: np.ndarray,
+                comb: np.ndarray) -> float:
+        node, d, c = self.parts(shares, tokens, batch, disp, comb)
+        return float(node.max() + d + c)
+
+    def move_time_s(self, src_holders: np.ndarray, dst: int, nbytes: float) -> float:
+        """Time to stream ``nbytes`` of weights to node ``dst`` from the nearest holder (one XY path,
+        pipelined: bytes / slowest link on it + hop latency x hops)."""
+        src = np.flatnonzero(src_holders)
+        s = int(src[np.argmin(self.hops[src, dst])])
+        if s == dst:
+            return 0.0
+        return nbytes / self.route_bw[s, dst] + self.hw.hop_latency_s * int(self.hops[s, dst])

@@ -1,0 +1,260 @@
+"""Online policies compared under the shared evaluator: static, greedy (ours), HD-MoE's pre-broadcast,
+EPLB-style periodic re-planning and an oracle (an offline solve per batch)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError, check_choice
+from ..evaluator import EvalOptions, non_moe_time_s
+from ..hardware import Hardware
+from ..models import MoEModel
+from ..placement import LayerPlacement, Placement
+from .rebalancer import GreedyRebalancer, RebalancerConfig
+
+POLICIES = ("static", "greedy", "hdmoe-prebroadcast", "eplb-periodic", "oracle")
+
+
+@dataclass
+class Decision:
+    """What a policy does before a batch: the placement to use, unhidden weight-move time charged to
+    this batch (s), bytes of weights moved, number of actions, decision time per layer (s)."""
+
+    placement: Placement
+    migration_s: float = 0.0
+    bytes_moved: float = 0.0
+    actions: int = 0
+    decide_s_per_layer: float = 0.0
+
+
+class Policy:
+    """Base: ``decide(j)`` before batch j, ``observe(counts, batch)`` after it (counts ``[L, E]``)."""
+
+    name = "static"
+
+    def __init__(self, plan: Placement, model: MoEModel, hw: Hardware, batch: float,
+                 options: EvalOptions | None = None) -> None:
+        self.plan, self.model, self.hw, self.batch = plan, model, hw, float(batch)
+        self.options = options or EvalOptions()
+
+    def decide(self, j: int) -> Decision:
+        return Decision(self.plan)
+
+    def observe(self, counts: np.ndarray, workload=None) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class StaticPolicy(Policy):
+    """The offline plan, never changed."""
+
+    name = "static"
+
+
+class GreedyPolicy(Policy):
+    """This package's rebalancer (``GreedyRebalancer``)."""
+
+    name = "greedy"
+
+    def __init__(self, plan, model, hw, batch, options=None, config: RebalancerConfig | None = None) -> None:
+        super().__init__(plan, model, hw, batch, options)
+        self.reb = GreedyRebalancer(plan, model, hw, batch, config, self.options)
+
+    def decide(self, j: int) -> Decision:
+        t = time.perf_counter()
+        acts = self.reb.step()
+        dt = (time.perf_counter() - t) / max(len(self.plan.layers), 1)
+        return Decision(self.reb.placement(), sum(a.cost_s for a in acts), sum(a.bytes_moved for a in acts),
+                        len(acts), dt)
+
+    def observe(self, counts: np.ndarray, workload=None) -> None:
+        self.reb.observe(counts)
+
+
+def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: EvalOptions,
+                       alpha_s: float = 1e-7) -> int:
+    """HD-MoE's k: the most experts whose broadcast fits behind one layer's non-MoE time, from its
+    alpha-beta bound t(k) = S*beta*k + 2*alpha*sqrt(D) + 2*sqrt(2*sqrt(D)*beta*k*alpha*S)."""
+    S = model.expert_weight_bytes()
+    beta = 1.0 / hw.min_link_bw
+    sd = math.sqrt(hw.num_nodes)
+    t_inf = non_moe_time_s(model, hw, batch, options) / max(model.total_layers, 1)
+    k = 0
+    while k < model.num_experts:
+        kk = k + 1
+        t = S * beta * kk + 2 * alpha_s * sd + 2 * math.sqrt(2 * sd * beta * kk * alpha_s * S)
+        if t >= t_inf:
+            break
+        k = kk
+    return k
+
+
+def _waterfill(base: np.ndarray, amount: float) -> np.ndarray:
+    """Split ``amount`` over nodes so that ``base + x`` is as level as possible (x >= 0)."""
+    order = np.sort(base)
+    csum = np.cumsum(order)
+    n = len(base)
+    level = order[-1] + (amount - (order[-1] * n - csum[-1])) / n
+    for m in range(1, n + 1):
+        lv = (csum[m - 1] + amount) / m
+        if m == n or lv <= order[m]:
+            level = lv
+            break
+    return np.clip(level - base, 0.0, None)
+
+
+class HdmoePrebroadcast(Policy):
+    """HD-MoE's dynamic stage (§5 of the reconstruction): per layer and batch, the k predicted-hottest
+    experts on the most loaded nodes are broadcast to every node for this batch only (k from the
+    alpha-beta model, so the broadcast hides behind the layer's non-MoE time and costs nothing), and
+    their tokens are spread to level the node loads (one load vector kept across experts: the fix of
+    the paper code's bug). Prediction = the previous batch's counts (the traces carry no next-layer
+    gate predictions). Deviation: tokens may go to any node, not only to nodes the token already
+    touches, which favours this policy."""
+
+    name = "hdmoe-prebroadcast"
+
+    def __init__(self, plan, model, hw, batch, options=None, k: int | None = None) -> None:
+        super().__init__(plan, model, hw, batch, options)
+        self.k = prebroadcast_count(model, hw, batch, self.options) if k is None else k
+        self.pred_: np.ndarray | None = None
+
+    def observe(self, counts: np.ndarray, workload=None) -> None:
+        self.pred_ = np.asarray(counts, dtype=float)
+
+    def decide(self, j: int) -> Decision:
+        if self.pred_ is None or self.k == 0:
+            return Decision(self.plan)
+        t0 = time.perf_counter()
+        phi = self.model.expert_flops_per_token()
+        D = self.hw.num_nodes
+        layers = []
+        for li, lp in enumerate(self.plan.layers):
+            n = self.pred_[li]
+            es = lp.expert_shares()  # [E, D]
+            load = (n[:, None] * es).sum(axis=0) * phi
+            spread: dict[int, np.ndarray] = {}
+            for _ in range(self.k):
+                cong = int(np.argmax(load))
+                prio = es[:, cong] * n
+                prio[list(spread)] = -1
+                i = int(np.argmax(prio))
+                if prio[i] <= 0:
+                    break
+                load = load - n[i] * es[i] * phi
+                spread[i] = _waterfill(load, n[i] * phi)  # one load vector across experts
+                load = load + spread[i]
+            if not spread:
+                layers.append(lp)
+                continue
+            keep = ~np.isin(lp.expert_of, list(spread))
+            shares, eo, fr = [lp.shares[keep]], [lp.expert_of[keep]], [lp.token_fraction[keep]]
+            for i, x in spread.items():
+                tot = x.sum()
+                q = x / tot if tot > 0 else np.full(D, 1.0 / D)
+                use = np.flatnonzero(q > 1e-12)
+                shares.append(np.eye(D)[use])
+                eo.append(np.full(len(use), i))
+                fr.append(q[use] / q[use].sum())
+            layers.append(LayerPlacement(np.vstack(shares), np.concatenate(eo), np.concatenate(fr),
+                                         self.model.num_experts))
+        dt = (time.perf_counter() - t0) / len(self.plan.layers)
+        return Decision(Placement(tuple(layers), "hdmoe-prebroadcast"), 0.0, 0.0,
+                        len(self.plan.layers) * self.k, dt)
+
+
+class EplbPeriodic(Policy):
+    """EPLB-style: every ``period`` batches, re-plan from a sliding window of counts with a replica
+    budget, charging the weights that move (bytes into each node at the slowest link, minus what
+    hides behind each layer's non-MoE time)."""
+
+    name = "eplb-periodic"
+
+    def __init__(self, plan, model, hw, batch, options=None, period: int = 20, window: int = 20,
+                 extra_replicas: int | None = None) -> None:
+        super().__init__(plan, model, hw, batch, options)
+        self.period, self.window = period, window
+        self.extra = hw.num_nodes if extra_replicas is None else extra_replicas
+        self.history: list[np.ndarray] = []
+        self.current = plan
+        self.hide_s = non_moe_time_s(model, hw, batch, self.options) / max(model.total_layers, 1)
+
+    def observe(self, counts: np.ndarray, workload=None) -> None:
+        self.history.append(np.asarray(counts, dtype=float))
+        self.history = self.history[-self.window:]
+
+    def decide(self, j: int) -> Decision:
+        if j == 0 or j % self.period or not self.history:
+            return Decision(self.current)
+        from ..strategies.eplb import eplb_placement
+
+        t0 = time.perf_counter()
+        f = np.mean(self.history, axis=0) / self.batch
+        new = eplb_placement(self.model, self.hw, f, extra_replicas=self.extra)
+        dt = (time.perf_counter() - t0) / len(self.plan.layers)
+        W = self.model.expert_weight_bytes()
+        mig, moved, acts = 0.0, 0.0, 0
+        for old, nl in zip(self.current.layers, new.layers, strict=True):
+            had = old.shares > 0
+            held = np.zeros((self.model.num_experts, self.hw.num_nodes), dtype=bool)
+            np.logical_or.at(held, old.expert_of, had)
+            need = np.zeros_like(held)
+            np.logical_or.at(need, nl.expert_of, nl.shares > 0)
+            arrive = need & ~held  # whole experts to copy in
+            per_node = arrive.sum(axis=0) * W
+            moved += per_node.sum()
+            acts += int(arrive.sum())
+            mig += max(0.0, per_node.max(initial=0.0) / self.hw.min_link_bw - self.hide_s)
+        self.current = new
+        return Decision(new, mig, moved, acts, dt)
+
+
+class OraclePolicy(Policy):
+    """The ceiling: an offline block-MILP solve on each batch's true counts, no move cost (small
+    instances only: one solve per layer per batch)."""
+
+    name = "oracle"
+
+    def __init__(self, plan, model, hw, batch, options=None, time_limit_s: float = 0.5,
+                 backend: str = "cpsat") -> None:
+        super().__init__(plan, model, hw, batch, options)
+        self.time_limit_s, self.backend = time_limit_s, backend
+        self.next_workload = None
+
+    def peek(self, workload) -> None:
+        """The replay shows the oracle the batch it is about to serve."""
+        self.next_workload = workload
+
+    def decide(self, j: int) -> Decision:
+        from ..milp import MilpOptions, SolveParams, solve_layer
+
+        wl = self.next_workload
+        if wl is None:
+            return Decision(self.plan)
+        t0 = time.perf_counter()
+        layers = []
+        counts = wl.expert_loads()
+        for li, lr in enumerate(wl.layers):
+            uniq, inv = np.unique(np.sort(lr.experts, axis=1), axis=0, return_inverse=True)
+            fg = np.bincount(inv.ravel(), weights=lr.weight, minlength=len(uniq)) / lr.weight.sum()
+            r = solve_layer(self.model, self.hw, counts[li] / self.batch, self.batch, backend=self.backend,
+                            params=SolveParams(time_limit_s=self.time_limit_s),
+                            options=MilpOptions(delivery=self.options.resolved_delivery), layer=li,
+                            groups=(uniq, fg))
+            best = r.placement
+            layers.append(best)
+        dt = (time.perf_counter() - t0) / len(layers)
+        return Decision(Placement(tuple(layers), "oracle"), 0.0, 0.0, 0, dt)
+
+
+def make_policy(name: str, plan: Placement, model: MoEModel, hw: Hardware, batch: float,
+                options: EvalOptions | None = None, **kw) -> Policy:
+    check_choice("policy", name, POLICIES)
+    cls = {"static": StaticPolicy, "greedy": GreedyPolicy, "hdmoe-prebroadcast": HdmoePrebroadcast,
+           "eplb-periodic": EplbPeriodic, "oracle": OraclePolicy}[name]
+    if plan.num_nodes != hw.num_nodes:
+        raise InputError("plan", f"is for {plan.num_nodes} nodes, the mesh has {hw.num_nodes}")
+    return cls(plan, model, hw, batch, options, **kw)

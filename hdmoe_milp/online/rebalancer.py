@@ -1,0 +1,251 @@
+"""Greedy online rebalancer: per batch and layer, replicate / move / drop expert copies when the
+modelled gain beats the cost of moving weights over the mesh (``formulations/online.md``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError, check_choice
+from ..evaluator import EvalOptions, non_moe_time_s
+from ..hardware import Hardware
+from ..models import MoEModel
+from ..placement import LayerPlacement, Placement
+from .cost import LayerCost, LinkTable
+
+
+@dataclass(frozen=True)
+class RebalancerConfig:
+    """Settings of the greedy rebalancer.
+
+    ``estimator``: ``ema`` (weight ``ema_decay`` on the past) or ``window`` (mean of the last
+    ``window`` batches). ``horizon``: batches over which a move must pay for itself.
+    ``hysteresis``: an action needs a gain of at least this fraction of the layer's latency and must
+    beat its cost by this factor. ``extra_slots``: extra expert copies each node may hold per layer
+    beyond the offline plan when the hardware sets no capacity. ``candidates``: hottest copies tried
+    on the bottleneck node; ``targets``: least-loaded nodes tried for each. ``drop_tokens``: a replica
+    expected to serve fewer tokens per batch is dropped. ``max_actions``: per layer and batch.
+    """
+
+    estimator: str = "ema"
+    ema_decay: float = 0.5
+    window: int = 4
+    horizon: float = 8.0
+    hysteresis: float = 0.02
+    extra_slots: float = 1.0
+    candidates: int = 2
+    targets: int = 4
+    drop_tokens: float = 0.5
+    max_actions: int = 3
+
+    def __post_init__(self) -> None:
+        check_choice("estimator", self.estimator, ("ema", "window"))
+        if not 0 <= self.ema_decay < 1:
+            raise InputError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.window < 1 or self.horizon <= 0 or self.hysteresis < 0:
+            raise InputError("rebalancer", "window >= 1, horizon > 0 and hysteresis >= 0 are required")
+
+
+@dataclass
+class Action:
+    """One change: ``kind`` is replicate, move or drop; ``node`` the target (or dropped) node;
+    ``gain_s`` modelled latency saved per batch, ``move_s`` weight transfer time, ``cost_s`` its
+    part not hidden (charged to the batch)."""
+
+    layer: int
+    kind: str
+    expert: int
+    node: int
+    gain_s: float
+    cost_s: float
+    bytes_moved: float
+    move_s: float = 0.0
+
+
+@dataclass
+class _Layer:
+    shares: np.ndarray
+    expert_of: np.ndarray
+    frac: np.ndarray
+    disp: np.ndarray
+    comb: np.ndarray
+    cap: np.ndarray = field(repr=False)
+
+
+class GreedyRebalancer:
+    """Holds the current placement of every layer and adjusts it batch by batch.
+
+    ``observe(counts)`` feeds the observed per-layer expert token counts of a batch; ``step()``
+    proposes and applies actions for the next batch and returns them; ``placement()`` is the current
+    plan. Deterministic given its inputs.
+    """
+
+    def __init__(self, plan: Placement, model: MoEModel, hw: Hardware, batch: float,
+                 config: RebalancerConfig | None = None, options: EvalOptions | None = None) -> None:
+        self.model, self.hw, self.batch = model, hw, float(batch)
+        self.config = config or RebalancerConfig()
+        opts = options or EvalOptions()
+        self.links = LinkTable(hw, tree=opts.resolved_delivery == "tree")
+        self.cost = LayerCost(model, hw, self.links)
+        # weight streaming hides behind the layer's own non-MoE work (attention), as HD-MoE's
+        # pre-broadcast hides behind the previous layer
+        self.hide_s = non_moe_time_s(model, hw, batch, opts) / max(model.total_layers, 1)
+        self.layers_: list[_Layer] = []
+        for lp in plan.layers:
+            d, c = self.cost.copy_links(lp.shares)
+            cap = self._capacity(lp)
+            self.layers_.append(_Layer(lp.shares.copy(), lp.expert_of.copy(), lp.token_fraction.copy(), d, c, cap))
+        self.estimate_: np.ndarray | None = None
+        self._history: list[np.ndarray] = []
+        self.strategy = plan.strategy
+
+    def _capacity(self, lp: LayerPlacement) -> np.ndarray:
+        D = self.hw.num_nodes
+        cap = self.hw.dram_capacity_bytes
+        if cap is None:
+            return np.full(D, lp.weight_copies_per_node().max() + self.config.extra_slots)
+        h, m = self.model.hidden, self.model
+        other = (m.total_layers * 4 * h * h + m.moe_layers * 3 * h * m.shared_intermediate * m.shared_experts
+                 + m.dense_layers * 3 * h * m.dense_intermediate) * m.weight_bytes / D
+        per_layer = (cap - other) / m.moe_layers / m.expert_weight_bytes()
+        return np.full(D, max(per_layer, lp.weight_copies_per_node().max()))
+
+    # --- load estimate -------------------------------------------------------------------------
+    def observe(self, counts: np.ndarray) -> None:
+        """Feed observed token counts ``[layers, E]`` of one batch."""
+        c = np.asarray(counts, dtype=float)
+        if c.shape != (len(self.layers_), self.model.num_experts):
+            raise InputError("counts", f"expected shape {(len(self.layers_), self.model.num_experts)}, got {c.shape}")
+        if self.config.estimator == "ema":
+            b = self.config.ema_decay
+            self.estimate_ = c if self.estimate_ is None else b * self.estimate_ + (1 - b) * c
+        else:
+            self._history.append(c)
+            self._history = self._history[-self.config.window:]
+            self.estimate_ = np.mean(self._history, axis=0)
+
+    # --- decisions -----------------------------------------------------------------------------
+    def step(self) -> list[Action]:
+        """Propose and apply actions for every layer from the current estimate."""
+        if self.estimate_ is None:
+            return []
+        actions = []
+        for li in range(len(self.layers_)):
+            budget = self.hide_s  # weight streaming this batch can hide behind the layer's other work
+            for _ in range(self.config.max_actions):
+                a = self.step_layer(li, self.estimate_[li], budget)
+                if a is None:
+                    break
+                budget = max(0.0, budget - (a.move_s - a.cost_s))
+                actions.append(a)
+        return actions
+
+    def step_layer(self, li: int, n: np.ndarray, budget: float | None = None) -> Action | None:
+        """At most one action on layer ``li`` for estimated counts ``n [E]``; ``budget`` (s) of weight
+        streaming is hidden (default: the layer's non-MoE time)."""
+        budget = self.hide_s if budget is None else budget
+        L = self.layers_[li]
+        cfg = self.config
+        drop = self._maybe_drop(li, n)
+        if drop is not None:
+            return drop
+        tokens = n[L.expert_of] * L.frac
+        flops, mem = self.cost.node_terms(L.shares, tokens, self.batch)
+        node = np.maximum(flops, mem)
+        phi, vec = self.cost.phi_s, self.cost.vec
+        disp_vec = (tokens * vec) @ L.disp
+        comb_vec = (tokens * vec) @ L.comb
+        base = float(node.max() + disp_vec.max(initial=0.0) + comb_vec.max(initial=0.0))
+        hot = int(np.argmax(node))
+        contrib = tokens * L.shares[:, hot]
+        free = L.cap - L.shares.sum(axis=0)
+        load_order = np.argsort(node, kind="stable")
+        best: tuple[float, float, tuple] | None = None
+        for r in np.argsort(-contrib, kind="stable")[: cfg.candidates]:
+            if contrib[r] <= 0:
+                continue
+            i = int(L.expert_of[r])
+            mine = L.expert_of == i
+            holders_i = (L.shares[mine] > 0).any(axis=0)
+            tg = np.array([t for t in load_order if not holders_i[t] and free[t] >= 1.0 - 1e-9][: cfg.targets],
+                          dtype=np.int64)
+            if tg.size == 0:
+                continue
+            ni = float(n[i])
+            nc = int(mine.sum())
+            # new copy's token share q: equal split, half of it, or all of it (a move)
+            qs = np.array([1.0 / (nc + 1), 0.5 / (nc + 1), 1.0])
+            T, Q = len(tg), len(qs)
+            q = np.repeat(qs, T)
+            tt = np.tile(tg, Q)
+            rows = np.arange(T * Q)
+            # expert i's present contribution to node FLOP time and to the links, scaled by (1 - q)
+            comp_i = phi * (tokens[mine] @ L.shares[mine])
+            new_flops = flops[None, :] - q[:, None] * comp_i[None, :]
+            new_flops[rows, tt] += q * phi * ni
+            new_mem = np.broadcast_to(mem, new_flops.shape).copy()  # reads of existing copies: upper estimate
+            new_mem[rows, tt] += self.cost.w_s * self.cost.activation(q * ni, self.batch)
+            new_d = (disp_vec[None, :] - q[:, None] * ((tokens[mine] * vec) @ L.disp[mine])[None, :]
+                     + (q * ni * vec)[:, None] * self.links.node_disp[tt]).max(axis=1)
+            new_c = (comb_vec[None, :] - q[:, None] * ((tokens[mine] * vec) @ L.comb[mine])[None, :]
+                     + (q * ni * vec)[:, None] * self.links.node_comb[tt]).max(axis=1)
+            lat = np.maximum(new_flops, new_mem).max(axis=1) + new_d + new_c
+            j = int(np.argmin(lat))
+            gain = base - float(lat[j])
+            move = self.cost.move_time_s(holders_i, int(tt[j]), self.model.expert_weight_bytes())
+            cost = max(0.0, move - budget)
+            if gain >= cfg.hysteresis * base and gain * cfg.horizon >= (1 + cfg.hysteresis) * cost:
+                score = gain * cfg.horizon - cost
+                if best is None or score > best[0]:
+                    best = (score, gain, (i, int(tt[j]), float(q[j]), cost, move))
+        if best is None:
+            return None
+        _, gain, (i, t, q, cost, move) = best
+        self._replicate(li, i, t, q)
+        kind = "replicate"
+        if q >= 1.0:  # a move: the old copies serve nothing now and are dropped at once
+            L = self.layers_[li]
+            keep = ~((L.expert_of == i) & (L.frac <= 0))
+            for name in ("shares", "expert_of", "frac", "disp", "comb"):
+                setattr(L, name, getattr(L, name)[keep])
+            kind = "move"
+        return Action(li, kind, i, t, gain, cost, self.model.expert_weight_bytes(), move)
+
+    def _replicate(self, li: int, i: int, t: int, q: float) -> None:
+        L = self.layers_[li]
+        mine = L.expert_of == i
+        L.frac = np.where(mine, L.frac * (1 - q), L.frac)
+        row = np.zeros(self.hw.num_nodes)
+        row[t] = 1.0
+        L.shares = np.vstack([L.shares, row])
+        L.expert_of = np.r_[L.expert_of, i]
+        L.frac = np.r_[L.frac, q]
+        L.disp = np.vstack([L.disp, self.links.node_disp[t]])
+        L.comb = np.vstack([L.comb, self.links.node_comb[t]])
+
+    def _maybe_drop(self, li: int, n: np.ndarray) -> Action | None:
+        """Drop the least-used replica when it serves fewer than ``drop_tokens`` tokens per batch."""
+        L = self.layers_[li]
+        counts = np.bincount(L.expert_of, minlength=self.model.num_experts)
+        rep = counts[L.expert_of] > 1
+        if not rep.any():
+            return None
+        served = np.where(rep, n[L.expert_of] * L.frac, np.inf)
+        r = int(np.argmin(served))
+        if served[r] >= self.config.drop_tokens:
+            return None
+        i = int(L.expert_of[r])
+        node = int(np.argmax(L.shares[r]))
+        keep = np.ones(len(L.frac), dtype=bool)
+        keep[r] = False
+        mine = (L.expert_of == i) & keep
+        rest = L.frac[mine].sum()
+        L.frac = np.where(mine, L.frac / rest if rest > 0 else 1.0 / mine.sum(), L.frac)
+        for name in ("shares", "expert_of", "frac", "disp", "comb"):
+            setattr(L, name, getattr(L, name)[keep])
+        return Action(li, "drop", i, node, 0.0, 0.0, 0.0, 0.0)
+
+    def placement(self) -> Placement:
+        layers = tuple(LayerPlacement(L.shares, L.expert_of, L.frac, self.model.num_experts) for L in self.layers_)
+        return Placement(layers, f"{self.strategy}+greedy")
