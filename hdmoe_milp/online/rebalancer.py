@@ -159,48 +159,53 @@ class GreedyRebalancer:
         base = float(node.max() + disp_vec.max(initial=0.0) + comb_vec.max(initial=0.0))
         hot = int(np.argmax(node))
         contrib = tokens * L.shares[:, hot]
-        free = L.cap - L.shares.sum(axis=0)
-        load_order = np.argsort(node, kind="stable")
-        best: tuple[float, float, tuple] | None = None
-        for r in np.argsort(-contrib, kind="stable")[: cfg.candidates]:
-            if contrib[r] <= 0:
-                continue
-            i = int(L.expert_of[r])
-            mine = L.expert_of == i
-            holders_i = (L.shares[mine] > 0).any(axis=0)
-            tg = np.array([t for t in load_order if not holders_i[t] and free[t] >= 1.0 - 1e-9][: cfg.targets],
-                          dtype=np.int64)
-            if tg.size == 0:
-                continue
-            ni = float(n[i])
-            nc = int(mine.sum())
-            # new copy's token share q: equal split, half of it, or all of it (a move)
-            qs = np.array([1.0 / (nc + 1), 0.5 / (nc + 1), 1.0])
-            T, Q = len(tg), len(qs)
-            q = np.repeat(qs, T)
-            tt = np.tile(tg, Q)
-            rows = np.arange(T * Q)
-            # expert i's present contribution to node FLOP time and to the links, scaled by (1 - q)
-            comp_i = phi * (tokens[mine] @ L.shares[mine])
-            new_flops = flops[None, :] - q[:, None] * comp_i[None, :]
-            new_flops[rows, tt] += q * phi * ni
-            new_mem = np.broadcast_to(mem, new_flops.shape).copy()  # reads of existing copies: upper estimate
-            new_mem[rows, tt] += self.cost.w_s * self.cost.activation(q * ni, self.batch)
-            new_d = (disp_vec[None, :] - q[:, None] * ((tokens[mine] * vec) @ L.disp[mine])[None, :]
-                     + (q * ni * vec)[:, None] * self.links.node_disp[tt]).max(axis=1)
-            new_c = (comb_vec[None, :] - q[:, None] * ((tokens[mine] * vec) @ L.comb[mine])[None, :]
-                     + (q * ni * vec)[:, None] * self.links.node_comb[tt]).max(axis=1)
-            lat = np.maximum(new_flops, new_mem).max(axis=1) + new_d + new_c
-            j = int(np.argmin(lat))
-            gain = base - float(lat[j])
-            move = self.cost.move_time_s(holders_i, int(tt[j]), self.model.expert_weight_bytes())
-            cost = max(0.0, move - budget)
-            if gain >= cfg.hysteresis * base and gain * cfg.horizon >= (1 + cfg.hysteresis) * cost:
-                score = gain * cfg.horizon - cost
-                if best is None or score > best[0]:
-                    best = (score, gain, (i, int(tt[j]), float(q[j]), cost, move))
-        if best is None:
+        cand = np.argsort(-contrib, kind="stable")[: cfg.candidates]
+        cand = cand[contrib[cand] > 0]
+        if cand.size == 0:
             return None
+        experts = L.expert_of[cand]
+        experts = experts[np.sort(np.unique(experts, return_index=True)[1])]
+        C, D = len(experts), self.hw.num_nodes
+        mine = L.expert_of[None, :] == experts[:, None]  # [C, R] copies of each candidate expert
+        tok_m = mine * tokens[None, :]
+        comp_i = phi * (tok_m @ L.shares)  # [C, D] present FLOP time of the expert on each node
+        disp_i = vec * (tok_m @ L.disp)  # [C, links]
+        comb_i = vec * (tok_m @ L.comb)
+        holders = (mine.astype(float) @ (L.shares > 0)) > 0  # [C, D]
+        ni = n[experts]
+        nc = mine.sum(axis=1)
+        free = L.cap - L.shares.sum(axis=0)
+        K = min(D, cfg.targets + int(holders.sum(axis=1).max()))
+        tg = np.argsort(node, kind="stable")[:K]  # least-loaded nodes
+        # combos (candidate c, token share q, target t); q: equal split, half of it, all of it (a move)
+        qs = np.stack([1.0 / (nc + 1), 0.5 / (nc + 1), np.ones(C)], axis=1)  # [C, 3]
+        Q = qs.shape[1]
+        ci = np.repeat(np.arange(C), Q * K)
+        q = np.repeat(qs.ravel(), K)
+        t = np.tile(tg, C * Q)
+        ok = ~holders[ci, t] & (free[t] >= 1.0 - 1e-9)
+        rows = np.arange(len(q))
+        new_flops = flops[None, :] - q[:, None] * comp_i[ci]
+        new_flops[rows, t] += q * phi * ni[ci]
+        new_mem = np.repeat(mem[None, :], len(q), axis=0)  # reads of existing copies: upper estimate
+        new_mem[rows, t] += self.cost.w_s * self.cost.activation(q * ni[ci], self.batch)
+        add = (q * ni[ci] * vec)[:, None]
+        new_d = (disp_vec[None, :] - q[:, None] * disp_i[ci] + add * self.links.node_disp[t]).max(axis=1)
+        new_c = (comb_vec[None, :] - q[:, None] * comb_i[ci] + add * self.links.node_comb[t]).max(axis=1)
+        gain = base - (np.maximum(new_flops, new_mem).max(axis=1) + new_d + new_c)
+        # weight move from the nearest holder of the expert to t
+        dist = np.where(holders[ci], self.cost.hops[:, t].T, np.iinfo(np.int64).max)
+        src = np.argmin(dist, axis=1)
+        move = (self.model.expert_weight_bytes() / self.cost.route_bw[src, t]
+                + self.hw.hop_latency_s * self.cost.hops[src, t])
+        cost = np.maximum(0.0, move - budget)
+        good = ok & (gain >= cfg.hysteresis * base) & (gain * cfg.horizon >= (1 + cfg.hysteresis) * cost)
+        if not good.any():
+            return None
+        score = np.where(good, gain * cfg.horizon - cost, -np.inf)
+        j = int(np.argmax(score))
+        best = (float(score[j]), float(gain[j]), (int(experts[ci[j]]), int(t[j]), float(q[j]), float(cost[j]),
+                                                 float(move[j])))
         _, gain, (i, t, q, cost, move) = best
         self._replicate(li, i, t, q)
         kind = "replicate"
