@@ -158,6 +158,9 @@ class GreedyRebalancer:
         comb_vec = (tokens * vec) @ L.comb
         base = float(node.max() + disp_vec.max(initial=0.0) + comb_vec.max(initial=0.0))
         hot = int(np.argmax(node))
+        if node[hot] - flops.mean() < cfg.hysteresis * base:
+            # actions relieve the bottleneck node; they can at best bring it to the mean FLOP time
+            return None
         contrib = tokens * L.shares[:, hot]
         cand = np.argsort(-contrib, kind="stable")[: cfg.candidates]
         cand = cand[contrib[cand] > 0]
