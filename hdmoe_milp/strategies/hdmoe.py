@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..evaluator import link_loads
+from ..evaluator import _dedupe, link_loads
 from ..hardware import Hardware
 from ..models import MoEModel
 from ..placement import LayerPlacement, Placement
@@ -128,6 +128,7 @@ def link_balance(hw: Hardware, shares: np.ndarray, dest_groups: np.ndarray, weig
     D = hw.num_nodes
     holders = shares > 0
     dest_logical = holders[dest_groups].any(axis=1) if dest_groups.ndim == 2 else holders[dest_groups]
+    dest_logical, weight = _dedupe(dest_logical, weight)  # permuting columns keeps equal rows equal
 
     def comm(perm: np.ndarray) -> float:
         dest = np.zeros_like(dest_logical)

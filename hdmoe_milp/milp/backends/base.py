@@ -30,14 +30,17 @@ class Status(StrEnum):
 
 @dataclass(frozen=True)
 class SolveParams:
-    """Settings every backend honours: ``time_limit_s`` (wall clock), ``threads``, ``seed``,
-    ``gap`` (relative gap target), ``verbose`` (solver log on stdout)."""
+    """Settings every backend honours: ``time_limit_s``, ``threads``, ``seed``, ``gap`` (relative
+    gap target), ``verbose`` (solver log on stdout). ``deterministic``: CP-SAT counts the limit in its
+    deterministic time (same inputs, same answer on any machine load; wall time capped at twice the
+    limit); CBC and HiGHS always count wall time, so their time-limited answers can vary."""
 
     time_limit_s: float = 10.0
     threads: int = 1
     seed: int = 0
     gap: float = 1e-4
     verbose: bool = False
+    deterministic: bool = True
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,11 @@ class CpSatBackend(Backend):
                     m.AddHint(V[j], int(min(RES, math.ceil(v / scale[j] - 1e-9))))
         solver = cp_model.CpSolver()
         p = solver.parameters
-        p.max_time_in_seconds = float(params.time_limit_s)
+        if params.deterministic:
+            p.max_deterministic_time = float(params.time_limit_s)
+            p.max_time_in_seconds = 2.0 * float(params.time_limit_s)
+        else:
+            p.max_time_in_seconds = float(params.time_limit_s)
         p.num_workers = max(1, int(params.threads))
         p.random_seed = int(params.seed)
         p.relative_gap_limit = float(params.gap)
