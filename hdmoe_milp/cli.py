@@ -114,8 +114,8 @@ def _trace(s: Instance, model):
     return synthetic_trace(model, s.synthetic_tokens, seed=s.seed)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    s = _settings(args)
+def _setup(s: Instance):
+    """Model, hardware and trace of the settings, checked against each other."""
     model = get_model(s.model)
     hw = _hardware(s)
     check_model_fits(model, hw)
@@ -125,6 +125,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             "trace", f"has {trace.num_layers} layers but {model.name} has {model.moe_layers} MoE layers",
             "use a trace recorded on this model",
         )
+    return model, hw, trace
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    model, hw, trace = _setup(s)
     if s.batching == "expected":
         wl = expected_workload(trace, s.batch)
     else:
@@ -188,12 +194,7 @@ def _solve(args: argparse.Namespace) -> int:
     from .milp.solve import best_per_layer
 
     s = _settings(args)
-    model = get_model(s.model)
-    hw = _hardware(s)
-    check_model_fits(model, hw)
-    trace = _trace(s, model)
-    if trace.num_layers != model.moe_layers:
-        raise InputError("trace", f"has {trace.num_layers} layers but {model.name} has {model.moe_layers}")
+    model, hw, trace = _setup(s)
     if args.time_limit <= 0:
         raise InputError("time-limit", f"must be positive seconds, got {args.time_limit}")
     if args.threads < 1:

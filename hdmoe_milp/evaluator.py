@@ -335,12 +335,7 @@ def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:
     cap = hw.dram_capacity_bytes
     if cap is None:
         return
-    h, wb = model.hidden, model.weight_bytes
-    other = (
-        model.total_layers * 4 * h * h
-        + model.moe_layers * 3 * h * model.shared_intermediate * model.shared_experts
-        + model.dense_layers * 3 * h * model.dense_intermediate
-    ) * wb / hw.num_nodes
+    other = model.non_expert_weight_bytes() / hw.num_nodes
     need = placement.memory_bytes_per_node(model.expert_weight_bytes()) + other
     worst = int(np.argmax(need))
     if need[worst] > cap:
@@ -356,12 +351,7 @@ def check_model_fits(model: MoEModel, hw: Hardware) -> None:
     cap = hw.dram_capacity_bytes
     if cap is None:
         return
-    h, wb = model.hidden, model.weight_bytes
-    total = (
-        model.moe_layers * model.num_experts * model.expert_weight_bytes()
-        + (model.total_layers * 4 * h * h + model.moe_layers * 3 * h * model.shared_intermediate
-           * model.shared_experts + model.dense_layers * 3 * h * model.dense_intermediate) * wb
-    )
+    total = model.moe_layers * model.num_experts * model.expert_weight_bytes() + model.non_expert_weight_bytes()
     if total > cap * hw.num_nodes:
         raise InputError(
             "hardware.dram_capacity_bytes",

@@ -55,6 +55,16 @@ class MoEModel:
         """FLOPs of one routed expert for one token (3 matrices, 2 FLOPs per multiply-add)."""
         return 6.0 * self.hidden * self.expert_intermediate
 
+    def non_expert_weight_bytes(self) -> float:
+        """Bytes of the weights outside the routed experts: attention projections (4 h x h per layer),
+        shared experts and dense FFNs (embeddings left out)."""
+        h = self.hidden
+        return (
+            self.total_layers * 4 * h * h
+            + self.moe_layers * 3 * h * self.shared_intermediate * self.shared_experts
+            + self.dense_layers * 3 * h * self.dense_intermediate
+        ) * self.weight_bytes
+
     @property
     def total_layers(self) -> int:
         return self.moe_layers + self.dense_layers

@@ -112,9 +112,8 @@ class BlockModel:
         cap = self.hw.dram_capacity_bytes
         if cap is None:
             return None
-        m, h = self.model, self.model.hidden
-        other = (m.total_layers * 4 * h * h + m.moe_layers * 3 * h * m.shared_intermediate * m.shared_experts
-                 + m.dense_layers * 3 * h * m.dense_intermediate) * m.weight_bytes / self.hw.num_nodes
+        m = self.model
+        other = m.non_expert_weight_bytes() / self.hw.num_nodes
         share = self.opts.capacity_share if self.opts.capacity_share is not None else 1.0 / m.moe_layers
         cap_layer = (cap - other) * share
         need = m.num_experts * m.expert_weight_bytes() / self.hw.num_nodes

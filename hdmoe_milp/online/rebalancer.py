@@ -105,9 +105,8 @@ class GreedyRebalancer:
         cap = self.hw.dram_capacity_bytes
         if cap is None:
             return np.full(D, lp.weight_copies_per_node().max() + self.config.extra_slots)
-        h, m = self.model.hidden, self.model
-        other = (m.total_layers * 4 * h * h + m.moe_layers * 3 * h * m.shared_intermediate * m.shared_experts
-                 + m.dense_layers * 3 * h * m.dense_intermediate) * m.weight_bytes / D
+        m = self.model
+        other = m.non_expert_weight_bytes() / D
         per_layer = (cap - other) / m.moe_layers / m.expert_weight_bytes()
         return np.full(D, max(per_layer, lp.weight_copies_per_node().max()))
 
