@@ -56,10 +56,6 @@ class Blocks:
             raise KeyError("no aligned block holds exactly these nodes")
         return int(hit[0])
 
-    def label(self, b: int) -> str:
-        (a, c), (r0, c0) = self.shape[b], self.origin[b]
-        return f"{a}x{c}@({r0},{c0})"
-
 
 def make_blocks(mesh: Mesh, tree: bool = True, max_degree: int | None = None,
                 shapes: list[tuple[int, int]] | None = None) -> Blocks:

@@ -79,16 +79,9 @@ class LayerCost:
         bytes_ = tokens * self.vec
         return node, float((bytes_ @ disp).max(initial=0.0)), float((bytes_ @ comb).max(initial=0.0))
 
-    def latency(self, shares: np.ndarray, tokens: np.ndarray, batch: float, disp: np.ndarray,
-                comb: np.ndarray) -> float:
-        node, d, c = self.parts(shares, tokens, batch, disp, comb)
-        return float(node.max() + d + c)
-
-    def move_time_s(self, src_holders: np.ndarray, dst: int, nbytes: float) -> float:
-        """Time to stream ``nbytes`` of weights to node ``dst`` from the nearest holder (one XY path,
-        pipelined: bytes / slowest link on it + hop latency x hops)."""
-        src = np.flatnonzero(src_holders)
-        s = int(src[np.argmin(self.hops[src, dst])])
-        if s == dst:
-            return 0.0
-        return nbytes / self.route_bw[s, dst] + self.hw.hop_latency_s * int(self.hops[s, dst])
+    def move_time_s(self, holders: np.ndarray, targets: np.ndarray, nbytes: float) -> np.ndarray:
+        """Time to stream ``nbytes`` of weights to each node ``targets [N]`` from the nearest node of
+        ``holders [N, D]`` (one XY path, pipelined: bytes / slowest link on it + hop latency x hops)."""
+        dist = np.where(holders, self.hops[:, targets].T, np.iinfo(np.int64).max)
+        src = np.argmin(dist, axis=1)
+        return nbytes / self.route_bw[src, targets] + self.hw.hop_latency_s * self.hops[src, targets]

@@ -196,10 +196,7 @@ class GreedyRebalancer:
         new_c = (comb_vec[None, :] - q[:, None] * comb_i[ci] + add * self.links.node_comb[t]).max(axis=1)
         gain = base - (np.maximum(new_flops, new_mem).max(axis=1) + new_d + new_c)
         # weight move from the nearest holder of the expert to t
-        dist = np.where(holders[ci], self.cost.hops[:, t].T, np.iinfo(np.int64).max)
-        src = np.argmin(dist, axis=1)
-        move = (self.model.expert_weight_bytes() / self.cost.route_bw[src, t]
-                + self.hw.hop_latency_s * self.cost.hops[src, t])
+        move = self.cost.move_time_s(holders[ci], t, self.model.expert_weight_bytes())
         cost = np.maximum(0.0, move - budget)
         good = ok & (gain >= cfg.hysteresis * base) & (gain * cfg.horizon >= (1 + cfg.hysteresis) * cost)
         if not good.any():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..hardware import Hardware
 from ..models import MoEModel
 
 
@@ -69,6 +68,3 @@ def whole_experts(node_of: np.ndarray, D: int) -> np.ndarray:
     s[np.arange(E), node_of] = 1.0
     return s
 
-
-def num_nodes(hw: Hardware) -> int:
-    return hw.num_nodes
