@@ -23,13 +23,8 @@ class LinkTable:
         self.tree = tree
         self._cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
         D = hw.num_nodes
-        # single nodes, the common case for replicas, as two [D, links] arrays
-        self.node_disp = np.zeros((D, hw.mesh.num_links))
-        self.node_comb = np.zeros((D, hw.mesh.num_links))
-        for c in range(D):
-            m = np.zeros((1, D), dtype=bool)
-            m[0, c] = True
-            self.node_disp[c], self.node_comb[c] = self.get(m[0])
+        # single nodes, the common case for replicas: [D, 2 * links] (dispatch links, then combine links)
+        self.node = np.array([np.concatenate(self.get(np.eye(D, dtype=bool)[c])) for c in range(D)])
 
     def get(self, holders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         key = np.packbits(holders).tobytes()
@@ -58,11 +53,13 @@ class LayerCost:
                 if a != b:
                     self.route_bw[a, b] = float(hw.link_bw[hw.mesh.xy_route(a, b)].min())
         self.hops = hw.mesh.distance
+        # one expert's weights from s to t: bytes / slowest link on the XY route + hop latency x hops
+        self.move_pair = model.expert_weight_bytes() / self.route_bw + hw.hop_latency_s * self.hops
+        np.fill_diagonal(self.move_pair, 0.0)
 
-    def copy_links(self, shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[R, links]`` seconds per token of each copy (dispatch, combine)."""
-        pairs = [self.links.get(row > 0) for row in shares]
-        return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    def copy_links(self, shares: np.ndarray) -> np.ndarray:
+        """``[R, 2 * links]`` seconds per token of each copy on every link (dispatch, then combine)."""
+        return np.array([np.concatenate(self.links.get(row > 0)) for row in shares])
 
     def activation(self, tokens: np.ndarray, batch: float) -> np.ndarray:
         """Probability that a batch uses each copy (its weights are then read)."""
@@ -72,16 +69,14 @@ class LayerCost:
         """(FLOP time [D], weight-read time [D]) of every node."""
         return self.phi_s * (tokens @ shares), self.w_s * (self.activation(tokens, batch) @ shares)
 
-    def parts(self, shares: np.ndarray, tokens: np.ndarray, batch: float, disp: np.ndarray,
-              comb: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """(node time [D], dispatch s, combine s) for ``tokens [R]`` per copy."""
-        node = np.maximum(*self.node_terms(shares, tokens, batch))
-        bytes_ = tokens * self.vec
-        return node, float((bytes_ @ disp).max(initial=0.0)), float((bytes_ @ comb).max(initial=0.0))
+    def comm_s(self, link_time: np.ndarray) -> np.ndarray:
+        """Dispatch + combine time from per-link times ``[..., 2 * links]``."""
+        nl = self.hw.mesh.num_links
+        if nl == 0:
+            return np.zeros(link_time.shape[:-1])
+        return link_time[..., :nl].max(axis=-1) + link_time[..., nl:].max(axis=-1)
 
-    def move_time_s(self, holders: np.ndarray, targets: np.ndarray, nbytes: float) -> np.ndarray:
-        """Time to stream ``nbytes`` of weights to each node ``targets [N]`` from the nearest node of
+    def move_time_s(self, holders: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Time to stream one expert's weights to each node ``targets [N]`` from the best node of
         ``holders [N, D]`` (one XY path, pipelined: bytes / slowest link on it + hop latency x hops)."""
-        dist = np.where(holders, self.hops[:, targets].T, np.iinfo(np.int64).max)
-        src = np.argmin(dist, axis=1)
-        return nbytes / self.route_bw[src, targets] + self.hw.hop_latency_s * self.hops[src, targets]
+        return np.where(holders, self.move_pair[:, targets].T, np.inf).min(axis=1)

@@ -68,9 +68,12 @@ class _Layer:
     shares: np.ndarray
     expert_of: np.ndarray
     frac: np.ndarray
-    disp: np.ndarray
-    comb: np.ndarray
+    links: np.ndarray  # [R, 2 * links] seconds per byte sent to the copy: dispatch links, then combine
     cap: np.ndarray = field(repr=False)
+
+
+_Q_SPLIT = np.array([1.0, 0.5, 0.0])  # new copy's token share: equal split, half of it ...
+_Q_MOVE = np.array([0.0, 0.0, 1.0])  # ... or all of it (a move)
 
 
 class GreedyRebalancer:
@@ -93,9 +96,9 @@ class GreedyRebalancer:
         self.hide_s = non_moe_time_s(model, hw, batch, opts) / max(model.total_layers, 1)
         self.layers_: list[_Layer] = []
         for lp in plan.layers:
-            d, c = self.cost.copy_links(lp.shares)
             cap = self._capacity(lp)
-            self.layers_.append(_Layer(lp.shares.copy(), lp.expert_of.copy(), lp.token_fraction.copy(), d, c, cap))
+            self.layers_.append(_Layer(lp.shares.copy(), lp.expert_of.copy(), lp.token_fraction.copy(),
+                                       self.cost.copy_links(lp.shares), cap))
         self.estimate_: np.ndarray | None = None
         self._history: list[np.ndarray] = []
         self.strategy = plan.strategy
@@ -153,9 +156,8 @@ class GreedyRebalancer:
         flops, mem = self.cost.node_terms(L.shares, tokens, self.batch)
         node = np.maximum(flops, mem)
         phi, vec = self.cost.phi_s, self.cost.vec
-        disp_vec = (tokens * vec) @ L.disp
-        comb_vec = (tokens * vec) @ L.comb
-        base = float(node.max() + disp_vec.max(initial=0.0) + comb_vec.max(initial=0.0))
+        link_vec = (tokens * vec) @ L.links
+        base = float(node.max() + self.cost.comm_s(link_vec))
         hot = int(np.argmax(node))
         if node[hot] - flops.mean() < cfg.hysteresis * base:
             # actions relieve the bottleneck node; they can at best bring it to the mean FLOP time
@@ -165,38 +167,33 @@ class GreedyRebalancer:
         cand = cand[contrib[cand] > 0]
         if cand.size == 0:
             return None
-        experts = L.expert_of[cand]
-        experts = experts[np.sort(np.unique(experts, return_index=True)[1])]
+        experts = np.array(list(dict.fromkeys(L.expert_of[cand].tolist())))
         C, D = len(experts), self.hw.num_nodes
         mine = L.expert_of[None, :] == experts[:, None]  # [C, R] copies of each candidate expert
         tok_m = mine * tokens[None, :]
         comp_i = phi * (tok_m @ L.shares)  # [C, D] present FLOP time of the expert on each node
-        disp_i = vec * (tok_m @ L.disp)  # [C, links]
-        comb_i = vec * (tok_m @ L.comb)
-        holders = (mine.astype(float) @ (L.shares > 0)) > 0  # [C, D]
+        link_i = vec * (tok_m @ L.links)  # [C, 2 * links]
+        holders = (mine @ (L.shares > 0)) > 0  # [C, D]
         ni = n[experts]
         nc = mine.sum(axis=1)
         free = L.cap - L.shares.sum(axis=0)
         K = min(D, cfg.targets + int(holders.sum(axis=1).max()))
         tg = np.argsort(node, kind="stable")[:K]  # least-loaded nodes
         # combos (candidate c, token share q, target t); q: equal split, half of it, all of it (a move)
-        qs = np.stack([1.0 / (nc + 1), 0.5 / (nc + 1), np.ones(C)], axis=1)  # [C, 3]
-        Q = qs.shape[1]
+        Q = 3
         ci = np.repeat(np.arange(C), Q * K)
-        q = np.repeat(qs.ravel(), K)
-        t = np.tile(tg, C * Q)
+        q = np.repeat((_Q_SPLIT[None, :] / (nc[:, None] + 1) + _Q_MOVE[None, :]).ravel(), K)
+        t = np.resize(tg, C * Q * K)
         ok = ~holders[ci, t] & (free[t] >= 1.0 - 1e-9)
         rows = np.arange(len(q))
+        qn = q * ni[ci]
         new_flops = flops[None, :] - q[:, None] * comp_i[ci]
-        new_flops[rows, t] += q * phi * ni[ci]
+        new_flops[rows, t] += qn * phi
         new_mem = np.repeat(mem[None, :], len(q), axis=0)  # reads of existing copies: upper estimate
-        new_mem[rows, t] += self.cost.w_s * self.cost.activation(q * ni[ci], self.batch)
-        add = (q * ni[ci] * vec)[:, None]
-        new_d = (disp_vec[None, :] - q[:, None] * disp_i[ci] + add * self.links.node_disp[t]).max(axis=1)
-        new_c = (comb_vec[None, :] - q[:, None] * comb_i[ci] + add * self.links.node_comb[t]).max(axis=1)
-        gain = base - (np.maximum(new_flops, new_mem).max(axis=1) + new_d + new_c)
-        # weight move from the nearest holder of the expert to t
-        move = self.cost.move_time_s(holders[ci], t, self.model.expert_weight_bytes())
+        new_mem[rows, t] += self.cost.w_s * self.cost.activation(qn, self.batch)
+        new_links = link_vec[None, :] - q[:, None] * link_i[ci] + (qn * vec)[:, None] * self.links.node[t]
+        gain = base - (np.maximum(new_flops, new_mem).max(axis=1) + self.cost.comm_s(new_links))
+        move = self.cost.move_time_s(holders[ci], t)
         cost = np.maximum(0.0, move - budget)
         good = ok & (gain >= cfg.hysteresis * base) & (gain * cfg.horizon >= (1 + cfg.hysteresis) * cost)
         if not good.any():
@@ -211,7 +208,7 @@ class GreedyRebalancer:
         if q >= 1.0:  # a move: the old copies serve nothing now and are dropped at once
             L = self.layers_[li]
             keep = ~((L.expert_of == i) & (L.frac <= 0))
-            for name in ("shares", "expert_of", "frac", "disp", "comb"):
+            for name in ("shares", "expert_of", "frac", "links"):
                 setattr(L, name, getattr(L, name)[keep])
             kind = "move"
         return Action(li, kind, i, t, gain, cost, self.model.expert_weight_bytes(), move)
@@ -225,8 +222,7 @@ class GreedyRebalancer:
         L.shares = np.vstack([L.shares, row])
         L.expert_of = np.r_[L.expert_of, i]
         L.frac = np.r_[L.frac, q]
-        L.disp = np.vstack([L.disp, self.links.node_disp[t]])
-        L.comb = np.vstack([L.comb, self.links.node_comb[t]])
+        L.links = np.vstack([L.links, self.links.node[t]])
 
     def _maybe_drop(self, li: int, n: np.ndarray) -> Action | None:
         """Drop the least-used replica when it serves fewer than ``drop_tokens`` tokens per batch."""
@@ -246,7 +242,7 @@ class GreedyRebalancer:
         mine = (L.expert_of == i) & keep
         rest = L.frac[mine].sum()
         L.frac = np.where(mine, L.frac / rest if rest > 0 else 1.0 / mine.sum(), L.frac)
-        for name in ("shares", "expert_of", "frac", "disp", "comb"):
+        for name in ("shares", "expert_of", "frac", "links"):
             setattr(L, name, getattr(L, name)[keep])
         return Action(li, "drop", i, node, 0.0, 0.0, 0.0, 0.0)
 
