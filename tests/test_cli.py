@@ -102,3 +102,17 @@ def test_stats(capsys):
                  "--against", str(TRACES / "deepseek_v2_lite_translation_4k.npz"), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert 0 < d["tv_median"] <= 1 and d["hottest_share_max"] <= 1
+
+
+def test_replay_json_and_bad_policy(capsys):
+    args = ["replay", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "2.5/75",
+            "--plan-trace", str(TRACES / "mixtral_reasoning_4k.json.gz"),
+            "--trace", str(TRACES / "mixtral_writing_4k.json.gz"), "--batch", "64", "--batches", "3"]
+    assert main([*args, "--policy", "static,greedy", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [r["policy"] for r in d["results"]] == ["static", "greedy"]
+    for r in d["results"]:
+        assert r["tokens"] == 3 * 64 and r["p50_us"] <= r["p99_us"]
+    assert main([*args, "--policy", "clairvoyant"]) == 2
+    err = capsys.readouterr().err
+    assert "policy" in err and "Traceback" not in err
