@@ -189,8 +189,13 @@ def sample_batch(trace: Trace, batch: int, mode: str = "random", seed: int = 0) 
     else:
         start = int(rng.integers(0, max(1, n - b + 1)))
         idx = (start + np.arange(b)) % n
-    layers = tuple(LayerRouting(a[idx], np.ones(b)) for a in trace.layers)
-    return Workload(layers, trace.num_experts, trace.top_k, float(b), "observed")
+    return _observed(trace, idx)
+
+
+def _observed(trace: Trace, idx: np.ndarray) -> Workload:
+    """The observed batch made of token rows ``idx`` (the same rows in every layer)."""
+    layers = tuple(LayerRouting(a[idx], np.ones(len(idx))) for a in trace.layers)
+    return Workload(layers, trace.num_experts, trace.top_k, float(len(idx)), "observed")
 
 
 def iter_batches(trace: Trace, batch: int, mode: str = "random", seed: int = 0, count: int | None = None):
@@ -204,8 +209,7 @@ def iter_batches(trace: Trace, batch: int, mode: str = "random", seed: int = 0, 
             idx = (start + np.arange(batch)) % n
         else:
             idx = rng.choice(n, size=batch, replace=batch > n)
-        yield Workload(tuple(LayerRouting(a[idx], np.ones(batch)) for a in trace.layers),
-                       trace.num_experts, trace.top_k, float(batch), "observed")
+        yield _observed(trace, idx)
         i += 1
 
 
