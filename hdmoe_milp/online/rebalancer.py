@@ -3,7 +3,7 @@ modelled gain beats the cost of moving weights over the mesh (``formulations/onl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from ..evaluator import EvalOptions, non_moe_time_s
 from ..hardware import Hardware
 from ..models import MoEModel
 from ..placement import LayerPlacement, Placement
-from .cost import LayerCost, LinkTable
+from .cost import OnlineCost
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,6 @@ class Action:
     move_s: float = 0.0
 
 
-@dataclass
-class _Layer:
-    shares: np.ndarray
-    expert_of: np.ndarray
-    frac: np.ndarray
-    links: np.ndarray  # [R, 2 * links] seconds per byte sent to the copy: dispatch links, then combine
-    cap: np.ndarray = field(repr=False)
-
-
 _Q_SPLIT = np.array([1.0, 0.5, 0.0])  # new copy's token share: equal split, half of it ...
 _Q_MOVE = np.array([0.0, 0.0, 1.0])  # ... or all of it (a move)
 
@@ -82,6 +73,13 @@ class GreedyRebalancer:
     ``observe(counts)`` feeds the observed per-layer expert token counts of a batch; ``step()``
     proposes and applies actions for the next batch and returns them; ``placement()`` is the current
     plan. Deterministic given its inputs.
+
+    All layers are decided together. Copies of every layer live in flat arrays sorted by global
+    expert id ``g = layer * E + expert`` (each expert's copies are contiguous); their node shares
+    are a *pattern* id into a table of distinct share rows ``P`` (ids ``0..D-1``: one whole node),
+    so node and link terms of all layers are a few bincounts and small matrix products. Each round
+    screens every layer and scores the candidate actions of all still-active layers with one set of
+    array operations.
     """
 
     def __init__(self, plan: Placement, model: MoEModel, hw: Hardware, batch: float,
@@ -89,16 +87,34 @@ class GreedyRebalancer:
         self.model, self.hw, self.batch = model, hw, float(batch)
         self.config = config or RebalancerConfig()
         opts = options or EvalOptions()
-        self.links = LinkTable(hw, tree=opts.resolved_delivery == "tree")
-        self.cost = LayerCost(model, hw, self.links)
+        self.cost = OnlineCost(model, hw, batch, tree=opts.resolved_delivery == "tree")
         # weight streaming hides behind the layer's own non-MoE work (attention), as HD-MoE's
         # pre-broadcast hides behind the previous layer
         self.hide_s = non_moe_time_s(model, hw, batch, opts) / max(model.total_layers, 1)
-        self.layers_: list[_Layer] = []
-        for lp in plan.layers:
-            cap = self._capacity(lp)
-            self.layers_.append(_Layer(lp.shares.copy(), lp.expert_of.copy(), lp.token_fraction.copy(),
-                                       self.cost.copy_links(lp.shares), cap))
+        E = model.num_experts
+        self.num_layers = len(plan.layers)
+        gs, shares, frac = [], [], []
+        for li, lp in enumerate(plan.layers):
+            order = np.argsort(lp.expert_of, kind="stable")
+            gs.append(li * E + lp.expert_of[order])
+            shares.append(lp.shares[order])
+            frac.append(lp.token_fraction[order])
+        S = np.vstack(shares)
+        self.g = np.concatenate(gs)  # [R] global expert id of each copy
+        self.q = np.concatenate(frac)  # [R] token fraction
+        D = hw.num_nodes
+        rows, self.p = np.unique(np.vstack([np.eye(D), np.round(S, 12)]), axis=0, return_inverse=True)
+        # pattern table with the single nodes first
+        single = self.p[:D]
+        order = np.r_[single, np.setdiff1d(np.arange(len(rows)), single)]
+        rank = np.empty(len(rows), dtype=np.int64)
+        rank[order] = np.arange(len(rows))
+        self.P = rows[order]  # [patterns, D] shares of a copy over the nodes
+        self.p = rank[self.p[D:]]  # [R] pattern id of each copy
+        links = self.cost.links
+        ids = [links.index(row > 0) for row in self.P]
+        self.PL = links.matrix[ids]  # [patterns, 2 * links]
+        self.capacity_ = np.array([self._capacity(lp) for lp in plan.layers])  # [L, D] copies per node
         self.estimate_: np.ndarray | None = None
         self._history: list[np.ndarray] = []
         self.strategy = plan.strategy
@@ -117,8 +133,8 @@ class GreedyRebalancer:
     def observe(self, counts: np.ndarray) -> None:
         """Feed observed token counts ``[layers, E]`` of one batch."""
         c = np.asarray(counts, dtype=float)
-        if c.shape != (len(self.layers_), self.model.num_experts):
-            raise InputError("counts", f"expected shape {(len(self.layers_), self.model.num_experts)}, got {c.shape}")
+        if c.shape != (self.num_layers, self.model.num_experts):
+            raise InputError("counts", f"expected shape {(self.num_layers, self.model.num_experts)}, got {c.shape}")
         if self.config.estimator == "ema":
             b = self.config.ema_decay
             self.estimate_ = c if self.estimate_ is None else b * self.estimate_ + (1 - b) * c
@@ -129,123 +145,196 @@ class GreedyRebalancer:
 
     # --- decisions -----------------------------------------------------------------------------
     def step(self) -> list[Action]:
-        """Propose and apply actions for every layer from the current estimate."""
+        """Propose and apply up to ``max_actions`` actions per layer from the current estimate."""
         if self.estimate_ is None:
             return []
-        actions = []
-        for li in range(len(self.layers_)):
-            budget = self.hide_s  # weight streaming this batch can hide behind the layer's other work
-            for _ in range(self.config.max_actions):
-                a = self.step_layer(li, self.estimate_[li], budget)
-                if a is None:
-                    break
-                budget = max(0.0, budget - (a.move_s - a.cost_s))
-                actions.append(a)
+        n = self.estimate_.ravel()
+        budget = np.full(self.num_layers, self.hide_s)  # weight streaming each layer can still hide
+        active = np.ones(self.num_layers, dtype=bool)
+        actions: list[Action] = []
+        for _ in range(self.config.max_actions):
+            acts = self._round(n, active, budget)
+            if not acts:
+                break
+            actions.extend(acts)
+            active[:] = False
+            active[[a.layer for a in acts]] = True
+        actions.sort(key=lambda a: a.layer)
         return actions
 
-    def step_layer(self, li: int, n: np.ndarray, budget: float | None = None) -> Action | None:
-        """At most one action on layer ``li`` for estimated counts ``n [E]``; ``budget`` (s) of weight
-        streaming is hidden (default: the layer's non-MoE time)."""
-        budget = self.hide_s if budget is None else budget
-        L = self.layers_[li]
-        cfg = self.config
-        drop = self._maybe_drop(li, n)
-        if drop is not None:
-            return drop
-        tokens = n[L.expert_of] * L.frac
-        flops, mem = self.cost.node_terms(L.shares, tokens, self.batch)
+    def _layer_state(self, n: np.ndarray) -> dict[str, np.ndarray]:
+        """Node and link terms of every layer under the current copies and estimate ``n [L*E]``."""
+        c, E, L = self.cost, self.model.num_experts, self.num_layers
+        NP = len(self.P)
+        tok = n[self.g] * self.q
+        cell = self.g // E * NP + self.p  # (layer, pattern) of each copy
+        use = np.flatnonzero(np.bincount(self.p, minlength=NP))  # patterns in use
+        P, PL = self.P[use], self.PL[use]
+
+        def per_layer(w: np.ndarray | None) -> np.ndarray:
+            return np.bincount(cell, w, L * NP).reshape(L, NP)[:, use]
+
+        mass = per_layer(tok)
+        flops = c.phi_s * (mass @ P)
+        mem = c.w_s * (per_layer(c.activation(tok)) @ P)
+        link = (c.vec * mass) @ PL
         node = np.maximum(flops, mem)
-        phi, vec = self.cost.phi_s, self.cost.vec
-        link_vec = (tokens * vec) @ L.links
-        base = float(node.max() + self.cost.comm_s(link_vec))
-        hot = int(np.argmax(node))
-        if node[hot] - flops.mean() < cfg.hysteresis * base:
-            # actions relieve the bottleneck node; they can at best bring it to the mean FLOP time
-            return None
-        contrib = tokens * L.shares[:, hot]
-        cand = np.argsort(-contrib, kind="stable")[: cfg.candidates]
-        cand = cand[contrib[cand] > 0]
-        if cand.size == 0:
-            return None
-        experts = np.array(list(dict.fromkeys(L.expert_of[cand].tolist())))
-        C, D = len(experts), self.hw.num_nodes
-        mine = L.expert_of[None, :] == experts[:, None]  # [C, R] copies of each candidate expert
-        tok_m = mine * tokens[None, :]
-        comp_i = phi * (tok_m @ L.shares)  # [C, D] present FLOP time of the expert on each node
-        link_i = vec * (tok_m @ L.links)  # [C, 2 * links]
-        holders = (mine @ (L.shares > 0)) > 0  # [C, D]
-        ni = n[experts]
-        nc = mine.sum(axis=1)
-        free = L.cap - L.shares.sum(axis=0)
-        K = min(D, cfg.targets + int(holders.sum(axis=1).max()))
-        tg = np.argsort(node, kind="stable")[:K]  # least-loaded nodes
-        # combos (candidate c, token share q, target t); q: equal split, half of it, all of it (a move)
-        Q = 3
-        ci = np.repeat(np.arange(C), Q * K)
-        q = np.repeat((_Q_SPLIT[None, :] / (nc[:, None] + 1) + _Q_MOVE[None, :]).ravel(), K)
-        t = np.resize(tg, C * Q * K)
-        ok = ~holders[ci, t] & (free[t] >= 1.0 - 1e-9)
-        rows = np.arange(len(q))
-        qn = q * ni[ci]
-        new_flops = flops[None, :] - q[:, None] * comp_i[ci]
-        new_flops[rows, t] += qn * phi
-        new_mem = np.repeat(mem[None, :], len(q), axis=0)  # reads of existing copies: upper estimate
-        new_mem[rows, t] += self.cost.w_s * self.cost.activation(qn, self.batch)
-        new_links = link_vec[None, :] - q[:, None] * link_i[ci] + (qn * vec)[:, None] * self.links.node[t]
-        gain = base - (np.maximum(new_flops, new_mem).max(axis=1) + self.cost.comm_s(new_links))
-        move = self.cost.move_time_s(holders[ci], t)
-        cost = np.maximum(0.0, move - budget)
-        good = ok & (gain >= cfg.hysteresis * base) & (gain * cfg.horizon >= (1 + cfg.hysteresis) * cost)
-        if not good.any():
-            return None
-        score = np.where(good, gain * cfg.horizon - cost, -np.inf)
-        j = int(np.argmax(score))
-        best = (float(score[j]), float(gain[j]), (int(experts[ci[j]]), int(t[j]), float(q[j]), float(cost[j]),
-                                                 float(move[j])))
-        _, gain, (i, t, q, cost, move) = best
-        self._replicate(li, i, t, q)
-        kind = "replicate"
-        if q >= 1.0:  # a move: the old copies serve nothing now and are dropped at once
-            L = self.layers_[li]
-            keep = ~((L.expert_of == i) & (L.frac <= 0))
-            for name in ("shares", "expert_of", "frac", "links"):
-                setattr(L, name, getattr(L, name)[keep])
-            kind = "move"
-        return Action(li, kind, i, t, gain, cost, self.model.expert_weight_bytes(), move)
+        return {"tok": tok, "flops": flops, "mem": mem, "link": link, "node": node,
+                "base": node.max(axis=1) + c.comm_s(link), "used": per_layer(None) @ P}
 
-    def _replicate(self, li: int, i: int, t: int, q: float) -> None:
-        L = self.layers_[li]
-        mine = L.expert_of == i
-        L.frac = np.where(mine, L.frac * (1 - q), L.frac)
-        row = np.zeros(self.hw.num_nodes)
-        row[t] = 1.0
-        L.shares = np.vstack([L.shares, row])
-        L.expert_of = np.r_[L.expert_of, i]
-        L.frac = np.r_[L.frac, q]
-        L.links = np.vstack([L.links, self.links.node[t]])
+    def _top_copies(self, contrib: np.ndarray, layer: np.ndarray, k: int) -> np.ndarray:
+        """``[L, k]`` per layer, the copies with the largest positive ``contrib`` (-1 where fewer)."""
+        sel = np.flatnonzero(contrib > 0)
+        sel = sel[np.lexsort((-contrib[sel], layer[sel]))]
+        lay = layer[sel]
+        first = np.searchsorted(lay, lay)  # index of the first copy of the same layer
+        rank = np.arange(len(sel)) - first
+        out = np.full((self.num_layers, k), -1)
+        keep = rank < k
+        out[lay[keep], rank[keep]] = sel[keep]
+        return out
 
-    def _maybe_drop(self, li: int, n: np.ndarray) -> Action | None:
-        """Drop the least-used replica when it serves fewer than ``drop_tokens`` tokens per batch."""
-        L = self.layers_[li]
-        counts = np.bincount(L.expert_of, minlength=self.model.num_experts)
-        rep = counts[L.expert_of] > 1
-        if not rep.any():
-            return None
-        served = np.where(rep, n[L.expert_of] * L.frac, np.inf)
-        r = int(np.argmin(served))
-        if served[r] >= self.config.drop_tokens:
-            return None
-        i = int(L.expert_of[r])
-        node = int(np.argmax(L.shares[r]))
-        keep = np.ones(len(L.frac), dtype=bool)
+    def _round(self, n: np.ndarray, active: np.ndarray, budget: np.ndarray) -> list[Action]:
+        """At most one action per active layer: a drop where a replica went cold, else the best
+        replicate / move that pays for itself."""
+        cfg, c = self.config, self.cost
+        E, D = self.model.num_experts, self.hw.num_nodes
+        st = self._layer_state(n)
+        dropped = self._drops(st["tok"], active)
+        if dropped:  # copies changed: recompute (rare)
+            st = self._layer_state(n)
+        tok, base, node = st["tok"], st["base"], st["node"]
+        live = active.copy()
+        live[[a.layer for a in dropped]] = False
+        # actions relieve the bottleneck node; they can at best bring it to the mean FLOP time
+        live &= node.max(axis=1) - st["flops"].mean(axis=1) >= cfg.hysteresis * base
+        if not live.any():
+            return dropped
+        hot = node.argmax(axis=1)
+        # candidates: per layer, the copies contributing most to its hot node
+        contrib = tok * self.P[self.p, hot[self.g // E]]
+        C = max(1, min(cfg.candidates, E))
+        rc = self._top_copies(contrib, self.g // E, C)
+        a = np.flatnonzero(live & (rc[:, 0] >= 0))
+        if a.size == 0:
+            return dropped
+        rc = rc[a]
+        valid = rc >= 0
+        gc = np.where(valid, self.g[rc], -1)
+        for j in range(1, C):  # one candidate per expert
+            valid[:, j] &= (gc[:, :j] != gc[:, j:j + 1]).all(axis=1)
+        gc = np.where(valid, gc, self.g[rc[:, :1]])  # invalid slots repeat the first (masked below)
+        # every copy of each candidate expert: slot of each copy in the [A * C] candidate list
+        lo, hi = np.searchsorted(self.g, gc), np.searchsorted(self.g, gc, side="right")
+        m = hi - lo
+        slot = np.full(len(tok), -1)
+        for j in range(C):  # later slots never overwrite a valid first slot of the same expert
+            v = valid[:, j]
+            span = np.concatenate([np.arange(x, y) for x, y in zip(lo[v, j], hi[v, j], strict=True)]) \
+                if v.any() else np.zeros(0, dtype=int)
+            owner = np.repeat(np.flatnonzero(v) * C + j, m[v, j])
+            slot[span] = owner
+        AC, NP = len(a) * C, len(self.P)
+        c_in = np.flatnonzero(slot >= 0)
+        cell = slot[c_in] * NP + self.p[c_in]
+        mass_i = np.bincount(cell, tok[c_in], AC * NP).reshape(AC, NP)
+        comp_i = c.phi_s * (mass_i @ self.P).reshape(len(a), C, D)
+        holders = (np.bincount(cell, minlength=AC * NP).reshape(AC, NP) @ self.P).reshape(len(a), C, D) > 0
+        link_i = ((c.vec * mass_i) @ self.PL).reshape(len(a), C, -1)
+        # targets: the least-loaded nodes that hold no copy of the expert and have a free slot
+        free = self.capacity_[a] - st["used"][a]  # [A, D]
+        key = np.where(holders | (free[:, None, :] < 1.0 - 1e-9), np.inf, node[a][:, None, :])
+        K = min(cfg.targets, D)
+        t = np.argsort(key, axis=2, kind="stable")[..., :K]  # [A, C, K]
+        ok = np.isfinite(np.take_along_axis(key, t, axis=2)) & valid[..., None]
+        q = _Q_SPLIT / (m[..., None] + 1) + _Q_MOVE  # token share of the new copy: [A, C, Q]
+        qn = q * n[gc][..., None]
+        onehot = np.eye(D)[t][:, :, None]  # [A, C, 1, K, D]
+        ax = (slice(None), None, None, None)
+        new_flops = (st["flops"][a][ax] - q[..., None, None] * comp_i[:, :, None, None, :]
+                     + onehot * (c.phi_s * qn)[..., None, None])
+        new_mem = st["mem"][a][ax] + onehot * (c.w_s * c.activation(qn))[..., None, None]
+        node_after = np.maximum(new_flops, new_mem).max(axis=-1)  # [A, C, Q, K]
+        move = np.where(holders[:, :, None, :], c.move_pair.T[t], np.inf).min(axis=-1)  # [A, C, K]
+        cost = np.maximum(0.0, move - budget[a][:, None, None])[:, :, None, :]
+        h, H, b4 = cfg.hysteresis, cfg.horizon, base[a][:, None, None, None]
+        # links without the new copy's traffic: a lower bound on the links after the action, so
+        # only combos whose gain bound passes the tests get their exact link terms
+        kept = st["link"][a][:, None, None, :] - q[..., None] * link_i[:, :, None, :]  # [A, C, Q, 2 * links]
+        bound = b4 - node_after - c.comm_s(kept)[..., None]
+        good = ok[:, :, None, :] & (bound >= h * b4) & (bound * H >= (1 + h) * cost)
+        ia, ic, iq, ik = np.nonzero(good)
+        exact = kept[ia, ic, iq] + (c.vec * qn[ia, ic, iq])[:, None] * self.PL[t[ia, ic, ik]]
+        gain = np.full(good.shape, -np.inf)
+        gain[ia, ic, iq, ik] = bound[ia, ic, iq, ik] + c.comm_s(kept[ia, ic, iq]) - c.comm_s(exact)
+        good &= (gain >= h * b4) & (gain * H >= (1 + h) * cost)
+        score = np.where(good, gain * H - cost, -np.inf).reshape(len(a), -1)
+        best = score.argmax(axis=1)
+        win = np.isfinite(score[np.arange(len(a)), best])
+        if not win.any():
+            return dropped
+        aw = np.flatnonzero(win)
+        ci, qi, ki = np.unravel_index(best[win], (C, q.shape[2], K))
+        acts = []
+        W = self.model.expert_weight_bytes()
+        for ai, cj, qj, kj in zip(aw, ci, qi, ki, strict=True):
+            li = int(a[ai])
+            mv, cs = float(move[ai, cj, kj]), float(cost[ai, cj, 0, kj])
+            kind = "move" if q[ai, cj, qj] >= 1.0 else "replicate"
+            acts.append(Action(li, kind, int(gc[ai, cj] % E), int(t[ai, cj, kj]), float(gain[ai, cj, qj, kj]),
+                               cs, W, mv))
+            budget[li] = max(0.0, budget[li] - (mv - cs))
+        self._add_copies(gc[aw, ci], t[aw, ci, ki], q[aw, ci, qi])
+        return dropped + acts
+
+    def _add_copies(self, gs: np.ndarray, nodes: np.ndarray, qs: np.ndarray) -> None:
+        """New whole copies of experts ``gs`` on ``nodes`` taking token shares ``qs``; the existing
+        copies keep ``1 - q`` of their tokens, and are removed when ``q = 1`` (a move)."""
+        lo, hi = np.searchsorted(self.g, gs), np.searchsorted(self.g, gs, side="right")
+        scale = np.ones(len(self.g))
+        for x, y, qi in zip(lo, hi, qs, strict=True):
+            scale[x:y] = 1.0 - qi
+        self.g = np.insert(self.g, hi, gs)
+        self.q = np.insert(self.q * scale, hi, qs)
+        self.p = np.insert(self.p, hi, nodes)  # single-node patterns have ids 0..D-1
+        moved = gs[qs >= 1.0]
+        if moved.size:
+            self._keep(~(np.isin(self.g, moved) & (self.q <= 0)))
+
+    def _keep(self, keep: np.ndarray) -> None:
+        """Remove the copies where ``keep`` is False."""
+        self.g, self.q, self.p = self.g[keep], self.q[keep], self.p[keep]
+
+    def _drops(self, tok: np.ndarray, active: np.ndarray) -> list[Action]:
+        """Per active layer, drop the least-used replica when it serves fewer than ``drop_tokens``
+        tokens per batch; its token fraction goes to the expert's other copies."""
+        E = self.model.num_experts
+        counts = np.bincount(self.g, minlength=self.num_layers * E)
+        cold = np.where((counts[self.g] > 1) & (tok < self.config.drop_tokens), tok, np.inf)
+        r = self._top_copies(np.where(np.isfinite(cold), 1.0 / (1.0 + cold), 0.0), self.g // E, 1)[:, 0]
+        r = r[active & (r >= 0)]
+        if r.size == 0:
+            return []
+        keep = np.ones(len(self.g), dtype=bool)
         keep[r] = False
-        mine = (L.expert_of == i) & keep
-        rest = L.frac[mine].sum()
-        L.frac = np.where(mine, L.frac / rest if rest > 0 else 1.0 / mine.sum(), L.frac)
-        for name in ("shares", "expert_of", "frac", "links"):
-            setattr(L, name, getattr(L, name)[keep])
-        return Action(li, "drop", i, node, 0.0, 0.0, 0.0, 0.0)
+        q = self.q.copy()
+        acts = []
+        for ri in r:
+            gi = self.g[ri]
+            mine = (self.g == gi) & keep
+            rest = q[mine].sum()
+            q[mine] = q[mine] / rest if rest > 0 else 1.0 / mine.sum()
+            node = int(np.argmax(self.P[self.p[ri]]))
+            acts.append(Action(int(gi // E), "drop", int(gi % E), node, 0.0, 0.0, 0.0, 0.0))
+        self.q = q
+        self._keep(keep)
+        return acts
 
     def placement(self) -> Placement:
-        layers = tuple(LayerPlacement(L.shares, L.expert_of, L.frac, self.model.num_experts) for L in self.layers_)
+        """The current placement of every layer."""
+        E = self.model.num_experts
+        S = self.P[self.p]
+        starts = np.searchsorted(self.g, np.arange(self.num_layers + 1) * E)
+        layers = tuple(LayerPlacement(S[s:e], self.g[s:e] - li * E, self.q[s:e], E)
+                       for li, (s, e) in enumerate(zip(starts[:-1], starts[1:], strict=True)))
         return Placement(layers, f"{self.strategy}+greedy")
