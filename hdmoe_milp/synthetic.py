@@ -105,3 +105,31 @@ def _boost_hot(logits: np.ndarray, share: float, k: int) -> np.ndarray:
     out = logits.copy()
     out[:, e] = rest + np.log(p1 / (1 - p1))
     return out
+
+
+def drifting_trace(model: MoEModel, segment_tokens: int, segments: int, *, seed: int = 0, swap: int = 4,
+                   profile: SyntheticProfile | None = None) -> Trace:
+    """A synthetic trace whose hot set changes every ``segment_tokens`` tokens.
+
+    Segment 0 is :func:`synthetic_trace`; in each later segment, per layer, the ``swap`` most popular
+    experts trade ids with ``swap`` seeded randomly chosen less popular ones, so the skew and
+    co-activation statistics stay those of the model while the identity of the hot experts moves.
+    """
+    if segment_tokens < 1 or segments < 1:
+        raise InputError("drifting_trace", "segment_tokens and segments must be >= 1")
+    E = model.num_experts
+    if not 1 <= swap <= E // 2:
+        raise InputError("swap", f"must be in 1..{E // 2}, got {swap}")
+    base = synthetic_trace(model, segment_tokens * segments, seed=seed, profile=profile)
+    layers = []
+    for li, a in enumerate(base.layers):
+        order = np.argsort(-np.bincount(a.ravel(), minlength=E), kind="stable")
+        parts = [a[:segment_tokens]]
+        for s in range(1, segments):
+            rng = np.random.default_rng([seed, 3, s, li])
+            hot, cold = order[:swap], rng.choice(order[swap:], size=swap, replace=False)
+            perm = np.arange(E)
+            perm[hot], perm[cold] = cold, hot
+            parts.append(np.sort(perm[a[s * segment_tokens:(s + 1) * segment_tokens]], axis=1))
+        layers.append(np.concatenate(parts))
+    return Trace(tuple(layers), E, base.top_k, f"drifting-{model.name}-s{seed}-x{segments}")

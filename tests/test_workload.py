@@ -10,7 +10,7 @@ import pytest
 
 from hdmoe_milp import InputError, expected_workload, get_model, load_trace, sample_batch
 from hdmoe_milp.strategies.common import check_freqs
-from hdmoe_milp.synthetic import synthetic_trace
+from hdmoe_milp.synthetic import drifting_trace, synthetic_trace
 from hdmoe_milp.workload import (
     ep_node_imbalance,
     hottest_share,
@@ -145,3 +145,21 @@ def test_synthetic_is_deterministic():
     assert all(np.array_equal(x, y) for x, y in zip(a.layers, b.layers, strict=True))
     c = synthetic_trace(m, 100, seed=10)
     assert not np.array_equal(a.layers[0], c.layers[0])
+
+
+def test_drifting_trace_moves_the_hot_set_and_keeps_the_skew():
+    m = get_model("deepseek-v2-lite")
+    seg = 3000
+    t = drifting_trace(m, seg, 3, seed=4, swap=4)
+    assert t.layers[0].shape == (3 * seg, m.top_k)
+    same = drifting_trace(m, seg, 3, seed=4, swap=4)
+    assert all(np.array_equal(x, y) for x, y in zip(t.layers, same.layers, strict=True))
+    E = m.num_experts
+    for li in (0, 7):
+        counts = [np.bincount(t.layers[li][s * seg:(s + 1) * seg].ravel(), minlength=E) for s in range(3)]
+        hot = [set(np.argsort(-c, kind="stable")[:4].tolist()) for c in counts]
+        assert hot[0].isdisjoint(hot[1]) and hot[0].isdisjoint(hot[2])  # the hot set moved
+        # a relabelling: the sorted load profile of each segment is the same model's skew
+        np.testing.assert_allclose(np.sort(counts[1])[::-1][:4].sum(), np.sort(counts[0])[::-1][:4].sum(), rtol=0.15)
+    with pytest.raises(InputError, match="swap"):
+        drifting_trace(m, 10, 2, swap=E)
