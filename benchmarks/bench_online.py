@@ -23,7 +23,7 @@ import pandas as pd
 
 from hdmoe_milp import Hardware, Mesh, MoEModel, evaluate, get_model, load_trace, make_hardware
 from hdmoe_milp.milp import SolveParams, solve_model
-from hdmoe_milp.online import GreedyRebalancer, replay
+from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, replay
 from hdmoe_milp.online.policies import OraclePolicy
 from hdmoe_milp.strategies import build
 from hdmoe_milp.synthetic import drifting_trace, synthetic_trace
@@ -128,6 +128,9 @@ def main() -> None:
                        groups=[shifted_tr.groups(li) for li in range(sm.moe_layers)]).placement
     lat = {p: replay(splan, sm, shw, shifted_tr, 256, p, batches=nb, batching="random", seed=1).latency_s
            for p in ("static", "greedy")}
+    # a smoother load estimate follows this noisier small instance better (default EMA decay is 0.5)
+    lat["greedy-ema0.8"] = replay(splan, sm, shw, shifted_tr, 256, "greedy", batches=nb, batching="random", seed=1,
+                                  config=RebalancerConfig(ema_decay=0.8)).latency_s
     lat["hindsight-static"] = replay(hind, sm, shw, shifted_tr, 256, "static", batches=nb, batching="random",
                                      seed=1).latency_s
     # the per-batch oracle (a MILP solve per layer and batch, no move cost) on every 4th batch of the
@@ -139,17 +142,19 @@ def main() -> None:
         if j in sample:
             oracle.peek(wl)
             o_lat.append(evaluate(oracle.decide(j).placement, sm, shw, wl).tbt_s)
+    half = slice(nb // 2, nb)
     cmp = {p: float(v[sample].mean() * 1e6) for p, v in lat.items()} | {"oracle": float(np.mean(o_lat) * 1e6)}
-    st = cmp["static"]
-    for ceil in ("oracle", "hindsight-static"):
-        share = (st - cmp["greedy"]) / max(st - cmp[ceil], 1e-12)
-        print(f"  vs {ceil:16s}: static {st:.1f} us, greedy {cmp['greedy']:.1f} us, {ceil} {cmp[ceil]:.1f} us "
-              f"-> greedy reaches {100 * share:.0f} % of its gain (target >= 90 %)")
+    late = {p: float(v[half].mean() * 1e6) for p, v in lat.items()}
+    for ceil, m, where in (("oracle", cmp, "sampled batches"), ("hindsight-static", late, "whole second half")):
+        for g in ("greedy", "greedy-ema0.8"):
+            share = (m["static"] - m[g]) / max(m["static"] - m[ceil], 1e-12)
+            print(f"  vs {ceil:16s} ({where}): static {m['static']:.1f} us, {g} {m[g]:.1f} us, "
+                  f"{ceil} {m[ceil]:.1f} us -> {100 * share:.0f} % of its gain (target >= 90 %)")
     whole = {p: float(v.mean() * 1e6) for p, v in lat.items()}
     print(f"  whole replay incl. move costs: static {whole['static']:.1f} us, greedy {whole['greedy']:.1f} us, "
           f"hindsight-static {whole['hindsight-static']:.1f} us")
-    ceil_rows = pd.DataFrame([{"policy": p, "sampled_batches_us": v, "whole_replay_us": whole.get(p)}
-                              for p, v in cmp.items()])
+    ceil_rows = pd.DataFrame([{"policy": p, "sampled_batches_us": v, "second_half_us": late.get(p),
+                               "whole_replay_us": whole.get(p)} for p, v in cmp.items()])
 
     dt.to_csv(out / "online_decision_time.csv", index=False)
     shifted.to_csv(out / "online_shifted.csv", index=False)
