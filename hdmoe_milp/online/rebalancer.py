@@ -253,6 +253,7 @@ class GreedyRebalancer:
         ax = (slice(None), None, None, None)
         new_flops = (st["flops"][a][ax] - q[..., None, None] * comp_i[:, :, None, None, :]
                      + onehot * (c.phi_s * qn)[..., None, None])
+        # the existing copies keep their weight-read term (a split lowers it: an upper estimate)
         new_mem = st["mem"][a][ax] + onehot * (c.w_s * c.activation(qn))[..., None, None]
         node_after = np.maximum(new_flops, new_mem).max(axis=-1)  # [A, C, Q, K]
         move = np.where(holders[:, :, None, :], c.move_pair.T[t], np.inf).min(axis=-1)  # [A, C, K]
