@@ -167,7 +167,8 @@ class GreedyRebalancer:
         c, E, L = self.cost, self.model.num_experts, self.num_layers
         NP = len(self.P)
         tok = n[self.g] * self.q
-        cell = self.g // E * NP + self.p  # (layer, pattern) of each copy
+        layer = self.g // E
+        cell = layer * NP + self.p  # (layer, pattern) of each copy
         use = np.flatnonzero(np.bincount(self.p, minlength=NP))  # patterns in use
         P, PL = self.P[use], self.PL[use]
 
@@ -179,13 +180,13 @@ class GreedyRebalancer:
         mem = c.w_s * (per_layer(c.activation(tok)) @ P)
         link = (c.vec * mass) @ PL
         node = np.maximum(flops, mem)
-        return {"tok": tok, "flops": flops, "mem": mem, "link": link, "node": node,
+        return {"tok": tok, "layer": layer, "flops": flops, "mem": mem, "link": link, "node": node,
                 "base": node.max(axis=1) + c.comm_s(link), "used": per_layer(None) @ P}
 
-    def _top_copies(self, contrib: np.ndarray, layer: np.ndarray, k: int) -> np.ndarray:
-        """``[L, k]`` per layer, the copies with the largest positive ``contrib`` (-1 where fewer)."""
-        sel = np.flatnonzero(contrib > 0)
-        sel = sel[np.lexsort((-contrib[sel], layer[sel]))]
+    def _top_copies(self, key: np.ndarray, eligible: np.ndarray, layer: np.ndarray, k: int) -> np.ndarray:
+        """``[L, k]``: per layer, the ``k`` eligible copies with the smallest ``key`` (-1 where fewer)."""
+        sel = np.flatnonzero(eligible)
+        sel = sel[np.lexsort((key[sel], layer[sel]))]
         lay = layer[sel]
         first = np.searchsorted(lay, lay)  # index of the first copy of the same layer
         rank = np.arange(len(sel)) - first
@@ -200,10 +201,10 @@ class GreedyRebalancer:
         cfg, c = self.config, self.cost
         E, D = self.model.num_experts, self.hw.num_nodes
         st = self._layer_state(n)
-        dropped = self._drops(st["tok"], active)
+        dropped = self._drops(st["tok"], st["layer"], active)
         if dropped:  # copies changed: recompute (rare)
             st = self._layer_state(n)
-        tok, base, node = st["tok"], st["base"], st["node"]
+        tok, layer, base, node = st["tok"], st["layer"], st["base"], st["node"]
         live = active.copy()
         live[[a.layer for a in dropped]] = False
         # actions relieve the bottleneck node; they can at best bring it to the mean FLOP time
@@ -212,9 +213,9 @@ class GreedyRebalancer:
             return dropped
         hot = node.argmax(axis=1)
         # candidates: per layer, the copies contributing most to its hot node
-        contrib = tok * self.P[self.p, hot[self.g // E]]
+        contrib = tok * self.P[self.p, hot[layer]]
         C = max(1, min(cfg.candidates, E))
-        rc = self._top_copies(contrib, self.g // E, C)
+        rc = self._top_copies(-contrib, contrib > 0, layer, C)
         a = np.flatnonzero(live & (rc[:, 0] >= 0))
         if a.size == 0:
             return dropped
@@ -306,13 +307,13 @@ class GreedyRebalancer:
         """Remove the copies where ``keep`` is False."""
         self.g, self.q, self.p = self.g[keep], self.q[keep], self.p[keep]
 
-    def _drops(self, tok: np.ndarray, active: np.ndarray) -> list[Action]:
+    def _drops(self, tok: np.ndarray, layer: np.ndarray, active: np.ndarray) -> list[Action]:
         """Per active layer, drop the least-used replica when it serves fewer than ``drop_tokens``
         tokens per batch; its token fraction goes to the expert's other copies."""
         E = self.model.num_experts
         counts = np.bincount(self.g, minlength=self.num_layers * E)
-        cold = np.where((counts[self.g] > 1) & (tok < self.config.drop_tokens), tok, np.inf)
-        r = self._top_copies(np.where(np.isfinite(cold), 1.0 / (1.0 + cold), 0.0), self.g // E, 1)[:, 0]
+        cold = (counts[self.g] > 1) & (tok < self.config.drop_tokens)  # replicas serving too little
+        r = self._top_copies(tok, cold, layer, 1)[:, 0]
         r = r[active & (r >= 0)]
         if r.size == 0:
             return []
