@@ -27,9 +27,6 @@ class RebalancerConfig:
     beyond the offline plan when the hardware sets no capacity. ``candidates``: hottest copies tried
     on the bottleneck node; ``targets``: least-loaded nodes tried for each. ``drop_tokens``: a replica
     expected to serve fewer tokens per batch is dropped. ``max_actions``: per layer and batch.
-    ``max_widen_degree``: widening (spreading a copy over the aligned block of twice its size) may
-    produce blocks of at most this many nodes. Widening is not undone, so on noisy stationary
-    traffic a larger value ratchets copies wider on noise (see ``formulations/online.md``).
     """
 
     estimator: str = "ema"
@@ -42,14 +39,11 @@ class RebalancerConfig:
     targets: int = 4
     drop_tokens: float = 0.5
     max_actions: int = 3
-    max_widen_degree: int = 2
 
     def __post_init__(self) -> None:
         check_choice("estimator", self.estimator, ("ema", "window"))
         if not 0 <= self.ema_decay < 1:
             raise InputError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        if self.max_widen_degree < 1:
-            raise InputError("max_widen_degree", f"must be >= 1 (1 disables widening), got {self.max_widen_degree}")
         if self.window < 1 or self.horizon <= 0 or self.hysteresis < 0:
             raise InputError("rebalancer", "window >= 1, horizon > 0 and hysteresis >= 0 are required")
 
@@ -136,7 +130,6 @@ class GreedyRebalancer:
                 link_rows.append(c.links.matrix[c.links.index(row > 0)])
             self.p[r] = key[k]
         self.P, self.PL = np.array(rows), np.array(link_rows)  # [patterns, D], [patterns, 2 * links]
-        self._degree = (self.P > 0).sum(axis=1)
         assert np.array_equal(self.P[:D], np.eye(D))  # single nodes first (make_blocks' order)
         where = {(tuple(sh), tuple(o)): i for i, (sh, o) in enumerate(zip(blocks.shape, blocks.origin, strict=True))}
         self.widen = np.full((len(rows), 2), -1)
@@ -344,7 +337,6 @@ class GreedyRebalancer:
         c = self.cost
         p = self.p[np.maximum(rc, 0)]
         par = self.widen[p]  # [A, C, 2]
-        par = np.where(self._degree[np.maximum(par, 0)] <= self.config.max_widen_degree, par, -1)
         ok = valid[..., None] & (par >= 0)
         par = np.maximum(par, 0)
         dP = self.P[par] - self.P[p][:, :, None, :]  # [A, C, 2, D]
