@@ -17,13 +17,15 @@ from ..models import MoEModel
 
 class LinkTable:
     """Seconds per token on every link (dispatch links, then combine links) of one message sent to a
-    holder set from spread homes, tabulated on first use under an integer id."""
+    holder set from spread homes. Holder sets get integer ids; ids ``0..D-1`` are the single nodes."""
 
     def __init__(self, hw: Hardware, tree: bool = True) -> None:
         self.hw, self.tree = hw, tree
         self._ids: dict[bytes, int] = {}
         self._rows: list[np.ndarray] = []
         self._matrix: np.ndarray | None = None
+        for c in range(hw.num_nodes):
+            self.index(np.eye(hw.num_nodes, dtype=bool)[c])
 
     def index(self, holders: np.ndarray) -> int:
         """Id of the holder set ``holders [D]`` (bool), tabulating it on first use."""
@@ -60,16 +62,9 @@ class OnlineCost:
             for b in range(D):
                 if a != b:
                     route_bw[a, b] = float(hw.link_bw[hw.mesh.xy_route(a, b)].min())
-        self.route_bw = route_bw
         # one expert's weights from s to t: bytes / slowest link on the XY route + hop latency x hops
-        self.move_pair = self.stream_s(model.expert_weight_bytes())
-
-    def stream_s(self, nbytes: float) -> np.ndarray:
-        """``[D, D]`` seconds to stream ``nbytes`` from s to t along the XY route (pipelined: bytes /
-        slowest link + hop latency x hops; 0 on the diagonal)."""
-        t = nbytes / self.route_bw + self.hw.hop_latency_s * self.hw.mesh.distance
-        np.fill_diagonal(t, 0.0)
-        return t
+        self.move_pair = model.expert_weight_bytes() / route_bw + hw.hop_latency_s * hw.mesh.distance
+        np.fill_diagonal(self.move_pair, 0.0)
 
     def activation(self, tokens: np.ndarray) -> np.ndarray:
         """Probability that a batch uses a copy expected to serve ``tokens`` (its weights are then read)."""

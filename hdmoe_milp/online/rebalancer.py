@@ -10,7 +10,6 @@ import numpy as np
 from ..errors import InputError, check_choice
 from ..evaluator import EvalOptions, non_moe_time_s
 from ..hardware import Hardware
-from ..milp.blocks import make_blocks
 from ..models import MoEModel
 from ..placement import LayerPlacement, Placement
 from .cost import OnlineCost
@@ -100,50 +99,25 @@ class GreedyRebalancer:
             gs.append(li * E + lp.expert_of[order])
             shares.append(lp.shares[order])
             frac.append(lp.token_fraction[order])
+        S = np.vstack(shares)
         self.g = np.concatenate(gs)  # [R] global expert id of each copy
         self.q = np.concatenate(frac)  # [R] token fraction
-        self._patterns(np.vstack(shares), opts.resolved_delivery == "tree")
+        D = hw.num_nodes
+        rows, self.p = np.unique(np.vstack([np.eye(D), np.round(S, 12)]), axis=0, return_inverse=True)
+        # pattern table with the single nodes first
+        single = self.p[:D]
+        order = np.r_[single, np.setdiff1d(np.arange(len(rows)), single)]
+        rank = np.empty(len(rows), dtype=np.int64)
+        rank[order] = np.arange(len(rows))
+        self.P = rows[order]  # [patterns, D] shares of a copy over the nodes
+        self.p = rank[self.p[D:]]  # [R] pattern id of each copy
+        links = self.cost.links
+        ids = [links.index(row > 0) for row in self.P]
+        self.PL = links.matrix[ids]  # [patterns, 2 * links]
         self.capacity_ = np.array([self._capacity(lp) for lp in plan.layers])  # [L, D] copies per node
         self.estimate_: np.ndarray | None = None
         self._history: list[np.ndarray] = []
         self.strategy = plan.strategy
-
-    def _patterns(self, S: np.ndarray, tree: bool) -> None:
-        """Table of distinct share rows ``P`` with their link rows ``PL``: first every aligned block of
-        the mesh split evenly (the single nodes are ids ``0..D-1``), then the plan's other rows. For a
-        block, ``widen[p]`` lists the blocks of twice its size containing it (-1: none) and
-        ``widen_s[p]`` the time to stream the new half of the weights there."""
-        hw, c = self.hw, self.cost
-        D = hw.num_nodes
-        blocks = make_blocks(hw.mesh, tree)
-        deg = blocks.degree
-        rows = [m / d for m, d in zip(blocks.members, deg, strict=True)]
-        bw2 = np.tile(hw.link_bw, 2)
-        link_rows = [np.concatenate([d, cb]) / bw2 for d, cb in zip(blocks.disp, blocks.comb, strict=True)]
-        key = {np.round(r, 12).tobytes(): i for i, r in enumerate(rows)}
-        self.p = np.empty(len(S), dtype=np.int64)
-        for r, row in enumerate(np.round(S, 12)):
-            k = row.tobytes()
-            if k not in key:
-                key[k] = len(rows)
-                rows.append(row)
-                link_rows.append(c.links.matrix[c.links.index(row > 0)])
-            self.p[r] = key[k]
-        self.P, self.PL = np.array(rows), np.array(link_rows)  # [patterns, D], [patterns, 2 * links]
-        assert np.array_equal(self.P[:D], np.eye(D))  # single nodes first (make_blocks' order)
-        where = {(tuple(sh), tuple(o)): i for i, (sh, o) in enumerate(zip(blocks.shape, blocks.origin, strict=True))}
-        self.widen = np.full((len(rows), 2), -1)
-        self.widen_s = np.full((len(rows), 2), np.inf)
-        W = self.model.expert_weight_bytes()
-        for i, ((a, b), (r0, c0)) in enumerate(zip(blocks.shape, blocks.origin, strict=True)):
-            for j, (sh, o) in enumerate((((a, 2 * b), (r0, c0 - c0 % (2 * b))), ((2 * a, b), (r0 - r0 % (2 * a), c0)))):
-                par = where.get((sh, o))
-                if par is None:
-                    continue
-                self.widen[i, j] = par
-                # every new node receives 1/deg of the weights from the nearest old holder, in parallel
-                new, old = blocks.members[par] > blocks.members[i], blocks.members[i] > 0
-                self.widen_s[i, j] = c.stream_s(W / deg[par])[np.ix_(old, new)].min(axis=0).max()
 
     def _capacity(self, lp: LayerPlacement) -> np.ndarray:
         D = self.hw.num_nodes
@@ -297,28 +271,14 @@ class GreedyRebalancer:
         gain[ia, ic, iq, ik] = bound[ia, ic, iq, ik] + c.comm_s(kept[ia, ic, iq]) - c.comm_s(exact)
         good &= (gain >= h * b4) & (gain * H >= (1 + h) * cost)
         score = np.where(good, gain * H - cost, -np.inf).reshape(len(a), -1)
-        w_gain, w_move, w_cost = self._widen_options(st, a, rc, valid, free, budget)
-        w_good = (w_gain >= h * b4[..., 0]) & (w_gain * H >= (1 + h) * w_cost)
-        score = np.concatenate([score, np.where(w_good, w_gain * H - w_cost, -np.inf).reshape(len(a), -1)], axis=1)
         best = score.argmax(axis=1)
         win = np.isfinite(score[np.arange(len(a)), best])
         if not win.any():
             return dropped
+        aw = np.flatnonzero(win)
+        ci, qi, ki = np.unravel_index(best[win], (C, q.shape[2], K))
         acts = []
         W = self.model.expert_weight_bytes()
-        nrep = C * q.shape[2] * K
-        widen = win & (best >= nrep)
-        for ai in np.flatnonzero(widen):  # before copies are inserted: rc indexes the current arrays
-            cj, j = divmod(int(best[ai] - nrep), 2)
-            li, r = int(a[ai]), int(rc[ai, cj])
-            old, new = self.P[self.p[r]] > 0, self.P[self.widen[self.p[r], j]] > 0
-            self.p[r] = self.widen[self.p[r], j]
-            mv, cs = float(w_move[ai, cj, j]), float(w_cost[ai, cj, j])
-            acts.append(Action(li, "widen", int(self.g[r] % E), int(np.flatnonzero(new & ~old)[0]),
-                               float(w_gain[ai, cj, j]), cs, W * (new & ~old).sum() / new.sum(), mv))
-            budget[li] = max(0.0, budget[li] - (mv - cs))
-        aw = np.flatnonzero(win & ~widen)
-        ci, qi, ki = np.unravel_index(best[aw], (C, q.shape[2], K))
         for ai, cj, qj, kj in zip(aw, ci, qi, ki, strict=True):
             li = int(a[ai])
             mv, cs = float(move[ai, cj, kj]), float(cost[ai, cj, 0, kj])
@@ -326,31 +286,8 @@ class GreedyRebalancer:
             acts.append(Action(li, kind, int(gc[ai, cj] % E), int(t[ai, cj, kj]), float(gain[ai, cj, qj, kj]),
                                cs, W, mv))
             budget[li] = max(0.0, budget[li] - (mv - cs))
-        if aw.size:
-            self._add_copies(gc[aw, ci], t[aw, ci, ki], q[aw, ci, qi])
+        self._add_copies(gc[aw, ci], t[aw, ci, ki], q[aw, ci, qi])
         return dropped + acts
-
-    def _widen_options(self, st: dict[str, np.ndarray], a: np.ndarray, rc: np.ndarray, valid: np.ndarray,
-                       free: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Gain, streaming time and charged cost ``[A, C, 2]`` of spreading candidate copy ``rc`` evenly
-        over one of the (at most two) aligned blocks of twice its size (-inf gain where impossible)."""
-        c = self.cost
-        p = self.p[np.maximum(rc, 0)]
-        par = self.widen[p]  # [A, C, 2]
-        ok = valid[..., None] & (par >= 0)
-        par = np.maximum(par, 0)
-        dP = self.P[par] - self.P[p][:, :, None, :]  # [A, C, 2, D]
-        # the nodes that join need a free slot for their share
-        ok &= ((dP <= 1e-12) | (free[:, None, None, :] >= dP - 1e-9)).all(axis=-1)
-        tok = st["tok"][np.maximum(rc, 0)][..., None, None]  # [A, C, 1, 1]
-        ax = (slice(None), None, None)
-        flops = st["flops"][a][ax] + c.phi_s * tok * dP
-        mem = st["mem"][a][ax] + c.w_s * c.activation(tok) * dP
-        link = st["link"][a][ax] + c.vec * tok * (self.PL[par] - self.PL[p][:, :, None, :])
-        gain = st["base"][a][:, None, None] - (np.maximum(flops, mem).max(axis=-1) + c.comm_s(link))
-        move = self.widen_s[p]
-        cost = np.maximum(0.0, move - budget[a][:, None, None])
-        return np.where(ok, gain, -np.inf), move, cost
 
     def _add_copies(self, gs: np.ndarray, nodes: np.ndarray, qs: np.ndarray) -> None:
         """New whole copies of experts ``gs`` on ``nodes`` taking token shares ``qs``; the existing
