@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--delivery", help="tree (default in mesh mode) or unicast")
     ev.add_argument("--home", help="token home nodes: spread, holder or random")
     ev.add_argument("--batching", help="expected (default), random or contiguous")
+    ev.add_argument("--dispatch", default="fraction", help="replica dispatch rule: fraction (default), affinity "
+                    "or nearest")
     ev.add_argument("--capacity-gb", type=float, help="DRAM capacity per node, GB (default: unlimited)")
     ev.add_argument("--hop-latency-ns", type=float, help="per-hop latency, ns (default 0)")
 
@@ -75,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                     "a comma-separated list, or all (default; all but oracle)")
     rp.add_argument("--batches", type=int, default=50, help="batches to replay (default 50)")
     rp.add_argument("--batching", help="contiguous (default) or random")
+    rp.add_argument("--dispatch", default="affinity", help="replica dispatch rule: affinity (default: each copy "
+                    "serves its token quota, tokens prefer copies nearest to the nodes they touch), nearest "
+                    "(no quota) or fraction")
 
     st = sub.add_parser("stats", help="skew and drift statistics of a trace")
     common(st)
@@ -135,7 +140,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         wl = expected_workload(trace, s.batch)
     else:
         wl = sample_batch(trace, s.batch, s.batching, s.seed)
-    opts = EvalOptions(mode=s.mode, delivery=s.delivery, home=s.home, seed=s.seed, context_len=s.context_len)
+    opts = EvalOptions(mode=s.mode, delivery=s.delivery, home=s.home, seed=s.seed, context_len=s.context_len,
+                       dispatch=args.dispatch)
     freqs = trace.frequencies()
 
     if args.plan:
@@ -268,7 +274,7 @@ def _replay(args: argparse.Namespace) -> int:
         check_choice("policy", n, POLICIES)
     if trace.num_layers != plan.num_layers:
         raise InputError("trace", f"has {trace.num_layers} layers, the plan {plan.num_layers}")
-    opts = EvalOptions(seed=s.seed)
+    opts = EvalOptions(seed=s.seed, dispatch=args.dispatch)
     rows = [replay(plan, model, hw, trace, args.batch, n, batches=args.batches, batching=batching,
                    seed=s.seed, options=opts).summary() for n in names]
     static = next((r["mean_us"] for r in rows if r["policy"] == "static"), None)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .dispatch import DISPATCH, assign_by_distance, assign_copies
 from .errors import InputError, check_choice
 from .hardware import Hardware, Mesh
 from .models import MoEModel
@@ -49,6 +50,9 @@ class EvalOptions:
     ``block``: one message per distinct holder set (experts on identical node sets share it);
     ``expert``: one message per (token, expert). Traffic: node <= block <= expert. The offline MILP
     models ``block`` exactly for the co-activation groups it tracks and ``expert`` for the rest.
+    ``dispatch``: which copy of a replicated expert serves a token: ``fraction`` (default: the
+    plan's token fractions) or ``nearest`` (the copy nearest to the nodes the token already touches,
+    ties to the least-loaded; the online stage's runtime rule), see ``hdmoe_milp/dispatch.py``.
     ``context_len``: KV-cache length in tokens for the attention term. ``seed``: for random homes.
     """
 
@@ -58,6 +62,7 @@ class EvalOptions:
     seed: int = 0
     context_len: int = 1024
     coalesce: str = "node"
+    dispatch: str = "fraction"
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
@@ -66,6 +71,7 @@ class EvalOptions:
         if self.home is not None:
             check_choice("home", self.home, HOMES)
         check_choice("coalesce", self.coalesce, COALESCE)
+        check_choice("dispatch", self.dispatch, DISPATCH)
         if self.context_len < 0:
             raise InputError("context_len", f"must be >= 0, got {self.context_len}")
 
@@ -253,43 +259,6 @@ def _dedupe(dest: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarra
 # --- per-layer pieces -------------------------------------------------------------------------
 
 
-def assign_copies(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Copy serving each (flow, expert) pair, ``[F, k]``.
-
-    Without replication, the expert's only copy. With replication, each expert's flows are laid
-    out in order along [0, 1) by cumulative weight and cut by the copies' token fractions, so every
-    copy serves its fraction of the expert's tokens (deterministic).
-    """
-    if not lp.is_replicated and np.array_equal(lp.expert_of, np.arange(lp.num_experts)):
-        return experts
-    F, k = experts.shape
-    flat = experts.ravel()
-    wflat = np.repeat(weight, k)
-    order = np.argsort(flat, kind="stable")
-    e_sorted = flat[order]
-    cw = np.cumsum(wflat[order])
-    starts = np.searchsorted(e_sorted, np.arange(lp.num_experts))
-    ends = np.searchsorted(e_sorted, np.arange(lp.num_experts), side="right")
-    base = np.where(starts > 0, cw[np.maximum(starts - 1, 0)], 0.0)
-    tot = np.where(ends > starts, cw[np.maximum(ends - 1, 0)] - base, 1.0)
-    u = (cw - wflat[order] / 2 - base[e_sorted]) / tot[e_sorted]
-    # Copies sorted by expert; key = expert + cumulative fraction within the expert.
-    corder = np.lexsort((np.arange(lp.num_copies), lp.expert_of))
-    ce = lp.expert_of[corder]
-    cf = lp.token_fraction[corder]
-    cum = np.zeros_like(cf)
-    for e in np.unique(ce):
-        sel = ce == e
-        cum[sel] = np.cumsum(cf[sel])
-    keys = ce + np.minimum(cum, 1.0 - 1e-12)
-    keys[np.r_[ce[1:] != ce[:-1], True]] = ce[np.r_[ce[1:] != ce[:-1], True]] + 1.0  # last copy closes
-    pos = np.searchsorted(keys, e_sorted + u, side="right")
-    pos = np.minimum(pos, len(keys) - 1)
-    out = np.empty_like(flat)
-    out[order] = corder[pos]
-    return out.reshape(F, k)
-
-
 def _is_full_tp(lp: LayerPlacement) -> bool:
     return not lp.is_replicated and np.allclose(lp.shares, 1.0 / lp.num_nodes)
 
@@ -419,7 +388,10 @@ def evaluate(
     ld = np.zeros((nL, mesh.num_links))
     lc = np.zeros((nL, mesh.num_links))
     for li, (lp, lr) in enumerate(zip(placement.layers, workload.layers, strict=True)):
-        copies = assign_copies(lp, lr.experts, lr.weight)
+        if opts.dispatch != "fraction":
+            copies = assign_by_distance(lp, lr.experts, lr.weight, mesh.distance, opts.dispatch == "affinity")
+        else:
+            copies = assign_copies(lp, lr.experts, lr.weight)
         n_copy = np.bincount(copies.ravel(), weights=np.repeat(lr.weight, copies.shape[1]), minlength=lp.num_copies)
         flops = flops_tok * (n_copy @ lp.shares)
         t_node = flops / hardware.compute_flops

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hdmoe_milp import EvalOptions, Hardware, Mesh, MoEModel, Placement, evaluate
-from hdmoe_milp.evaluator import assign_copies
+from hdmoe_milp.dispatch import assign_by_distance, assign_copies
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, make_policy, prebroadcast_count, replay
 from hdmoe_milp.strategies import build
 from hdmoe_milp.synthetic import synthetic_trace
@@ -84,9 +84,10 @@ def test_capacity_and_dispatch_invariants(drift_case):
         for li, (lp, lr) in enumerate(zip(d.placement.layers, wl.layers, strict=True)):
             assert np.all(lp.weight_copies_per_node() <= per_node_cap[li] + 1e-9)  # capacity never exceeded
             np.testing.assert_allclose(lp.shares.sum(axis=1), 1.0)  # replicas hold the full expert
-            copies = assign_copies(lp, lr.experts, lr.weight)
-            assert np.all(lp.expert_of[copies] == lr.experts)  # tokens go to a copy of their expert
-            assert np.all(lp.shares[copies.ravel()].max(axis=1) > 0)
+            for copies in (assign_copies(lp, lr.experts, lr.weight),  # both rules the replay may use
+                           assign_by_distance(lp, lr.experts, lr.weight, hw.mesh.distance)):
+                assert np.all(lp.expert_of[copies] == lr.experts)  # tokens go to a copy of their expert
+                assert np.all(lp.shares[copies.ravel()].max(axis=1) > 0)
         pol.observe(wl.expert_loads(), wl)
     from hdmoe_milp.evaluator import check_capacity
 

@@ -1,0 +1,106 @@
+"""Replica dispatch rules: fraction, affinity (quota + touched nodes first) and nearest."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hdmoe_milp import InputError
+from hdmoe_milp.dispatch import assign_by_distance, assign_copies
+from hdmoe_milp.evaluator import EvalOptions, evaluate
+from hdmoe_milp.hardware import Hardware, Mesh
+from hdmoe_milp.models import MoEModel
+from hdmoe_milp.placement import LayerPlacement, Placement
+from hdmoe_milp.workload import LayerRouting, Workload
+
+MESH = Mesh.parse("2x2")  # node ids: 0 1 / 2 3
+
+
+def hot_zero() -> LayerPlacement:
+    """Experts 1, 2, 3 on nodes 1, 3, 2; expert 0 on node 0 and a replica on node 3, half each."""
+    sh = np.zeros((5, 4))
+    sh[[0, 1, 2, 3, 4], [0, 1, 3, 2, 3]] = 1
+    return LayerPlacement(sh, np.array([0, 1, 2, 3, 0]), np.array([0.5, 1, 1, 1, 0.5]), 4)
+
+
+def test_affinity_sends_tokens_to_the_replica_they_already_touch():
+    lp = hot_zero()
+    # tokens 1 and 4 touch node 3 (expert 2 lives there); the others touch nodes 1 or 2
+    ex = np.array([[0, 1], [0, 2], [0, 3], [0, 1], [0, 2], [0, 3]])
+    w = np.ones(6)
+    aff = assign_by_distance(lp, ex, w, MESH.distance)
+    assert aff[1, 0] == aff[4, 0] == 4  # the replica on node 3 costs them no extra message
+    served = np.bincount(aff[:, 0], minlength=5)
+    assert served[0] == served[4] == 3  # quotas kept: each copy serves half of expert 0's tokens
+    frac = assign_copies(lp, ex, w)
+    assert np.bincount(frac[:, 0], minlength=5)[[0, 4]].tolist() == [3, 3]
+
+    m = MoEModel("t", num_experts=4, top_k=2, hidden=1000, expert_intermediate=100, moe_layers=1)
+    hw = Hardware(MESH, compute_flops=1e12, link_bw_bytes_per_s=1e9)
+    wl = Workload((LayerRouting(ex, w),), 4, 2, 6.0, "observed")
+    place = Placement((lp,))
+    a = evaluate(place, m, hw, wl, EvalOptions(dispatch="affinity"))
+    f = evaluate(place, m, hw, wl, EvalOptions(dispatch="fraction"))
+    np.testing.assert_allclose(a.node_flops, f.node_flops)  # same compute, less traffic
+    assert a.link_bytes_dispatch.sum() < f.link_bytes_dispatch.sum()
+
+
+def test_nearest_follows_distance_then_least_load():
+    lp = hot_zero()
+    ex = np.array([[0, 1], [0, 2], [0, 3], [0, 1], [0, 2]])
+    out = assign_by_distance(lp, ex, np.ones(5), MESH.distance, capped=False)
+    # tokens 1, 4 touch node 3: replica. The others touch node 1 or 2, one hop from both copies:
+    # a tie, so least load wins: node 3 already has 2 tokens of expert 2 plus 2 of expert 0
+    assert out[:, 0].tolist() == [0, 4, 0, 0, 4]
+
+
+def test_nearest_with_no_touched_nodes_levels_the_copies():
+    sh = np.zeros((3, 4))
+    sh[[0, 1, 2], [0, 3, 1]] = 1
+    lp = LayerPlacement(sh, np.array([0, 0, 1]), np.array([0.5, 0.5, 1.0]), 2)
+    ex = np.zeros((9, 1), dtype=np.int64)  # top-1: a token touches nothing before its expert
+    out = assign_by_distance(lp, ex, np.ones(9), MESH.distance, capped=False)
+    n = np.bincount(out.ravel(), minlength=3)
+    assert n[0] + n[1] == 9 and abs(int(n[0]) - int(n[1])) <= 1
+
+
+@st.composite
+def replicated_layer(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 10_000)))
+    E, D, F = 5, 4, int(draw(st.integers(1, 40)))
+    rows, eo, fr = [], [], []
+    for e in range(E):
+        m = int(rng.integers(1, 4))
+        q = rng.dirichlet(np.ones(m))
+        for j in range(m):
+            s = np.zeros(D)
+            if j == 0 and rng.random() < 0.5:
+                s[rng.choice(D, 2, replace=False)] = 0.5  # a sharded original
+            else:
+                s[rng.integers(D)] = 1.0
+            rows.append(s)
+            eo.append(e)
+            fr.append(q[j])
+    lp = LayerPlacement(np.array(rows), np.array(eo), np.array(fr), E)
+    ex = np.array([rng.choice(E, 2, replace=False) for _ in range(F)])
+    return lp, ex
+
+
+@settings(max_examples=40, deadline=None)
+@given(replicated_layer(), st.sampled_from(["affinity", "nearest"]))
+def test_every_token_is_served_by_a_copy_of_its_expert(case, rule):
+    lp, ex = case
+    w = np.ones(len(ex))
+    out = assign_by_distance(lp, ex, w, MESH.distance, capped=rule == "affinity")
+    assert np.all(lp.expert_of[out] == ex)
+    again = assign_by_distance(lp, ex, w, MESH.distance, capped=rule == "affinity")
+    np.testing.assert_array_equal(out, again)  # deterministic
+    if rule == "affinity":  # every copy serves its quota to within one token
+        n_e = np.bincount(ex.ravel(), minlength=lp.num_experts)
+        served = np.bincount(out.ravel(), minlength=lp.num_copies)
+        assert np.all(np.abs(served - lp.token_fraction * n_e[lp.expert_of]) <= 1.0 + 1e-9)
+
+
+def test_unknown_dispatch_rule_names_the_field():
+    with pytest.raises(InputError, match="dispatch"):
+        EvalOptions(dispatch="closest")
