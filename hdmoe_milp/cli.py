@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--delivery", help="tree (default in mesh mode) or unicast")
     ev.add_argument("--home", help="token home nodes: spread, holder or random")
     ev.add_argument("--batching", help="expected (default), random or contiguous")
-    ev.add_argument("--dispatch", default="fraction", help="replica dispatch rule: fraction (default), affinity "
-                    "or nearest")
+    ev.add_argument("--dispatch", default="fraction", help="replica dispatch rule: fraction (default), affinity, "
+                    "balanced or nearest (see formulations/evaluator.md)")
     ev.add_argument("--capacity-gb", type=float, help="DRAM capacity per node, GB (default: unlimited)")
     ev.add_argument("--hop-latency-ns", type=float, help="per-hop latency, ns (default 0)")
 
@@ -77,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                     "a comma-separated list, or all (default; all but oracle)")
     rp.add_argument("--batches", type=int, default=50, help="batches to replay (default 50)")
     rp.add_argument("--batching", help="contiguous (default) or random")
-    rp.add_argument("--dispatch", default="affinity", help="replica dispatch rule: affinity (default: each copy "
-                    "serves its token quota, tokens prefer copies nearest to the nodes they touch), nearest "
-                    "(no quota) or fraction")
+    rp.add_argument("--dispatch", default="balanced", help="replica dispatch rule: balanced (default: this "
+                    "batch's tokens levelled over the copies, tokens prefer copies on nodes they touch), "
+                    "affinity (the plan's fractions as quotas), nearest (no quotas) or fraction")
 
     st = sub.add_parser("stats", help="skew and drift statistics of a trace")
     common(st)

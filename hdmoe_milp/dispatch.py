@@ -1,14 +1,18 @@
 """Which copy of a replicated expert serves each token (the dispatch rule).
 
-Two rules, chosen by ``EvalOptions.dispatch`` (written out in ``formulations/evaluator.md``):
+Rules, chosen by ``EvalOptions.dispatch`` (written out in ``formulations/evaluator.md``):
 
 - ``fraction``: each expert's flows are cut by the copies' token fractions (the plan's static split);
-- ``nearest``: the runtime rule of the online stage. A token goes to the copy nearest to the nodes it
-  already touches (distance 0: every holder of the copy is already on the token's dispatch tree, so
-  the copy costs no extra traffic); ties go to the least-loaded copy. The token's home does not
-  enter: with spread homes it has none, and the tree is what the extra message would branch from.
+- ``affinity``: the same per-copy quotas; a token goes to a copy with room among those nearest to
+  the nodes it already touches (distance 0: every holder of the copy already receives the token's
+  message, so the copy costs no traffic), ties to the least-filled copy;
+- ``balanced`` (the online stage's runtime rule): as ``affinity``, with quotas that level this
+  batch's node loads instead of the plan's fractions;
+- ``nearest``: the nearest copy without quotas, ties to the least-loaded.
 
-Both return ``[F, k]`` copy ids, one per (flow, expert) pair, and are deterministic.
+The token's home does not enter the distance: with spread homes it has none, and the tree it is
+already sent along is what an extra message would branch from. All return ``[F, k]`` copy ids, one
+per (flow, expert) pair, and are deterministic.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 from .placement import LayerPlacement
 
-DISPATCH = ("fraction", "affinity", "nearest")
+DISPATCH = ("fraction", "affinity", "balanced", "nearest")
 
 
 def _identity(lp: LayerPlacement) -> bool:
@@ -80,9 +84,9 @@ def _cut(weight: np.ndarray, amounts: np.ndarray) -> np.ndarray:
 
 
 def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarray, distance: np.ndarray,
-                       capped: bool = True) -> np.ndarray:
-    """Copy serving each (flow, expert) pair under the ``affinity`` (``capped``) or ``nearest`` rule,
-    ``[F, k]``.
+                       rule: str = "affinity", floor: np.ndarray | None = None) -> np.ndarray:
+    """Copy serving each (flow, expert) pair under the ``affinity``, ``balanced`` or ``nearest``
+    rule, ``[F, k]``.
 
     Experts with one copy are assigned first; they define each token's touched nodes and the node
     loads (tokens x shares). Replicated experts follow in id order. A token's distance to a copy is the
@@ -95,7 +99,12 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
     ``affinity`` (capped): copy r may serve at most its quota ``q_r`` of the expert's tokens and its
     load is the filled part of that quota; tokens that do not fit wait for the next pass, where full
     copies are out of reach, so each copy serves its quota (as under ``fraction``) and the rule only
-    decides *which* tokens it serves. ``distance [D, D]``: hop counts.
+    decides *which* tokens it serves.
+    ``balanced``: as ``affinity``, but the quotas come from this batch: the expert's tokens are
+    water-filled over its copies on the current node loads (a copy's level = the highest load among
+    its holders), so replicas absorb the batch's own imbalance. ``distance [D, D]``: hop counts.
+    ``floor [D]`` (tokens): a node's load counts as at least this much (the tokens it could compute
+    while reading its weights anyway: weight-read time x compute / FLOPs per token); default 0.
     """
     if _identity(lp):
         return experts
@@ -113,6 +122,7 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
         touched[fixed[:, j]] |= holders[out[fixed[:, j], j]]
     load = np.bincount(out[fixed], weights=np.broadcast_to(w[:, None], out.shape)[fixed],
                        minlength=R) @ lp.shares
+    base = np.zeros(D) if floor is None else np.asarray(floor, dtype=float)
     # Hop distance from each flow's touched set to every node; no touched node = all equally far.
     dist = np.asarray(distance)
     far = int(dist.max()) + 1
@@ -122,17 +132,23 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
         near[(tf @ (dist <= d)) > 0] = d
     hold_near = np.where(holders[:, :, None], dist[None, :, :], far).min(axis=1)  # [R, D]
 
-    for e in np.flatnonzero(ncopy > 1):
+    rep = np.flatnonzero(ncopy > 1)
+    ntok = np.bincount(experts.ravel(), weights=np.repeat(w, k), minlength=lp.num_experts)
+    order = rep[np.argsort(-ntok[rep], kind="stable")]  # busiest expert first
+    tokens = lp.token_fraction * ntok[lp.expert_of]  # quota of each copy
+    if rule == "balanced":
+        tokens = _balance(lp, order, tokens, base, load, bool(np.all(w == np.round(w))))
+    for e in order:
         fi, ji = np.nonzero(experts == e)
         if fi.size == 0:
             continue
         cs = np.flatnonzero(lp.expert_of == e)
         m = len(cs)
         gap_all = np.stack([np.where(holders[c], near[fi], -1).max(axis=1) for c in cs], axis=1)  # [n, m]
-        quota = lp.token_fraction[cs] * w[fi].sum()
+        quota = tokens[cs]
         served = np.zeros(m)
         pending = np.ones(len(fi), dtype=bool)
-        cap_e = capped
+        cap_e = rule != "nearest"
         while pending.any():
             room = quota - served > 0.5 * w[fi[pending]].min() if cap_e else np.ones(m, dtype=bool)
             if not room.any():  # rounding leftovers: every copy may take them
@@ -142,23 +158,22 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
             idx = np.flatnonzero(pending)
             gap = np.where(room[None, :], gap_all[idx], np.iinfo(np.int64).max)
             allowed = gap == gap.min(axis=1, keepdims=True)
-            pats, grp = np.unique(allowed, axis=0, return_inverse=True)
-            grp = grp.ravel()
-            for g in np.lexsort((np.arange(len(pats)), pats.sum(axis=1))):
-                sel = idx[grp == g]
-                use = np.flatnonzero(pats[g])
+            for use, sel in _groups(allowed, idx):
                 if cap_e:
                     left = np.clip(quota[use] - served[use], 0.0, None)
-                    amt = _fill(served[use] / np.maximum(quota[use], 1e-300), 1.0 / np.maximum(quota[use], 1e-300),
-                                min(float(w[fi[sel]].sum()), float(left.sum())))
-                    amt = np.minimum(amt, left)
+                    want = min(float(w[fi[sel]].sum()), float(left.sum()))
+                    if len(use) == 1:
+                        amt = np.array([want])
+                    else:
+                        q = np.maximum(quota[use], 1e-300)
+                        amt = np.minimum(_fill(served[use] / q, 1.0 / q, want), left)
                     take = _take(w[fi[sel]], amt.sum())
                     if not take.any():
                         continue
                     sel = sel[take]
                     pick = use[_cut(w[fi[sel]], amt)]
                 else:
-                    lv = np.where(holders[cs[use]], load[None, :], -np.inf).max(axis=1)
+                    lv = np.where(holders[cs[use]], np.maximum(load, base)[None, :], -np.inf).max(axis=1)
                     pick = use[_cut(w[fi[sel]], _fill(lv, lp.shares[cs[use]].max(axis=1), float(w[fi[sel]].sum())))]
                 out[fi[sel], ji[sel]] = cs[pick]
                 served += np.bincount(pick, weights=w[fi[sel]], minlength=m)
@@ -169,6 +184,64 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
                 left = np.where(room, quota - served, np.inf)
                 served[int(np.argmin(left))] = quota[int(np.argmin(left))]
     return out
+
+
+def _balance(lp: LayerPlacement, order: np.ndarray, tokens: np.ndarray, floor: np.ndarray,
+             load: np.ndarray, integral: bool, sweeps: int = 3) -> np.ndarray:
+    """Token quotas of the copies of the replicated experts in ``order`` that level node loads.
+
+    Starts from ``tokens`` (the plan's split); per sweep, each expert in turn takes its tokens back
+    and water-fills them over its copies on the loads of everything else (a copy's level: the highest
+    load among its holders). No step raises the highest level, so the result is never worse than the
+    plan's split. ``load [D]``: tokens x shares of the single-copy experts; a node's level is at least
+    ``floor [D]`` (tokens it computes within its weight-read time).
+    """
+    tok = tokens.copy()
+    node = load + (tok * np.isin(lp.expert_of, order)) @ lp.shares
+    holders = lp.shares > 0
+    for _ in range(sweeps):
+        for e in order:
+            cs = np.flatnonzero(lp.expert_of == e)
+            node -= tok[cs] @ lp.shares[cs]
+            # copies on the same nodes (EPLB may stack them) fill as one, sharing its tokens evenly
+            rows, grp = np.unique(lp.shares[cs], axis=0, return_inverse=True)
+            grp = grp.ravel()
+            size = np.bincount(grp)
+            lv = np.where(rows > 0, np.maximum(node, floor)[None, :], -np.inf).max(axis=1)
+            amt = _fill(lv, rows.max(axis=1), float(tok[cs].sum()))
+            new = (amt / size)[grp]
+            span = holders[cs].any(axis=0)
+            if (np.maximum(node + new @ lp.shares[cs], floor)[span].max()
+                    <= np.maximum(node + tok[cs] @ lp.shares[cs], floor)[span].max()):
+                tok[cs] = new  # kept only if it lowers the expert's busiest node (overlapping shards)
+            node += tok[cs] @ lp.shares[cs]
+    if integral:  # whole tokens: round down, then hand the rest out one by one to the lowest copy
+        for e in order:
+            cs = np.flatnonzero(lp.expert_of == e)
+            node -= tok[cs] @ lp.shares[cs]
+            total = round(float(tok[cs].sum()))
+            t = np.floor(tok[cs] + 1e-9)
+            for _ in range(int(total - t.sum())):
+                after = np.maximum(node + t @ lp.shares[cs] + lp.shares[cs], floor)  # [m, D]: one more token
+                t[int(np.argmin(np.where(holders[cs], after, -np.inf).max(axis=1)))] += 1
+            tok[cs] = t
+            node += t @ lp.shares[cs]
+    return tok
+
+
+def _groups(allowed: np.ndarray, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows of ``allowed [n, m]`` grouped by pattern, fewest allowed copies first (then by pattern):
+    ``(allowed copy positions, idx of the rows)`` per group."""
+    m = allowed.shape[1]
+    if m <= 62:
+        key = allowed.astype(np.int64) @ (np.int64(1) << np.arange(m, dtype=np.int64))
+        uk, grp = np.unique(key, return_inverse=True)
+        pats = ((uk[:, None] >> np.arange(m)) & 1).astype(bool)
+    else:
+        pats, grp = np.unique(allowed, axis=0, return_inverse=True)
+    grp = grp.ravel()
+    return [(np.flatnonzero(pats[g]), idx[grp == g])
+            for g in np.lexsort((np.arange(len(pats)), pats.sum(axis=1)))]
 
 
 def _take(weight: np.ndarray, capacity: float) -> np.ndarray:

@@ -51,8 +51,9 @@ class EvalOptions:
     ``expert``: one message per (token, expert). Traffic: node <= block <= expert. The offline MILP
     models ``block`` exactly for the co-activation groups it tracks and ``expert`` for the rest.
     ``dispatch``: which copy of a replicated expert serves a token: ``fraction`` (default: the
-    plan's token fractions) or ``nearest`` (the copy nearest to the nodes the token already touches,
-    ties to the least-loaded; the online stage's runtime rule), see ``hdmoe_milp/dispatch.py``.
+    plan's token fractions), ``affinity`` (the same quotas, tokens to copies on nodes they already
+    touch), ``balanced`` (quotas levelled on this batch's loads, then as affinity: the online stage's
+    runtime rule) or ``nearest`` (no quotas), see ``hdmoe_milp/dispatch.py``.
     ``context_len``: KV-cache length in tokens for the attention term. ``seed``: for random homes.
     """
 
@@ -389,7 +390,12 @@ def evaluate(
     lc = np.zeros((nL, mesh.num_links))
     for li, (lp, lr) in enumerate(zip(placement.layers, workload.layers, strict=True)):
         if opts.dispatch != "fraction":
-            copies = assign_by_distance(lp, lr.experts, lr.weight, mesh.distance, opts.dispatch == "affinity")
+            floor = None
+            if not paper:  # tokens a node computes within its weight-read time (every used copy read)
+                used = np.bincount(lr.experts.ravel(), minlength=lp.num_experts)[lp.expert_of] > 0
+                read_s = w_bytes / hardware.dram_bw_bytes_per_s * (used @ lp.shares)
+                floor = read_s * hardware.compute_flops / flops_tok
+            copies = assign_by_distance(lp, lr.experts, lr.weight, mesh.distance, opts.dispatch, floor)
         else:
             copies = assign_copies(lp, lr.experts, lr.weight)
         n_copy = np.bincount(copies.ravel(), weights=np.repeat(lr.weight, copies.shape[1]), minlength=lp.num_copies)

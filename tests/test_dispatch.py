@@ -48,7 +48,7 @@ def test_affinity_sends_tokens_to_the_replica_they_already_touch():
 def test_nearest_follows_distance_then_least_load():
     lp = hot_zero()
     ex = np.array([[0, 1], [0, 2], [0, 3], [0, 1], [0, 2]])
-    out = assign_by_distance(lp, ex, np.ones(5), MESH.distance, capped=False)
+    out = assign_by_distance(lp, ex, np.ones(5), MESH.distance, "nearest")
     # tokens 1, 4 touch node 3: replica. The others touch node 1 or 2, one hop from both copies:
     # a tie, so least load wins: node 3 already has 2 tokens of expert 2 plus 2 of expert 0
     assert out[:, 0].tolist() == [0, 4, 0, 0, 4]
@@ -59,7 +59,7 @@ def test_nearest_with_no_touched_nodes_levels_the_copies():
     sh[[0, 1, 2], [0, 3, 1]] = 1
     lp = LayerPlacement(sh, np.array([0, 0, 1]), np.array([0.5, 0.5, 1.0]), 2)
     ex = np.zeros((9, 1), dtype=np.int64)  # top-1: a token touches nothing before its expert
-    out = assign_by_distance(lp, ex, np.ones(9), MESH.distance, capped=False)
+    out = assign_by_distance(lp, ex, np.ones(9), MESH.distance, "nearest")
     n = np.bincount(out.ravel(), minlength=3)
     assert n[0] + n[1] == 9 and abs(int(n[0]) - int(n[1])) <= 1
 
@@ -87,13 +87,13 @@ def replicated_layer(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(replicated_layer(), st.sampled_from(["affinity", "nearest"]))
+@given(replicated_layer(), st.sampled_from(["affinity", "balanced", "nearest"]))
 def test_every_token_is_served_by_a_copy_of_its_expert(case, rule):
     lp, ex = case
     w = np.ones(len(ex))
-    out = assign_by_distance(lp, ex, w, MESH.distance, capped=rule == "affinity")
+    out = assign_by_distance(lp, ex, w, MESH.distance, rule)
     assert np.all(lp.expert_of[out] == ex)
-    again = assign_by_distance(lp, ex, w, MESH.distance, capped=rule == "affinity")
+    again = assign_by_distance(lp, ex, w, MESH.distance, rule)
     np.testing.assert_array_equal(out, again)  # deterministic
     if rule == "affinity":  # every copy serves its quota to within one token
         n_e = np.bincount(ex.ravel(), minlength=lp.num_experts)
@@ -104,3 +104,36 @@ def test_every_token_is_served_by_a_copy_of_its_expert(case, rule):
 def test_unknown_dispatch_rule_names_the_field():
     with pytest.raises(InputError, match="dispatch"):
         EvalOptions(dispatch="closest")
+
+
+def test_balanced_levels_the_batch_and_fills_stacked_copies_as_one():
+    # expert 1 lives on node 0; expert 0 has copies on nodes 0 and 1; six tokens use both experts
+    sh = np.zeros((3, 4))
+    sh[[0, 1, 2], [0, 1, 0]] = 1
+    lp = LayerPlacement(sh, np.array([0, 0, 1]), np.array([0.5, 0.5, 1.0]), 2)
+    ex = np.tile([0, 1], (6, 1))
+    bal = assign_by_distance(lp, ex, np.ones(6), MESH.distance, "balanced")
+    frac = assign_copies(lp, ex, np.ones(6))
+    assert np.bincount(bal.ravel(), minlength=3).tolist() == [0, 6, 6]  # node 0 already has expert 1's six
+    assert (np.bincount(bal.ravel(), minlength=3) @ sh).max() == 6
+    assert (np.bincount(frac.ravel(), minlength=3) @ sh).max() == 9  # the plan's half/half split
+
+    # two copies of expert 0 stacked on node 0, one on node 1: node 0 must not count twice as fast
+    sh = np.zeros((4, 4))
+    sh[[0, 1, 2, 3], [0, 0, 1, 2]] = 1
+    lp = LayerPlacement(sh, np.array([0, 0, 0, 1]), np.array([1 / 3, 1 / 3, 1 / 3, 1.0]), 2)
+    bal = assign_by_distance(lp, ex, np.ones(6), MESH.distance, "balanced")
+    assert (np.bincount(bal.ravel(), minlength=4) @ sh)[:2].tolist() == [3, 3]
+
+
+@settings(max_examples=40, deadline=None)
+@given(replicated_layer())
+def test_balanced_never_loads_a_node_more_than_the_plans_split(case):
+    lp, ex = case
+    w = np.ones(len(ex))
+    n_e = np.bincount(ex.ravel(), minlength=lp.num_experts)
+    plan_max = ((lp.token_fraction * n_e[lp.expert_of]) @ lp.shares).max()
+    out = assign_by_distance(lp, ex, w, MESH.distance, "balanced")
+    assert np.all(lp.expert_of[out] == ex)
+    served = np.bincount(out.ravel(), minlength=lp.num_copies)
+    assert (served @ lp.shares).max() <= plan_max + 1.0 + 1e-9  # whole tokens: at most one over

@@ -52,8 +52,8 @@ def replay(plan: Placement, model: MoEModel, hw: Hardware, trace: Trace, batch: 
            options: EvalOptions | None = None, **policy_kw) -> ReplayResult:
     """Stream ``batches`` batches of ``batch`` tokens from ``trace``; before each, the policy decides
     from what it observed so far; the batch is scored by the evaluator on its observed tokens.
-    Default options: the evaluator's defaults with the online stage's ``affinity`` dispatch."""
-    opts = options or EvalOptions(dispatch="affinity")
+    Default options: the evaluator's defaults with the online stage's ``balanced`` dispatch."""
+    opts = options or EvalOptions(dispatch="balanced")
     pol = make_policy(policy, plan, model, hw, batch, opts, **policy_kw)
     lat, mig, byt, act, dec, tok = [], [], [], [], [], []
     for j, wl in enumerate(iter_batches(trace, batch, batching, seed, count=batches)):
