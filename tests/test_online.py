@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -28,7 +30,8 @@ def test_hot_expert_is_replicated_and_latency_drops_by_the_computed_amount():
     hw = fast_hw()
     plan = Placement.from_shares([np.eye(4)], "ep")
     counts = np.array([100, 10, 10, 10])
-    reb = GreedyRebalancer(plan, M, hw, batch=counts.sum(), config=RebalancerConfig(ema_decay=0.0, max_actions=1))
+    cfg = RebalancerConfig(ema_decay=0.0, max_actions=1, noise_z=0.0)
+    reb = GreedyRebalancer(plan, M, hw, batch=counts.sum(), config=cfg)
     reb.observe(counts[None, :])
     acts = reb.step()
     assert acts and acts[0].kind == "replicate" and acts[0].expert == 0 and acts[0].node == 1
@@ -40,6 +43,15 @@ def test_hot_expert_is_replicated_and_latency_drops_by_the_computed_amount():
     np.testing.assert_allclose(after.node_flops[0] / M.expert_flops_per_token(), [50, 60, 10, 10])
     assert before.compute_s[0] - after.compute_s[0] == pytest.approx(40 * phi, rel=1e-9)
     assert acts[0].gain_s == pytest.approx(40 * phi, rel=1e-6)
+
+    # counting one standard deviation of Poisson noise per single-copy expert: node 0 drops from
+    # 100 + 10 to 50 (a replicated expert's noise is absorbed by the dispatch), node 1 becomes the
+    # bottleneck at 60 + sqrt(10) token-times
+    noisy = GreedyRebalancer(plan, M, hw, batch=counts.sum(), config=replace(cfg, noise_z=1.0))
+    noisy.observe(counts[None, :])
+    act = noisy.step()[0]
+    assert (act.kind, act.expert, act.node) == ("replicate", 0, 1)
+    assert act.gain_s == pytest.approx((110 - 60 - np.sqrt(10)) * phi, rel=1e-6)
 
 
 def test_expensive_moves_do_nothing():

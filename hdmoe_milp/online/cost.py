@@ -49,8 +49,10 @@ class LinkTable:
 class OnlineCost:
     """Constants of the online model for one model on one machine (units: seconds, bytes)."""
 
-    def __init__(self, model: MoEModel, hw: Hardware, batch: float, tree: bool = True) -> None:
+    def __init__(self, model: MoEModel, hw: Hardware, batch: float, tree: bool = True,
+                 noise_z: float = 0.0) -> None:
         self.model, self.hw, self.batch = model, hw, float(batch)
+        self.noise_z = float(noise_z)
         self.links = LinkTable(hw, tree)
         self.phi_s = model.expert_flops_per_token() / hw.compute_flops  # s per token on one node
         self.w_s = model.expert_weight_bytes() / hw.dram_bw_bytes_per_s  # s to read one expert
@@ -79,9 +81,15 @@ class OnlineCost:
 
     def layer_latency_s(self, shares: np.ndarray, expert_of: np.ndarray, frac: np.ndarray,
                         counts: np.ndarray) -> float:
-        """Reference (unvectorised) modelled latency of one layer for expected counts ``[E]``."""
-        tok = np.asarray(counts, dtype=float)[expert_of] * frac
-        flops = self.phi_s * (tok @ shares)
+        """Reference (unvectorised) modelled latency of one layer for expected counts ``[E]``.
+
+        A node's tokens count ``noise_z`` standard deviations above their mean: an expert with one
+        copy brings Poisson noise (variance: its expected tokens x share²); a replicated expert's
+        noise is absorbed by the batch-level dispatch over its copies."""
+        n = np.asarray(counts, dtype=float)
+        tok = n[expert_of] * frac
+        solo = np.bincount(expert_of, minlength=len(n))[expert_of] == 1
+        flops = self.phi_s * (tok @ shares + self.noise_z * np.sqrt((n[expert_of] * solo) @ shares**2))
         mem = self.w_s * (self.activation(tok) @ shares)
         ids = [self.links.index(row > 0) for row in shares]
         lk = (tok * self.vec) @ self.links.matrix[ids]

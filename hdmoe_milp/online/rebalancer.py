@@ -26,6 +26,9 @@ class RebalancerConfig:
     beyond the offline plan when the hardware sets no capacity. ``candidates``: hottest copies tried
     on the bottleneck node; ``targets``: least-loaded nodes tried for each. ``drop_tokens``: a replica
     expected to serve fewer tokens per batch is dropped. ``max_actions``: per layer and batch.
+    ``noise_z``: a node's compute counts this many standard deviations of batch noise above its
+    mean (Poisson noise of the experts with a single copy; the balanced dispatch absorbs a
+    replicated expert's), so replicas that absorb noise are valued.
     """
 
     estimator: str = "ema"
@@ -38,6 +41,7 @@ class RebalancerConfig:
     targets: int = 4
     drop_tokens: float = 0.5
     max_actions: int = 3
+    noise_z: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("estimator", self.estimator, ("ema", "window"))
@@ -87,7 +91,7 @@ class GreedyRebalancer:
         self.model, self.hw, self.batch = model, hw, float(batch)
         self.config = config or RebalancerConfig()
         opts = options or EvalOptions()
-        self.cost = OnlineCost(model, hw, batch, tree=opts.resolved_delivery == "tree")
+        self.cost = OnlineCost(model, hw, batch, tree=opts.resolved_delivery == "tree", noise_z=self.config.noise_z)
         # weight streaming hides behind the layer's own non-MoE work (attention), as HD-MoE's
         # pre-broadcast hides behind the previous layer
         self.hide_s = non_moe_time_s(model, hw, batch, opts) / max(model.total_layers, 1)
@@ -177,10 +181,12 @@ class GreedyRebalancer:
 
         mass = per_layer(tok)
         flops = c.phi_s * (mass @ P)
+        solo = np.bincount(self.g, minlength=L * E)[self.g] == 1
+        var = per_layer(n[self.g] * solo) @ P**2  # tokens² of batch noise per node
         mem = c.w_s * (per_layer(c.activation(tok)) @ P)
         link = (c.vec * mass) @ PL
-        node = np.maximum(flops, mem)
-        return {"tok": tok, "layer": layer, "flops": flops, "mem": mem, "link": link, "node": node,
+        node = np.maximum(flops + c.phi_s * c.noise_z * np.sqrt(var), mem)
+        return {"tok": tok, "layer": layer, "flops": flops, "mem": mem, "link": link, "node": node, "var": var,
                 "base": node.max(axis=1) + c.comm_s(link), "used": per_layer(None) @ P}
 
     def _top_copies(self, key: np.ndarray, eligible: np.ndarray, layer: np.ndarray, k: int) -> np.ndarray:
@@ -256,6 +262,11 @@ class GreedyRebalancer:
                      + onehot * (c.phi_s * qn)[..., None, None])
         # the existing copies keep their weight-read term (a split lowers it: an upper estimate)
         new_mem = st["mem"][a][ax] + onehot * (c.w_s * c.activation(qn))[..., None, None]
+        if c.noise_z > 0:  # the candidate's noise leaves its nodes; a move brings it to the target
+            var_i = ((mass_i @ self.P**2).reshape(len(a), C, D) * (m == 1)[..., None])[:, :, None, None, :]
+            new_var = (st["var"][a][ax] - var_i
+                       + onehot * (n[gc][..., None] * (q >= 1.0))[..., None, None])
+            new_flops = new_flops + c.phi_s * c.noise_z * np.sqrt(np.maximum(new_var, 0.0))
         node_after = np.maximum(new_flops, new_mem).max(axis=-1)  # [A, C, Q, K]
         move = np.where(holders[:, :, None, :], c.move_pair.T[t], np.inf).min(axis=-1)  # [A, C, K]
         cost = np.maximum(0.0, move - budget[a][:, None, None])[:, :, None, :]
