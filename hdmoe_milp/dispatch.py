@@ -89,7 +89,7 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
     rule, ``[F, k]``.
 
     Experts with one copy are assigned first; they define each token's touched nodes and the node
-    loads (tokens x shares). Replicated experts follow in id order. A token's distance to a copy is the
+    loads (tokens x shares). Replicated experts follow, busiest first. A token's distance to a copy is the
     largest, over the copy's holders, of the hop distance from the nearest touched node (0: the copy
     adds no traffic); the token may use the copies at its minimal distance. Tokens with the same
     allowed set form a group; groups are served most constrained first, each water-filled over its
@@ -100,9 +100,9 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
     load is the filled part of that quota; tokens that do not fit wait for the next pass, where full
     copies are out of reach, so each copy serves its quota (as under ``fraction``) and the rule only
     decides *which* tokens it serves.
-    ``balanced``: as ``affinity``, but the quotas come from this batch: the expert's tokens are
-    water-filled over its copies on the current node loads (a copy's level = the highest load among
-    its holders), so replicas absorb the batch's own imbalance. ``distance [D, D]``: hop counts.
+    ``balanced``: as ``affinity``, but the quotas come from this batch (``_balance``: starting from
+    the plan's split, each expert's tokens are water-filled over its copies on the other experts'
+    node loads), so replicas absorb the batch's own imbalance. ``distance [D, D]``: hop counts.
     ``floor [D]`` (tokens): a node's load counts as at least this much (the tokens it could compute
     while reading its weights anyway: weight-read time x compute / FLOPs per token); default 0.
     """
