@@ -80,6 +80,7 @@ def test_plan_round_trip(tmp_path, capsys):
         (["--strategy", "tp,nope"], "strategy"),
         (["--model", "mixtral-8x7b", "--trace", str(TRACES / "deepseek_v2_lite_law_4k.npz")], "trace"),
         (["--trace", "/no/such/file.json"], "trace"),
+        (["--dispatch", "closest"], "dispatch"),
     ],
 )
 def test_bad_input_exit_2(capsys, args, field):
@@ -116,3 +117,5 @@ def test_replay_json_and_bad_policy(capsys):
     assert main([*args, "--policy", "clairvoyant"]) == 2
     err = capsys.readouterr().err
     assert "policy" in err and "Traceback" not in err
+    assert main([*args, "--policy", "static", "--dispatch", "closest"]) == 2
+    assert "dispatch" in capsys.readouterr().err
