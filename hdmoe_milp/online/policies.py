@@ -112,8 +112,9 @@ class HdmoePrebroadcast(Policy):
     alpha-beta model, so the broadcast hides behind the layer's non-MoE time and costs nothing), and
     their tokens are spread to level the node loads (one load vector kept across experts: the fix of
     the paper code's bug). Prediction = the previous batch's counts (the traces carry no next-layer
-    gate predictions). Deviation: tokens may go to any node, not only to nodes the token already
-    touches, which favours this policy."""
+    gate predictions). Its water-filled split is the copies' token fractions; at serving time the
+    evaluator's dispatch rule applies to its copies as to every policy's (the replay's ``balanced``
+    re-levels the split on the batch served, which favours this policy over the paper's own)."""
 
     name = "hdmoe-prebroadcast"
 
