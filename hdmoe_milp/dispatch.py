@@ -199,33 +199,37 @@ def _balance(lp: LayerPlacement, order: np.ndarray, tokens: np.ndarray, floor: n
     tok = tokens.copy()
     node = load + (tok * np.isin(lp.expert_of, order)) @ lp.shares
     holders = lp.shares > 0
+    # per expert: its copies, their distinct share rows (copies on the same nodes fill as one)
+    plan = []
+    for e in order:
+        cs = np.flatnonzero(lp.expert_of == e)
+        S = lp.shares[cs]
+        if np.all(S.max(axis=1) == 1.0):  # whole copies on single nodes: the node is the row
+            _, first, grp = np.unique(S.argmax(axis=1), return_index=True, return_inverse=True)
+            rows = S[first]
+        else:
+            rows, grp = np.unique(S, axis=0, return_inverse=True)
+        grp = grp.ravel()
+        plan.append((cs, S, rows > 0, rows.max(axis=1), np.bincount(grp), grp, holders[cs].any(axis=0)))
     for _ in range(sweeps):
-        for e in order:
-            cs = np.flatnonzero(lp.expert_of == e)
-            node -= tok[cs] @ lp.shares[cs]
-            # copies on the same nodes (EPLB may stack them) fill as one, sharing its tokens evenly
-            rows, grp = np.unique(lp.shares[cs], axis=0, return_inverse=True)
-            grp = grp.ravel()
-            size = np.bincount(grp)
-            lv = np.where(rows > 0, np.maximum(node, floor)[None, :], -np.inf).max(axis=1)
-            amt = _fill(lv, rows.max(axis=1), float(tok[cs].sum()))
-            new = (amt / size)[grp]
-            span = holders[cs].any(axis=0)
-            if (np.maximum(node + new @ lp.shares[cs], floor)[span].max()
-                    <= np.maximum(node + tok[cs] @ lp.shares[cs], floor)[span].max()):
+        for cs, S, on, rate, size, grp, span in plan:
+            node -= tok[cs] @ S
+            lv = np.where(on, np.maximum(node, floor)[None, :], -np.inf).max(axis=1)
+            new = (_fill(lv, rate, float(tok[cs].sum())) / size)[grp]
+            if (np.maximum(node + new @ S, floor)[span].max()
+                    <= np.maximum(node + tok[cs] @ S, floor)[span].max()):
                 tok[cs] = new  # kept only if it lowers the expert's busiest node (overlapping shards)
-            node += tok[cs] @ lp.shares[cs]
+            node += tok[cs] @ S
     if integral:  # whole tokens: round down, then hand the rest out one by one to the lowest copy
-        for e in order:
-            cs = np.flatnonzero(lp.expert_of == e)
-            node -= tok[cs] @ lp.shares[cs]
+        for cs, S, *_ in plan:
+            node -= tok[cs] @ S
             total = round(float(tok[cs].sum()))
             t = np.floor(tok[cs] + 1e-9)
             for _ in range(int(total - t.sum())):
-                after = np.maximum(node + t @ lp.shares[cs] + lp.shares[cs], floor)  # [m, D]: one more token
-                t[int(np.argmin(np.where(holders[cs], after, -np.inf).max(axis=1)))] += 1
+                after = np.maximum(node + t @ S + S, floor)  # [m, D]: with one more token on each copy
+                t[int(np.argmin(np.where(S > 0, after, -np.inf).max(axis=1)))] += 1
             tok[cs] = t
-            node += t @ lp.shares[cs]
+            node += t @ S
     return tok
 
 
