@@ -96,8 +96,9 @@ def test_capacity_and_dispatch_invariants(drift_case):
         for li, (lp, lr) in enumerate(zip(d.placement.layers, wl.layers, strict=True)):
             assert np.all(lp.weight_copies_per_node() <= per_node_cap[li] + 1e-9)  # capacity never exceeded
             np.testing.assert_allclose(lp.shares.sum(axis=1), 1.0)  # replicas hold the full expert
-            for copies in (assign_copies(lp, lr.experts, lr.weight),  # both rules the replay may use
-                           assign_by_distance(lp, lr.experts, lr.weight, hw.mesh.distance)):
+            for copies in (assign_copies(lp, lr.experts, lr.weight),  # the rules the replay may use
+                           *(assign_by_distance(lp, lr.experts, lr.weight, hw.mesh.distance, rule)
+                             for rule in ("affinity", "balanced", "nearest"))):
                 assert np.all(lp.expert_of[copies] == lr.experts)  # tokens go to a copy of their expert
                 assert np.all(lp.shares[copies.ravel()].max(axis=1) > 0)
         pol.observe(wl.expert_loads(), wl)
