@@ -65,9 +65,11 @@ def assign_copies(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarray) -
     return out.reshape(F, k)
 
 
-def _fill(level: np.ndarray, rate: np.ndarray, amount: float) -> np.ndarray:
-    """Water-fill ``amount`` tokens over copies: copy j at ``level[j]`` rises by ``rate[j]`` per token;
-    returns tokens per copy so that the filled copies end level and the others stay above."""
+def water_fill(level: np.ndarray, amount: float, rate: np.ndarray | None = None) -> np.ndarray:
+    """Split ``amount`` over bins: bin j at ``level[j]`` rises by ``rate[j]`` (default 1) per unit;
+    returns units per bin (>= 0) so that the filled bins end level and the others stay above."""
+    level = np.asarray(level, dtype=float)
+    rate = np.ones_like(level) if rate is None else np.asarray(rate, dtype=float)
     order = np.argsort(level, kind="stable")
     lv, inv = level[order], 1.0 / rate[order]
     lam = (amount + np.cumsum(lv * inv)) / np.cumsum(inv)
@@ -166,15 +168,15 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
                         amt = np.array([want])
                     else:
                         q = np.maximum(quota[use], 1e-300)
-                        amt = np.minimum(_fill(served[use] / q, 1.0 / q, want), left)
+                        amt = np.minimum(water_fill(served[use] / q, want, 1.0 / q), left)
                     take = _take(w[fi[sel]], amt.sum())
                     if not take.any():
                         continue
                     sel = sel[take]
-                    pick = use[_cut(w[fi[sel]], amt)]
                 else:
                     lv = np.where(holders[cs[use]], np.maximum(load, base)[None, :], -np.inf).max(axis=1)
-                    pick = use[_cut(w[fi[sel]], _fill(lv, lp.shares[cs[use]].max(axis=1), float(w[fi[sel]].sum())))]
+                    amt = water_fill(lv, float(w[fi[sel]].sum()), lp.shares[cs[use]].max(axis=1))
+                pick = use[_cut(w[fi[sel]], amt)]
                 out[fi[sel], ji[sel]] = cs[pick]
                 served += np.bincount(pick, weights=w[fi[sel]], minlength=m)
                 load += np.bincount(cs[pick], weights=w[fi[sel]], minlength=R) @ lp.shares
@@ -215,7 +217,7 @@ def _balance(lp: LayerPlacement, order: np.ndarray, tokens: np.ndarray, floor: n
         for cs, S, on, rate, size, grp, span in plan:
             node -= tok[cs] @ S
             lv = np.where(on, np.maximum(node, floor)[None, :], -np.inf).max(axis=1)
-            new = (_fill(lv, rate, float(tok[cs].sum())) / size)[grp]
+            new = (water_fill(lv, float(tok[cs].sum()), rate) / size)[grp]
             if (np.maximum(node + new @ S, floor)[span].max()
                     <= np.maximum(node + tok[cs] @ S, floor)[span].max()):
                 tok[cs] = new  # kept only if it lowers the expert's busiest node (overlapping shards)

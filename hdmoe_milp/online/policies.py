@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..dispatch import water_fill
 from ..errors import InputError, check_choice
 from ..evaluator import EvalOptions, non_moe_time_s
 from ..hardware import Hardware
@@ -92,20 +93,6 @@ def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: Eva
     return k
 
 
-def _waterfill(base: np.ndarray, amount: float) -> np.ndarray:
-    """Split ``amount`` over nodes so that ``base + x`` is as level as possible (x >= 0)."""
-    order = np.sort(base)
-    csum = np.cumsum(order)
-    n = len(base)
-    level = order[-1] + (amount - (order[-1] * n - csum[-1])) / n
-    for m in range(1, n + 1):
-        lv = (csum[m - 1] + amount) / m
-        if m == n or lv <= order[m]:
-            level = lv
-            break
-    return np.clip(level - base, 0.0, None)
-
-
 class HdmoePrebroadcast(Policy):
     """HD-MoE's dynamic stage (§5 of the reconstruction): per layer and batch, the k predicted-hottest
     experts on the most loaded nodes are broadcast to every node for this batch only (k from the
@@ -146,7 +133,7 @@ class HdmoePrebroadcast(Policy):
                 if prio[i] <= 0:
                     break
                 load = load - n[i] * es[i] * phi
-                spread[i] = _waterfill(load, n[i] * phi)  # one load vector across experts
+                spread[i] = water_fill(load, n[i] * phi)  # one load vector across experts
                 load = load + spread[i]
             if not spread:
                 layers.append(lp)
