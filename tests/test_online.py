@@ -54,6 +54,20 @@ def test_hot_expert_is_replicated_and_latency_drops_by_the_computed_amount():
     assert act.gain_s == pytest.approx((110 - 60 - np.sqrt(10)) * phi, rel=1e-6)
 
 
+def test_a_gain_within_the_estimates_noise_waits_for_more_batches():
+    # replicating expert 0 gains 40 token-times; with estimate_z = 5 the doubt on the hot node's
+    # estimate is 5 * sqrt(v * 100): v = 1 after one batch (50 > 40: wait), 1/2 after two (35 < 40)
+    hw = fast_hw()
+    plan = Placement.from_shares([np.eye(4)], "ep")
+    counts = np.array([[100, 10, 10, 10]])
+    reb = GreedyRebalancer(plan, M, hw, batch=130, config=RebalancerConfig(noise_z=0.0, estimate_z=5.0))
+    reb.observe(counts)
+    assert reb.step() == []
+    reb.observe(counts)
+    acts = reb.step()
+    assert acts and (acts[0].kind, acts[0].expert) == ("replicate", 0)
+
+
 def test_expensive_moves_do_nothing():
     hw = fast_hw(bw=1e3)  # weights crawl over the mesh: a move costs far more than it gains
     plan = Placement.from_shares([np.eye(4)], "ep")

@@ -28,7 +28,9 @@ class RebalancerConfig:
     expected to serve fewer tokens per batch is dropped. ``max_actions``: per layer and batch.
     ``noise_z``: a node's compute counts this many standard deviations of batch noise above its
     mean (Poisson noise of the experts with a single copy; the balanced dispatch absorbs a
-    replicated expert's), so replicas that absorb noise are valued.
+    replicated expert's), so replicas that absorb noise are valued. ``estimate_z``: a gain must
+    also exceed this many standard deviations of the bottleneck node's *estimated* load (the
+    estimate of few batches is noisy), so early noise does not trigger moves.
     """
 
     estimator: str = "ema"
@@ -42,6 +44,7 @@ class RebalancerConfig:
     drop_tokens: float = 0.5
     max_actions: int = 3
     noise_z: float = 1.0
+    estimate_z: float = 0.5
 
     def __post_init__(self) -> None:
         check_choice("estimator", self.estimator, ("ema", "window"))
@@ -67,8 +70,8 @@ class Action:
     move_s: float = 0.0
 
 
-_Q_SPLIT = np.array([1.0, 0.5, 0.0])  # new copy's token share: equal split, half of it ...
-_Q_MOVE = np.array([0.0, 0.0, 1.0])  # ... or all of it (a move)
+_Q_SPLIT = np.array([1.0, 0.5, 0.25, 0.0])  # new copy's token share: equal split, half of it ...
+_Q_MOVE = np.array([0.0, 0.0, 0.0, 1.0])  # ... or all of it (a move)
 
 
 class GreedyRebalancer:
@@ -121,6 +124,7 @@ class GreedyRebalancer:
         self.capacity_ = np.array([self._capacity(lp) for lp in plan.layers])  # [L, D] copies per node
         self.estimate_: np.ndarray | None = None
         self._history: list[np.ndarray] = []
+        self.seen_ = 0  # batches observed
         self.strategy = plan.strategy
 
     def _capacity(self, lp: LayerPlacement) -> np.ndarray:
@@ -139,6 +143,7 @@ class GreedyRebalancer:
         c = np.asarray(counts, dtype=float)
         if c.shape != (self.num_layers, self.model.num_experts):
             raise InputError("counts", f"expected shape {(self.num_layers, self.model.num_experts)}, got {c.shape}")
+        self.seen_ += 1
         if self.config.estimator == "ema":
             b = self.config.ema_decay
             self.estimate_ = c if self.estimate_ is None else b * self.estimate_ + (1 - b) * c
@@ -186,8 +191,20 @@ class GreedyRebalancer:
         mem = c.w_s * (per_layer(c.activation(tok)) @ P)
         link = (c.vec * mass) @ PL
         node = np.maximum(flops + c.phi_s * c.noise_z * np.sqrt(var), mem)
+        est_var = self._estimate_variance() * (per_layer(tok) @ P**2)  # tokens² of estimate noise
         return {"tok": tok, "layer": layer, "flops": flops, "mem": mem, "link": link, "node": node, "var": var,
+                "est_var": est_var,
                 "base": node.max(axis=1) + c.comm_s(link), "used": per_layer(None) @ P}
+
+    def _estimate_variance(self) -> float:
+        """Variance of the load estimate per unit of expected (Poisson) count: the EMA starts at the
+        first batch, so ``1`` after one batch and ``(1 - b) / (1 + b)`` in the long run; a window of
+        ``w`` batches: ``1 / w``."""
+        s = max(self.seen_, 1)
+        if self.config.estimator == "window":
+            return 1.0 / min(s, self.config.window)
+        b = self.config.ema_decay
+        return (1 - b) / (1 + b) * (1 - b ** (2 * s - 2)) + b ** (2 * s - 2)
 
     def _top_copies(self, key: np.ndarray, eligible: np.ndarray, layer: np.ndarray, k: int) -> np.ndarray:
         """``[L, k]``: per layer, the ``k`` eligible copies with the smallest ``key`` (-1 where fewer)."""
@@ -271,6 +288,8 @@ class GreedyRebalancer:
         move = np.where(holders[:, :, None, :], c.move_pair.T[t], np.inf).min(axis=-1)  # [A, C, K]
         cost = np.maximum(0.0, move - budget[a][:, None, None])[:, :, None, :]
         h, H, b4 = cfg.hysteresis, cfg.horizon, base[a][:, None, None, None]
+        # the hot node's estimated load is itself noisy: a gain must also clear part of its deviation
+        doubt = (cfg.estimate_z * c.phi_s * np.sqrt(st["est_var"][a, hot[a]]))[:, None, None, None]
         # links without the new copy's traffic: a lower bound on the links after the action, so
         # only combos whose gain bound passes the tests get their exact link terms
         kept = st["link"][a][:, None, None, :] - q[..., None] * link_i[:, :, None, :]  # [A, C, Q, 2 * links]
@@ -280,7 +299,7 @@ class GreedyRebalancer:
         exact = kept[ia, ic, iq] + (c.vec * qn[ia, ic, iq])[:, None] * self.PL[t[ia, ic, ik]]
         gain = np.full(good.shape, -np.inf)
         gain[ia, ic, iq, ik] = bound[ia, ic, iq, ik] + c.comm_s(kept[ia, ic, iq]) - c.comm_s(exact)
-        good &= (gain >= h * b4) & (gain * H >= (1 + h) * cost)
+        good &= (gain >= h * b4 + doubt) & (gain * H >= (1 + h) * cost)
         score = np.where(good, gain * H - cost, -np.inf).reshape(len(a), -1)
         best = score.argmax(axis=1)
         win = np.isfinite(score[np.arange(len(a)), best])
