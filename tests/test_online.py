@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hdmoe_milp import EvalOptions, Hardware, Mesh, MoEModel, Placement, evaluate
+from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, evaluate
 from hdmoe_milp.dispatch import assign_by_distance, assign_copies
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, make_policy, prebroadcast_count, replay
 from hdmoe_milp.strategies import build
@@ -66,6 +66,12 @@ def test_a_gain_within_the_estimates_noise_waits_for_more_batches():
     reb.observe(counts)
     acts = reb.step()
     assert acts and (acts[0].kind, acts[0].expert) == ("replicate", 0)
+
+
+@pytest.mark.parametrize("field", ["noise_z", "estimate_z", "ema_decay"])
+def test_bad_rebalancer_settings_name_the_field(field):
+    with pytest.raises(InputError, match=field):
+        RebalancerConfig(**{field: -1.0})
 
 
 def test_expensive_moves_do_nothing():

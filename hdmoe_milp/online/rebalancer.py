@@ -52,6 +52,9 @@ class RebalancerConfig:
             raise InputError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.window < 1 or self.horizon <= 0 or self.hysteresis < 0:
             raise InputError("rebalancer", "window >= 1, horizon > 0 and hysteresis >= 0 are required")
+        for name in ("noise_z", "estimate_z"):
+            if not getattr(self, name) >= 0:
+                raise InputError(name, f"must be >= 0 (standard deviations), got {getattr(self, name)}")
 
 
 @dataclass
