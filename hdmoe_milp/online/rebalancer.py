@@ -73,7 +73,7 @@ class Action:
     move_s: float = 0.0
 
 
-_Q_SPLIT = np.array([1.0, 0.5, 0.25, 0.0])  # new copy's token share: equal split, half of it ...
+_Q_SPLIT = np.array([1.0, 0.5, 0.25, 0.0])  # new copy's token share: equal split, a half or a quarter of it ...
 _Q_MOVE = np.array([0.0, 0.0, 0.0, 1.0])  # ... or all of it (a move)
 
 
@@ -190,11 +190,12 @@ class GreedyRebalancer:
         mass = per_layer(tok)
         flops = c.phi_s * (mass @ P)
         solo = np.bincount(self.g, minlength=L * E)[self.g] == 1
-        var = per_layer(n[self.g] * solo) @ P**2  # tokens² of batch noise per node
+        P2 = P**2
+        var = per_layer(n[self.g] * solo) @ P2  # tokens² of batch noise per node
         mem = c.w_s * (per_layer(c.activation(tok)) @ P)
         link = (c.vec * mass) @ PL
         node = np.maximum(flops + c.phi_s * c.noise_z * np.sqrt(var), mem)
-        est_var = self._estimate_variance() * (per_layer(tok) @ P**2)  # tokens² of estimate noise
+        est_var = self._estimate_variance() * (mass @ P2)  # tokens² of estimate noise
         return {"tok": tok, "layer": layer, "flops": flops, "mem": mem, "link": link, "node": node, "var": var,
                 "est_var": est_var,
                 "base": node.max(axis=1) + c.comm_s(link), "used": per_layer(None) @ P}
