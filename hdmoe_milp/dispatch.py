@@ -174,7 +174,7 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
                         continue
                     sel = sel[take]
                 else:
-                    lv = np.where(holders[cs[use]], np.maximum(load, base)[None, :], -np.inf).max(axis=1)
+                    lv = _level(holders[cs[use]], np.maximum(load, base))
                     amt = water_fill(lv, float(w[fi[sel]].sum()), lp.shares[cs[use]].max(axis=1))
                 pick = use[_cut(w[fi[sel]], amt)]
                 out[fi[sel], ji[sel]] = cs[pick]
@@ -216,7 +216,7 @@ def _balance(lp: LayerPlacement, order: np.ndarray, tokens: np.ndarray, floor: n
     for _ in range(sweeps):
         for cs, S, on, rate, size, grp, span in plan:
             node -= tok[cs] @ S
-            lv = np.where(on, np.maximum(node, floor)[None, :], -np.inf).max(axis=1)
+            lv = _level(on, np.maximum(node, floor))
             new = (water_fill(lv, float(tok[cs].sum()), rate) / size)[grp]
             if (np.maximum(node + new @ S, floor)[span].max()
                     <= np.maximum(node + tok[cs] @ S, floor)[span].max()):
@@ -229,10 +229,15 @@ def _balance(lp: LayerPlacement, order: np.ndarray, tokens: np.ndarray, floor: n
             t = np.floor(tok[cs] + 1e-9)
             for _ in range(int(total - t.sum())):
                 after = np.maximum(node + t @ S + S, floor)  # [m, D]: with one more token on each copy
-                t[int(np.argmin(np.where(S > 0, after, -np.inf).max(axis=1)))] += 1
+                t[int(np.argmin(_level(S > 0, after)))] += 1
             tok[cs] = t
             node += t @ S
     return tok
+
+
+def _level(on: np.ndarray, node: np.ndarray) -> np.ndarray:
+    """Per copy (row of ``on [m, D]``), the highest of ``node`` (``[D]`` or ``[m, D]``) over its holders."""
+    return np.where(on, node, -np.inf).max(axis=1)
 
 
 def _groups(allowed: np.ndarray, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
