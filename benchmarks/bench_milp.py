@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 
 from hdmoe_milp import EvalOptions, evaluate, expected_workload, get_model, load_trace, make_hardware
-from hdmoe_milp.milp import SolveParams, solve_model
-from hdmoe_milp.milp.solve import best_per_layer
 from hdmoe_milp.strategies import STRATEGIES, build
+from hdmoe_milp.strategies.block_milp import SolveParams, best_per_layer, solve_model
 from hdmoe_milp.synthetic import synthetic_trace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 
 from hdmoe_milp import Hardware, Mesh, MoEModel, evaluate, get_model, load_trace, make_hardware
-from hdmoe_milp.dispatch import DISPATCH
 from hdmoe_milp.evaluator import EvalOptions
-from hdmoe_milp.milp import SolveParams, solve_model
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, replay
 from hdmoe_milp.online.policies import OraclePolicy
+from hdmoe_milp.replica_rules import DISPATCH
 from hdmoe_milp.strategies import build
+from hdmoe_milp.strategies.block_milp import SolveParams, solve_model
 from hdmoe_milp.synthetic import drifting_trace, synthetic_trace
 from hdmoe_milp.workload import iter_batches
 

@@ -3,7 +3,7 @@
 from .errors import InputError
 from .evaluator import EvalOptions, Evaluation, evaluate
 from .hardware import Hardware, Mesh, make_hardware
-from .models import MODEL_PRESETS, MoEModel, get_model
+from .moe import MODEL_PRESETS, MoEModel, get_model
 from .placement import LayerPlacement, Placement
 from .workload import Trace, Workload, expected_workload, load_trace, sample_batch
 

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .costs import MODES, check_model_fits
 from .errors import InputError, check_choice
-from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions, check_model_fits, evaluate
+from .evaluator import DELIVERIES, HOMES, EvalOptions, evaluate
 from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
 from .instance import Instance, load_instance
-from .models import MODEL_PRESETS, get_model
+from .moe import MODEL_PRESETS, get_model
 from .placement import Placement
 from .strategies import STRATEGIES, build
 from .synthetic import synthetic_trace
@@ -197,8 +198,7 @@ def _hardware(s: Instance):
 
 
 def _solve(args: argparse.Namespace) -> int:
-    from .milp import MilpOptions, SolveParams, solve_model
-    from .milp.solve import best_per_layer
+    from .strategies.block_milp import MilpOptions, SolveParams, best_per_layer, solve_model
 
     s = _settings(args)
     model, hw, trace = _setup(s)

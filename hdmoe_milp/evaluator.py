@@ -22,14 +22,24 @@ from typing import Any
 
 import numpy as np
 
-from .dispatch import DISPATCH, assign_by_distance, assign_copies
+from .costs import (
+    MODES,
+    UnitCosts,
+    activation_probability,
+    check_capacity,
+    link_loads,
+    merge_flows,
+    non_moe_time_s,
+    phase_time_s,
+    roofline_s,
+)
 from .errors import InputError, check_choice
-from .hardware import Hardware, Mesh
-from .models import MoEModel
+from .hardware import Hardware
+from .moe import MoEModel
 from .placement import LayerPlacement, Placement
+from .replica_rules import DISPATCH, assign_by_distance, assign_copies
 from .workload import Workload
 
-MODES = ("mesh", "paper")
 DELIVERIES = ("tree", "unicast")
 HOMES = ("spread", "holder", "random")
 COALESCE = ("node", "block", "expert")
@@ -154,109 +164,6 @@ class Evaluation:
         }
 
 
-# --- routing of flows over the mesh -----------------------------------------------------------
-
-
-def _spread_counts(mesh: Mesh) -> dict[str, np.ndarray]:
-    """Number of home nodes whose XY tree uses each link position, when homes cover every node."""
-    R, C = mesh.rows, mesh.cols
-    c = np.arange(C - 1)
-    r = np.arange(R - 1)
-    return {
-        "d_east": (c + 1.0), "d_west": (C - 1.0 - c),
-        "d_south": (r + 1.0) * C, "d_north": (R - 1.0 - r) * C,
-        "c_west": R * (c + 1.0), "c_east": R * (C - 1.0 - c),
-        "c_north": (r + 1.0), "c_south": (R - 1.0 - r),
-    }
-
-
-def link_loads(
-    mesh: Mesh, dest: np.ndarray, weight: np.ndarray, home: np.ndarray | None, tree: bool
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-directed-link load of dispatch (home -> dests) and combine (dests -> home) under XY routing.
-
-    ``dest [F, D]``: 1 where flow f must reach node d. ``weight [F]``: load units per flow (bytes).
-    ``home [F]`` node ids, or None for homes spread evenly over all nodes (each flow's weight split
-    1/D per home). ``tree``: a link carries a flow once however many destinations lie beyond it
-    (multicast out, reduction back); else once per destination (unicast).
-    Returns ``(dispatch [num_links], combine [num_links], max_hops)``.
-    """
-    R, C = mesh.rows, mesh.cols
-    F = dest.shape[0]
-    nl = mesh.num_links
-    if F == 0:
-        return np.zeros(nl), np.zeros(nl), 0
-    m = dest.reshape(F, R, C).astype(np.float64)
-    w = np.asarray(weight, dtype=np.float64)
-    used = (lambda v: (v > 0.5).astype(np.float64)) if tree else (lambda v: v)
-
-    colcnt = m.sum(axis=1)  # [F, C]
-    rowcnt = m.sum(axis=2)  # [F, R]
-    ccum = np.cumsum(colcnt, axis=1)
-    rcum = np.cumsum(m, axis=1)
-    hcum = np.cumsum(m, axis=2)
-    rowcum = np.cumsum(rowcnt, axis=1)
-    # Destinations beyond each link position (X first from home; Y along the destination's column).
-    d_east = used(ccum[:, -1:] - ccum[:, :-1])  # [F, C-1] east of column c
-    d_west = used(ccum[:, :-1])  # [F, C-1] at or west of column c
-    d_south = used(rcum[:, -1:, :] - rcum[:, :-1, :])  # [F, R-1, C] below row r in column c
-    d_north = used(rcum[:, :-1, :])
-    c_west = used(hcum[:, :, -1:] - hcum[:, :, :-1])  # [F, R, C-1] east of c in row r, heading west
-    c_east = used(hcum[:, :, :-1])
-    c_north = used(rowcum[:, -1:] - rowcum[:, :-1])  # [F, R-1] rows below r, heading north on home column
-    c_south = used(rowcum[:, :-1])
-
-    if home is None:
-        k = _spread_counts(mesh)
-        wd = w / mesh.num_nodes
-        de = np.tile((wd @ d_east) * k["d_east"], (R, 1))
-        dw = np.tile((wd @ d_west) * k["d_west"], (R, 1))
-        ds = np.einsum("f,frc->rc", wd, d_south) * k["d_south"][:, None]
-        dn = np.einsum("f,frc->rc", wd, d_north) * k["d_north"][:, None]
-        cw = np.einsum("f,frc->rc", wd, c_west) * k["c_west"][None, :]
-        ce = np.einsum("f,frc->rc", wd, c_east) * k["c_east"][None, :]
-        cn = np.tile(((wd @ c_north) * k["c_north"])[:, None], (1, C))
-        cs = np.tile(((wd @ c_south) * k["c_south"])[:, None], (1, C))
-        ecc = mesh.distance.max(axis=0)
-        hops = int((dest * ecc[None, :]).max())
-    else:
-        home = np.asarray(home, dtype=np.int64)
-        r0, c0 = np.divmod(home, C)
-        ci = np.arange(C - 1)
-        ri = np.arange(R - 1)
-        one_r = np.zeros((F, R))
-        one_r[np.arange(F), r0] = w
-        one_c = np.zeros((F, C))
-        one_c[np.arange(F), c0] = 1.0
-        east_ok = ci[None, :] >= c0[:, None]  # [F, C-1]
-        south_ok = ri[None, :] >= r0[:, None]  # [F, R-1]
-        de = one_r.T @ (d_east * east_ok)
-        dw = one_r.T @ (d_west * ~east_ok)
-        ds = np.einsum("f,frc->rc", w, d_south * south_ok[:, :, None])
-        dn = np.einsum("f,frc->rc", w, d_north * ~south_ok[:, :, None])
-        cw = np.einsum("f,frc->rc", w, c_west * east_ok[:, None, :])
-        ce = np.einsum("f,frc->rc", w, c_east * ~east_ok[:, None, :])
-        cn = (w[:, None] * c_north * south_ok).T @ one_c
-        cs = (w[:, None] * c_south * ~south_ok).T @ one_c
-        hops = int((dest * mesh.distance[home]).max())
-    dispatch = np.concatenate([de.ravel(), dw.ravel(), ds.ravel(), dn.ravel()])
-    combine = np.concatenate([ce.ravel(), cw.ravel(), cs.ravel(), cn.ravel()])
-    return dispatch, combine, hops
-
-
-def _dedupe(dest: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge flows with identical destination sets (exact when homes are spread)."""
-    packed = np.packbits(dest, axis=1, bitorder="little")
-    if packed.shape[1] <= 8:
-        pad = np.zeros((packed.shape[0], 8), dtype=np.uint8)
-        pad[:, : packed.shape[1]] = packed
-        keys = pad.view(np.uint64).ravel()
-        uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-    else:
-        uniq, first, inv = np.unique(packed, axis=0, return_index=True, return_inverse=True)
-    return dest[first], np.bincount(inv.ravel(), weights=weight, minlength=len(first))
-
-
 # --- per-layer pieces -------------------------------------------------------------------------
 
 
@@ -273,62 +180,6 @@ def _homes(lp: LayerPlacement, copies: np.ndarray, how: str, rng: np.random.Gene
     first_holder = np.argmax(lp.shares > 0, axis=1)
     pick = copies[np.arange(F), rng.integers(0, k, size=F)]
     return first_holder[pick]
-
-
-def non_moe_time_s(model: MoEModel, hw: Hardware, batch: float, opts: EvalOptions) -> float:
-    """Attention, shared experts and dense layers, summed over layers (the same for every strategy)."""
-    B, h, L, D = batch, model.hidden, opts.context_len, hw.num_nodes
-    if opts.mode == "paper":
-        IS = model.paper_intermediate or model.expert_intermediate
-        E = model.num_experts
-        attn = (4 * B * h * h + 2 * B * L * h) / (D * hw.compute_flops)
-        mem = (2 * B * h * L + 4 * h * (B + h) + 2 * E * IS * h + B * (IS + h)) / (D * hw.dram_bw_bytes_per_s)
-        return model.moe_layers * (attn + mem)
-    wb, ab = model.weight_bytes, model.activation_bytes
-
-    def roof(flops: float, nbytes: float) -> float:
-        return max(flops / (D * hw.compute_flops), nbytes / (D * hw.dram_bw_bytes_per_s))
-
-    attn_flops = 2 * (4 * B * h * h + 2 * B * L * h)
-    attn_bytes = 4 * h * h * wb + 2 * B * L * h * ab
-    sh_flops = 6 * h * model.shared_intermediate * model.shared_experts * B
-    sh_bytes = 3 * h * model.shared_intermediate * model.shared_experts * wb
-    dn_flops = 6 * h * model.dense_intermediate * B
-    dn_bytes = 3 * h * model.dense_intermediate * wb
-    return model.moe_layers * roof(attn_flops + sh_flops, attn_bytes + sh_bytes) + model.dense_layers * roof(
-        attn_flops + dn_flops, attn_bytes + dn_bytes
-    )
-
-
-def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:
-    """Raise an InputError if any node must store more weights than its DRAM capacity."""
-    cap = hw.dram_capacity_bytes
-    if cap is None:
-        return
-    other = model.non_expert_weight_bytes() / hw.num_nodes
-    need = placement.memory_bytes_per_node(model.expert_weight_bytes()) + other
-    worst = int(np.argmax(need))
-    if need[worst] > cap:
-        raise InputError(
-            "hardware.dram_capacity_bytes",
-            f"node {worst} must hold {need[worst] / 1e9:.3f} GB of weights but its capacity is {cap / 1e9:.3f} GB",
-            "raise the capacity, use a larger mesh, or a placement with fewer copies",
-        )
-
-
-def check_model_fits(model: MoEModel, hw: Hardware) -> None:
-    """Raise an InputError if the whole model cannot fit in the mesh's total DRAM, whatever the placement."""
-    cap = hw.dram_capacity_bytes
-    if cap is None:
-        return
-    total = model.moe_layers * model.num_experts * model.expert_weight_bytes() + model.non_expert_weight_bytes()
-    if total > cap * hw.num_nodes:
-        raise InputError(
-            "hardware.dram_capacity_bytes",
-            f"{model.name} needs {total / 1e9:.2f} GB of weights; {hw.num_nodes} nodes x {cap / 1e9:.2f} GB "
-            f"hold {cap * hw.num_nodes / 1e9:.2f} GB",
-            f"give each node at least {total / hw.num_nodes / 1e9:.2f} GB or use a larger mesh",
-        )
 
 
 def _check_compatible(placement: Placement, model: MoEModel, hw: Hardware, wl: Workload) -> None:
@@ -370,13 +221,8 @@ def evaluate(
     home_rule = opts.resolved_home
     rng = np.random.default_rng(opts.seed)
     h = model.hidden
-    if paper:
-        flops_tok = 2.0 * h * (model.paper_intermediate or model.expert_intermediate)
-        vec_bytes = 1.0 * h
-    else:
-        flops_tok = model.expert_flops_per_token()
-        vec_bytes = h * model.activation_bytes
-    w_bytes = model.expert_weight_bytes()
+    unit = UnitCosts.of(model, opts.mode)
+    flops_tok, vec_bytes, w_bytes = unit.flops_per_token, unit.vector_bytes, unit.weight_bytes
     bw = hardware.link_bw
     hop_lat = hardware.hop_latency_s
 
@@ -400,14 +246,11 @@ def evaluate(
             copies = assign_copies(lp, lr.experts, lr.weight)
         n_copy = np.bincount(copies.ravel(), weights=np.repeat(lr.weight, copies.shape[1]), minlength=lp.num_copies)
         flops = flops_tok * (n_copy @ lp.shares)
-        t_node = flops / hardware.compute_flops
-        if not paper:
-            if workload.kind == "observed":
-                active = (n_copy > 0).astype(float)
-            else:
-                p = np.clip(n_copy / B, 0.0, 1.0)
-                active = 1.0 - (1.0 - p) ** B
-            t_node = np.maximum(t_node, w_bytes * (active @ lp.shares) / hardware.dram_bw_bytes_per_s)
+        if paper:  # HD-MoE counts FLOPs only
+            t_node = flops / hardware.compute_flops
+        else:
+            active = (n_copy > 0).astype(float) if workload.kind == "observed" else activation_probability(n_copy, B)
+            t_node = roofline_s(flops, w_bytes * (active @ lp.shares), hardware)
         node_flops[li] = flops
         node_time[li] = t_node
         compute[li] = t_node.max()
@@ -431,16 +274,15 @@ def evaluate(
             weight = weight[fi]
             home = None if home is None else home[fi]
         if home is None:
-            dest, weight = _dedupe(dest, weight)
+            dest, weight = merge_flows(dest, weight)
         d_load, c_load, hops = link_loads(mesh, dest, weight * vec_bytes, home, tree)
         ld[li], lc[li] = d_load, c_load
         if paper and _is_full_tp(lp):
             # HD-MoE charges TP its ring all-reduce: 4 bytes/element, 4*B*h/BW per phase.
             disp_t[li] = comb_t[li] = 4.0 * B * h / hardware.min_link_bw
         else:
-            extra = hop_lat * hops
-            disp_t[li] = (d_load / bw).max(initial=0.0) + extra
-            comb_t[li] = (c_load / bw).max(initial=0.0) + extra
+            disp_t[li] = phase_time_s(d_load, bw, hop_lat, hops)
+            comb_t[li] = phase_time_s(c_load, bw, hop_lat, hops)
 
     return Evaluation(
         compute_s=compute,
@@ -450,7 +292,7 @@ def evaluate(
         node_flops=node_flops,
         link_bytes_dispatch=ld,
         link_bytes_combine=lc,
-        non_moe_s=non_moe_time_s(model, hardware, B, opts),
+        non_moe_s=non_moe_time_s(model, hardware, B, opts.mode, opts.context_len),
         batch_size=B,
         mode=opts.mode,
         strategy=placement.strategy,

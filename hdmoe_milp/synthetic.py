@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
-from .models import MoEModel
+from .moe import MoEModel
 from .workload import Trace
 
 

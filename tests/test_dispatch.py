@@ -6,11 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hdmoe_milp import InputError
-from hdmoe_milp.dispatch import assign_by_distance, assign_copies
 from hdmoe_milp.evaluator import EvalOptions, evaluate
 from hdmoe_milp.hardware import Hardware, Mesh
-from hdmoe_milp.models import MoEModel
+from hdmoe_milp.moe import MoEModel
 from hdmoe_milp.placement import LayerPlacement, Placement
+from hdmoe_milp.replica_rules import assign_by_distance, assign_copies
 from hdmoe_milp.workload import LayerRouting, Workload
 
 MESH = Mesh.parse("2x2")  # node ids: 0 1 / 2 3

@@ -21,7 +21,7 @@ from hdmoe_milp import (
     make_hardware,
     sample_batch,
 )
-from hdmoe_milp.evaluator import assign_copies
+from hdmoe_milp.replica_rules import assign_copies
 from hdmoe_milp.strategies import build
 from hdmoe_milp.synthetic import synthetic_trace
 
@@ -126,7 +126,7 @@ def test_capacity_exceeded_names_field(tiny_trace):
     one = [np.tile(np.eye(4)[0], (4, 1))] * m.moe_layers
     with pytest.raises(InputError, match="dram_capacity"):
         evaluate(Placement.from_shares(one), m, hw, expected_workload(tiny_trace, 8))
-    from hdmoe_milp.evaluator import check_model_fits
+    from hdmoe_milp.costs import check_model_fits
 
     with pytest.raises(InputError, match="capacity"):
         check_model_fits(m, tiny_hw(dram_capacity_bytes=need / 100))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hdmoe_milp.evaluator import link_loads
+from hdmoe_milp.costs import link_loads
 from hdmoe_milp.hardware import Mesh
 
 

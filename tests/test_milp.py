@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, evaluate, expected_workload
-from hdmoe_milp.milp import BlockModel, MilpOptions, SolveParams, available_backends, lp_bound, solve_layer
-from hdmoe_milp.milp.backends import Status
+from hdmoe_milp.solvers import Status
+from hdmoe_milp.strategies.block_milp import (
+    BlockModel,
+    MilpOptions,
+    SolveParams,
+    available_backends,
+    lp_bound,
+    solve_layer,
+)
 from hdmoe_milp.synthetic import synthetic_trace
 
 BACKENDS = [b for b in ("cbc", "cpsat", "highs") if b in available_backends()]
@@ -117,7 +124,7 @@ def test_time_limited_solve_reports_feasible_with_finite_gap(ds_trace):
 def test_never_worse_than_warm_start_when_solver_fails(monkeypatch):
     m, hw = tiny(E=4, mesh="2x2")
     f = synthetic_trace(m, 300, seed=1).frequencies()[0]
-    from hdmoe_milp.milp.backends import cpsat
+    from hdmoe_milp.solvers.backends import cpsat
 
     def boom(self, model, params):
         raise RuntimeError("solver crashed")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, evaluate
-from hdmoe_milp.dispatch import assign_by_distance, assign_copies
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, make_policy, prebroadcast_count, replay
+from hdmoe_milp.replica_rules import assign_by_distance, assign_copies
 from hdmoe_milp.strategies import build
 from hdmoe_milp.synthetic import synthetic_trace
 from hdmoe_milp.workload import LayerRouting, Workload
@@ -122,7 +122,7 @@ def test_capacity_and_dispatch_invariants(drift_case):
                 assert np.all(lp.expert_of[copies] == lr.experts)  # tokens go to a copy of their expert
                 assert np.all(lp.shares[copies.ravel()].max(axis=1) > 0)
         pol.observe(wl.expert_loads(), wl)
-    from hdmoe_milp.evaluator import check_capacity
+    from hdmoe_milp.costs import check_capacity
 
     check_capacity(d.placement, m, hw)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..evaluator import link_loads
+from ..costs import link_loads
 from ..hardware import Hardware
-from ..models import MoEModel
+from ..moe import MoEModel
 
 
 class LinkTable:

@@ -9,12 +9,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dispatch import water_fill
+from ..costs import non_moe_time_s
 from ..errors import InputError, check_choice
-from ..evaluator import EvalOptions, non_moe_time_s
+from ..evaluator import EvalOptions
 from ..hardware import Hardware
-from ..models import MoEModel
+from ..moe import MoEModel
 from ..placement import LayerPlacement, Placement
+from ..replica_rules import water_fill
+from ..solvers import SolveParams
+from ..strategies.block_milp import MilpOptions, solve_layer
+from ..strategies.eplb import eplb_placement
 from .rebalancer import GreedyRebalancer, RebalancerConfig
 
 POLICIES = ("static", "greedy", "hdmoe-prebroadcast", "eplb-periodic", "oracle")
@@ -82,7 +86,7 @@ def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: Eva
     S = model.expert_weight_bytes()
     beta = 1.0 / hw.min_link_bw
     sd = math.sqrt(hw.num_nodes)
-    t_inf = non_moe_time_s(model, hw, batch, options) / max(model.total_layers, 1)
+    t_inf = non_moe_time_s(model, hw, batch, options.mode, options.context_len) / max(model.total_layers, 1)
     k = 0
     while k < model.num_experts:
         kk = k + 1
@@ -168,7 +172,8 @@ class EplbPeriodic(Policy):
         self.extra = hw.num_nodes if extra_replicas is None else extra_replicas
         self.history: list[np.ndarray] = []
         self.current = plan
-        self.hide_s = non_moe_time_s(model, hw, batch, self.options) / max(model.total_layers, 1)
+        self.hide_s = non_moe_time_s(model, hw, batch, self.options.mode,
+                                     self.options.context_len) / max(model.total_layers, 1)
 
     def observe(self, counts: np.ndarray, workload=None) -> None:
         self.history.append(np.asarray(counts, dtype=float))
@@ -177,8 +182,6 @@ class EplbPeriodic(Policy):
     def decide(self, j: int) -> Decision:
         if j == 0 or j % self.period or not self.history:
             return Decision(self.current)
-        from ..strategies.eplb import eplb_placement
-
         t0 = time.perf_counter()
         f = np.mean(self.history, axis=0) / self.batch
         new = eplb_placement(self.model, self.hw, f, extra_replicas=self.extra)
@@ -217,7 +220,6 @@ class OraclePolicy(Policy):
         self.next_workload = workload
 
     def decide(self, j: int) -> Decision:
-        from ..milp import MilpOptions, SolveParams, solve_layer
 
         wl = self.next_workload
         if wl is None:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..costs import non_moe_time_s
 from ..errors import InputError, check_choice
-from ..evaluator import EvalOptions, non_moe_time_s
+from ..evaluator import EvalOptions
 from ..hardware import Hardware
-from ..models import MoEModel
+from ..moe import MoEModel
 from ..placement import LayerPlacement, Placement
 from .cost import OnlineCost
 
@@ -100,7 +101,7 @@ class GreedyRebalancer:
         self.cost = OnlineCost(model, hw, batch, tree=opts.resolved_delivery == "tree", noise_z=self.config.noise_z)
         # weight streaming hides behind the layer's own non-MoE work (attention), as HD-MoE's
         # pre-broadcast hides behind the previous layer
-        self.hide_s = non_moe_time_s(model, hw, batch, opts) / max(model.total_layers, 1)
+        self.hide_s = non_moe_time_s(model, hw, batch, opts.mode, opts.context_len) / max(model.total_layers, 1)
         E = model.num_experts
         self.num_layers = len(plan.layers)
         gs, shares, frac = [], [], []

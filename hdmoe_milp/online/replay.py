@@ -9,7 +9,7 @@ import numpy as np
 
 from ..evaluator import EvalOptions, evaluate
 from ..hardware import Hardware
-from ..models import MoEModel
+from ..moe import MoEModel
 from ..placement import Placement
 from ..workload import Trace, iter_batches
 from .policies import make_policy

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import check_choice
 from ..hardware import Hardware
-from ..models import MoEModel
+from ..moe import MoEModel
 from ..placement import Placement
 from .cb import compute_balanced
 from .ep import expert_parallel, expert_parallel_lpt

@@ -9,7 +9,7 @@ import pulp
 
 from ..errors import InputError
 from ..hardware import Hardware
-from ..models import MoEModel
+from ..moe import MoEModel
 from ..placement import Placement
 from .common import check_freqs, lpt_pack
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..models import MoEModel
+from ..moe import MoEModel
 
 
 def check_freqs(freqs: np.ndarray, model: MoEModel) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..hardware import Hardware
-from ..models import MoEModel
+from ..moe import MoEModel
 from ..placement import LayerPlacement, Placement
 from .common import check_freqs
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..evaluator import _dedupe, link_loads
+from ..costs import link_loads, merge_flows
 from ..hardware import Hardware
-from ..models import MoEModel
+from ..moe import MoEModel
 from ..placement import LayerPlacement, Placement
+from ..solvers import ModelBuilder, SolveParams, get_backend
 from .common import check_freqs
 from .ep import expert_parallel_lpt
 
@@ -40,9 +41,6 @@ def _touch(shares_present: np.ndarray, g_ids: np.ndarray, g_f: np.ndarray, f_tai
 def node_balance(model: MoEModel, hw: Hardware, f: np.ndarray, groups, batch: float, *, backend: str,
                  time_limit_s: float, seed: int, max_groups: int = 64, prune: bool = True) -> tuple[np.ndarray, dict]:
     """Stage 1 for one layer: returns ``shares [E, D]`` and solve info."""
-    from ..milp.backends import SolveParams, get_backend
-    from ..milp.model import ModelBuilder
-
     E, D, k = model.num_experts, hw.num_nodes, model.top_k
     phi = model.expert_flops_per_token()
     vec = batch * model.hidden * model.activation_bytes / hw.min_link_bw
@@ -90,8 +88,7 @@ def node_balance(model: MoEModel, hw: Hardware, f: np.ndarray, groups, batch: fl
         hint[Y.ravel()] = (ep > 0)[g_ids].max(axis=1).ravel()
     hint[t_comp] = US * (f @ ep).max() * batch * phi / hw.compute_flops
     hint[t_comm] = US * gamma * vec * _touch(ep > 0, g_ids, g_f, f_tail).max()
-    lm.hint = hint
-    raw = get_backend(backend).solve(lm, SolveParams(time_limit_s=time_limit_s, seed=seed))
+    raw = get_backend(backend).solve(lm, SolveParams(time_limit_s=time_limit_s, seed=seed, hint=hint))
     info = {"status": raw.status.value, "gamma": gamma, "binaries": lm.num_binaries}
 
     def stage1_objective(shares: np.ndarray) -> float:
@@ -128,7 +125,7 @@ def link_balance(hw: Hardware, shares: np.ndarray, dest_groups: np.ndarray, weig
     D = hw.num_nodes
     holders = shares > 0
     dest_logical = holders[dest_groups].any(axis=1) if dest_groups.ndim == 2 else holders[dest_groups]
-    dest_logical, weight = _dedupe(dest_logical, weight)  # permuting columns keeps equal rows equal
+    dest_logical, weight = merge_flows(dest_logical, weight)  # permuting columns keeps equal rows equal
 
     def comm(perm: np.ndarray) -> float:
         dest = np.zeros_like(dest_logical)

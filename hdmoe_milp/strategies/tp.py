@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..hardware import Hardware
-from ..models import MoEModel
+from ..moe import MoEModel
 from ..placement import Placement
 from .common import check_freqs
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import InputError, check_choice
-from .base import Backend, RawResult, SolveParams, Status
+from .base import Backend, SolveOutcome, SolveParams, Status, Termination, make_outcome
 from .cbc import CbcBackend
 from .cpsat import CpSatBackend
 from .highs import HighsBackend
@@ -12,6 +12,7 @@ BACKENDS: dict[str, type[Backend]] = {"cbc": CbcBackend, "cpsat": CpSatBackend, 
 
 
 def get_backend(name: str) -> Backend:
+    """An instance of the backend called ``name`` (``cbc``, ``cpsat`` or ``highs``)."""
     check_choice("backend", name, tuple(BACKENDS))
     cls = BACKENDS[name]
     if not cls.available():
@@ -20,7 +21,9 @@ def get_backend(name: str) -> Backend:
 
 
 def available_backends() -> list[str]:
+    """Names of the backends whose Python package is installed."""
     return [n for n, c in BACKENDS.items() if c.available()]
 
 
-__all__ = ["BACKENDS", "Backend", "RawResult", "SolveParams", "Status", "available_backends", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "SolveOutcome", "SolveParams", "Status", "Termination", "available_backends",
+           "get_backend", "make_outcome"]

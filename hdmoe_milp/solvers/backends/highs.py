@@ -7,8 +7,8 @@ import importlib.util
 
 import numpy as np
 
-from ..model import LinearModel
-from .base import Backend, RawResult, SolveParams, Status
+from ..linear_model import LinearModel
+from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome
 
 
 class HighsBackend(Backend):
@@ -18,7 +18,7 @@ class HighsBackend(Backend):
     def available(cls) -> bool:
         return importlib.util.find_spec("scipy") is not None
 
-    def solve(self, model: LinearModel, params: SolveParams) -> RawResult:
+    def solve(self, model: LinearModel, params: SolveParams) -> SolveOutcome:
         from scipy.optimize import Bounds, LinearConstraint, milp
 
         res = milp(
@@ -29,11 +29,11 @@ class HighsBackend(Backend):
         bound = getattr(res, "mip_dual_bound", None)
         bound = None if bound is None or not np.isfinite(bound) else float(bound) + model.obj_const
         if res.status == 0:
-            return RawResult(Status.OPTIMAL, np.asarray(res.x), bound, res.message)
+            return make_outcome(self.name, model, Termination.OPTIMAL, np.asarray(res.x), bound, res.message)
         if res.status == 2:
-            return RawResult(Status.INFEASIBLE, None, None, res.message)
+            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, res.message)
         if res.x is not None:
-            return RawResult(Status.FEASIBLE, np.asarray(res.x), bound, res.message)
+            return make_outcome(self.name, model, Termination.FEASIBLE, np.asarray(res.x), bound, res.message)
         if res.status == 1:
-            return RawResult(Status.NO_SOLUTION, None, bound, res.message)
-        return RawResult(Status.ERROR, None, None, res.message)
+            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound, res.message)
+        return make_outcome(self.name, model, Termination.ERROR, None, None, res.message)

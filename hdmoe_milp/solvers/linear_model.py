@@ -29,7 +29,6 @@ class LinearModel:
     row_hi: np.ndarray
     row_kind: list[str]
     obj_const: float = 0.0
-    hint: np.ndarray | None = None
 
     @property
     def num_vars(self) -> int:

@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from ..model import LinearModel
-from .base import Backend, RawResult, SolveParams, Status
+from ..linear_model import LinearModel
+from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome
 
 RES = 10_000_000
 
@@ -43,11 +43,12 @@ class CpSatBackend(Backend):
     def available(cls) -> bool:
         return importlib.util.find_spec("ortools") is not None
 
-    def solve(self, model: LinearModel, params: SolveParams) -> RawResult:
+    def solve(self, model: LinearModel, params: SolveParams) -> SolveOutcome:
         from ortools.sat.python import cp_model
 
         if np.any(model.lb < 0):
-            return RawResult(Status.ERROR, None, None, "CP-SAT backend needs non-negative variables")
+            return make_outcome(self.name, model, Termination.ERROR, None, None,
+                                "CP-SAT backend needs non-negative variables")
         m = cp_model.CpModel()
         scale = np.where(model.integer, 1.0, np.maximum(model.ub, 1e-300) / RES)  # real = int * scale
         dom = np.where(model.integer, np.maximum(np.abs(model.ub), 1.0), float(RES))
@@ -84,8 +85,8 @@ class CpSatBackend(Backend):
         Ro = _row_scale(cs, dom)
         ocoef = np.floor(cs * Ro + 1e-9).astype(np.int64)
         m.Minimize(sum(int(c) * V[j] for j, c in enumerate(ocoef) if c))
-        if model.hint is not None:
-            for j, v in enumerate(model.hint):
+        if params.hint is not None:
+            for j, v in enumerate(params.hint):
                 if model.integer[j]:
                     m.AddHint(V[j], int(round(v)))
                 else:
@@ -109,10 +110,11 @@ class CpSatBackend(Backend):
             bound = None
         if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             x = np.array([solver.Value(v) for v in V], dtype=float) * scale
-            return RawResult(Status.OPTIMAL if st == cp_model.OPTIMAL else Status.FEASIBLE, x, bound,
-                             solver.StatusName(st))
+            term = Termination.OPTIMAL if st == cp_model.OPTIMAL else Termination.FEASIBLE
+            return make_outcome(self.name, model, term, x, bound, solver.StatusName(st))
         if st == cp_model.INFEASIBLE:
-            return RawResult(Status.INFEASIBLE, None, None, "CP-SAT: infeasible")
+            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, "CP-SAT: infeasible")
         if st == cp_model.UNKNOWN:
-            return RawResult(Status.NO_SOLUTION, None, bound, "CP-SAT: no solution within the limits")
-        return RawResult(Status.ERROR, None, None, f"CP-SAT: {solver.StatusName(st)}")
+            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound,
+                                "CP-SAT: no solution within the limits")
+        return make_outcome(self.name, model, Termination.ERROR, None, None, f"CP-SAT: {solver.StatusName(st)}")

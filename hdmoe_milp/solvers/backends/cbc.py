@@ -7,8 +7,8 @@ import importlib.util
 
 import numpy as np
 
-from ..model import LinearModel
-from .base import Backend, RawResult, SolveParams, Status
+from ..linear_model import LinearModel
+from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome
 
 
 class CbcBackend(Backend):
@@ -18,7 +18,7 @@ class CbcBackend(Backend):
     def available(cls) -> bool:
         return importlib.util.find_spec("pulp") is not None
 
-    def solve(self, model: LinearModel, params: SolveParams) -> RawResult:
+    def solve(self, model: LinearModel, params: SolveParams) -> SolveOutcome:
         import pulp
 
         prob = pulp.LpProblem("layer", pulp.LpMinimize)
@@ -41,9 +41,9 @@ class CbcBackend(Backend):
                     prob += expr >= lo
                 if np.isfinite(hi):
                     prob += expr <= hi
-        warm = model.hint is not None
+        warm = params.hint is not None
         if warm:
-            hint = np.clip(model.hint, model.lb, model.ub)
+            hint = np.clip(params.hint, model.lb, model.ub)
             for j, v in enumerate(hint):
                 xs[j].setInitialValue(float(round(v)) if model.integer[j] else float(v))
         solver = pulp.PULP_CBC_CMD(
@@ -53,14 +53,16 @@ class CbcBackend(Backend):
         try:
             prob.solve(solver)
         except pulp.PulpSolverError as exc:
-            return RawResult(Status.ERROR, None, None, str(exc))
+            return make_outcome(self.name, model, Termination.ERROR, None, None, str(exc))
         ss = prob.sol_status
         if ss in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             x = np.array([v.value() if v.value() is not None else 0.0 for v in xs])
-            st = Status.OPTIMAL if ss == pulp.LpSolutionOptimal else Status.FEASIBLE
-            return RawResult(st, x, None, f"pulp status {pulp.LpStatus[prob.status]}, sol_status {ss}")
+            st = Termination.OPTIMAL if ss == pulp.LpSolutionOptimal else Termination.FEASIBLE
+            msg = f"pulp status {pulp.LpStatus[prob.status]}, sol_status {ss}"
+            return make_outcome(self.name, model, st, x, None, msg)
         if ss == pulp.LpSolutionInfeasible:
-            return RawResult(Status.INFEASIBLE, None, None, "CBC: infeasible")
+            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, "CBC: infeasible")
         if ss == pulp.LpSolutionNoSolutionFound:
-            return RawResult(Status.NO_SOLUTION, None, None, "CBC: no solution within the limits")
-        return RawResult(Status.ERROR, None, None, f"CBC: sol_status {ss}")
+            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, None,
+                                "CBC: no solution within the limits")
+        return make_outcome(self.name, model, Termination.ERROR, None, None, f"CBC: sol_status {ss}")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..evaluator import link_loads
-from ..hardware import Mesh
+from ...costs import link_loads
+from ...hardware import Mesh
 
 
 def _pow2_divisors(n: int) -> list[int]:

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from ..errors import InputError, check_choice
-from ..hardware import Hardware
-from ..models import MoEModel
-from ..placement import LayerPlacement, Placement
-from ..strategies import STRATEGIES
-from .backends import SolveParams, Status, get_backend
+from ...errors import InputError, check_choice
+from ...hardware import Hardware
+from ...moe import MoEModel
+from ...placement import LayerPlacement, Placement
+from ...solvers import SolveParams, Termination, get_backend, lp_bound
+from ...solvers.backends import make_outcome
+from ..cb import compute_balanced
+from ..common import check_freqs
+from ..ep import expert_parallel, expert_parallel_lpt
+from ..tp import tensor_parallel
 from .formulation import US, BlockModel, MilpOptions
 from .heuristics import warm_starts
-from .model import LinearModel
 
 EXECUTORS = ("local", "ray")
 GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
@@ -57,34 +61,16 @@ class LayerSolveResult:
         }
 
 
-def lp_bound(lm: LinearModel) -> float | None:
-    """Optimum of the LP relaxation (HiGHS via SciPy): a valid lower bound on the MILP."""
-    from scipy.optimize import linprog
-
-    A = lm.A
-    eq = lm.row_lo == lm.row_hi
-    ub_rows = np.isfinite(lm.row_hi) & ~eq
-    lb_rows = np.isfinite(lm.row_lo) & ~eq
-    import scipy.sparse as sp
-
-    A_ub = sp.vstack([A[ub_rows], -A[lb_rows]]).tocsr()
-    b_ub = np.r_[lm.row_hi[ub_rows], -lm.row_lo[lb_rows]]
-    res = linprog(lm.c, A_ub=A_ub, b_ub=b_ub, A_eq=A[eq], b_eq=lm.row_lo[eq],
-                  bounds=np.c_[lm.lb, lm.ub], method="highs")
-    if res.status != 0:
-        return None
-    return float(res.fun) + lm.obj_const
-
-
 def _baseline_assigns(bm: BlockModel, model: MoEModel, hw: Hardware, freqs_all: np.ndarray | None,
                       layer: int, seed: int) -> dict[str, np.ndarray]:
     """Block assignments of the baselines that the block model can express (TP, EP, EP-LPT, CB)."""
     out = {}
     if freqs_all is None:
         freqs_all = np.tile(bm.f, (model.moe_layers, 1))
-    for name in ("tp", "ep-lpt", "ep", "cb"):
+    makers = {"tp": tensor_parallel, "ep-lpt": expert_parallel_lpt, "ep": expert_parallel, "cb": compute_balanced}
+    for name, make in makers.items():
         try:
-            lp = STRATEGIES[name](model, hw, freqs_all, seed=seed).layers[layer]
+            lp = make(model, hw, freqs_all, seed=seed).layers[layer]
         except InputError:
             continue
         if lp.is_replicated:
@@ -130,13 +116,11 @@ def solve_layer(
     ws_name = min(starts, key=lambda k: bm.objective(starts[k]))
     ws = starts[ws_name]
     ws_obj = bm.objective(ws)
-    lm = bm.to_linear(hint=ws)
+    lm = bm.to_linear()
     try:
-        raw = solver.solve(lm, params)
+        raw = solver.solve(lm, replace(params, hint=bm.full_vector(ws, lm)))
     except Exception as exc:  # a solver crash must not lose the warm start
-        from .backends.base import RawResult
-
-        raw = RawResult(Status.ERROR, None, None, f"{type(exc).__name__}: {exc}")
+        raw = make_outcome(backend, lm, Termination.ERROR, None, None, f"{type(exc).__name__}: {exc}")
     assign, obj, source = ws, ws_obj, "warm-start:" + ws_name
     if raw.x is not None:
         cand = bm.decode(raw.x)
@@ -146,18 +130,18 @@ def solve_layer(
                 assign, obj, source = cand, cobj, backend
     bounds = [b / US for b in (raw.bound, lp_bound(lm)) if b is not None]
     bound = max(bounds) if bounds else None
-    if raw.status == Status.OPTIMAL and backend == "cbc":
+    if raw.status == Termination.OPTIMAL and backend == "cbc":
         # CBC stops at relative gap params.gap: its incumbent is within that of the optimum.
         bound = max(bound or 0.0, bm.objective(bm.decode(raw.x)) * (1 - params.gap) if raw.x is not None else 0.0)
     if bound is not None:
         bound = min(bound, obj)
     gap = None if bound is None or obj <= 0 else max(0.0, (obj - bound) / obj)
-    if raw.status in (Status.ERROR, Status.INFEASIBLE):
-        status = Status.ERROR.value if raw.status == Status.ERROR else "error:solver-says-infeasible"
+    if raw.status in (Termination.ERROR, Termination.INFEASIBLE):
+        status = Termination.ERROR.value if raw.status == Termination.ERROR else "error:solver-says-infeasible"
     elif gap is not None and gap <= params.gap + GAP_TOL:
-        status = Status.OPTIMAL.value
+        status = Termination.OPTIMAL.value
     else:
-        status = Status.FEASIBLE.value
+        status = Termination.FEASIBLE.value
     certifies = ("lower bound on this layer's latency under the MILP model (one message per token and "
                  "expert, spread homes, expected workload, this block set)")
     return LayerSolveResult(
@@ -198,8 +182,6 @@ def solve_model(
     """Solve every layer (independent problems): serially, in a local process pool (``jobs > 1``)
     or on Ray (``executor="ray"``, needs ``pip install .[ray]``). ``groups[l]``: the layer's
     co-activation groups (``Trace.groups(l)``), for co-location modelling."""
-    from ..strategies.common import check_freqs
-
     f = check_freqs(freqs, model)
     check_choice("executor", executor, EXECUTORS)
     if jobs < 1:
@@ -209,7 +191,7 @@ def solve_model(
     tasks = [(model, hw, f, li, batch, backend, params, options, None if groups is None else groups[li])
              for li in range(f.shape[0])]
     t0 = time.perf_counter()
-    from tqdm import tqdm
+
 
     bar = tqdm(total=len(tasks), desc=f"solve {model.name}", disable=not progress, unit="layer")
     if executor == "ray":

@@ -15,12 +15,12 @@ from functools import cached_property
 
 import numpy as np
 
-from ..errors import InputError
-from ..hardware import Hardware
-from ..models import MoEModel
-from ..placement import LayerPlacement
+from ...errors import InputError
+from ...hardware import Hardware
+from ...moe import MoEModel
+from ...placement import LayerPlacement
+from ...solvers import LinearModel, ModelBuilder
 from .blocks import Blocks, make_blocks
-from .model import LinearModel, ModelBuilder
 
 US = 1e6  # the linear model works in microseconds
 
@@ -184,7 +184,8 @@ class BlockModel:
         return np.array(out)
 
     # --- the MILP ------------------------------------------------------------------------------
-    def to_linear(self, hint: np.ndarray | None = None) -> LinearModel:
+    def to_linear(self) -> LinearModel:
+        """The layer's MILP as a neutral LinearModel (``full_vector`` turns an assignment into a hint)."""
         E, nb, D = self.model.num_experts, self.blocks.num_blocks, self.hw.num_nodes
         nl = self.hw.mesh.num_links
         G = len(self.g_f)
@@ -217,8 +218,6 @@ class BlockModel:
             self.build_capacity(mb, n, D)
         lm = mb.build(obj_const=US * self.hop_const_s)
         self._ix = ix
-        if hint is not None:
-            lm.hint = self.full_vector(hint, lm)
         return lm
 
     def build_assignment(self, mb: ModelBuilder, x: np.ndarray) -> None:

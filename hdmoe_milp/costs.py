@@ -1,0 +1,240 @@
+"""The cost kernel: the one definition of every physics term that the evaluator, the block MILP's
+coefficients, the heuristics, the online cost model and the HD-MoE re-implementation use.
+
+- per-directed-link loads of flows under XY routing (:func:`link_loads`; tree or unicast delivery,
+  spread or explicit homes) and the time of a communication phase (:func:`phase_time_s`);
+- the probability that a batch activates an expert copy (:func:`activation_probability`);
+- the per-node roofline (:func:`roofline_s`) and per-token unit costs (:class:`UnitCosts`);
+- per-layer DRAM capacity (:func:`layer_capacity_bytes`, :func:`check_capacity`, :func:`check_model_fits`);
+- the non-MoE time of a decode step (:func:`non_moe_time_s`).
+
+Units: seconds, bytes, FLOP and FLOP/s throughout. Written out in ``formulations/evaluator.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+from .hardware import Hardware, Mesh
+from .moe import MoEModel
+from .placement import Placement
+
+MODES = ("mesh", "paper")
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Per-token and per-expert constants of one model in one unit mode.
+
+    ``flops_per_token``: FLOPs of one expert for one token (mesh: SwiGLU, 6·h·I; paper: 2·h·IS).
+    ``vector_bytes``: bytes of one token's hidden vector on the wire (paper: 1 byte per element).
+    ``weight_bytes``: bytes of one expert's weights.
+    """
+
+    flops_per_token: float
+    vector_bytes: float
+    weight_bytes: float
+
+    @classmethod
+    def of(cls, model: MoEModel, mode: str = "mesh") -> UnitCosts:
+        if mode == "paper":
+            return cls(2.0 * model.hidden * (model.paper_intermediate or model.expert_intermediate),
+                       1.0 * model.hidden, model.expert_weight_bytes())
+        return cls(model.expert_flops_per_token(), model.hidden * model.activation_bytes,
+                   model.expert_weight_bytes())
+
+
+def activation_probability(tokens: np.ndarray | float, batch: float) -> np.ndarray:
+    """Probability that a batch of ``batch`` tokens sends at least one token to a copy expected to
+    serve ``tokens`` of them (its weights are then read): ``1 - (1 - tokens/B)^B``."""
+    B = max(float(batch), 1e-12)
+    return 1.0 - (1.0 - np.clip(np.asarray(tokens, dtype=float) / B, 0.0, 1.0)) ** B
+
+
+def roofline_s(flops: np.ndarray, bytes_read: np.ndarray, hw: Hardware) -> np.ndarray:
+    """Per-node time (s): ``max(flops / compute, bytes read from DRAM / DRAM bandwidth)``."""
+    return np.maximum(np.asarray(flops) / hw.compute_flops, np.asarray(bytes_read) / hw.dram_bw_bytes_per_s)
+
+
+def phase_time_s(link_bytes: np.ndarray, link_bw: np.ndarray, hop_latency_s: float = 0.0,
+                 hops: int = 0) -> np.ndarray:
+    """Time (s) of one communication phase: the busiest link's bytes over its bandwidth, plus the
+    hop latency of the longest route. ``link_bytes [..., num_links]`` (the max is over the last axis)."""
+    return (np.asarray(link_bytes) / link_bw).max(axis=-1, initial=0.0) + hop_latency_s * hops
+
+
+def layer_capacity_bytes(model: MoEModel, hw: Hardware, share: float | None = None) -> float | None:
+    """DRAM bytes per node one MoE layer's experts may use: the node's capacity minus its share of the
+    non-expert weights, times ``share`` (default 1 / MoE layers). None when capacity is unlimited."""
+    cap = hw.dram_capacity_bytes
+    if cap is None:
+        return None
+    share = share if share is not None else 1.0 / model.moe_layers
+    return (cap - model.non_expert_weight_bytes() / hw.num_nodes) * share
+
+
+# --- link loads under XY routing -----------------------------------------------------------
+
+
+def _spread_counts(mesh: Mesh) -> dict[str, np.ndarray]:
+    """Number of home nodes whose XY tree uses each link position, when homes cover every node."""
+    R, C = mesh.rows, mesh.cols
+    c = np.arange(C - 1)
+    r = np.arange(R - 1)
+    return {
+        "d_east": (c + 1.0), "d_west": (C - 1.0 - c),
+        "d_south": (r + 1.0) * C, "d_north": (R - 1.0 - r) * C,
+        "c_west": R * (c + 1.0), "c_east": R * (C - 1.0 - c),
+        "c_north": (r + 1.0), "c_south": (R - 1.0 - r),
+    }
+
+
+def link_loads(
+    mesh: Mesh, dest: np.ndarray, weight: np.ndarray, home: np.ndarray | None, tree: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-directed-link load of dispatch (home -> dests) and combine (dests -> home) under XY routing.
+
+    ``dest [F, D]``: 1 where flow f must reach node d. ``weight [F]``: load units per flow (bytes).
+    ``home [F]`` node ids, or None for homes spread evenly over all nodes (each flow's weight split
+    1/D per home). ``tree``: a link carries a flow once however many destinations lie beyond it
+    (multicast out, reduction back); else once per destination (unicast).
+    Returns ``(dispatch [num_links], combine [num_links], max_hops)``.
+    """
+    R, C = mesh.rows, mesh.cols
+    F = dest.shape[0]
+    nl = mesh.num_links
+    if F == 0:
+        return np.zeros(nl), np.zeros(nl), 0
+    m = dest.reshape(F, R, C).astype(np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    used = (lambda v: (v > 0.5).astype(np.float64)) if tree else (lambda v: v)
+
+    colcnt = m.sum(axis=1)  # [F, C]
+    rowcnt = m.sum(axis=2)  # [F, R]
+    ccum = np.cumsum(colcnt, axis=1)
+    rcum = np.cumsum(m, axis=1)
+    hcum = np.cumsum(m, axis=2)
+    rowcum = np.cumsum(rowcnt, axis=1)
+    # Destinations beyond each link position (X first from home; Y along the destination's column).
+    d_east = used(ccum[:, -1:] - ccum[:, :-1])  # [F, C-1] east of column c
+    d_west = used(ccum[:, :-1])  # [F, C-1] at or west of column c
+    d_south = used(rcum[:, -1:, :] - rcum[:, :-1, :])  # [F, R-1, C] below row r in column c
+    d_north = used(rcum[:, :-1, :])
+    c_west = used(hcum[:, :, -1:] - hcum[:, :, :-1])  # [F, R, C-1] east of c in row r, heading west
+    c_east = used(hcum[:, :, :-1])
+    c_north = used(rowcum[:, -1:] - rowcum[:, :-1])  # [F, R-1] rows below r, heading north on home column
+    c_south = used(rowcum[:, :-1])
+
+    if home is None:
+        k = _spread_counts(mesh)
+        wd = w / mesh.num_nodes
+        de = np.tile((wd @ d_east) * k["d_east"], (R, 1))
+        dw = np.tile((wd @ d_west) * k["d_west"], (R, 1))
+        ds = np.einsum("f,frc->rc", wd, d_south) * k["d_south"][:, None]
+        dn = np.einsum("f,frc->rc", wd, d_north) * k["d_north"][:, None]
+        cw = np.einsum("f,frc->rc", wd, c_west) * k["c_west"][None, :]
+        ce = np.einsum("f,frc->rc", wd, c_east) * k["c_east"][None, :]
+        cn = np.tile(((wd @ c_north) * k["c_north"])[:, None], (1, C))
+        cs = np.tile(((wd @ c_south) * k["c_south"])[:, None], (1, C))
+        ecc = mesh.distance.max(axis=0)
+        hops = int((dest * ecc[None, :]).max())
+    else:
+        home = np.asarray(home, dtype=np.int64)
+        r0, c0 = np.divmod(home, C)
+        ci = np.arange(C - 1)
+        ri = np.arange(R - 1)
+        one_r = np.zeros((F, R))
+        one_r[np.arange(F), r0] = w
+        one_c = np.zeros((F, C))
+        one_c[np.arange(F), c0] = 1.0
+        east_ok = ci[None, :] >= c0[:, None]  # [F, C-1]
+        south_ok = ri[None, :] >= r0[:, None]  # [F, R-1]
+        de = one_r.T @ (d_east * east_ok)
+        dw = one_r.T @ (d_west * ~east_ok)
+        ds = np.einsum("f,frc->rc", w, d_south * south_ok[:, :, None])
+        dn = np.einsum("f,frc->rc", w, d_north * ~south_ok[:, :, None])
+        cw = np.einsum("f,frc->rc", w, c_west * east_ok[:, None, :])
+        ce = np.einsum("f,frc->rc", w, c_east * ~east_ok[:, None, :])
+        cn = (w[:, None] * c_north * south_ok).T @ one_c
+        cs = (w[:, None] * c_south * ~south_ok).T @ one_c
+        hops = int((dest * mesh.distance[home]).max())
+    dispatch = np.concatenate([de.ravel(), dw.ravel(), ds.ravel(), dn.ravel()])
+    combine = np.concatenate([ce.ravel(), cw.ravel(), cs.ravel(), cn.ravel()])
+    return dispatch, combine, hops
+
+
+def merge_flows(dest: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge flows with identical destination sets ``dest [F, D]`` (bool), summing their ``weight [F]``.
+    Exact for link loads when homes are spread."""
+    packed = np.packbits(dest, axis=1, bitorder="little")
+    if packed.shape[1] <= 8:
+        pad = np.zeros((packed.shape[0], 8), dtype=np.uint8)
+        pad[:, : packed.shape[1]] = packed
+        keys = pad.view(np.uint64).ravel()
+        uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    else:
+        uniq, first, inv = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+    return dest[first], np.bincount(inv.ravel(), weights=weight, minlength=len(first))
+
+
+
+def non_moe_time_s(model: MoEModel, hw: Hardware, batch: float, mode: str = "mesh", context_len: int = 1024) -> float:
+    """Attention, shared experts and dense layers of one decode step, summed over layers (s; the same
+    for every strategy). ``context_len``: KV-cache length in tokens."""
+    B, h, L, D = batch, model.hidden, context_len, hw.num_nodes
+    if mode == "paper":
+        IS = model.paper_intermediate or model.expert_intermediate
+        E = model.num_experts
+        attn = (4 * B * h * h + 2 * B * L * h) / (D * hw.compute_flops)
+        mem = (2 * B * h * L + 4 * h * (B + h) + 2 * E * IS * h + B * (IS + h)) / (D * hw.dram_bw_bytes_per_s)
+        return model.moe_layers * (attn + mem)
+    wb, ab = model.weight_bytes, model.activation_bytes
+
+    def roof(flops: float, nbytes: float) -> float:
+        return max(flops / (D * hw.compute_flops), nbytes / (D * hw.dram_bw_bytes_per_s))
+
+    attn_flops = 2 * (4 * B * h * h + 2 * B * L * h)
+    attn_bytes = 4 * h * h * wb + 2 * B * L * h * ab
+    sh_flops = 6 * h * model.shared_intermediate * model.shared_experts * B
+    sh_bytes = 3 * h * model.shared_intermediate * model.shared_experts * wb
+    dn_flops = 6 * h * model.dense_intermediate * B
+    dn_bytes = 3 * h * model.dense_intermediate * wb
+    return model.moe_layers * roof(attn_flops + sh_flops, attn_bytes + sh_bytes) + model.dense_layers * roof(
+        attn_flops + dn_flops, attn_bytes + dn_bytes
+    )
+
+
+def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:
+    """Raise an InputError if any node must store more weights than its DRAM capacity."""
+    cap = hw.dram_capacity_bytes
+    if cap is None:
+        return
+    other = model.non_expert_weight_bytes() / hw.num_nodes
+    need = placement.memory_bytes_per_node(model.expert_weight_bytes()) + other
+    worst = int(np.argmax(need))
+    if need[worst] > cap:
+        raise InputError(
+            "hardware.dram_capacity_bytes",
+            f"node {worst} must hold {need[worst] / 1e9:.3f} GB of weights but its capacity is {cap / 1e9:.3f} GB",
+            "raise the capacity, use a larger mesh, or a placement with fewer copies",
+        )
+
+
+def check_model_fits(model: MoEModel, hw: Hardware) -> None:
+    """Raise an InputError if the whole model cannot fit in the mesh's total DRAM, whatever the placement."""
+    cap = hw.dram_capacity_bytes
+    if cap is None:
+        return
+    total = model.moe_layers * model.num_experts * model.expert_weight_bytes() + model.non_expert_weight_bytes()
+    if total > cap * hw.num_nodes:
+        raise InputError(
+            "hardware.dram_capacity_bytes",
+            f"{model.name} needs {total / 1e9:.2f} GB of weights; {hw.num_nodes} nodes x {cap / 1e9:.2f} GB "
+            f"hold {cap * hw.num_nodes / 1e9:.2f} GB",
+            f"give each node at least {total / hw.num_nodes / 1e9:.2f} GB or use a larger mesh",
+        )
+
+

@@ -1,0 +1,103 @@
+"""The backend interface and the one solve vocabulary every backend fills in the same way."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from ..linear_model import LinearModel
+
+
+class Termination(StrEnum):
+    """Why a solve stopped.
+
+    - ``optimal``: proven optimal within the gap target;
+    - ``feasible``: a solution, but a limit (time or work) stopped the proof;
+    - ``infeasible``: proven to have no solution;
+    - ``no_solution``: a limit hit before any solution was found;
+    - ``error``: the solver failed (callers fall back to their own incumbent).
+    """
+
+    OPTIMAL = "optimal"
+    FEASIBLE = "feasible"
+    INFEASIBLE = "infeasible"
+    NO_SOLUTION = "no_solution"
+    ERROR = "error"
+
+
+Status = Termination  # the name used before the solver layer was split out
+
+
+@dataclass(frozen=True)
+class SolveParams:
+    """Settings every backend honours.
+
+    ``time_limit_s``: wall-clock limit (s). ``threads``, ``seed``, ``gap`` (relative gap target),
+    ``verbose`` (solver log on stdout). ``deterministic``: CP-SAT counts the limit in its
+    deterministic time (same inputs, same answer on any machine load; wall time capped at twice the
+    limit); CBC and HiGHS always count wall time, so their time-limited answers can vary.
+    ``hint``: a starting point (one value per variable of the model): a MIP start for CBC, a hint
+    for CP-SAT, ignored by HiGHS.
+    """
+
+    time_limit_s: float = 10.0
+    threads: int = 1
+    seed: int = 0
+    gap: float = 1e-4
+    verbose: bool = False
+    deterministic: bool = True
+    hint: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SolveOutcome:
+    """One solve, in the model's units: ``termination``, the solution ``x`` (or None), its
+    ``primal`` objective, a valid lower ``dual_bound`` (or None when the solver gives none) and
+    ``gap = (primal - dual_bound) / |primal|`` (None when either is missing)."""
+
+    termination: Termination
+    x: np.ndarray | None
+    primal: float | None
+    dual_bound: float | None
+    gap: float | None
+    message: str = ""
+    backend: str = "?"
+
+    @property
+    def status(self) -> Termination:
+        return self.termination
+
+    @property
+    def bound(self) -> float | None:
+        return self.dual_bound
+
+
+def make_outcome(backend: str, model: LinearModel, termination: Termination, x: np.ndarray | None,
+                 bound: float | None, message: str = "") -> SolveOutcome:
+    """Fill the outcome the same way for every backend: primal from ``x``, bound finite or None,
+    gap from both."""
+    primal = None if x is None else model.objective(x)
+    if bound is not None and not np.isfinite(bound):
+        bound = None
+    gap = None
+    if primal is not None and bound is not None:
+        gap = max(0.0, (primal - bound) / max(abs(primal), 1e-300))
+    return SolveOutcome(termination, x, primal, bound, gap, message, backend)
+
+
+class Backend(ABC):
+    """A MILP solver behind one interface."""
+
+    name: str = "?"
+
+    @classmethod
+    @abstractmethod
+    def available(cls) -> bool:
+        """True if the solver's Python package is installed."""
+
+    @abstractmethod
+    def solve(self, model: LinearModel, params: SolveParams) -> SolveOutcome:
+        """Solve ``model``, warm-started from ``params.hint`` when the solver supports it."""
