@@ -9,7 +9,8 @@ import argparse
 import time
 from pathlib import Path
 
-from hdmoe_milp import EvalOptions, evaluate, expected_workload, get_model, load_trace, make_hardware, sample_batch
+from hdmoe_milp import EvalOptions, expected_workload, get_model, load_trace, make_hardware, sample_batch
+from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.strategies import build
 from hdmoe_milp.synthetic import synthetic_trace
 

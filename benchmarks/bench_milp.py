@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hdmoe_milp import EvalOptions, evaluate, expected_workload, get_model, load_trace, make_hardware
+from hdmoe_milp import EvalOptions, expected_workload, get_model, load_trace, make_hardware
+from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.strategies import STRATEGIES, build
 from hdmoe_milp.strategies.block_milp import SolveParams, best_per_layer, solve_model
 from hdmoe_milp.synthetic import synthetic_trace

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hdmoe_milp import Hardware, Mesh, MoEModel, evaluate, get_model, load_trace, make_hardware
-from hdmoe_milp.evaluator import EvalOptions
+from hdmoe_milp import Hardware, Mesh, MoEModel, get_model, load_trace, make_hardware
+from hdmoe_milp.evaluator import EvalOptions, evaluate
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, replay
 from hdmoe_milp.online.policies import OraclePolicy
 from hdmoe_milp.replica_rules import DISPATCH

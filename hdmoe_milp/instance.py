@@ -1,4 +1,8 @@
-"""Instance files (TOML): a model, hardware and workload in one place.
+"""Instance files (TOML) and the settings behind a :class:`~hdmoe_milp.problem.Problem`.
+
+``load_instance(path)`` reads a file into a validated Problem. The CLI reads the same file into
+:class:`Settings` with :func:`read_settings`, overrides fields from its flags, then calls
+:meth:`Settings.to_problem`.
 
 Example::
 
@@ -21,12 +25,19 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, check_choice
+from .evaluator import DELIVERIES, HOMES, EvalOptions
+from .hardware import HARDWARE_PRESETS, make_hardware
+from .moe import MODEL_PRESETS, get_model
+from .problem import Problem, check_real
+from .synthetic import synthetic_trace
+from .workload import load_trace
 
 _SECTIONS = {
     "model": {"preset"},
@@ -37,8 +48,9 @@ _SECTIONS = {
 
 
 @dataclass(frozen=True)
-class Instance:
-    """Settings read from an instance file (paths resolved against the file's folder)."""
+class Settings:
+    """Plain settings of a problem, as read from an instance file or given as CLI flags (paths
+    resolved against the instance file's folder). Units as written: GB, GB/s, ns."""
 
     name: str
     model: str
@@ -57,16 +69,57 @@ class Instance:
     dram_bw_gbps: float = 625.0
     hop_latency_ns: float = 0.0
 
+    def to_problem(self) -> Problem:
+        """The validated Problem of these settings (the trace is read here)."""
+        check_choice("model", self.model, tuple(MODEL_PRESETS))
+        check_choice("hw", self.hw, tuple(HARDWARE_PRESETS))
+        if self.delivery is not None:
+            check_choice("delivery", self.delivery, DELIVERIES)
+        if self.home is not None:
+            check_choice("home", self.home, HOMES)
+        check_real("seed", self.seed, minimum=0, integer=True)
+        check_real("synthetic_tokens", self.synthetic_tokens, positive=True, integer=True)
+        check_real("context_len", self.context_len, minimum=0, integer=True)
+        check_real("hop_latency_ns", self.hop_latency_ns, minimum=0)
+        check_real("dram_bw_gbps", self.dram_bw_gbps, positive=True)
+        cap = None
+        if self.dram_capacity_gb is not None:
+            cap = check_real("capacity_gb", self.dram_capacity_gb, positive=True) * 1e9
+        model = get_model(self.model)
+        hw = make_hardware(self.hw, self.mesh, dram_bw_bytes_per_s=float(self.dram_bw_gbps) * 1e9,
+                           dram_capacity_bytes=cap, hop_latency_s=float(self.hop_latency_ns) * 1e-9)
+        sha = None
+        if self.trace:
+            trace = load_trace(self.trace, model.num_experts, model.top_k)
+            sha = hashlib.sha256(Path(self.trace).read_bytes()).hexdigest()
+        else:
+            trace = synthetic_trace(model, int(self.synthetic_tokens), seed=int(self.seed))
+        opts = EvalOptions(mode=self.mode, delivery=self.delivery, home=self.home, seed=int(self.seed),
+                           context_len=int(self.context_len))
+        return Problem(model, hw, trace, batch=self.batch, options=opts, batching=self.batching,
+                       seed=int(self.seed), name=self.name, hw_point=self.hw, trace_path=self.trace,
+                       trace_sha256=sha)
 
-def load_instance(path: str | Path) -> Instance:
-    """Read and check an instance TOML file."""
+
+def load_instance(path: str | Path) -> Problem:
+    """Read an instance TOML file into a validated :class:`Problem`."""
+    return read_settings(path).to_problem()
+
+
+def read_settings(path: str | Path) -> Settings:
+    """Read and check an instance TOML file's keys (values are checked by ``Settings.to_problem``)."""
     p = Path(path)
-    if not p.exists():
-        raise InputError("instance", f"file not found: {p}", "give the path of an instance .toml file")
+    if not p.is_file():
+        what = "is a directory" if p.is_dir() else "file not found"
+        raise InputError("instance", f"{what}: {p}", "give the path of an instance .toml file")
     try:
         data: dict[str, Any] = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise InputError("instance", f"{p} is not valid TOML: {exc}") from None
+    for sec in _SECTIONS:
+        if sec in data and not isinstance(data[sec], dict):
+            raise InputError(f"instance {sec}", f"must be a [{sec}] table, got {data[sec]!r}",
+                             f'write [{sec}] with its keys, e.g. [model] preset = "deepseek-v2-lite"')
     unknown = set(data) - set(_SECTIONS) - {"name", "description"}
     if unknown:
         raise InputError("instance", f"unknown section(s) {sorted(unknown)}", "allowed: " + ", ".join(_SECTIONS))
@@ -80,15 +133,27 @@ def load_instance(path: str | Path) -> Instance:
     for sec, key, d in (("model", "preset", m), ("hardware", "preset", hw), ("hardware", "mesh", hw)):
         if key not in d:
             raise InputError(f"instance [{sec}].{key}", "is missing")
+    for key, value in (("[model].preset", m["preset"]), ("[hardware].preset", hw["preset"]),
+                       ("[hardware].mesh", hw["mesh"]), ("[workload].trace", wl.get("trace", "")),
+                       ("[workload].batching", wl.get("batching", "")), ("[evaluator].mode", ev.get("mode", "")),
+                       ("[evaluator].delivery", ev.get("delivery", "")), ("[evaluator].home", ev.get("home", ""))):
+        if not isinstance(value, str):
+            raise InputError(f"instance {key}", f"must be a string, got {value!r}", 'quote it, e.g. "5/50"')
+    for key, sec, d in (("batch", "workload", wl), ("seed", "workload", wl), ("synthetic_tokens", "workload", wl),
+                        ("context_len", "evaluator", ev), ("dram_capacity_gb", "hardware", hw),
+                        ("dram_bw_gbps", "hardware", hw), ("hop_latency_ns", "hardware", hw)):
+        if key in d:
+            check_real(f"instance [{sec}].{key}", d[key], integer=key in ("seed", "synthetic_tokens", "context_len"),
+                       minimum=0)
     trace = wl.get("trace")
     if trace is not None:
         trace = str((p.parent / trace).resolve())
-    return Instance(
+    return Settings(
         name=str(data.get("name", p.stem)),
-        model=m["preset"], hw=str(hw["preset"]), mesh=str(hw["mesh"]), trace=trace,
-        batch=wl.get("batch", 128), batching=wl.get("batching", "expected"), seed=int(wl.get("seed", 0)),
-        synthetic_tokens=int(wl.get("synthetic_tokens", 4096)), mode=ev.get("mode", "mesh"),
-        delivery=ev.get("delivery"), home=ev.get("home"), context_len=int(ev.get("context_len", 1024)),
-        dram_capacity_gb=hw.get("dram_capacity_gb"), dram_bw_gbps=float(hw.get("dram_bw_gbps", 625.0)),
-        hop_latency_ns=float(hw.get("hop_latency_ns", 0.0)),
+        model=m["preset"], hw=hw["preset"], mesh=hw["mesh"], trace=trace,
+        batch=wl.get("batch", 128), batching=wl.get("batching", "expected"), seed=wl.get("seed", 0),
+        synthetic_tokens=wl.get("synthetic_tokens", 4096), mode=ev.get("mode", "mesh"),
+        delivery=ev.get("delivery"), home=ev.get("home"), context_len=ev.get("context_len", 1024),
+        dram_capacity_gb=hw.get("dram_capacity_gb"), dram_bw_gbps=hw.get("dram_bw_gbps", 625.0),
+        hop_latency_ns=hw.get("hop_latency_ns", 0.0),
     )

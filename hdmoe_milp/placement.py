@@ -11,15 +11,37 @@ replication, ``token_fraction[r]`` is the share of the expert's tokens served by
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._version import __version__
 from .errors import InputError
 
 _TOL = 1e-6
+PLAN_FORMAT = "hdmoe_milp.placement/2"  # /2 adds package_version and the problem/solver record in meta
+_READABLE = ("hdmoe_milp.placement/1", PLAN_FORMAT)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (fsync, then rename)."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise InputError("out", f"folder {p.parent} does not exist", "create it or write elsewhere")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -143,7 +165,8 @@ class Placement:
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "hdmoe_milp.placement/1",
+            "format": PLAN_FORMAT,
+            "package_version": __version__,
             "strategy": self.strategy,
             "num_nodes": self.num_nodes,
             "num_experts": self.num_experts,
@@ -160,23 +183,40 @@ class Placement:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Placement:
+        if not isinstance(d, dict):
+            raise InputError("plan", "is not a placement file (expected a JSON object)", "write it with Placement.save")
+        fmt = d.get("format")
+        if fmt is not None and fmt not in _READABLE:
+            raise InputError("plan", f"has format {fmt!r}, this version reads {', '.join(_READABLE)}",
+                             "write it again with this version")
         try:
             E = int(d["num_experts"])
-            layers = tuple(
-                LayerPlacement(
-                    np.asarray(ld["shares"], dtype=float),
-                    np.asarray(ld["expert_of"], dtype=np.int64),
-                    np.asarray(ld["token_fraction"], dtype=float),
-                    E,
-                )
-                for ld in d["layers"]
-            )
-        except (KeyError, TypeError) as exc:
-            raise InputError("plan", f"not a placement file (missing {exc})", "write it with Placement.save") from None
+            raw_layers = d["layers"]
+            if not isinstance(raw_layers, list):
+                raise TypeError("'layers' must be a list")
+            layers = []
+            for li, ld in enumerate(raw_layers):
+                try:
+                    layers.append(LayerPlacement(
+                        np.asarray(ld["shares"], dtype=float),
+                        np.asarray(ld["expert_of"], dtype=np.int64),
+                        np.asarray(ld["token_fraction"], dtype=float),
+                        E,
+                    ))
+                except InputError as exc:
+                    raise InputError(f"plan layer {li}: {exc.field}", exc.problem, exc.fix) from None
+            layers = tuple(layers)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError("plan", f"not a placement file ({type(exc).__name__}: {exc})",
+                             "write it with Placement.save") from None
         return cls(layers, d.get("strategy", "custom"), dict(d.get("meta", {})))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        """Write the placement as JSON atomically: a temporary file in the same folder, fsync, then
+        rename, so an interrupted write never leaves a partial file nor destroys the previous one."""
+        write_atomic(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> Placement:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from hdmoe_milp.cli import main
-from hdmoe_milp.strategies import STRATEGIES
+from hdmoe_milp.strategies import BASELINES as STRATEGIES
 
 from .conftest import ROOT, TRACES
 

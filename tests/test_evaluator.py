@@ -15,12 +15,12 @@ from hdmoe_milp import (
     Mesh,
     MoEModel,
     Placement,
-    evaluate,
     expected_workload,
     get_model,
     make_hardware,
     sample_batch,
 )
+from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.replica_rules import assign_copies
 from hdmoe_milp.strategies import build
 from hdmoe_milp.synthetic import synthetic_trace

@@ -7,7 +7,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from hdmoe_milp import EvalOptions, Hardware, Mesh, MoEModel, evaluate, expected_workload
+from hdmoe_milp import EvalOptions, Hardware, Mesh, MoEModel, expected_workload
+from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.strategies import build
 from hdmoe_milp.strategies.block_milp import SolveParams, solve_model
 from hdmoe_milp.strategies.hdmoe import link_balance, node_balance

@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, evaluate, expected_workload
+from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, expected_workload
+from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.solvers import Status
 from hdmoe_milp.strategies.block_milp import (
     BlockModel,

@@ -7,7 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, evaluate
+from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement
+from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, make_policy, prebroadcast_count, replay
 from hdmoe_milp.replica_rules import assign_by_distance, assign_copies
 from hdmoe_milp.strategies import build

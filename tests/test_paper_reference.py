@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hdmoe_milp import EvalOptions, evaluate, expected_workload, get_model, make_hardware
+from hdmoe_milp import EvalOptions, expected_workload, get_model, make_hardware
+from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.strategies import build
 from hdmoe_milp.synthetic import synthetic_trace
 

@@ -1,8 +1,18 @@
-"""Baseline strategies. Each is ``fn(model, hardware, freqs [layers, E], *, seed) -> Placement``."""
+"""Placement strategies, one registry, one protocol: ``place(problem, *, seed, budget) -> Placement``.
+
+Baselines: ``tp``, ``ep`` (seeded random, as in the paper), ``ep-lpt`` (load-balanced), ``cb``
+(compute-balanced hybrid), ``eplb`` (DeepSeek EPLB-style greedy), ``hdmoe`` (HD-MoE
+re-implementation). Ours: ``milp`` (the offline block MILP, per layer; the pipeline's ``solve``
+combines it with the baselines and reports its gaps).
+
+The domain functions behind them (``tensor_parallel(model, hw, freqs)`` and so on) take the
+model, the hardware and per-layer frequencies ``[layers, E]``; :func:`build` calls a strategy by
+name from those alone.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -10,39 +20,93 @@ from ..errors import check_choice
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import Placement
+from ..problem import Budget, Problem
+from ..solvers import SolveParams
+from .block_milp import MilpOptions, solve_model
 from .cb import compute_balanced
 from .ep import expert_parallel, expert_parallel_lpt
 from .eplb import eplb_placement, rebalance_experts
 from .hdmoe import hdmoe_placement
 from .tp import tensor_parallel
 
-Strategy = Callable[..., Placement]
+
+class Strategy(Protocol):
+    """What every entry of :data:`STRATEGIES` is."""
+
+    def __call__(self, problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement: ...
+
+
+def _tp(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
+    return tensor_parallel(problem.model, problem.hardware, problem.frequencies, seed=seed)
+
+
+def _ep(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
+    return expert_parallel(problem.model, problem.hardware, problem.frequencies, seed=seed)
+
+
+def _ep_lpt(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
+    return expert_parallel_lpt(problem.model, problem.hardware, problem.frequencies, seed=seed)
+
+
+def _cb(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
+    return compute_balanced(problem.model, problem.hardware, problem.frequencies, seed=seed)
+
+
+def _eplb(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
+    return eplb_placement(problem.model, problem.hardware, problem.frequencies, seed=seed)
+
+
+def _hdmoe(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
+    b = budget or Budget()
+    return hdmoe_placement(problem.model, problem.hardware, problem.frequencies, seed=seed,
+                           groups=problem.coactivation, batch=problem.batch, time_limit_s=b.time_limit_s,
+                           backend=b.backend)
+
+
+def _milp(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
+    b = budget or Budget()
+    params = SolveParams(time_limit_s=b.time_limit_s, threads=b.threads, seed=seed, gap=b.gap)
+    return solve_model(problem.model, problem.hardware, problem.frequencies, problem.batch, backend=b.backend,
+                       params=params, options=MilpOptions(delivery=problem.options.resolved_delivery),
+                       groups=problem.coactivation).placement
+
 
 STRATEGIES: dict[str, Strategy] = {
-    "tp": tensor_parallel,
-    "ep": expert_parallel,
-    "ep-lpt": expert_parallel_lpt,
-    "cb": compute_balanced,
-    "eplb": eplb_placement,
-    "hdmoe": hdmoe_placement,
+    "tp": _tp,
+    "ep": _ep,
+    "ep-lpt": _ep_lpt,
+    "cb": _cb,
+    "eplb": _eplb,
+    "hdmoe": _hdmoe,
+    "milp": _milp,
 }
+BASELINES: tuple[str, ...] = ("tp", "ep", "ep-lpt", "cb", "eplb", "hdmoe")
+
+
+def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budget | None = None) -> Placement:
+    """Run the strategy called ``name`` on ``problem`` (seed: the problem's unless given)."""
+    check_choice("strategy", name, tuple(STRATEGIES))
+    return STRATEGIES[name](problem, seed=problem.seed if seed is None else seed, budget=budget)
 
 
 def build(name: str, model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: int = 0,
           groups: list | None = None, batch: float = 128, time_limit_s: float = 10.0,
           backend: str = "cpsat") -> Placement:
-    """Run the strategy called ``name`` (one of ``STRATEGIES``). ``groups`` (per layer
-    ``Trace.groups(l)``), ``batch``, ``time_limit_s`` (per layer) and ``backend`` reach the
-    strategies that solve a MILP (``hdmoe``)."""
+    """Run the strategy called ``name`` from per-layer frequencies ``[layers, E]`` alone.
+    ``groups`` (per layer ``Trace.groups(l)``), ``batch``, ``time_limit_s`` (per layer) and
+    ``backend`` reach the strategies that solve a MILP."""
     check_choice("strategy", name, tuple(STRATEGIES))
     if name == "hdmoe":
         return hdmoe_placement(model, hw, freqs, seed=seed, groups=groups, batch=batch,
                                time_limit_s=time_limit_s, backend=backend)
-    return STRATEGIES[name](model, hw, freqs, seed=seed)
+    if name == "milp":
+        return solve_model(model, hw, freqs, batch, backend=backend, groups=groups,
+                           params=SolveParams(time_limit_s=time_limit_s, seed=seed)).placement
+    problem = Problem(model, hw, frequencies=freqs, batch=batch)
+    return STRATEGIES[name](problem, seed=seed)
 
 
 __all__ = [
-    "STRATEGIES", "build", "compute_balanced", "eplb_placement", "expert_parallel", "expert_parallel_lpt",
-    "hdmoe_placement",
-    "rebalance_experts", "tensor_parallel",
+    "BASELINES", "STRATEGIES", "Strategy", "build", "compute_balanced", "eplb_placement", "expert_parallel",
+    "expert_parallel_lpt", "hdmoe_placement", "place", "rebalance_experts", "tensor_parallel",
 ]

@@ -14,10 +14,10 @@ from ...solvers import (
 )
 from .blocks import Blocks, make_blocks
 from .formulation import BlockModel, MilpOptions
-from .solve import LayerSolveResult, ModelSolveResult, best_per_layer, solve_layer, solve_model
+from .solve import EXECUTORS, LayerSolveResult, ModelSolveResult, best_per_layer, solve_layer, solve_model
 
 __all__ = [
-    "BACKENDS", "BlockModel", "Blocks", "LayerSolveResult", "LinearModel", "MilpOptions", "ModelSolveResult",
-    "SolveParams", "Status", "Termination", "available_backends", "best_per_layer", "get_backend", "lp_bound",
-    "make_blocks", "solve_layer", "solve_model",
+    "BACKENDS", "EXECUTORS", "BlockModel", "Blocks", "LayerSolveResult", "LinearModel", "MilpOptions",
+    "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends", "best_per_layer",
+    "get_backend", "lp_bound", "make_blocks", "solve_layer", "solve_model",
 ]

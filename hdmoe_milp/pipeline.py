@@ -1,0 +1,329 @@
+"""The public pipeline: ``load_instance`` -> ``solve`` / ``evaluate`` / ``compare`` / ``replay``.
+
+The CLI and the benchmark scripts call these functions and nothing below them::
+
+    import hdmoe_milp as hm
+    problem = hm.load_instance("instances/deepseek-v2-lite_5-50_4x8.toml")
+    result = hm.solve(problem, backend="cpsat", time_limit_s=5, jobs=2)
+    result.table()
+
+Every number comes from the one evaluator (:func:`hdmoe_milp.evaluator.evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ._version import __version__
+from .errors import InputError, check_choice
+from .evaluator import EvalOptions, Evaluation
+from .evaluator import evaluate as score
+from .hardware import HARDWARE_PRESETS
+from .instance import Settings, load_instance, read_settings
+from .moe import MODEL_PRESETS
+from .online import POLICIES, ReplayResult
+from .online import replay as _replay
+from .placement import Placement, write_atomic
+from .problem import Budget, Problem
+from .replica_rules import DISPATCH as REPLICA_RULES
+from .solvers import SolveParams
+from .strategies import BASELINES, STRATEGIES, place
+from .strategies.block_milp import EXECUTORS, MilpOptions, best_per_layer, solve_model
+from .workload import Trace, load_trace, summarize, total_variation
+
+__all__ = [
+    "BASELINES", "HARDWARE_PRESETS", "MODEL_PRESETS", "POLICIES", "REPLICA_RULES", "STRATEGIES", "Budget",
+    "Comparison", "LayerReport", "PlanResult", "Problem", "Settings", "check_choice", "check_plan", "compare",
+    "evaluate", "load_instance", "load_plan", "load_trace", "place", "plan_settings", "read_settings", "replay",
+    "save_json", "solve", "trace_stats",
+]
+
+
+def _progress(progress: bool | None, **kw: Any) -> tqdm:
+    """A progress bar on stderr: on in a terminal by default (``progress=None``), forced by True/False."""
+    return tqdm(disable=None if progress is None else not progress, leave=False, **kw)
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+def evaluate(problem: Problem, plan: str | Placement, *, seed: int | None = None, budget: Budget | None = None,
+             options: EvalOptions | None = None) -> Evaluation:
+    """Score a strategy (by name, built on ``problem``) or a :class:`Placement` on the problem's
+    workload with the shared evaluator (``options``: the problem's unless given)."""
+    placement = plan if isinstance(plan, Placement) else place(problem, plan, seed=seed, budget=budget)
+    if isinstance(plan, Placement):
+        check_plan(placement, problem)
+    return score(placement, problem.model, problem.hardware, problem.workload, options or problem.options)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Evaluations of several placements of one problem; ``table()`` puts them side by side."""
+
+    problem: Problem
+    evaluations: dict[str, Evaluation]
+    placements: dict[str, Placement] = field(repr=False)
+    reference: Evaluation | None = field(default=None, repr=False)
+
+    def table(self) -> pd.DataFrame:
+        """One row per strategy: TBT and its decomposition (us), node imbalance, speedup vs TP."""
+        ref = (self.reference or self.evaluations["tp"]).tbt_s
+        rows = []
+        for name, ev in self.evaluations.items():
+            row = ev.summary()
+            row["strategy"] = name
+            row["speedup_vs_tp"] = ref / ev.tbt_s
+            rows.append(row)
+        return pd.DataFrame(rows)[["strategy", "tbt_us", "moe_compute_us", "moe_comm_us", "non_moe_us",
+                                   "max_node_imbalance", "speedup_vs_tp"]]
+
+
+def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = None, *,
+            plans: dict[str, Placement] | None = None, seed: int | None = None, budget: Budget | None = None,
+            progress: bool | None = None) -> Comparison:
+    """Build every strategy in ``strategies`` (default: the baselines) on ``problem`` and score them,
+    plus any ready ``plans``; TP is always scored as the reference."""
+    names = list(BASELINES if strategies is None else strategies)
+    for n in names:
+        check_choice("strategy", n, tuple(STRATEGIES))
+    if len(set(names)) != len(names):
+        raise InputError("strategy", f"lists a strategy twice: {names}", "name each strategy once")
+    placements: dict[str, Placement] = {}
+    for name, p in (plans or {}).items():
+        check_plan(p, problem)
+        placements[name] = p
+    bar = _progress(progress, total=len(names), desc="strategies", unit="strategy")
+    for n in names:
+        bar.set_postfix_str(n)
+        placements[n] = place(problem, n, seed=seed, budget=budget)
+        bar.update()
+    bar.close()
+    evals = {n: score(p, problem.model, problem.hardware, problem.workload, problem.options)
+             for n, p in placements.items()}
+    ref = evals.get("tp") or score(place(problem, "tp"), problem.model, problem.hardware, problem.workload,
+                                   problem.options)
+    return Comparison(problem, evals, placements, ref)
+
+
+# --- the offline solve ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One layer of a solve. Times in seconds. ``objective_s``: the MILP model's latency of its own
+    best plan; ``bound_s``: a valid lower bound on the MILP model's optimum; ``gap`` between them;
+    ``source``: what produced the MILP's plan (the backend or a warm start); ``final_source``:
+    which candidate the final plan took for this layer (``milp`` or a baseline)."""
+
+    layer: int
+    status: str
+    objective_s: float
+    bound_s: float | None
+    gap: float | None
+    time_s: float
+    backend: str
+    source: str
+    final_source: str
+    warm_start_objective_s: float
+    warm_start_source: str
+    num_vars: int
+    num_binaries: int
+    num_rows: int
+    bound_certifies: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What :func:`solve` returns.
+
+    ``placement``: the final plan (per layer the best of the MILP and the baselines under the
+    evaluator). ``layers``: one :class:`LayerReport` per MoE layer. ``evaluations``: ``{"plan": ...,
+    "milp": ..., "tp": ..., ...}``. ``solver``: the settings and the wall time.
+    """
+
+    problem: Problem
+    placement: Placement
+    layers: tuple[LayerReport, ...]
+    evaluations: dict[str, Evaluation]
+    solver: dict[str, Any]
+
+    def table(self) -> pd.DataFrame:
+        """One row per strategy (the plan first): TBT and its decomposition in us, and the plan's
+        speedup over each."""
+        plan = self.evaluations["plan"].tbt_s
+        rows = []
+        for name, ev in self.evaluations.items():
+            rows.append({
+                "strategy": name, "tbt_us": ev.tbt_us, "moe_compute_us": ev.moe_compute_s * 1e6,
+                "dispatch_us": float(ev.dispatch_s.sum() * 1e6), "combine_us": float(ev.combine_s.sum() * 1e6),
+                "non_moe_us": ev.non_moe_s * 1e6, "plan_speedup": ev.tbt_s / plan,
+            })
+        return pd.DataFrame(rows)
+
+    def layer_table(self) -> pd.DataFrame:
+        """One row per layer: status, objective, bound (us), gap, time, sources."""
+        df = pd.DataFrame([r.to_dict() for r in self.layers])
+        df["objective_us"] = df["objective_s"] * 1e6
+        df["bound_us"] = df["bound_s"].astype(float) * 1e6
+        return df[["layer", "status", "objective_us", "bound_us", "gap", "time_s", "source", "final_source"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: the problem, the solver settings, per-layer reports, TBT per strategy."""
+        return {
+            "problem": self.problem.describe(), "solver": self.solver,
+            "layers": [r.to_dict() for r in self.layers],
+            "tbt_us": {n: e.tbt_us for n, e in self.evaluations.items()},
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan file (atomically): the placement plus what it was made for."""
+        self.placement.save(path)
+
+
+def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.0, jobs: int = 1,
+          threads: int = 1, gap: float = 1e-4, baselines: bool | list[str] | tuple[str, ...] = True,
+          executor: str = "local", seed: int | None = None, progress: bool | None = None) -> PlanResult:
+    """Solve every layer's block MILP (warm-started from the best baseline and heuristic), then keep
+    per layer whichever of the MILP's plan and the baselines scores best under the evaluator, so the
+    plan is never worse than any baseline.
+
+    ``time_limit_s``: per layer. ``jobs``: layers solved in parallel (process pool).
+    ``executor``: ``local`` or ``ray``. ``baselines``: True (all), False (none) or a list of names.
+    Scoring uses ``mesh`` mode (the model the MILP optimises) with the problem's delivery rule.
+    """
+    budget = Budget(time_limit_s=time_limit_s, backend=backend, threads=threads, gap=gap)
+    check_choice("executor", executor, EXECUTORS)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
+    names: list[str] = list(BASELINES) if baselines is True else [] if baselines is False else list(baselines)
+    for n in names:
+        check_choice("baseline", n, BASELINES)
+    seed = problem.seed if seed is None else seed
+    params = SolveParams(time_limit_s=time_limit_s, threads=threads, seed=seed, gap=gap)
+    t0 = time.perf_counter()
+    res = solve_model(problem.model, problem.hardware, problem.frequencies, problem.batch, backend=backend,
+                      params=params, options=MilpOptions(delivery=problem.options.resolved_delivery), jobs=jobs,
+                      executor=executor, progress=progress, groups=problem.coactivation)
+    candidates = {"milp": res.placement}
+    bar = _progress(progress, total=len(names), desc="baselines", unit="strategy")
+    for n in names:
+        bar.set_postfix_str(n)
+        candidates[n] = place(problem, n, seed=seed, budget=budget)
+        bar.update()
+    bar.close()
+    opts = EvalOptions(mode="mesh", delivery=problem.options.delivery, seed=problem.options.seed,
+                       context_len=problem.options.context_len)
+    evals = {n: score(p, problem.model, problem.hardware, problem.workload, opts) for n, p in candidates.items()}
+    plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, f"milp-{backend}")
+    wall = time.perf_counter() - t0
+    layers = tuple(
+        LayerReport(layer=r.layer, status=r.status, objective_s=r.objective_s, bound_s=r.bound_s, gap=r.gap,
+                    time_s=r.time_s, backend=r.backend, source=r.source, final_source=src,
+                    warm_start_objective_s=r.warm_start_s, warm_start_source=r.warm_start_source,
+                    num_vars=r.num_vars, num_binaries=r.num_binaries, num_rows=r.num_rows,
+                    bound_certifies=r.bound_certifies, message=r.message)
+        for r, src in zip(res.layers, sources, strict=True)
+    )
+    solver = {"backend": backend, "time_limit_s": time_limit_s, "threads": threads, "jobs": jobs, "gap": gap,
+              "seed": seed, "executor": executor, "baselines": names, "milp_wall_s": res.wall_s, "wall_s": wall}
+    meta = {"problem": problem.describe(), "solver": solver,
+            "layers": [{"layer": r.layer, "status": r.status, "gap": r.gap, "final_source": r.final_source}
+                       for r in layers],
+            "package_version": __version__}
+    plan = Placement(plan.layers, plan.strategy, {**plan.meta, **meta})
+    evals = {"plan": score(plan, problem.model, problem.hardware, problem.workload, opts), **evals}
+    return PlanResult(problem, plan, layers, evals, solver)
+
+
+# --- plan files ------------------------------------------------------------------------------------
+
+
+def check_plan(plan: Placement, problem: Problem) -> None:
+    """Raise one InputError naming both sides if ``plan`` cannot be scored on ``problem``: a
+    different model or mesh than the plan file records, or a different shape."""
+    made = plan.meta.get("problem") if isinstance(plan.meta, dict) else None
+    if isinstance(made, dict):
+        for key, here in (("model", problem.model.name), ("mesh", problem.mesh_name)):
+            if made.get(key) is not None and made[key] != here:
+                raise InputError("plan", f"was made for {key} {made[key]!r} but the problem has {key} {here!r}",
+                                 f"solve again for {here} or score the plan on {made[key]}")
+    m = problem.model
+    if plan.num_nodes != problem.hardware.num_nodes:
+        raise InputError("plan", f"places experts on {plan.num_nodes} nodes but the mesh {problem.mesh_name} has "
+                         f"{problem.hardware.num_nodes}", "use a plan made for this mesh")
+    if plan.num_experts != m.num_experts or plan.num_layers != m.moe_layers:
+        raise InputError("plan", f"has {plan.num_layers} layers of {plan.num_experts} experts but {m.name} has "
+                         f"{m.moe_layers} MoE layers of {m.num_experts}", "use a plan made for this model")
+
+
+def load_plan(path: str | Path, problem: Problem | None = None) -> Placement:
+    """Read a plan file; with ``problem``, check that the plan fits it (see :func:`check_plan`)."""
+    plan = Placement.load(path)
+    if problem is not None:
+        check_plan(plan, problem)
+    return plan
+
+
+def plan_settings(path: str | Path) -> dict[str, Any] | None:
+    """What a plan file records about the problem it was made for (None for older plan files)."""
+    made = Placement.load(path).meta.get("problem")
+    return made if isinstance(made, dict) else None
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` as JSON atomically."""
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+# --- online ---------------------------------------------------------------------------------------
+
+
+def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, policy: str = "greedy",
+           batches: int = 50, batch: int = 512, batching: str = "contiguous", replica_rule: str = "balanced",
+           seed: int | None = None, **policy_kw: Any) -> ReplayResult:
+    """Stream ``batches`` batches of ``batch`` tokens from ``trace`` (default: the problem's) under
+    an online ``policy`` starting from ``plan``; every batch is scored by the evaluator on its
+    observed tokens with the replica rule ``replica_rule``."""
+    check_choice("policy", policy, POLICIES)
+    check_plan(plan, problem)
+    tr = trace if trace is not None else problem.trace
+    if tr is None:
+        raise InputError("trace", "is needed to replay", "give a trace or a problem built from one")
+    if tr.num_layers != plan.num_layers:
+        raise InputError("trace", f"has {tr.num_layers} layers, the plan {plan.num_layers}")
+    for name, v in (("batch", batch), ("batches", batches)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise InputError(name, f"must be a whole number >= 1, got {v!r}")
+    check_choice("batching", batching, ("random", "contiguous"))
+    o = problem.options
+    opts = EvalOptions(mode=o.mode, delivery=o.delivery, home=o.home, seed=o.seed, context_len=o.context_len,
+                       dispatch=replica_rule)
+    return _replay(plan, problem.model, problem.hardware, tr, int(batch), policy, batches=int(batches),
+                   batching=batching, seed=problem.seed if seed is None else seed, options=opts, **policy_kw)
+
+
+def trace_stats(problem: Problem, against: Trace | None = None) -> dict[str, float]:
+    """Skew statistics of the problem's trace (median/min/max over layers) and, with ``against``, the
+    per-layer total-variation drift between the two (median and max)."""
+    if problem.trace is None:
+        raise InputError("trace", "is needed for statistics", "give a trace")
+    out: dict[str, float] = summarize(problem.trace, problem.hardware.num_nodes, problem.seed)
+    if against is not None:
+        if against.num_layers != problem.trace.num_layers:
+            raise InputError("against", f"has {against.num_layers} layers, the trace has {problem.trace.num_layers}")
+        tv = total_variation(problem.trace.frequencies(), against.frequencies())
+        out.update(tv_median=float(np.median(tv)), tv_max=float(tv.max()))
+    return out

@@ -1,0 +1,205 @@
+"""The validated problem every strategy solves and every evaluation scores.
+
+A :class:`Problem` is a model, a machine, the routing statistics of one layer set (per-layer
+expert frequencies and co-activation sets, computed once), the batch a plan is made for and the
+evaluator's options. It is checked once, when it is built: types, ranges, finiteness and the
+agreement of its parts. Everything downstream trusts it.
+
+A :class:`Budget` says how much effort a strategy that solves a MILP may spend.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from .costs import check_model_fits
+from .errors import InputError, check_choice
+from .evaluator import EvalOptions
+from .hardware import Hardware
+from .moe import MoEModel
+from .workload import BATCHING, Trace, Workload, expected_workload, sample_batch
+
+Coactivation = tuple[np.ndarray, np.ndarray]  # distinct sorted expert sets [G, k] and their frequencies [G]
+
+
+def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: float | None = None,
+               integer: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) in range, else an InputError
+    naming ``field_name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "a whole number" if integer else "a number"
+        raise InputError(field_name, f"must be {kind}, got {value!r}")
+    v = float(value)
+    if not np.isfinite(v):
+        raise InputError(field_name, f"must be finite, got {value!r}")
+    if integer and v != int(v):
+        raise InputError(field_name, f"must be a whole number, got {value!r}")
+    if positive and v <= 0:
+        raise InputError(field_name, f"must be positive, got {value!r}")
+    if minimum is not None and v < minimum:
+        raise InputError(field_name, f"must be >= {minimum:g}, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Effort a MILP-solving strategy may spend, per MoE layer.
+
+    ``time_limit_s``: wall-clock seconds per layer (the block MILP). ``work_limit``: deterministic
+    work per layer (CP-SAT deterministic seconds; None = the strategy's default): strategies that
+    promise the same answer under any machine load (``hdmoe``) count this, not wall time.
+    ``backend``: ``cbc``, ``cpsat`` or ``highs``. ``threads``: solver threads per layer. ``gap``:
+    relative gap target.
+    """
+
+    time_limit_s: float = 10.0
+    work_limit: float | None = None
+    backend: str = "cpsat"
+    threads: int = 1
+    gap: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check_real("time_limit_s", self.time_limit_s, positive=True)
+        if self.work_limit is not None:
+            check_real("work_limit", self.work_limit, positive=True)
+        check_choice("backend", self.backend, ("cbc", "cpsat", "highs"))
+        check_real("threads", self.threads, minimum=1, integer=True)
+        g = check_real("gap", self.gap, minimum=0.0)
+        if g >= 1:
+            raise InputError("gap", f"must be in [0, 1), got {self.gap!r}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One placement problem. Shapes: ``frequencies [layers, E]`` (expert i's share of tokens, each
+    row sums to top_k), ``coactivation[l]`` = (sets ``[G, k]``, frequencies ``[G]``).
+
+    ``trace``: the routing trace the statistics come from (needed to evaluate; a problem built from
+    ``frequencies`` alone can be placed by the baselines that need only frequencies).
+    ``batch``: tokens per decode step. ``batching``: how the scored batch is drawn from the trace
+    (``expected``: frequencies x B; ``random`` / ``contiguous``: observed tokens, seeded by ``seed``).
+    ``hw_point``: the design-point name the hardware came from (``"5/50"``), for plan files.
+    ``trace_path`` / ``trace_sha256``: where the trace was read from, for plan files.
+    """
+
+    model: MoEModel
+    hardware: Hardware
+    trace: Trace | None = None
+    batch: float = 128
+    options: EvalOptions = field(default_factory=EvalOptions)
+    batching: str = "expected"
+    seed: int = 0
+    frequencies: np.ndarray | None = None
+    name: str = ""
+    hw_point: str | None = None
+    trace_path: str | None = None
+    trace_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, MoEModel):
+            raise InputError("model", f"must be a MoEModel, got {type(self.model).__name__}", "use get_model(name)")
+        if not isinstance(self.hardware, Hardware):
+            raise InputError("hardware", f"must be a Hardware, got {type(self.hardware).__name__}",
+                             "use make_hardware(point, mesh)")
+        if not isinstance(self.options, EvalOptions):
+            raise InputError("options", f"must be an EvalOptions, got {type(self.options).__name__}")
+        check_choice("batching", self.batching, BATCHING)
+        check_real("batch", self.batch, positive=True, integer=self.batching != "expected")
+        object.__setattr__(self, "batch", float(self.batch))
+        check_real("seed", self.seed, minimum=0, integer=True)
+        object.__setattr__(self, "seed", int(self.seed))
+        m = self.model
+        if self.trace is not None:
+            t = self.trace
+            if not isinstance(t, Trace):
+                raise InputError("trace", f"must be a Trace, got {type(t).__name__}", "use load_trace(path, E, k)")
+            if t.num_experts != m.num_experts or t.top_k != m.top_k:
+                raise InputError("trace", f"routes top-{t.top_k} of {t.num_experts} experts but {m.name} routes "
+                                 f"top-{m.top_k} of {m.num_experts}", "use a trace recorded on this model")
+            if t.num_layers != m.moe_layers:
+                raise InputError("trace", f"has {t.num_layers} layers but {m.name} has {m.moe_layers} MoE layers",
+                                 "use a trace recorded on this model")
+            if self.batching == "contiguous" and self.batch > t.num_tokens():
+                raise InputError("batch", f"a contiguous window of {self.batch:g} tokens is longer than the trace "
+                                 f"({t.num_tokens()} tokens)", "lower --batch or use batching 'random'")
+        if self.frequencies is None:
+            if self.trace is None:
+                raise InputError("problem", "needs a trace or frequencies", "give trace=load_trace(...)")
+            f = self.trace.frequencies()
+        else:
+            f = np.array(self.frequencies, dtype=float)
+        if f.shape != (m.moe_layers, m.num_experts):
+            raise InputError("frequencies", f"expected shape [{m.moe_layers}, {m.num_experts}] for {m.name}, "
+                             f"got {f.shape}", "one row of expert frequencies per MoE layer")
+        if not np.all(np.isfinite(f)) or np.any(f < 0):
+            raise InputError("frequencies", "must be finite and non-negative", "frequencies are token fractions")
+        f.setflags(write=False)
+        object.__setattr__(self, "frequencies", f)
+        check_model_fits(m, self.hardware)
+
+    # --- derived once ----------------------------------------------------------------------------
+    @cached_property
+    def coactivation(self) -> list[Coactivation] | None:
+        """Per layer, the distinct expert sets and their frequencies (None without a trace)."""
+        if self.trace is None:
+            return None
+        return [self.trace.groups(li) for li in range(self.trace.num_layers)]
+
+    @cached_property
+    def workload(self) -> Workload:
+        """The batch every evaluation of this problem scores."""
+        if self.trace is None:
+            raise InputError("trace", "is needed to evaluate a placement", "build the problem with a trace")
+        if self.batching == "expected":
+            return expected_workload(self.trace, self.batch)
+        return sample_batch(self.trace, int(self.batch), self.batching, self.seed)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.moe_layers
+
+    @property
+    def mesh_name(self) -> str:
+        return self.hardware.mesh.name
+
+    def with_(self, **changes: Any) -> Problem:
+        """A copy with some fields changed (validated again)."""
+        names = {f.name for f in fields(self)}
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise InputError("problem", f"unknown field(s) {bad}", "fields: " + ", ".join(sorted(names)))
+        return replace(self, **changes)
+
+    def describe(self) -> dict[str, Any]:
+        """What a plan made for this problem records (JSON-ready)."""
+        hw = self.hardware
+        bw = hw.link_bw
+        return {
+            "model": self.model.name,
+            "moe_layers": self.model.moe_layers,
+            "num_experts": self.model.num_experts,
+            "top_k": self.model.top_k,
+            "mesh": hw.mesh.name,
+            "hw_point": self.hw_point,
+            "hardware": {
+                "compute_flops": hw.compute_flops,
+                "link_bw_bytes_per_s": float(bw[0]) if bw.size and np.all(bw == bw[0]) else bw.tolist(),
+                "dram_bw_bytes_per_s": hw.dram_bw_bytes_per_s,
+                "dram_capacity_bytes": hw.dram_capacity_bytes,
+                "hop_latency_s": hw.hop_latency_s,
+            },
+            "batch": self.batch,
+            "batching": self.batching,
+            "seed": self.seed,
+            "trace": None if self.trace is None else self.trace.name,
+            "trace_path": self.trace_path,
+            "trace_sha256": self.trace_sha256,
+            "mode": self.options.mode,
+            "delivery": self.options.resolved_delivery,
+            "home": self.options.resolved_home,
+        }

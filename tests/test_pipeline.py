@@ -1,0 +1,182 @@
+"""The public pipeline: Problem validation, the strategy registry, plan files that say what they were
+made for, the README's Python example, and the layering (fresh-interpreter imports)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import hdmoe_milp as hm
+from hdmoe_milp.cli import main
+from hdmoe_milp.evaluator import evaluate as score
+from hdmoe_milp.synthetic import synthetic_trace
+
+from .conftest import ROOT, TRACES
+
+SMALL = hm.MoEModel("small", num_experts=8, top_k=2, hidden=256, expert_intermediate=512, moe_layers=2)
+
+
+def small_problem(mesh: str = "2x2", **kw) -> hm.Problem:
+    return hm.Problem(SMALL, hm.make_hardware("5/50", mesh), synthetic_trace(SMALL, 512, seed=1), **kw)
+
+
+# --- Problem ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"batch": True}, "batch"),
+        ({"batch": float("nan")}, "batch"),
+        ({"batch": -3}, "batch"),
+        ({"batch": 12.5, "batching": "random"}, "batch"),
+        ({"seed": 1.7}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": "abc"}, "seed"),
+        ({"batching": "bursty"}, "batching"),
+        ({"options": "mesh"}, "options"),
+    ],
+)
+def test_problem_rejects_bad_values_naming_the_field(kw, field):
+    with pytest.raises(hm.InputError) as ei:
+        small_problem(**kw)
+    assert ei.value.field == field
+
+
+def test_problem_rejects_a_trace_of_another_model(ds_trace):
+    with pytest.raises(hm.InputError) as ei:
+        hm.Problem(hm.get_model("mixtral-8x7b"), hm.make_hardware("5/50", "4x8"), ds_trace)
+    assert ei.value.field == "trace" and "mixtral" in str(ei.value)
+
+
+def test_problem_statistics_are_computed_once_and_match_the_trace():
+    p = small_problem()
+    assert p.coactivation is p.coactivation and p.workload is p.workload
+    np.testing.assert_allclose(p.frequencies, p.trace.frequencies())
+    ids, fg = p.coactivation[1]
+    assert fg.sum() == pytest.approx(1.0) and ids.shape[1] == SMALL.top_k
+    assert p.workload.batch_size == 128 and p.workload.kind == "expected"
+    with pytest.raises(ValueError):
+        p.frequencies[0, 0] = 1.0  # read-only
+    q = p.with_(batch=64)
+    assert q.batch == 64 and p.batch == 128
+
+
+# --- registry ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(hm.STRATEGIES))
+def test_every_strategy_follows_the_protocol(name):
+    p = small_problem()
+    budget = hm.Budget(time_limit_s=0.5)
+    a = hm.STRATEGIES[name](p, seed=3, budget=budget)
+    assert isinstance(a, hm.Placement)
+    assert (a.num_layers, a.num_experts, a.num_nodes) == (SMALL.moe_layers, SMALL.num_experts, 4)
+    ev = hm.evaluate(p, a)
+    assert np.isfinite(ev.tbt_s) and ev.tbt_s > 0
+    assert ev.tbt_s == score(a, SMALL, p.hardware, p.workload, p.options).tbt_s
+
+
+def test_solve_is_never_worse_than_a_baseline_and_reports_every_layer(tmp_path):
+    p = small_problem()
+    res = hm.solve(p, backend="cpsat", time_limit_s=0.5, baselines=["tp", "ep-lpt", "cb"], progress=False)
+    assert len(res.layers) == SMALL.moe_layers
+    for r in res.layers:
+        assert r.status in ("optimal", "feasible") and r.bound_s <= r.objective_s * (1 + 1e-9)
+        assert r.final_source in ("milp", "tp", "ep-lpt", "cb")
+    tbt = {n: e.tbt_s for n, e in res.evaluations.items()}
+    assert all(tbt["plan"] <= v * (1 + 1e-12) for v in tbt.values())
+    df = res.table()
+    assert list(df["strategy"])[0] == "plan" and df["plan_speedup"].min() == pytest.approx(1.0)
+    assert set(res.layer_table().columns) >= {"status", "objective_us", "bound_us", "gap"}
+
+
+# --- plan files --------------------------------------------------------------------------------------
+
+
+def test_plan_file_records_what_it_was_made_for_and_is_checked(tmp_path):
+    p = small_problem()
+    res = hm.solve(p, backend="cbc", time_limit_s=0.5, baselines=["tp"], progress=False)
+    path = tmp_path / "plan.json"
+    res.save(path)
+    d = json.loads(path.read_text())
+    assert d["format"] == "hdmoe_milp.placement/2" and d["package_version"] == hm.__version__
+    made = d["meta"]["problem"]
+    assert made["model"] == "small" and made["mesh"] == "2x2" and made["batch"] == 128
+    assert made["hardware"]["compute_flops"] == 5e12
+    assert d["meta"]["solver"]["backend"] == "cbc" and len(d["meta"]["layers"]) == SMALL.moe_layers
+    back = hm.load_plan(path, p)
+    assert hm.evaluate(p, back).tbt_s == pytest.approx(res.evaluations["plan"].tbt_s, rel=1e-12)
+    # the same plan against another model / mesh: one error naming both sides
+    with pytest.raises(hm.InputError) as ei:
+        hm.load_plan(path, small_problem(mesh="1x4"))
+    assert "'2x2'" in str(ei.value) and "'1x4'" in str(ei.value)
+
+
+def test_cli_evaluate_plan_takes_model_and_mesh_from_the_plan(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    mx = str(TRACES / "mixtral_reasoning_4k.json.gz")
+    assert main(["solve", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "10/25", "--trace", mx,
+                 "--time-limit", "0.1", "--no-baselines", "--out", str(plan), "--json"]) == 0
+    solved = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--plan", str(plan), "--json"]) == 0  # no --model / --mesh / --hw / --trace
+    ev = json.loads(capsys.readouterr().out)
+    assert (ev["model"], ev["mesh"], ev["hw"]) == ("mixtral-8x7b", "2x2", "10/25")
+    assert ev["tbt_us"] == pytest.approx(solved["tbt_us"]["plan"], rel=1e-12)
+    # told otherwise: a different model is refused with one line naming both
+    assert main(["evaluate", "--plan", str(plan), "--model", "deepseek-v2-lite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mixtral-8x7b" in err[0] and "deepseek-v2-lite" in err[0]
+
+
+def test_cli_rejects_conflicting_options_before_any_work(tmp_path, capsys):
+    inst = str(ROOT / "instances" / "mixtral-8x7b_5-50_4x8.toml")
+    assert main(["evaluate", "--instance", inst, "--plan", "x.json", "--strategy", "cb"]) == 2
+    assert "strategy" in capsys.readouterr().err
+    assert main(["evaluate", "--instance", inst, "--strategy", "tp,cb", "--save-plan", "p.json"]) == 2
+    assert "save-plan" in capsys.readouterr().err
+    assert main(["solve", "--instance", inst, "--out", str(tmp_path / "no" / "such" / "plan.json")]) == 2
+    assert "out" in capsys.readouterr().err
+
+
+def test_atomic_save_keeps_the_previous_file_when_interrupted(tmp_path, monkeypatch):
+    p = small_problem()
+    plan = hm.place(p, "tp")
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    before = path.read_text()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        hm.place(p, "ep").save(path)
+    assert path.read_text() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["plan.json"]  # no temporary file left
+
+
+# --- the README's example and the layering -----------------------------------------------------------
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S)
+    assert block, "README has a Python API example"
+    (tmp_path / "instances").symlink_to(ROOT / "instances")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.group(1), "README.md", "exec"), {})
+    assert hm.load_plan(tmp_path / "plan.json").meta["problem"]["model"] == "mixtral-8x7b"
+
+
+@pytest.mark.parametrize("module", ["hdmoe_milp.strategies", "hdmoe_milp.strategies.block_milp",
+                                    "hdmoe_milp.online", "hdmoe_milp.evaluator", "hdmoe_milp.solvers",
+                                    "hdmoe_milp.costs", "hdmoe_milp.pipeline"])
+def test_each_layer_imports_first_in_a_fresh_interpreter(module):
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
