@@ -323,7 +323,9 @@ class BlockModel:
         if "n" in ix:
             v[ix["n"]] = X.sum(axis=0)
         comp, disp, comb = self.parts(a)
-        per_exp = max((self.f * self.comp_coef.max(axis=1)[a]).max(), (self.a * self.mem_coef.max(axis=1)[a]).max())
+        # (V1): the node holding the largest shard of each expert, alone
+        per_exp = float(roofline_s(self.f * self.node_flops.max(axis=1)[a], self.a * self.mem_bytes.max(axis=1)[a],
+                                   self.hw).max())
         v[ix["T"]] = US * np.array([max(comp, per_exp), disp, comb])
         return v
 
