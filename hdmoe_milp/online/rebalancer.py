@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costs import non_moe_time_s
+from ..costs import layer_capacity_bytes, non_moe_time_s
 from ..errors import InputError, check_choice
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -133,12 +133,10 @@ class GreedyRebalancer:
 
     def _capacity(self, lp: LayerPlacement) -> np.ndarray:
         D = self.hw.num_nodes
-        cap = self.hw.dram_capacity_bytes
-        if cap is None:
+        cap_layer = layer_capacity_bytes(self.model, self.hw)
+        if cap_layer is None:
             return np.full(D, lp.weight_copies_per_node().max() + self.config.extra_slots)
-        m = self.model
-        other = m.non_expert_weight_bytes() / D
-        per_layer = (cap - other) / m.moe_layers / m.expert_weight_bytes()
+        per_layer = cap_layer / self.cost.unit.weight_bytes
         return np.full(D, max(per_layer, lp.weight_copies_per_node().max()))
 
     # --- load estimate -------------------------------------------------------------------------
@@ -313,7 +311,7 @@ class GreedyRebalancer:
         aw = np.flatnonzero(win)
         ci, qi, ki = np.unravel_index(best[win], (C, q.shape[2], K))
         acts = []
-        W = self.model.expert_weight_bytes()
+        W = c.unit.weight_bytes
         for ai, cj, qj, kj in zip(aw, ci, qi, ki, strict=True):
             li = int(a[ai])
             mv, cs = float(move[ai, cj, kj]), float(cost[ai, cj, 0, kj])

@@ -29,7 +29,7 @@ class Blocks:
     """All candidate blocks of a mesh. ``members [nb, D]`` is 1 where the node is in the block,
     ``shape [nb, 2]`` (rows, cols), ``origin [nb, 2]``, ``degree [nb]``. ``disp``/``comb``
     ``[nb, num_links]``: link load of one token sent to the block from spread homes (units of one
-    vector), under the chosen delivery rule."""
+    vector), under the chosen delivery rule: :func:`costs.link_loads` of that one message."""
 
     mesh: Mesh
     members: np.ndarray

@@ -3,9 +3,25 @@
 Each expert i picks one candidate block b (``x_ib`` binary). Aggregates per block: tokens
 ``y_b = sum_i f_i x_ib``, activation-weighted weight reads ``z_b = sum_i a_i x_ib`` and expert count
 ``n_b = sum_i x_ib``. Epigraph variables ``T_comp``, ``T_disp``, ``T_comb`` (microseconds) bound the
-node times and the per-link times; the objective is their sum, i.e. the evaluator's expected layer
-latency with one message per (token, expert) (``EvalOptions(coalesce=False)``), spread homes and
-the same delivery rule.
+node times and the per-link times; the objective is their sum plus a hop-latency constant.
+
+Every constant comes from the cost kernel (:mod:`hdmoe_milp.costs`): ``UnitCosts`` (FLOPs, vector
+and weight bytes), ``activation_probability``, the two sides of ``roofline_s``, the per-link terms of
+``phase_time_s`` (over ``link_loads`` of one message per block), ``layer_capacity_bytes``.
+
+Exactness against :func:`hdmoe_milp.evaluator.evaluate` (mesh mode, spread homes, the same delivery
+rule, the expected workload of the groups, ``f_i = sum_{g ni i} f_g``; ``tests/test_surrogates.py``):
+
+- compute: ``parts(assign)[0]`` equals the evaluator's ``compute_s`` exactly (any coalesce rule);
+- ``objective(assign)`` equals the evaluator with ``coalesce="block"`` when every co-activation
+  group is modelled, ``coalesce="expert"`` when none is, and lies between the two otherwise
+  (tail tokens are charged one message per expert), provided the hop latency is 0 or some expert
+  with traffic sits on a block touching a mesh corner (the diameter's end); otherwise it
+  over-estimates by exactly ``2 * hop_latency * (diameter - longest used route)``;
+- against the default evaluator (``coalesce="node"``: one message per token to the union of its
+  experts' nodes) it never under-estimates: per link, a token's union message loads at most the sum
+  of its per-block messages (tree: the union tree is the union of the block trees; unicast: blocks
+  may overlap), and compute is equal.
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ from functools import cached_property
 
 import numpy as np
 
+from ...costs import UnitCosts, activation_probability, layer_capacity_bytes, phase_time_s, roofline_s
 from ...errors import InputError
 from ...hardware import Hardware
 from ...moe import MoEModel
@@ -23,6 +40,12 @@ from ...solvers import LinearModel, ModelBuilder
 from .blocks import Blocks, make_blocks
 
 US = 1e6  # the linear model works in microseconds
+
+
+def link_terms_s(link_bytes: np.ndarray, link_bw: np.ndarray) -> np.ndarray:
+    """Each link's term of :func:`costs.phase_time_s` (``[..., num_links]`` seconds): the phase time
+    if that link alone were counted. The MILP's epigraph ``T >= every term`` encodes the max."""
+    return phase_time_s(np.asarray(link_bytes)[..., None], np.asarray(link_bw)[:, None])
 
 
 @dataclass(frozen=True)
@@ -68,14 +91,19 @@ class BlockModel:
         bl = self.blocks
         d = bl.degree.astype(float)
         per_node = bl.members / d[:, None]  # [nb, D] share of a block's expert on each node
+        self.unit = unit = UnitCosts.of(model, "mesh")
         # a_i: probability that a batch of B tokens activates expert i (the weight reads it causes)
-        self.a = 1.0 - (1.0 - np.clip(self.f, 0.0, 1.0)) ** self.B
-        self.comp_coef = per_node * (model.expert_flops_per_token() * self.B / hw.compute_flops)  # per unit f
-        self.mem_coef = per_node * (model.expert_weight_bytes() / hw.dram_bw_bytes_per_s)  # per unit a
-        vec = self.B * model.hidden * model.activation_bytes
-        self.disp_coef = bl.disp * vec / hw.link_bw[None, :]  # [nb, nl] seconds per unit f
-        self.comb_coef = bl.comb * vec / hw.link_bw[None, :]
-        self.mem_bytes = per_node * model.expert_weight_bytes()  # [nb, D] bytes per expert placed
+        self.a = activation_probability(self.f * self.B, self.B)
+        self.node_flops = per_node * (unit.flops_per_token * self.B)  # [nb, D] FLOPs per unit f
+        self.mem_bytes = per_node * unit.weight_bytes  # [nb, D] bytes per expert placed (= per unit a)
+        # the two sides of the roofline, linear in y_b and z_b
+        self.comp_coef = roofline_s(self.node_flops, 0.0, hw)  # seconds per unit f
+        self.mem_coef = roofline_s(0.0, self.mem_bytes, hw)  # seconds per unit a
+        vec = self.B * unit.vector_bytes  # bytes on the wire per unit f
+        self.disp_bytes = bl.disp * vec  # [nb, nl] link bytes per unit f
+        self.comb_bytes = bl.comb * vec
+        self.disp_coef = link_terms_s(self.disp_bytes, hw.link_bw)  # [nb, nl] seconds per unit f
+        self.comb_coef = link_terms_s(self.comb_bytes, hw.link_bw)
         self.cap_layer = self._layer_capacity()
         self.allowed = self._allowed_blocks()
         self._set_groups(groups)
@@ -109,15 +137,12 @@ class BlockModel:
 
     # --- data --------------------------------------------------------------------------------
     def _layer_capacity(self) -> float | None:
-        cap = self.hw.dram_capacity_bytes
-        if cap is None:
+        cap_layer = layer_capacity_bytes(self.model, self.hw, self.opts.capacity_share)
+        if cap_layer is None:
             return None
-        m = self.model
-        other = m.non_expert_weight_bytes() / self.hw.num_nodes
-        share = self.opts.capacity_share if self.opts.capacity_share is not None else 1.0 / m.moe_layers
-        cap_layer = (cap - other) * share
-        need = m.num_experts * m.expert_weight_bytes() / self.hw.num_nodes
+        need = self.model.num_experts * self.unit.weight_bytes / self.hw.num_nodes
         if cap_layer < need * (1 - 1e-9):
+            cap = self.hw.dram_capacity_bytes
             raise InputError(
                 "hardware.dram_capacity_bytes",
                 f"{cap / 1e9:.3f} GB per node leaves {cap_layer / 1e9:.3f} GB for this layer's experts, but even "
@@ -142,22 +167,31 @@ class BlockModel:
 
     @cached_property
     def hop_const_s(self) -> float:
-        """Hop latency of both phases; exact when some expert uses a node at the mesh's diameter."""
-        return 2.0 * self.hw.hop_latency_s * int(self.hw.mesh.distance.max())
+        """Hop-latency terms of both phases (:func:`costs.phase_time_s` with no bytes) at the mesh's
+        diameter: exact when some expert with traffic uses a node at the diameter's end (a corner),
+        an over-estimate otherwise."""
+        nl, diameter = self.hw.mesh.num_links, int(self.hw.mesh.distance.max())
+        return 2.0 * float(phase_time_s(np.zeros(nl), self.hw.link_bw, self.hw.hop_latency_s, diameter))
 
     # --- exact objective of an assignment ----------------------------------------------------
+    def node_time_s(self, y: np.ndarray, z: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """Per-node roofline (s, ``[..., D]``) of weights ``y [..., n]`` (tokens, units of f) and
+        ``z [..., n]`` (activations) on ``blocks [n]``."""
+        return roofline_s(y @ self.node_flops[blocks], z @ self.mem_bytes[blocks], self.hw)
+
     def parts(self, assign: np.ndarray) -> tuple[float, float, float]:
-        """(compute, dispatch, combine) seconds of ``assign [E]`` (block per expert)."""
+        """(compute, dispatch, combine) seconds of ``assign [E]`` (block per expert), without the
+        hop-latency constant."""
         a = np.asarray(assign)
-        comp = max((self.f @ self.comp_coef[a]).max(), (self.a @ self.mem_coef[a]).max())
+        comp = self.node_time_s(self.f, self.a, a).max()
         u = self.traffic(a)
-        disp = (u @ self.disp_coef).max(initial=0.0)
-        comb = (u @ self.comb_coef).max(initial=0.0)
+        disp = phase_time_s(u @ self.disp_bytes, self.hw.link_bw)
+        comb = phase_time_s(u @ self.comb_bytes, self.hw.link_bw)
         return float(comp), float(disp), float(comb)
 
     def objective(self, assign: np.ndarray) -> float:
         """Layer latency in seconds under the MILP's model (= the evaluator with ``coalesce="block"``
-        when every group is modelled, ``"expert"`` when none is)."""
+        when every group is modelled, ``"expert"`` when none is; see the module docstring)."""
         return float(sum(self.parts(assign)) + self.hop_const_s)
 
     def feasible(self, assign: np.ndarray) -> bool:
@@ -289,7 +323,9 @@ class BlockModel:
         if "n" in ix:
             v[ix["n"]] = X.sum(axis=0)
         comp, disp, comb = self.parts(a)
-        per_exp = max((self.f * self.comp_coef.max(axis=1)[a]).max(), (self.a * self.mem_coef.max(axis=1)[a]).max())
+        # (V1): the node holding the largest shard of each expert, alone
+        per_exp = float(roofline_s(self.f * self.node_flops.max(axis=1)[a], self.a * self.mem_bytes.max(axis=1)[a],
+                                   self.hw).max())
         v[ix["T"]] = US * np.array([max(comp, per_exp), disp, comb])
         return v
 

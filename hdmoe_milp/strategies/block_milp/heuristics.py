@@ -1,34 +1,44 @@
 """Warm starts for the block MILP: objective-aware greedy (all blocks, or one block shape at a time:
-the uniform-degree LPT of the notes) and a move-one-expert local search. All vectorised over blocks."""
+the uniform-degree LPT of the notes) and a move-one-expert local search. All vectorised over blocks.
+
+Scores call the kernel on the block model's per-unit loads (:func:`costs.roofline_s` on node FLOPs
+and weight reads, :func:`costs.phase_time_s` on link bytes). Exactness: a
+candidate score plus ``BlockModel.hop_const_s`` is the objective of the resulting (partial)
+assignment with one message per (token, expert), i.e. ``BlockModel(..., groups=None).objective``
+and, for a complete assignment, the evaluator with ``coalesce="expert"`` under the block model's
+conditions. With co-activation groups modelled the scores ignore them: an over-estimate of
+``BlockModel.objective`` (never an under-estimate), checked in ``tests/test_surrogates.py``.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ...costs import phase_time_s, roofline_s
 from .formulation import BlockModel
 
 
 def _state(bm: BlockModel, assign: np.ndarray, skip: int | None = None) -> tuple[np.ndarray, ...]:
-    """Node compute, node memory, link dispatch/combine and memory-per-node of a (partial) assignment.
-    Experts with ``assign < 0`` or index ``skip`` are left out."""
+    """Node FLOPs, node activation-weighted weight reads (bytes), link dispatch/combine bytes and
+    stored weight bytes per node of a (partial) assignment. Experts with ``assign < 0`` or index
+    ``skip`` are left out."""
     mask = assign >= 0
     if skip is not None:
         mask = mask.copy()
         mask[skip] = False
     a = assign[mask]
     f, act = bm.f[mask], bm.a[mask]
-    return (f @ bm.comp_coef[a], act @ bm.mem_coef[a], f @ bm.disp_coef[a], f @ bm.comb_coef[a],
+    return (f @ bm.node_flops[a], act @ bm.mem_bytes[a], f @ bm.disp_bytes[a], f @ bm.comb_bytes[a],
             bm.mem_bytes[a].sum(axis=0))
 
 
 def _candidate_scores(bm: BlockModel, i: int, state: tuple[np.ndarray, ...], allowed: np.ndarray) -> np.ndarray:
-    """Objective (s) after adding expert ``i`` to each block (inf where not allowed or over capacity)."""
-    comp, mem, disp, comb, memb = state
-    c = np.maximum((comp[None, :] + bm.f[i] * bm.comp_coef).max(axis=1),
-                   (mem[None, :] + bm.a[i] * bm.mem_coef).max(axis=1))
-    d = (disp[None, :] + bm.f[i] * bm.disp_coef).max(axis=1, initial=0.0)
-    b = (comb[None, :] + bm.f[i] * bm.comb_coef).max(axis=1, initial=0.0)
-    score = c + d + b
+    """Objective (s, without the hop constant) after adding expert ``i`` to each block (inf where not
+    allowed or over capacity)."""
+    flops, reads, disp, comb, memb = state
+    c = roofline_s(flops + bm.f[i] * bm.node_flops, reads + bm.a[i] * bm.mem_bytes, bm.hw).max(axis=1)
+    score = c + phase_time_s(disp + bm.f[i] * bm.disp_bytes, bm.hw.link_bw) \
+        + phase_time_s(comb + bm.f[i] * bm.comb_bytes, bm.hw.link_bw)
     ok = allowed.copy()
     if bm.cap_layer is not None:
         ok &= (memb[None, :] + bm.mem_bytes).max(axis=1) <= bm.cap_layer * (1 + 1e-9)
