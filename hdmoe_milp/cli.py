@@ -199,9 +199,9 @@ def _solve(args: argparse.Namespace) -> int:
     layers = []
     for r in res.layers:
         d = r.to_dict()
-        d["objective"], d["bound"], d["warm_start"] = d.pop("objective_s"), d.pop("bound_s"), None
-        d["warm_start"] = d.pop("warm_start_objective_s")
-        for key in ("objective", "bound", "warm_start"):
+        d["objective"], d["bound"] = d.pop("objective_s"), d.pop("bound_s")
+        d["warm_start_objective"] = d.pop("warm_start_objective_s")
+        for key in ("objective", "bound", "warm_start_objective"):
             d[key + "_us"] = None if d[key] is None else d[key] * 1e6
         layers.append(d)
     tbt = {n: e.tbt_us for n, e in res.evaluations.items() if n != "milp"}

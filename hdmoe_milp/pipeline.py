@@ -232,7 +232,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     layers = tuple(
         LayerReport(layer=r.layer, status=r.status, objective_s=r.objective_s, bound_s=r.bound_s, gap=r.gap,
                     time_s=r.time_s, backend=r.backend, source=r.source, final_source=src,
-                    warm_start_objective_s=r.warm_start_s, warm_start_source=r.warm_start_source,
+                    warm_start_objective_s=r.warm_start_objective_s, warm_start_source=r.warm_start_source,
                     num_vars=r.num_vars, num_binaries=r.num_binaries, num_rows=r.num_rows,
                     bound_certifies=r.bound_certifies, message=r.message)
         for r, src in zip(res.layers, sources, strict=True)

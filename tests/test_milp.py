@@ -116,7 +116,7 @@ def test_time_limited_solve_reports_feasible_with_finite_gap(ds_trace):
     r = solve_layer(m, hw, f[5], 128, backend="cbc", params=SolveParams(time_limit_s=1), layer=5, freqs_all=f)
     assert r.status == "feasible"
     assert r.gap is not None and 0 < r.gap < 1 and np.isfinite(r.bound_s)
-    assert r.bound_s <= r.objective_s <= r.warm_start_s
+    assert r.bound_s <= r.objective_s <= r.warm_start_objective_s
     assert r.num_binaries == 64 * 105
     lm = BlockModel(m, hw, f[5], 128).to_linear()
     assert lp_bound(lm) / 1e6 <= r.objective_s
@@ -133,7 +133,7 @@ def test_never_worse_than_warm_start_when_solver_fails(monkeypatch):
     monkeypatch.setattr(cpsat.CpSatBackend, "solve", boom)
     r = solve_layer(m, hw, f, 16, backend="cpsat")
     assert r.status == Status.ERROR.value and r.source.startswith("warm-start")
-    assert r.objective_s == r.warm_start_s and "crashed" in r.message
+    assert r.objective_s == r.warm_start_objective_s and "crashed" in r.message
 
 
 def test_infeasible_capacity_names_capacity_and_need():

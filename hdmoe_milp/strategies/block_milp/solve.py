@@ -43,7 +43,7 @@ class LayerSolveResult:
     num_vars: int
     num_binaries: int
     num_rows: int
-    warm_start_s: float
+    warm_start_objective_s: float
     warm_start_source: str
     source: str
     bound_certifies: str
@@ -55,24 +55,33 @@ class LayerSolveResult:
         return {
             "layer": self.layer, "status": self.status, "objective": self.objective_s, "bound": self.bound_s,
             "gap": self.gap, "time_s": self.time_s, "backend": self.backend, "num_vars": self.num_vars,
-            "num_binaries": self.num_binaries, "num_rows": self.num_rows, "warm_start": self.warm_start_s,
+            "num_binaries": self.num_binaries, "num_rows": self.num_rows,
+            "warm_start_objective": self.warm_start_objective_s,
             "warm_start_source": self.warm_start_source, "source": self.source,
             "bound_certifies": self.bound_certifies, "message": self.message,
         }
 
 
-def _baseline_assigns(bm: BlockModel, model: MoEModel, hw: Hardware, freqs_all: np.ndarray | None,
-                      layer: int, seed: int) -> dict[str, np.ndarray]:
-    """Block assignments of the baselines that the block model can express (TP, EP, EP-LPT, CB)."""
-    out = {}
-    if freqs_all is None:
-        freqs_all = np.tile(bm.f, (model.moe_layers, 1))
+def baseline_layers(model: MoEModel, hw: Hardware, freqs_all: np.ndarray,
+                    seed: int) -> list[dict[str, LayerPlacement]]:
+    """Per layer, the placements of the baselines the block model may express (TP, EP-LPT, EP, CB),
+    built once for the whole model (they warm-start every layer's MILP)."""
     makers = {"tp": tensor_parallel, "ep-lpt": expert_parallel_lpt, "ep": expert_parallel, "cb": compute_balanced}
+    out: list[dict[str, LayerPlacement]] = [{} for _ in range(len(freqs_all))]
     for name, make in makers.items():
         try:
-            lp = make(model, hw, freqs_all, seed=seed).layers[layer]
+            plan = make(model, hw, freqs_all, seed=seed)
         except InputError:
             continue
+        for li, lp in enumerate(plan.layers):
+            out[li][name] = lp
+    return out
+
+
+def _baseline_assigns(bm: BlockModel, baselines: dict[str, LayerPlacement]) -> dict[str, np.ndarray]:
+    """Block assignments of the baseline layers that the block model can express."""
+    out = {}
+    for name, lp in baselines.items():
         if lp.is_replicated:
             continue
         a = bm.assign_from_shares(lp.shares)
@@ -93,9 +102,12 @@ def solve_layer(
     layer: int = 0,
     freqs_all: np.ndarray | None = None,
     groups: tuple[np.ndarray, np.ndarray] | None = None,
+    baselines: dict[str, LayerPlacement] | None = None,
 ) -> LayerSolveResult:
     """Solve one layer's block MILP for expert frequencies ``freqs [E]`` and batch ``batch``;
     ``groups`` (distinct expert sets ``[G, k]`` and their frequencies) enable co-location modelling.
+    ``baselines``: this layer's baseline placements (else built from ``freqs_all [layers, E]``, or
+    from ``freqs`` repeated over the layers).
 
     Warm start: the best of the expressible baselines and the greedy heuristics (a MIP start for CBC,
     a hint for CP-SAT). The returned placement is never worse (MILP model) than the warm start; when
@@ -105,7 +117,10 @@ def solve_layer(
     t0 = time.perf_counter()
     solver = get_backend(backend)
     bm = BlockModel(model, hw, freqs, batch, options, groups=groups)
-    starts = warm_starts(bm, _baseline_assigns(bm, model, hw, freqs_all, layer, params.seed))
+    if baselines is None:
+        f_all = np.tile(bm.f, (model.moe_layers, 1)) if freqs_all is None else freqs_all
+        baselines = baseline_layers(model, hw, f_all, params.seed)[layer]
+    starts = warm_starts(bm, _baseline_assigns(bm, baselines))
     if not starts:
         need = model.num_experts * model.expert_weight_bytes() / hw.num_nodes
         raise InputError(
@@ -147,15 +162,15 @@ def solve_layer(
     return LayerSolveResult(
         layer=layer, status=status, objective_s=obj, bound_s=bound, gap=gap, time_s=time.perf_counter() - t0,
         backend=backend, num_vars=lm.num_vars, num_binaries=lm.num_binaries, num_rows=lm.num_rows,
-        warm_start_s=ws_obj, warm_start_source=ws_name, source=source, bound_certifies=certifies,
+        warm_start_objective_s=ws_obj, warm_start_source=ws_name, source=source, bound_certifies=certifies,
         message=raw.message, placement=bm.placement(assign), assign=assign,
     )
 
 
 def _solve_one(args: tuple) -> LayerSolveResult:
-    model, hw, freqs_all, li, batch, backend, params, options, groups = args
+    model, hw, freqs_all, li, batch, backend, params, options, groups, baselines = args
     return solve_layer(model, hw, freqs_all[li], batch, backend=backend, params=params, options=options,
-                       layer=li, freqs_all=freqs_all, groups=groups)
+                       layer=li, groups=groups, baselines=baselines)
 
 
 @dataclass(frozen=True)
@@ -188,7 +203,8 @@ def solve_model(
         raise InputError("jobs", f"must be >= 1, got {jobs}")
     params = params or SolveParams()
     get_backend(backend)
-    tasks = [(model, hw, f, li, batch, backend, params, options, None if groups is None else groups[li])
+    base = baseline_layers(model, hw, f, params.seed)
+    tasks = [(model, hw, f, li, batch, backend, params, options, None if groups is None else groups[li], base[li])
              for li in range(f.shape[0])]
     t0 = time.perf_counter()
 
