@@ -12,24 +12,14 @@ Run: python benchmarks/bench_milp.py [--models mixtral-8x7b,deepseek-v2-lite] [-
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from hdmoe_milp import EvalOptions, expected_workload, get_model, load_trace, make_hardware
-from hdmoe_milp.evaluator import evaluate
-from hdmoe_milp.strategies import STRATEGIES, build
-from hdmoe_milp.strategies.block_milp import SolveParams, best_per_layer, solve_model
-from hdmoe_milp.synthetic import synthetic_trace
+import hdmoe_milp as hm
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACES = ROOT / "instances" / "traces"
-TRACE_OF = {
-    "mixtral-8x7b": TRACES / "mixtral_reasoning_4k.json.gz",
-    "deepseek-v2-lite": TRACES / "deepseek_v2_lite_law_4k.npz",
-}
 
 
 def main() -> None:
@@ -45,40 +35,25 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    batches = [float(b) for b in args.batches.split(",")]
     rows, layer_rows = [], []
     for name in args.models.split(","):
-        model = get_model(name)
-        tr = (load_trace(TRACE_OF[name], model.num_experts, model.top_k) if name in TRACE_OF
-              else synthetic_trace(model, 4096, seed=0))
-        freqs = tr.frequencies()
-        groups = [tr.groups(li) for li in range(tr.num_layers)]
         for hwp in args.hw.split(","):
-            hw = make_hardware(hwp, args.mesh)
-            t0 = time.perf_counter()
-            res = solve_model(model, hw, freqs, 128, backend=args.backend, jobs=args.jobs, groups=groups,
-                              params=SolveParams(time_limit_s=args.time_limit, threads=1))
-            solve_wall = time.perf_counter() - t0
-            for r in res.layers:
-                layer_rows.append({"model": name, "hw": hwp, **r.to_dict()})
-            cands = {"milp": res.placement}
-            for s in STRATEGIES:
-                cands[s] = build(s, model, hw, freqs, groups=groups, batch=128, time_limit_s=args.time_limit,
-                                 backend=args.backend)
-            for B in batches:
-                wl = expected_workload(tr, B)
-                evs = {s: evaluate(p, model, hw, wl, EvalOptions()) for s, p in cands.items()}
-                plan, src = best_per_layer(cands, {s: e.layer_s for s, e in evs.items()})
-                plan_ev = evaluate(plan, model, hw, wl, EvalOptions())
-                row = {"model": name, "hw": hwp, "mesh": args.mesh, "batch": B, "plan_us": plan_ev.tbt_us,
-                       "milp_only_us": evs["milp"].tbt_us, "solve_wall_s": solve_wall,
-                       "layers_from_milp": sum(s == "milp" for s in src)}
-                for s in STRATEGIES:
-                    row[f"{s}_us"] = evs[s].tbt_us
-                    row[f"speedup_vs_{s}"] = evs[s].tbt_us / plan_ev.tbt_us
+            inst = ROOT / "instances" / f"{name}_{hwp.replace('/', '-')}_4x8.toml"
+            problem = hm.load_instance(inst).with_(hardware=hm.make_hardware(hwp, args.mesh), batch=128)
+            res = hm.solve(problem, backend=args.backend, time_limit_s=args.time_limit, jobs=args.jobs)
+            layer_rows += [{"model": name, "hw": hwp, **r.to_dict()} for r in res.layers]
+            for B in (float(b) for b in args.batches.split(",")):
+                rb = res.at_batch(B)
+                t = rb.table().set_index("strategy")
+                row = {"model": name, "hw": hwp, "mesh": args.mesh, "batch": B, "plan_us": t.loc["plan", "tbt_us"],
+                       "milp_only_us": t.loc["milp", "tbt_us"], "solve_wall_s": res.solver["wall_s"],
+                       "layers_from_milp": sum(r.final_source == "milp" for r in rb.layers)}
+                for s in hm.BASELINES:
+                    row[f"{s}_us"] = t.loc[s, "tbt_us"]
+                    row[f"speedup_vs_{s}"] = t.loc[s, "plan_speedup"]
                 rows.append(row)
-                print(f"{name:17s} {hwp:6s} B={B:5.0f} plan {plan_ev.tbt_us:9.1f} us | " + " ".join(
-                    f"{s} x{row['speedup_vs_' + s]:.3f}" for s in STRATEGIES), flush=True)
+                print(f"{name:17s} {hwp:6s} B={B:5.0f} plan {row['plan_us']:9.1f} us | " + " ".join(
+                    f"{s} x{row['speedup_vs_' + s]:.3f}" for s in hm.BASELINES), flush=True)
     df = pd.DataFrame(rows)
     ldf = pd.DataFrame(layer_rows)
     df.to_csv(out / "milp_grid.csv", index=False)
@@ -90,22 +65,15 @@ def main() -> None:
     ).reset_index()
     solve_walls = df.groupby(["model", "hw"])["solve_wall_s"].first().reset_index()
     summary = summary.merge(solve_walls, on=["model", "hw"])
-    cols = ["model", "hw", "batch", "plan_us"] + [f"speedup_vs_{s}" for s in STRATEGIES]
-    (out / "milp_grid.md").write_text(df[cols].to_markdown(index=False, floatfmt=".3f") if _has_tabulate()
-                                      else df[cols].to_string(index=False))
+    cols = ["model", "hw", "batch", "plan_us"] + [f"speedup_vs_{s}" for s in hm.BASELINES]
+    (out / "milp_grid.md").write_text(df[cols].to_markdown(index=False, floatfmt=".3f"))
     print("\nTBT speedup of the plan (>= 1 means the plan is at least as fast):")
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    print("\nmin speedup per baseline:", {s: round(df[f"speedup_vs_{s}"].min(), 4) for s in STRATEGIES})
+    print("\nmin speedup per baseline:", {s: round(df[f"speedup_vs_{s}"].min(), 4) for s in hm.BASELINES})
     print(f"mean speedup vs hdmoe: {df['speedup_vs_hdmoe'].mean():.3f}")
     print("\nsolver per (model, hw): gaps, times (targets: gap <= 1 % in <= 10 s per layer; model <= 120 s)")
     print(summary.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     _plot(df, out)
-
-
-def _has_tabulate() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tabulate") is not None
 
 
 def _plot(df: pd.DataFrame, out: Path) -> None:
@@ -114,7 +82,7 @@ def _plot(df: pd.DataFrame, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [f"speedup_vs_{s}" for s in STRATEGIES]
+    keys = [f"speedup_vs_{s}" for s in hm.BASELINES]
     g = df.groupby(["model", "hw"])[keys].mean()
     fig, ax = plt.subplots(figsize=(10, 4))
     x = np.arange(len(g))

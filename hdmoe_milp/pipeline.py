@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,12 @@ class PlanResult:
     layers: tuple[LayerReport, ...]
     evaluations: dict[str, Evaluation]
     solver: dict[str, Any]
+    candidates: dict[str, Placement] = field(default_factory=dict, repr=False)
+
+    def at_batch(self, batch: float) -> PlanResult:
+        """The same candidates (MILP and baselines, as solved) combined and scored at another batch
+        size: per layer the best at ``batch``."""
+        return _combine(self.problem.with_(batch=batch), self.candidates, self.layers, self.solver)
 
     def table(self) -> pd.DataFrame:
         """One row per strategy (the plan first): TBT and its decomposition in us, and the plan's
@@ -224,28 +230,37 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
         candidates[n] = place(problem, n, seed=seed, budget=budget)
         bar.update()
     bar.close()
-    opts = EvalOptions(mode="mesh", delivery=problem.options.delivery, seed=problem.options.seed,
-                       context_len=problem.options.context_len)
-    evals = {n: score(p, problem.model, problem.hardware, problem.workload, opts) for n, p in candidates.items()}
-    plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, f"milp-{backend}")
     wall = time.perf_counter() - t0
     layers = tuple(
         LayerReport(layer=r.layer, status=r.status, objective_s=r.objective_s, bound_s=r.bound_s, gap=r.gap,
-                    time_s=r.time_s, backend=r.backend, source=r.source, final_source=src,
+                    time_s=r.time_s, backend=r.backend, source=r.source, final_source="",
                     warm_start_objective_s=r.warm_start_objective_s, warm_start_source=r.warm_start_source,
                     num_vars=r.num_vars, num_binaries=r.num_binaries, num_rows=r.num_rows,
                     bound_certifies=r.bound_certifies, message=r.message)
-        for r, src in zip(res.layers, sources, strict=True)
+        for r in res.layers
     )
     solver = {"backend": backend, "time_limit_s": time_limit_s, "threads": threads, "jobs": jobs, "gap": gap,
               "seed": seed, "executor": executor, "baselines": names, "milp_wall_s": res.wall_s, "wall_s": wall}
+    return _combine(problem, candidates, layers, solver)
+
+
+def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[LayerReport, ...],
+             solver: dict[str, Any]) -> PlanResult:
+    """Per layer the candidate the evaluator scores best (mesh mode, the problem's delivery rule),
+    the plan's record, and every candidate's evaluation."""
+    opts = EvalOptions(mode="mesh", delivery=problem.options.delivery, seed=problem.options.seed,
+                       context_len=problem.options.context_len)
+    evals = {n: score(p, problem.model, problem.hardware, problem.workload, opts) for n, p in candidates.items()}
+    plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()},
+                                   f"milp-{solver['backend']}")
+    layers = tuple(replace(r, final_source=src) for r, src in zip(layers, sources, strict=True))
     meta = {"problem": problem.describe(), "solver": solver,
             "layers": [{"layer": r.layer, "status": r.status, "gap": r.gap, "final_source": r.final_source}
                        for r in layers],
             "package_version": __version__}
     plan = Placement(plan.layers, plan.strategy, {**plan.meta, **meta})
     evals = {"plan": score(plan, problem.model, problem.hardware, problem.workload, opts), **evals}
-    return PlanResult(problem, plan, layers, evals, solver)
+    return PlanResult(problem, plan, layers, evals, solver, candidates)
 
 
 # --- plan files ------------------------------------------------------------------------------------
