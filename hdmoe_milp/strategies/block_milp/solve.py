@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,6 +15,7 @@ from ...moe import MoEModel
 from ...placement import LayerPlacement, Placement
 from ...solvers import SolveParams, Termination, get_backend, lp_bound
 from ...solvers.backends import make_outcome
+from ...solvers.tasks import EXECUTORS, run_tasks
 from ..cb import compute_balanced
 from ..common import check_freqs
 from ..ep import expert_parallel, expert_parallel_lpt
@@ -23,7 +23,6 @@ from ..tp import tensor_parallel
 from .formulation import US, BlockModel, MilpOptions
 from .heuristics import warm_starts
 
-EXECUTORS = ("local", "ray")
 GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
 
 
@@ -191,7 +190,7 @@ def solve_model(
     options: MilpOptions | None = None,
     jobs: int = 1,
     executor: str = "local",
-    progress: bool = False,
+    progress: bool | None = False,
     groups: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> ModelSolveResult:
     """Solve every layer (independent problems): serially, in a local process pool (``jobs > 1``)
@@ -199,53 +198,21 @@ def solve_model(
     co-activation groups (``Trace.groups(l)``), for co-location modelling."""
     f = check_freqs(freqs, model)
     check_choice("executor", executor, EXECUTORS)
-    if jobs < 1:
-        raise InputError("jobs", f"must be >= 1, got {jobs}")
     params = params or SolveParams()
     get_backend(backend)
     base = baseline_layers(model, hw, f, params.seed)
     tasks = [(model, hw, f, li, batch, backend, params, options, None if groups is None else groups[li], base[li])
              for li in range(f.shape[0])]
     t0 = time.perf_counter()
-
-
-    bar = tqdm(total=len(tasks), desc=f"solve {model.name}", disable=not progress, unit="layer")
-    if executor == "ray":
-        results = _solve_ray(tasks, bar)
-    elif jobs == 1:
-        results = []
-        for t in tasks:
-            results.append(_solve_one(t))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = []
-            for r in pool.map(_solve_one, tasks):
-                results.append(r)
-                bar.update()
-    bar.close()
+    bar = tqdm(total=len(tasks), desc=f"solve {model.name}", disable=None if progress is None else not progress,
+               unit="layer", leave=False)
+    try:
+        results = run_tasks(_solve_one, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=params.threads)
+    finally:
+        bar.close()
     placement = Placement(tuple(r.placement for r in results), f"milp-{backend}",
                           {"backend": backend, "batch": batch, "time_limit_s": params.time_limit_s})
     return ModelSolveResult(tuple(results), placement, time.perf_counter() - t0)
-
-
-def _solve_ray(tasks: list[tuple], bar) -> list[LayerSolveResult]:
-    try:
-        import ray
-    except ImportError:
-        raise InputError("executor", "ray is not installed", "pip install '.[ray]' or use --executor local") from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
-    remote = ray.remote(_solve_one)
-    refs = [remote.remote(t) for t in tasks]
-    out = []
-    for r in refs:
-        out.append(ray.get(r))
-        bar.update()
-    if started:
-        ray.shutdown()
-    return out
 
 
 def best_per_layer(candidates: dict[str, Placement], layer_times: dict[str, np.ndarray],

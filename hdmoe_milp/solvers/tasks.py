@@ -1,0 +1,77 @@
+"""Running independent solves (one per layer, say) serially, in a local process pool or on Ray.
+
+Results come back in task order; the progress bar advances as each task finishes. Ctrl-C cancels
+the tasks not yet started and stops the pool without waiting for the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any
+
+from ..errors import InputError, check_choice
+
+EXECUTORS = ("local", "ray")
+
+
+def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, executor: str = "local",
+              bar: Any = None, num_cpus: int = 1) -> list[Any]:
+    """``[fn(t) for t in tasks]``, with ``jobs`` worker processes (``executor="local"``) or as Ray
+    tasks of ``num_cpus`` CPUs each (``executor="ray"``: a local Ray instance, or the cluster named by
+    ``RAY_ADDRESS``). ``fn`` must be a module-level function and the tasks picklable. ``bar``: a tqdm
+    bar (or None)."""
+    check_choice("executor", executor, EXECUTORS)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
+    if executor == "ray":
+        return _run_ray(fn, tasks, bar, num_cpus)
+    if jobs == 1 or len(tasks) <= 1:
+        out = []
+        for t in tasks:
+            out.append(fn(t))
+            if bar is not None:
+                bar.update()
+        return out
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)))
+    try:
+        futures = {pool.submit(fn, t): i for i, t in enumerate(tasks)}
+        results: list[Any] = [None] * len(tasks)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                results[futures[f]] = f.result()
+                if bar is not None:
+                    bar.update()
+        pool.shutdown(wait=True)
+        return results
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
+def _run_ray(fn: Callable[[Any], Any], tasks: Sequence[Any], bar: Any, num_cpus: int) -> list[Any]:
+    try:
+        import ray
+    except ImportError:
+        raise InputError("executor", "ray is not installed", "pip install '.[ray]' or use --executor local") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(ignore_reinit_error=True, log_to_driver=False)  # RAY_ADDRESS, if set, names the cluster
+    try:
+        remote = ray.remote(num_cpus=max(1, int(num_cpus)))(fn)
+        refs = [remote.remote(t) for t in tasks]
+        index = {r: i for i, r in enumerate(refs)}
+        results: list[Any] = [None] * len(tasks)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in done:
+                results[index[r]] = ray.get(r)
+                if bar is not None:
+                    bar.update()
+        return results
+    finally:
+        if started:
+            ray.shutdown()
