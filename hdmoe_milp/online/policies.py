@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costs import non_moe_time_s
+from ..costs import UnitCosts, non_moe_time_s
 from ..errors import InputError, check_choice
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -83,7 +83,7 @@ def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: Eva
                        alpha_s: float = 1e-7) -> int:
     """HD-MoE's k: the most experts whose broadcast fits behind one layer's non-MoE time, from its
     alpha-beta bound t(k) = S*beta*k + 2*alpha*sqrt(D) + 2*sqrt(2*sqrt(D)*beta*k*alpha*S)."""
-    S = model.expert_weight_bytes()
+    S = UnitCosts.of(model, options.mode).weight_bytes
     beta = 1.0 / hw.min_link_bw
     sd = math.sqrt(hw.num_nodes)
     t_inf = non_moe_time_s(model, hw, batch, options.mode, options.context_len) / max(model.total_layers, 1)
@@ -121,7 +121,7 @@ class HdmoePrebroadcast(Policy):
         if self.pred_ is None or self.k == 0:
             return Decision(self.plan)
         t0 = time.perf_counter()
-        phi = self.model.expert_flops_per_token()
+        phi = UnitCosts.of(self.model, self.options.mode).flops_per_token
         D = self.hw.num_nodes
         layers = []
         for li, lp in enumerate(self.plan.layers):
@@ -186,7 +186,7 @@ class EplbPeriodic(Policy):
         f = np.mean(self.history, axis=0) / self.batch
         new = eplb_placement(self.model, self.hw, f, extra_replicas=self.extra)
         dt = (time.perf_counter() - t0) / len(self.plan.layers)
-        W = self.model.expert_weight_bytes()
+        W = UnitCosts.of(self.model, self.options.mode).weight_bytes
         mig, moved, acts = 0.0, 0.0, 0
         for old, nl in zip(self.current.layers, new.layers, strict=True):
             had = old.shares > 0
