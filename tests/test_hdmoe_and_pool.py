@@ -11,7 +11,7 @@ from hdmoe_milp import EvalOptions, Hardware, Mesh, MoEModel, expected_workload
 from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.strategies import build
 from hdmoe_milp.strategies.block_milp import SolveParams, solve_model
-from hdmoe_milp.strategies.hdmoe import link_balance, node_balance
+from hdmoe_milp.strategies.hdmoe import hdmoe_layer, hdmoe_placement, link_balance, node_balance, wrap_shares
 from hdmoe_milp.synthetic import synthetic_trace
 
 M = MoEModel("t8", num_experts=8, top_k=2, hidden=512, expert_intermediate=1024, moe_layers=3)
@@ -56,6 +56,47 @@ def test_hdmoe_strategy_is_deterministic(trace):
     assert a.strategy == "hdmoe" and a.num_layers == 3
     wl = expected_workload(trace, 64)
     assert evaluate(a, M, HW, wl).tbt_s == pytest.approx(evaluate(b, M, HW, wl).tbt_s, rel=1e-9)
+
+
+def test_hdmoe_default_is_load_insensitive(trace):
+    """The default budget reads no clock: wall-time limits and the backend do not change the answer."""
+    f = trace.frequencies()
+    groups = [trace.groups(li) for li in range(3)]
+    a = hdmoe_placement(M, HW, f, groups=groups, batch=64)
+    b = hdmoe_placement(M, HW, f, groups=groups, batch=64, time_limit_s=1e-3, backend="cbc")
+    for x, y in zip(a.layers, b.layers, strict=True):
+        np.testing.assert_array_equal(x.shares, y.shares)
+
+
+def test_hdmoe_solver_path_never_worse_than_start(trace):
+    f = trace.frequencies()[1]
+    g = trace.groups(1)
+    start, s0 = node_balance(M, HW, f, g, 64)
+    shares, s1 = node_balance(M, HW, f, g, 64, work_limit=0.2, gap=0.0)
+    assert s1["status"] not in ("start-within-gap", "start (no solver budget)")
+    assert s1["objective_us"] <= s0["objective_us"] + 1e-12
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+
+
+def test_hdmoe_layer_matches_strategy(trace):
+    f = trace.frequencies()
+    groups = [trace.groups(li) for li in range(3)]
+    whole = hdmoe_placement(M, HW, f, seed=3, groups=groups, batch=64)
+    for li in range(3):
+        lp, info = hdmoe_layer(M, HW, f[li], groups[li], 64, seed=3, layer=li)
+        np.testing.assert_array_equal(lp.shares, whole.layers[li].shares)
+        assert info == whole.meta["stage1"][li]
+
+
+def test_wrap_shares_balance():
+    rng = np.random.default_rng(0)
+    for E, D in ((8, 32), (64, 32), (16, 4)):
+        f = rng.pareto(1.2, E) + 0.01
+        f[0] = 0.0
+        s = wrap_shares(f, D)
+        np.testing.assert_allclose(s.sum(axis=1), 1.0)
+        np.testing.assert_allclose(f @ s, f.sum() / D, rtol=1e-9)
+        assert (s > 0).sum() <= E + D - 1
 
 
 M4 = MoEModel("t4", num_experts=4, top_k=2, hidden=512, expert_intermediate=1024, moe_layers=3)

@@ -52,6 +52,19 @@ def test_cb_ilp_matches_brute_force(seed):
     assert _bin_max(loads, assign, 3) <= _bin_max(loads, lpt_pack(loads, 3), 3) + 1e-12
 
 
+@pytest.mark.parametrize("backend", ["cbc", "cpsat", "highs"])
+def test_cb_ilp_backends_match_brute_force(backend):
+    from hdmoe_milp.solvers import available_backends
+
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not installed")
+    loads = np.array([5.0, 4.0, 3.0, 3.0, 3.0, 2.0])  # the solver must prove 7 optimal
+    best = min(_bin_max(loads, np.array(a), 3) for a in itertools.product(range(3), repeat=6))
+    assign, status = balance_ilp(loads, 3, time_limit_s=20, gap=0.0, backend=backend)
+    assert _bin_max(loads, assign, 3) == pytest.approx(best)
+    assert status in ("optimal", "lpt-within-gap")
+
+
 def test_cb_regions_and_shares():
     m = get_model("deepseek-v2-lite")
     hw = make_hardware("5/50", "4x8")

@@ -5,12 +5,13 @@ and each expert is split evenly (TP) over its sub-region's nodes."""
 from __future__ import annotations
 
 import numpy as np
-import pulp
+import scipy.sparse as sp
 
 from ..errors import InputError
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import Placement
+from ..solvers import LinearModel, SolveParams, Termination, get_backend
 from .common import check_freqs, lpt_pack
 
 
@@ -44,42 +45,54 @@ def region_nodes(hw: Hardware, regions: tuple[int, int]) -> list[np.ndarray]:
     return out
 
 
-def balance_ilp(loads: np.ndarray, bins: int, time_limit_s: float = 2.0, gap: float = 0.05) -> tuple[np.ndarray, str]:
-    """min max_s sum_{i in s} loads_i over assignments of items to ``bins`` (CBC via PuLP), warm-started
-    from LPT, stopped at relative ``gap``. Returns the assignment and a status; never worse than LPT.
+def balance_model(loads: np.ndarray, bins: int) -> LinearModel:
+    """min t s.t. every item in exactly one bin (binaries ``z[i, s]``, index ``i * bins + s``) and
+    every bin's load <= t (the last variable)."""
+    n = len(loads)
+    nz = n * bins
+    t = nz
+    z = np.arange(nz).reshape(n, bins)
+    one_rows = np.repeat(np.arange(n), bins)
+    bin_rows = n + np.r_[np.tile(np.arange(bins), n), np.arange(bins)]
+    rows = np.r_[one_rows, bin_rows]
+    cols = np.r_[z.ravel(), z.ravel(), np.full(bins, t)]
+    vals = np.r_[np.ones(nz), np.repeat(np.asarray(loads, dtype=float), bins), -np.ones(bins)]
+    A = sp.csr_matrix((vals, (rows, cols)), shape=(n + bins, nz + 1))
+    ub = np.r_[np.ones(nz), max(float(np.sum(loads)), 1e-12)]
+    integer = np.r_[np.ones(nz, dtype=bool), False]
+    c = np.r_[np.zeros(nz), 1.0]
+    lo = np.r_[np.ones(n), np.full(bins, -np.inf)]
+    hi = np.r_[np.ones(n), np.zeros(bins)]
+    names = [f"z_{i}_{b}" for i in range(n) for b in range(bins)] + ["t"]
+    return LinearModel(names, np.zeros(nz + 1), ub, integer, c, A, lo, hi, ["exact"] * n + ["relax"] * bins)
+
+
+def balance_ilp(loads: np.ndarray, bins: int, time_limit_s: float = 2.0, gap: float = 0.05,
+                backend: str = "cbc") -> tuple[np.ndarray, str]:
+    """min max_s sum_{i in s} loads_i over assignments of items to ``bins``, solved by ``backend``
+    through the solver layer (default CBC), warm-started from LPT, stopped at relative ``gap``.
+    Returns the assignment and a status; never worse than LPT.
 
     When LPT is already within ``gap`` of the bound max(mean bin load, largest item), the solver is
     skipped (status ``lpt-within-gap``).
     """
+    loads = np.asarray(loads, dtype=float)
     n = len(loads)
     lpt = lpt_pack(loads, bins)
     lpt_obj = np.bincount(lpt, weights=loads, minlength=bins).max()
     bound = max(float(np.sum(loads)) / bins, float(np.max(loads, initial=0.0)))
     if lpt_obj <= (1.0 + gap) * bound:
         return lpt, "lpt-within-gap"
-    prob = pulp.LpProblem("cb_balance", pulp.LpMinimize)
-    z = [[pulp.LpVariable(f"z_{i}_{s}", cat="Binary") for s in range(bins)] for i in range(n)]
-    t = pulp.LpVariable("t", lowBound=0)
-    prob += t
-    for i in range(n):
-        prob += pulp.lpSum(z[i]) == 1
-    bin_load = [pulp.lpSum(float(loads[i]) * z[i][s] for i in range(n)) for s in range(bins)]
-    for s in range(bins):
-        prob += bin_load[s] <= t
-    for i in range(n):
-        for s in range(bins):
-            z[i][s].setInitialValue(1 if lpt[i] == s else 0)
-    t.setInitialValue(float(lpt_obj))
-    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, warmStart=True, threads=1)
-    prob.solve(solver)
-    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return lpt, "lpt (solver: " + pulp.LpSolution[prob.sol_status] + ")"
-    assign = np.array([int(np.argmax([v.value() or 0 for v in z[i]])) for i in range(n)])
+    lm = balance_model(loads, bins)
+    hint = np.r_[np.eye(bins)[lpt].ravel(), lpt_obj]
+    out = get_backend(backend).solve(lm, SolveParams(time_limit_s=time_limit_s, gap=gap, hint=hint, threads=1))
+    if out.termination not in (Termination.OPTIMAL, Termination.FEASIBLE) or out.x is None:
+        return lpt, f"lpt (solver: {out.termination.value})"
+    assign = np.argmax(out.x[: n * bins].reshape(n, bins), axis=1)
     obj = np.bincount(assign, weights=loads, minlength=bins).max()
     if obj > lpt_obj:
         return lpt, "lpt (solver incumbent worse)"
-    status = "optimal" if prob.sol_status == pulp.LpSolutionOptimal else "feasible"
-    return assign, status
+    return assign, out.termination.value
 
 
 def compute_balanced(
