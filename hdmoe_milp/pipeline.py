@@ -35,8 +35,17 @@ from .placement import Placement, write_atomic
 from .problem import Budget, Problem
 from .replica_rules import DISPATCH as REPLICA_RULES
 from .solvers import SolveParams
+from .solvers.tasks import run_tasks
 from .strategies import BASELINES, STRATEGIES, place
-from .strategies.block_milp import EXECUTORS, MilpOptions, best_per_layer, solve_model
+from .strategies.block_milp import (
+    EXECUTORS,
+    MilpOptions,
+    best_per_layer,
+    layer_tasks,
+    model_result,
+    solve_layer_task,
+)
+from .strategies.hdmoe import WORK_LIMIT, hdmoe_layer
 from .workload import Trace, load_trace, summarize, total_variation
 
 __all__ = [
@@ -201,16 +210,19 @@ class PlanResult:
 
 def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.0, jobs: int = 1,
           threads: int = 1, gap: float = 1e-4, baselines: bool | list[str] | tuple[str, ...] = True,
-          executor: str = "local", seed: int | None = None, progress: bool | None = None) -> PlanResult:
+          executor: str = "local", seed: int | None = None, progress: bool | None = None,
+          work_limit: float | None = None) -> PlanResult:
     """Solve every layer's block MILP (warm-started from the best baseline and heuristic), then keep
     per layer whichever of the MILP's plan and the baselines scores best under the evaluator, so the
     plan is never worse than any baseline.
 
     ``time_limit_s``: per layer. ``jobs``: layers solved in parallel (process pool).
     ``executor``: ``local`` or ``ray``. ``baselines``: True (all), False (none) or a list of names.
+    ``work_limit``: the ``hdmoe`` baseline's stage-1 budget per layer (CP-SAT deterministic seconds;
+    None: its default). Its layers run in the same pool as the MILP's.
     Scoring uses ``mesh`` mode (the model the MILP optimises) with the problem's delivery rule.
     """
-    budget = Budget(time_limit_s=time_limit_s, backend=backend, threads=threads, gap=gap)
+    budget = Budget(time_limit_s=time_limit_s, work_limit=work_limit, backend=backend, threads=threads, gap=gap)
     check_choice("executor", executor, EXECUTORS)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
@@ -220,16 +232,37 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     seed = problem.seed if seed is None else seed
     params = SolveParams(time_limit_s=time_limit_s, threads=threads, seed=seed, gap=gap)
     t0 = time.perf_counter()
-    res = solve_model(problem.model, problem.hardware, problem.frequencies, problem.batch, backend=backend,
-                      params=params, options=MilpOptions(delivery=problem.options.resolved_delivery), jobs=jobs,
-                      executor=executor, progress=progress, groups=problem.coactivation)
+    # one pool for every layer's MILP and every layer of the hdmoe baseline (its per-layer work is
+    # a deterministic budget, so sharing the pool does not change its answer)
+    m, L = problem.model, problem.model.moe_layers
+    coact = problem.coactivation
+    tasks: list[tuple] = [("milp", t) for t in layer_tasks(
+        m, problem.hardware, problem.frequencies, problem.batch, backend=backend, params=params,
+        options=MilpOptions(delivery=problem.options.resolved_delivery), groups=coact)]
+    work = WORK_LIMIT if work_limit is None else work_limit
+    if "hdmoe" in names:
+        tasks += [("hdmoe", (m, problem.hardware, problem.frequencies[li], None if coact is None else coact[li],
+                             problem.batch), {"seed": seed, "layer": li, "work_limit": work, "backend": backend,
+                              "time_limit_s": time_limit_s})
+                  for li in range(L)]
+    bar = _progress(progress, total=len(tasks), desc=f"solve {m.name}", unit="layer")
+    try:
+        out = run_tasks(_layer_task, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=threads)
+    finally:
+        bar.close()
+    res = model_result(out[:L], backend, problem.batch, params, time.perf_counter() - t0)
     candidates = {"milp": res.placement}
-    bar = _progress(progress, total=len(names), desc="baselines", unit="strategy")
-    for n in names:
+    if "hdmoe" in names:
+        candidates["hdmoe"] = Placement(tuple(lp for lp, _ in out[L:]), "hdmoe",
+                                        {"stage1": [info for _, info in out[L:]], "work_limit": work})
+    rest = [n for n in names if n != "hdmoe"]
+    bar = _progress(progress, total=len(rest), desc="baselines", unit="strategy")
+    for n in rest:
         bar.set_postfix_str(n)
         candidates[n] = place(problem, n, seed=seed, budget=budget)
         bar.update()
     bar.close()
+    candidates = {"milp": candidates["milp"], **{n: candidates[n] for n in names}}
     wall = time.perf_counter() - t0
     layers = tuple(
         LayerReport(layer=r.layer, status=r.status, objective_s=r.objective_s, bound_s=r.bound_s, gap=r.gap,
@@ -261,6 +294,14 @@ def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[L
     plan = Placement(plan.layers, plan.strategy, {**plan.meta, **meta})
     evals = {"plan": score(plan, problem.model, problem.hardware, problem.workload, opts), **evals}
     return PlanResult(problem, plan, layers, evals, solver, candidates)
+
+
+def _layer_task(task: tuple) -> Any:
+    """One layer of the MILP or of the hdmoe baseline (runs in a worker process)."""
+    if task[0] == "milp":
+        return solve_layer_task(task[1])
+    args, kw = task[1], task[2]
+    return hdmoe_layer(*args, **kw)
 
 
 # --- plan files ------------------------------------------------------------------------------------

@@ -58,9 +58,10 @@ def _eplb(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> P
 
 def _hdmoe(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
     b = budget or Budget()
+    kw = {} if b.work_limit is None else {"work_limit": b.work_limit}
     return hdmoe_placement(problem.model, problem.hardware, problem.frequencies, seed=seed,
                            groups=problem.coactivation, batch=problem.batch, time_limit_s=b.time_limit_s,
-                           backend=b.backend)
+                           backend=b.backend, **kw)
 
 
 def _milp(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:

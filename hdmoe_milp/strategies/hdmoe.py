@@ -258,7 +258,8 @@ def node_balance(model: MoEModel, hw: Hardware, f: np.ndarray, groups, batch: fl
     hint[var["t_comp"]] = est.u_comp * (f @ best).max()
     hint[var["t_comm"]] = est.u_comm * est.touch(best > 0).max()
     if backend == "cpsat":
-        params = SolveParams(time_limit_s=work_limit, seed=seed, gap=gap, hint=hint, deterministic=True, threads=1)
+        params = SolveParams(time_limit_s=max(time_limit_s, 60.0 * work_limit), work_limit=work_limit, seed=seed,
+                             gap=gap, hint=hint, threads=1)
     else:
         params = SolveParams(time_limit_s=time_limit_s, seed=seed, gap=gap, hint=hint, threads=1)
         info["deterministic"] = False

@@ -39,6 +39,9 @@ class SolveParams:
     ``verbose`` (solver log on stdout). ``deterministic``: CP-SAT counts the limit in its
     deterministic time (same inputs, same answer on any machine load; wall time capped at twice the
     limit); CBC and HiGHS always count wall time, so their time-limited answers can vary.
+    ``work_limit``: a deterministic work budget (CP-SAT deterministic seconds); when set, CP-SAT
+    stops on it and ``time_limit_s`` is only a wall-clock safety cap, so the answer does not depend
+    on machine load unless that cap binds. CBC and HiGHS ignore it.
     ``hint``: a starting point (one value per variable of the model): a MIP start for CBC, a hint
     for CP-SAT, ignored by HiGHS.
     """
@@ -49,6 +52,7 @@ class SolveParams:
     gap: float = 1e-4
     verbose: bool = False
     deterministic: bool = True
+    work_limit: float | None = None
     hint: np.ndarray | None = None
 
 

@@ -93,7 +93,10 @@ class CpSatBackend(Backend):
                     m.AddHint(V[j], int(min(RES, math.ceil(v / scale[j] - 1e-9))))
         solver = cp_model.CpSolver()
         p = solver.parameters
-        if params.deterministic:
+        if params.work_limit is not None:  # a work budget; the wall limit is only a safety cap
+            p.max_deterministic_time = float(params.work_limit)
+            p.max_time_in_seconds = float(params.time_limit_s)
+        elif params.deterministic:
             p.max_deterministic_time = float(params.time_limit_s)
             p.max_time_in_seconds = 2.0 * float(params.time_limit_s)
         else:

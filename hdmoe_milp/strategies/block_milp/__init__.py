@@ -14,10 +14,21 @@ from ...solvers import (
 )
 from .blocks import Blocks, make_blocks
 from .formulation import BlockModel, MilpOptions
-from .solve import EXECUTORS, LayerSolveResult, ModelSolveResult, best_per_layer, solve_layer, solve_model
+from .solve import (
+    EXECUTORS,
+    LayerSolveResult,
+    ModelSolveResult,
+    best_per_layer,
+    layer_tasks,
+    model_result,
+    solve_layer,
+    solve_layer_task,
+    solve_model,
+)
 
 __all__ = [
     "BACKENDS", "EXECUTORS", "BlockModel", "Blocks", "LayerSolveResult", "LinearModel", "MilpOptions",
     "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends", "best_per_layer",
-    "get_backend", "lp_bound", "make_blocks", "solve_layer", "solve_model",
+    "get_backend", "layer_tasks", "lp_bound", "make_blocks", "model_result", "solve_layer", "solve_layer_task",
+    "solve_model",
 ]

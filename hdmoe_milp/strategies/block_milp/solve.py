@@ -166,7 +166,8 @@ def solve_layer(
     )
 
 
-def _solve_one(args: tuple) -> LayerSolveResult:
+def solve_layer_task(args: tuple) -> LayerSolveResult:
+    """One task of :func:`layer_tasks` (top-level, so that a process pool or Ray can run it)."""
     model, hw, freqs_all, li, batch, backend, params, options, groups, baselines = args
     return solve_layer(model, hw, freqs_all[li], batch, backend=backend, params=params, options=options,
                        layer=li, groups=groups, baselines=baselines)
@@ -196,23 +197,37 @@ def solve_model(
     """Solve every layer (independent problems): serially, in a local process pool (``jobs > 1``)
     or on Ray (``executor="ray"``, needs ``pip install .[ray]``). ``groups[l]``: the layer's
     co-activation groups (``Trace.groups(l)``), for co-location modelling."""
-    f = check_freqs(freqs, model)
     check_choice("executor", executor, EXECUTORS)
     params = params or SolveParams()
-    get_backend(backend)
-    base = baseline_layers(model, hw, f, params.seed)
-    tasks = [(model, hw, f, li, batch, backend, params, options, None if groups is None else groups[li], base[li])
-             for li in range(f.shape[0])]
+    tasks = layer_tasks(model, hw, freqs, batch, backend=backend, params=params, options=options, groups=groups)
     t0 = time.perf_counter()
     bar = tqdm(total=len(tasks), desc=f"solve {model.name}", disable=None if progress is None else not progress,
                unit="layer", leave=False)
     try:
-        results = run_tasks(_solve_one, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=params.threads)
+        results = run_tasks(solve_layer_task, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=params.threads)
     finally:
         bar.close()
+    return model_result(results, backend, batch, params, time.perf_counter() - t0)
+
+
+def layer_tasks(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, backend: str,
+                params: SolveParams, options: MilpOptions | None,
+                groups: list[tuple[np.ndarray, np.ndarray]] | None) -> list[tuple]:
+    """One picklable task per layer for :func:`solve_layer_task` (baselines for the warm starts built
+    once here)."""
+    f = check_freqs(freqs, model)
+    get_backend(backend)
+    base = baseline_layers(model, hw, f, params.seed)
+    return [(model, hw, f, li, batch, backend, params, options, None if groups is None else groups[li], base[li])
+            for li in range(f.shape[0])]
+
+
+def model_result(results: list[LayerSolveResult], backend: str, batch: float, params: SolveParams,
+                 wall_s: float) -> ModelSolveResult:
+    """The whole-model result of per-layer results (in layer order)."""
     placement = Placement(tuple(r.placement for r in results), f"milp-{backend}",
                           {"backend": backend, "batch": batch, "time_limit_s": params.time_limit_s})
-    return ModelSolveResult(tuple(results), placement, time.perf_counter() - t0)
+    return ModelSolveResult(tuple(results), placement, wall_s)
 
 
 def best_per_layer(candidates: dict[str, Placement], layer_times: dict[str, np.ndarray],
