@@ -149,7 +149,7 @@ def main() -> None:
         base, shifted_tr = synthetic_trace(sm, 4096, seed=seed), synthetic_trace(sm, 256 * nb, seed=seed, domain=5)
         splan = build("ep-lpt", sm, shw, base.frequencies())
         hind = solve_model(sm, shw, shifted_tr.frequencies(), 256, params=SolveParams(time_limit_s=5.0),
-                           groups=[shifted_tr.groups(li) for li in range(sm.moe_layers)]).placement
+                           coactivation=[shifted_tr.coactivation(li) for li in range(sm.moe_layers)]).placement
         lat = {p: replay(splan, sm, shw, shifted_tr, 256, p, batches=nb, batching="random", seed=1).latency_s
                for p in ("static", "greedy")}
         lat["greedy-ema0.8"] = replay(splan, sm, shw, shifted_tr, 256, "greedy", batches=nb, batching="random",

@@ -238,7 +238,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     coact = problem.coactivation
     tasks: list[tuple] = [("milp", t) for t in layer_tasks(
         m, problem.hardware, problem.frequencies, problem.batch, backend=backend, params=params,
-        options=MilpOptions(delivery=problem.options.resolved_delivery), groups=coact)]
+        options=MilpOptions(delivery=problem.options.resolved_delivery), coactivation=coact)]
     work = WORK_LIMIT if work_limit is None else work_limit
     if "hdmoe" in names:
         tasks += [("hdmoe", (m, problem.hardware, problem.frequencies[li], None if coact is None else coact[li],

@@ -148,7 +148,7 @@ class Problem:
         """Per layer, the distinct expert sets and their frequencies (None without a trace)."""
         if self.trace is None:
             return None
-        return [self.trace.groups(li) for li in range(self.trace.num_layers)]
+        return [self.trace.coactivation(li) for li in range(self.trace.num_layers)]
 
     @cached_property
     def workload(self) -> Workload:

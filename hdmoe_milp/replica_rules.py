@@ -160,7 +160,7 @@ def assign_by_distance(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarr
             idx = np.flatnonzero(pending)
             gap = np.where(room[None, :], gap_all[idx], np.iinfo(np.int64).max)
             allowed = gap == gap.min(axis=1, keepdims=True)
-            for use, sel in _groups(allowed, idx):
+            for use, sel in _by_allowed_set(allowed, idx):
                 if cap_e:
                     left = np.clip(quota[use] - served[use], 0.0, None)
                     want = min(float(w[fi[sel]].sum()), float(left.sum()))
@@ -240,7 +240,7 @@ def _level(on: np.ndarray, node: np.ndarray) -> np.ndarray:
     return np.where(on, node, -np.inf).max(axis=1)
 
 
-def _groups(allowed: np.ndarray, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def _by_allowed_set(allowed: np.ndarray, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Rows of ``allowed [n, m]`` grouped by pattern, fewest allowed copies first (then by pattern):
     ``(allowed copy positions, idx of the rows)`` per group."""
     m = allowed.shape[1]

@@ -63,7 +63,7 @@ class Trace:
         """``[layers, E]`` f_i: fraction of tokens routed to expert i (each row sums to top_k)."""
         return np.stack([np.bincount(a.ravel(), minlength=self.num_experts) / a.shape[0] for a in self.layers])
 
-    def groups(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def coactivation(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Distinct sorted expert sets of a layer and their frequencies f_g (summing to 1)."""
         uniq, counts = np.unique(np.sort(self.layers[layer], axis=1), axis=0, return_counts=True)
         return uniq, counts / counts.sum()
@@ -165,7 +165,7 @@ def expected_workload(trace: Trace, batch: float) -> Workload:
     check_batch(batch)
     layers = []
     for li in range(trace.num_layers):
-        g, fg = trace.groups(li)
+        g, fg = trace.coactivation(li)
         layers.append(LayerRouting(g, fg * batch))
     return Workload(tuple(layers), trace.num_experts, trace.top_k, float(batch), "expected")
 

@@ -25,7 +25,7 @@ def trace():
 
 def test_hdmoe_stage1_beats_or_equals_ep(trace):
     f = trace.frequencies()[0]
-    shares, info = node_balance(M, HW, f, trace.groups(0), 64, backend="cpsat", time_limit_s=3, seed=0)
+    shares, info = node_balance(M, HW, f, trace.coactivation(0), 64, backend="cpsat", time_limit_s=3, seed=0)
     np.testing.assert_allclose(shares.sum(axis=1), 1.0)
     ep = build("ep-lpt", M, HW, trace.frequencies()).layers[0].shares
     assert (f @ shares).max() <= (f @ ep).max() + 1e-9 or info["source"] != "cpsat"
@@ -34,7 +34,7 @@ def test_hdmoe_stage1_beats_or_equals_ep(trace):
 
 def test_link_balance_never_increases_comm(trace):
     shares = build("ep", M, HW, trace.frequencies(), seed=2).layers[0].shares
-    ids, fg = trace.groups(0)
+    ids, fg = trace.coactivation(0)
     w = fg * 64 * M.hidden * M.activation_bytes
     perm = link_balance(HW, shares, ids, w, seed=0, evals=100)
     assert sorted(perm.tolist()) == list(range(8))
@@ -50,9 +50,9 @@ def test_link_balance_never_increases_comm(trace):
 
 def test_hdmoe_strategy_is_deterministic(trace):
     f = trace.frequencies()
-    groups = [trace.groups(li) for li in range(3)]
-    a = build("hdmoe", M, HW, f, groups=groups, batch=64, time_limit_s=1)
-    b = build("hdmoe", M, HW, f, groups=groups, batch=64, time_limit_s=1)
+    groups = [trace.coactivation(li) for li in range(3)]
+    a = build("hdmoe", M, HW, f, coactivation=groups, batch=64, time_limit_s=1)
+    b = build("hdmoe", M, HW, f, coactivation=groups, batch=64, time_limit_s=1)
     assert a.strategy == "hdmoe" and a.num_layers == 3
     wl = expected_workload(trace, 64)
     assert evaluate(a, M, HW, wl).tbt_s == pytest.approx(evaluate(b, M, HW, wl).tbt_s, rel=1e-9)
@@ -61,16 +61,16 @@ def test_hdmoe_strategy_is_deterministic(trace):
 def test_hdmoe_default_is_load_insensitive(trace):
     """The default budget reads no clock: wall-time limits and the backend do not change the answer."""
     f = trace.frequencies()
-    groups = [trace.groups(li) for li in range(3)]
-    a = hdmoe_placement(M, HW, f, groups=groups, batch=64)
-    b = hdmoe_placement(M, HW, f, groups=groups, batch=64, time_limit_s=1e-3, backend="cbc")
+    groups = [trace.coactivation(li) for li in range(3)]
+    a = hdmoe_placement(M, HW, f, coactivation=groups, batch=64)
+    b = hdmoe_placement(M, HW, f, coactivation=groups, batch=64, time_limit_s=1e-3, backend="cbc")
     for x, y in zip(a.layers, b.layers, strict=True):
         np.testing.assert_array_equal(x.shares, y.shares)
 
 
 def test_hdmoe_solver_path_never_worse_than_start(trace):
     f = trace.frequencies()[1]
-    g = trace.groups(1)
+    g = trace.coactivation(1)
     start, s0 = node_balance(M, HW, f, g, 64)
     shares, s1 = node_balance(M, HW, f, g, 64, work_limit=0.2, gap=0.0)
     assert s1["status"] not in ("start-within-gap", "start (no solver budget)")
@@ -80,8 +80,8 @@ def test_hdmoe_solver_path_never_worse_than_start(trace):
 
 def test_hdmoe_layer_matches_strategy(trace):
     f = trace.frequencies()
-    groups = [trace.groups(li) for li in range(3)]
-    whole = hdmoe_placement(M, HW, f, seed=3, groups=groups, batch=64)
+    groups = [trace.coactivation(li) for li in range(3)]
+    whole = hdmoe_placement(M, HW, f, seed=3, coactivation=groups, batch=64)
     for li in range(3):
         lp, info = hdmoe_layer(M, HW, f[li], groups[li], 64, seed=3, layer=li)
         np.testing.assert_array_equal(lp.shares, whole.layers[li].shares)
@@ -106,10 +106,10 @@ HW4 = Hardware(Mesh(2, 2), compute_flops=2e10, link_bw_bytes_per_s=2e9)
 def test_pool_matches_serial():
     tr = synthetic_trace(M4, 400, seed=1)
     f = tr.frequencies()
-    groups = [tr.groups(li) for li in range(3)]
+    groups = [tr.coactivation(li) for li in range(3)]
     params = SolveParams(time_limit_s=10, gap=1e-6)
-    serial = solve_model(M4, HW4, f, 64, backend="cpsat", params=params, groups=groups)
-    pooled = solve_model(M4, HW4, f, 64, backend="cpsat", params=params, groups=groups, jobs=2)
+    serial = solve_model(M4, HW4, f, 64, backend="cpsat", params=params, coactivation=groups)
+    pooled = solve_model(M4, HW4, f, 64, backend="cpsat", params=params, coactivation=groups, jobs=2)
     for a, b in zip(serial.layers, pooled.layers, strict=True):
         assert a.objective_s == pytest.approx(b.objective_s, rel=1e-9)
         assert a.status == b.status == "optimal"

@@ -56,16 +56,16 @@ CASES = [
 def test_optimum_equals_brute_force(backend, case):
     m, hw = tiny(**CASES[case])
     tr = synthetic_trace(m, 400, seed=case)
-    f, groups = tr.frequencies()[0], tr.groups(0)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
     opts = MilpOptions(symmetry=False)
-    bm = BlockModel(m, hw, f, 16, opts, groups=groups)
+    bm = BlockModel(m, hw, f, 16, opts, coactivation=groups)
     best = brute_force(bm, tr)
     r = solve_layer(m, hw, f, 16, backend=backend, params=SolveParams(time_limit_s=20, gap=1e-6), options=opts,
-                    groups=groups)
+                    coactivation=groups)
     assert r.objective_s == pytest.approx(best, rel=1e-6)
     assert r.status == "optimal" and r.gap is not None and r.gap <= 1e-4
     # symmetry breaking keeps the optimum
-    r2 = solve_layer(m, hw, f, 16, backend=backend, params=SolveParams(time_limit_s=20, gap=1e-6), groups=groups)
+    r2 = solve_layer(m, hw, f, 16, backend=backend, params=SolveParams(time_limit_s=20, gap=1e-6), coactivation=groups)
     assert r2.objective_s == pytest.approx(best, rel=1e-6)
 
 
@@ -77,7 +77,7 @@ def test_objective_equals_evaluator(backend):
     wl = expected_workload(tr, 32)
     # every co-activation group modelled: the MILP is exactly the evaluator with coalesce="block"
     results = [solve_layer(m, hw, f[li], 32, backend=backend, params=SolveParams(time_limit_s=5), layer=li,
-                           freqs_all=f, groups=tr.groups(li)) for li in range(2)]
+                           freqs_all=f, coactivation=tr.coactivation(li)) for li in range(2)]
     plan = Placement(tuple(r.placement for r in results))
     block = evaluate(plan, m, hw, wl, EvalOptions(coalesce="block"))
     node = evaluate(plan, m, hw, wl, EvalOptions())
@@ -91,7 +91,7 @@ def test_objective_equals_evaluator(backend):
     assert ev.layer_s[0] == pytest.approx(r.objective_s, rel=1e-9)
     # the unicast variant agrees with the unicast evaluator
     r = solve_layer(m, hw, f[0], 32, backend=backend, params=SolveParams(time_limit_s=5),
-                    options=MilpOptions(delivery="unicast"), groups=tr.groups(0))
+                    options=MilpOptions(delivery="unicast"), coactivation=tr.coactivation(0))
     ev = evaluate(Placement((r.placement, r.placement)), m, hw, wl, EvalOptions(coalesce="block", delivery="unicast"))
     assert ev.layer_s[0] == pytest.approx(r.objective_s, rel=1e-9)
 

@@ -91,7 +91,7 @@ def test_block_milp_objective_against_the_evaluator(inst, delivery):
     f = freqs(model, ids, fg)
     wl = expected(model, ids, fg, B)
     opts = MilpOptions(delivery=delivery, symmetry=False)
-    bm = BlockModel(model, hw, f, B, opts, groups=(ids, fg))
+    bm = BlockModel(model, hw, f, B, opts, coactivation=(ids, fg))
     none = BlockModel(model, hw, f, B, opts)
     assert len(bm.g_f) == len(fg) or model.top_k == 1  # every group modelled
     assign = rng.integers(0, bm.blocks.num_blocks, model.num_experts)
@@ -115,7 +115,7 @@ def test_block_milp_objective_against_the_evaluator(inst, delivery):
     if len(fg) > 1 and model.top_k > 1:
         nb, k = bm.blocks.num_blocks, model.top_k
         part = BlockModel(model, hw, f, B, MilpOptions(delivery=delivery, symmetry=False, coloc_rows=k * nb),
-                          groups=(ids, fg))
+                          coactivation=(ids, fg))
         assert len(part.g_f) == 1
         p = part.objective(assign)
         assert ev["block"].layer_s[0] + slack <= p * (1 + REL) and p <= (ev["expert"].layer_s[0] + slack) * (1 + REL)
@@ -127,7 +127,7 @@ def test_heuristic_scores_are_the_per_expert_objective(inst, delivery):
     model, hw, ids, fg, B, rng = inst
     f = freqs(model, ids, fg)
     opts = MilpOptions(delivery=delivery, symmetry=False)
-    bm = BlockModel(model, hw, f, B, opts, groups=(ids, fg))
+    bm = BlockModel(model, hw, f, B, opts, coactivation=(ids, fg))
     none = BlockModel(model, hw, f, B, opts)
     assign = rng.integers(0, bm.blocks.num_blocks, model.num_experts)
     i = int(rng.integers(model.num_experts))

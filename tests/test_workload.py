@@ -42,7 +42,7 @@ def test_loaders_agree(tmp_path):
     f = a.frequencies()
     np.testing.assert_allclose(f.sum(axis=1), 2.0)
     np.testing.assert_allclose(f[0], [1 / 3, 2 / 3, 2 / 3, 1 / 3])
-    g, fg = a.groups(1)
+    g, fg = a.coactivation(1)
     np.testing.assert_array_equal(g, [[0, 1], [0, 3]])  # {0,3} once, {0,1} twice
     np.testing.assert_allclose(fg, [2 / 3, 1 / 3])
 

@@ -233,7 +233,7 @@ class OraclePolicy(Policy):
             r = solve_layer(self.model, self.hw, counts[li] / self.batch, self.batch, backend=self.backend,
                             params=SolveParams(time_limit_s=self.time_limit_s),
                             options=MilpOptions(delivery=self.options.resolved_delivery), layer=li,
-                            groups=(uniq, fg))
+                            coactivation=(uniq, fg))
             best = r.placement
             layers.append(best)
         dt = (time.perf_counter() - t0) / len(layers)

@@ -60,7 +60,7 @@ def _hdmoe(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> 
     b = budget or Budget()
     kw = {} if b.work_limit is None else {"work_limit": b.work_limit}
     return hdmoe_placement(problem.model, problem.hardware, problem.frequencies, seed=seed,
-                           groups=problem.coactivation, batch=problem.batch, time_limit_s=b.time_limit_s,
+                           coactivation=problem.coactivation, batch=problem.batch, time_limit_s=b.time_limit_s,
                            backend=b.backend, **kw)
 
 
@@ -69,7 +69,7 @@ def _milp(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> P
     params = SolveParams(time_limit_s=b.time_limit_s, threads=b.threads, seed=seed, gap=b.gap)
     return solve_model(problem.model, problem.hardware, problem.frequencies, problem.batch, backend=b.backend,
                        params=params, options=MilpOptions(delivery=problem.options.resolved_delivery),
-                       groups=problem.coactivation).placement
+                       coactivation=problem.coactivation).placement
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -91,17 +91,17 @@ def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budge
 
 
 def build(name: str, model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: int = 0,
-          groups: list | None = None, batch: float = 128, time_limit_s: float = 10.0,
+          coactivation: list | None = None, batch: float = 128, time_limit_s: float = 10.0,
           backend: str = "cpsat") -> Placement:
     """Run the strategy called ``name`` from per-layer frequencies ``[layers, E]`` alone.
-    ``groups`` (per layer ``Trace.groups(l)``), ``batch``, ``time_limit_s`` (per layer) and
+    ``coactivation`` (per layer ``Trace.coactivation(l)``), ``batch``, ``time_limit_s`` (per layer) and
     ``backend`` reach the strategies that solve a MILP."""
     check_choice("strategy", name, tuple(STRATEGIES))
     if name == "hdmoe":
-        return hdmoe_placement(model, hw, freqs, seed=seed, groups=groups, batch=batch,
+        return hdmoe_placement(model, hw, freqs, seed=seed, coactivation=coactivation, batch=batch,
                                time_limit_s=time_limit_s, backend=backend)
     if name == "milp":
-        return solve_model(model, hw, freqs, batch, backend=backend, groups=groups,
+        return solve_model(model, hw, freqs, batch, backend=backend, coactivation=coactivation,
                            params=SolveParams(time_limit_s=time_limit_s, seed=seed)).placement
     problem = Problem(model, hw, frequencies=freqs, batch=batch)
     return STRATEGIES[name](problem, seed=seed)

@@ -103,13 +103,13 @@ def compute_balanced(
     f = check_freqs(freqs, model)
     E, D = model.num_experts, hw.num_nodes
     reg = regions or default_regions(model, hw)
-    groups = region_nodes(hw, reg)
+    nodes_of = region_nodes(hw, reg)
     layers, statuses = [], []
     for row in f:
-        assign, status = balance_ilp(row, len(groups), time_limit_s)
+        assign, status = balance_ilp(row, len(nodes_of), time_limit_s)
         statuses.append(status)
         s = np.zeros((E, D))
         for i in range(E):
-            s[i, groups[assign[i]]] = 1.0 / len(groups[assign[i]])
+            s[i, nodes_of[assign[i]]] = 1.0 / len(nodes_of[assign[i]])
         layers.append(s)
     return Placement.from_shares(layers, "cb", regions=list(reg), ilp_status=statuses)

@@ -47,16 +47,16 @@ def lpt_pack(loads: np.ndarray, bins: int, cap: int | None = None) -> np.ndarray
     return out
 
 
-def split_groups(order: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-    """Cut a node order into consecutive groups of the given sizes."""
+def split_runs(order: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """Cut a node order into consecutive runs of the given sizes."""
     ends = np.cumsum(sizes)
     return [order[e - s : e] for s, e in zip(sizes, ends, strict=True)]
 
 
-def shares_from_groups(E: int, D: int, groups: list[np.ndarray]) -> np.ndarray:
-    """``[E, D]`` shares where expert i is split evenly over the nodes ``groups[i]``."""
+def shares_over_nodes(E: int, D: int, nodes: list[np.ndarray]) -> np.ndarray:
+    """``[E, D]`` shares where expert i is split evenly over the nodes ``nodes[i]``."""
     s = np.zeros((E, D))
-    for i, g in enumerate(groups):
+    for i, g in enumerate(nodes):
         s[i, g] = 1.0 / len(g)
     return s
 

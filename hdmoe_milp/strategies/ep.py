@@ -7,7 +7,7 @@ import numpy as np
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import Placement
-from .common import check_freqs, lpt_pack, shares_from_groups, split_groups, whole_experts
+from .common import check_freqs, lpt_pack, shares_over_nodes, split_runs, whole_experts
 
 
 def _even_sizes(total: int, parts: int) -> np.ndarray:
@@ -18,7 +18,7 @@ def _even_sizes(total: int, parts: int) -> np.ndarray:
 def expert_parallel(model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: int = 0) -> Placement:
     """Random EP as in the paper (seeded): experts shuffled and dealt round-robin, so every node
     holds floor(E/D) or ceil(E/D) whole experts. When D > E, each expert is split evenly over a
-    contiguous (snake-order) group of floor(D/E) or ceil(D/E) nodes, groups shuffled."""
+    contiguous (snake-order) group of floor(D/E) or ceil(D/E) nodes, runs shuffled."""
     f = check_freqs(freqs, model)
     E, D = model.num_experts, hw.num_nodes
     rng = np.random.default_rng(seed)
@@ -30,15 +30,15 @@ def expert_parallel(model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: i
             node_of[perm] = np.arange(E) % D
             layers.append(whole_experts(node_of, D))
         else:
-            groups = split_groups(hw.mesh.snake_order(), _even_sizes(D, E))
-            layers.append(shares_from_groups(E, D, [groups[j] for j in np.argsort(perm)]))
+            runs = split_runs(hw.mesh.snake_order(), _even_sizes(D, E))
+            layers.append(shares_over_nodes(E, D, [runs[j] for j in np.argsort(perm)]))
     return Placement.from_shares(layers, "ep", seed=seed)
 
 
 def expert_parallel_lpt(model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: int = 0) -> Placement:
     """Load-balanced EP: longest-processing-time packing of whole experts with at most ceil(E/D)
     per node. When D > E, node counts proportional to load (largest remainder, at least 1 each),
-    as contiguous snake-order groups."""
+    as contiguous snake-order runs."""
     f = check_freqs(freqs, model)
     E, D = model.num_experts, hw.num_nodes
     layers = []
@@ -55,9 +55,9 @@ def expert_parallel_lpt(model: MoEModel, hw: Hardware, freqs: np.ndarray, *, see
             while n.sum() < D:
                 n[np.argmax(ideal - n)] += 1
             order = np.argsort(-row, kind="stable")
-            groups = split_groups(hw.mesh.snake_order(), n[order])
+            runs = split_runs(hw.mesh.snake_order(), n[order])
             g = [None] * E
             for j, i in enumerate(order):
-                g[i] = groups[j]
-            layers.append(shares_from_groups(E, D, g))
+                g[i] = runs[j]
+            layers.append(shares_over_nodes(E, D, g))
     return Placement.from_shares(layers, "ep-lpt")

@@ -3,7 +3,7 @@
 Stage 1, node balance (paper Eqs. 5-12, per layer): continuous shares ``P_ic``, presence ``Z_ic``
 (binary), group touch ``Y_gc >= Z_ic`` for i in g (the disaggregated, LP-tighter form of the
 paper's OR), ``t_comp >= sum_i P_ic f_i B flops / comp`` per node, ``t_comm >= gamma * bytes*B*h/BW *
-(sum_g f_g Y_gc + sum_i f_tail_i Z_ic)`` per node (tracked groups exactly, the rest additively),
+(sum_g f_g Y_gc + sum_i f_tail_i Z_ic)`` per node (tracked co-activation sets exactly, the rest additively),
 the optional per-node cap of Eq. 9, objective ``t_comp + 2 t_comm``. ``gamma`` is fitted like the
 paper's (EP placement, the package's cost kernel instead of its simulator). The incumbent is the
 better of load-balanced EP and McNaughton's wrap-around split (perfect compute balance, at most
@@ -65,15 +65,15 @@ class LayerEstimate:
     ``t_comp = u_comp max_c (f @ shares)_c`` and ``t_comm = u_comm max_c touch_c``."""
 
     f: np.ndarray  # [E] expert frequencies (tokens per token)
-    g_ids: np.ndarray  # [G, k] tracked groups
+    g_ids: np.ndarray  # [G, k] tracked co-activation sets
     g_f: np.ndarray  # [G] their frequencies
-    f_tail: np.ndarray  # [E] frequency of each expert outside the tracked groups
+    f_tail: np.ndarray  # [E] frequency of each expert outside the tracked co-activation sets
     u_comp: float  # µs per unit of frequency computed on one node
     u_comm: float  # µs per unit of token weight received by one node (gamma included)
     nodes: int
 
     def touch(self, present: np.ndarray) -> np.ndarray:
-        """Per node, token weight of the messages it receives (tracked groups once, tail per expert)."""
+        """Per node, token weight of the messages it receives (tracked co-activation sets once, tail per expert)."""
         Z = present.astype(float)
         per = self.f_tail @ Z
         if len(self.g_f):
@@ -131,12 +131,12 @@ def _ep_lpt(model: MoEModel, hw: Hardware, f: np.ndarray) -> np.ndarray:
     return expert_parallel_lpt(one, hw, f[None, :]).layers[0].shares
 
 
-def _tracked(f: np.ndarray, groups, k: int, max_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _tracked(f: np.ndarray, coactivation, k: int, max_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     E = len(f)
     g_ids = np.zeros((0, k), dtype=np.int64)
     g_f = np.zeros(0)
-    if groups is not None and k > 1 and max_groups > 0:
-        ids, fg = groups
+    if coactivation is not None and k > 1 and max_groups > 0:
+        ids, fg = coactivation
         top = np.argsort(-np.asarray(fg), kind="stable")[:max_groups]
         g_ids, g_f = np.asarray(ids)[top].astype(np.int64), np.asarray(fg, dtype=float)[top]
     f_tail = np.clip(f - np.bincount(g_ids.ravel(), weights=np.repeat(g_f, k), minlength=E), 0, None)
@@ -219,7 +219,7 @@ def stage1_model(est: LayerEstimate, cap: float | None) -> tuple[LinearModel, di
     return lm, {"P": P, "Z": Z, "Y": Y, "t_comp": t_comp, "t_comm": t_comm}
 
 
-def node_balance(model: MoEModel, hw: Hardware, f: np.ndarray, groups, batch: float, *, backend: str = "cpsat",
+def node_balance(model: MoEModel, hw: Hardware, f: np.ndarray, coactivation, batch: float, *, backend: str = "cpsat",
                  work_limit: float = WORK_LIMIT, time_limit_s: float = TIME_LIMIT_S, seed: int = 0,
                  gap: float = GAP, max_groups: int = 64, prune: bool = True) -> tuple[np.ndarray, dict]:
     """Stage 1 for one layer: returns ``shares [E, D]`` and solve info. ``work_limit``: CP-SAT
@@ -227,7 +227,7 @@ def node_balance(model: MoEModel, hw: Hardware, f: np.ndarray, groups, batch: fl
     E, D, k = model.num_experts, hw.num_nodes, model.top_k
     f = np.asarray(f, dtype=float)
     unit = UnitCosts.of(model)
-    g_ids, g_f, f_tail = _tracked(f, groups, k, max_groups)
+    g_ids, g_f, f_tail = _tracked(f, coactivation, k, max_groups)
     ep = _ep_lpt(model, hw, f)
     gamma = fit_gamma(hw, unit, batch, ep, g_ids, g_f, f_tail)
     est = LayerEstimate(f, g_ids, g_f, f_tail, US * batch * unit.flops_per_token / hw.compute_flops,
@@ -326,18 +326,18 @@ def link_balance(hw: Hardware, shares: np.ndarray, dest_groups: np.ndarray, weig
     return perm
 
 
-def hdmoe_layer(model: MoEModel, hw: Hardware, f: np.ndarray, groups, batch: float, *, seed: int = 0,
+def hdmoe_layer(model: MoEModel, hw: Hardware, f: np.ndarray, coactivation, batch: float, *, seed: int = 0,
                 layer: int = 0, work_limit: float = WORK_LIMIT, backend: str = "cpsat",
                 time_limit_s: float = TIME_LIMIT_S, swap_evals: int = SWAP_EVALS, gap: float = GAP,
                 max_groups: int = 64) -> tuple[LayerPlacement, dict]:
-    """HD-MoE's two stages for one layer (``f [E]`` frequencies, ``groups`` the layer's
-    ``Trace.groups`` or None). Top-level and picklable: layers may run in a process pool. The result
+    """HD-MoE's two stages for one layer (``f [E]`` frequencies, ``coactivation`` the layer's
+    ``Trace.coactivation`` or None). Top-level and picklable: layers may run in a process pool. The result
     depends only on the arguments (``seed + layer`` seeds stage 2)."""
-    shares, info = node_balance(model, hw, f, groups, batch, backend=backend, work_limit=work_limit,
+    shares, info = node_balance(model, hw, f, coactivation, batch, backend=backend, work_limit=work_limit,
                                 time_limit_s=time_limit_s, seed=seed, gap=gap, max_groups=max_groups)
     unit = UnitCosts.of(model)
-    if groups is not None:
-        ids, fg = groups
+    if coactivation is not None:
+        ids, fg = coactivation
         dest_groups, weight = np.asarray(ids), np.asarray(fg, dtype=float) * batch
     else:
         dest_groups, weight = np.arange(model.num_experts), np.asarray(f, dtype=float) * batch
@@ -349,7 +349,7 @@ def hdmoe_layer(model: MoEModel, hw: Hardware, f: np.ndarray, groups, batch: flo
 
 def hdmoe_placement(
     model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: int = 0,
-    groups: list[tuple[np.ndarray, np.ndarray]] | None = None, batch: float = 128, backend: str = "cpsat",
+    coactivation: list[tuple[np.ndarray, np.ndarray]] | None = None, batch: float = 128, backend: str = "cpsat",
     work_limit: float = WORK_LIMIT, time_limit_s: float = TIME_LIMIT_S, swap_evals: int = SWAP_EVALS,
     gap: float = GAP,
 ) -> Placement:
@@ -359,7 +359,8 @@ def hdmoe_placement(
     f_all = check_freqs(freqs, model)
     layers, infos = [], []
     for li, f in enumerate(f_all):
-        lp, info = hdmoe_layer(model, hw, f, None if groups is None else groups[li], batch, seed=seed, layer=li,
+        co = None if coactivation is None else coactivation[li]
+        lp, info = hdmoe_layer(model, hw, f, co, batch, seed=seed, layer=li,
                                work_limit=work_limit, backend=backend, time_limit_s=time_limit_s,
                                swap_evals=swap_evals, gap=gap)
         layers.append(lp)

@@ -10,7 +10,7 @@ and weight bytes), ``activation_probability``, the two sides of ``roofline_s``, 
 ``phase_time_s`` (over ``link_loads`` of one message per block), ``layer_capacity_bytes``.
 
 Exactness against :func:`hdmoe_milp.evaluator.evaluate` (mesh mode, spread homes, the same delivery
-rule, the expected workload of the groups, ``f_i = sum_{g ni i} f_g``; ``tests/test_surrogates.py``):
+rule, the expected workload of the coactivation, ``f_i = sum_{g ni i} f_g``; ``tests/test_surrogates.py``):
 
 - compute: ``parts(assign)[0]`` equals the evaluator's ``compute_s`` exactly (any coalesce rule);
 - ``objective(assign)`` equals the evaluator with ``coalesce="block"`` when every co-activation
@@ -74,7 +74,7 @@ class BlockModel:
 
     def __init__(self, model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
                  options: MilpOptions | None = None, blocks: Blocks | None = None,
-                 groups: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 coactivation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.model = model
         self.hw = hw
         self.opts = options or MilpOptions()
@@ -106,15 +106,15 @@ class BlockModel:
         self.comb_coef = link_terms_s(self.comb_bytes, hw.link_bw)
         self.cap_layer = self._layer_capacity()
         self.allowed = self._allowed_blocks()
-        self._set_groups(groups)
+        self._set_coactivation(coactivation)
 
-    def _set_groups(self, groups: tuple[np.ndarray, np.ndarray] | None) -> None:
-        """Co-activation groups modelled exactly (ids ``[G, k]``, frequencies ``[G]``); the tail
+    def _set_coactivation(self, coactivation: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Co-activation sets modelled exactly (ids ``[G, k]``, frequencies ``[G]``); the tail
         frequency ``f_tail`` of each expert is what remains, modelled additively."""
         k, nb = self.model.top_k, self.blocks.num_blocks
         G = 0
-        if groups is not None and k > 1:
-            ids, fg = np.asarray(groups[0]), np.asarray(groups[1], dtype=float)
+        if coactivation is not None and k > 1:
+            ids, fg = np.asarray(coactivation[0]), np.asarray(coactivation[1], dtype=float)
             G = min(int((fg > 0).sum()), self.opts.coloc_rows // (k * nb))
             top = np.argsort(-fg, kind="stable")[:G]
             self.g_ids, self.g_f = ids[top].astype(np.int64), fg[top]

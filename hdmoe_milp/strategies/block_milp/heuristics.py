@@ -4,7 +4,7 @@ the uniform-degree LPT of the notes) and a move-one-expert local search. All vec
 Scores call the kernel on the block model's per-unit loads (:func:`costs.roofline_s` on node FLOPs
 and weight reads, :func:`costs.phase_time_s` on link bytes). Exactness: a
 candidate score plus ``BlockModel.hop_const_s`` is the objective of the resulting (partial)
-assignment with one message per (token, expert), i.e. ``BlockModel(..., groups=None).objective``
+assignment with one message per (token, expert), i.e. ``BlockModel(..., coactivation=None).objective``
 and, for a complete assignment, the evaluator with ``coalesce="expert"`` under the block model's
 conditions. With co-activation groups modelled the scores ignore them: an over-estimate of
 ``BlockModel.objective`` (never an under-estimate), checked in ``tests/test_surrogates.py``.

@@ -100,11 +100,11 @@ def solve_layer(
     options: MilpOptions | None = None,
     layer: int = 0,
     freqs_all: np.ndarray | None = None,
-    groups: tuple[np.ndarray, np.ndarray] | None = None,
+    coactivation: tuple[np.ndarray, np.ndarray] | None = None,
     baselines: dict[str, LayerPlacement] | None = None,
 ) -> LayerSolveResult:
     """Solve one layer's block MILP for expert frequencies ``freqs [E]`` and batch ``batch``;
-    ``groups`` (distinct expert sets ``[G, k]`` and their frequencies) enable co-location modelling.
+    ``coactivation`` (distinct expert sets ``[G, k]`` and their frequencies) enables co-location modelling.
     ``baselines``: this layer's baseline placements (else built from ``freqs_all [layers, E]``, or
     from ``freqs`` repeated over the layers).
 
@@ -115,7 +115,7 @@ def solve_layer(
     params = params or SolveParams()
     t0 = time.perf_counter()
     solver = get_backend(backend)
-    bm = BlockModel(model, hw, freqs, batch, options, groups=groups)
+    bm = BlockModel(model, hw, freqs, batch, options, coactivation=coactivation)
     if baselines is None:
         f_all = np.tile(bm.f, (model.moe_layers, 1)) if freqs_all is None else freqs_all
         baselines = baseline_layers(model, hw, f_all, params.seed)[layer]
@@ -168,9 +168,9 @@ def solve_layer(
 
 def solve_layer_task(args: tuple) -> LayerSolveResult:
     """One task of :func:`layer_tasks` (top-level, so that a process pool or Ray can run it)."""
-    model, hw, freqs_all, li, batch, backend, params, options, groups, baselines = args
+    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines = args
     return solve_layer(model, hw, freqs_all[li], batch, backend=backend, params=params, options=options,
-                       layer=li, groups=groups, baselines=baselines)
+                       layer=li, coactivation=coactivation, baselines=baselines)
 
 
 @dataclass(frozen=True)
@@ -192,14 +192,15 @@ def solve_model(
     jobs: int = 1,
     executor: str = "local",
     progress: bool | None = False,
-    groups: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    coactivation: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> ModelSolveResult:
     """Solve every layer (independent problems): serially, in a local process pool (``jobs > 1``)
-    or on Ray (``executor="ray"``, needs ``pip install .[ray]``). ``groups[l]``: the layer's
-    co-activation groups (``Trace.groups(l)``), for co-location modelling."""
+    or on Ray (``executor="ray"``, needs ``pip install .[ray]``). ``coactivation[l]``: the layer's
+    co-activation sets (``Trace.coactivation(l)``), for co-location modelling."""
     check_choice("executor", executor, EXECUTORS)
     params = params or SolveParams()
-    tasks = layer_tasks(model, hw, freqs, batch, backend=backend, params=params, options=options, groups=groups)
+    tasks = layer_tasks(model, hw, freqs, batch, backend=backend, params=params, options=options,
+                        coactivation=coactivation)
     t0 = time.perf_counter()
     bar = tqdm(total=len(tasks), desc=f"solve {model.name}", disable=None if progress is None else not progress,
                unit="layer", leave=False)
@@ -212,14 +213,14 @@ def solve_model(
 
 def layer_tasks(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, backend: str,
                 params: SolveParams, options: MilpOptions | None,
-                groups: list[tuple[np.ndarray, np.ndarray]] | None) -> list[tuple]:
+                coactivation: list[tuple[np.ndarray, np.ndarray]] | None) -> list[tuple]:
     """One picklable task per layer for :func:`solve_layer_task` (baselines for the warm starts built
     once here)."""
     f = check_freqs(freqs, model)
     get_backend(backend)
     base = baseline_layers(model, hw, f, params.seed)
-    return [(model, hw, f, li, batch, backend, params, options, None if groups is None else groups[li], base[li])
-            for li in range(f.shape[0])]
+    co = [None] * f.shape[0] if coactivation is None else coactivation
+    return [(model, hw, f, li, batch, backend, params, options, co[li], base[li]) for li in range(f.shape[0])]
 
 
 def model_result(results: list[LayerSolveResult], backend: str, batch: float, params: SolveParams,
