@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--strategy", help="one of " + ", ".join(pl.STRATEGIES) + ", a comma-separated list, or "
                     "'all' (default: every baseline)")
     ev.add_argument("--time-limit", type=float, default=2.0,
-                    help="seconds per layer for strategies that solve a MILP (default 2)")
+                    help="wall seconds per layer for MILP solves that count wall time (milp; hdmoe with cbc or "
+                    "highs; default 2)")
+    ev.add_argument("--work-limit", type=float, help="hdmoe's stage-1 MILP budget per layer, in CP-SAT "
+                    "deterministic seconds (default 0: its node-balanced start, no solve); deterministic")
     ev.add_argument("--plan", help="evaluate a saved plan; model, mesh and hardware default to the plan's")
     ev.add_argument("--save-plan", help="write the placement of the (single) strategy to this JSON file")
     ev.add_argument("--mode", help="unit mode: mesh (default) or paper")
@@ -68,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("--delivery", help="tree (default) or unicast: the traffic rule optimised and evaluated")
     so.add_argument("--out", help="write the plan file here")
     so.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")
+    so.add_argument("--work-limit", type=float, help="the hdmoe baseline's stage-1 MILP budget per layer (CP-SAT "
+                    "deterministic seconds; default 0: its node-balanced start)")
 
     rp = sub.add_parser("replay", help="stream a trace batch by batch under online policies")
     common(rp)
@@ -159,7 +164,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     s = _settings(args, args.plan)
     problem = pl.Settings.to_problem(s)
     problem = problem.with_(options=replace(problem.options, dispatch=args.dispatch))
-    budget = pl.Budget(time_limit_s=args.time_limit)
+    budget = pl.Budget(time_limit_s=args.time_limit, work_limit=args.work_limit)
     plans = {}
     if args.plan:
         plan = pl.load_plan(args.plan, problem)
@@ -193,7 +198,7 @@ def _solve(args: argparse.Namespace) -> int:
     problem = _settings(args).to_problem()
     res = pl.solve(problem, backend=args.backend, time_limit_s=args.time_limit, jobs=args.jobs,
                    threads=args.threads, gap=args.gap, baselines=not args.no_baselines, executor=args.executor,
-                   progress=args.progress)
+                   progress=args.progress, work_limit=args.work_limit)
     if args.out:
         res.save(args.out)
     layers = []
@@ -242,7 +247,7 @@ def _replay(args: argparse.Namespace) -> int:
                                                      problem.model.top_k), frequencies=None)
         plan = pl.place(base, args.plan_strategy)
     rows = [pl.replay(problem, plan, policy=n, batches=args.batches, batch=args.batch, batching=batching,
-                      replica_rule=args.dispatch).summary() for n in names]
+                      replica_rule=args.dispatch, progress=args.progress).summary() for n in names]
     static = next((r["mean_us"] for r in rows if r["policy"] == "static"), None)
     for r in rows:
         r["speedup_vs_static"] = None if static is None else static / r["mean_us"]

@@ -349,7 +349,7 @@ def save_json(obj: Any, path: str | Path) -> None:
 
 def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, policy: str = "greedy",
            batches: int = 50, batch: int = 512, batching: str = "contiguous", replica_rule: str = "balanced",
-           seed: int | None = None, **policy_kw: Any) -> ReplayResult:
+           seed: int | None = None, progress: bool | None = None, **policy_kw: Any) -> ReplayResult:
     """Stream ``batches`` batches of ``batch`` tokens from ``trace`` (default: the problem's) under
     an online ``policy`` starting from ``plan``; every batch is scored by the evaluator on its
     observed tokens with the replica rule ``replica_rule``."""
@@ -368,7 +368,8 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     opts = EvalOptions(mode=o.mode, delivery=o.delivery, home=o.home, seed=o.seed, context_len=o.context_len,
                        dispatch=replica_rule)
     return _replay(plan, problem.model, problem.hardware, tr, int(batch), policy, batches=int(batches),
-                   batching=batching, seed=problem.seed if seed is None else seed, options=opts, **policy_kw)
+                   batching=batching, seed=problem.seed if seed is None else seed, options=opts,
+                   progress=progress, **policy_kw)
 
 
 def trace_stats(problem: Problem, against: Trace | None = None) -> dict[str, float]:

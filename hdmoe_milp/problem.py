@@ -66,7 +66,7 @@ class Budget:
     def __post_init__(self) -> None:
         check_real("time_limit_s", self.time_limit_s, positive=True)
         if self.work_limit is not None:
-            check_real("work_limit", self.work_limit, positive=True)
+            check_real("work_limit", self.work_limit, minimum=0.0)
         check_choice("backend", self.backend, ("cbc", "cpsat", "highs"))
         check_real("threads", self.threads, minimum=1, integer=True)
         g = check_real("gap", self.gap, minimum=0.0)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ..evaluator import EvalOptions, evaluate
 from ..hardware import Hardware
@@ -49,14 +50,18 @@ class ReplayResult:
 
 def replay(plan: Placement, model: MoEModel, hw: Hardware, trace: Trace, batch: int, policy: str,
            *, batches: int = 50, batching: str = "contiguous", seed: int = 0,
-           options: EvalOptions | None = None, **policy_kw) -> ReplayResult:
+           options: EvalOptions | None = None, progress: bool | None = False, **policy_kw) -> ReplayResult:
     """Stream ``batches`` batches of ``batch`` tokens from ``trace``; before each, the policy decides
     from what it observed so far; the batch is scored by the evaluator on its observed tokens.
-    Default options: the evaluator's defaults with the online stage's ``balanced`` dispatch."""
+    Default options: the evaluator's defaults with the online stage's ``balanced`` dispatch.
+    ``progress``: a bar over batches on stderr (None: on in a terminal)."""
     opts = options or EvalOptions(dispatch="balanced")
     pol = make_policy(policy, plan, model, hw, batch, opts, **policy_kw)
     lat, mig, byt, act, dec, tok = [], [], [], [], [], []
-    for j, wl in enumerate(iter_batches(trace, batch, batching, seed, count=batches)):
+    batches_iter = iter_batches(trace, batch, batching, seed, count=batches)
+    bar = tqdm(batches_iter, total=batches, desc=policy, unit="batch", leave=False,
+               disable=None if progress is None else not progress)
+    for j, wl in enumerate(bar):
         if hasattr(pol, "peek"):
             pol.peek(wl)
         d = pol.decide(j)
