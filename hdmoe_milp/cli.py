@@ -204,8 +204,6 @@ def _solve(args: argparse.Namespace) -> int:
     layers = []
     for r in res.layers:
         d = r.to_dict()
-        d["objective"], d["bound"] = d.pop("objective_s"), d.pop("bound_s")
-        d["warm_start_objective"] = d.pop("warm_start_objective_s")
         for key in ("objective", "bound", "warm_start_objective"):
             d[key + "_us"] = None if d[key] is None else d[key] * 1e6
         layers.append(d)

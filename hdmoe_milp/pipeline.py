@@ -39,6 +39,7 @@ from .solvers.tasks import run_tasks
 from .strategies import BASELINES, STRATEGIES, place
 from .strategies.block_milp import (
     EXECUTORS,
+    LayerSolveResult,
     MilpOptions,
     best_per_layer,
     layer_tasks,
@@ -59,6 +60,21 @@ __all__ = [
 def _progress(progress: bool | None, **kw: Any) -> tqdm:
     """A progress bar on stderr: on in a terminal by default (``progress=None``), forced by True/False."""
     return tqdm(disable=None if progress is None else not progress, leave=False, **kw)
+
+
+def _place_all(problem: Problem, names: list[str], seed: int | None, budget: Budget | None,
+               progress: bool | None) -> dict[str, Placement]:
+    """Every named strategy's placement, with a progress bar."""
+    out = {}
+    bar = _progress(progress, total=len(names), desc="strategies", unit="strategy")
+    try:
+        for n in names:
+            bar.set_postfix_str(n)
+            out[n] = place(problem, n, seed=seed, budget=budget)
+            bar.update()
+    finally:
+        bar.close()
+    return out
 
 
 # --- scoring --------------------------------------------------------------------------------------
@@ -110,12 +126,7 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
     for name, p in (plans or {}).items():
         check_plan(p, problem)
         placements[name] = p
-    bar = _progress(progress, total=len(names), desc="strategies", unit="strategy")
-    for n in names:
-        bar.set_postfix_str(n)
-        placements[n] = place(problem, n, seed=seed, budget=budget)
-        bar.update()
-    bar.close()
+    placements.update(_place_all(problem, names, seed, budget, progress))
     evals = {n: score(p, problem.model, problem.hardware, problem.workload, problem.options)
              for n, p in placements.items()}
     ref = evals.get("tp") or score(place(problem, "tp"), problem.model, problem.hardware, problem.workload,
@@ -126,32 +137,7 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
 # --- the offline solve ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LayerReport:
-    """One layer of a solve. Times in seconds. ``objective_s``: the MILP model's latency of its own
-    best plan; ``bound_s``: a valid lower bound on the MILP model's optimum; ``gap`` between them;
-    ``source``: what produced the MILP's plan (the backend or a warm start); ``final_source``:
-    which candidate the final plan took for this layer (``milp`` or a baseline)."""
-
-    layer: int
-    status: str
-    objective_s: float
-    bound_s: float | None
-    gap: float | None
-    time_s: float
-    backend: str
-    source: str
-    final_source: str
-    warm_start_objective_s: float
-    warm_start_source: str
-    num_vars: int
-    num_binaries: int
-    num_rows: int
-    bound_certifies: str
-    message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+LayerReport = LayerSolveResult  # one layer of a solve: status, objective_s, bound_s, gap, time_s, sources
 
 
 @dataclass(frozen=True)
@@ -191,8 +177,8 @@ class PlanResult:
     def layer_table(self) -> pd.DataFrame:
         """One row per layer: status, objective, bound (us), gap, time, sources."""
         df = pd.DataFrame([r.to_dict() for r in self.layers])
-        df["objective_us"] = df["objective_s"] * 1e6
-        df["bound_us"] = df["bound_s"].astype(float) * 1e6
+        df["objective_us"] = df["objective"] * 1e6
+        df["bound_us"] = df["bound"].astype(float) * 1e6
         return df[["layer", "status", "objective_us", "bound_us", "gap", "time_s", "source", "final_source"]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,23 +241,10 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     if "hdmoe" in names:
         candidates["hdmoe"] = Placement(tuple(lp for lp, _ in out[L:]), "hdmoe",
                                         {"stage1": [info for _, info in out[L:]], "work_limit": work})
-    rest = [n for n in names if n != "hdmoe"]
-    bar = _progress(progress, total=len(rest), desc="baselines", unit="strategy")
-    for n in rest:
-        bar.set_postfix_str(n)
-        candidates[n] = place(problem, n, seed=seed, budget=budget)
-        bar.update()
-    bar.close()
+    candidates.update(_place_all(problem, [n for n in names if n != "hdmoe"], seed, budget, progress))
     candidates = {"milp": candidates["milp"], **{n: candidates[n] for n in names}}
     wall = time.perf_counter() - t0
-    layers = tuple(
-        LayerReport(layer=r.layer, status=r.status, objective_s=r.objective_s, bound_s=r.bound_s, gap=r.gap,
-                    time_s=r.time_s, backend=r.backend, source=r.source, final_source="",
-                    warm_start_objective_s=r.warm_start_objective_s, warm_start_source=r.warm_start_source,
-                    num_vars=r.num_vars, num_binaries=r.num_binaries, num_rows=r.num_rows,
-                    bound_certifies=r.bound_certifies, message=r.message)
-        for r in res.layers
-    )
+    layers = res.layers
     solver = {"backend": backend, "time_limit_s": time_limit_s, "threads": threads, "jobs": jobs, "gap": gap,
               "seed": seed, "executor": executor, "baselines": names, "milp_wall_s": res.wall_s, "wall_s": wall}
     return _combine(problem, candidates, layers, solver)

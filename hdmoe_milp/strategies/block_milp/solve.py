@@ -49,6 +49,7 @@ class LayerSolveResult:
     message: str
     placement: LayerPlacement = field(repr=False)
     assign: np.ndarray = field(repr=False)
+    final_source: str = ""  # filled by the pipeline: which candidate the final plan took for this layer
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,7 +58,7 @@ class LayerSolveResult:
             "num_binaries": self.num_binaries, "num_rows": self.num_rows,
             "warm_start_objective": self.warm_start_objective_s,
             "warm_start_source": self.warm_start_source, "source": self.source,
-            "bound_certifies": self.bound_certifies, "message": self.message,
+            "bound_certifies": self.bound_certifies, "message": self.message, "final_source": self.final_source,
         }
 
 
