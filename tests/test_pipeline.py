@@ -180,3 +180,12 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 def test_each_layer_imports_first_in_a_fresh_interpreter(module):
     r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_hdmoe_layers_in_the_solve_pool_equal_the_strategy_run_alone():
+    p = small_problem(mesh="2x4")
+    res = hm.solve(p, backend="cpsat", time_limit_s=0.3, jobs=2, baselines=["hdmoe"], progress=False)
+    alone = hm.place(p, "hdmoe")
+    for a, b in zip(res.candidates["hdmoe"].layers, alone.layers, strict=True):
+        np.testing.assert_array_equal(a.shares, b.shares)
+    assert res.evaluations["hdmoe"].tbt_s == hm.evaluate(p, alone).tbt_s
