@@ -13,6 +13,7 @@ Units: seconds, bytes, FLOP and FLOP/s throughout. Written out in ``formulations
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -196,8 +197,8 @@ FAST_MAX_SIDE = 8  # rows and cols of the meshes the byte layout covers
 
 
 def fast_links_supported(mesh: Mesh) -> bool:
-    """Whether :func:`spread_link_loads` handles ``mesh`` (rows and cols <= 8)."""
-    return max(mesh.rows, mesh.cols) <= FAST_MAX_SIDE
+    """Whether :func:`spread_link_loads` handles ``mesh`` (rows and cols <= 8, little-endian machine)."""
+    return max(mesh.rows, mesh.cols) <= FAST_MAX_SIDE and sys.byteorder == "little"
 
 
 @lru_cache(maxsize=32)
@@ -248,22 +249,41 @@ def _unicast_usage(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     return ud, uc
 
 
-def _byte_hist(mask: np.ndarray, layer_key: np.ndarray, w: np.ndarray, nbytes: int, num_layers: int) -> np.ndarray:
-    """Weighted histogram ``[L, nbytes, 256]`` of the low ``nbytes`` bytes of ``mask [F]`` (little-endian
-    byte order), flow f counted in layer ``layer_key[f] >> 8``."""
-    b = mask.view(np.uint8).reshape(-1, 8)
-    h = np.empty((nbytes, num_layers << 8))
-    for j in range(nbytes):  # one bincount per byte: cheaper than one over [F, nbytes] keys
-        h[j] = np.bincount(layer_key + b[:, j], weights=w, minlength=num_layers << 8)
-    return h.reshape(nbytes, num_layers, 256).transpose(1, 0, 2)
-
-
-def _byte_or(mask: np.ndarray) -> np.ndarray:
-    """OR of the 8 bytes of each uint64 (row-major mask: the columns occupied)."""
-    x = mask | (mask >> np.uint64(32))
-    x |= x >> np.uint64(16)
-    x |= x >> np.uint64(8)
-    return (x & np.uint64(255)).astype(np.intp)
+def _byte_hist(mask: np.ndarray, layer_key: np.ndarray, w: np.ndarray, nbytes: int, bits: int, num_layers: int,
+               occupancy: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weighted histograms of the low ``nbytes`` bytes of ``mask [F]`` (little-endian; only the low
+    ``bits`` of each byte may be set), flow f counted in layer ``layer_key[f] >> 8``: per byte
+    ``[L, nbytes, 256]`` and, if ``occupancy``, of the OR of the bytes ``[L, 256]`` (for a row-major
+    mask: the columns the flow reaches). With ``bits <= 4`` two bytes share one bincount (as nibbles)."""
+    b = mask.view(np.uint8).reshape(-1, 8)[:, :nbytes]
+    if bits <= 4 and nbytes > 1:
+        u = b[:, 0::2].copy()  # unit j: byte 2j in the low nibble, byte 2j+1 in the high one
+        u[:, : nbytes // 2] |= b[:, 1::2] << 4
+    else:
+        u = b
+    size = num_layers << 8
+    h = np.empty((u.shape[1], size))
+    key = np.empty_like(layer_key)
+    for j in range(u.shape[1]):  # one bincount per byte: cheaper than one over [F, nbytes] keys
+        np.add(layer_key, u[:, j], out=key)
+        h[j] = np.bincount(key, weights=w, minlength=size)
+    h = h.reshape(-1, num_layers, 256).transpose(1, 0, 2)
+    if u is not b:  # split the units back into per-byte histograms over the 16 nibble values
+        pairs = h.reshape(num_layers, -1, 16, 16)  # [L, unit, high, low]
+        split = np.zeros((num_layers, 2 * pairs.shape[1], 256))
+        split[:, 0::2, :16] = pairs.sum(axis=2)
+        split[:, 1::2, :16] = pairs.sum(axis=3)
+        h = split[:, :nbytes]
+    if not occupancy:
+        return h, None
+    occ = mask >> np.uint64(32)  # fold the 8 bytes onto the lowest one
+    occ |= mask
+    t = occ >> np.uint64(16)
+    occ |= t
+    np.right_shift(occ, np.uint64(8), out=t)
+    occ |= t
+    np.add(layer_key, occ.view(np.uint8)[::8], out=key)
+    return h, np.bincount(key, weights=w, minlength=size).reshape(num_layers, 256)
 
 
 def spread_link_loads(
@@ -285,7 +305,8 @@ def spread_link_loads(
     layer_key = np.repeat(np.arange(L) << 8, counts)
     w = np.asarray(weight, dtype=np.float64)
     rm = np.ascontiguousarray(row_mask, dtype=np.uint64)
-    h_row = _byte_hist(rm, layer_key, w, R, L)  # [L, R, 256]: weight per (layer, row, row's column bits)
+    # [L, R, 256]: weight per (layer, row, the row's column bits); [L, 256]: per (layer, columns reached)
+    h_row, h_cocc = _byte_hist(rm, layer_key, w, R, C, L, tree)
     # hops: the largest eccentricity over the nodes any flow of the layer reaches
     union = np.zeros(L, dtype=np.uint64)
     nz = counts > 0
@@ -299,9 +320,7 @@ def spread_link_loads(
         node_w = (h_row @ _BITS[:, :C]).reshape(L, N)  # [L, D] weight reaching each node
         return node_w @ ud, node_w @ uc, hops
     cm = np.ascontiguousarray(col_mask, dtype=np.uint64)
-    h_col = _byte_hist(cm, layer_key, w, C, L)  # [L, C, 256]: per (layer, column, column's row bits)
-    h_cocc = np.bincount(layer_key + _byte_or(rm), weights=w, minlength=L << 8).reshape(L, 256)
-    h_rocc = np.bincount(layer_key + _byte_or(cm), weights=w, minlength=L << 8).reshape(L, 256)
+    h_col, h_rocc = _byte_hist(cm, layer_key, w, C, R, L, True)  # per (layer, column, its row bits), rows reached
     c = np.arange(C - 1)
     r = np.arange(R - 1)
     k = {key: v / N for key, v in _spread_counts(mesh).items()}
