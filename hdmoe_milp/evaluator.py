@@ -12,7 +12,9 @@ The model is written out in ``formulations/evaluator.md``. In short, per MoE lay
   strategy.
 
 Everything is vectorised over flows; link loads use prefix sums along mesh rows and columns
-(XY routes from one home form a tree whose links are determined by per-row/column extents).
+(XY routes from one home form a tree whose links are determined by per-row/column extents). With
+spread homes on meshes up to 8x8 the loads of all layers come from one
+:func:`~hdmoe_milp.costs.spread_link_loads` call; otherwise :func:`~hdmoe_milp.costs.link_loads` runs per layer.
 """
 
 from __future__ import annotations
@@ -239,13 +241,12 @@ def _evaluate(
     hop_lat = hardware.hop_latency_s
 
     nL = placement.num_layers
-    compute = np.zeros(nL)
     disp_t = np.zeros(nL)
     comb_t = np.zeros(nL)
-    node_time = np.zeros((nL, D))
     node_flops = np.zeros((nL, D))
     ld = np.zeros((nL, mesh.num_links))
     lc = np.zeros((nL, mesh.num_links))
+    read_bytes = np.zeros((nL, D))
     full_tp = np.zeros(nL, dtype=bool)
     row_masks: list[np.ndarray] = []  # fast path: per layer [messages] uint64 destination masks, weights
     col_masks: list[np.ndarray] = []
@@ -261,15 +262,10 @@ def _evaluate(
         else:
             copies = assign_copies(lp, lr.experts, lr.weight)
         n_copy = np.bincount(copies.ravel(), weights=np.repeat(lr.weight, copies.shape[1]), minlength=lp.num_copies)
-        flops = flops_tok * (n_copy @ lp.shares)
-        if paper:  # HD-MoE counts FLOPs only
-            t_node = flops / hardware.compute_flops
-        else:
+        node_flops[li] = flops_tok * (n_copy @ lp.shares)
+        if not paper:  # HD-MoE counts FLOPs only
             active = (n_copy > 0).astype(float) if workload.kind == "observed" else activation_probability(n_copy, B)
-            t_node = roofline_s(flops, w_bytes * (active @ lp.shares), hardware)
-        node_flops[li] = flops
-        node_time[li] = t_node
-        compute[li] = t_node.max()
+            read_bytes[li] = w_bytes * (active @ lp.shares)
         full_tp[li] = paper and _is_full_tp(lp)
 
         holders = lp.shares > 0
@@ -304,6 +300,8 @@ def _evaluate(
         disp_t[li] = phase_time_s(d_load, bw, hop_lat, hops)
         comb_t[li] = phase_time_s(c_load, bw, hop_lat, hops)
 
+    node_time = node_flops / hardware.compute_flops if paper else roofline_s(node_flops, read_bytes, hardware)
+    compute = node_time.max(axis=1)
     if fast:
         offsets = np.r_[0, np.cumsum([len(w) for w in msg_weight])]
         ld[:], lc[:], hops = spread_link_loads(mesh, np.concatenate(row_masks),
@@ -342,6 +340,8 @@ def _add_messages(mesh: Mesh, holders: np.ndarray, copies: np.ndarray, weight: n
 
 def _or_rows(m: np.ndarray) -> np.ndarray:
     """Bitwise OR along the last axis of ``m [F, k]`` (uint64)."""
+    if m.shape[1] == 0:
+        return np.zeros(m.shape[0], dtype=np.uint64)
     out = m[:, 0].copy()
     for j in range(1, m.shape[1]):
         out |= m[:, j]
