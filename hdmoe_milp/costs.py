@@ -249,12 +249,16 @@ def _unicast_usage(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     return ud, uc
 
 
+_STRIPES = 4  # consecutive flows count into different copies of a histogram (no serial bin updates)
+
+
 def _byte_hist(mask: np.ndarray, layer_key: np.ndarray, w: np.ndarray, nbytes: int, bits: int, num_layers: int,
                occupancy: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Weighted histograms of the low ``nbytes`` bytes of ``mask [F]`` (little-endian; only the low
-    ``bits`` of each byte may be set), flow f counted in layer ``layer_key[f] >> 8``: per byte
-    ``[L, nbytes, 256]`` and, if ``occupancy``, of the OR of the bytes ``[L, 256]`` (for a row-major
-    mask: the columns the flow reaches). With ``bits <= 4`` two bytes share one bincount (as nibbles)."""
+    ``bits`` of each byte may be set), flow f counted in layer ``(layer_key[f] >> 8) % L`` (key + byte
+    value indexes ``_STRIPES`` copies of ``[L, 256]``, summed): per byte ``[L, nbytes, 256]`` and, if
+    ``occupancy``, of the OR of the bytes ``[L, 256]`` (for a row-major mask: the columns the flow
+    reaches). With ``bits <= 4`` two bytes share one bincount (as nibbles)."""
     b = mask.view(np.uint8).reshape(-1, 8)[:, :nbytes]
     if bits <= 4 and nbytes > 1:
         u = b[:, 0::2].copy()  # unit j: byte 2j in the low nibble, byte 2j+1 in the high one
@@ -266,7 +270,7 @@ def _byte_hist(mask: np.ndarray, layer_key: np.ndarray, w: np.ndarray, nbytes: i
     key = np.empty_like(layer_key)
     for j in range(u.shape[1]):  # one bincount per byte: cheaper than one over [F, nbytes] keys
         np.add(layer_key, u[:, j], out=key)
-        h[j] = np.bincount(key, weights=w, minlength=size)
+        h[j] = np.bincount(key, weights=w, minlength=_STRIPES * size).reshape(_STRIPES, size).sum(axis=0)
     h = h.reshape(-1, num_layers, 256).transpose(1, 0, 2)
     if u is not b:  # split the units back into per-byte histograms over the 16 nibble values
         pairs = h.reshape(num_layers, -1, 16, 16)  # [L, unit, high, low]
@@ -283,7 +287,8 @@ def _byte_hist(mask: np.ndarray, layer_key: np.ndarray, w: np.ndarray, nbytes: i
     np.right_shift(occ, np.uint64(8), out=t)
     occ |= t
     np.add(layer_key, occ.view(np.uint8)[::8], out=key)
-    return h, np.bincount(key, weights=w, minlength=size).reshape(num_layers, 256)
+    occ_h = np.bincount(key, weights=w, minlength=_STRIPES * size).reshape(_STRIPES, size).sum(axis=0)
+    return h, occ_h.reshape(num_layers, 256)
 
 
 def spread_link_loads(
@@ -303,6 +308,7 @@ def spread_link_loads(
     L = len(offsets) - 1
     counts = np.diff(offsets)
     layer_key = np.repeat(np.arange(L) << 8, counts)
+    layer_key += (np.arange(len(layer_key)) % _STRIPES) * (L << 8)
     w = np.asarray(weight, dtype=np.float64)
     rm = np.ascontiguousarray(row_mask, dtype=np.uint64)
     # [L, R, 256]: weight per (layer, row, the row's column bits); [L, 256]: per (layer, columns reached)
