@@ -2,7 +2,9 @@
 coefficients, the heuristics, the online cost model and the HD-MoE re-implementation use.
 
 - per-directed-link loads of flows under XY routing (:func:`link_loads`; tree or unicast delivery,
-  spread or explicit homes) and the time of a communication phase (:func:`phase_time_s`);
+  spread or explicit homes), the same for spread homes and all layers at once on meshes up to 8x8
+  (:func:`spread_link_loads`, flows as uint64 destination masks from :func:`pack_dest`) and the
+  time of a communication phase (:func:`phase_time_s`);
 - the probability that a batch activates an expert copy (:func:`activation_probability`);
 - the per-node roofline (:func:`roofline_s`) and per-token unit costs (:class:`UnitCosts`);
 - per-layer DRAM capacity (:func:`layer_capacity_bytes`, :func:`check_capacity`, :func:`check_model_fits`);
