@@ -2,7 +2,9 @@
 coefficients, the heuristics, the online cost model and the HD-MoE re-implementation use.
 
 - per-directed-link loads of flows under XY routing (:func:`link_loads`; tree or unicast delivery,
-  spread or explicit homes) and the time of a communication phase (:func:`phase_time_s`);
+  spread or explicit homes), the same for spread homes and all layers at once on meshes up to 8x8
+  (:func:`spread_link_loads`, flows as uint64 destination masks from :func:`pack_dest`) and the
+  time of a communication phase (:func:`phase_time_s`);
 - the probability that a batch activates an expert copy (:func:`activation_probability`);
 - the per-node roofline (:func:`roofline_s`) and per-token unit costs (:class:`UnitCosts`);
 - per-layer DRAM capacity (:func:`layer_capacity_bytes`, :func:`check_capacity`, :func:`check_model_fits`);
@@ -13,7 +15,9 @@ Units: seconds, bytes, FLOP and FLOP/s throughout. Written out in ``formulations
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -179,6 +183,168 @@ def merge_flows(dest: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.nd
         uniq, first, inv = np.unique(packed, axis=0, return_index=True, return_inverse=True)
     return dest[first], np.bincount(inv.ravel(), weights=weight, minlength=len(first))
 
+
+# --- fast whole-model link loads: spread homes, destination sets as uint64 bitmasks -----------
+#
+# With spread homes every family of :func:`link_loads` depends on a flow only through extents of its
+# destination set: east/west dispatch on its column extent, south/north dispatch in column c on the
+# row extent of its destinations in column c, east/west combine in row r on the column extent within
+# row r, north/south combine on its row extent. On a mesh of at most 8x8 a destination set is one
+# uint64 in two byte layouts: row-major (node (r, c) is bit 8r + c: byte r holds row r) and
+# column-major (bit 8c + r: byte c holds column c). Loads are then weighted histograms of byte values
+# per (layer, row or column) times small tables (one column per link position). Unicast loads are
+# linear in the weight reaching each node: ``W [L, D] @ U [D, num_links]``, U from :func:`link_loads`.
+
+FAST_MAX_SIDE = 8  # rows and cols of the meshes the byte layout covers
+
+
+def fast_links_supported(mesh: Mesh) -> bool:
+    """Whether :func:`spread_link_loads` handles ``mesh`` (rows and cols <= 8, little-endian machine)."""
+    return max(mesh.rows, mesh.cols) <= FAST_MAX_SIDE and sys.byteorder == "little"
+
+
+@lru_cache(maxsize=32)
+def node_bits(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(row_major [D], col_major [D])`` uint64: node (r, c)'s bit ``1 << (8r + c)`` / ``1 << (8c + r)``."""
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    rb = np.left_shift(np.uint64(1), (8 * r + c).astype(np.uint64))
+    cb = np.left_shift(np.uint64(1), (8 * c + r).astype(np.uint64))
+    rb.setflags(write=False)
+    cb.setflags(write=False)
+    return rb, cb
+
+
+def pack_dest(mesh: Mesh, dest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Destination sets ``dest [F, D]`` (bool) as ``(row_major [F], col_major [F])`` uint64 masks
+    (bit layout of :func:`node_bits`; needs :func:`fast_links_supported`)."""
+    R, C = mesh.rows, mesh.cols
+    g = np.asarray(dest, dtype=bool).reshape(-1, R, C).astype(np.float32)
+    out = np.zeros((2, g.shape[0], 8), dtype=np.uint8)  # bytes of the masks, little-endian
+    out[0, :, :R] = g @ (2.0 ** np.arange(C, dtype=np.float32))  # row r's byte: bit c per column c
+    out[1, :, :C] = (2.0 ** np.arange(R, dtype=np.float32)) @ g  # column c's byte: bit r per row r
+    masks = out.view("<u8")[..., 0]
+    return masks[0], masks[1]
+
+
+def _byte_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every byte value v: highest set bit (-1 if v == 0), lowest set bit (8 if v == 0), bits ``[256, 8]``."""
+    v = np.arange(256)
+    bit = ((v[:, None] >> np.arange(8)) & 1).astype(bool)
+    hi = np.where(v > 0, 7 - np.argmax(bit[:, ::-1], axis=1), -1)
+    lo = np.where(v > 0, np.argmax(bit, axis=1), 8)
+    return hi, lo, bit.astype(np.float64)
+
+
+_HI, _LO, _BITS = _byte_tables()
+
+
+@lru_cache(maxsize=32)
+def _unicast_usage(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[D, num_links]`` dispatch and combine loads of unit weight sent to one node, homes spread."""
+    mesh = Mesh(rows, cols)
+    D = mesh.num_nodes
+    out = [link_loads(mesh, np.eye(D, dtype=bool)[[n]], np.ones(1), None, False) for n in range(D)]
+    ud = np.array([o[0] for o in out]).reshape(D, mesh.num_links)
+    uc = np.array([o[1] for o in out]).reshape(D, mesh.num_links)
+    ud.setflags(write=False)
+    uc.setflags(write=False)
+    return ud, uc
+
+
+_STRIPES = 4  # consecutive flows count into different copies of a histogram (no serial bin updates)
+
+
+def _byte_hist(mask: np.ndarray, layer_key: np.ndarray, w: np.ndarray, nbytes: int, bits: int, num_layers: int,
+               occupancy: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weighted histograms of the low ``nbytes`` bytes of ``mask [F]`` (little-endian; only the low
+    ``bits`` of each byte may be set), flow f counted in layer ``(layer_key[f] >> 8) % L`` (key + byte
+    value indexes ``_STRIPES`` copies of ``[L, 256]``, summed): per byte ``[L, nbytes, 256]`` and, if
+    ``occupancy``, of the OR of the bytes ``[L, 256]`` (for a row-major mask: the columns the flow
+    reaches). With ``bits <= 4`` two bytes share one bincount (as nibbles)."""
+    b = mask.view(np.uint8).reshape(-1, 8)[:, :nbytes]
+    if bits <= 4 and nbytes > 1:
+        u = b[:, 0::2].copy()  # unit j: byte 2j in the low nibble, byte 2j+1 in the high one
+        u[:, : nbytes // 2] |= b[:, 1::2] << 4
+    else:
+        u = b
+    size = num_layers << 8
+    h = np.empty((u.shape[1], size))
+    key = np.empty_like(layer_key)
+    for j in range(u.shape[1]):  # one bincount per byte: cheaper than one over [F, nbytes] keys
+        np.add(layer_key, u[:, j], out=key)
+        h[j] = np.bincount(key, weights=w, minlength=_STRIPES * size).reshape(_STRIPES, size).sum(axis=0)
+    h = h.reshape(-1, num_layers, 256).transpose(1, 0, 2)
+    if u is not b:  # split the units back into per-byte histograms over the 16 nibble values
+        pairs = h.reshape(num_layers, -1, 16, 16)  # [L, unit, high, low]
+        split = np.zeros((num_layers, 2 * pairs.shape[1], 256))
+        split[:, 0::2, :16] = pairs.sum(axis=2)
+        split[:, 1::2, :16] = pairs.sum(axis=3)
+        h = split[:, :nbytes]
+    if not occupancy:
+        return h, None
+    occ = mask >> np.uint64(32)  # fold the 8 bytes onto the lowest one
+    occ |= mask
+    t = occ >> np.uint64(16)
+    occ |= t
+    np.right_shift(occ, np.uint64(8), out=t)
+    occ |= t
+    np.add(layer_key, occ.view(np.uint8)[::8], out=key)
+    occ_h = np.bincount(key, weights=w, minlength=_STRIPES * size).reshape(_STRIPES, size).sum(axis=0)
+    return h, occ_h.reshape(num_layers, 256)
+
+
+def spread_link_loads(
+    mesh: Mesh, row_mask: np.ndarray, col_mask: np.ndarray | None, weight: np.ndarray, offsets: np.ndarray,
+    tree: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`link_loads` with spread homes for the flows of many layers at once (same numbers).
+
+    ``row_mask [F]`` / ``col_mask [F]``: uint64 destination masks (:func:`pack_dest`; ``col_mask`` is
+    unused for unicast and may be None). ``weight [F]``: load units per flow (bytes). The flows of
+    layer l are ``offsets[l]:offsets[l+1]`` (``offsets [L+1]`` non-decreasing, 0 to F). Needs
+    :func:`fast_links_supported`. Returns ``(dispatch [L, num_links], combine [L, num_links], max_hops [L])``.
+    """
+    R, C = mesh.rows, mesh.cols
+    N = mesh.num_nodes
+    offsets = np.asarray(offsets, dtype=np.intp)
+    L = len(offsets) - 1
+    counts = np.diff(offsets)
+    layer_key = np.repeat(np.arange(L) << 8, counts)
+    layer_key += (np.arange(len(layer_key)) % _STRIPES) * (L << 8)
+    w = np.asarray(weight, dtype=np.float64)
+    rm = np.ascontiguousarray(row_mask, dtype=np.uint64)
+    # [L, R, 256]: weight per (layer, row, the row's column bits); [L, 256]: per (layer, columns reached)
+    h_row, h_cocc = _byte_hist(rm, layer_key, w, R, C, L, tree)
+    # hops: the largest eccentricity over the nodes any flow of the layer reaches
+    union = np.zeros(L, dtype=np.uint64)
+    nz = counts > 0
+    if rm.size:
+        union[nz] = np.bitwise_or.reduceat(rm, offsets[:-1][nz])
+    rb, _ = node_bits(R, C)
+    ecc = mesh.distance.max(axis=0)
+    hops = np.where((union[:, None] & rb[None, :]) != 0, ecc[None, :], 0).max(axis=1, initial=0)
+    if not tree:
+        ud, uc = _unicast_usage(R, C)
+        node_w = (h_row @ _BITS[:, :C]).reshape(L, N)  # [L, D] weight reaching each node
+        return node_w @ ud, node_w @ uc, hops
+    cm = np.ascontiguousarray(col_mask, dtype=np.uint64)
+    h_col, h_rocc = _byte_hist(cm, layer_key, w, C, R, L, True)  # per (layer, column, its row bits), rows reached
+    c = np.arange(C - 1)
+    r = np.arange(R - 1)
+    k = {key: v / N for key, v in _spread_counts(mesh).items()}
+    east, west = _HI[:, None] > c, _LO[:, None] <= c  # [256, C-1]: some node east of c / at or west of c
+    south, north = _HI[:, None] > r, _LO[:, None] <= r  # [256, R-1]: some node below r / at or above r
+    de = np.broadcast_to((h_cocc @ (east * k["d_east"]))[:, None, :], (L, R, C - 1))
+    dw = np.broadcast_to((h_cocc @ (west * k["d_west"]))[:, None, :], (L, R, C - 1))
+    ds = (h_col @ (south * k["d_south"])).transpose(0, 2, 1)  # [L, R-1, C]
+    dn = (h_col @ (north * k["d_north"])).transpose(0, 2, 1)
+    cw = h_row @ (east * k["c_west"])  # [L, R, C-1]
+    ce = h_row @ (west * k["c_east"])
+    cn = np.broadcast_to((h_rocc @ (south * k["c_north"]))[:, :, None], (L, R - 1, C))
+    cs = np.broadcast_to((h_rocc @ (north * k["c_south"]))[:, :, None], (L, R - 1, C))
+    dispatch = np.concatenate([a.reshape(L, -1) for a in (de, dw, ds, dn)], axis=1)
+    combine = np.concatenate([a.reshape(L, -1) for a in (ce, cw, cs, cn)], axis=1)
+    return dispatch, combine, hops
 
 
 def non_moe_time_s(model: MoEModel, hw: Hardware, batch: float, mode: str = "mesh", context_len: int = 1024) -> float:

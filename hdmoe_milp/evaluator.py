@@ -12,7 +12,9 @@ The model is written out in ``formulations/evaluator.md``. In short, per MoE lay
   strategy.
 
 Everything is vectorised over flows; link loads use prefix sums along mesh rows and columns
-(XY routes from one home form a tree whose links are determined by per-row/column extents).
+(XY routes from one home form a tree whose links are determined by per-row/column extents). With
+spread homes on meshes up to 8x8 the loads of all layers come from one
+:func:`~hdmoe_milp.costs.spread_link_loads` call; otherwise :func:`~hdmoe_milp.costs.link_loads` runs per layer.
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ from .costs import (
     UnitCosts,
     activation_probability,
     check_capacity,
+    fast_links_supported,
     link_loads,
     merge_flows,
     non_moe_time_s,
+    pack_dest,
     phase_time_s,
     roofline_s,
+    spread_link_loads,
 )
 from .errors import InputError, check_choice
-from .hardware import Hardware
+from .hardware import Hardware, Mesh
 from .moe import MoEModel
 from .placement import LayerPlacement, Placement
 from .replica_rules import DISPATCH, assign_by_distance, assign_copies
@@ -210,7 +215,15 @@ def evaluate(
     options: EvalOptions | None = None,
 ) -> Evaluation:
     """Score ``placement`` on ``workload`` (see the module docstring and formulations/evaluator.md)."""
-    opts = options or EvalOptions()
+    return _evaluate(placement, model, hardware, workload, options or EvalOptions(), fast=True)
+
+
+def _evaluate(
+    placement: Placement, model: MoEModel, hardware: Hardware, workload: Workload, opts: EvalOptions, fast: bool
+) -> Evaluation:
+    """:func:`evaluate`; ``fast``: with spread homes on a mesh of at most 8x8, the link loads of all
+    layers come from one :func:`~hdmoe_milp.costs.spread_link_loads` call instead of
+    :func:`~hdmoe_milp.costs.link_loads` per layer (the same numbers; False is the reference)."""
     _check_compatible(placement, model, hardware, workload)
     check_capacity(placement, model, hardware)
     mesh = hardware.mesh
@@ -219,6 +232,7 @@ def evaluate(
     paper = opts.mode == "paper"
     tree = opts.resolved_delivery == "tree"
     home_rule = opts.resolved_home
+    fast = fast and home_rule == "spread" and fast_links_supported(mesh)
     rng = np.random.default_rng(opts.seed)
     h = model.hidden
     unit = UnitCosts.of(model, opts.mode)
@@ -227,13 +241,16 @@ def evaluate(
     hop_lat = hardware.hop_latency_s
 
     nL = placement.num_layers
-    compute = np.zeros(nL)
     disp_t = np.zeros(nL)
     comb_t = np.zeros(nL)
-    node_time = np.zeros((nL, D))
     node_flops = np.zeros((nL, D))
     ld = np.zeros((nL, mesh.num_links))
     lc = np.zeros((nL, mesh.num_links))
+    read_bytes = np.zeros((nL, D))
+    full_tp = np.zeros(nL, dtype=bool)
+    row_masks: list[np.ndarray] = []  # fast path: per layer [messages] uint64 destination masks, weights
+    col_masks: list[np.ndarray] = []
+    msg_weight: list[np.ndarray] = []
     for li, (lp, lr) in enumerate(zip(placement.layers, workload.layers, strict=True)):
         if opts.dispatch != "fraction":
             floor = None
@@ -245,19 +262,18 @@ def evaluate(
         else:
             copies = assign_copies(lp, lr.experts, lr.weight)
         n_copy = np.bincount(copies.ravel(), weights=np.repeat(lr.weight, copies.shape[1]), minlength=lp.num_copies)
-        flops = flops_tok * (n_copy @ lp.shares)
-        if paper:  # HD-MoE counts FLOPs only
-            t_node = flops / hardware.compute_flops
-        else:
+        node_flops[li] = flops_tok * (n_copy @ lp.shares)
+        if not paper:  # HD-MoE counts FLOPs only
             active = (n_copy > 0).astype(float) if workload.kind == "observed" else activation_probability(n_copy, B)
-            t_node = roofline_s(flops, w_bytes * (active @ lp.shares), hardware)
-        node_flops[li] = flops
-        node_time[li] = t_node
-        compute[li] = t_node.max()
+            read_bytes[li] = w_bytes * (active @ lp.shares)
+        full_tp[li] = paper and _is_full_tp(lp)
 
         holders = lp.shares > 0
-        home = _homes(lp, copies, home_rule, rng)
         weight = lr.weight
+        if fast and opts.coalesce == "node":  # a token's message reaches every holder of its copies
+            _add_messages(mesh, holders, copies, weight * vec_bytes, tree, row_masks, col_masks, msg_weight)
+            continue
+        home = _homes(lp, copies, home_rule, rng)
         if opts.coalesce == "node":
             dest = holders[copies].any(axis=1)  # [F, D]
         else:  # one message per (token, expert), or per (token, distinct holder set)
@@ -270,6 +286,10 @@ def evaluate(
                 dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
                 np.put_along_axis(keep, order, ~dup, axis=1)
             fi, ji = np.nonzero(keep)
+            if fast:
+                _add_messages(mesh, holders, copies[fi, ji, None], weight[fi] * vec_bytes, tree, row_masks,
+                              col_masks, msg_weight)
+                continue
             dest = holders[copies[fi, ji]]
             weight = weight[fi]
             home = None if home is None else home[fi]
@@ -277,12 +297,20 @@ def evaluate(
             dest, weight = merge_flows(dest, weight)
         d_load, c_load, hops = link_loads(mesh, dest, weight * vec_bytes, home, tree)
         ld[li], lc[li] = d_load, c_load
-        if paper and _is_full_tp(lp):
-            # HD-MoE charges TP its ring all-reduce: 4 bytes/element, 4*B*h/BW per phase.
-            disp_t[li] = comb_t[li] = 4.0 * B * h / hardware.min_link_bw
-        else:
-            disp_t[li] = phase_time_s(d_load, bw, hop_lat, hops)
-            comb_t[li] = phase_time_s(c_load, bw, hop_lat, hops)
+        disp_t[li] = phase_time_s(d_load, bw, hop_lat, hops)
+        comb_t[li] = phase_time_s(c_load, bw, hop_lat, hops)
+
+    node_time = node_flops / hardware.compute_flops if paper else roofline_s(node_flops, read_bytes, hardware)
+    compute = node_time.max(axis=1)
+    if fast:
+        offsets = np.r_[0, np.cumsum([len(w) for w in msg_weight])]
+        ld[:], lc[:], hops = spread_link_loads(mesh, np.concatenate(row_masks),
+                                               np.concatenate(col_masks) if tree else None,
+                                               np.concatenate(msg_weight), offsets, tree)
+        disp_t[:] = phase_time_s(ld, bw, hop_lat, hops)
+        comb_t[:] = phase_time_s(lc, bw, hop_lat, hops)
+    # HD-MoE charges TP its ring all-reduce: 4 bytes/element, 4*B*h/BW per phase.
+    disp_t[full_tp] = comb_t[full_tp] = 4.0 * B * h / hardware.min_link_bw
 
     return Evaluation(
         compute_s=compute,
@@ -297,3 +325,24 @@ def evaluate(
         mode=opts.mode,
         strategy=placement.strategy,
     )
+
+
+def _add_messages(mesh: Mesh, holders: np.ndarray, copies: np.ndarray, weight: np.ndarray, tree: bool,
+                  row_masks: list, col_masks: list, weights: list) -> None:
+    """Append one layer's messages for :func:`spread_link_loads`: message i goes to every holder of
+    the copies ``copies[i, :]`` (``holders [copies, D]`` bool) with ``weight[i]`` bytes."""
+    row_bits, col_bits = pack_dest(mesh, holders)
+    row_masks.append(_or_rows(row_bits[copies]))
+    if tree:
+        col_masks.append(_or_rows(col_bits[copies]))
+    weights.append(weight)
+
+
+def _or_rows(m: np.ndarray) -> np.ndarray:
+    """Bitwise OR along the last axis of ``m [F, k]`` (uint64)."""
+    if m.shape[1] == 0:
+        return np.zeros(m.shape[0], dtype=np.uint64)
+    out = m[:, 0].copy()
+    for j in range(1, m.shape[1]):
+        out |= m[:, j]
+    return out

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hdmoe_milp.costs import link_loads
+from hdmoe_milp.costs import link_loads, pack_dest, spread_link_loads
 from hdmoe_milp.hardware import Mesh
 
 
@@ -121,6 +121,12 @@ def test_vectorised_matches_explicit_routes(case, tree):
         acc_c += y
     np.testing.assert_allclose(ds, acc_d, atol=1e-9)
     np.testing.assert_allclose(cs, acc_c, atol=1e-9)
+    # the fast whole-model kernel (one layer here) gives the same spread-home loads
+    rm, cm = pack_dest(mesh, dest)
+    fd, fc, fh = spread_link_loads(mesh, rm, cm, w, np.array([0, len(w)]), tree)
+    np.testing.assert_allclose(fd[0], acc_d, atol=1e-9)
+    np.testing.assert_allclose(fc[0], acc_c, atol=1e-9)
+    assert fh[0] == max(mesh.distance[h, dest[f]].max(initial=0) for h in range(mesh.num_nodes) for f in range(len(w)))
     if not tree:
         # total link bytes = sum of flow bytes x hops
         hop_bytes = sum(w[f] * mesh.distance[home[f], dest[f]].sum() for f in range(len(w)))
