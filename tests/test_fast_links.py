@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hdmoe_milp import EvalOptions, evaluate, expected_workload, get_model, make_hardware, sample_batch
+from hdmoe_milp import EvalOptions, expected_workload, get_model, make_hardware, sample_batch
 from hdmoe_milp import evaluator as evaluator_mod
 from hdmoe_milp.costs import fast_links_supported, link_loads, pack_dest, spread_link_loads
-from hdmoe_milp.evaluator import _evaluate
+from hdmoe_milp.evaluator import _evaluate, evaluate
 from hdmoe_milp.hardware import Mesh
 from hdmoe_milp.placement import LayerPlacement, Placement
 from hdmoe_milp.strategies import build
