@@ -25,7 +25,7 @@ from hdmoe_milp import Hardware, Mesh, MoEModel, get_model, load_trace, make_har
 from hdmoe_milp.evaluator import EvalOptions, evaluate
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, replay
 from hdmoe_milp.online.policies import OraclePolicy
-from hdmoe_milp.replica_rules import DISPATCH
+from hdmoe_milp.replica_rules import REPLICA_RULES
 from hdmoe_milp.strategies import build
 from hdmoe_milp.strategies.block_milp import SolveParams, solve_model
 from hdmoe_milp.synthetic import drifting_trace, synthetic_trace
@@ -127,8 +127,8 @@ def main() -> None:
     for hwp in ("5/50", "2.5/75") if not args.quick else ("5/50",):
         hw = make_hardware(hwp, "4x8")
         plan = build("cb", ds, hw, dst["law"].frequencies())
-        for rule in DISPATCH:
-            o = EvalOptions(dispatch=rule)
+        for rule in REPLICA_RULES:
+            o = EvalOptions(replica_rule=rule)
             st = replay(plan, ds, hw, dst["translation"], 512, "static", batches=args.batches, batching="random",
                         seed=0, options=o).summary()["mean_us"]
             row = {"hw": hwp, "dispatch": rule}
@@ -143,7 +143,7 @@ def main() -> None:
     sm = MoEModel("small", num_experts=16, top_k=2, hidden=1024, expert_intermediate=1024, moe_layers=4)
     shw = Hardware(Mesh(2, 4), compute_flops=2e12, link_bw_bytes_per_s=2e10)
     nb = 60 if not args.quick else 24
-    opts = EvalOptions(dispatch="balanced")
+    opts = EvalOptions(replica_rule="balanced")
     ceil_rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         base, shifted_tr = synthetic_trace(sm, 4096, seed=seed), synthetic_trace(sm, 256 * nb, seed=seed, domain=5)
@@ -156,7 +156,7 @@ def main() -> None:
                                       seed=1, config=RebalancerConfig(ema_decay=0.8)).latency_s
         lat["greedy-fraction-dispatch"] = replay(splan, sm, shw, shifted_tr, 256, "greedy", batches=nb,
                                                  batching="random", seed=1,
-                                                 options=EvalOptions(dispatch="fraction")).latency_s
+                                                 options=EvalOptions(replica_rule="fraction")).latency_s
         lat["hindsight-static"] = replay(hind, sm, shw, shifted_tr, 256, "static", batches=nb, batching="random",
                                          seed=1).latency_s
         # the per-batch oracle (a MILP solve per layer and batch, no move cost) on every 2nd batch of the

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--delivery", help="tree (default in mesh mode) or unicast")
     ev.add_argument("--home", help="token home nodes: spread, holder or random")
     ev.add_argument("--batching", help="expected (default), random or contiguous")
-    ev.add_argument("--replica-rule", "--dispatch", dest="dispatch", default="fraction",
+    ev.add_argument("--replica-rule", "--dispatch", dest="replica_rule", default="fraction",
                     help="which copy of a replicated expert serves a token: fraction (default), affinity, "
                     "balanced or nearest (see formulations/evaluator.md)")
     ev.add_argument("--capacity-gb", type=float, help="DRAM capacity per node, GB (default: unlimited)")
@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                     "a comma-separated list, or all (default; all but oracle)")
     rp.add_argument("--batches", type=int, default=50, help="batches to replay (default 50)")
     rp.add_argument("--batching", help="contiguous (default) or random")
-    rp.add_argument("--replica-rule", "--dispatch", dest="dispatch", default="balanced",
+    rp.add_argument("--replica-rule", "--dispatch", dest="replica_rule", default="balanced",
                     help="which copy of a replicated expert serves a token: balanced (default: this batch's "
                     "tokens levelled over the copies, tokens prefer copies on nodes they touch), affinity (the "
                     "plan's fractions as quotas), nearest (no quotas) or fraction")
@@ -163,7 +163,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     _check_out("save-plan", args.save_plan)
     s = _settings(args, args.plan)
     problem = pl.Settings.to_problem(s)
-    problem = problem.with_(options=replace(problem.options, dispatch=args.dispatch))
+    problem = problem.with_(options=replace(problem.options, replica_rule=args.replica_rule))
     budget = pl.Budget(time_limit_s=args.time_limit, work_limit=args.work_limit)
     plans = {}
     if args.plan:
@@ -233,7 +233,7 @@ def _replay(args: argparse.Namespace) -> int:
     names = [p for p in pl.POLICIES if p != "oracle"] if args.policy == "all" else args.policy.split(",")
     for n in names:
         pl.check_choice("policy", n, pl.POLICIES)
-    pl.check_choice("--replica-rule/--dispatch", args.dispatch, pl.REPLICA_RULES)
+    pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
     batching = args.batching or "contiguous"
     pl.check_choice("batching", batching, ("random", "contiguous"))
     if args.plan:
@@ -245,7 +245,7 @@ def _replay(args: argparse.Namespace) -> int:
                                                      problem.model.top_k), frequencies=None)
         plan = pl.place(base, args.plan_strategy)
     rows = [pl.replay(problem, plan, policy=n, batches=args.batches, batch=args.batch, batching=batching,
-                      replica_rule=args.dispatch, progress=args.progress).summary() for n in names]
+                      replica_rule=args.replica_rule, progress=args.progress).summary() for n in names]
     static = next((r["mean_us"] for r in rows if r["policy"] == "static"), None)
     for r in rows:
         r["speedup_vs_static"] = None if static is None else static / r["mean_us"]

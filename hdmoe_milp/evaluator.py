@@ -42,7 +42,7 @@ from .errors import InputError, check_choice
 from .hardware import Hardware, Mesh
 from .moe import MoEModel
 from .placement import LayerPlacement, Placement
-from .replica_rules import DISPATCH, assign_by_distance, assign_copies
+from .replica_rules import REPLICA_RULES, assign_by_distance, assign_copies
 from .workload import Workload
 
 DELIVERIES = ("tree", "unicast")
@@ -65,10 +65,10 @@ class EvalOptions:
     ``block``: one message per distinct holder set (experts on identical node sets share it);
     ``expert``: one message per (token, expert). Traffic: node <= block <= expert. The offline MILP
     models ``block`` exactly for the co-activation groups it tracks and ``expert`` for the rest.
-    ``dispatch``: which copy of a replicated expert serves a token: ``fraction`` (default: the
+    ``replica_rule``: which copy of a replicated expert serves a token: ``fraction`` (default: the
     plan's token fractions), ``affinity`` (the same quotas, tokens to copies on nodes they already
     touch), ``balanced`` (quotas levelled on this batch's loads, then as affinity: the online stage's
-    runtime rule) or ``nearest`` (no quotas), see ``hdmoe_milp/dispatch.py``.
+    runtime rule) or ``nearest`` (no quotas), see ``hdmoe_milp/replica_rules.py``.
     ``context_len``: KV-cache length in tokens for the attention term. ``seed``: for random homes.
     """
 
@@ -78,7 +78,7 @@ class EvalOptions:
     seed: int = 0
     context_len: int = 1024
     coalesce: str = "node"
-    dispatch: str = "fraction"
+    replica_rule: str = "fraction"
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, MODES)
@@ -87,7 +87,7 @@ class EvalOptions:
         if self.home is not None:
             check_choice("home", self.home, HOMES)
         check_choice("coalesce", self.coalesce, COALESCE)
-        check_choice("dispatch", self.dispatch, DISPATCH)
+        check_choice("replica_rule", self.replica_rule, REPLICA_RULES)
         if self.context_len < 0:
             raise InputError("context_len", f"must be >= 0, got {self.context_len}")
 
@@ -252,13 +252,13 @@ def _evaluate(
     col_masks: list[np.ndarray] = []
     msg_weight: list[np.ndarray] = []
     for li, (lp, lr) in enumerate(zip(placement.layers, workload.layers, strict=True)):
-        if opts.dispatch != "fraction":
+        if opts.replica_rule != "fraction":
             floor = None
             if not paper:  # tokens a node computes within its weight-read time (every used copy read)
                 used = np.bincount(lr.experts.ravel(), minlength=lp.num_experts)[lp.expert_of] > 0
                 read_s = w_bytes / hardware.dram_bw_bytes_per_s * (used @ lp.shares)
                 floor = read_s * hardware.compute_flops / flops_tok
-            copies = assign_by_distance(lp, lr.experts, lr.weight, mesh.distance, opts.dispatch, floor)
+            copies = assign_by_distance(lp, lr.experts, lr.weight, mesh.distance, opts.replica_rule, floor)
         else:
             copies = assign_copies(lp, lr.experts, lr.weight)
         n_copy = np.bincount(copies.ravel(), weights=np.repeat(lr.weight, copies.shape[1]), minlength=lp.num_copies)

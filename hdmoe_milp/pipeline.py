@@ -33,7 +33,7 @@ from .online import POLICIES, ReplayResult
 from .online import replay as _replay
 from .placement import Placement, write_atomic
 from .problem import Budget, Problem
-from .replica_rules import DISPATCH as REPLICA_RULES
+from .replica_rules import REPLICA_RULES
 from .solvers import SolveParams
 from .solvers.tasks import run_tasks
 from .strategies import BASELINES, STRATEGIES, place
@@ -339,7 +339,7 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     check_choice("batching", batching, ("random", "contiguous"))
     o = problem.options
     opts = EvalOptions(mode=o.mode, delivery=o.delivery, home=o.home, seed=o.seed, context_len=o.context_len,
-                       dispatch=replica_rule)
+                       replica_rule=replica_rule)
     return _replay(plan, problem.model, problem.hardware, tr, int(batch), policy, batches=int(batches),
                    batching=batching, seed=problem.seed if seed is None else seed, options=opts,
                    progress=progress, **policy_kw)

@@ -1,6 +1,6 @@
-"""Which copy of a replicated expert serves each token (the dispatch rule).
+"""Which copy of a replicated expert serves each token (the replica rule).
 
-Rules, chosen by ``EvalOptions.dispatch`` (written out in ``formulations/evaluator.md``):
+Rules, chosen by ``EvalOptions.replica_rule`` (written out in ``formulations/evaluator.md``):
 
 - ``fraction``: each expert's flows are cut by the copies' token fractions (the plan's static split);
 - ``affinity``: the same per-copy quotas; a token goes to a copy with room among those nearest to
@@ -21,7 +21,7 @@ import numpy as np
 
 from .placement import LayerPlacement
 
-DISPATCH = ("fraction", "affinity", "balanced", "nearest")
+REPLICA_RULES = ("fraction", "affinity", "balanced", "nearest")
 
 
 def _identity(lp: LayerPlacement) -> bool:

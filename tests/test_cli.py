@@ -80,7 +80,8 @@ def test_plan_round_trip(tmp_path, capsys):
         (["--strategy", "tp,nope"], "strategy"),
         (["--model", "mixtral-8x7b", "--trace", str(TRACES / "deepseek_v2_lite_law_4k.npz")], "trace"),
         (["--trace", "/no/such/file.json"], "trace"),
-        (["--dispatch", "closest"], "dispatch"),
+        (["--dispatch", "closest"], "replica_rule"),
+        (["--replica-rule", "closest"], "replica_rule"),
     ],
 )
 def test_bad_input_exit_2(capsys, args, field):

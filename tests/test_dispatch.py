@@ -39,8 +39,8 @@ def test_affinity_sends_tokens_to_the_replica_they_already_touch():
     hw = Hardware(MESH, compute_flops=1e12, link_bw_bytes_per_s=1e9)
     wl = Workload((LayerRouting(ex, w),), 4, 2, 6.0, "observed")
     place = Placement((lp,))
-    a = evaluate(place, m, hw, wl, EvalOptions(dispatch="affinity"))
-    f = evaluate(place, m, hw, wl, EvalOptions(dispatch="fraction"))
+    a = evaluate(place, m, hw, wl, EvalOptions(replica_rule="affinity"))
+    f = evaluate(place, m, hw, wl, EvalOptions(replica_rule="fraction"))
     np.testing.assert_allclose(a.node_flops, f.node_flops)  # same compute, less traffic
     assert a.link_bytes_dispatch.sum() < f.link_bytes_dispatch.sum()
 
@@ -102,8 +102,8 @@ def test_every_token_is_served_by_a_copy_of_its_expert(case, rule):
 
 
 def test_unknown_dispatch_rule_names_the_field():
-    with pytest.raises(InputError, match="dispatch"):
-        EvalOptions(dispatch="closest")
+    with pytest.raises(InputError, match="replica_rule"):
+        EvalOptions(replica_rule="closest")
 
 
 def test_balanced_levels_the_batch_and_fills_stacked_copies_as_one():

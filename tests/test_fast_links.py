@@ -113,7 +113,7 @@ def test_evaluator_fast_path_equals_general_path(ds_small, monkeypatch):
         for mode, delivery, coalesce, dispatch in combos:
             if replicated and coalesce != "node" and dispatch not in ("fraction", "nearest"):
                 continue  # keep the test short: the rules only change the copies, checked with node coalescing
-            opts = EvalOptions(mode=mode, delivery=delivery, home="spread", coalesce=coalesce, dispatch=dispatch)
+            opts = EvalOptions(mode=mode, delivery=delivery, home="spread", coalesce=coalesce, replica_rule=dispatch)
             n_before = len(calls)
             fast = evaluate(p, m, hw, wl, opts)
             assert len(calls) == n_before + 1  # the fast kernel did the work

@@ -9,7 +9,7 @@ come from :class:`costs.UnitCosts` (mesh mode).
 
 Exactness against :func:`hdmoe_milp.evaluator.evaluate` (``tests/test_surrogates.py``):
 ``OnlineCost.layer_latency_s`` with ``noise_z = 0`` equals the evaluator with
-``EvalOptions(coalesce="expert")`` (mesh mode, spread homes, the same delivery, ``dispatch="fraction"``)
+``EvalOptions(coalesce="expert")`` (mesh mode, spread homes, the same delivery, ``replica_rule="fraction"``)
 on an expected workload whose expert loads are the ``counts``, when every expert has one copy (any
 shares, blocks or not) and the hop latency is 0. It leaves out the hop-latency terms: with hop
 latency ``alpha > 0`` it under-estimates by exactly ``2 * alpha * (longest route from a spread home

@@ -104,7 +104,7 @@ class HdmoePrebroadcast(Policy):
     their tokens are spread to level the node loads (one load vector kept across experts: the fix of
     the paper code's bug). Prediction = the previous batch's counts (the traces carry no next-layer
     gate predictions). Its water-filled split is the copies' token fractions; at serving time the
-    evaluator's dispatch rule applies to its copies as to every policy's (the replay's ``balanced``
+    evaluator's replica rule applies to its copies as to every policy's (the replay's ``balanced``
     re-levels the split on the batch served, which favours this policy over the paper's own)."""
 
     name = "hdmoe-prebroadcast"

@@ -55,7 +55,7 @@ def replay(plan: Placement, model: MoEModel, hw: Hardware, trace: Trace, batch: 
     from what it observed so far; the batch is scored by the evaluator on its observed tokens.
     Default options: the evaluator's defaults with the online stage's ``balanced`` dispatch.
     ``progress``: a bar over batches on stderr (None: on in a terminal)."""
-    opts = options or EvalOptions(dispatch="balanced")
+    opts = options or EvalOptions(replica_rule="balanced")
     pol = make_policy(policy, plan, model, hw, batch, opts, **policy_kw)
     lat, mig, byt, act, dec, tok = [], [], [], [], [], []
     batches_iter = iter_batches(trace, batch, batching, seed, count=batches)
