@@ -60,7 +60,13 @@ def activation_probability(tokens: np.ndarray | float, batch: float) -> np.ndarr
 
 def roofline_s(flops: np.ndarray, bytes_read: np.ndarray, hw: Hardware) -> np.ndarray:
     """Per-node time (s): ``max(flops / compute, bytes read from DRAM / DRAM bandwidth)``."""
-    return np.maximum(np.asarray(flops) / hw.compute_flops, np.asarray(bytes_read) / hw.dram_bw_bytes_per_s)
+    return roofline_of(np.asarray(flops) / hw.compute_flops, np.asarray(bytes_read) / hw.dram_bw_bytes_per_s)
+
+
+def roofline_of(compute_s: np.ndarray, read_s: np.ndarray) -> np.ndarray:
+    """The roofline on times already in seconds (any matching shapes): a node takes the longer of
+    its compute time and its weight-read time (they overlap)."""
+    return np.maximum(compute_s, read_s)
 
 
 def phase_time_s(link_bytes: np.ndarray, link_bw: np.ndarray, hop_latency_s: float = 0.0,

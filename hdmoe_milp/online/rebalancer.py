@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costs import layer_capacity_bytes, non_moe_time_s
+from ..costs import layer_capacity_bytes, non_moe_time_s, roofline_of
 from ..errors import InputError, check_choice
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -193,7 +193,7 @@ class GreedyRebalancer:
         var = per_layer(n[self.g] * solo) @ P2  # tokens² of batch noise per node
         mem = c.w_s * (per_layer(c.activation(tok)) @ P)
         link = (c.vec * mass) @ PL
-        node = np.maximum(flops + c.phi_s * c.noise_z * np.sqrt(var), mem)
+        node = roofline_of(flops + c.phi_s * c.noise_z * np.sqrt(var), mem)
         est_var = self._estimate_variance() * (mass @ P2)  # tokens² of estimate noise
         return {"tok": tok, "layer": layer, "flops": flops, "mem": mem, "link": link, "node": node, "var": var,
                 "est_var": est_var,
@@ -287,7 +287,7 @@ class GreedyRebalancer:
             new_var = (st["var"][a][ax] - var_i
                        + onehot * (n[gc][..., None] * (q >= 1.0))[..., None, None])
             new_flops = new_flops + c.phi_s * c.noise_z * np.sqrt(np.maximum(new_var, 0.0))
-        node_after = np.maximum(new_flops, new_mem).max(axis=-1)  # [A, C, Q, K]
+        node_after = roofline_of(new_flops, new_mem).max(axis=-1)  # [A, C, Q, K]
         move = np.where(holders[:, :, None, :], c.move_pair.T[t], np.inf).min(axis=-1)  # [A, C, K]
         cost = np.maximum(0.0, move - budget[a][:, None, None])[:, :, None, :]
         h, H, b4 = cfg.hysteresis, cfg.horizon, base[a][:, None, None, None]
