@@ -61,6 +61,9 @@ def test_plan_round_trip(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     assert main(["evaluate", "--instance", INSTANCE, "--strategy", "cb", "--save-plan", str(plan), "--json"]) == 0
     a = json.loads(capsys.readouterr().out)
+    made = json.loads(plan.read_text())["meta"]
+    assert made["problem"]["model"] == "deepseek-v2-lite" and made["problem"]["hw_point"] == "5/50"
+    assert len(made["problem"]["trace_sha256"]) == 64 and made["solver"]["strategy"] == "cb"
     assert main(["evaluate", "--instance", INSTANCE, "--plan", str(plan), "--json"]) == 0
     b = json.loads(capsys.readouterr().out)
     assert a["tbt_us"] == b["tbt_us"]

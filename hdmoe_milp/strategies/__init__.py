@@ -85,9 +85,17 @@ BASELINES: tuple[str, ...] = ("tp", "ep", "ep-lpt", "cb", "eplb", "hdmoe")
 
 
 def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budget | None = None) -> Placement:
-    """Run the strategy called ``name`` on ``problem`` (seed: the problem's unless given)."""
+    """Run the strategy called ``name`` on ``problem`` (seed: the problem's unless given). The
+    placement's ``meta`` records the problem it was made for and the strategy's settings."""
     check_choice("strategy", name, tuple(STRATEGIES))
-    return STRATEGIES[name](problem, seed=problem.seed if seed is None else seed, budget=budget)
+    seed = problem.seed if seed is None else seed
+    plan = STRATEGIES[name](problem, seed=seed, budget=budget)
+    settings = {"strategy": name, "seed": seed}
+    if budget is not None:
+        settings.update(budget.__dict__)
+    if problem.trace is None:
+        return Placement(plan.layers, plan.strategy, {**plan.meta, "solver": settings})
+    return Placement(plan.layers, plan.strategy, {**plan.meta, "problem": problem.describe(), "solver": settings})
 
 
 def build(name: str, model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: int = 0,
