@@ -11,6 +11,8 @@ groups (one flow per group, ``f_g * B`` tokens), built directly. Checked:
   (``coalesce="node"``).
 - warm-start heuristics: a candidate score == the no-group objective (coalesce="expert") minus the
   hop constant; >= the group-aware objective.
+- HD-MoE's stage-1 linear estimate: compute term == the evaluator's busiest-node FLOP time (<= its
+  roofline); communication term == the evaluator's on the EP placement gamma is fitted on.
 - online cost (``OnlineCost.layer_latency_s``, ``noise_z=0``, one copy per expert, any shares):
   == evaluator ``coalesce="expert"`` minus ``2 * hop * hops`` (it has no hop term); >= the default
   evaluator when the hop latency is 0; ``noise_z > 0`` only adds.
@@ -19,12 +21,14 @@ groups (one flow per group, ``f_g * B`` tokens), built directly. Checked:
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hdmoe_milp.costs import UnitCosts
 from hdmoe_milp.evaluator import EvalOptions, evaluate
 from hdmoe_milp.hardware import Hardware, Mesh
 from hdmoe_milp.moe import MoEModel
@@ -32,6 +36,7 @@ from hdmoe_milp.online.cost import OnlineCost
 from hdmoe_milp.placement import LayerPlacement, Placement
 from hdmoe_milp.strategies.block_milp import BlockModel, MilpOptions
 from hdmoe_milp.strategies.block_milp.heuristics import _candidate_scores, _state
+from hdmoe_milp.strategies.hdmoe import US, LayerEstimate, _ep_lpt, _tracked, fit_gamma, wrap_shares
 from hdmoe_milp.workload import LayerRouting, Workload
 
 REL = 1e-9
@@ -197,3 +202,29 @@ def test_online_cost_with_replicas_errs_both_ways(weights, evaluator_tokens):
     phi = model.expert_flops_per_token() / hw.compute_flops
     assert lat == pytest.approx(11.5 * phi, rel=1e-6)
     assert ev == pytest.approx(evaluator_tokens * phi, rel=1e-6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(inst=instances())
+def test_hdmoe_linear_estimate_against_the_evaluator(inst):
+    """HD-MoE's stage-1 estimate: its compute term is the evaluator's FLOP time of the busiest node
+    (exact when that node is compute-bound, below the roofline otherwise); its communication term
+    ``2 u_comm max touch`` equals the evaluator's communication on the EP placement gamma is fitted
+    on (all co-activation sets tracked, tree delivery, spread homes, hop latency 0)."""
+    model, hw, ids, fg, B, rng = inst
+    hw = replace(hw, hop_latency_s=0.0)
+    f = freqs(model, ids, fg)
+    unit = UnitCosts.of(model)
+    g_ids, g_f, f_tail = _tracked(f, (ids, fg), model.top_k, 64)
+    ep = _ep_lpt(model, hw, f)
+    gamma = fit_gamma(hw, unit, B, ep, g_ids, g_f, f_tail)
+    est = LayerEstimate(f, g_ids, g_f, f_tail, US * B * unit.flops_per_token / hw.compute_flops,
+                        US * gamma * B * unit.vector_bytes / hw.min_link_bw, hw.num_nodes)
+    wl = expected(model, ids, fg, B)
+    for shares in (ep, wrap_shares(f, hw.num_nodes), rng.dirichlet(np.ones(hw.num_nodes), model.num_experts)):
+        ev = evaluate(Placement.from_shares([shares]), model, hw, wl, EvalOptions(delivery="tree"))
+        comp_est = est.u_comp * (f @ shares).max() / US
+        assert rel(comp_est, ev.node_flops[0].max() / hw.compute_flops) < REL
+        assert comp_est <= ev.compute_s[0] * (1 + REL)
+    ev = evaluate(Placement.from_shares([ep]), model, hw, wl, EvalOptions(delivery="tree"))
+    assert rel(2 * est.u_comm * est.touch(ep > 0).max() / US, ev.comm_s[0]) < 1e-9 or ev.comm_s[0] == 0

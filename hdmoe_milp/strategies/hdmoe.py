@@ -11,7 +11,7 @@ D - 1 split experts). When it is within ``gap`` of a valid lower bound (perfect 
 message received once) the solver is skipped; otherwise the MILP is solved from that incumbent.
 
 Determinism. Nothing here reads the clock. The solver's budget is a *work* limit, ``work_limit``:
-CP-SAT deterministic seconds per layer, one worker, fixed seed (``SolveParams(deterministic=True)``).
+CP-SAT deterministic seconds per layer, one worker, fixed seed (``SolveParams(work_limit=...)``).
 CBC and HiGHS have no work limit that the solver layer exposes, so with ``backend="cbc"`` or
 ``"highs"`` stage 1 runs under the wall-clock ``time_limit_s`` and its answer may vary with the
 machine's load when that limit binds (``info["deterministic"]`` is False then); CP-SAT is the default
