@@ -103,12 +103,14 @@ _FLAGS = (
 )
 
 
-def _plan_defaults(path: str) -> dict[str, Any]:
-    """Settings a plan file records about what it was made for (empty for older plan files)."""
+def _plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
+    """Settings a plan file records about what it was made for (empty for older plan files). The
+    recorded trace must still be there and unchanged unless ``--trace`` replaces it."""
     made = pl.plan_settings(path) or {}
     out: dict[str, Any] = {}
-    for key, field in (("model", "model"), ("mesh", "mesh"), ("hw_point", "hw")):
-        if made.get(key):
+    for key, field in (("model", "model"), ("mesh", "mesh"), ("hw_point", "hw"), ("batch", "batch"),
+                       ("batching", "batching"), ("mode", "mode"), ("delivery", "delivery"), ("home", "home")):
+        if made.get(key) is not None:
             out[field] = made[key]
     hw = made.get("hardware") or {}
     if hw.get("dram_capacity_bytes"):
@@ -117,8 +119,15 @@ def _plan_defaults(path: str) -> dict[str, Any]:
         out["hop_latency_ns"] = hw["hop_latency_s"] * 1e9
     if hw.get("dram_bw_bytes_per_s"):
         out["dram_bw_gbps"] = hw["dram_bw_bytes_per_s"] / 1e9
-    if made.get("trace_path") and Path(made["trace_path"]).is_file():
-        out["trace"] = made["trace_path"]
+    recorded = made.get("trace_path")
+    if recorded and trace_flag is None:
+        if not Path(recorded).is_file():
+            raise InputError("plan", f"was made for the trace {recorded}, which is not there",
+                             "give the trace with --trace")
+        if made.get("trace_sha256") and pl.file_sha256(recorded) != made["trace_sha256"]:
+            raise InputError("plan", f"was made for the trace {recorded}, which has changed since (sha256 differs)",
+                             "give the trace to score on with --trace")
+        out["trace"] = recorded
     return out
 
 
@@ -129,7 +138,7 @@ def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
     else:
         s = pl.Settings("cli", "deepseek-v2-lite", "5/50", "4x8")
         if plan:
-            made = _plan_defaults(plan)
+            made = _plan_defaults(plan, args.trace)
             if args.model is not None and args.model != made.get("model"):
                 made.pop("trace", None)  # the plan's trace routes the plan's model, not the one asked for
             s = replace(s, **made)
@@ -211,7 +220,7 @@ def _solve(args: argparse.Namespace) -> int:
     s = res.solver
     out = {
         "model": problem.model.name, "hw": problem.hw_point, "mesh": problem.mesh_name, "batch": problem.batch,
-        "backend": s["backend"], "time_limit_s": s["time_limit_s"], "wall_s": s["milp_wall_s"],
+        "backend": s["backend"], "time_limit_s": s["time_limit_s"], "wall_s": s["wall_s"],
         "delivery": problem.options.resolved_delivery, "tbt_us": tbt, "layers": layers,
         "problem": problem.describe(),
     }
@@ -219,7 +228,7 @@ def _solve(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"model={problem.model.name} hw={problem.hw_point} mesh={problem.mesh_name} batch={problem.batch:g} "
-          f"backend={s['backend']} time_limit={s['time_limit_s']}s wall={s['milp_wall_s']:.1f}s")
+          f"backend={s['backend']} time_limit={s['time_limit_s']}s wall={s['wall_s']:.1f}s")
     print(res.layer_table().to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     tb = pd.DataFrame({"strategy": list(tbt), "tbt_us": list(tbt.values())})
     tb["plan_speedup"] = tb["tbt_us"] / tbt["plan"]

@@ -365,8 +365,8 @@ def non_moe_time_s(model: MoEModel, hw: Hardware, batch: float, mode: str = "mes
         return model.moe_layers * (attn + mem)
     wb, ab = model.weight_bytes, model.activation_bytes
 
-    def roof(flops: float, nbytes: float) -> float:
-        return max(flops / (D * hw.compute_flops), nbytes / (D * hw.dram_bw_bytes_per_s))
+    def roof(flops: float, nbytes: float) -> float:  # the work is spread over all D nodes
+        return float(roofline_of(flops / (D * hw.compute_flops), nbytes / (D * hw.dram_bw_bytes_per_s)))
 
     attn_flops = 2 * (4 * B * h * h + 2 * B * L * h)
     attn_bytes = 4 * h * h * wb + 2 * B * L * h * ab
@@ -377,6 +377,11 @@ def non_moe_time_s(model: MoEModel, hw: Hardware, batch: float, mode: str = "mes
     return model.moe_layers * roof(attn_flops + sh_flops, attn_bytes + sh_bytes) + model.dense_layers * roof(
         attn_flops + dn_flops, attn_bytes + dn_bytes
     )
+
+
+def hide_time_s(model: MoEModel, hw: Hardware, batch: float, mode: str = "mesh", context_len: int = 1024) -> float:
+    """The non-MoE time of one layer (s): what a weight move overlapped with it can hide behind."""
+    return non_moe_time_s(model, hw, batch, mode, context_len) / max(model.total_layers, 1)
 
 
 def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:

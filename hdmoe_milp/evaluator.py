@@ -88,8 +88,9 @@ class EvalOptions:
             check_choice("home", self.home, HOMES)
         check_choice("coalesce", self.coalesce, COALESCE)
         check_choice("replica_rule", self.replica_rule, REPLICA_RULES)
-        if self.context_len < 0:
-            raise InputError("context_len", f"must be >= 0, got {self.context_len}")
+        if isinstance(self.context_len, bool) or not isinstance(self.context_len, (int, np.integer)) \
+                or self.context_len < 0:
+            raise InputError("context_len", f"must be a whole number of tokens >= 0, got {self.context_len!r}")
 
     @property
     def resolved_delivery(self) -> str:

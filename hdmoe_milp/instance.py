@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,17 +87,14 @@ class Settings:
         model = get_model(self.model)
         hw = make_hardware(self.hw, self.mesh, dram_bw_bytes_per_s=float(self.dram_bw_gbps) * 1e9,
                            dram_capacity_bytes=cap, hop_latency_s=float(self.hop_latency_ns) * 1e-9)
-        sha = None
         if self.trace:
             trace = load_trace(self.trace, model.num_experts, model.top_k)
-            sha = hashlib.sha256(Path(self.trace).read_bytes()).hexdigest()
         else:
             trace = synthetic_trace(model, int(self.synthetic_tokens), seed=int(self.seed))
         opts = EvalOptions(mode=self.mode, delivery=self.delivery, home=self.home, seed=int(self.seed),
                            context_len=int(self.context_len))
         return Problem(model, hw, trace, batch=self.batch, options=opts, batching=self.batching,
-                       seed=int(self.seed), name=self.name, hw_point=self.hw, trace_path=self.trace,
-                       trace_sha256=sha)
+                       seed=int(self.seed), name=self.name, hw_point=self.hw)
 
 
 def load_instance(path: str | Path) -> Problem:

@@ -12,7 +12,7 @@ Every number comes from the one evaluator (:func:`hdmoe_milp.evaluator.evaluate`
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,8 +31,8 @@ from .instance import Settings, load_instance, read_settings
 from .moe import MODEL_PRESETS
 from .online import POLICIES, ReplayResult
 from .online import replay as _replay
-from .placement import Placement, write_atomic
-from .problem import Budget, Problem
+from .placement import Placement
+from .problem import Budget, Problem, check_seed
 from .replica_rules import REPLICA_RULES
 from .solvers import SolveParams
 from .solvers.tasks import run_tasks
@@ -52,8 +52,8 @@ from .workload import Trace, load_trace, summarize, total_variation
 __all__ = [
     "BASELINES", "HARDWARE_PRESETS", "MODEL_PRESETS", "POLICIES", "REPLICA_RULES", "STRATEGIES", "Budget",
     "Comparison", "LayerReport", "PlanResult", "Problem", "Settings", "check_choice", "check_plan", "compare",
-    "evaluate", "load_instance", "load_plan", "load_trace", "place", "plan_settings", "read_settings", "replay",
-    "save_json", "solve", "trace_stats",
+    "evaluate", "file_sha256", "load_instance", "load_plan", "load_trace", "place", "plan_settings",
+    "read_settings", "replay", "solve", "trace_stats",
 ]
 
 
@@ -215,7 +215,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     names: list[str] = list(BASELINES) if baselines is True else [] if baselines is False else list(baselines)
     for n in names:
         check_choice("baseline", n, BASELINES)
-    seed = problem.seed if seed is None else seed
+    seed = problem.seed if seed is None else check_seed(seed)
     params = SolveParams(time_limit_s=time_limit_s, threads=threads, seed=seed, gap=gap)
     t0 = time.perf_counter()
     # one pool for every layer's MILP and every layer of the hdmoe baseline (its per-layer work is
@@ -246,7 +246,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     wall = time.perf_counter() - t0
     layers = res.layers
     solver = {"backend": backend, "time_limit_s": time_limit_s, "threads": threads, "jobs": jobs, "gap": gap,
-              "seed": seed, "executor": executor, "baselines": names, "milp_wall_s": res.wall_s, "wall_s": wall}
+              "seed": seed, "executor": executor, "baselines": names, "pool_wall_s": res.wall_s, "wall_s": wall}
     return _combine(problem, candidates, layers, solver)
 
 
@@ -257,8 +257,7 @@ def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[L
     opts = EvalOptions(mode="mesh", delivery=problem.options.delivery, seed=problem.options.seed,
                        context_len=problem.options.context_len)
     evals = {n: score(p, problem.model, problem.hardware, problem.workload, opts) for n, p in candidates.items()}
-    plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()},
-                                   f"milp-{solver['backend']}")
+    plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, "plan")
     layers = tuple(replace(r, final_source=src) for r, src in zip(layers, sources, strict=True))
     meta = {"problem": problem.describe(), "solver": solver,
             "layers": [{"layer": r.layer, "status": r.status, "gap": r.gap, "final_source": r.final_source}
@@ -306,15 +305,15 @@ def load_plan(path: str | Path, problem: Problem | None = None) -> Placement:
     return plan
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (what plan files record of their trace)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def plan_settings(path: str | Path) -> dict[str, Any] | None:
     """What a plan file records about the problem it was made for (None for older plan files)."""
     made = Placement.load(path).meta.get("problem")
     return made if isinstance(made, dict) else None
-
-
-def save_json(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` as JSON atomically."""
-    write_atomic(path, json.dumps(obj, indent=2))
 
 
 # --- online ---------------------------------------------------------------------------------------
@@ -341,7 +340,7 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     opts = EvalOptions(mode=o.mode, delivery=o.delivery, home=o.home, seed=o.seed, context_len=o.context_len,
                        replica_rule=replica_rule)
     return _replay(plan, problem.model, problem.hardware, tr, int(batch), policy, batches=int(batches),
-                   batching=batching, seed=problem.seed if seed is None else seed, options=opts,
+                   batching=batching, seed=problem.seed if seed is None else check_seed(seed), options=opts,
                    progress=progress, **policy_kw)
 
 

@@ -32,8 +32,13 @@ def write_atomic(path: str | Path, text: str) -> None:
     p = Path(path)
     if not p.parent.is_dir():
         raise InputError("out", f"folder {p.parent} does not exist", "create it or write elsewhere")
+    if p.is_dir():
+        raise InputError("out", f"{p} is a directory", "give a file name")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a plan file is as readable as any other
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
@@ -42,6 +47,14 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:  # make the rename itself durable
+        dfd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -221,9 +234,12 @@ class Placement:
     @classmethod
     def load(cls, path: str | Path) -> Placement:
         p = Path(path)
-        if not p.exists():
-            raise InputError("plan", f"file not found: {p}")
+        if not p.is_file():
+            what = "is a directory" if p.is_dir() else "file not found"
+            raise InputError("plan", f"{what}: {p}", "give the path of a plan .json file")
         try:
             return cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as exc:
-            raise InputError("plan", f"{p} is not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError("plan", f"{p} is not a JSON plan file: {exc}", "write it with Placement.save") from None
+        except OSError as exc:
+            raise InputError("plan", f"cannot read {p}: {exc}") from None

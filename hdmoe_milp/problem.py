@@ -20,7 +20,7 @@ import numpy as np
 from .costs import check_model_fits
 from .errors import InputError, check_choice
 from .evaluator import EvalOptions
-from .hardware import Hardware
+from .hardware import HARDWARE_PRESETS, Hardware
 from .moe import MoEModel
 from .workload import BATCHING, Trace, Workload, expected_workload, sample_batch
 
@@ -44,6 +44,17 @@ def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: 
     if minimum is not None and v < minimum:
         raise InputError(field_name, f"must be >= {minimum:g}, got {value!r}")
     return v
+
+
+def check_seed(seed: Any, field_name: str = "seed") -> int:
+    """``seed`` as an int if it is a whole number >= 0 (not a bool), else an InputError."""
+    return int(check_real(field_name, seed, minimum=0, integer=True))
+
+
+def _point_of(hw: Hardware) -> str | None:
+    """The design-point name of hardware made by ``make_hardware`` (its name is ``POINT@MESH``)."""
+    point = hw.name.split("@")[0]
+    return point if point in HARDWARE_PRESETS else None
 
 
 @dataclass(frozen=True)
@@ -76,8 +87,8 @@ class Budget:
 
 @dataclass(frozen=True)
 class Problem:
-    """One placement problem. Shapes: ``frequencies [layers, E]`` (expert i's share of tokens, each
-    row sums to top_k), ``coactivation[l]`` = (sets ``[G, k]``, frequencies ``[G]``).
+    """One placement problem. Shapes: ``frequencies [layers, E]`` (expert i's share of tokens; from
+    a trace each row sums to top_k), ``coactivation[l]`` = (sets ``[G, k]``, frequencies ``[G]``).
 
     ``trace``: the routing trace the statistics come from (needed to evaluate; a problem built from
     ``frequencies`` alone can be placed by the baselines that need only frequencies).
@@ -111,8 +122,7 @@ class Problem:
         check_choice("batching", self.batching, BATCHING)
         check_real("batch", self.batch, positive=True, integer=self.batching != "expected")
         object.__setattr__(self, "batch", float(self.batch))
-        check_real("seed", self.seed, minimum=0, integer=True)
-        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "seed", check_seed(self.seed))
         m = self.model
         if self.trace is not None:
             t = self.trace
@@ -173,6 +183,12 @@ class Problem:
         bad = sorted(set(changes) - names)
         if bad:
             raise InputError("problem", f"unknown field(s) {bad}", "fields: " + ", ".join(sorted(names)))
+        if "trace" in changes:  # what came from the old trace goes with it
+            changes.setdefault("frequencies", None)
+            changes.setdefault("trace_path", None)
+            changes.setdefault("trace_sha256", None)
+        if "hardware" in changes:
+            changes.setdefault("hw_point", None)
         return replace(self, **changes)
 
     def describe(self) -> dict[str, Any]:
@@ -185,7 +201,7 @@ class Problem:
             "num_experts": self.model.num_experts,
             "top_k": self.model.top_k,
             "mesh": hw.mesh.name,
-            "hw_point": self.hw_point,
+            "hw_point": self.hw_point or _point_of(hw),
             "hardware": {
                 "compute_flops": hw.compute_flops,
                 "link_bw_bytes_per_s": float(bw[0]) if bw.size and np.all(bw == bw[0]) else bw.tolist(),
@@ -197,8 +213,8 @@ class Problem:
             "batching": self.batching,
             "seed": self.seed,
             "trace": None if self.trace is None else self.trace.name,
-            "trace_path": self.trace_path,
-            "trace_sha256": self.trace_sha256,
+            "trace_path": self.trace_path or (None if self.trace is None else self.trace.path),
+            "trace_sha256": self.trace_sha256 or (None if self.trace is None else self.trace.sha256),
             "mode": self.options.mode,
             "delivery": self.options.resolved_delivery,
             "home": self.options.resolved_home,

@@ -10,6 +10,7 @@ one flow per distinct expert set, weight ``f_g * B``).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ class Trace:
     num_experts: int
     top_k: int
     name: str = "trace"
+    path: str | None = None  # the file it was read from (absolute), if any
+    sha256: str | None = None  # of that file's bytes
 
     def __post_init__(self) -> None:
         if len(self.layers) == 0:
@@ -79,8 +82,9 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
     arrays ``topk_ids [tokens, layers, k]`` in ``.npz``.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError("trace", f"file not found: {p}", "give the path of a .json, .json.gz or .npz trace")
+    if not p.is_file():
+        what = "is a directory" if p.is_dir() else "file not found"
+        raise InputError("trace", f"{what}: {p}", "give the path of a .json, .json.gz or .npz trace")
     name = p.name.split(".")[0]
     try:
         if p.suffix == ".npz":
@@ -116,7 +120,8 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
         raise InputError("trace", f"cannot read {p}: {exc}") from None
     if max_tokens is not None:
         layers = tuple(a[:max_tokens] for a in layers)
-    return Trace(layers, num_experts, top_k, name)
+    sha = hashlib.sha256(p.read_bytes()).hexdigest()
+    return Trace(layers, num_experts, top_k, name, str(p.resolve()), sha)
 
 
 @dataclass(frozen=True)

@@ -189,3 +189,34 @@ def test_hdmoe_layers_in_the_solve_pool_equal_the_strategy_run_alone():
     for a, b in zip(res.candidates["hdmoe"].layers, alone.layers, strict=True):
         np.testing.assert_array_equal(a.shares, b.shares)
     assert res.evaluations["hdmoe"].tbt_s == hm.evaluate(p, alone).tbt_s
+
+
+def test_review_regressions(tmp_path, monkeypatch, capsys):
+    """A new trace replaces what came from the old one; seeds are checked everywhere; a plan path
+    that is a directory is one clear error; a plan's recorded trace is found from any folder, or
+    its absence is one clear error; plan files are readable by others."""
+    p = hm.load_instance(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml")
+    other = hm.load_trace(TRACES / "mixtral_writing_4k.json.gz", 8, 2)
+    q = p.with_(trace=other)
+    np.testing.assert_allclose(q.frequencies, other.frequencies())
+    assert q.describe()["trace_sha256"] == other.sha256 != p.describe()["trace_sha256"]
+    for bad in (-1, 1.5, "a", True):
+        with pytest.raises(hm.InputError):
+            hm.place(p, "ep", seed=bad)
+    with pytest.raises(hm.InputError):
+        hm.load_plan(tmp_path)
+    plan = tmp_path / "plan.json"
+    mx = "instances/traces/mixtral_reasoning_4k.json.gz"
+    monkeypatch.chdir(ROOT)
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--trace", mx, "--strategy", "cb",
+                 "--save-plan", str(plan), "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert plan.stat().st_mode & 0o044  # group/other may read it (umask permitting)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--plan", str(plan), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tbt_us"] == a["tbt_us"]
+    d = json.loads(plan.read_text())
+    d["meta"]["problem"]["trace_path"] = str(tmp_path / "gone.json.gz")
+    plan.write_text(json.dumps(d))
+    assert main(["evaluate", "--plan", str(plan)]) == 2
+    assert "gone.json.gz" in capsys.readouterr().err

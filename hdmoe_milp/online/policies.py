@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costs import UnitCosts, non_moe_time_s
+from ..costs import UnitCosts, hide_time_s
 from ..errors import InputError, check_choice
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -86,7 +86,7 @@ def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: Eva
     S = UnitCosts.of(model, options.mode).weight_bytes
     beta = 1.0 / hw.min_link_bw
     sd = math.sqrt(hw.num_nodes)
-    t_inf = non_moe_time_s(model, hw, batch, options.mode, options.context_len) / max(model.total_layers, 1)
+    t_inf = hide_time_s(model, hw, batch, options.mode, options.context_len)
     k = 0
     while k < model.num_experts:
         kk = k + 1
@@ -172,8 +172,7 @@ class EplbPeriodic(Policy):
         self.extra = hw.num_nodes if extra_replicas is None else extra_replicas
         self.history: list[np.ndarray] = []
         self.current = plan
-        self.hide_s = non_moe_time_s(model, hw, batch, self.options.mode,
-                                     self.options.context_len) / max(model.total_layers, 1)
+        self.hide_s = hide_time_s(model, hw, batch, self.options.mode, self.options.context_len)
 
     def observe(self, counts: np.ndarray, workload=None) -> None:
         self.history.append(np.asarray(counts, dtype=float))

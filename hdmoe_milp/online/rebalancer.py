@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costs import layer_capacity_bytes, non_moe_time_s, roofline_of
+from ..costs import hide_time_s, layer_capacity_bytes, roofline_of
 from ..errors import InputError, check_choice
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -101,7 +101,7 @@ class GreedyRebalancer:
         self.cost = OnlineCost(model, hw, batch, tree=opts.resolved_delivery == "tree", noise_z=self.config.noise_z)
         # weight streaming hides behind the layer's own non-MoE work (attention), as HD-MoE's
         # pre-broadcast hides behind the previous layer
-        self.hide_s = non_moe_time_s(model, hw, batch, opts.mode, opts.context_len) / max(model.total_layers, 1)
+        self.hide_s = hide_time_s(model, hw, batch, opts.mode, opts.context_len)
         E = model.num_experts
         self.num_layers = len(plan.layers)
         gs, shares, frac = [], [], []

@@ -20,7 +20,7 @@ from ..errors import check_choice
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import Placement
-from ..problem import Budget, Problem
+from ..problem import Budget, Problem, check_seed
 from ..solvers import SolveParams
 from .block_milp import MilpOptions, solve_model
 from .cb import compute_balanced
@@ -88,7 +88,7 @@ def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budge
     """Run the strategy called ``name`` on ``problem`` (seed: the problem's unless given). The
     placement's ``meta`` records the problem it was made for and the strategy's settings."""
     check_choice("strategy", name, tuple(STRATEGIES))
-    seed = problem.seed if seed is None else seed
+    seed = problem.seed if seed is None else check_seed(seed)
     plan = STRATEGIES[name](problem, seed=seed, budget=budget)
     settings = {"strategy": name, "seed": seed}
     if budget is not None:
