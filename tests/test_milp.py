@@ -62,11 +62,13 @@ def test_optimum_equals_brute_force(backend, case):
     best = brute_force(bm, tr)
     r = solve_layer(m, hw, f, 16, backend=backend, params=SolveParams(time_limit_s=20, gap=1e-6), options=opts,
                     coactivation=groups)
-    assert r.objective_s == pytest.approx(best, rel=1e-6)
-    assert r.status == "optimal" and r.gap is not None and r.gap <= 1e-4
+    # the block MILP's own optimum (model_objective_s); objective_s is the evaluator's (coalesce="node")
+    assert r.model_objective_s == pytest.approx(best, rel=1e-6)
+    assert r.objective_s <= r.model_objective_s * (1 + 1e-9)
+    assert r.gap is not None and r.bound_s <= r.objective_s
     # symmetry breaking keeps the optimum
     r2 = solve_layer(m, hw, f, 16, backend=backend, params=SolveParams(time_limit_s=20, gap=1e-6), coactivation=groups)
-    assert r2.objective_s == pytest.approx(best, rel=1e-6)
+    assert r2.model_objective_s == pytest.approx(best, rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,17 +85,18 @@ def test_objective_equals_evaluator(backend):
     node = evaluate(plan, m, hw, wl, EvalOptions())
     expert = evaluate(plan, m, hw, wl, EvalOptions(coalesce="expert"))
     for li, r in enumerate(results):
-        assert block.layer_s[li] == pytest.approx(r.objective_s, rel=1e-9)
+        assert block.layer_s[li] == pytest.approx(r.model_objective_s, rel=1e-9)
+        assert node.layer_s[li] == pytest.approx(r.objective_s, rel=1e-9)
         assert node.layer_s[li] <= block.layer_s[li] * (1 + 1e-12) <= expert.layer_s[li] * (1 + 1e-12)
     # no group modelled: one message per (token, expert)
     r = solve_layer(m, hw, f[0], 32, backend=backend, params=SolveParams(time_limit_s=5))
     ev = evaluate(Placement((r.placement, r.placement)), m, hw, wl, EvalOptions(coalesce="expert"))
-    assert ev.layer_s[0] == pytest.approx(r.objective_s, rel=1e-9)
+    assert ev.layer_s[0] == pytest.approx(r.model_objective_s, rel=1e-9)
     # the unicast variant agrees with the unicast evaluator
     r = solve_layer(m, hw, f[0], 32, backend=backend, params=SolveParams(time_limit_s=5),
                     options=MilpOptions(delivery="unicast"), coactivation=tr.coactivation(0))
     ev = evaluate(Placement((r.placement, r.placement)), m, hw, wl, EvalOptions(coalesce="block", delivery="unicast"))
-    assert ev.layer_s[0] == pytest.approx(r.objective_s, rel=1e-9)
+    assert ev.layer_s[0] == pytest.approx(r.model_objective_s, rel=1e-9)
 
 
 def test_cbc_and_cpsat_agree():
@@ -103,8 +106,7 @@ def test_cbc_and_cpsat_agree():
     f = synthetic_trace(m, 500, seed=7).frequencies()[0]
     a = solve_layer(m, hw, f, 64, backend="cbc", params=SolveParams(time_limit_s=20, gap=1e-6))
     b = solve_layer(m, hw, f, 64, backend="cpsat", params=SolveParams(time_limit_s=20, gap=1e-6))
-    assert a.status == b.status == "optimal"
-    assert a.objective_s == pytest.approx(b.objective_s, rel=1e-6)
+    assert a.model_objective_s == pytest.approx(b.model_objective_s, rel=1e-6)
 
 
 def test_time_limited_solve_reports_feasible_with_finite_gap(ds_trace):

@@ -57,7 +57,10 @@ class MilpOptions:
     expert to blocks centred in the top-left quadrant (valid when all links have one bandwidth: the
     mesh's row and column flips preserve XY routes). ``shapes``/``max_degree``: restrict the
     candidate blocks. ``capacity_share``: fraction of each node's free DRAM one layer may use
-    (default 1 / MoE layers: the per-layer decomposition).
+    (default 1 / MoE layers: the per-layer decomposition). ``coloc_rows``: row budget of the
+    co-activation groups modelled exactly (A4); ``lower_rows``: row budget of the groups whose union
+    routes the evaluator-lower model (:meth:`BlockModel.to_linear_lower`) bounds by their longest
+    single-expert route per link (the others by the mean of their experts' routes).
     """
 
     delivery: str = "tree"
@@ -67,6 +70,7 @@ class MilpOptions:
     max_degree: int | None = None
     capacity_share: float | None = None
     coloc_rows: int = 6000
+    lower_rows: int = 0
 
 
 class BlockModel:
@@ -112,6 +116,7 @@ class BlockModel:
         """Co-activation sets modelled exactly (ids ``[G, k]``, frequencies ``[G]``); the tail
         frequency ``f_tail`` of each expert is what remains, modelled additively."""
         k, nb = self.model.top_k, self.blocks.num_blocks
+        self.coactivation = coactivation
         G = 0
         if coactivation is not None and k > 1:
             ids, fg = np.asarray(coactivation[0]), np.asarray(coactivation[1], dtype=float)
@@ -305,6 +310,77 @@ class BlockModel:
         for c in range(D):
             on = np.flatnonzero(self.blocks.members[:, c])
             mb.add_row(n[on], self.mem_bytes[on, c] / 1e9, -np.inf, self.cap_layer / 1e9, kind="safe")
+
+    # --- the evaluator-lower relaxation (the certificate) -----------------------------------------
+    @cached_property
+    def hop_lower_s(self) -> float:
+        """Hop-latency terms of both phases at the smallest route length any plan can have (the
+        smallest eccentricity of a node from the spread homes): at most the evaluator's hop terms."""
+        if not np.any(self.f > 0):
+            return 0.0
+        ecc = int(self.hw.mesh.distance.max(axis=0).min())
+        nl = self.hw.mesh.num_links
+        return 2.0 * float(phase_time_s(np.zeros(nl), self.hw.link_bw, self.hw.hop_latency_s, ecc))
+
+    def lower_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Groups the lower model bounds per link by their longest single-expert route (ids ``[G, k]``,
+        frequencies ``[G]``) and every expert's remaining frequency, bounded by the mean route."""
+        k, nl = self.model.top_k, self.hw.mesh.num_links
+        ids, fg = np.zeros((0, k), dtype=np.int64), np.zeros(0)
+        if self.coactivation is not None and k > 1:
+            gi, gf = np.asarray(self.coactivation[0]), np.asarray(self.coactivation[1], dtype=float)
+            G = min(int((gf > 0).sum()), self.opts.lower_rows // (2 * k * nl))
+            top = np.argsort(-gf, kind="stable")[:G]
+            ids, fg = gi[top].astype(np.int64), gf[top]
+        covered = np.bincount(ids.ravel(), weights=np.repeat(fg, k), minlength=self.model.num_experts)
+        return ids, fg, np.clip(self.f - covered, 0.0, None)
+
+    def to_linear_lower(self) -> LinearModel:
+        """A MILP whose optimum is at most the default evaluator's (``coalesce="node"``) best layer time
+        over this block family (``formulations/offline_milp.md``, "The certificate"): compute as in
+        :meth:`to_linear` (exact); a token's union message loads each link at least as much as the
+        message to any one of its experts' blocks, so a tracked group g adds ``f_g * w_gl`` with
+        ``w_gl >= route of expert i on link l`` for every i in g, and every other token adds the mean
+        of its experts' routes (``f_i^rest / k`` per expert); hop terms at the smallest route length."""
+        E, nb, D = self.model.num_experts, self.blocks.num_blocks, self.hw.num_nodes
+        nl, k = self.hw.mesh.num_links, self.model.top_k
+        ids, fg, rest = self.lower_groups()
+        G = len(fg)
+        mb = ModelBuilder()
+        x = mb.add_vars("x", E * nb, 0.0, self.allowed.ravel().astype(float), integer=True).reshape(E, nb)
+        fsum, asum = float(self.f.sum()), float(self.a.sum())
+        y = mb.add_vars("y", nb, 0.0, fsum, integer=False)
+        z = mb.add_vars("z", nb, 0.0, asum, integer=False)
+        u = mb.add_vars("u", nb, 0.0, fsum, integer=False)
+        n = mb.add_vars("n", nb, 0.0, float(E), integer=True) if self.cap_layer is not None else None
+        ub_comp = 1.001 * US * max((fsum * self.comp_coef).max(), (asum * self.mem_coef).max())
+        ub_disp = 1.001 * US * fsum * max(self.disp_coef.max(initial=0.0), 1e-30)
+        ub_comb = 1.001 * US * fsum * max(self.comb_coef.max(initial=0.0), 1e-30)
+        t = np.r_[mb.add_vars("T_comp", 1, 0.0, ub_comp, integer=False, cost=1.0),
+                  mb.add_vars("T_disp", 1, 0.0, ub_disp, integer=False, cost=1.0),
+                  mb.add_vars("T_comb", 1, 0.0, ub_comb, integer=False, cost=1.0)]
+        self.build_assignment(mb, x)
+        self.build_aggregates(mb, x, y, z, n)
+        for b in range(nb):  # u_b: every token not in a tracked group, 1/k of a message per expert
+            mb.add_row(np.r_[u[b], x[:, b]], np.r_[1.0, -rest / max(k, 1)], 0.0, 0.0)
+        self.build_node_time(mb, y, z, t[0])
+        if self.opts.per_expert_cut:
+            self.build_per_expert_cut(mb, x, t[0])
+        if n is not None:
+            self.build_capacity(mb, n, D)
+        for coef, tt, name in ((self.disp_coef, t[1], "wd"), (self.comb_coef, t[2], "wc")):
+            w = mb.add_vars(name, G * nl, 0.0, US * float(coef.max(initial=0.0)) + 1e-9,
+                            integer=False).reshape(G, nl)
+            for ln in range(nl):
+                used = np.flatnonzero(coef[:, ln] > 0)
+                if not used.size:
+                    continue
+                for g in range(G):
+                    for i in ids[g]:  # (U1) w_gl >= the route of expert i of g on link l
+                        mb.add_row(np.r_[w[g, ln], x[i, used]], np.r_[1.0, -US * coef[used, ln]], 0.0, np.inf)
+                # (U2) T >= mean routes of the other tokens + tracked groups' longest routes
+                mb.add_row(np.r_[tt, u[used], w[:, ln]], np.r_[-1.0, US * coef[used, ln], fg], -np.inf, 0.0)
+        return mb.build(obj_const=US * self.hop_lower_s)
 
     def full_vector(self, assign: np.ndarray, lm: LinearModel) -> np.ndarray:
         """All variable values implied by an assignment (for hints and MIP starts)."""

@@ -1,0 +1,89 @@
+"""The certificate against the evaluator: on tiny instances, every assignment of experts to candidate
+blocks is scored by the evaluator (default options: coalesce="node"); for every backend,
+bound <= exhaustive evaluator optimum <= returned score, and the returned score is the evaluator's."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from hdmoe_milp import EvalOptions, Hardware, Mesh, MoEModel, Placement
+from hdmoe_milp.evaluator import evaluate
+from hdmoe_milp.strategies.block_milp import BlockModel, MilpOptions, SolveParams, available_backends, solve_layer
+from hdmoe_milp.synthetic import synthetic_trace
+from hdmoe_milp.workload import LayerRouting, Workload
+
+BACKENDS = [b for b in ("cbc", "cpsat", "highs") if b in available_backends()]
+
+# (experts, top-k, mesh, link bandwidth, compute, hop latency, delivery, batch)
+CASES = [
+    (3, 2, "2x2", 2e8, 1e9, 0.0, "tree", 16),
+    (3, 2, "1x4", 1e8, 2e9, 1e-7, "tree", 32),
+    (4, 2, "2x2", 3e8, 2e9, 0.0, "unicast", 16),
+    (3, 3, "2x2", 5e8, 1e9, 1e-7, "tree", 8),
+    (4, 1, "1x2", 1e8, 1e9, 0.0, "tree", 64),
+]
+
+
+def instance(case: int):
+    E, k, mesh, bw, comp, hop, delivery, batch = CASES[case]
+    m = MoEModel("tiny", num_experts=E, top_k=k, hidden=256, expert_intermediate=512, moe_layers=1)
+    hw = Hardware(Mesh.parse(mesh), compute_flops=comp, link_bw_bytes_per_s=bw, hop_latency_s=hop)
+    tr = synthetic_trace(m, 300, seed=case)
+    return m, hw, tr, delivery, float(batch)
+
+
+def exhaustive(m, hw, tr, delivery, batch) -> float:
+    """The evaluator's best layer time over every assignment of experts to candidate blocks (all
+    assignments scored at once, as the layers of one placement)."""
+    bm = BlockModel(m, hw, tr.frequencies()[0], batch, MilpOptions(delivery=delivery, symmetry=False))
+    assigns = [np.array(a) for a in itertools.product(range(bm.blocks.num_blocks), repeat=m.num_experts)]
+    ids, fg = tr.coactivation(0)
+    n = len(assigns)
+    wl = Workload(tuple(LayerRouting(ids, fg * batch) for _ in range(n)), m.num_experts, m.top_k, batch, "expected")
+    plan = Placement(tuple(bm.placement(a) for a in assigns))
+    ev = evaluate(plan, dataclasses.replace(m, moe_layers=n), hw, wl, EvalOptions(delivery=delivery))
+    return float(ev.layer_s.min())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_bound_below_exhaustive_optimum_below_score(backend, case):
+    m, hw, tr, delivery, batch = instance(case)
+    best = exhaustive(m, hw, tr, delivery, batch)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
+    r = solve_layer(m, hw, f, batch, backend=backend, params=SolveParams(time_limit_s=5),
+                    options=MilpOptions(delivery=delivery), coactivation=groups)
+    assert r.bound_s is not None and r.gap is not None
+    assert r.bound_s <= best * (1 + 1e-9)
+    assert best <= r.objective_s * (1 + 1e-9)
+    # the reported objective is the evaluator's score of the returned plan
+    wl = Workload((LayerRouting(groups[0], groups[1] * batch),), m.num_experts, m.top_k, batch, "expected")
+    ev = evaluate(Placement((r.placement,)), m, hw, wl, EvalOptions(delivery=delivery))
+    assert r.objective_s == pytest.approx(float(ev.layer_s[0]), rel=1e-12)
+    assert r.model_objective_s >= r.objective_s * (1 - 1e-9)  # the block model over-estimates
+    assert "power-of-two" in r.family
+
+
+@pytest.mark.parametrize("case", [0, 2, 3])
+def test_tracked_groups_bound_is_valid_and_no_weaker(case):
+    """lower_rows > 0: tracked groups bounded by their longest single-expert route per link."""
+    m, hw, tr, delivery, batch = instance(case)
+    best = exhaustive(m, hw, tr, delivery, batch)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
+    for backend in BACKENDS:
+        r0 = solve_layer(m, hw, f, batch, backend=backend, params=SolveParams(time_limit_s=5),
+                         options=MilpOptions(delivery=delivery), coactivation=groups)
+        r = solve_layer(m, hw, f, batch, backend=backend, params=SolveParams(time_limit_s=5),
+                        options=MilpOptions(delivery=delivery, lower_rows=10_000), coactivation=groups)
+        assert r0.bound_s <= r.bound_s * (1 + 1e-9) and r.bound_s <= best * (1 + 1e-9) <= r.objective_s * (1 + 1e-9)
+
+
+def test_bound_without_coactivation_is_valid_for_the_expected_workload():
+    m, hw, tr, delivery, batch = instance(0)
+    best = exhaustive(m, hw, tr, delivery, batch)
+    r = solve_layer(m, hw, tr.frequencies()[0], batch, backend=BACKENDS[0], params=SolveParams(time_limit_s=5))
+    assert r.bound_s <= best * (1 + 1e-9) <= r.objective_s * (1 + 1e-9)
