@@ -115,11 +115,12 @@ def test_time_limited_solve_reports_feasible_with_finite_gap(ds_trace):
     m = get_model("deepseek-v2-lite")
     hw = make_hardware("2.5/75", "4x8")
     f = ds_trace.frequencies()
-    r = solve_layer(m, hw, f[5], 128, backend="cbc", params=SolveParams(time_limit_s=1), layer=5, freqs_all=f)
+    r = solve_layer(m, hw, f[5], 128, backend="cbc", params=SolveParams(time_limit_s=2.5), layer=5, freqs_all=f)
     assert r.status == "feasible"
     assert r.gap is not None and 0 < r.gap < 1 and np.isfinite(r.bound_s)
     assert r.bound_s <= r.objective_s <= r.warm_start_objective_s
     assert r.num_binaries == 64 * 105
+    assert r.time_mode == "wall" and r.time_s <= 1.2 * 2.5 + 1  # everything the layer does counts
     lm = BlockModel(m, hw, f[5], 128).to_linear()
     assert lp_bound(lm) / 1e6 <= r.objective_s
 
@@ -155,3 +156,20 @@ def test_capacity_respected():
     r = solve_layer(m, cap_hw, f, 16, backend="cpsat", params=SolveParams(time_limit_s=5))
     per_node = r.placement.weight_copies_per_node()
     assert per_node.max() <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1, float("nan"), float("inf"), True, "5"])
+def test_time_limit_must_be_finite_and_positive(bad):
+    with pytest.raises(InputError, match="time_limit_s"):
+        SolveParams(time_limit_s=bad)
+
+
+def test_deterministic_mode_repeats_and_says_so():
+    m, hw = tiny(E=5, mesh="2x4", bw=3e8)
+    tr = synthetic_trace(m, 400, seed=2)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
+    params = SolveParams(time_limit_s=0.5, deterministic=True, gap=0.0)
+    a, b = (solve_layer(m, hw, f, 32, backend="cpsat", params=params, coactivation=groups) for _ in range(2))
+    assert a.time_mode == b.time_mode == "deterministic"
+    np.testing.assert_array_equal(a.assign, b.assign)
+    assert (a.objective_s, a.bound_s, a.gap) == (b.objective_s, b.bound_s, b.gap)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 
+from ...errors import InputError
 from ..linear_model import LinearModel
 
 
@@ -35,10 +38,11 @@ Status = Termination  # the name used before the solver layer was split out
 class SolveParams:
     """Settings every backend honours.
 
-    ``time_limit_s``: wall-clock limit (s). ``threads``, ``seed``, ``gap`` (relative gap target),
-    ``verbose`` (solver log on stdout). ``deterministic``: CP-SAT counts the limit in its
-    deterministic time (same inputs, same answer on any machine load; wall time capped at twice the
-    limit); CBC and HiGHS always count wall time, so their time-limited answers can vary.
+    ``time_limit_s``: wall-clock limit (s), finite and > 0 (else an InputError). ``threads``, ``seed``,
+    ``gap`` (relative gap target), ``verbose`` (solver log on stdout). ``deterministic`` (default
+    False: wall seconds): CP-SAT counts the limit in its deterministic time (same inputs, same answer
+    on any machine load; wall time capped at twice the limit); CBC and HiGHS always count wall time,
+    so their time-limited answers can vary.
     ``work_limit``: a deterministic work budget (CP-SAT deterministic seconds); when set, CP-SAT
     stops on it and ``time_limit_s`` is only a wall-clock safety cap, so the answer does not depend
     on machine load unless that cap binds. CBC and HiGHS ignore it.
@@ -51,9 +55,18 @@ class SolveParams:
     seed: int = 0
     gap: float = 1e-4
     verbose: bool = False
-    deterministic: bool = True
+    deterministic: bool = False
     work_limit: float | None = None
     hint: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        t = self.time_limit_s
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
+            raise InputError("time_limit_s", f"must be a finite number of seconds > 0, got {t!r}")
+        w = self.work_limit
+        if w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)
+                              or w < 0):
+            raise InputError("work_limit", f"must be a finite number >= 0, got {w!r}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from ``sol_status``, and the caller supplies the bound (LP relaxation)."""
 from __future__ import annotations
 
 import importlib.util
+import time
 
 import numpy as np
 
@@ -21,6 +22,7 @@ class CbcBackend(Backend):
     def solve(self, model: LinearModel, params: SolveParams) -> SolveOutcome:
         import pulp
 
+        t_start = time.perf_counter()
         prob = pulp.LpProblem("layer", pulp.LpMinimize)
         xs = []
         for j, name in enumerate(model.names):
@@ -46,8 +48,9 @@ class CbcBackend(Backend):
             hint = np.clip(params.hint, model.lb, model.ub)
             for j, v in enumerate(hint):
                 xs[j].setInitialValue(float(round(v)) if model.integer[j] else float(v))
+        left = max(params.time_limit_s - (time.perf_counter() - t_start), 0.01)  # wall s, translation included
         solver = pulp.PULP_CBC_CMD(
-            msg=params.verbose, timeLimit=params.time_limit_s, gapRel=params.gap, threads=params.threads,
+            msg=params.verbose, timeLimit=left, gapRel=params.gap, threads=params.threads,
             warmStart=warm, options=[f"randomSeed {params.seed + 1}", f"randomCbcSeed {params.seed + 1}"],
         )
         try:

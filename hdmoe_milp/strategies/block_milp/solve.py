@@ -27,6 +27,8 @@ from .formulation import US, BlockModel, MilpOptions
 from .heuristics import warm_starts
 
 GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
+RESERVE_S = 0.05  # wall seconds kept back from the solver for decoding and scoring its plan
+MIN_SOLVE_S = 0.02  # below this, the solver is not started
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class LayerSolveResult:
     family: str = ""
     model_objective_s: float | None = None
     model_bound_s: float | None = None
+    time_mode: str = "wall"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +71,7 @@ class LayerSolveResult:
             "warm_start_source": self.warm_start_source, "source": self.source,
             "bound_certifies": self.bound_certifies, "message": self.message, "final_source": self.final_source,
             "family": self.family, "model_objective": self.model_objective_s, "model_bound": self.model_bound_s,
+            "time_mode": self.time_mode,
         }
 
 
@@ -118,12 +122,21 @@ def solve_layer(
     ``baselines``: this layer's baseline placements (else built from ``freqs_all [layers, E]``, or
     from ``freqs`` repeated over the layers).
 
-    Warm start: the best of the expressible baselines and the greedy heuristics (a MIP start for CBC,
-    a hint for CP-SAT). The returned placement is never worse (MILP model) than the warm start; when
-    the solver fails, the warm start comes back with the solver's status.
+    Warm start: the best of the expressible baselines and the greedy heuristics under the block model
+    (a MIP start for CBC, a hint for CP-SAT). The returned placement is the best under the evaluator of
+    the solver's plan and every warm start; when the solver fails, that warm start comes back with the
+    solver's status.
+
+    Time: ``params.time_limit_s`` covers everything the layer does (warm starts, scoring, model build,
+    the LP bound, the backend's translation and search): the bound and the solver get what remains.
+    The bound is computed before the solve, and a warm start that already meets ``params.gap`` ends
+    the layer. ``params.deterministic``: CP-SAT's limit is its deterministic time (``work_limit`` or
+    ``time_limit_s``), the LP bound runs to completion and nothing is cut by wall time, so the same
+    inputs give the same answer (``time_mode`` in the result says which).
     """
     params = params or SolveParams()
     t0 = time.perf_counter()
+    deadline = t0 + params.time_limit_s
     solver = get_backend(backend)
     bm = BlockModel(model, hw, freqs, batch, options, coactivation=coactivation)
     if baselines is None:
@@ -142,12 +155,29 @@ def solve_layer(
     ws = starts[ws_name]
     start_scores = {k: score(a) for k, a in starts.items()}
     best_start = min(start_scores, key=start_scores.__getitem__)
-    lm = bm.to_linear()
-    try:
-        raw = solver.solve(lm, replace(params, hint=bm.full_vector(ws, lm)))
-    except Exception as exc:  # a solver crash must not lose the warm start
-        raw = make_outcome(backend, lm, Termination.ERROR, None, None, f"{type(exc).__name__}: {exc}")
     assign, obj, source = starts[best_start], start_scores[best_start], "warm-start:" + best_start
+    # the bound first (cheap): a warm start that already meets the gap target ends the layer
+    det = params.deterministic
+    bound = lp_bound(bm.to_linear_lower(), time_limit_s=None if det else max(deadline - time.perf_counter(), 0.05))
+    bound = None if bound is None else min(bound / US, obj)
+
+    def gap_of(o: float) -> float | None:
+        return None if bound is None or o <= 0 else max(0.0, (o - bound) / o)
+
+    lm = bm.to_linear()
+    remaining = deadline - time.perf_counter() - RESERVE_S
+    if gap_of(obj) is not None and gap_of(obj) <= params.gap:
+        raw = make_outcome(backend, lm, Termination.OPTIMAL, None, None, "gap target proven by the warm start")
+    elif not det and remaining <= MIN_SOLVE_S:
+        raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
+    else:
+        sp = replace(params, hint=bm.full_vector(ws, lm))
+        if not det:  # wall seconds: the solver gets what remains of the layer's limit
+            sp = replace(sp, time_limit_s=remaining)
+        try:
+            raw = solver.solve(lm, sp)
+        except Exception as exc:  # a solver crash must not lose the warm start
+            raw = make_outcome(backend, lm, Termination.ERROR, None, None, f"{type(exc).__name__}: {exc}")
     if raw.x is not None:
         cand = bm.decode(raw.x)
         if bm.feasible(cand):
@@ -155,21 +185,23 @@ def solve_layer(
             if cobj < obj * (1 - 1e-12):
                 assign, obj, source = cand, cobj, backend
     model_bound = raw.bound / US if raw.bound is not None else None
-    bound = lp_bound(bm.to_linear_lower())
-    bound = None if bound is None else min(bound / US, obj)
-    gap = None if bound is None or obj <= 0 else max(0.0, (obj - bound) / obj)
+    gap = gap_of(obj)
     if raw.status in (Termination.ERROR, Termination.INFEASIBLE):
         status = Termination.ERROR.value if raw.status == Termination.ERROR else "error:solver-says-infeasible"
     elif gap is not None and gap <= params.gap + GAP_TOL:
         status = Termination.OPTIMAL.value
     else:
         status = Termination.FEASIBLE.value
+    if det:
+        time_mode = "deterministic" if backend == "cpsat" else f"wall ({backend} has no deterministic limit)"
+    else:
+        time_mode = "wall"
     return LayerSolveResult(
         layer=layer, status=status, objective_s=obj, bound_s=bound, gap=gap, time_s=time.perf_counter() - t0,
         backend=backend, num_vars=lm.num_vars, num_binaries=lm.num_binaries, num_rows=lm.num_rows,
         warm_start_objective_s=start_scores[best_start], warm_start_source=best_start, source=source,
         bound_certifies=score.certifies, message=raw.message, placement=bm.placement(assign), assign=assign,
-        family=FAMILY, model_objective_s=bm.objective(assign), model_bound_s=model_bound,
+        family=FAMILY, model_objective_s=bm.objective(assign), model_bound_s=model_bound, time_mode=time_mode,
     )
 
 
