@@ -44,6 +44,8 @@ from .strategies.block_milp import (
     best_per_layer,
     layer_tasks,
     model_result,
+    not_solved_task,
+    select_layers,
     solve_layer_task,
 )
 from .strategies.hdmoe import WORK_LIMIT, hdmoe_layer
@@ -197,7 +199,8 @@ class PlanResult:
 def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.0, jobs: int = 1,
           threads: int = 1, gap: float = 1e-4, baselines: bool | list[str] | tuple[str, ...] = True,
           executor: str = "local", seed: int | None = None, progress: bool | None = None,
-          work_limit: float | None = None) -> PlanResult:
+          work_limit: float | None = None, layers: list[int] | tuple[int, ...] | None = None,
+          deterministic: bool = False) -> PlanResult:
     """Solve every layer's block MILP (warm-started from the best baseline and heuristic), then keep
     per layer whichever of the MILP's plan and the baselines scores best under the evaluator, so the
     plan is never worse than any baseline.
@@ -207,6 +210,9 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     ``work_limit``: the ``hdmoe`` baseline's stage-1 budget per layer (CP-SAT deterministic seconds;
     None: its default). Its layers run in the same pool as the MILP's.
     Scoring uses ``mesh`` mode (the model the MILP optimises) with the problem's delivery rule.
+    ``layers``: solve only these MoE layers (0-based; the MILP and the hdmoe baseline); every other
+    layer takes the best of the other baselines and is reported ``not-solved``. ``deterministic``:
+    CP-SAT counts ``time_limit_s`` as deterministic time (reproducible; default: wall seconds).
     """
     budget = Budget(time_limit_s=time_limit_s, work_limit=work_limit, backend=backend, threads=threads, gap=gap)
     check_choice("executor", executor, EXECUTORS)
@@ -216,37 +222,45 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     for n in names:
         check_choice("baseline", n, BASELINES)
     seed = problem.seed if seed is None else check_seed(seed)
-    params = SolveParams(time_limit_s=time_limit_s, threads=threads, seed=seed, gap=gap)
+    params = SolveParams(time_limit_s=time_limit_s, threads=threads, seed=seed, gap=gap, deterministic=deterministic)
     t0 = time.perf_counter()
     # one pool for every layer's MILP and every layer of the hdmoe baseline (its per-layer work is
     # a deterministic budget, so sharing the pool does not change its answer)
     m, L = problem.model, problem.model.moe_layers
     coact = problem.coactivation
-    tasks: list[tuple] = [("milp", t) for t in layer_tasks(
-        m, problem.hardware, problem.frequencies, problem.batch, backend=backend, params=params,
-        options=MilpOptions(delivery=problem.options.resolved_delivery), coactivation=coact)]
+    milp_tasks = layer_tasks(m, problem.hardware, problem.frequencies, problem.batch, backend=backend, params=params,
+                             options=MilpOptions(delivery=problem.options.resolved_delivery), coactivation=coact)
+    chosen = select_layers(layers, L)
+    tasks: list[tuple] = [("milp", milp_tasks[li]) for li in chosen]
     work = WORK_LIMIT if work_limit is None else work_limit
     if "hdmoe" in names:
         tasks += [("hdmoe", (m, problem.hardware, problem.frequencies[li], None if coact is None else coact[li],
                              problem.batch), {"seed": seed, "layer": li, "work_limit": work, "backend": backend,
                               "time_limit_s": time_limit_s})
-                  for li in range(L)]
+                  for li in chosen]
     bar = _progress(progress, total=len(tasks), desc=f"solve {m.name}", unit="layer")
     try:
         out = run_tasks(_layer_task, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=threads)
     finally:
         bar.close()
-    res = model_result(out[:L], backend, problem.batch, params, time.perf_counter() - t0)
+    n = len(chosen)
+    milp_out = dict(zip(chosen, out[:n], strict=True))
+    results = [milp_out[li] if li in milp_out else not_solved_task(milp_tasks[li]) for li in range(L)]
+    res = model_result(results, backend, problem.batch, params, time.perf_counter() - t0)
     candidates = {"milp": res.placement}
-    if "hdmoe" in names:
-        candidates["hdmoe"] = Placement(tuple(lp for lp, _ in out[L:]), "hdmoe",
-                                        {"stage1": [info for _, info in out[L:]], "work_limit": work})
+    if "hdmoe" in names:  # layers not selected: the MILP candidate's (best expressible baseline)
+        hd = dict(zip(chosen, out[n:], strict=True))
+        candidates["hdmoe"] = Placement(
+            tuple(hd[li][0] if li in hd else results[li].placement for li in range(L)), "hdmoe",
+            {"stage1": [hd[li][1] if li in hd else {"not-solved": True} for li in range(L)], "work_limit": work})
     candidates.update(_place_all(problem, [n for n in names if n != "hdmoe"], seed, budget, progress))
     candidates = {"milp": candidates["milp"], **{n: candidates[n] for n in names}}
     wall = time.perf_counter() - t0
     layers = res.layers
     solver = {"backend": backend, "time_limit_s": time_limit_s, "threads": threads, "jobs": jobs, "gap": gap,
-              "seed": seed, "executor": executor, "baselines": names, "pool_wall_s": res.wall_s, "wall_s": wall}
+              "seed": seed, "executor": executor, "baselines": names, "pool_wall_s": res.wall_s, "wall_s": wall,
+              "layers": chosen, "time_mode": "deterministic" if deterministic else "wall",
+              "family": next((r.family for r in results if r.family), "")}
     return _combine(problem, candidates, layers, solver)
 
 

@@ -173,3 +173,32 @@ def test_deterministic_mode_repeats_and_says_so():
     assert a.time_mode == b.time_mode == "deterministic"
     np.testing.assert_array_equal(a.assign, b.assign)
     assert (a.objective_s, a.bound_s, a.gap) == (b.objective_s, b.bound_s, b.gap)
+
+
+def test_selected_layers_only():
+    from hdmoe_milp.strategies.block_milp import solve_model
+
+    m, hw = tiny(E=4, layers=3, mesh="2x2", bw=3e8)
+    tr = synthetic_trace(m, 300, seed=4)
+    f = tr.frequencies()
+    co = [tr.coactivation(li) for li in range(3)]
+    res = solve_model(m, hw, f, 16, backend="cpsat", params=SolveParams(time_limit_s=2), coactivation=co, layers=[2, 0])
+    assert [r.status != "not-solved" for r in res.layers] == [True, False, True]
+    r1 = res.layers[1]
+    assert r1.bound_s is None and r1.source.startswith("baseline:") and res.placement.num_layers == 3
+    for bad in ([], [3], [-1], [True], "0"):
+        with pytest.raises(InputError, match="layers"):
+            solve_model(m, hw, f, 16, params=SolveParams(time_limit_s=1), coactivation=co, layers=bad)
+
+
+def test_pipeline_solves_selected_layers():
+    import hdmoe_milp as hm
+
+    m, _ = tiny(E=4, layers=3)
+    p = hm.Problem(m, hm.make_hardware("5/50", "2x2"), synthetic_trace(m, 300, seed=5))
+    res = hm.solve(p, backend="cpsat", time_limit_s=1, layers=[1], progress=False)
+    assert [r.status == "not-solved" for r in res.layers] == [True, False, True]
+    assert res.solver["layers"] == [1] and res.solver["time_mode"] == "wall"
+    assert res.placement.num_layers == 3
+    with pytest.raises(InputError, match="time_limit_s"):
+        hm.solve(p, time_limit_s=float("nan"))

@@ -21,6 +21,8 @@ from .solve import (
     best_per_layer,
     layer_tasks,
     model_result,
+    not_solved_task,
+    select_layers,
     solve_layer,
     solve_layer_task,
     solve_model,
@@ -29,6 +31,6 @@ from .solve import (
 __all__ = [
     "BACKENDS", "EXECUTORS", "BlockModel", "Blocks", "LayerSolveResult", "LinearModel", "MilpOptions",
     "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends", "best_per_layer",
-    "get_backend", "layer_tasks", "lp_bound", "make_blocks", "model_result", "solve_layer", "solve_layer_task",
-    "solve_model",
+    "get_backend", "layer_tasks", "lp_bound", "make_blocks", "model_result", "not_solved_task", "select_layers",
+    "solve_layer", "solve_layer_task", "solve_model",
 ]

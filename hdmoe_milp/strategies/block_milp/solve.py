@@ -272,22 +272,69 @@ def solve_model(
     executor: str = "local",
     progress: bool | None = False,
     coactivation: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    layers: list[int] | tuple[int, ...] | None = None,
 ) -> ModelSolveResult:
     """Solve every layer (independent problems): serially, in a local process pool (``jobs > 1``)
     or on Ray (``executor="ray"``, needs ``pip install .[ray]``). ``coactivation[l]``: the layer's
-    co-activation sets (``Trace.coactivation(l)``), for co-location modelling."""
+    co-activation sets (``Trace.coactivation(l)``), for co-location modelling. ``layers``: solve only
+    these (0-based); every other layer takes its best baseline and is reported ``not-solved``."""
     check_choice("executor", executor, EXECUTORS)
     params = params or SolveParams()
     tasks = layer_tasks(model, hw, freqs, batch, backend=backend, params=params, options=options,
                         coactivation=coactivation)
+    chosen = select_layers(layers, len(tasks))
     t0 = time.perf_counter()
-    bar = tqdm(total=len(tasks), desc=f"solve {model.name}", disable=None if progress is None else not progress,
+    bar = tqdm(total=len(chosen), desc=f"solve {model.name}", disable=None if progress is None else not progress,
                unit="layer", leave=False)
     try:
-        results = run_tasks(solve_layer_task, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=params.threads)
+        done = run_tasks(solve_layer_task, [tasks[li] for li in chosen], jobs=jobs, executor=executor, bar=bar,
+                         num_cpus=params.threads)
     finally:
         bar.close()
+    by_layer = dict(zip(chosen, done, strict=True))
+    results = [by_layer[li] if li in by_layer else not_solved_task(tasks[li]) for li in range(len(tasks))]
     return model_result(results, backend, batch, params, time.perf_counter() - t0)
+
+
+def select_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -> list[int]:
+    """The layers to solve, sorted (all when ``layers`` is None); an InputError unless every entry is
+    a whole number in ``[0, num_layers)`` and the list is non-empty."""
+    if layers is None:
+        return list(range(num_layers))
+    try:
+        vals = list(layers)
+    except TypeError:
+        raise InputError("layers", f"must be a list of layer numbers, got {layers!r}") from None
+    if not vals:
+        raise InputError("layers", "is empty", f"give layer numbers in 0..{num_layers - 1}")
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < num_layers:
+            raise InputError("layers", f"{v!r} is not a layer number in 0..{num_layers - 1}")
+    return sorted({int(v) for v in vals})
+
+
+def not_solved_task(args: tuple) -> LayerSolveResult:
+    """A layer left out of the solve: its best baseline under the evaluator (:class:`LayerScorer`,
+    on the baselines the block model expresses), reported ``not-solved``."""
+    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines = args
+    t0 = time.perf_counter()
+    bm = BlockModel(model, hw, freqs_all[li], batch, options, coactivation=coactivation)
+    starts = _baseline_assigns(bm, baselines)
+    score = LayerScorer(bm)
+    if starts:
+        scores = {k: score(a) for k, a in starts.items()}
+        name = min(scores, key=scores.__getitem__)
+        assign, obj = starts[name], scores[name]
+        placement = bm.placement(assign)
+    else:  # nothing expressible: the first baseline as it is, unscored
+        name, placement = next(iter(baselines.items()))
+        assign, obj = np.full(model.num_experts, -1), float("nan")
+    return LayerSolveResult(
+        layer=li, status="not-solved", objective_s=obj, bound_s=None, gap=None, time_s=time.perf_counter() - t0,
+        backend=backend, num_vars=0, num_binaries=0, num_rows=0, warm_start_objective_s=obj, warm_start_source=name,
+        source="baseline:" + name, bound_certifies="", message="layer not selected", placement=placement,
+        assign=assign, family=FAMILY, time_mode="wall" if not params.deterministic else "deterministic",
+    )
 
 
 def layer_tasks(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, backend: str,
