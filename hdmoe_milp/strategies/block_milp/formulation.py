@@ -322,6 +322,16 @@ class BlockModel:
         nl = self.hw.mesh.num_links
         return 2.0 * float(phase_time_s(np.zeros(nl), self.hw.link_bw, self.hw.hop_latency_s, ecc))
 
+    @cached_property
+    def area_lower_s(self) -> float:
+        """A bound needing no solve: the busiest node's roofline is at least the roofline of the mean
+        node (every plan computes all tokens' FLOPs and reads every active expert's weights once),
+        communication at least 0, hop terms as :attr:`hop_lower_s`."""
+        D = self.hw.num_nodes
+        flops = float(self.f.sum()) * self.unit.flops_per_token * self.B / D
+        reads = float(self.a.sum()) * self.unit.weight_bytes / D
+        return float(roofline_s(flops, reads, self.hw)) + self.hop_lower_s
+
     def lower_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Groups the lower model bounds per link by their longest single-expert route (ids ``[G, k]``,
         frequencies ``[G]``) and every expert's remaining frequency, bounded by the mean route."""

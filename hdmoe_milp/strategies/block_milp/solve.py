@@ -159,7 +159,8 @@ def solve_layer(
     # the bound first (cheap): a warm start that already meets the gap target ends the layer
     det = params.deterministic
     bound = lp_bound(bm.to_linear_lower(), time_limit_s=None if det else max(deadline - time.perf_counter(), 0.05))
-    bound = None if bound is None else min(bound / US, obj)
+    # the LP can be cut by the time limit: the area bound (no solve) is always there
+    bound = min(max(bm.area_lower_s, -np.inf if bound is None else bound / US), obj)
 
     def gap_of(o: float) -> float | None:
         return None if bound is None or o <= 0 else max(0.0, (o - bound) / o)
