@@ -236,17 +236,19 @@ def _solve(args: argparse.Namespace) -> int:
         "delivery": problem.options.resolved_delivery, "tbt_us": tbt, "layers": layers,
         "problem": problem.describe(),
     }
+    done = 130 if s.get("interrupted") else 0  # Ctrl-C: the finished layers are printed, exit status 130
     if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
+        print(json.dumps({**out, "interrupted": bool(s.get("interrupted"))}, indent=2))
+        return done
     print(f"model={problem.model.name} hw={problem.hw_point} mesh={problem.mesh_name} batch={problem.batch:g} "
-          f"backend={s['backend']} time_limit={s['time_limit_s']}s ({s['time_mode']}) wall={s['wall_s']:.1f}s")
+          f"backend={s['backend']} time_limit={s['time_limit_s']}s ({s['time_mode']}) wall={s['wall_s']:.1f}s"
+          + (" INTERRUPTED" if s.get("interrupted") else ""))
     print(f"objective, bound and gap: the evaluator's layer time, bounded over {s['family']}")
     print(res.layer_table().to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     tb = pd.DataFrame({"strategy": list(tbt), "tbt_us": list(tbt.values())})
     tb["plan_speedup"] = tb["tbt_us"] / tbt["plan"]
     print(tb.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
-    return 0
+    return done
 
 
 def _replay(args: argparse.Namespace) -> int:

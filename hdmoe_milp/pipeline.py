@@ -35,7 +35,7 @@ from .placement import Placement
 from .problem import Budget, Problem, check_seed
 from .replica_rules import REPLICA_RULES
 from .solvers import SolveParams
-from .solvers.tasks import run_tasks
+from .solvers.tasks import TasksInterrupted, run_tasks
 from .strategies import BASELINES, STRATEGIES, place
 from .strategies.block_milp import (
     EXECUTORS,
@@ -239,17 +239,24 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
                               "time_limit_s": time_limit_s})
                   for li in chosen]
     bar = _progress(progress, total=len(tasks), desc=f"solve {m.name}", unit="layer")
+    interrupted = False
     try:
         out = run_tasks(_layer_task, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=threads)
+    except TasksInterrupted as exc:  # Ctrl-C: keep the finished layers, the others take their best start
+        out, interrupted = exc.results, True
     finally:
         bar.close()
     n = len(chosen)
     milp_out = dict(zip(chosen, out[:n], strict=True))
-    results = [milp_out[li] if li in milp_out else not_solved_task(milp_tasks[li]) for li in range(L)]
+    results = [milp_out[li] if milp_out.get(li) is not None else not_solved_task(milp_tasks[li]) for li in range(L)]
+    if interrupted:
+        results = [replace(r, status="interrupted", message="Ctrl-C before this layer finished")
+                   if li in milp_out and milp_out[li] is None else r for li, r in enumerate(results)]
+        names = [nm for nm in names if nm != "hdmoe"]
     res = model_result(results, backend, problem.batch, params, time.perf_counter() - t0)
     candidates = {"milp": res.placement}
     if "hdmoe" in names:  # layers not selected: the MILP candidate's (best expressible baseline)
-        hd = dict(zip(chosen, out[n:], strict=True))
+        hd = {li: o for li, o in zip(chosen, out[n:], strict=True) if o is not None}
         candidates["hdmoe"] = Placement(
             tuple(hd[li][0] if li in hd else results[li].placement for li in range(L)), "hdmoe",
             {"stage1": [hd[li][1] if li in hd else {"not-solved": True} for li in range(L)], "work_limit": work})
@@ -260,7 +267,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     solver = {"backend": backend, "time_limit_s": time_limit_s, "threads": threads, "jobs": jobs, "gap": gap,
               "seed": seed, "executor": executor, "baselines": names, "pool_wall_s": res.wall_s, "wall_s": wall,
               "layers": chosen, "time_mode": "deterministic" if deterministic else "wall",
-              "family": next((r.family for r in results if r.family), "")}
+              "family": next((r.family for r in results if r.family), ""), "interrupted": interrupted}
     return _combine(problem, candidates, layers, solver)
 
 

@@ -202,3 +202,24 @@ def test_pipeline_solves_selected_layers():
     assert res.placement.num_layers == 3
     with pytest.raises(InputError, match="time_limit_s"):
         hm.solve(p, time_limit_s=float("nan"))
+
+
+def test_ctrl_c_prints_the_finished_layers_and_exits_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys; from hdmoe_milp.cli import main; sys.exit(main())"
+    inst = os.path.join(root, "instances", "mixtral-8x7b_5-50_4x4.toml")
+    cmd = [sys.executable, "-c", code, "solve", "--instance", inst, "--time-limit", "2", "--jobs", "2",
+           "--no-baselines", "--layers", ",".join(str(i) for i in range(20))]
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(9)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "INTERRUPTED" in out and "interrupted" in out and "not-solved" in out

@@ -1,7 +1,8 @@
 """Running independent solves (one per layer, say) serially, in a local process pool or on Ray.
 
 Results come back in task order; the progress bar advances as each task finishes. Ctrl-C cancels
-the tasks not yet started and stops the pool without waiting for the rest.
+the tasks not yet started, stops the pool without waiting for the rest and raises
+:class:`TasksInterrupted` (a KeyboardInterrupt) carrying the finished results.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ from typing import Any
 from ..errors import InputError, check_choice
 
 EXECUTORS = ("local", "ray")
+
+
+class TasksInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_tasks`: ``results`` holds the finished tasks' results (None for the
+    others), in task order."""
+
+    def __init__(self, results: list[Any]) -> None:
+        super().__init__("interrupted")
+        self.results = results
 
 
 def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, executor: str = "local",
@@ -27,16 +37,19 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, 
     if executor == "ray":
         return _run_ray(fn, tasks, bar, num_cpus)
     if jobs == 1 or len(tasks) <= 1:
-        out = []
-        for t in tasks:
-            out.append(fn(t))
-            if bar is not None:
-                bar.update()
+        out: list[Any] = []
+        try:
+            for t in tasks:
+                out.append(fn(t))
+                if bar is not None:
+                    bar.update()
+        except KeyboardInterrupt:
+            raise TasksInterrupted(out + [None] * (len(tasks) - len(out))) from None
         return out
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)))
+    results: list[Any] = [None] * len(tasks)
     try:
         futures = {pool.submit(fn, t): i for i, t in enumerate(tasks)}
-        results: list[Any] = [None] * len(tasks)
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -46,6 +59,9 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, 
                     bar.update()
         pool.shutdown(wait=True)
         return results
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise TasksInterrupted(results) from None
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise

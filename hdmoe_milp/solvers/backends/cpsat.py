@@ -108,6 +108,9 @@ class CpSatBackend(Backend):
         p.relative_gap_limit = float(params.gap)
         p.log_search_progress = bool(params.verbose)
         p.cp_model_presolve = self.presolve
+        # CP-SAT's own SIGINT handler would end the search and swallow Ctrl-C; leave the signal to
+        # Python, which raises KeyboardInterrupt when Solve returns (at the latest at its limit)
+        p.catch_sigint_signal = False
         st = solver.Solve(m)
         bound = solver.BestObjectiveBound() / Ro + model.obj_const if st in (
             cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN) else None
