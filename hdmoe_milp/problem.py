@@ -33,16 +33,18 @@ def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: 
     naming ``field_name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         kind = "a whole number" if integer else "a number"
-        raise InputError(field_name, f"must be {kind}, got {value!r}")
+        raise InputError(field_name, f"must be {kind}, got {value!r}", f"write {kind} without quotes")
+    if isinstance(value, numbers.Integral) and abs(int(value)) >= 2**63:
+        raise InputError(field_name, f"is out of range, got {value!r}", "give a smaller number")
     v = float(value)
     if not np.isfinite(v):
-        raise InputError(field_name, f"must be finite, got {value!r}")
+        raise InputError(field_name, f"must be finite, got {value!r}", "give a finite number")
     if integer and v != int(v):
-        raise InputError(field_name, f"must be a whole number, got {value!r}")
+        raise InputError(field_name, f"must be a whole number, got {value!r}", "drop the fraction")
     if positive and v <= 0:
-        raise InputError(field_name, f"must be positive, got {value!r}")
+        raise InputError(field_name, f"must be positive, got {value!r}", "give a number > 0")
     if minimum is not None and v < minimum:
-        raise InputError(field_name, f"must be >= {minimum:g}, got {value!r}")
+        raise InputError(field_name, f"must be >= {minimum:g}, got {value!r}", f"give a number >= {minimum:g}")
     return v
 
 

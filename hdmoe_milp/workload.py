@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, check_choice
+from .errors import InputError, check_choice, expect_int, int_matrix
 
 BATCHING = ("expected", "random", "contiguous")
 
@@ -78,50 +81,81 @@ class Trace:
 def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int | None = None) -> Trace:
     """Load a routing trace.
 
-    Formats: HD-MoE JSON ``{"<layer>": [[e1..ek], ...]}`` (``.json`` or ``.json.gz``) and token-major
-    arrays ``topk_ids [tokens, layers, k]`` in ``.npz``.
+    Formats: HD-MoE JSON ``{"<layer>": [[e1..ek], ...]}`` (``.json`` or ``.json.gz``; layer keys
+    exactly ``"0"`` .. ``"L-1"``, ids whole numbers) and token-major integer arrays
+    ``topk_ids [tokens, layers, k]`` in ``.npz``. Anything else is one :class:`InputError` naming the
+    file (and the layer).
     """
     p = Path(path)
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "file not found"
         raise InputError("trace", f"{what}: {p}", "give the path of a .json, .json.gz or .npz trace")
+    if max_tokens is not None:
+        expect_int("max_tokens", max_tokens, minimum=1)
     name = p.name.split(".")[0]
     try:
+        data = p.read_bytes()
         if p.suffix == ".npz":
-            with np.load(p) as z:
-                if "topk_ids" not in z.files:
-                    raise InputError("trace", f"{p} has no 'topk_ids' array", "expected topk_ids [tokens, layers, k]")
-                ids = np.asarray(z["topk_ids"])
-            if ids.ndim != 3:
-                raise InputError("trace", f"topk_ids must be [tokens, layers, k], got shape {ids.shape}")
-            layers = tuple(np.ascontiguousarray(ids[:, li, :]).astype(np.int64) for li in range(ids.shape[1]))
+            layers = _npz_layers(p, data)
         elif p.name.endswith(".json") or p.name.endswith(".json.gz"):
-            opener = gzip.open if p.name.endswith(".gz") else open
-            with opener(p, "rt") as fh:
-                raw = json.load(fh)
-            if not isinstance(raw, dict) or not raw:
-                raise InputError("trace", f"{p} must hold a non-empty object {{layer: [[experts]...]}}")
-            keys = sorted(raw, key=lambda k: int(k))
-            layers = []
-            for k in keys:
-                rows = raw[k]
-                if len(rows) == 0:
-                    raise InputError(f"trace layer {k}", "is empty", "every layer needs at least one token")
-                a = np.asarray(rows, dtype=np.int64)
-                if a.ndim != 2:
-                    raise InputError(f"trace layer {k}", "tokens must all list the same number of experts")
-                layers.append(a)
-            layers = tuple(layers)
+            layers = _json_layers(p, data)
         else:
             raise InputError("trace", f"unsupported file type {p.name}", "use .json, .json.gz or .npz")
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError("trace", f"cannot read {p}: {exc}") from None
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, TypeError, OverflowError, RecursionError, zlib.error,
+            zipfile.BadZipFile) as exc:
+        raise InputError("trace", f"cannot read {p}: {type(exc).__name__}: {exc}",
+                         "give an uncorrupted .json, .json.gz or .npz trace") from None
     if max_tokens is not None:
         layers = tuple(a[:max_tokens] for a in layers)
-    sha = hashlib.sha256(p.read_bytes()).hexdigest()
-    return Trace(layers, num_experts, top_k, name, str(p.resolve()), sha)
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return Trace(layers, num_experts, top_k, name, str(p.resolve()), sha)
+    except InputError as exc:
+        raise InputError(f"trace {p.name}: {exc.field}", exc.problem, exc.fix) from None
+
+
+def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
+    if not data.startswith(b"PK"):
+        raise InputError("trace", f"{p} is not an .npz archive", "save it with numpy.savez(path, topk_ids=...)")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        if "topk_ids" not in z.files:
+            raise InputError("trace", f"{p} has no 'topk_ids' array", "expected topk_ids [tokens, layers, k]")
+        ids = np.asarray(z["topk_ids"])
+    if ids.ndim != 3:
+        raise InputError("trace", f"{p}: topk_ids must be [tokens, layers, k], got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise InputError("trace", f"{p}: topk_ids must hold integers, got dtype {ids.dtype}",
+                         "store expert ids as an integer array")
+    if ids.shape[1] == 0:
+        raise InputError("trace", f"{p} has no layers", "topk_ids is [tokens, layers, k] with layers >= 1")
+    if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
+        raise InputError("trace", f"{p}: expert id {ids.max()} out of range")
+    return tuple(np.ascontiguousarray(ids[:, li, :]).astype(np.int64) for li in range(ids.shape[1]))
+
+
+def _json_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
+    if p.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    raw = json.loads(data.decode("utf-8"))
+    if not isinstance(raw, dict) or not raw:
+        raise InputError("trace", f"{p} must hold a non-empty object {{layer: [[experts]...]}}",
+                         'e.g. {"0": [[3, 5], [1, 2]], "1": [...]}')
+    want = [str(i) for i in range(len(raw))]
+    if sorted(raw) != sorted(want):
+        odd = sorted(set(raw) - set(want), key=str)[:3]
+        raise InputError("trace", f"{p}: layer keys must be exactly \"0\"..\"{len(raw) - 1}\", got {odd}",
+                         "number the layers 0, 1, ... without gaps")
+    layers = []
+    for k in want:
+        rows = raw[k]
+        field = f"trace {p.name} layer {k}"
+        if not isinstance(rows, list) or not rows:
+            what = "is empty" if isinstance(rows, list) else f"must be a list of tokens, got {type(rows).__name__}"
+            raise InputError(field, what, "every layer is a non-empty list of [expert ids]")
+        layers.append(int_matrix(field, rows))
+    return tuple(layers)
 
 
 @dataclass(frozen=True)
