@@ -105,11 +105,17 @@ def int_vector(field: str, value: Any) -> np.ndarray:
     """A list of integers as an int64 array (see :func:`int_matrix`)."""
     if not isinstance(value, list):
         raise InputError(field, f"must be a list, got {type(value).__name__}")
-    return int_matrix(field, [value]).reshape(-1)
+    try:
+        return int_matrix(field, [value]).reshape(-1)
+    except InputError as exc:
+        raise InputError(field, exc.problem.replace("row 0 holds", "holds"), exc.fix) from None
 
 
 def real_vector(field: str, value: Any) -> np.ndarray:
     """A list of finite real numbers as a float array."""
     if not isinstance(value, list):
         raise InputError(field, f"must be a list, got {type(value).__name__}")
-    return real_matrix(field, [value]).reshape(-1)
+    try:
+        return real_matrix(field, [value]).reshape(-1)
+    except InputError as exc:
+        raise InputError(field, exc.problem.replace("row 0 holds", "holds"), exc.fix) from None

@@ -35,7 +35,7 @@ from .errors import InputError, check_choice, expect_str
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
 from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
 from .moe import MODEL_PRESETS, get_model
-from .problem import Problem, check_real
+from .problem import Problem, check_memory, check_real
 from .synthetic import synthetic_trace
 from .workload import BATCHING, load_trace
 
@@ -93,6 +93,8 @@ class Settings:
         except InputError as exc:
             raise InputError("--mesh", exc.problem, exc.fix) from None
         model = get_model(self.model)
+        if self.batching != "expected":
+            check_memory("--batch", model, self.batch)
         hw = make_hardware(self.hw, mesh, dram_bw_bytes_per_s=float(self.dram_bw_gbps) * 1e9,
                            dram_capacity_bytes=cap, hop_latency_s=float(self.hop_latency_ns) * 1e-9)
         if self.trace:
