@@ -82,6 +82,8 @@ class Settings:
         check_real("--batch", self.batch, positive=True, integer=self.batching != "expected")
         check_real("--seed", self.seed, minimum=0, integer=True)
         check_real("synthetic_tokens", self.synthetic_tokens, positive=True, integer=True)
+        if not self.trace:
+            check_memory("synthetic_tokens", get_model(self.model), self.synthetic_tokens)
         check_real("context_len", self.context_len, minimum=0, integer=True)
         check_real("--hop-latency-ns", self.hop_latency_ns, minimum=0)
         check_real("dram_bw_gbps", self.dram_bw_gbps, positive=True)
@@ -179,6 +181,11 @@ def read_settings(path: str | Path) -> Settings:
         d = data.get(sec, {})
         if key in d:
             check_real(f"{where} [{sec}].{key}", d[key], integer=kind == "int", positive=positive, minimum=0)
+    model = MODEL_PRESETS[m["preset"]]
+    if "synthetic_tokens" in wl and "trace" not in wl:
+        check_memory(f"{where} [workload].synthetic_tokens", model, wl["synthetic_tokens"])
+    if wl.get("batching", "expected") != "expected" and "batch" in wl:
+        check_memory(f"{where} [workload].batch", model, wl["batch"])
     trace = wl.get("trace")
     if trace is not None:
         expect_str(f"{where} [workload].trace", trace, '"traces/x.npz"')
