@@ -352,7 +352,8 @@ def _check_flags(args: argparse.Namespace) -> None:
                        ("plan_trace", "--plan-trace"), ("against", "--against")):
         v = getattr(args, attr, None)
         if v is not None and not Path(v).is_file():
-            what = "is a directory" if Path(v).is_dir() else "no such file"
+            what = "is a directory" if Path(v).is_dir() else "is not a regular file" if Path(v).exists() else \
+                "no such file"
             raise InputError(flag, f"{what}: {v}", "give the path of an existing file")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,3 +120,12 @@ def real_vector(field: str, value: Any) -> np.ndarray:
         return real_matrix(field, [value]).reshape(-1)
     except InputError as exc:
         raise InputError(field, exc.problem.replace("row 0 holds", "holds"), exc.fix) from None
+
+
+def check_file(field: str, path: str | Path, fix: str) -> Path:
+    """``path`` as a Path if it is an existing regular file, else an InputError saying what it is."""
+    p = Path(path)
+    if not p.is_file():
+        what = ("is a directory" if p.is_dir() else "is not a regular file" if p.exists() else "file not found")
+        raise InputError(field, f"{what}: {p}", fix)
+    return p

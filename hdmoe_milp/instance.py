@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, check_choice, expect_str
+from .errors import InputError, check_choice, check_file, expect_str
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
 from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
 from .moe import MODEL_PRESETS, get_model
-from .problem import Problem, check_memory, check_real
+from .problem import Problem, check_memory, check_mesh_memory, check_real
 from .synthetic import synthetic_trace
 from .workload import BATCHING, load_trace
 
@@ -94,6 +94,7 @@ class Settings:
             mesh = Mesh.parse(self.mesh)
         except InputError as exc:
             raise InputError("--mesh", exc.problem, exc.fix) from None
+        check_mesh_memory("--mesh", get_model(self.model), mesh.rows, mesh.cols)
         model = get_model(self.model)
         if self.batching != "expected":
             check_memory("--batch", model, self.batch)
@@ -131,10 +132,7 @@ _CHOICES = {
 def read_settings(path: str | Path) -> Settings:
     """Read an instance TOML file and check every key and value (type, range, finiteness, known
     names) before any work; errors name the key as written, e.g. ``instance x.toml [workload].batch``."""
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "file not found"
-        raise InputError("instance", f"{what}: {p}", "give the path of an instance .toml file")
+    p = check_file("instance", path, "give the path of an instance .toml file")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -174,9 +172,10 @@ def read_settings(path: str | Path) -> Settings:
                                                                repr(allowed[0]).replace("'", '"')), allowed)
     mesh = expect_str(f"{where} [hardware].mesh", hw["mesh"], '"4x8"')
     try:
-        Mesh.parse(mesh)
+        parsed = Mesh.parse(mesh)
     except InputError as exc:
         raise InputError(f"{where} [hardware].mesh", exc.problem, exc.fix) from None
+    check_mesh_memory(f"{where} [hardware].mesh", MODEL_PRESETS[m["preset"]], parsed.rows, parsed.cols)
     for (sec, key), (kind, positive) in _NUMBERS.items():
         d = data.get(sec, {})
         if key in d:

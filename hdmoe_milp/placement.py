@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .errors import InputError, expect_int, expect_str, int_vector, real_matrix, real_vector
+from .errors import InputError, check_file, expect_int, expect_str, int_vector, real_matrix, real_vector
 
 _TOL = 1e-6
 PLAN_FORMAT = "hdmoe_milp.placement/2"  # /2 adds package_version and the problem/solver record in meta
@@ -255,10 +255,7 @@ class Placement:
 
     @classmethod
     def load(cls, path: str | Path) -> Placement:
-        p = Path(path)
-        if not p.is_file():
-            what = "is a directory" if p.is_dir() else "file not found"
-            raise InputError("plan", f"{what}: {p}", "give the path of a plan .json file")
+        p = check_file("plan", path, "give the path of a plan .json file")
         try:
             d = json.loads(p.read_bytes().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:

@@ -82,6 +82,18 @@ def check_memory(field_name: str, model: MoEModel, tokens: float) -> None:
                          f"machine's {limit / 1e9:.3g} GB of memory", "lower the batch size")
 
 
+def check_mesh_memory(field_name: str, model: MoEModel, rows: int, cols: int) -> None:
+    """Refuse up front a mesh whose per-node and per-link arrays (hop distances ``[D, D]``, per-layer
+    node and link loads) would not fit in the machine's memory."""
+    d = rows * cols
+    links = 2 * rows * (cols - 1) + 2 * (rows - 1) * cols
+    need = 8.0 * (4 * d * d + 4 * model.moe_layers * (d + links))
+    limit = physical_memory_bytes()
+    if limit is not None and need > limit:
+        raise InputError(field_name, f"a {rows}x{cols} mesh ({d} nodes) needs about {need / 1e9:.3g} GB, more than "
+                         f"this machine's {limit / 1e9:.3g} GB of memory", "use a smaller mesh")
+
+
 def _point_of(hw: Hardware) -> str | None:
     """The design-point name of hardware made by ``make_hardware`` (its name is ``POINT@MESH``)."""
     point = hw.name.split("@")[0]
@@ -150,6 +162,7 @@ class Problem:
                              "use make_hardware(point, mesh)")
         if not isinstance(self.options, EvalOptions):
             raise InputError("options", f"must be an EvalOptions, got {type(self.options).__name__}")
+        check_mesh_memory("hardware", self.model, self.hardware.mesh.rows, self.hardware.mesh.cols)
         check_choice("batching", self.batching, BATCHING)
         check_real("batch", self.batch, positive=True, integer=self.batching != "expected")
         object.__setattr__(self, "batch", float(self.batch))

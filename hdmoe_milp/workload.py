@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, check_choice, expect_int, int_matrix
+from .errors import InputError, check_choice, check_file, expect_int, int_matrix
 
 BATCHING = ("expected", "random", "contiguous")
 
@@ -86,10 +86,7 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
     ``topk_ids [tokens, layers, k]`` in ``.npz``. Anything else is one :class:`InputError` naming the
     file (and the layer).
     """
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "file not found"
-        raise InputError("trace", f"{what}: {p}", "give the path of a .json, .json.gz or .npz trace")
+    p = check_file("trace", path, "give the path of a .json, .json.gz or .npz trace")
     if max_tokens is not None:
         expect_int("max_tokens", max_tokens, minimum=1)
     name = p.name.split(".")[0]
@@ -122,7 +119,11 @@ def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         if "topk_ids" not in z.files:
             raise InputError("trace", f"{p} has no 'topk_ids' array", "expected topk_ids [tokens, layers, k]")
-        ids = np.asarray(z["topk_ids"])
+        try:
+            ids = np.asarray(z["topk_ids"])
+        except ValueError as exc:  # object (pickled) arrays are never loaded
+            raise InputError("trace", f"{p}: topk_ids is not a plain integer array ({exc.__class__.__name__})",
+                             "store expert ids as an integer array") from None
     if ids.ndim != 3:
         raise InputError("trace", f"{p}: topk_ids must be [tokens, layers, k], got shape {ids.shape}")
     if ids.dtype.kind not in "iu":
