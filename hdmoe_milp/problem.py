@@ -11,7 +11,6 @@ A :class:`Budget` says how much effort a strategy that solves a MILP may spend.
 from __future__ import annotations
 
 import numbers
-import os
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
@@ -23,7 +22,16 @@ from .errors import InputError, check_choice
 from .evaluator import EvalOptions
 from .hardware import HARDWARE_PRESETS, Hardware
 from .moe import MoEModel
-from .workload import BATCHING, Trace, Workload, expected_workload, sample_batch
+from .workload import (
+    BATCHING,
+    Trace,
+    Workload,
+    check_observed_memory,
+    expected_workload,
+    observed_bytes,
+    physical_memory_bytes,
+    sample_batch,
+)
 
 Coactivation = tuple[np.ndarray, np.ndarray]  # distinct sorted expert sets [G, k] and their frequencies [G]
 
@@ -54,32 +62,15 @@ def check_seed(seed: Any, field_name: str = "seed") -> int:
     return int(check_real(field_name, seed, minimum=0, integer=True))
 
 
-def physical_memory_bytes() -> int | None:
-    """The machine's physical memory (None where ``os.sysconf`` cannot tell)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-# peak bytes per observed token per MoE layer per (top_k + 1) index, measured with tracemalloc on
-# `evaluate` of random batches (about 110 bytes per token and layer at top-2), rounded up
-_BYTES_PER_TOKEN_LAYER_SLOT = 40
-
-
 def observed_batch_bytes(model: MoEModel, tokens: float) -> float:
     """Estimated peak memory of scoring (or replaying) one observed batch of ``tokens`` tokens."""
-    return float(tokens) * model.moe_layers * (model.top_k + 1) * _BYTES_PER_TOKEN_LAYER_SLOT
+    return observed_bytes(tokens, model.moe_layers, model.top_k)
 
 
 def check_memory(field_name: str, model: MoEModel, tokens: float) -> None:
     """Refuse up front (an InputError with the estimate and the limit) an observed batch whose
     memory estimate exceeds the machine's physical memory."""
-    limit = physical_memory_bytes()
-    need = observed_batch_bytes(model, tokens)
-    if limit is not None and need > limit:
-        raise InputError(field_name, f"{tokens:g} observed tokens need about {need / 1e9:.3g} GB, more than this "
-                         f"machine's {limit / 1e9:.3g} GB of memory", "lower the batch size")
+    check_observed_memory(field_name, tokens, model.moe_layers, model.top_k)
 
 
 def check_mesh_memory(field_name: str, model: MoEModel, rows: int, cols: int) -> None:

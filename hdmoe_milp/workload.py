@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -194,6 +195,34 @@ class Workload:
         )
 
 
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory (None where ``os.sysconf`` cannot tell)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# peak bytes per observed token, per MoE layer, per (top_k + 1): measured with tracemalloc on
+# `evaluate` of random batches (about 110 bytes per token and layer at top-2), rounded up
+_BYTES_PER_TOKEN_SLOT = 40
+
+
+def observed_bytes(tokens: float, layers: int, top_k: int) -> float:
+    """Estimated peak memory of scoring one observed batch of ``tokens`` tokens."""
+    return float(tokens) * layers * (top_k + 1) * _BYTES_PER_TOKEN_SLOT
+
+
+def check_observed_memory(field: str, tokens: float, layers: int, top_k: int) -> None:
+    """Refuse up front (an InputError with the estimate and the limit) an observed batch whose memory
+    estimate exceeds the machine's physical memory."""
+    limit = physical_memory_bytes()
+    need = observed_bytes(tokens, layers, top_k)
+    if limit is not None and need > limit:
+        raise InputError(field, f"{tokens:g} observed tokens need about {need / 1e9:.3g} GB, more than this "
+                         f"machine's {limit / 1e9:.3g} GB of memory", "lower the batch size")
+
+
 def check_batch(batch: float) -> float:
     if not np.isfinite(batch) or batch <= 0:
         raise InputError("batch", f"must be a positive number of tokens, got {batch!r}", "e.g. --batch 128")
@@ -219,6 +248,7 @@ def sample_batch(trace: Trace, batch: int, mode: str = "random", seed: int = 0) 
     """
     check_batch(batch)
     check_choice("batching", mode, ("random", "contiguous"))
+    check_observed_memory("batch", batch, trace.num_layers, trace.top_k)
     n = trace.num_tokens()
     b = int(batch)
     if b != batch:
@@ -240,6 +270,8 @@ def _observed(trace: Trace, idx: np.ndarray) -> Workload:
 
 def iter_batches(trace: Trace, batch: int, mode: str = "random", seed: int = 0, count: int | None = None):
     """Yield ``count`` successive observed batches (contiguous: consecutive windows)."""
+    check_batch(batch)
+    check_observed_memory("batch", batch, trace.num_layers, trace.top_k)
     n = trace.num_tokens()
     rng = np.random.default_rng(seed)
     i = 0

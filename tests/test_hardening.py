@@ -488,3 +488,7 @@ def test_api_errors_are_typed():
         problem.with_(batch=True)
     with pytest.raises(InputError):
         hm.Problem(problem.model, problem.hardware, problem.trace, batch=1e12, batching="random")
+    with pytest.raises(InputError, match="GB"):  # refused before any batch is drawn
+        hm.replay(problem, hm.place(problem, "tp"), policy="static", batches=1, batch=10**9)
+    with pytest.raises(InputError, match="mesh"):
+        hm.Problem(problem.model, hm.make_hardware("5/50", "3000x3000"), problem.trace)
