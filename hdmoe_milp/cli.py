@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     common(rp)
     rp.add_argument("--plan", help="offline plan file (model, mesh and hardware default to the plan's); "
                     "default: --plan-strategy on --plan-trace")
-    rp.add_argument("--plan-strategy", default="cb", help="baseline to build the plan from when no --plan (cb)")
+    rp.add_argument("--plan-strategy", help="baseline to build the plan from when no --plan (default cb)")
     rp.add_argument("--plan-trace", help="trace the plan is built on (default: --trace)")
     rp.add_argument("--batch", type=int, default=512, help="tokens per batch (default 512)")
     rp.add_argument("--policy", default="all", help="static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle, "
@@ -190,6 +190,9 @@ def _check_out(flag: str, path: str | None, force: bool = False) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.plan and args.save_plan:
+        raise InputError("--save-plan", "cannot be combined with --plan (the plan is already saved)",
+                         "give either --plan or --strategy NAME --save-plan FILE")
     if args.plan and args.strategy:
         raise InputError("--strategy", "cannot be combined with --plan", "give either --plan or --strategy")
     names = None
@@ -269,6 +272,13 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    for flag, value in (("--plan-strategy", args.plan_strategy), ("--plan-trace", args.plan_trace)):
+        if args.plan and value is not None:
+            raise InputError(flag, "cannot be combined with --plan (the plan is already made)",
+                             f"give either --plan or {flag}")
+    if args.plan_strategy is not None:
+        pl.check_choice("--plan-strategy", args.plan_strategy, tuple(pl.STRATEGIES))
+    args.plan_strategy = args.plan_strategy or "cb"
     s = _settings(args, args.plan)
     problem = s.to_problem()
     names = [p for p in pl.POLICIES if p != "oracle"] if args.policy == "all" else args.policy.split(",")

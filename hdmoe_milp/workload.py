@@ -111,7 +111,8 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
     try:
         return Trace(layers, num_experts, top_k, name, str(p.resolve()), sha)
     except InputError as exc:
-        raise InputError(f"trace {p.name}: {exc.field}", exc.problem, exc.fix) from None
+        inner = exc.field.removeprefix("trace").strip()
+        raise InputError(f"trace {p.name}" + (f" {inner}" if inner else ""), exc.problem, exc.fix) from None
 
 
 def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
