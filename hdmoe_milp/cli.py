@@ -190,11 +190,6 @@ def _check_out(flag: str, path: str | None, force: bool = False) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    if args.plan and args.save_plan:
-        raise InputError("--save-plan", "cannot be combined with --plan (the plan is already saved)",
-                         "give either --plan or --strategy NAME --save-plan FILE")
-    if args.plan and args.strategy:
-        raise InputError("--strategy", "cannot be combined with --plan", "give either --plan or --strategy")
     names = None
     if not args.plan:
         names = list(pl.BASELINES) if (args.strategy or "all") == "all" else args.strategy.split(",")
@@ -272,10 +267,6 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    for flag, value in (("--plan-strategy", args.plan_strategy), ("--plan-trace", args.plan_trace)):
-        if args.plan and value is not None:
-            raise InputError(flag, "cannot be combined with --plan (the plan is already made)",
-                             f"give either --plan or {flag}")
     if args.plan_strategy is not None:
         pl.check_choice("--plan-strategy", args.plan_strategy, tuple(pl.STRATEGIES))
     args.plan_strategy = args.plan_strategy or "cb"
@@ -343,6 +334,21 @@ _NUMERIC_FLAGS = (
 )
 
 
+def _check_conflicts(args: argparse.Namespace) -> None:
+    """Options that cannot go together, rejected before any file is read or strategy built."""
+    if args.command == "evaluate" and args.plan:
+        if args.strategy:
+            raise InputError("--strategy", "cannot be combined with --plan", "give either --plan or --strategy")
+        if args.save_plan:
+            raise InputError("--save-plan", "cannot be combined with --plan (the plan is already saved)",
+                             "give either --plan or --strategy NAME --save-plan FILE")
+    if args.command == "replay" and args.plan:
+        for flag, value in (("--plan-strategy", args.plan_strategy), ("--plan-trace", args.plan_trace)):
+            if value is not None:
+                raise InputError(flag, "cannot be combined with --plan (the plan is already made)",
+                                 f"give either --plan or {flag}")
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Type, range and finiteness of every numeric flag given, named as written, before any work."""
     for attr, flag, low, strict, integer in _NUMERIC_FLAGS:
@@ -358,6 +364,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise InputError(flag, f"must be a whole number, got {v:g}", "drop the fraction")
     if getattr(args, "gap", None) is not None and args.gap >= 1:
         raise InputError("--gap", f"must be below 1, got {args.gap:g}", "a relative gap such as 1e-4")
+    _check_conflicts(args)
     for attr, flag in (("instance", "--instance"), ("trace", "--trace"), ("plan", "--plan"),
                        ("plan_trace", "--plan-trace"), ("against", "--against")):
         v = getattr(args, attr, None)
