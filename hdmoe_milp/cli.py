@@ -21,10 +21,17 @@ from . import pipeline as pl
 from .errors import InputError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error style: one line on stderr, exit status 2 (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"hdmoe-milp: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hdmoe-milp", description="Expert placement for MoE models on 2D-mesh "
+    p = _Parser(prog="hdmoe-milp", description="Expert placement for MoE models on 2D-mesh "
                                 "accelerators: baselines, offline MILP, online replay, one evaluator.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--instance", help="instance TOML file; other flags override its values")
@@ -49,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                     "deterministic seconds (default 0: its node-balanced start, no solve); deterministic")
     ev.add_argument("--plan", help="evaluate a saved plan; model, mesh and hardware default to the plan's")
     ev.add_argument("--save-plan", help="write the placement of the (single) strategy to this JSON file")
+    ev.add_argument("--force", action="store_true", help="overwrite an existing --save-plan file")
     ev.add_argument("--mode", help="unit mode: mesh (default) or paper")
     ev.add_argument("--delivery", help="tree (default in mesh mode) or unicast")
     ev.add_argument("--home", help="token home nodes: spread, holder or random")
@@ -70,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("--executor", default="local", help="local (process pool) or ray")
     so.add_argument("--delivery", help="tree (default) or unicast: the traffic rule optimised and evaluated")
     so.add_argument("--out", help="write the plan file here")
+    so.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     so.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")
     so.add_argument("--work-limit", type=float, help="the hdmoe baseline's stage-1 MILP budget per layer (CP-SAT "
                     "deterministic seconds; default 0: its node-balanced start)")
@@ -82,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     common(rp)
     rp.add_argument("--plan", help="offline plan file (model, mesh and hardware default to the plan's); "
                     "default: --plan-strategy on --plan-trace")
-    rp.add_argument("--plan-strategy", default="cb", help="baseline to build the plan from when no --plan (cb)")
+    rp.add_argument("--plan-strategy", help="baseline to build the plan from when no --plan (default cb)")
     rp.add_argument("--plan-trace", help="trace the plan is built on (default: --trace)")
     rp.add_argument("--batch", type=int, default=512, help="tokens per batch (default 512)")
     rp.add_argument("--policy", default="all", help="static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle, "
@@ -111,19 +120,35 @@ def _plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
     """Settings a plan file records about what it was made for (empty for older plan files). The
     recorded trace must still be there and unchanged unless ``--trace`` replaces it."""
     made = pl.plan_settings(path) or {}
+    where = f"plan {Path(path).name} meta.problem"
+
+    def num(key: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), -float("inf")):
+            raise InputError(f"{where}.{key}", f"must be a finite number, got {v!r}", "save the plan again")
+        return float(v)
+
     out: dict[str, Any] = {}
     for key, field in (("model", "model"), ("mesh", "mesh"), ("hw_point", "hw"), ("batch", "batch"),
                        ("batching", "batching"), ("mode", "mode"), ("delivery", "delivery"), ("home", "home")):
         if made.get(key) is not None:
-            out[field] = made[key]
+            v = made[key]
+            if key == "batch":
+                num(key, v)
+            elif not isinstance(v, str):
+                raise InputError(f"{where}.{key}", f"must be a string, got {v!r}", "save the plan again")
+            out[field] = v
     hw = made.get("hardware") or {}
+    if not isinstance(hw, dict):
+        raise InputError(f"{where}.hardware", f"must be an object, got {hw!r}", "save the plan again")
     if hw.get("dram_capacity_bytes"):
-        out["dram_capacity_gb"] = hw["dram_capacity_bytes"] / 1e9
+        out["dram_capacity_gb"] = num("hardware.dram_capacity_bytes", hw["dram_capacity_bytes"]) / 1e9
     if hw.get("hop_latency_s"):
-        out["hop_latency_ns"] = hw["hop_latency_s"] * 1e9
+        out["hop_latency_ns"] = num("hardware.hop_latency_s", hw["hop_latency_s"]) * 1e9
     if hw.get("dram_bw_bytes_per_s"):
-        out["dram_bw_gbps"] = hw["dram_bw_bytes_per_s"] / 1e9
+        out["dram_bw_gbps"] = num("hardware.dram_bw_bytes_per_s", hw["dram_bw_bytes_per_s"]) / 1e9
     recorded = made.get("trace_path")
+    if recorded is not None and not isinstance(recorded, str):
+        raise InputError(f"{where}.trace_path", f"must be a string, got {recorded!r}", "save the plan again")
     if recorded and trace_flag is None:
         if not Path(recorded).is_file():
             raise InputError("plan", f"was made for the trace {recorded}, which is not there",
@@ -150,30 +175,35 @@ def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
     return replace(s, **over)
 
 
-def _check_out(flag: str, path: str | None) -> None:
-    """Fail before any work if ``path`` cannot be written."""
+def _check_out(flag: str, path: str | None, force: bool = False) -> None:
+    """Fail before any work if ``path`` cannot be written, or exists and ``--force`` is not given."""
     if path is None:
         return
+    flag = flag if flag.startswith("--") else f"--{flag}"
+    if not path.strip():
+        raise InputError(flag, "is empty", "give a file name")
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise InputError(flag, f"folder {parent} does not exist", "create it or write elsewhere")
     if Path(path).is_dir():
         raise InputError(flag, f"{path} is a directory", "give a file name")
-    if not os.access(parent, os.W_OK):
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(flag, f"folder {parent} is not writable", "write elsewhere")
+    if not force and (Path(path).exists() or Path(path).is_symlink()):
+        raise InputError(flag, f"{path} already exists", "pass --force to overwrite it, or write elsewhere")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    if args.plan and args.strategy:
-        raise InputError("strategy", "cannot be combined with --plan", "give either --plan or --strategy")
     names = None
     if not args.plan:
         names = list(pl.BASELINES) if (args.strategy or "all") == "all" else args.strategy.split(",")
         for n in names:
-            pl.check_choice("strategy", n, (*pl.STRATEGIES, "all"))
+            pl.check_choice("--strategy", n, (*pl.STRATEGIES, "all"))
+        if len(set(names)) != len(names):
+            raise InputError("--strategy", f"lists a strategy twice: {args.strategy}", "name each strategy once")
         if args.save_plan and len(names) != 1:
-            raise InputError("save-plan", "needs a single --strategy", "e.g. --strategy cb --save-plan plan.json")
-    _check_out("save-plan", args.save_plan)
+            raise InputError("--save-plan", "needs a single --strategy", "e.g. --strategy cb --save-plan plan.json")
+    _check_out("--save-plan", args.save_plan, args.force)
     s = _settings(args, args.plan)
     problem = pl.Settings.to_problem(s)
     problem = problem.with_(options=replace(problem.options, replica_rule=args.replica_rule))
@@ -184,7 +214,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         plans[plan.strategy] = plan
     cmp = pl.compare(problem, names or [], plans=plans, budget=budget, progress=args.progress)
     if args.save_plan:
-        cmp.placements[names[0]].save(args.save_plan)
+        cmp.placements[names[0]].save(args.save_plan, force=args.force, field="--save-plan")
     df = cmp.table()
     o = problem.options
     setting = {
@@ -207,7 +237,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _solve(args: argparse.Namespace) -> int:
-    _check_out("out", args.out)
+    _check_out("--out", args.out, args.force)
     problem = _settings(args).to_problem()
     layers = None
     if args.layers is not None:
@@ -252,14 +282,21 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    if args.plan_strategy is not None:
+        pl.check_choice("--plan-strategy", args.plan_strategy, tuple(pl.STRATEGIES))
+    args.plan_strategy = args.plan_strategy or "cb"
     s = _settings(args, args.plan)
     problem = s.to_problem()
     names = [p for p in pl.POLICIES if p != "oracle"] if args.policy == "all" else args.policy.split(",")
     for n in names:
-        pl.check_choice("policy", n, pl.POLICIES)
+        pl.check_choice("--policy", n, pl.POLICIES)
     pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
     batching = args.batching or "contiguous"
-    pl.check_choice("batching", batching, ("random", "contiguous"))
+    pl.check_choice("--batching", batching, ("random", "contiguous"))
+    for flag, v in (("--batch", args.batch), ("--batches", args.batches)):
+        if v < 1:
+            raise InputError(flag, f"must be >= 1, got {v}", f"e.g. {flag} 64")
+    problem.check_memory("--batch", args.batch)
     if args.plan:
         plan = pl.load_plan(args.plan, problem)
     else:
@@ -302,10 +339,61 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# numeric flags checked before any work: (attribute, flag, minimum, strict, integer)
+_NUMERIC_FLAGS = (
+    ("time_limit", "--time-limit", 0.0, True, False), ("work_limit", "--work-limit", 0.0, False, False),
+    ("gap", "--gap", 0.0, False, False), ("threads", "--threads", 1, False, True), ("jobs", "--jobs", 1, False, True),
+    ("batch", "--batch", 0.0, True, False), ("batches", "--batches", 1, False, True),
+    ("capacity_gb", "--capacity-gb", 0.0, True, False), ("hop_latency_ns", "--hop-latency-ns", 0.0, False, False),
+    ("seed", "--seed", 0, False, True),
+)
+
+
+def _check_conflicts(args: argparse.Namespace) -> None:
+    """Options that cannot go together, rejected before any file is read or strategy built."""
+    if args.command == "evaluate" and args.plan:
+        if args.strategy:
+            raise InputError("--strategy", "cannot be combined with --plan", "give either --plan or --strategy")
+        if args.save_plan:
+            raise InputError("--save-plan", "cannot be combined with --plan (the plan is already saved)",
+                             "give either --plan or --strategy NAME --save-plan FILE")
+    if args.command == "replay" and args.plan:
+        for flag, value in (("--plan-strategy", args.plan_strategy), ("--plan-trace", args.plan_trace)):
+            if value is not None:
+                raise InputError(flag, "cannot be combined with --plan (the plan is already made)",
+                                 f"give either --plan or {flag}")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Type, range and finiteness of every numeric flag given, named as written, before any work."""
+    for attr, flag, low, strict, integer in _NUMERIC_FLAGS:
+        v = getattr(args, attr, None)
+        if v is None:
+            continue
+        if v != v or v in (float("inf"), -float("inf")):
+            raise InputError(flag, f"must be finite, got {v}", "give a finite number")
+        if (v <= low) if strict else (v < low):
+            op = ">" if strict else ">="
+            raise InputError(flag, f"must be {op} {low:g}, got {v:g}", f"give a number {op} {low:g}")
+        if integer and v != int(v):
+            raise InputError(flag, f"must be a whole number, got {v:g}", "drop the fraction")
+    if getattr(args, "gap", None) is not None and args.gap >= 1:
+        raise InputError("--gap", f"must be below 1, got {args.gap:g}", "a relative gap such as 1e-4")
+    _check_conflicts(args)
+    for attr, flag in (("instance", "--instance"), ("trace", "--trace"), ("plan", "--plan"),
+                       ("plan_trace", "--plan-trace"), ("against", "--against")):
+        v = getattr(args, attr, None)
+        if v is not None and not Path(v).is_file():
+            what = "is a directory" if Path(v).is_dir() else "is not a regular file" if Path(v).exists() else \
+                "no such file"
+            raise InputError(flag, f"{what}: {v}", "give the path of an existing file")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hdmoe-milp`` console script. Bad input: one line on stderr, exit 2."""
     args = _parser().parse_args(argv)
     try:
+        _check_flags(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "solve":

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
 
 class InputError(ValueError):
     """Bad input: names the offending field, what was given, and how to fix it.
@@ -24,3 +33,99 @@ def check_choice(field: str, value: str, allowed: list[str] | tuple[str, ...]) -
     if value not in allowed:
         raise InputError(field, f"unknown value {value!r}", "allowed: " + ", ".join(sorted(allowed)))
     return value
+
+
+# --- a small typed loader ---------------------------------------------------------------------------
+#
+# Instance files, plan files and traces are read with these few checkers rather than with a schema
+# library such as pydantic. The reasons: the files are small and flat (a handful of TOML keys, a few
+# lists of numbers per plan layer), so a dozen lines of checks cover them; the messages must name the
+# key exactly as the user wrote it (``[workload].batch``, ``plan.json layer 3: shares``) and say the
+# fix, which a generic schema's error report does not do without as much code again; pydantic coerces
+# by default (``True`` -> 1, ``1.7`` -> 1 for an int in lax mode), the opposite of what we want;
+# and the package keeps its dependency list short (no compiled validation core to install).
+
+
+def expect_int(field: str, value: Any, *, minimum: int | None = None) -> int:
+    """``value`` if it is an integer (not a bool, not a float) >= ``minimum``, else an InputError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(field, f"must be a whole number, got {value!r}")
+    v = int(value)
+    if minimum is not None and v < minimum:
+        raise InputError(field, f"must be >= {minimum}, got {v}")
+    return v
+
+
+def expect_str(field: str, value: Any, example: str = "") -> str:
+    """``value`` if it is a string, else an InputError."""
+    if not isinstance(value, str):
+        raise InputError(field, f"must be a string, got {value!r}", f"quote it, e.g. {example}" if example else
+                         "quote it")
+    return value
+
+
+def _rows(field: str, value: Any, width: int | None) -> list[list[Any]]:
+    if not isinstance(value, list):
+        raise InputError(field, f"must be a list of rows, got {type(value).__name__}")
+    for i, row in enumerate(value):
+        if not isinstance(row, list):
+            raise InputError(field, f"row {i} must be a list, got {type(row).__name__}")
+        if width is None:
+            width = len(row)
+        if len(row) != width:
+            raise InputError(field, f"row {i} has {len(row)} entries, row 0 has {width}",
+                             "every row needs the same number of entries")
+    return value
+
+
+def int_matrix(field: str, value: Any, *, width: int | None = None) -> np.ndarray:
+    """A list of equally long lists of integers (no bools, no floats, within int64) as an int64 array."""
+    rows = _rows(field, value, width)
+    for i, row in enumerate(rows):
+        for x in row:
+            if type(x) is not int:
+                if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+                    raise InputError(field, f"row {i} holds {x!r}, not a whole number", "ids are integers")
+            if not _I64_MIN <= x <= _I64_MAX:
+                raise InputError(field, f"row {i} holds {x}, out of range", "ids are small non-negative integers")
+    a = np.array(rows, dtype=np.int64)
+    return a.reshape(len(rows), width if width is not None else (len(rows[0]) if rows else 0))
+
+
+def real_matrix(field: str, value: Any, *, width: int | None = None) -> np.ndarray:
+    """A list of equally long lists of finite real numbers (no bools) as a float array."""
+    rows = _rows(field, value, width)
+    for i, row in enumerate(rows):
+        for x in row:
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+                raise InputError(field, f"row {i} holds {x!r}, not a finite number")
+    return np.array(rows, dtype=float).reshape(len(rows), len(rows[0]) if rows else 0)
+
+
+def int_vector(field: str, value: Any) -> np.ndarray:
+    """A list of integers as an int64 array (see :func:`int_matrix`)."""
+    if not isinstance(value, list):
+        raise InputError(field, f"must be a list, got {type(value).__name__}")
+    try:
+        return int_matrix(field, [value]).reshape(-1)
+    except InputError as exc:
+        raise InputError(field, exc.problem.replace("row 0 holds", "holds"), exc.fix) from None
+
+
+def real_vector(field: str, value: Any) -> np.ndarray:
+    """A list of finite real numbers as a float array."""
+    if not isinstance(value, list):
+        raise InputError(field, f"must be a list, got {type(value).__name__}")
+    try:
+        return real_matrix(field, [value]).reshape(-1)
+    except InputError as exc:
+        raise InputError(field, exc.problem.replace("row 0 holds", "holds"), exc.fix) from None
+
+
+def check_file(field: str, path: str | Path, fix: str) -> Path:
+    """``path`` as a Path if it is an existing regular file, else an InputError saying what it is."""
+    p = Path(path)
+    if not p.is_file():
+        what = ("is a directory" if p.is_dir() else "is not a regular file" if p.exists() else "file not found")
+        raise InputError(field, f"{what}: {p}", fix)
+    return p

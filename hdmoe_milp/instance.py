@@ -25,18 +25,19 @@ Example::
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, check_choice
-from .evaluator import DELIVERIES, HOMES, EvalOptions
-from .hardware import HARDWARE_PRESETS, make_hardware
+from .errors import InputError, check_choice, check_file, expect_str
+from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
+from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
 from .moe import MODEL_PRESETS, get_model
-from .problem import Problem, check_real
+from .problem import Problem, check_memory, check_mesh_memory, check_real
 from .synthetic import synthetic_trace
-from .workload import load_trace
+from .workload import BATCHING, load_trace
 
 _SECTIONS = {
     "model": {"preset"},
@@ -70,22 +71,34 @@ class Settings:
 
     def to_problem(self) -> Problem:
         """The validated Problem of these settings (the trace is read here)."""
-        check_choice("model", self.model, tuple(MODEL_PRESETS))
-        check_choice("hw", self.hw, tuple(HARDWARE_PRESETS))
+        check_choice("--model", self.model, tuple(MODEL_PRESETS))
+        check_choice("--hw", self.hw, tuple(HARDWARE_PRESETS))
         if self.delivery is not None:
-            check_choice("delivery", self.delivery, DELIVERIES)
+            check_choice("--delivery", self.delivery, DELIVERIES)
         if self.home is not None:
-            check_choice("home", self.home, HOMES)
-        check_real("seed", self.seed, minimum=0, integer=True)
+            check_choice("--home", self.home, HOMES)
+        check_choice("--mode", self.mode, MODES)
+        check_choice("--batching", self.batching, BATCHING)
+        check_real("--batch", self.batch, positive=True, integer=self.batching != "expected")
+        check_real("--seed", self.seed, minimum=0, integer=True)
         check_real("synthetic_tokens", self.synthetic_tokens, positive=True, integer=True)
+        if not self.trace:
+            check_memory("synthetic_tokens", get_model(self.model), self.synthetic_tokens)
         check_real("context_len", self.context_len, minimum=0, integer=True)
-        check_real("hop_latency_ns", self.hop_latency_ns, minimum=0)
+        check_real("--hop-latency-ns", self.hop_latency_ns, minimum=0)
         check_real("dram_bw_gbps", self.dram_bw_gbps, positive=True)
         cap = None
         if self.dram_capacity_gb is not None:
-            cap = check_real("capacity_gb", self.dram_capacity_gb, positive=True) * 1e9
+            cap = check_real("--capacity-gb", self.dram_capacity_gb, positive=True) * 1e9
+        try:
+            mesh = Mesh.parse(self.mesh)
+        except InputError as exc:
+            raise InputError("--mesh", exc.problem, exc.fix) from None
+        check_mesh_memory("--mesh", get_model(self.model), mesh.rows, mesh.cols)
         model = get_model(self.model)
-        hw = make_hardware(self.hw, self.mesh, dram_bw_bytes_per_s=float(self.dram_bw_gbps) * 1e9,
+        if self.batching != "expected":
+            check_memory("--batch", model, self.batch)
+        hw = make_hardware(self.hw, mesh, dram_bw_bytes_per_s=float(self.dram_bw_gbps) * 1e9,
                            dram_capacity_bytes=cap, hop_latency_s=float(self.hop_latency_ns) * 1e-9)
         if self.trace:
             trace = load_trace(self.trace, model.num_experts, model.top_k)
@@ -102,51 +115,87 @@ def load_instance(path: str | Path) -> Problem:
     return read_settings(path).to_problem()
 
 
+# (key, kind, positive): how each numeric key of an instance file is checked; "int" keys are whole numbers
+_NUMBERS = {
+    ("workload", "batch"): ("real", True), ("workload", "seed"): ("int", False),
+    ("workload", "synthetic_tokens"): ("int", True), ("evaluator", "context_len"): ("int", False),
+    ("hardware", "dram_capacity_gb"): ("real", True), ("hardware", "dram_bw_gbps"): ("real", True),
+    ("hardware", "hop_latency_ns"): ("real", False),
+}
+_CHOICES = {
+    ("model", "preset"): tuple(MODEL_PRESETS), ("hardware", "preset"): tuple(HARDWARE_PRESETS),
+    ("workload", "batching"): BATCHING, ("evaluator", "mode"): MODES,
+    ("evaluator", "delivery"): DELIVERIES, ("evaluator", "home"): HOMES,
+}
+
+
 def read_settings(path: str | Path) -> Settings:
-    """Read and check an instance TOML file's keys (values are checked by ``Settings.to_problem``)."""
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "file not found"
-        raise InputError("instance", f"{what}: {p}", "give the path of an instance .toml file")
+    """Read an instance TOML file and check every key and value (type, range, finiteness, known
+    names) before any work; errors name the key as written, e.g. ``instance x.toml [workload].batch``."""
+    p = check_file("instance", path, "give the path of an instance .toml file")
     try:
-        data: dict[str, Any] = tomllib.loads(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError("instance", f"cannot read {p}: {exc}", "give a UTF-8 instance .toml file") from None
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise InputError("instance", f"{p} is not valid TOML: {exc}") from None
+        for sec in _SECTIONS:
+            if re.search(rf"^\s*{sec}\s*=", text, flags=re.M):
+                raise InputError(f"instance {p.name} {sec}", f"is a [{sec}] table, not a top-level key",
+                                 f"write [{sec}] on its own line, then its keys, e.g. [model] preset = "
+                                 f'"deepseek-v2-lite"') from None
+        raise InputError("instance", f"{p} is not valid TOML: {exc}", "fix the syntax at that line") from None
+    where = f"instance {p.name}"
     for sec in _SECTIONS:
         if sec in data and not isinstance(data[sec], dict):
-            raise InputError(f"instance {sec}", f"must be a [{sec}] table, got {data[sec]!r}",
+            raise InputError(f"{where} {sec}", f"is a [{sec}] table, got the value {data[sec]!r}",
                              f'write [{sec}] with its keys, e.g. [model] preset = "deepseek-v2-lite"')
     unknown = set(data) - set(_SECTIONS) - {"name", "description"}
     if unknown:
-        raise InputError("instance", f"unknown section(s) {sorted(unknown)}", "allowed: " + ", ".join(_SECTIONS))
+        raise InputError(where, f"unknown key(s) or section(s) {sorted(unknown)}",
+                         "allowed: name, description, " + ", ".join(f"[{s}]" for s in _SECTIONS))
+    for key in ("name", "description"):
+        if key in data:
+            expect_str(f"{where} {key}", data[key], '"my-instance"')
     for sec, keys in _SECTIONS.items():
         bad = set(data.get(sec, {})) - keys
         if bad:
-            raise InputError(
-                f"instance [{sec}]", f"unknown key(s) {sorted(bad)}", "allowed: " + ", ".join(sorted(keys))
-            )
+            raise InputError(f"{where} [{sec}]", f"unknown key(s) {sorted(bad)}", "allowed: " + ", ".join(sorted(keys)))
     m, hw, wl, ev = (data.get(s, {}) for s in ("model", "hardware", "workload", "evaluator"))
     for sec, key, d in (("model", "preset", m), ("hardware", "preset", hw), ("hardware", "mesh", hw)):
         if key not in d:
-            raise InputError(f"instance [{sec}].{key}", "is missing")
-    for key, value in (("[model].preset", m["preset"]), ("[hardware].preset", hw["preset"]),
-                       ("[hardware].mesh", hw["mesh"]), ("[workload].trace", wl.get("trace", "")),
-                       ("[workload].batching", wl.get("batching", "")), ("[evaluator].mode", ev.get("mode", "")),
-                       ("[evaluator].delivery", ev.get("delivery", "")), ("[evaluator].home", ev.get("home", ""))):
-        if not isinstance(value, str):
-            raise InputError(f"instance {key}", f"must be a string, got {value!r}", 'quote it, e.g. "5/50"')
-    for key, sec, d in (("batch", "workload", wl), ("seed", "workload", wl), ("synthetic_tokens", "workload", wl),
-                        ("context_len", "evaluator", ev), ("dram_capacity_gb", "hardware", hw),
-                        ("dram_bw_gbps", "hardware", hw), ("hop_latency_ns", "hardware", hw)):
+            raise InputError(f"{where} [{sec}].{key}", "is missing", f"add {key} = ... under [{sec}]")
+    for (sec, key), allowed in _CHOICES.items():
+        if key in data.get(sec, {}):
+            check_choice(f"{where} [{sec}].{key}", expect_str(f"{where} [{sec}].{key}", data[sec][key],
+                                                               repr(allowed[0]).replace("'", '"')), allowed)
+    mesh = expect_str(f"{where} [hardware].mesh", hw["mesh"], '"4x8"')
+    try:
+        parsed = Mesh.parse(mesh)
+    except InputError as exc:
+        raise InputError(f"{where} [hardware].mesh", exc.problem, exc.fix) from None
+    check_mesh_memory(f"{where} [hardware].mesh", MODEL_PRESETS[m["preset"]], parsed.rows, parsed.cols)
+    for (sec, key), (kind, positive) in _NUMBERS.items():
+        d = data.get(sec, {})
         if key in d:
-            check_real(f"instance [{sec}].{key}", d[key], integer=key in ("seed", "synthetic_tokens", "context_len"),
-                       minimum=0)
+            check_real(f"{where} [{sec}].{key}", d[key], integer=kind == "int", positive=positive, minimum=0)
+    model = MODEL_PRESETS[m["preset"]]
+    if "synthetic_tokens" in wl and "trace" not in wl:
+        check_memory(f"{where} [workload].synthetic_tokens", model, wl["synthetic_tokens"])
+    if wl.get("batching", "expected") != "expected" and "batch" in wl:
+        check_memory(f"{where} [workload].batch", model, wl["batch"])
     trace = wl.get("trace")
     if trace is not None:
-        trace = str((p.parent / trace).resolve())
+        expect_str(f"{where} [workload].trace", trace, '"traces/x.npz"')
+        tp = p.parent / trace
+        if not tp.is_file():
+            raise InputError(f"{where} [workload].trace", f"{tp} is not a file",
+                             "give a trace path relative to the instance file, or omit it for a synthetic trace")
+        trace = str(tp.resolve())
     return Settings(
         name=str(data.get("name", p.stem)),
-        model=m["preset"], hw=hw["preset"], mesh=hw["mesh"], trace=trace,
+        model=m["preset"], hw=hw["preset"], mesh=mesh, trace=trace,
         batch=wl.get("batch", 128), batching=wl.get("batching", "expected"), seed=wl.get("seed", 0),
         synthetic_tokens=wl.get("synthetic_tokens", 4096), mode=ev.get("mode", "mesh"),
         delivery=ev.get("delivery"), home=ev.get("home"), context_len=ev.get("context_len", 1024),

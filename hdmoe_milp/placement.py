@@ -20,20 +20,24 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .errors import InputError
+from .errors import InputError, check_file, expect_int, expect_str, int_vector, real_matrix, real_vector
 
 _TOL = 1e-6
 PLAN_FORMAT = "hdmoe_milp.placement/2"  # /2 adds package_version and the problem/solver record in meta
 _READABLE = ("hdmoe_milp.placement/1", PLAN_FORMAT)
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder (fsync, then rename)."""
+def write_atomic(path: str | Path, text: str, *, force: bool = True, field: str = "out") -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (fsync, then rename), so
+    an interrupted write never leaves a partial file where ``path`` was. ``force=False``: refuse (an
+    InputError naming ``field``) to replace an existing file."""
     p = Path(path)
     if not p.parent.is_dir():
-        raise InputError("out", f"folder {p.parent} does not exist", "create it or write elsewhere")
+        raise InputError(field, f"folder {p.parent} does not exist", "create it or write elsewhere")
     if p.is_dir():
-        raise InputError("out", f"{p} is a directory", "give a file name")
+        raise InputError(field, f"{p} is a directory", "give a file name")
+    if not force and (p.exists() or p.is_symlink()):
+        raise InputError(field, f"{p} already exists", "pass --force to overwrite it, or write elsewhere")
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         umask = os.umask(0)
@@ -195,51 +199,67 @@ class Placement:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Placement:
+    def from_dict(cls, d: dict[str, Any], source: str = "plan") -> Placement:
+        """A placement from its JSON form; every value is type-checked first (``source`` names the
+        file in errors, e.g. ``plan.json layer 3: shares``)."""
         if not isinstance(d, dict):
-            raise InputError("plan", "is not a placement file (expected a JSON object)", "write it with Placement.save")
+            raise InputError(source, "is not a placement file (expected a JSON object)", "write it with Placement.save")
         fmt = d.get("format")
         if fmt is not None and fmt not in _READABLE:
-            raise InputError("plan", f"has format {fmt!r}, this version reads {', '.join(_READABLE)}",
+            raise InputError(source, f"has format {fmt!r}, this version reads {', '.join(_READABLE)}",
                              "write it again with this version")
+        for key in ("num_experts", "layers"):
+            if key not in d:
+                raise InputError(f"{source} {key}", "is missing", "write the plan with Placement.save")
+        E = expect_int(f"{source} num_experts", d["num_experts"], minimum=1)
+        if "num_nodes" in d:
+            expect_int(f"{source} num_nodes", d["num_nodes"], minimum=1)
+        strategy = expect_str(f"{source} strategy", d.get("strategy", "custom"), '"cb"')
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise InputError(f"{source} meta", f"must be an object, got {type(meta).__name__}")
+        raw_layers = d["layers"]
+        if not isinstance(raw_layers, list) or not raw_layers:
+            raise InputError(f"{source} layers", "must be a non-empty list of layers", "one entry per MoE layer")
+        layers = []
+        for li, ld in enumerate(raw_layers):
+            where = f"{source} layer {li}"
+            if not isinstance(ld, dict):
+                raise InputError(where, f"must be an object, got {type(ld).__name__}",
+                                 "each layer has shares, expert_of and token_fraction")
+            for key in ("shares", "expert_of", "token_fraction"):
+                if key not in ld:
+                    raise InputError(f"{where}: {key}", "is missing", "each layer has shares, expert_of and "
+                                     "token_fraction")
+            try:
+                layers.append(LayerPlacement(
+                    real_matrix(f"{where}: shares", ld["shares"]),
+                    int_vector(f"{where}: expert_of", ld["expert_of"]),
+                    real_vector(f"{where}: token_fraction", ld["token_fraction"]),
+                    E,
+                ))
+            except InputError as exc:
+                if exc.field.startswith(where):
+                    raise
+                raise InputError(f"{where}: {exc.field}", exc.problem, exc.fix) from None
         try:
-            E = int(d["num_experts"])
-            raw_layers = d["layers"]
-            if not isinstance(raw_layers, list):
-                raise TypeError("'layers' must be a list")
-            layers = []
-            for li, ld in enumerate(raw_layers):
-                try:
-                    layers.append(LayerPlacement(
-                        np.asarray(ld["shares"], dtype=float),
-                        np.asarray(ld["expert_of"], dtype=np.int64),
-                        np.asarray(ld["token_fraction"], dtype=float),
-                        E,
-                    ))
-                except InputError as exc:
-                    raise InputError(f"plan layer {li}: {exc.field}", exc.problem, exc.fix) from None
-            layers = tuple(layers)
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, InputError):
-                raise
-            raise InputError("plan", f"not a placement file ({type(exc).__name__}: {exc})",
-                             "write it with Placement.save") from None
-        return cls(layers, d.get("strategy", "custom"), dict(d.get("meta", {})))
+            return cls(tuple(layers), strategy, dict(meta))
+        except InputError as exc:
+            raise InputError(f"{source}: {exc.field}", exc.problem, exc.fix) from None
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, force: bool = True, field: str = "out") -> None:
         """Write the placement as JSON atomically: a temporary file in the same folder, fsync, then
-        rename, so an interrupted write never leaves a partial file nor destroys the previous one."""
-        write_atomic(path, json.dumps(self.to_dict()))
+        rename, so an interrupted write never leaves a partial file nor destroys the previous one.
+        ``force=False`` refuses to replace an existing file."""
+        write_atomic(path, json.dumps(self.to_dict()), force=force, field=field)
 
     @classmethod
     def load(cls, path: str | Path) -> Placement:
-        p = Path(path)
-        if not p.is_file():
-            what = "is a directory" if p.is_dir() else "file not found"
-            raise InputError("plan", f"{what}: {p}", "give the path of a plan .json file")
+        p = check_file("plan", path, "give the path of a plan .json file")
         try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            d = json.loads(p.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise InputError("plan", f"{p} is not a JSON plan file: {exc}", "write it with Placement.save") from None
         except OSError as exc:
             raise InputError("plan", f"cannot read {p}: {exc}") from None
+        return cls.from_dict(d, f"plan {p.name}")

@@ -22,7 +22,16 @@ from .errors import InputError, check_choice
 from .evaluator import EvalOptions
 from .hardware import HARDWARE_PRESETS, Hardware
 from .moe import MoEModel
-from .workload import BATCHING, Trace, Workload, expected_workload, sample_batch
+from .workload import (
+    BATCHING,
+    Trace,
+    Workload,
+    check_observed_memory,
+    expected_workload,
+    observed_bytes,
+    physical_memory_bytes,
+    sample_batch,
+)
 
 Coactivation = tuple[np.ndarray, np.ndarray]  # distinct sorted expert sets [G, k] and their frequencies [G]
 
@@ -33,22 +42,47 @@ def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: 
     naming ``field_name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         kind = "a whole number" if integer else "a number"
-        raise InputError(field_name, f"must be {kind}, got {value!r}")
+        raise InputError(field_name, f"must be {kind}, got {value!r}", f"write {kind} without quotes")
+    if isinstance(value, numbers.Integral) and abs(int(value)) >= 2**63:
+        raise InputError(field_name, f"is out of range, got {value!r}", "give a smaller number")
     v = float(value)
     if not np.isfinite(v):
-        raise InputError(field_name, f"must be finite, got {value!r}")
+        raise InputError(field_name, f"must be finite, got {value!r}", "give a finite number")
     if integer and v != int(v):
-        raise InputError(field_name, f"must be a whole number, got {value!r}")
+        raise InputError(field_name, f"must be a whole number, got {value!r}", "drop the fraction")
     if positive and v <= 0:
-        raise InputError(field_name, f"must be positive, got {value!r}")
+        raise InputError(field_name, f"must be positive, got {value!r}", "give a number > 0")
     if minimum is not None and v < minimum:
-        raise InputError(field_name, f"must be >= {minimum:g}, got {value!r}")
+        raise InputError(field_name, f"must be >= {minimum:g}, got {value!r}", f"give a number >= {minimum:g}")
     return v
 
 
 def check_seed(seed: Any, field_name: str = "seed") -> int:
     """``seed`` as an int if it is a whole number >= 0 (not a bool), else an InputError."""
     return int(check_real(field_name, seed, minimum=0, integer=True))
+
+
+def observed_batch_bytes(model: MoEModel, tokens: float) -> float:
+    """Estimated peak memory of scoring (or replaying) one observed batch of ``tokens`` tokens."""
+    return observed_bytes(tokens, model.moe_layers, model.top_k)
+
+
+def check_memory(field_name: str, model: MoEModel, tokens: float) -> None:
+    """Refuse up front (an InputError with the estimate and the limit) an observed batch whose
+    memory estimate exceeds the machine's physical memory."""
+    check_observed_memory(field_name, tokens, model.moe_layers, model.top_k)
+
+
+def check_mesh_memory(field_name: str, model: MoEModel, rows: int, cols: int) -> None:
+    """Refuse up front a mesh whose per-node and per-link arrays (hop distances ``[D, D]``, per-layer
+    node and link loads) would not fit in the machine's memory."""
+    d = rows * cols
+    links = 2 * rows * (cols - 1) + 2 * (rows - 1) * cols
+    need = 8.0 * (4 * d * d + 4 * model.moe_layers * (d + links))
+    limit = physical_memory_bytes()
+    if limit is not None and need > limit:
+        raise InputError(field_name, f"a {rows}x{cols} mesh ({d} nodes) needs about {need / 1e9:.3g} GB, more than "
+                         f"this machine's {limit / 1e9:.3g} GB of memory", "use a smaller mesh")
 
 
 def _point_of(hw: Hardware) -> str | None:
@@ -119,9 +153,12 @@ class Problem:
                              "use make_hardware(point, mesh)")
         if not isinstance(self.options, EvalOptions):
             raise InputError("options", f"must be an EvalOptions, got {type(self.options).__name__}")
+        check_mesh_memory("hardware", self.model, self.hardware.mesh.rows, self.hardware.mesh.cols)
         check_choice("batching", self.batching, BATCHING)
         check_real("batch", self.batch, positive=True, integer=self.batching != "expected")
         object.__setattr__(self, "batch", float(self.batch))
+        if self.batching != "expected":
+            check_memory("batch", self.model, self.batch)
         object.__setattr__(self, "seed", check_seed(self.seed))
         m = self.model
         if self.trace is not None:
@@ -176,6 +213,10 @@ class Problem:
     @property
     def mesh_name(self) -> str:
         return self.hardware.mesh.name
+
+    def check_memory(self, field_name: str, tokens: float) -> None:
+        """Refuse an observed batch of ``tokens`` (e.g. a replay's) that would not fit in memory."""
+        check_memory(field_name, self.model, tokens)
 
     def with_(self, **changes: Any) -> Problem:
         """A copy with some fields changed (validated again)."""

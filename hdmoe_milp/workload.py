@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, check_choice
+from .errors import InputError, check_choice, check_file, expect_int, int_matrix
 
 BATCHING = ("expected", "random", "contiguous")
 
@@ -78,50 +82,83 @@ class Trace:
 def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int | None = None) -> Trace:
     """Load a routing trace.
 
-    Formats: HD-MoE JSON ``{"<layer>": [[e1..ek], ...]}`` (``.json`` or ``.json.gz``) and token-major
-    arrays ``topk_ids [tokens, layers, k]`` in ``.npz``.
+    Formats: HD-MoE JSON ``{"<layer>": [[e1..ek], ...]}`` (``.json`` or ``.json.gz``; layer keys
+    exactly ``"0"`` .. ``"L-1"``, ids whole numbers) and token-major integer arrays
+    ``topk_ids [tokens, layers, k]`` in ``.npz``. Anything else is one :class:`InputError` naming the
+    file (and the layer).
     """
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "file not found"
-        raise InputError("trace", f"{what}: {p}", "give the path of a .json, .json.gz or .npz trace")
+    p = check_file("trace", path, "give the path of a .json, .json.gz or .npz trace")
+    if max_tokens is not None:
+        expect_int("max_tokens", max_tokens, minimum=1)
     name = p.name.split(".")[0]
     try:
+        data = p.read_bytes()
         if p.suffix == ".npz":
-            with np.load(p) as z:
-                if "topk_ids" not in z.files:
-                    raise InputError("trace", f"{p} has no 'topk_ids' array", "expected topk_ids [tokens, layers, k]")
-                ids = np.asarray(z["topk_ids"])
-            if ids.ndim != 3:
-                raise InputError("trace", f"topk_ids must be [tokens, layers, k], got shape {ids.shape}")
-            layers = tuple(np.ascontiguousarray(ids[:, li, :]).astype(np.int64) for li in range(ids.shape[1]))
+            layers = _npz_layers(p, data)
         elif p.name.endswith(".json") or p.name.endswith(".json.gz"):
-            opener = gzip.open if p.name.endswith(".gz") else open
-            with opener(p, "rt") as fh:
-                raw = json.load(fh)
-            if not isinstance(raw, dict) or not raw:
-                raise InputError("trace", f"{p} must hold a non-empty object {{layer: [[experts]...]}}")
-            keys = sorted(raw, key=lambda k: int(k))
-            layers = []
-            for k in keys:
-                rows = raw[k]
-                if len(rows) == 0:
-                    raise InputError(f"trace layer {k}", "is empty", "every layer needs at least one token")
-                a = np.asarray(rows, dtype=np.int64)
-                if a.ndim != 2:
-                    raise InputError(f"trace layer {k}", "tokens must all list the same number of experts")
-                layers.append(a)
-            layers = tuple(layers)
+            layers = _json_layers(p, data)
         else:
             raise InputError("trace", f"unsupported file type {p.name}", "use .json, .json.gz or .npz")
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError("trace", f"cannot read {p}: {exc}") from None
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, TypeError, OverflowError, RecursionError, zlib.error,
+            zipfile.BadZipFile) as exc:
+        raise InputError("trace", f"cannot read {p}: {type(exc).__name__}: {exc}",
+                         "give an uncorrupted .json, .json.gz or .npz trace") from None
     if max_tokens is not None:
         layers = tuple(a[:max_tokens] for a in layers)
-    sha = hashlib.sha256(p.read_bytes()).hexdigest()
-    return Trace(layers, num_experts, top_k, name, str(p.resolve()), sha)
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return Trace(layers, num_experts, top_k, name, str(p.resolve()), sha)
+    except InputError as exc:
+        inner = exc.field.removeprefix("trace").strip()
+        raise InputError(f"trace {p.name}" + (f" {inner}" if inner else ""), exc.problem, exc.fix) from None
+
+
+def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
+    if not data.startswith(b"PK"):
+        raise InputError("trace", f"{p} is not an .npz archive", "save it with numpy.savez(path, topk_ids=...)")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        if "topk_ids" not in z.files:
+            raise InputError("trace", f"{p} has no 'topk_ids' array", "expected topk_ids [tokens, layers, k]")
+        try:
+            ids = np.asarray(z["topk_ids"])
+        except ValueError as exc:  # object (pickled) arrays are never loaded
+            raise InputError("trace", f"{p}: topk_ids is not a plain integer array ({exc.__class__.__name__})",
+                             "store expert ids as an integer array") from None
+    if ids.ndim != 3:
+        raise InputError("trace", f"{p}: topk_ids must be [tokens, layers, k], got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise InputError("trace", f"{p}: topk_ids must hold integers, got dtype {ids.dtype}",
+                         "store expert ids as an integer array")
+    if ids.shape[1] == 0:
+        raise InputError("trace", f"{p} has no layers", "topk_ids is [tokens, layers, k] with layers >= 1")
+    if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
+        raise InputError("trace", f"{p}: expert id {ids.max()} out of range")
+    return tuple(np.ascontiguousarray(ids[:, li, :]).astype(np.int64) for li in range(ids.shape[1]))
+
+
+def _json_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
+    if p.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    raw = json.loads(data.decode("utf-8"))
+    if not isinstance(raw, dict) or not raw:
+        raise InputError("trace", f"{p} must hold a non-empty object {{layer: [[experts]...]}}",
+                         'e.g. {"0": [[3, 5], [1, 2]], "1": [...]}')
+    want = [str(i) for i in range(len(raw))]
+    if sorted(raw) != sorted(want):
+        odd = sorted(set(raw) - set(want), key=str)[:3]
+        raise InputError("trace", f"{p}: layer keys must be exactly \"0\"..\"{len(raw) - 1}\", got {odd}",
+                         "number the layers 0, 1, ... without gaps")
+    layers = []
+    for k in want:
+        rows = raw[k]
+        field = f"trace {p.name} layer {k}"
+        if not isinstance(rows, list) or not rows:
+            what = "is empty" if isinstance(rows, list) else f"must be a list of tokens, got {type(rows).__name__}"
+            raise InputError(field, what, "every layer is a non-empty list of [expert ids]")
+        layers.append(int_matrix(field, rows))
+    return tuple(layers)
 
 
 @dataclass(frozen=True)
@@ -159,6 +196,34 @@ class Workload:
         )
 
 
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory (None where ``os.sysconf`` cannot tell)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# peak bytes per observed token, per MoE layer, per (top_k + 1): measured with tracemalloc on
+# `evaluate` of random batches (about 110 bytes per token and layer at top-2), rounded up
+_BYTES_PER_TOKEN_SLOT = 40
+
+
+def observed_bytes(tokens: float, layers: int, top_k: int) -> float:
+    """Estimated peak memory of scoring one observed batch of ``tokens`` tokens."""
+    return float(tokens) * layers * (top_k + 1) * _BYTES_PER_TOKEN_SLOT
+
+
+def check_observed_memory(field: str, tokens: float, layers: int, top_k: int) -> None:
+    """Refuse up front (an InputError with the estimate and the limit) an observed batch whose memory
+    estimate exceeds the machine's physical memory."""
+    limit = physical_memory_bytes()
+    need = observed_bytes(tokens, layers, top_k)
+    if limit is not None and need > limit:
+        raise InputError(field, f"{tokens:g} observed tokens need about {need / 1e9:.3g} GB, more than this "
+                         f"machine's {limit / 1e9:.3g} GB of memory", "lower the batch size")
+
+
 def check_batch(batch: float) -> float:
     if not np.isfinite(batch) or batch <= 0:
         raise InputError("batch", f"must be a positive number of tokens, got {batch!r}", "e.g. --batch 128")
@@ -184,6 +249,7 @@ def sample_batch(trace: Trace, batch: int, mode: str = "random", seed: int = 0) 
     """
     check_batch(batch)
     check_choice("batching", mode, ("random", "contiguous"))
+    check_observed_memory("batch", batch, trace.num_layers, trace.top_k)
     n = trace.num_tokens()
     b = int(batch)
     if b != batch:
@@ -205,6 +271,8 @@ def _observed(trace: Trace, idx: np.ndarray) -> Workload:
 
 def iter_batches(trace: Trace, batch: int, mode: str = "random", seed: int = 0, count: int | None = None):
     """Yield ``count`` successive observed batches (contiguous: consecutive windows)."""
+    check_batch(batch)
+    check_observed_memory("batch", batch, trace.num_layers, trace.top_k)
     n = trace.num_tokens()
     rng = np.random.default_rng(seed)
     i = 0

@@ -332,7 +332,11 @@ def hdmoe_layer(model: MoEModel, hw: Hardware, f: np.ndarray, coactivation, batc
                 max_groups: int = 64) -> tuple[LayerPlacement, dict]:
     """HD-MoE's two stages for one layer (``f [E]`` frequencies, ``coactivation`` the layer's
     ``Trace.coactivation`` or None). Top-level and picklable: layers may run in a process pool. The result
-    depends only on the arguments (``seed + layer`` seeds stage 2)."""
+    depends only on the arguments (``seed + layer`` seeds stage 2). On a single node (a 1x1 mesh: no
+    links) every expert sits whole on that node; nothing is left to balance."""
+    if hw.num_nodes == 1:
+        return LayerPlacement.from_shares(np.ones((model.num_experts, 1))), {
+            "source": "single-node", "objective_us": None, "bound_us": None, "deterministic": True}
     shares, info = node_balance(model, hw, f, coactivation, batch, backend=backend, work_limit=work_limit,
                                 time_limit_s=time_limit_s, seed=seed, gap=gap, max_groups=max_groups)
     unit = UnitCosts.of(model)

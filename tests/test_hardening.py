@@ -1,0 +1,501 @@
+"""Hardening (issue 13): every bad input is one line naming the field, exit status 2, no traceback;
+saves never lose the previous file; edge geometries answer or refuse clearly."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hdmoe_milp as hm
+from hdmoe_milp.cli import main
+from hdmoe_milp.errors import InputError
+from hdmoe_milp.instance import Settings
+from hdmoe_milp.placement import Placement, write_atomic
+from hdmoe_milp.strategies import STRATEGIES
+
+from .conftest import ROOT
+
+MX = ["--model", "mixtral-8x7b", "--mesh", "2x2"]  # 32 layers, 8 experts, top-2, 4 nodes
+BASE_TOML = '[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A folder with a valid plan (Mixtral on 2x2) and a valid small JSON trace."""
+    d = tmp_path_factory.mktemp("bad")
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=256).to_problem()
+    hm.place(problem, "tp").save(d / "good_plan.json")
+    rng = np.random.default_rng(0)
+    trace = {str(li): [rng.choice(8, 2, replace=False).tolist() for _ in range(16)] for li in range(32)}
+    (d / "good_trace.json").write_text(json.dumps(trace))
+    return d
+
+
+# --- builders: each returns argv for `main`, given the module's folder -------------------------------
+
+
+def _toml(body: str, name: str = "x.toml"):
+    def build(d: Path) -> list[str]:
+        p = d / f"inst_{abs(hash(body))}_{name}"
+        p.write_bytes(body.encode("utf-8") if isinstance(body, str) else body)
+        return ["evaluate", "--instance", str(p), "--strategy", "tp"]
+    return build
+
+
+def _hw(line: str):
+    return _toml(BASE_TOML + line + "\n")
+
+
+def _sec(section: str, line: str):
+    return _toml(BASE_TOML + f"[{section}]\n{line}\n")
+
+
+def _trace_json(obj, suffix: str = ".json", raw: bytes | None = None, cmd: str = "evaluate"):
+    def build(d: Path) -> list[str]:
+        data = raw if raw is not None else json.dumps(obj).encode()
+        p = d / f"trace_{abs(hash(data))}{suffix}"
+        p.write_bytes(gzip.compress(data) if suffix.endswith(".gz") and raw is None else data)
+        extra = ["--strategy", "tp"] if cmd == "evaluate" else []
+        return [cmd, *MX, "--trace", str(p), *extra]
+    return build
+
+
+def _layers(fn, n: int = 32):
+    """A JSON trace whose layer li is fn(li) (others valid)."""
+    return {str(li): fn(li) for li in range(n)}
+
+
+def _ok(li):
+    return [[0, 1], [2, 3], [4, 5]]
+
+
+def _bad_layer(bad, at: int = 3):
+    return _layers(lambda li: bad if li == at else _ok(li))
+
+
+def _npz(arrays: dict | None = None, raw: bytes | None = None):
+    def build(d: Path) -> list[str]:
+        p = d / f"npz_{len(os.listdir(d))}.npz"
+        if raw is not None:
+            p.write_bytes(raw)
+        else:
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            p.write_bytes(buf.getvalue())
+        return ["evaluate", *MX, "--trace", str(p), "--strategy", "tp"]
+    return build
+
+
+def _plan(mutate, raw: str | None = None):
+    def build(d: Path) -> list[str]:
+        p = d / f"plan_{len(os.listdir(d))}.json"
+        if raw is not None:
+            p.write_text(raw)
+        else:
+            plan = json.loads((d / "good_plan.json").read_text())
+            mutate(plan)
+            p.write_text(json.dumps(plan))
+        return ["evaluate", "--plan", str(p)]
+    return build
+
+
+def _flags(*args: str):
+    return lambda d: list(args)
+
+
+def _set(path: list, value):
+    def mutate(plan):
+        obj = plan
+        for k in path[:-1]:
+            obj = obj[k]
+        obj[path[-1]] = value
+    return mutate
+
+
+def _existing(cmd: str, flag: str):
+    def build(d: Path) -> list[str]:
+        p = d / "exists.json"
+        p.write_text("{}")
+        if cmd == "solve":
+            return ["solve", *MX, "--no-baselines", flag, str(p)]
+        return ["evaluate", *MX, "--strategy", "tp", flag, str(p)]
+    return build
+
+
+def _missing_dir(cmd: str, flag: str):
+    def build(d: Path) -> list[str]:
+        p = str(d / "no" / "such" / "dir" / "p.json")
+        return ["solve", *MX, flag, p] if cmd == "solve" else ["evaluate", *MX, "--strategy", "tp", flag, p]
+    return build
+
+
+CASES = {
+    # --- flags -------------------------------------------------------------------------------------
+    "flag-seed-negative": (_flags("evaluate", *MX, "--seed", "-1"), "--seed"),
+    "flag-seed-float": (_flags("evaluate", *MX, "--seed", "1.5"), "--seed"),
+    "flag-seed-text": (_flags("evaluate", *MX, "--seed", "abc"), "--seed"),
+    "flag-batch-zero": (_flags("evaluate", *MX, "--batch", "0"), "--batch"),
+    "flag-batch-negative": (_flags("evaluate", *MX, "--batch", "-4"), "--batch"),
+    "flag-batch-nan": (_flags("evaluate", *MX, "--batch", "nan"), "--batch"),
+    "flag-batch-inf": (_flags("evaluate", *MX, "--batch", "inf"), "--batch"),
+    "flag-batch-text": (_flags("evaluate", *MX, "--batch", "many"), "--batch"),
+    "flag-batch-fraction-random": (_flags("evaluate", *MX, "--batching", "random", "--batch", "1.5"), "--batch"),
+    "flag-batch-memory-random": (_flags("evaluate", *MX, "--batching", "random", "--batch", "1e8"), "--batch"),
+    "flag-time-limit-negative": (_flags("evaluate", *MX, "--strategy", "hdmoe", "--time-limit", "-1"),
+                                 "--time-limit"),
+    "flag-time-limit-zero": (_flags("evaluate", *MX, "--time-limit", "0"), "--time-limit"),
+    "flag-time-limit-nan": (_flags("evaluate", *MX, "--strategy", "hdmoe", "--time-limit", "nan"), "--time-limit"),
+    "flag-work-limit-negative": (_flags("evaluate", *MX, "--work-limit", "-1"), "--work-limit"),
+    "flag-work-limit-inf": (_flags("evaluate", *MX, "--work-limit", "inf"), "--work-limit"),
+    "flag-capacity-zero": (_flags("evaluate", *MX, "--capacity-gb", "0"), "--capacity-gb"),
+    "flag-capacity-nan": (_flags("evaluate", *MX, "--capacity-gb", "nan"), "--capacity-gb"),
+    "flag-capacity-too-small": (_flags("evaluate", *MX, "--capacity-gb", "0.01"), "capacity"),
+    "flag-hop-negative": (_flags("evaluate", *MX, "--hop-latency-ns", "-1"), "--hop-latency-ns"),
+    "flag-hop-inf": (_flags("evaluate", *MX, "--hop-latency-ns", "inf"), "--hop-latency-ns"),
+    "flag-mesh-zero": (_flags("evaluate", "--mesh", "0x8"), "--mesh"),
+    "flag-mesh-malformed": (_flags("evaluate", "--mesh", "4by8"), "--mesh"),
+    "flag-mesh-empty": (_flags("evaluate", "--mesh", ""), "--mesh"),
+    "flag-mesh-memory": (_flags("evaluate", "--mesh", "1000x1000"), "--mesh"),
+    "flag-trace-fifo": (lambda d: (os.path.exists(d / "fifo") or os.mkfifo(d / "fifo"), ["evaluate", *MX, "--trace",
+                                                                                         str(d / "fifo")])[1],
+                        "--trace"),
+    "toml-mesh-memory": (_toml(BASE_TOML.replace('"2x2"', '"2000x2000"')), "[hardware].mesh"),
+    "npz-object-array": (_npz({"topk_ids": np.array([[[0, 1]]], dtype=object)}), "topk_ids"),
+    "flag-model-unknown": (_flags("evaluate", "--model", "gpt-5"), "--model"),
+    "flag-hw-unknown": (_flags("evaluate", "--hw", "3/30"), "--hw"),
+    "flag-mode-unknown": (_flags("evaluate", *MX, "--mode", "fast"), "--mode"),
+    "flag-delivery-unknown": (_flags("evaluate", *MX, "--delivery", "pigeon"), "--delivery"),
+    "flag-home-unknown": (_flags("evaluate", *MX, "--home", "moon"), "--home"),
+    "flag-batching-unknown": (_flags("evaluate", *MX, "--batching", "sideways"), "--batching"),
+    "flag-strategy-unknown": (_flags("evaluate", *MX, "--strategy", "magic"), "--strategy"),
+    "flag-strategy-twice": (_flags("evaluate", *MX, "--strategy", "tp,tp"), "--strategy"),
+    "flag-strategy-empty-item": (_flags("evaluate", *MX, "--strategy", "tp,"), "--strategy"),
+    "flag-replica-rule-unknown": (_flags("evaluate", *MX, "--replica-rule", "closest"), "replica_rule"),
+    "flag-save-plan-several": (_flags("evaluate", *MX, "--strategy", "tp,ep", "--save-plan", "x.json"),
+                               "--save-plan"),
+    "flag-save-plan-missing-dir": (_missing_dir("evaluate", "--save-plan"), "--save-plan"),
+    "flag-save-plan-is-dir": (lambda d: ["evaluate", *MX, "--strategy", "tp", "--save-plan", str(d)], "--save-plan"),
+    "flag-save-plan-exists": (_existing("evaluate", "--save-plan"), "--save-plan"),
+    "flag-plan-and-strategy": (lambda d: ["evaluate", "--plan", str(d / "good_plan.json"), "--strategy", "tp"],
+                               "--strategy"),
+    "flag-plan-and-save-plan": (lambda d: ["evaluate", "--plan", str(d / "good_plan.json"), "--save-plan",
+                                           str(d / "other.json")], "--save-plan"),
+    "replay-plan-and-plan-trace": (lambda d: ["replay", "--plan", str(d / "good_plan.json"), "--plan-trace",
+                                              str(d / "good_trace.json")], "--plan-trace"),
+    "replay-plan-and-plan-strategy": (lambda d: ["replay", "--plan", str(d / "good_plan.json"), "--plan-strategy",
+                                                 "ep"], "--plan-strategy"),
+    "replay-plan-strategy-unknown": (_flags("replay", *MX, "--plan-strategy", "magic"), "--plan-strategy"),
+    "flag-plan-missing": (_flags("evaluate", "--plan", "/no/such/plan.json"), "--plan"),
+    "flag-plan-is-dir": (lambda d: ["evaluate", "--plan", str(d)], "--plan"),
+    "flag-instance-missing": (_flags("evaluate", "--instance", "/no/such.toml"), "--instance"),
+    "flag-instance-is-dir": (lambda d: ["evaluate", "--instance", str(d)], "--instance"),
+    "flag-trace-missing": (_flags("evaluate", *MX, "--trace", "/no/such/trace.json"), "--trace"),
+    "flag-trace-is-dir": (lambda d: ["evaluate", *MX, "--trace", str(d)], "--trace"),
+    "flag-unknown-option": (_flags("evaluate", "--frobnicate"), "--frobnicate"),
+    "flag-unknown-command": (_flags("optimise"), "optimise"),
+    "replay-batch-zero": (_flags("replay", *MX, "--batch", "0"), "--batch"),
+    "replay-batch-float": (_flags("replay", *MX, "--batch", "2.5"), "--batch"),
+    "replay-batches-zero": (_flags("replay", *MX, "--batches", "0"), "--batches"),
+    "replay-batch-memory": (_flags("replay", *MX, "--batch", "100000000", "--batches", "1"), "--batch"),
+    "replay-policy-unknown": (_flags("replay", *MX, "--policy", "psychic"), "--policy"),
+    "replay-batching-expected": (_flags("replay", *MX, "--batching", "expected"), "--batching"),
+    "replay-plan-trace-missing": (_flags("replay", *MX, "--plan-trace", "/no/such.json"), "--plan-trace"),
+    "solve-gap-one": (_flags("solve", *MX, "--gap", "1"), "--gap"),
+    "solve-gap-negative": (_flags("solve", *MX, "--gap", "-0.1"), "--gap"),
+    "solve-threads-zero": (_flags("solve", *MX, "--threads", "0"), "--threads"),
+    "solve-jobs-zero": (_flags("solve", *MX, "--jobs", "0"), "--jobs"),
+    "solve-time-limit-nan": (_flags("solve", *MX, "--time-limit", "nan"), "--time-limit"),
+    "solve-out-missing-dir": (_missing_dir("solve", "--out"), "--out"),
+    "solve-out-exists": (_existing("solve", "--out"), "--out"),
+    "stats-against-missing": (_flags("stats", *MX, "--against", "/no/such.npz"), "--against"),
+    # --- instance files ------------------------------------------------------------------------------
+    "toml-syntax": (_toml("[model\npreset = 1\n"), "instance"),
+    "toml-not-utf8": (_toml(b"\xff\xfe[model]\n"), "instance"),
+    "toml-top-level-model": (_toml('model = "mixtral-8x7b"\n' + BASE_TOML), "model"),
+    "toml-model-not-table": (_toml('model = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'), "model"),
+    "toml-unknown-section": (_toml(BASE_TOML + "[solver]\nx = 1\n"), "solver"),
+    "toml-unknown-top-key": (_toml("colour = 1\n" + BASE_TOML), "colour"),
+    "toml-unknown-key": (_hw("foo = 1"), "foo"),
+    "toml-missing-preset": (_toml('[model]\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'), "[model].preset"),
+    "toml-missing-mesh": (_toml('[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\n'),
+                          "[hardware].mesh"),
+    "toml-preset-number": (_toml('[model]\npreset = 7\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'),
+                           "[model].preset"),
+    "toml-preset-unknown": (_toml('[model]\npreset = "gpt"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'),
+                            "[model].preset"),
+    "toml-hw-unknown": (_toml('[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "1/1"\nmesh = "2x2"\n'),
+                        "[hardware].preset"),
+    "toml-hw-number": (_toml('[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = 5.50\nmesh = "2x2"\n'),
+                       "[hardware].preset"),
+    "toml-mesh-zero": (_toml(BASE_TOML.replace('"2x2"', '"0x2"')), "[hardware].mesh"),
+    "toml-mesh-number": (_toml(BASE_TOML.replace('"2x2"', "22")), "[hardware].mesh"),
+    "toml-capacity-zero": (_hw("dram_capacity_gb = 0"), "[hardware].dram_capacity_gb"),
+    "toml-capacity-string": (_hw('dram_capacity_gb = "8"'), "[hardware].dram_capacity_gb"),
+    "toml-capacity-too-small": (_hw("dram_capacity_gb = 0.001"), "capacity"),
+    "toml-dram-bw-zero": (_hw("dram_bw_gbps = 0"), "[hardware].dram_bw_gbps"),
+    "toml-dram-bw-inf": (_hw("dram_bw_gbps = inf"), "[hardware].dram_bw_gbps"),
+    "toml-dram-bw-bool": (_hw("dram_bw_gbps = true"), "[hardware].dram_bw_gbps"),
+    "toml-hop-negative": (_hw("hop_latency_ns = -1"), "[hardware].hop_latency_ns"),
+    "toml-hop-nan": (_hw("hop_latency_ns = nan"), "[hardware].hop_latency_ns"),
+    "toml-batch-bool": (_sec("workload", "batch = true"), "[workload].batch"),
+    "toml-batch-zero": (_sec("workload", "batch = 0"), "[workload].batch"),
+    "toml-batch-negative": (_sec("workload", "batch = -8"), "[workload].batch"),
+    "toml-batch-string": (_sec("workload", 'batch = "128"'), "[workload].batch"),
+    "toml-batch-nan": (_sec("workload", "batch = nan"), "[workload].batch"),
+    "toml-batch-array": (_sec("workload", "batch = [1, 2]"), "[workload].batch"),
+    "toml-batch-memory": (_sec("workload", 'batch = 100000000\nbatching = "random"'), "[workload].batch"),
+    "toml-seed-float": (_sec("workload", "seed = 1.7"), "[workload].seed"),
+    "toml-seed-negative": (_sec("workload", "seed = -1"), "[workload].seed"),
+    "toml-seed-string": (_sec("workload", 'seed = "abc"'), "[workload].seed"),
+    "toml-seed-bool": (_sec("workload", "seed = false"), "[workload].seed"),
+    "toml-synthetic-zero": (_sec("workload", "synthetic_tokens = 0"), "[workload].synthetic_tokens"),
+    "toml-synthetic-float": (_sec("workload", "synthetic_tokens = 100.5"), "[workload].synthetic_tokens"),
+    "toml-synthetic-huge": (_sec("workload", "synthetic_tokens = 100000000000"), "[workload].synthetic_tokens"),
+    "toml-batching-unknown": (_sec("workload", 'batching = "sideways"'), "[workload].batching"),
+    "toml-batching-number": (_sec("workload", "batching = 3"), "[workload].batching"),
+    "toml-trace-missing": (_sec("workload", 'trace = "nope.npz"'), "[workload].trace"),
+    "toml-trace-number": (_sec("workload", "trace = 5"), "[workload].trace"),
+    "toml-mode-unknown": (_sec("evaluator", 'mode = "fast"'), "[evaluator].mode"),
+    "toml-delivery-unknown": (_sec("evaluator", 'delivery = "pigeon"'), "[evaluator].delivery"),
+    "toml-home-number": (_sec("evaluator", "home = 1"), "[evaluator].home"),
+    "toml-context-negative": (_sec("evaluator", "context_len = -1"), "[evaluator].context_len"),
+    "toml-context-float": (_sec("evaluator", "context_len = 10.5"), "[evaluator].context_len"),
+    "toml-name-number": (_toml("name = 5\n" + BASE_TOML), "name"),
+    "toml-workload-not-table": (_toml('workload = "big"\n' + BASE_TOML), "workload"),
+    # --- traces --------------------------------------------------------------------------------------
+    "trace-dict-values": (_trace_json(_layers(lambda li: {"a": 1})), "layer 0"),
+    "trace-id-overflow": (_trace_json(_bad_layer([[0, 2**70]])), "layer 3"),
+    "trace-id-float": (_trace_json(_bad_layer([[0.5, 1]])), "layer 3"),
+    "trace-id-whole-float": (_trace_json(_bad_layer([[0.0, 1]])), "layer 3"),
+    "trace-id-bool": (_trace_json(_bad_layer([[True, 1]])), "layer 3"),
+    "trace-id-string": (_trace_json(_bad_layer([["0", 1]])), "layer 3"),
+    "trace-id-null": (_trace_json(_bad_layer([[None, 1]])), "layer 3"),
+    "trace-id-negative": (_trace_json(_bad_layer([[-1, 1]])), "layer 3"),
+    "trace-id-too-large": (_trace_json(_bad_layer([[8, 1]])), "layer 3"),
+    "trace-id-twice": (_trace_json(_bad_layer([[1, 1]])), "layer 3"),
+    "trace-wrong-top-k": (_trace_json(_bad_layer([[1, 2, 3]])), "layer 3"),
+    "trace-ragged": (_trace_json(_bad_layer([[0, 1], [2]])), "layer 3"),
+    "trace-row-not-list": (_trace_json(_bad_layer([5, 6])), "layer 3"),
+    "trace-empty-layer": (_trace_json(_bad_layer([])), "layer 3"),
+    "trace-null-layer": (_trace_json(_bad_layer(None)), "layer 3"),
+    "trace-key-gap": (_trace_json({str(2 * li): _ok(li) for li in range(32)}), "layer keys"),
+    "trace-key-negative": (_trace_json({str(li - 1): _ok(li) for li in range(32)}), "layer keys"),
+    "trace-key-huge": (_trace_json({**_layers(_ok, 31), "99999999999": _ok(0)}), "layer keys"),
+    "trace-key-text": (_trace_json({**_layers(_ok, 31), "last": _ok(0)}), "layer keys"),
+    "trace-key-padded": (_trace_json({**_layers(_ok, 31), "031": _ok(0)}), "layer keys"),
+    "trace-too-few-layers": (_trace_json(_layers(_ok, 31)), "layers"),
+    "trace-top-level-list": (_trace_json([[0, 1]]), "trace"),
+    "trace-empty-object": (_trace_json({}), "trace"),
+    "trace-not-json": (_trace_json(None, raw=b"{not json"), "trace"),
+    "trace-empty-file": (_trace_json(None, raw=b""), "trace"),
+    "trace-gz-truncated": (_trace_json(None, ".json.gz", raw=gzip.compress(json.dumps(_layers(_ok)).encode())[:60]),
+                           "trace"),
+    "trace-gz-not-gzip": (_trace_json(None, ".json.gz", raw=b"plain text, not gzip"), "trace"),
+    "trace-gz-bad-utf8": (_trace_json(None, ".json.gz", raw=gzip.compress(b"\xff\xfe\xfd")), "trace"),
+    "trace-unsupported-ext": (_trace_json(_layers(_ok), ".txt"), "trace"),
+    "trace-stats-bad": (_trace_json(_bad_layer([[0.5, 1]]), cmd="stats"), "layer 3"),
+    "trace-replay-bad": (_trace_json(_bad_layer([[0, 9]]), cmd="replay"), "layer 3"),
+    "npz-not-npz": (_npz(raw=b"hello, I am text"), "not an .npz"),
+    "npz-pickle-header": (_npz(raw=b"\x80\x04\x95 pickled"), "not an .npz"),
+    "npz-truncated": (lambda d: _npz(raw=_npz_bytes()[:100])(d), "trace"),
+    "npz-no-topk": (_npz({"ids": np.zeros((4, 32, 2), dtype=np.int64)}), "topk_ids"),
+    "npz-float-ids": (_npz({"topk_ids": np.zeros((4, 32, 2))}), "topk_ids"),
+    "npz-bool-ids": (_npz({"topk_ids": np.zeros((4, 32, 2), dtype=bool)}), "topk_ids"),
+    "npz-2d": (_npz({"topk_ids": np.zeros((4, 2), dtype=np.int64)}), "topk_ids"),
+    "npz-wrong-layers": (_npz({"topk_ids": np.tile(np.array([0, 1]), (4, 5, 1))}), "layers"),
+    "npz-no-layers": (_npz({"topk_ids": np.zeros((4, 0, 2), dtype=np.int64)}), "layers"),
+    "npz-out-of-range": (_npz({"topk_ids": np.tile(np.array([0, 99]), (4, 32, 1))}), "layer 0"),
+    # --- plan files ----------------------------------------------------------------------------------
+    "plan-ragged-shares": (_plan(lambda p: p["layers"][3]["shares"].__setitem__(1, [1.0])), "layer 3"),
+    "plan-text-share": (_plan(lambda p: p["layers"][2]["shares"][0].__setitem__(0, "a")), "layer 2"),
+    "plan-null-share": (_plan(lambda p: p["layers"][2]["shares"][0].__setitem__(0, None)), "layer 2"),
+    "plan-bool-share": (_plan(lambda p: p["layers"][2]["shares"][0].__setitem__(0, True)), "layer 2"),
+    "plan-shares-not-list": (_plan(_set(["layers", 4, "shares"], "all")), "layer 4"),
+    "plan-shares-sum": (_plan(lambda p: p["layers"][5]["shares"][0].__setitem__(0, 7)), "layer 5"),
+    "plan-shares-negative": (_plan(lambda p: p["layers"][5]["shares"][0].__setitem__(0, -1)), "layer 5"),
+    "plan-shares-nan": (_plan(lambda p: p["layers"][6]["shares"][0].__setitem__(0, float("nan"))), "layer 6"),
+    "plan-expert-of-float": (_plan(lambda p: p["layers"][0]["expert_of"].__setitem__(0, 0.5)), "layer 0"),
+    "plan-expert-of-range": (_plan(lambda p: p["layers"][1]["expert_of"].__setitem__(0, 99)), "layer 1"),
+    "plan-expert-of-overflow": (_plan(lambda p: p["layers"][1]["expert_of"].__setitem__(0, 2**80)), "layer 1"),
+    "plan-expert-missing": (_plan(lambda p: p["layers"][1]["expert_of"].__setitem__(0, 1)), "layer 1"),
+    "plan-token-fraction": (_plan(lambda p: p["layers"][7]["token_fraction"].__setitem__(0, 0.5)), "layer 7"),
+    "plan-layer-missing-key": (_plan(lambda p: p["layers"][8].pop("expert_of")), "layer 8"),
+    "plan-layer-not-object": (_plan(lambda p: p["layers"].__setitem__(9, [1, 2])), "layer 9"),
+    "plan-no-layers": (_plan(lambda p: p.pop("layers")), "layers"),
+    "plan-layers-empty": (_plan(_set(["layers"], [])), "layers"),
+    "plan-num-experts-bool": (_plan(_set(["num_experts"], True)), "num_experts"),
+    "plan-num-experts-text": (_plan(_set(["num_experts"], "8")), "num_experts"),
+    "plan-strategy-number": (_plan(_set(["strategy"], 5)), "strategy"),
+    "plan-meta-list": (_plan(_set(["meta"], [1])), "meta"),
+    "plan-format-unknown": (_plan(_set(["format"], "other/9")), "format"),
+    "plan-wrong-layer-count": (_plan(lambda p: p["layers"].pop()), "plan"),
+    "plan-other-model": (_plan(_set(["meta", "problem", "model"], "deepseek-v2-lite")), "plan"),
+    "plan-meta-model-number": (_plan(_set(["meta", "problem", "model"], 5)), "meta.problem.model"),
+    "plan-meta-batch-text": (_plan(_set(["meta", "problem", "batch"], "abc")), "meta.problem.batch"),
+    "plan-meta-hop-text": (_plan(_set(["meta", "problem", "hardware", "hop_latency_s"], "x")),
+                           "hop_latency_s"),
+    "plan-meta-trace-path-number": (_plan(_set(["meta", "problem", "trace_path"], 3)), "trace_path"),
+    "plan-other-mesh": (lambda d: ["evaluate", "--plan", str(d / "good_plan.json"), "--mesh", "4x4"], "plan"),
+    "plan-not-json": (_plan(None, raw="{nope"), "plan"),
+    "plan-json-list": (_plan(None, raw="[1, 2]"), "plan"),
+    "plan-empty-file": (_plan(None, raw=""), "plan"),
+    "plan-deep-nesting": (_plan(None, raw="[" * 100000), "plan"),
+}
+
+
+def _npz_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, topk_ids=np.tile(np.array([0, 1]), (64, 32, 1)))
+    return buf.getvalue()
+
+
+def test_at_least_100_cases():
+    assert len(CASES) >= 100
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_one_line_exit_2(name, files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    build, field = CASES[name]
+    argv = build(files)
+    with pytest.raises(SystemExit) if _argparse_case(name) else _nullcontext() as exc:
+        rc = main(argv)
+    if exc is not None and getattr(exc, "value", None) is not None:
+        rc = exc.value.code
+    assert rc == 2, name
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("hdmoe-milp: error:") and field in err[0], err[0]
+    assert "Traceback" not in err[0]
+
+
+def _argparse_case(name: str) -> bool:
+    return name in {"flag-seed-float", "flag-seed-text", "flag-batch-text", "flag-unknown-option",
+                    "flag-unknown-command", "replay-batch-float"}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_console_script_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hdmoe_milp.cli", "evaluate", "--seed", "-3"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--seed" in r.stderr
+
+
+# --- safe writes ---------------------------------------------------------------------------------------
+
+
+def test_write_atomic_force(tmp_path):
+    p = tmp_path / "a.json"
+    write_atomic(p, "one")
+    with pytest.raises(InputError, match="already exists"):
+        write_atomic(p, "two", force=False, field="--save-plan")
+    assert p.read_text() == "one"
+    write_atomic(p, "two")  # the Python API overwrites by default
+    assert p.read_text() == "two"
+    assert [f.name for f in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_save_plan_force(tmp_path, capsys):
+    p = tmp_path / "plan.json"
+    args = ["evaluate", *MX, "--strategy", "tp", "--save-plan", str(p)]
+    assert main(args) == 0
+    first = p.read_bytes()
+    assert main(args) == 2 and "--force" in capsys.readouterr().err
+    assert p.read_bytes() == first
+    assert main([*args, "--force", "--seed", "1"]) == 0
+
+
+_WRITER = r"""
+import sys
+import numpy as np
+from hdmoe_milp.placement import Placement
+rng = np.random.default_rng(0)
+shares = rng.random((24, 256, 256))
+shares /= shares.sum(axis=2, keepdims=True)
+plan = Placement.from_shares(shares, "big")
+print("ready", flush=True)
+plan.save(sys.argv[1])
+print("done", flush=True)
+"""
+
+
+def test_sigkill_mid_save_keeps_old_file(tmp_path):
+    target = tmp_path / "plan.json"
+    old = json.dumps(Placement.from_shares(np.ones((2, 3, 1)), "old").to_dict())
+    target.write_text(old)
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 60
+    caught = False
+    while time.monotonic() < deadline and proc.poll() is None:  # the temporary file is being written
+        tmps = [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
+        if tmps and tmps[0].stat().st_size > 1_000_000:
+            caught = True
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert caught and proc.returncode == -signal.SIGKILL
+    assert target.read_text() == old  # the previous plan is intact (a temporary file may remain)
+    assert Placement.load(target).strategy == "old"
+
+
+# --- edge geometries ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edge_problems():
+    out = {}
+    for model in ("mixtral-8x7b", "olmoe-1b-7b"):  # 8 experts (fewer than 16 nodes) and 64 (more than nodes)
+        for mesh in ("1x1", "1x4", "4x1", "1x16", "16x1", "4x4"):
+            out[model, mesh] = Settings("e", model, "5/50", mesh, synthetic_tokens=256).to_problem()
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "milp"])
+def test_edge_geometries(name, edge_problems):
+    for (model, mesh), problem in edge_problems.items():
+        plan = hm.place(problem, name, budget=hm.Budget(time_limit_s=1))
+        assert plan.num_nodes == problem.hardware.num_nodes and plan.num_layers == problem.num_layers
+        for lp in plan.layers:  # every expert whole over its copies, every share a valid fraction
+            assert np.allclose(lp.expert_shares().sum(axis=1), 1.0) and np.all(lp.shares >= 0)
+        ev = hm.evaluate(problem, plan)
+        assert np.isfinite(ev.tbt_s) and ev.tbt_s > 0, (model, mesh)
+        if mesh == "1x1":  # nothing to route, everything on the one node: every strategy scores the same
+            assert float(np.sum(ev.dispatch_s) + np.sum(ev.combine_s)) == 0.0
+            tp = hm.evaluate(problem, "tp")
+            assert ev.tbt_s == pytest.approx(tp.tbt_s, rel=1e-9)
+
+
+def test_api_errors_are_typed():
+    problem = Settings("e", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=256).to_problem()
+    wrong = Placement.from_shares(np.ones((32, 8, 1)))
+    with pytest.raises(InputError) as exc:
+        hm.evaluate(problem, wrong)
+    assert isinstance(exc.value, ValueError) and exc.value.field == "plan" and exc.value.fix
+    with pytest.raises(InputError):
+        problem.with_(batch=True)
+    with pytest.raises(InputError):
+        hm.Problem(problem.model, problem.hardware, problem.trace, batch=1e12, batching="random")
+    with pytest.raises(InputError, match="GB"):  # refused before any batch is drawn
+        hm.replay(problem, hm.place(problem, "tp"), policy="static", batches=1, batch=10**9)
+    with pytest.raises(InputError, match="mesh"):
+        hm.Problem(problem.model, hm.make_hardware("5/50", "3000x3000"), problem.trace)
