@@ -161,7 +161,7 @@ class BlockModel:
         E, nb = self.model.num_experts, self.blocks.num_blocks
         allowed = np.ones((E, nb), dtype=bool)
         bw = self.hw.link_bw
-        if self.opts.symmetry and E > 0 and np.all(bw == bw[0]):
+        if self.opts.symmetry and E > 0 and bw.size and np.all(bw == bw[0]):
             R, C = self.hw.mesh.rows, self.hw.mesh.cols
             centre = self.blocks.origin + (self.blocks.shape - 1) / 2.0
             ok = (centre[:, 0] <= (R - 1) / 2.0) & (centre[:, 1] <= (C - 1) / 2.0)
@@ -339,7 +339,7 @@ class BlockModel:
         ids, fg = np.zeros((0, k), dtype=np.int64), np.zeros(0)
         if self.coactivation is not None and k > 1:
             gi, gf = np.asarray(self.coactivation[0]), np.asarray(self.coactivation[1], dtype=float)
-            G = min(int((gf > 0).sum()), self.opts.lower_rows // (2 * k * nl))
+            G = min(int((gf > 0).sum()), self.opts.lower_rows // (2 * k * max(nl, 1)))
             top = np.argsort(-gf, kind="stable")[:G]
             ids, fg = gi[top].astype(np.int64), gf[top]
         covered = np.bincount(ids.ravel(), weights=np.repeat(fg, k), minlength=self.model.num_experts)
