@@ -149,6 +149,7 @@ def fig_tbt_normalised(df: pd.DataFrame, *, batch: float | None = None, mesh: st
     for i, n in enumerate(names):
         ax.bar(x + (i - (len(names) - 1) / 2) * w, norm[n].to_numpy(), w, label=n, **_style(i))
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_ylim(0, float(np.nanmax(norm.to_numpy())) * 1.3)  # room for the legend above the bars
     ax.set_xticks(x, [f"{m}\n{h}" for m, h in norm.index], fontsize=8)
     ax.set_ylabel("TBT / TBT(TP)  (lower is better)")
     ax.set_title("TBT normalised to TP\n" + caption(mesh=mesh, batch=batch, mode=_one(d, "mode")), fontsize=9)
