@@ -194,7 +194,7 @@ def fig_node_load(evals: Mapping[str, Evaluation], layer: int = 0, *, settings: 
     dotted line marks each placement's maximum (the layer's compute time)."""
     names = list(evals)
     D = next(iter(evals.values())).node_time_s.shape[1]
-    fig = Figure(figsize=(max(6.0, 0.3 * D * len(names) + 1.5), 4.0))
+    fig = Figure(figsize=(min(12.0, max(6.0, 0.25 * D * len(names) + 1.5)), 4.0))
     ax = fig.add_subplot()
     x = np.arange(D)
     w = 0.8 / len(names)
