@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from .costs import (
     MODES,
@@ -161,6 +162,25 @@ class Evaluation:
                 np.max(self.node_time_s.max(axis=1) / np.maximum(self.node_time_s.mean(axis=1), 1e-300))
             ),
         }
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per MoE layer, times in us: ``compute_us``, ``dispatch_us``, ``combine_us``,
+        ``layer_us`` (their sum), ``node_max_us`` / ``node_mean_us`` (node compute times),
+        ``link_max_mb`` (busiest link, dispatch + combine, MB). The non-MoE total is not per layer:
+        it is in ``attrs`` with the strategy, mode, batch and TBT."""
+        df = pd.DataFrame({
+            "layer": np.arange(len(self.compute_s)),
+            "compute_us": self.compute_s * 1e6,
+            "dispatch_us": self.dispatch_s * 1e6,
+            "combine_us": self.combine_s * 1e6,
+            "layer_us": self.layer_s * 1e6,
+            "node_max_us": self.node_time_s.max(axis=1) * 1e6,
+            "node_mean_us": self.node_time_s.mean(axis=1) * 1e6,
+            "link_max_mb": (self.link_bytes_dispatch + self.link_bytes_combine).max(axis=1, initial=0.0) / 1e6,
+        })
+        df.attrs.update(strategy=self.strategy, mode=self.mode, batch=float(self.batch_size),
+                        non_moe_us=self.non_moe_s * 1e6, tbt_us=self.tbt_us)
+        return df
 
     def per_layer(self) -> dict[str, list[float]]:
         return {

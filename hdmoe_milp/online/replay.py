@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from ..evaluator import EvalOptions, evaluate
@@ -28,6 +29,21 @@ class ReplayResult:
     actions: np.ndarray
     decide_s_per_layer: np.ndarray
     tokens: np.ndarray
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per batch, in replay order: ``batch`` (index), ``tokens``, ``latency_us`` (TBT plus
+        the move time charged), ``migration_us``, ``bytes_moved``, ``actions``,
+        ``decide_us_per_layer``; ``policy`` repeated on every row."""
+        return pd.DataFrame({
+            "policy": self.policy,
+            "batch": np.arange(len(self.latency_s)),
+            "tokens": self.tokens.astype(int),
+            "latency_us": self.latency_s * 1e6,
+            "migration_us": self.migration_s * 1e6,
+            "bytes_moved": self.bytes_moved,
+            "actions": self.actions.astype(int),
+            "decide_us_per_layer": self.decide_s_per_layer * 1e6,
+        })
 
     def summary(self) -> dict[str, Any]:
         """Per-token latency statistics (every token of a batch sees that batch's TBT), in us."""

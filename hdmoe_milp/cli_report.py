@@ -1,0 +1,173 @@
+"""``hdmoe-milp bench`` and ``hdmoe-milp plot``: argument parsing and handlers.
+
+``cli.py`` registers them with :func:`add_commands` and hands their parsed arguments to :func:`run`.
+
+- ``bench [--quick] --out DIR [--mode paper|mesh] [--executor local|ray] [--jobs N]``: run the
+  benchmark grid (:mod:`hdmoe_milp.grid`) and write its report into DIR.
+- ``plot KIND FILE [--out PATH]``: draw one figure from a saved file: ``tbt`` and ``decomposition``
+  from a ``results.csv``; ``solver`` from a ``solver.csv``; ``online`` from an ``online.csv``;
+  ``placement``, ``node-load`` and ``link-load`` from a plan file (the latter two score the plan with
+  EP and hdmoe on the problem the plan records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import grid
+from . import pipeline as pl
+from . import report as rp
+from .errors import InputError, check_choice
+from .hardware import Mesh
+
+__all__ = ["COMMANDS", "PLOT_KINDS", "add_commands", "run"]
+
+COMMANDS = ("bench", "plot")
+PLOT_KINDS = ("tbt", "decomposition", "node-load", "link-load", "placement", "solver", "online")
+
+
+def _csv_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``bench`` and ``plot`` on an argparse subparsers object."""
+    b = subparsers.add_parser("bench", help="run the benchmark grid: results.csv, results.md, figures, index.md")
+    b.add_argument("--quick", action="store_true",
+                   help="one model (mixtral-8x7b), one mesh (4x4), two hardware points, short solves (<= 2 min)")
+    b.add_argument("--out", required=True, help="output folder (plans are cached in OUT/cache)")
+    b.add_argument("--mode", choices=("mesh", "paper"), default="mesh", help="evaluator unit mode (default mesh)")
+    b.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where the per-layer solves run (ray: pip install '.[ray]'; RAY_ADDRESS for a cluster)")
+    b.add_argument("--jobs", type=int, default=1, help="layers solved in parallel (local process pool)")
+    b.add_argument("--models", type=_csv_list, help="override the grid's models (comma-separated)")
+    b.add_argument("--hws", type=_csv_list, help="override the hardware points, e.g. 5/50,10/25")
+    b.add_argument("--meshes", type=_csv_list, help="override the meshes, e.g. 4x4,4x8")
+    b.add_argument("--batches", type=_csv_list, help="override the batches, e.g. 16,64,128")
+    b.add_argument("--time-limit", type=float, help="override the solver's limit per layer (deterministic s)")
+    b.add_argument("--online-batches", type=int, help="override the number of replayed batches (0: no online part)")
+    b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+
+    p = subparsers.add_parser("plot", help="draw one report figure from a saved results/solver/online csv or plan")
+    p.add_argument("kind", choices=PLOT_KINDS)
+    p.add_argument("file", help="results.csv (tbt, decomposition), solver.csv, online.csv, or a plan .json "
+                   "(placement, node-load, link-load)")
+    p.add_argument("--out", help="image to write (.png or .svg; default: FILE's folder, KIND.png)")
+    p.add_argument("--model", help="which model's rows (csv files)")
+    p.add_argument("--hw", help="which hardware point's rows (csv files)")
+    p.add_argument("--mesh", help="which mesh's rows (csv files)")
+    p.add_argument("--batch", type=float, help="which batch (tbt, decomposition; default the largest)")
+    p.add_argument("--layer", type=int, default=0, help="MoE layer (node-load, link-load, placement)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed ``bench`` or ``plot`` command; returns the exit status."""
+    check_choice("command", args.command, COMMANDS)
+    return _bench(args) if args.command == "bench" else _plot(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    spec = grid.PRESETS["quick" if args.quick else "full"]
+    changes: dict[str, Any] = {"mode": args.mode}
+    for name in ("models", "hws", "meshes"):
+        if getattr(args, name):
+            changes[name] = getattr(args, name)
+    if args.batches:
+        try:
+            changes["batches"] = tuple(int(b) for b in args.batches)
+        except ValueError:
+            raise InputError("batches", f"must be whole numbers, got {args.batches}") from None
+    if args.time_limit is not None:
+        changes["time_limit_s"] = args.time_limit
+    if args.online_batches is not None:
+        changes["online_batches"] = args.online_batches
+        if args.online_batches == 0:
+            changes["policies"] = ()
+    spec = replace(spec, **changes)
+    g = grid.run(spec, args.out, jobs=args.jobs, executor=args.executor, progress=args.progress)
+    print(f"wrote {Path(args.out) / 'index.md'} ({len(g.results)} rows, {g.computed} plans solved, "
+          f"{len(spec.models) * len(spec.hws) * len(spec.meshes) - g.computed} from the cache)")
+    return 0
+
+
+def _filter(df: pd.DataFrame, args: argparse.Namespace, cols: tuple[str, ...] = ("model", "hw", "mesh")
+            ) -> pd.DataFrame:
+    for c in cols:
+        v = getattr(args, c, None)
+        if v is not None and c in df.columns:
+            df = df[df[c].astype(str) == str(v)]
+    if df.empty:
+        raise InputError("plot", "no rows match " + ", ".join(f"{c}={getattr(args, c)}" for c in cols
+                                                                if getattr(args, c, None) is not None))
+    return df
+
+
+def _first(df: pd.DataFrame, col: str) -> Any:
+    return df[col].iloc[0] if col in df.columns else None
+
+
+def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
+    made = pl.plan_settings(path)
+    if made is None:
+        raise InputError("plot", f"{path} does not record the problem it was made for", "save it with this version")
+    trace = made.get("trace_path")
+    s = pl.Settings(name=path.stem, model=made["model"], hw=made.get("hw_point") or "5/50", mesh=made["mesh"],
+                    trace=trace if trace and Path(trace).is_file() else None, batch=made.get("batch", 128),
+                    batching=made.get("batching", "expected"), seed=made.get("seed", 0),
+                    mode=made.get("mode", "mesh"))
+    problem = s.to_problem()
+    return problem, pl.load_plan(path, problem), Mesh.parse(made["mesh"])
+
+
+def _plot(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise InputError("file", f"not found: {path}")
+    kind = args.kind
+    if kind in ("tbt", "decomposition"):
+        df = _filter(pd.read_csv(path), args, ("model", "hw", "mesh") if kind == "decomposition" else ("mesh",))
+        df = df[df["part"] == "static"] if "part" in df.columns else df
+        if kind == "tbt":
+            fig = rp.fig_tbt_normalised(df, batch=args.batch, mesh=args.mesh)
+        else:
+            b = args.batch if args.batch is not None else df["batch"].max()
+            d = df[(df["batch"] == b) & (df["model"] == _first(df, "model")) & (df["hw"] == _first(df, "hw"))
+                   & (df["mesh"] == _first(df, "mesh"))]
+            fig = rp.fig_decomposition(d)
+    elif kind == "solver":
+        df = _filter(pd.read_csv(path), args)
+        d = df[(df["model"] == _first(df, "model")) & (df["hw"] == _first(df, "hw"))
+               & (df["mesh"] == _first(df, "mesh"))] if "model" in df.columns else df
+        fig = rp.fig_solver(d, settings=rp.caption(model=_first(d, "model"), mesh=_first(d, "mesh"),
+                                                   hw=_first(d, "hw"), mode=_first(d, "mode")))
+    elif kind == "online":
+        df = _filter(pd.read_csv(path), args)
+        key = {c: _first(df, c) for c in ("model", "hw", "mesh")}
+        d = df[(df[list(key)] == pd.Series(key)).all(axis=1)] if "model" in df.columns else df
+        fig = rp.fig_online({p: g for p, g in d.groupby("policy", sort=False)},
+                            settings=rp.caption(**key, mode=_first(d, "mode")))
+    else:
+        problem, plan, mesh = _plan_problem(path)
+        desc = problem.describe()
+        cap = rp.caption(model=desc["model"], mesh=desc["mesh"], hw=desc["hw_point"], batch=desc["batch"],
+                         mode=desc["mode"])
+        if not 0 <= args.layer < plan.num_layers:
+            raise InputError("layer", f"must be in 0..{plan.num_layers - 1}, got {args.layer}")
+        if kind == "placement":
+            fig = rp.fig_placement_map(plan, mesh, args.layer, settings=cap)
+        else:
+            cmp = pl.compare(problem, ["ep", "hdmoe"], plans={"plan": plan}, progress=False)
+            evs = {n: cmp.evaluations[n] for n in ("ep", "hdmoe", "plan")}
+            fig = (rp.fig_node_load(evs, args.layer, settings=cap) if kind == "node-load"
+                   else rp.fig_link_load(evs, mesh, args.layer, settings=cap))
+    out = Path(args.out) if args.out else path.with_name(f"{kind}.png")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}", file=sys.stdout)
+    return 0

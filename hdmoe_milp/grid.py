@@ -1,0 +1,373 @@
+"""The benchmark grid: models x hardware points x meshes x batches, through the public pipeline.
+
+For every (model, hardware point, mesh) the plan is solved once (``pipeline.solve`` at
+``solve_batch`` with every baseline) and cached in ``OUT/cache/`` under a hash of everything that
+decides it (the problem's description including the trace's sha256, the solver settings, the
+package version); every batch of the grid is then scored with ``PlanResult.at_batch``. The online
+part replays ours from the plan at ``online_batch`` under several policies on a drifting trace.
+
+Outputs in ``OUT``: ``results.csv`` (tidy, one row per point and strategy, units in column names,
+floats rounded, no wall times), ``results.md`` (speedups of ours over each baseline), ``solver.csv``
+(per layer: gap and solve time, which are wall-clock), ``online.csv`` (per batch), the figures
+(``figures/*.png`` and ``*.svg``), plan files (``plans/``) and ``index.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from . import pipeline as pl
+from . import report as rp
+from ._version import __version__
+from .errors import InputError, check_choice
+
+__all__ = ["PRESETS", "GridSpec", "run_grid", "write_report"]
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCES = ROOT / "instances"
+TRACES = INSTANCES / "traces"
+
+# offline trace (the plan is solved on it) and drift trace (the online part replays it) per model;
+# None: the calibrated synthetic trace (no public trace), replayed as it is
+MODEL_TRACES: dict[str, tuple[str | None, str | None]] = {
+    "mixtral-8x7b": ("mixtral_reasoning_4k.json.gz", "mixtral_writing_4k.json.gz"),
+    "deepseek-v2-lite": ("deepseek_v2_lite_law_4k.npz", "deepseek_v2_lite_translation_4k.npz"),
+    "qwen2-57b-a14b": (None, None),
+}
+OURS = "ours"  # the solve's final plan (per layer the best of the MILP and the baselines)
+POLICIES = ("static", "greedy", "hdmoe-prebroadcast", "eplb-periodic")
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """What to run. ``time_limit_s``: CP-SAT per layer, counted in deterministic time (same inputs,
+    same plan). ``solve_batch``: the batch the plan is solved at; every batch in ``batches`` scores
+    the same candidates (per layer the best at that batch)."""
+
+    models: tuple[str, ...] = ("mixtral-8x7b", "deepseek-v2-lite", "qwen2-57b-a14b")
+    hws: tuple[str, ...] = ("2.5/75", "5/50", "10/25")
+    meshes: tuple[str, ...] = ("4x4", "4x8", "8x8")
+    batches: tuple[int, ...] = (8, 16, 32, 64, 128)
+    solve_batch: int = 128
+    online_batch: int = 512
+    online_batches: int = 30
+    policies: tuple[str, ...] = POLICIES
+    backend: str = "cpsat"
+    time_limit_s: float = 1.0
+    threads: int = 1
+    seed: int = 0
+    mode: str = "mesh"
+    online_meshes: tuple[str, ...] | None = None  # None: the first mesh only
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, GridSpec] = {
+    "quick": GridSpec(models=("mixtral-8x7b",), hws=("5/50", "10/25"), meshes=("4x4",), batches=(16, 64, 128),
+                      time_limit_s=0.05, online_batches=12, policies=("static", "greedy", "eplb-periodic")),
+    "full": GridSpec(),
+}
+
+
+@dataclass
+class GridResult:
+    """What :func:`run_grid` gathered (frames) plus the objects the figures of one point need."""
+
+    spec: GridSpec
+    results: pd.DataFrame
+    solver: pd.DataFrame
+    online: pd.DataFrame
+    detail: dict[str, Any] = field(default_factory=dict)  # first point: problem, evaluations, placements
+    computed: int = 0  # plans solved (not from the cache)
+
+
+# --- problems and the cache ---------------------------------------------------------------------------
+
+
+def _settings(model: str, hw: str, mesh: str, spec: GridSpec) -> pl.Settings:
+    check_choice("model", model, tuple(MODEL_TRACES))
+    offline = MODEL_TRACES[model][0]
+    return pl.Settings(name=f"{model}_{hw}_{mesh}", model=model, hw=hw, mesh=mesh,
+                       trace=None if offline is None else str(TRACES / offline), batch=spec.solve_batch,
+                       seed=spec.seed, mode=spec.mode)
+
+
+def cache_key(problem: pl.Problem, spec: GridSpec) -> str:
+    """sha256 of everything that decides a solved plan: the problem (model, mesh, hardware, trace
+    sha256, batch, evaluator options) and the solver settings (not ``jobs``: it does not change
+    the answer), and the package version."""
+    desc = problem.describe()
+    if desc.get("trace_sha256") is None and problem.trace is not None:  # synthetic: hash its routing
+        desc["trace_routing_sha256"] = hashlib.sha256(problem.frequencies.tobytes()).hexdigest()
+    solver = {"backend": spec.backend, "time_limit_s": spec.time_limit_s, "threads": spec.threads,
+              "seed": spec.seed, "baselines": True}
+    blob = json.dumps({"problem": desc, "solver": solver, "version": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _solve_cached(problem: pl.Problem, spec: GridSpec, cache: Path, jobs: int, executor: str) -> tuple[Any, bool]:
+    """The solved :class:`PlanResult` of ``problem``, from ``cache`` if it holds one for the same
+    inputs; second item: True if it was computed now."""
+    path = cache / f"{cache_key(problem, spec)}.pkl"
+    if path.is_file():
+        try:
+            with path.open("rb") as fh:
+                saved = pickle.load(fh)
+            res = pl.PlanResult(problem, saved["candidates"]["milp"], saved["layers"], {}, saved["solver"],
+                                saved["candidates"])
+            return res, False
+        except Exception:  # a broken cache entry is solved again
+            pass
+    res = pl.solve(problem, backend=spec.backend, time_limit_s=spec.time_limit_s, jobs=jobs, threads=spec.threads,
+                   baselines=True, executor=executor, seed=spec.seed, progress=False)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as fh:
+        pickle.dump({"candidates": res.candidates, "layers": res.layers, "solver": res.solver}, fh)
+    tmp.replace(path)
+    return res, True
+
+
+# --- the grid -------------------------------------------------------------------------------------------
+
+
+def _evaluations(res: Any, problem: pl.Problem, batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluations and placements of ours and every candidate at ``batch``, in the grid's mode
+    (mesh: as the solve scored them; paper: the same placements re-scored in paper mode)."""
+    rb = res.at_batch(batch)
+    plans = {OURS: rb.placement, **rb.candidates}
+    if problem.options.mode == "mesh":
+        evs = {OURS: rb.evaluations["plan"], **{n: e for n, e in rb.evaluations.items() if n != "plan"}}
+    else:
+        pb = problem.with_(batch=batch)
+        evs = {n: pl.evaluate(pb, p) for n, p in plans.items()}
+    return evs, plans
+
+
+def _rows(evs: dict[str, Any], key: dict[str, Any]) -> list[dict[str, Any]]:
+    tp = evs["tp"].tbt_s
+    return [{**key, "part": "static", "strategy": n, "tbt_us": e.tbt_us, "moe_compute_us": e.moe_compute_s * 1e6,
+             "dispatch_us": float(e.dispatch_s.sum() * 1e6), "combine_us": float(e.combine_s.sum() * 1e6),
+             "non_moe_us": e.non_moe_s * 1e6, "tbt_norm_tp": e.tbt_s / tp, "p99_us": float("nan"),
+             "migration_us": 0.0, "actions": 0}
+            for n, e in ((n, evs[n]) for n in rp.strategy_order(list(evs)))]
+
+
+def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, executor: str = "local",
+             progress: bool | None = None) -> GridResult:
+    """Run the grid into ``out`` (plans cached in ``out/cache``); returns the frames. ``progress``:
+    a bar on stderr (None: on in a terminal)."""
+    check_choice("mode", spec.mode, ("mesh", "paper"))
+    out = Path(out)
+    cache = out / "cache"
+    points = [(m, h, s) for m in spec.models for h in spec.hws for s in spec.meshes]
+    online_meshes = spec.online_meshes if spec.online_meshes is not None else spec.meshes[:1]
+    rows: list[dict[str, Any]] = []
+    solver_rows: list[pd.DataFrame] = []
+    online_rows: list[pd.DataFrame] = []
+    detail: dict[str, Any] = {}
+    computed = 0
+    bar = tqdm(points, desc="bench", unit="point", file=sys.stderr, disable=None if progress is None else not progress)
+    for model, hw, mesh in bar:
+        bar.set_postfix_str(f"{model} {hw} {mesh}")
+        problem = _settings(model, hw, mesh, spec).to_problem()
+        res, fresh = _solve_cached(problem, spec, cache, jobs, executor)
+        computed += fresh
+        key = {"model": model, "mesh": mesh, "hw": hw, "mode": spec.mode}
+        lt = res.layer_table()
+        solver_rows.append(lt.assign(**key, cached=not fresh))
+        for b in spec.batches:
+            evs, plans = _evaluations(res, problem, b)
+            rows += _rows(evs, {**key, "batch": b})
+            if not detail and b == max(spec.batches):
+                detail = {"problem": problem.with_(batch=b), "evaluations": evs, "placements": plans,
+                          "layer_table": lt, "key": {**key, "batch": b}}
+        if mesh in online_meshes and spec.policies:
+            start = res.at_batch(spec.online_batch).placement
+            drift = MODEL_TRACES[model][1]
+            trace = None if drift is None else pl.load_trace(TRACES / drift, problem.model.num_experts,
+                                                             problem.model.top_k)
+            for pol in spec.policies:
+                r = pl.replay(problem, start, trace, policy=pol, batches=spec.online_batches,
+                              batch=spec.online_batch, seed=spec.seed, progress=False)
+                f = r.to_frame().assign(**key)
+                online_rows.append(f)
+                s = r.summary()
+                rows.append({**key, "batch": spec.online_batch, "part": "online", "strategy": f"{OURS}+{pol}",
+                             "tbt_us": s["mean_us"], "p99_us": s["p99_us"], "migration_us": s["migration_us"],
+                             "actions": s["actions"]})
+    bar.close()
+    results = pd.DataFrame(rows)
+    online = pd.concat(online_rows, ignore_index=True) if online_rows else pd.DataFrame()
+    return GridResult(spec, results, pd.concat(solver_rows, ignore_index=True), online, detail, computed)
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+
+_ROUND = {"tbt_us": 3, "moe_compute_us": 3, "dispatch_us": 3, "combine_us": 3, "non_moe_us": 3, "p99_us": 3,
+          "migration_us": 3, "tbt_norm_tp": 6}
+
+
+def tidy(results: pd.DataFrame) -> pd.DataFrame:
+    """``results.csv``'s frame: fixed column order, floats rounded (ns; 6 digits for ratios)."""
+    cols = ["model", "mesh", "hw", "mode", "batch", "part", "strategy", "tbt_us", "tbt_norm_tp", "moe_compute_us",
+            "dispatch_us", "combine_us", "non_moe_us", "p99_us", "migration_us", "actions"]
+    d = results[cols].copy()
+    d["actions"] = d["actions"].fillna(0).astype(int)
+    return d.round(_ROUND)
+
+
+def _save(fig: Any, figdir: Path, name: str) -> list[str]:
+    figdir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for ext in ("png", "svg"):
+        p = figdir / f"{name}.{ext}"
+        fig.savefig(p, dpi=110, metadata={"Date": None} if ext == "svg" else None)
+        out.append(p.name)
+    return out
+
+
+def _slug(*parts: Any) -> str:
+    return "_".join(str(p).replace("/", "-").replace(".", "p") for p in parts)
+
+
+def headline(res: pd.DataFrame, sp: pd.DataFrame, online: pd.DataFrame | None = None) -> list[str]:
+    """Three or four sentences from the numbers: what wins where and by how much."""
+    st = res[res["part"] == "static"]
+    wide = st.pivot_table(index=["model", "mesh", "hw", "batch"], columns="strategy", values="tbt_us")
+    base = [c for c in wide.columns if c not in (OURS, "milp")]
+    best_base = wide[base].min(axis=1)
+    gain = best_base / wide[OURS]
+    out = []
+    n = len(wide)
+    losses = int((gain < 1 - 1e-9).sum())
+    tail = ("it is never slower, since per layer it keeps the best of the MILP and every baseline" if losses == 0
+            else f"it is slower than the best baseline at {losses} of them (its layers were chosen in mesh mode)")
+    out.append(f"Over {n} grid points, the speedup of ours over the best baseline of each point averages "
+               f"{gain.mean():.3f}x (min {gain.min():.3f}x, max {gain.max():.3f}x); {tail}.")
+    by_base = sp.groupby("baseline")["mean"].mean().sort_values()
+    out.append(f"Against single baselines the mean speedup ranges from {by_base.iloc[0]:.3f}x over "
+               f"{by_base.index[0]} to {by_base.iloc[-1]:.3f}x over {by_base.index[-1]}.")
+    top = gain.idxmax()
+    winner = wide.loc[top, base].idxmin()
+    out.append(f"The largest margin over the best baseline is at {top[0]}, {top[1]} mesh, {top[2]}, batch {top[3]} "
+               f"(best baseline there: {winner}); at the median point the margin is {gain.median():.3f}x.")
+    on = res[res["part"] == "online"]
+    if len(on):
+        piv = on.pivot_table(index=["model", "mesh", "hw"], columns="strategy", values="tbt_us")
+        static = f"{OURS}+static"
+        others = [c for c in piv.columns if c != static]
+        if static in piv.columns and others:
+            ratio = piv[others].rdiv(piv[static], axis=0).mean()
+            best = ratio.idxmax()
+            out.append(f"Online on a drifted trace, {best} averages {ratio[best]:.3f}x the speed of the static plan "
+                       f"(mean per-token latency, weight moves included).")
+    return out
+
+
+def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
+    """Write results.csv, results.md, solver.csv, online.csv, figures, plans and index.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figdir = out / "figures"
+    spec = g.spec
+    res = tidy(g.results)
+    res.to_csv(out / "results.csv", index=False, float_format="%.6g", lineterminator="\n")
+    g.solver.to_csv(out / "solver.csv", index=False, lineterminator="\n")
+    if len(g.online):
+        g.online.to_csv(out / "online.csv", index=False, lineterminator="\n")
+    sp = rp.speedup_table(res, ours=OURS).query("baseline != 'milp'")
+    big = max(spec.batches)
+    main = res[(res["part"] == "static") & (res["batch"] == big)][
+        ["model", "mesh", "hw", "strategy", "tbt_us", "tbt_norm_tp", "moe_compute_us", "dispatch_us", "combine_us",
+         "non_moe_us"]]
+    settings = (f"mode `{spec.mode}`, solve batch {spec.solve_batch}, backend {spec.backend}, "
+                f"{spec.time_limit_s:g} s per layer (CP-SAT deterministic time), seed {spec.seed}")
+    md = ["# Benchmark results", "", f"Settings: {settings}. Speedup = baseline TBT / our TBT at the same point "
+          "(model, mesh, hardware point, batch); mean/min/max over the meshes and batches of each group.", "",
+          "## Speedup of ours over each baseline", "", rp.markdown(sp), "",
+          f"## TBT at batch {big} (us)", "", rp.markdown(main, floatfmt=".2f"), ""]
+    on = res[res["part"] == "online"]
+    if len(on):
+        md += [f"## Online (batch {spec.online_batch}, {spec.online_batches} batches of the drift trace; us)", "",
+               rp.markdown(on[["model", "mesh", "hw", "strategy", "tbt_us", "p99_us", "migration_us", "actions"]],
+                           floatfmt=".1f"), ""]
+    (out / "results.md").write_text("\n".join(md))
+
+    figs: list[tuple[str, str]] = []  # (caption, file stem)
+    for mesh in spec.meshes:
+        name = _slug("tbt_norm_tp", mesh)
+        _save(rp.fig_tbt_normalised(res, batch=big, mesh=mesh), figdir, name)
+        figs.append((f"TBT normalised to TP, {mesh} mesh, batch {big}", name))
+    first_mesh = spec.meshes[0]
+    for model in spec.models:
+        for hw in spec.hws:
+            d = res[(res["part"] == "static") & (res["model"] == model) & (res["hw"] == hw)
+                    & (res["mesh"] == first_mesh) & (res["batch"] == big)]
+            name = _slug("decomposition", model, hw, first_mesh)
+            _save(rp.fig_decomposition(d), figdir, name)
+            figs.append((f"Decomposition, {model} {hw} {first_mesh} batch {big}", name))
+    det = g.detail
+    if det:
+        k = det["key"]
+        cap = rp.caption(model=k["model"], mesh=k["mesh"], hw=k["hw"], batch=k["batch"], mode=k["mode"])
+        mesh = det["problem"].hardware.mesh
+        evs = {n: det["evaluations"][n] for n in ("ep", "hdmoe", OURS) if n in det["evaluations"]}
+        layer = int(pd.Series(evs["ep"].layer_s - evs[OURS].layer_s).idxmax()) if "ep" in evs else 0
+        for fig, name, what in (
+            (rp.fig_node_load(evs, layer, settings=cap), "node_load", f"Per-node load, layer {layer}"),
+            (rp.fig_link_load(evs, mesh, layer, settings=cap), "link_load", f"Link-load map, layer {layer}"),
+            (rp.fig_placement_map(det["placements"][OURS], mesh, layer, settings=cap), "placement_ours",
+             f"Placement map of ours, layer {layer}"),
+            (rp.fig_solver(det["layer_table"], settings=cap.replace(f", batch={k['batch']}", "")
+                           + f", solve batch={spec.solve_batch}"), "solver", "MILP gap and time per layer"),
+        ):
+            stem = _slug(name, k["model"], k["hw"], k["mesh"])
+            _save(fig, figdir, stem)
+            figs.append((f"{what} ({k['model']}, {k['hw']}, {k['mesh']})", stem))
+        plans = out / "plans"
+        plans.mkdir(exist_ok=True)
+        det["placements"][OURS].save(plans / f"{_slug(k['model'], k['hw'], k['mesh'])}_ours.json")
+    if len(g.online):
+        for (model, hw, mesh), f in g.online.groupby(["model", "hw", "mesh"], sort=False):
+            reps = {p: grp for p, grp in f.groupby("policy", sort=False)}
+            cap = rp.caption(model=model, mesh=mesh, hw=hw, batch=spec.online_batch, mode=spec.mode)
+            stem = _slug("online", model, hw, mesh)
+            _save(rp.fig_online(reps, settings=cap), figdir, stem)
+            figs.append((f"Online per-batch latency ({model}, {hw}, {mesh})", stem))
+
+    idx = ["# Benchmark report", "", f"Settings: {settings}; grid: models {', '.join(spec.models)}; hardware points "
+           f"{', '.join(spec.hws)} (TFLOP/s per node / GB/s per link); meshes {', '.join(spec.meshes)}; batches "
+           f"{', '.join(map(str, spec.batches))}.", "", " ".join(headline(res, sp)), "",
+           "## Speedups", "", rp.markdown(sp), "", "## Figures", ""]
+    for caption, stem in figs:
+        idx += [f"### {caption}", "", f"![{caption}](figures/{stem}.png)", ""]
+    idx += ["Tables: [results.md](results.md); data: [results.csv](results.csv), [solver.csv](solver.csv)"
+            + (", [online.csv](online.csv)" if len(g.online) else "") + ".", ""]
+    (out / "index.md").write_text("\n".join(idx))
+    return {"results.csv": out / "results.csv", "results.md": out / "results.md", "index.md": out / "index.md",
+            "figures": figdir}
+
+
+def run(spec: GridSpec | str, out: str | Path, *, jobs: int = 1, executor: str = "local", mode: str | None = None,
+        progress: bool | None = None) -> GridResult:
+    """Run a grid (a :class:`GridSpec` or a preset name) and write its report into ``out``."""
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise InputError("preset", f"unknown grid {spec!r}", "allowed: " + ", ".join(PRESETS))
+        spec = PRESETS[spec]
+    if mode is not None:
+        spec = replace(spec, mode=check_choice("mode", mode, ("mesh", "paper")))
+    g = run_grid(spec, out, jobs=jobs, executor=executor, progress=progress)
+    write_report(g, out)
+    return g

@@ -1,0 +1,363 @@
+"""Tables and figures of benchmark results (pandas, matplotlib, tabulate).
+
+Every figure is one pure function: it takes a DataFrame or a result object and returns a
+:class:`matplotlib.figure.Figure` built directly (no pyplot state, never ``show()``). Figures stay
+readable in greyscale: strategies differ by hatch or marker as well as colour, loads are drawn with
+a monotone-luminance colour map and a matching line width. Every figure carries its units and the
+settings it was made for (model, mesh, hardware point, batch, mode) in its title.
+
+Tables: :func:`plan_frame` (one row per strategy of a solve), :func:`speedup_table` (ours against
+each baseline, mean/min/max per model and hardware point) and :func:`markdown`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrow, Rectangle
+
+from .evaluator import Evaluation
+from .hardware import Mesh
+from .placement import Placement
+
+__all__ = [
+    "FIGURES", "HATCHES", "MARKERS", "caption", "fig_decomposition", "fig_link_load", "fig_node_load",
+    "fig_online", "fig_placement_map", "fig_solver", "fig_tbt_normalised", "markdown", "plan_frame",
+    "speedup_table", "strategy_order",
+]
+
+HATCHES = ("", "//", "\\\\", "xx", "..", "oo", "--", "++", "**", "||")
+MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "P", "h")
+GREYS = ("0.15", "0.45", "0.7", "0.9", "0.3", "0.6", "0.8", "0.05", "0.55", "0.95")
+# stable order of strategies in every figure and table: ours first, then the baselines
+_ORDER = ("ours", "plan", "milp", "hdmoe", "cb", "eplb", "ep-lpt", "ep", "tp")
+_LINE_GREYS = ("0.0", "0.4", "0.6", "0.25", "0.5")
+_LOAD_CMAP = "viridis"  # luminance rises monotonically: readable in greyscale
+
+
+def strategy_order(names: Sequence[str]) -> list[str]:
+    """``names`` in the report's order (ours first, TP last, unknown names after in given order)."""
+    known = [n for n in _ORDER if n in names]
+    return known + [n for n in names if n not in known]
+
+
+def caption(**settings: Any) -> str:
+    """``model=..., mesh=..., hw=... TFLOP/s/GB/s, batch=..., mode=...`` from the given settings
+    (None values left out)."""
+    parts = []
+    for k, v in settings.items():
+        if v is None:
+            continue
+        if k == "hw":
+            v = f"{v} (TFLOP/s per node / GB/s per link)"
+        if isinstance(v, float) and float(v).is_integer():
+            v = int(v)
+        parts.append(f"{k}={v}")
+    return ", ".join(parts)
+
+
+def _style(i: int) -> dict[str, Any]:
+    return {"color": GREYS[i % len(GREYS)], "hatch": HATCHES[i % len(HATCHES)], "edgecolor": "black",
+            "linewidth": 0.6}
+
+
+def _one(df: pd.DataFrame, col: str) -> Any:
+    """The single value of ``col`` in ``df`` (None if the column is missing or not constant)."""
+    if col not in df.columns:
+        return None
+    vals = df[col].dropna().unique()
+    return vals[0] if len(vals) == 1 else None
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+
+def plan_frame(result: Any, **keys: Any) -> pd.DataFrame:
+    """Tidy rows of a :class:`~hdmoe_milp.pipeline.PlanResult` (or anything with ``evaluations``
+    ``{name: Evaluation}`` and a ``problem``): one row per strategy with the settings, the TBT and
+    its decomposition in us, and TBT normalised to TP. ``keys``: extra constant columns."""
+    prob = getattr(result, "problem", None)
+    desc = prob.describe() if prob is not None else {}
+    evs: Mapping[str, Evaluation] = result.evaluations
+    tp = evs["tp"].tbt_s if "tp" in evs else np.nan
+    rows = []
+    for name in strategy_order(list(evs)):
+        ev = evs[name]
+        rows.append({
+            "model": desc.get("model"), "mesh": desc.get("mesh"), "hw": desc.get("hw_point"),
+            "mode": ev.mode, "batch": float(ev.batch_size), **keys, "strategy": name,
+            "tbt_us": ev.tbt_us, "moe_compute_us": ev.moe_compute_s * 1e6,
+            "dispatch_us": float(ev.dispatch_s.sum() * 1e6), "combine_us": float(ev.combine_s.sum() * 1e6),
+            "non_moe_us": ev.non_moe_s * 1e6, "tbt_norm_tp": ev.tbt_s / tp,
+        })
+    return pd.DataFrame(rows)
+
+
+def speedup_table(df: pd.DataFrame, ours: str = "plan", by: Sequence[str] = ("model", "hw"),
+                  part: str | None = "static") -> pd.DataFrame:
+    """Speedup of ``ours`` over each baseline (baseline TBT / our TBT at the same point), with
+    mean, min and max over the points (meshes, batches) of every ``by`` group. ``df``: tidy rows
+    with ``strategy`` and ``tbt_us``; points are told apart by every other settings column."""
+    d = df if part is None or "part" not in df.columns else df[df["part"] == part]
+    point_cols = [c for c in ("model", "mesh", "hw", "mode", "batch") if c in d.columns]
+    wide = d.pivot_table(index=point_cols, columns="strategy", values="tbt_us", aggfunc="first")
+    if ours not in wide.columns:
+        raise KeyError(f"no rows for strategy {ours!r}")
+    bases = strategy_order([c for c in wide.columns if c != ours])
+    sp = wide[bases].div(wide[ours], axis=0).reset_index()
+    rows = []
+    for key, g in sp.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        for base in bases:
+            s = g[base].dropna()
+            rows.append({**dict(zip(by, key, strict=True)), "baseline": base, "points": int(s.count()),
+                         "mean": float(s.mean()), "min": float(s.min()), "max": float(s.max())})
+    return pd.DataFrame(rows)
+
+
+def markdown(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    """A GitHub markdown table (tabulate), without the index."""
+    return df.to_markdown(index=False, floatfmt=floatfmt)
+
+
+# --- (a) TBT normalised to TP ---------------------------------------------------------------------
+
+
+def fig_tbt_normalised(df: pd.DataFrame, *, batch: float | None = None, mesh: str | None = None,
+                       strategies: Sequence[str] | None = None) -> Figure:
+    """Grouped bars: TBT / TBT(TP) per strategy (one bar each) for every model x hardware point
+    (one group each). ``df``: tidy rows (``model, hw, mesh, batch, strategy, tbt_us``). ``batch``,
+    ``mesh``: which slice (default: the largest batch, the first mesh). Lower is better."""
+    d = df[df["part"] == "static"] if "part" in df.columns else df
+    if mesh is None and "mesh" in d.columns:
+        mesh = sorted(d["mesh"].unique())[0]
+    if mesh is not None:
+        d = d[d["mesh"] == mesh]
+    batch = float(d["batch"].max()) if batch is None else float(batch)
+    d = d[d["batch"] == batch]
+    wide = d.pivot_table(index=["model", "hw"], columns="strategy", values="tbt_us", aggfunc="first")
+    names = strategy_order(list(strategies) if strategies is not None else list(wide.columns))
+    norm = wide[names].div(wide["tp"], axis=0)
+    fig = Figure(figsize=(max(6.0, 1.0 + 0.35 * len(names) * len(norm)), 4.2))
+    ax = fig.add_subplot()
+    x = np.arange(len(norm))
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax.bar(x + (i - (len(names) - 1) / 2) * w, norm[n].to_numpy(), w, label=n, **_style(i))
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_ylim(0, float(np.nanmax(norm.to_numpy())) * 1.3)  # room for the legend above the bars
+    ax.set_xticks(x, [f"{m}\n{h}" for m, h in norm.index], fontsize=8)
+    ax.set_ylabel("TBT / TBT(TP)  (lower is better)")
+    ax.set_title("TBT normalised to TP\n" + caption(mesh=mesh, batch=batch, mode=_one(d, "mode")), fontsize=9)
+    ax.legend(fontsize=7, ncol=min(len(names), 4))
+    fig.tight_layout()
+    return fig
+
+
+# --- (b) decomposition --------------------------------------------------------------------------
+
+_PARTS = (("moe_compute_us", "MoE compute"), ("dispatch_us", "dispatch"), ("combine_us", "combine"),
+          ("non_moe_us", "non-MoE"))
+
+
+def fig_decomposition(df: pd.DataFrame, *, title: str = "") -> Figure:
+    """Stacked bars per strategy (rows of ``df``, in the report's order): MoE compute, dispatch,
+    combine and non-MoE time in us, summed over layers. ``df``: one point (e.g. :func:`plan_frame`
+    or a slice of ``results.csv``); the ablation is the same picture over ``tp, ep, hdmoe, plan``."""
+    d = df.set_index("strategy")
+    names = strategy_order(list(d.index))
+    fig = Figure(figsize=(max(5.0, 0.8 * len(names) + 2), 4.2))
+    ax = fig.add_subplot()
+    bottom = np.zeros(len(names))
+    for i, (col, label) in enumerate(_PARTS):
+        v = d.loc[names, col].to_numpy(dtype=float) / 1e3
+        ax.bar(names, v, 0.6, bottom=bottom, label=label, **_style(i))
+        bottom += v
+    ax.set_ylabel("time per decode step (ms)")
+    head = title or "TBT decomposition"
+    ax.set_title(head + "\n" + caption(model=_one(df, "model"), mesh=_one(df, "mesh"), hw=_one(df, "hw"),
+                                       batch=_one(df, "batch"), mode=_one(df, "mode")), fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --- (c) per-node load ----------------------------------------------------------------------------
+
+
+def fig_node_load(evals: Mapping[str, Evaluation], layer: int = 0, *, settings: str = "") -> Figure:
+    """Per-node MoE compute time (us) of one layer: grouped bars (one per placement) per node; a
+    dotted line marks each placement's maximum (the layer's compute time)."""
+    names = list(evals)
+    D = next(iter(evals.values())).node_time_s.shape[1]
+    fig = Figure(figsize=(min(12.0, max(6.0, 0.25 * D * len(names) + 1.5)), 4.0))
+    ax = fig.add_subplot()
+    x = np.arange(D)
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        t = evals[n].node_time_s[layer] * 1e6
+        ax.bar(x + (i - (len(names) - 1) / 2) * w, t, w, label=f"{n} (max {t.max():.0f} us)", **_style(i))
+        ax.axhline(t.max(), color=GREYS[i % len(GREYS)], linestyle=":", linewidth=0.8)
+    ax.set_xticks(x, [str(v) for v in x], fontsize=7)
+    ax.set_xlabel("node (row-major)")
+    ax.set_ylabel("node compute time (us)")
+    ev0 = next(iter(evals.values()))
+    ax.set_title(f"Per-node load, MoE layer {layer}\n" + (settings or caption(batch=ev0.batch_size, mode=ev0.mode)),
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --- (d) link-load map ----------------------------------------------------------------------------
+
+
+def _draw_mesh(ax: Any, mesh: Mesh) -> None:
+    for n in range(mesh.num_nodes):
+        r, c = mesh.coords(n)
+        ax.add_patch(Rectangle((c - 0.12, -r - 0.12), 0.24, 0.24, facecolor="white", edgecolor="black",
+                               linewidth=0.6, zorder=3))
+        ax.text(c, -r, str(n), ha="center", va="center", fontsize=6, zorder=4)
+    ax.set_xlim(-0.5, mesh.cols - 0.5)
+    ax.set_ylim(-mesh.rows + 0.5, 0.5)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def fig_link_load(evals: Mapping[str, Evaluation], mesh: Mesh, layer: int = 0, *, phase: str = "both",
+                  settings: str = "") -> Figure:
+    """Link-load map of one layer, one panel per placement: every directed link is an arrow between
+    its nodes (the two directions offset to either side), coloured and thickened by the bytes it
+    carries (``phase``: ``dispatch``, ``combine`` or ``both``), on one colour scale for all panels."""
+    import matplotlib as mpl
+
+    names = list(evals)
+
+    def load(ev: Evaluation) -> np.ndarray:
+        parts = {"dispatch": (ev.link_bytes_dispatch,), "combine": (ev.link_bytes_combine,),
+                 "both": (ev.link_bytes_dispatch, ev.link_bytes_combine)}[phase]
+        return sum(p[layer] for p in parts) / 1e6  # MB
+
+    loads = {n: load(evals[n]) for n in names}
+    vmax = max(float(v.max(initial=0.0)) for v in loads.values()) or 1.0
+    norm = mpl.colors.Normalize(0.0, vmax)
+    cmap = mpl.colormaps[_LOAD_CMAP]
+    ends = mesh.link_endpoints
+    fig = Figure(figsize=(3.2 * len(names) + 1.0, 0.8 * mesh.rows + 1.6))
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, n in zip(axes, names, strict=True):
+        _draw_mesh(ax, mesh)
+        for li, (a, b) in enumerate(ends):
+            (ra, ca), (rb, cb) = mesh.coords(int(a)), mesh.coords(int(b))
+            x0, y0, dx, dy = ca, -ra, cb - ca, -(rb - ra)
+            ox, oy = 0.09 * dy, -0.09 * dx  # perpendicular offset: the two directions sit apart
+            v = float(loads[n][li])
+            ax.add_patch(FancyArrow(x0 + 0.17 * dx + ox, y0 + 0.17 * dy + oy, 0.66 * dx, 0.66 * dy,
+                                    width=0.015 + 0.05 * v / vmax, head_width=0.09, head_length=0.08,
+                                    length_includes_head=True, color=cmap(norm(v)), zorder=2))
+        ax.set_title(f"{n}: max {loads[n].max(initial=0.0):.2f} MB", fontsize=8)
+    sm = mpl.cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(sm, ax=list(axes), shrink=0.8, label=f"{phase} bytes per link (MB)")
+    ev0 = evals[names[0]]
+    fig.suptitle(f"Link load, MoE layer {layer}\n" + (settings or caption(batch=ev0.batch_size, mode=ev0.mode)),
+                 fontsize=9)
+    return fig
+
+
+# --- (e) placement map ------------------------------------------------------------------------------
+
+
+def fig_placement_map(placement: Placement, mesh: Mesh, layer: int = 0, *, settings: str = "",
+                      min_share: float = 0.005) -> Figure:
+    """Which expert (or shard of it) sits on which node in one layer: one cell per node, listing
+    ``e<id>`` (whole expert on this node) or ``e<id>:<share %>`` (a shard; replicated copies are
+    listed once per copy); cells are shaded by the weight volume they hold (in experts)."""
+    import matplotlib as mpl
+
+    lp = placement.layers[layer]
+    vol = lp.weight_copies_per_node()
+    cmap = mpl.colormaps["Greys"]
+    norm = mpl.colors.Normalize(0.0, max(float(vol.max()), 1e-9) * 2.5)  # keep text readable on dark cells
+    fig = Figure(figsize=(1.5 * mesh.cols + 1.5, 1.2 * mesh.rows + 1.2))
+    ax = fig.add_subplot()
+    for n in range(mesh.num_nodes):
+        r, c = mesh.coords(n)
+        ax.add_patch(Rectangle((c - 0.48, -r - 0.48), 0.96, 0.96, facecolor=cmap(norm(vol[n])), edgecolor="black",
+                               linewidth=0.6))
+        items = []
+        for copy in np.flatnonzero(lp.shares[:, n] > min_share):
+            e, s = int(lp.expert_of[copy]), float(lp.shares[copy, n])
+            items.append(f"e{e}" if s > 1 - 1e-6 else f"e{e}:{100 * s:.0f}%")
+        lines = [" ".join(items[i:i + 3]) for i in range(0, len(items), 3)] or ["-"]
+        if len(lines) > 4:
+            lines = lines[:3] + [f"+{len(items) - 9} more"]
+        ax.text(c, -r, f"node {n}  ({vol[n]:.2f} exp)\n" + "\n".join(lines), ha="center", va="center", fontsize=7)
+    ax.set_xlim(-0.5, mesh.cols - 0.5)
+    ax.set_ylim(-mesh.rows + 0.5, 0.5)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"Placement map ({placement.strategy}), MoE layer {layer}: expert or shard:share per node\n"
+                 + settings, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --- (f) solver per layer ---------------------------------------------------------------------------
+
+
+def fig_solver(layer_table: pd.DataFrame, *, settings: str = "") -> Figure:
+    """The MILP per layer: relative gap (%) and solve time (s), as bars on two panels sharing the
+    layer axis. ``layer_table``: :meth:`PlanResult.layer_table` (``layer, gap, time_s``)."""
+    fig = Figure(figsize=(max(6.0, 0.2 * len(layer_table) + 2), 4.6))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    x = layer_table["layer"].to_numpy()
+    gap = layer_table["gap"].astype(float).to_numpy() * 100
+    ax1.bar(x, np.nan_to_num(gap), 0.7, **_style(1))
+    ax1.set_ylabel("gap (%)")
+    ax2.bar(x, layer_table["time_s"].to_numpy(dtype=float), 0.7, **_style(2))
+    ax2.set_ylabel("solve time (s)")
+    ax2.set_xlabel("MoE layer")
+    ax1.set_title("MILP per layer: certified gap and time\n" + settings, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --- (g) online ---------------------------------------------------------------------------------------
+
+
+def fig_online(replays: Mapping[str, Any], *, settings: str = "") -> Figure:
+    """Per-batch latency (ms, including the weight-move time charged to the batch) of several online
+    policies over one replay; one line per policy (distinct marker and dash), and the batches where a
+    policy moved weights marked with a large hollow marker. ``replays``: ``{policy: ReplayResult}``
+    or ``{policy: DataFrame}`` with ``batch, latency_us, actions``."""
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.add_subplot()
+    dashes = ("-", "--", "-.", ":")
+    for i, (name, r) in enumerate(replays.items()):
+        f = r if isinstance(r, pd.DataFrame) else r.to_frame()
+        y = f["latency_us"].to_numpy() / 1e3
+        x = f["batch"].to_numpy()
+        ax.plot(x, y, linestyle=dashes[i % len(dashes)], marker=MARKERS[i % len(MARKERS)], markersize=3,
+                color=_LINE_GREYS[i % len(_LINE_GREYS)], label=name)
+        moved = f["actions"].to_numpy() > 0
+        if moved.any():
+            ax.scatter(x[moved], y[moved], s=60, facecolors="none", edgecolors="black",
+                       marker=MARKERS[i % len(MARKERS)], zorder=3)
+    ax.set_xlabel("batch (in replay order)")
+    ax.set_ylabel("latency per decode step (ms)")
+    ax.set_title("Online: per-batch latency, hollow markers = weights moved\n" + settings, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {
+    "tbt": fig_tbt_normalised, "decomposition": fig_decomposition, "node-load": fig_node_load,
+    "link-load": fig_link_load, "placement": fig_placement_map, "solver": fig_solver, "online": fig_online,
+}
