@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from . import cli_report
 from . import pipeline as pl
 from .errors import InputError
 
@@ -393,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hdmoe-milp`` console script. Bad input: one line on stderr, exit 2."""
     args = _parser().parse_args(argv)
     try:
+        if args.command in cli_report.COMMANDS:
+            return cli_report.run(args)
         _check_flags(args)
         if args.command == "evaluate":
             return _evaluate(args)

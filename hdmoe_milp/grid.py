@@ -129,7 +129,7 @@ def _solve_cached(problem: pl.Problem, spec: GridSpec, cache: Path, jobs: int, e
         except Exception:  # a broken cache entry is solved again
             pass
     res = pl.solve(problem, backend=spec.backend, time_limit_s=spec.time_limit_s, jobs=jobs, threads=spec.threads,
-                   baselines=True, executor=executor, seed=spec.seed, progress=False)
+                   baselines=True, executor=executor, seed=spec.seed, progress=False, deterministic=True)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as fh:

@@ -176,6 +176,19 @@ class PlanResult:
             })
         return pd.DataFrame(rows)
 
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows, one per strategy (the plan first): settings, TBT and its decomposition in us,
+        TBT / TBT(TP)."""
+        d = self.problem.describe()
+        tp = self.evaluations["tp"].tbt_s if "tp" in self.evaluations else float("nan")
+        return pd.DataFrame([{
+            "model": d["model"], "mesh": d["mesh"], "hw": d["hw_point"], "mode": ev.mode,
+            "batch": float(ev.batch_size), "strategy": name, "tbt_us": ev.tbt_us,
+            "moe_compute_us": ev.moe_compute_s * 1e6, "dispatch_us": float(ev.dispatch_s.sum() * 1e6),
+            "combine_us": float(ev.combine_s.sum() * 1e6), "non_moe_us": ev.non_moe_s * 1e6,
+            "tbt_norm_tp": ev.tbt_s / tp,
+        } for name, ev in self.evaluations.items()])
+
     def layer_table(self) -> pd.DataFrame:
         """One row per layer: status, objective, bound (us), gap, time, sources."""
         df = pd.DataFrame([r.to_dict() for r in self.layers])
