@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hdmoe-milp", description="Expert placement for MoE models on 2D-mesh "
                                 "accelerators: baselines, offline MILP, online replay, one evaluator.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    cli_report.add_commands(sub)
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--instance", help="instance TOML file; other flags override its values")
