@@ -104,20 +104,20 @@ def real_matrix(field: str, value: Any, *, width: int | None = None) -> np.ndarr
 
 def int_vector(field: str, value: Any) -> np.ndarray:
     """A list of integers as an int64 array (see :func:`int_matrix`)."""
-    if not isinstance(value, list):
-        raise InputError(field, f"must be a list, got {type(value).__name__}")
-    try:
-        return int_matrix(field, [value]).reshape(-1)
-    except InputError as exc:
-        raise InputError(field, exc.problem.replace("row 0 holds", "holds"), exc.fix) from None
+    return _vector(field, value, int_matrix)
 
 
 def real_vector(field: str, value: Any) -> np.ndarray:
     """A list of finite real numbers as a float array."""
+    return _vector(field, value, real_matrix)
+
+
+def _vector(field: str, value: Any, as_matrix: Any) -> np.ndarray:
+    """One row of ``as_matrix``, with its messages speaking of a list rather than of row 0."""
     if not isinstance(value, list):
         raise InputError(field, f"must be a list, got {type(value).__name__}")
     try:
-        return real_matrix(field, [value]).reshape(-1)
+        return as_matrix(field, [value]).reshape(-1)
     except InputError as exc:
         raise InputError(field, exc.problem.replace("row 0 holds", "holds"), exc.fix) from None
 
