@@ -223,3 +223,12 @@ def test_ctrl_c_prints_the_finished_layers_and_exits_130(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "INTERRUPTED" in out and "interrupted" in out and "not-solved" in out
+
+
+@pytest.mark.parametrize("batch", [-5, 0, float("nan"), float("inf"), True])
+def test_bad_batch_is_an_input_error_not_an_error_status(batch):
+    m, hw = tiny(E=4, mesh="2x2")
+    f = synthetic_trace(m, 300, seed=1).frequencies()[0]
+    with pytest.raises(InputError) as ei:
+        solve_layer(m, hw, f, batch, backend="cpsat")
+    assert ei.value.field == "batch"

@@ -15,6 +15,7 @@ from ...evaluator import EvalOptions, evaluate
 from ...hardware import Hardware
 from ...moe import MoEModel
 from ...placement import LayerPlacement, Placement
+from ...problem import check_real
 from ...solvers import SolveParams, Termination, get_backend, lp_bound
 from ...solvers.backends import make_outcome
 from ...solvers.tasks import EXECUTORS, run_tasks
@@ -135,6 +136,7 @@ def solve_layer(
     inputs give the same answer (``time_mode`` in the result says which).
     """
     params = params or SolveParams()
+    check_real("batch", batch, positive=True)
     t0 = time.perf_counter()
     deadline = t0 + params.time_limit_s
     solver = get_backend(backend)
@@ -281,6 +283,7 @@ def solve_model(
     these (0-based); every other layer takes its best baseline and is reported ``not-solved``."""
     check_choice("executor", executor, EXECUTORS)
     params = params or SolveParams()
+    check_real("batch", batch, positive=True)
     tasks = layer_tasks(model, hw, freqs, batch, backend=backend, params=params, options=options,
                         coactivation=coactivation)
     chosen = select_layers(layers, len(tasks))
