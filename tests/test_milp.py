@@ -214,8 +214,9 @@ def test_ctrl_c_prints_the_finished_layers_and_exits_130(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = "import sys; from hdmoe_milp.cli import main; sys.exit(main())"
     inst = os.path.join(root, "instances", "mixtral-8x7b_5-50_4x4.toml")
-    cmd = [sys.executable, "-c", code, "solve", "--instance", inst, "--time-limit", "2", "--jobs", "2",
-           "--no-baselines", "--layers", ",".join(str(i) for i in range(20))]
+    # gap 0: no layer can end early on a proven gap, so 30 layers x 3 s / 2 jobs outlast the signal
+    cmd = [sys.executable, "-c", code, "solve", "--instance", inst, "--time-limit", "3", "--jobs", "2",
+           "--gap", "0", "--no-baselines", "--layers", ",".join(str(i) for i in range(30))]
     env = {**os.environ, "PYTHONPATH": root}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(9)

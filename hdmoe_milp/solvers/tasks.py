@@ -60,11 +60,20 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, 
         pool.shutdown(wait=True)
         return results
     except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
+        _stop(pool)
         raise TasksInterrupted(results) from None
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        _stop(pool)
         raise
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now: end the workers (their tasks are abandoned; the pool then fails every task
+    not finished, which nobody waits for). ``shutdown(cancel_futures=True)`` alone leaves the
+    interpreter waiting at exit for the tasks already handed to the workers."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=False)
 
 
 def _run_ray(fn: Callable[[Any], Any], tasks: Sequence[Any], bar: Any, num_cpus: int) -> list[Any]:
