@@ -212,7 +212,10 @@ def test_ctrl_c_prints_the_finished_layers_and_exits_130(tmp_path):
     import time
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = "import sys; from hdmoe_milp.cli import main; sys.exit(main())"
+    # the child gets Python's Ctrl-C handler even if the test runner's process ignores SIGINT
+    # (a child inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt handler)
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from hdmoe_milp.cli import main; sys.exit(main())")
     inst = os.path.join(root, "instances", "mixtral-8x7b_5-50_4x4.toml")
     # gap 0: no layer can end early on a proven gap, so 30 layers x 3 s / 2 jobs outlast the signal
     cmd = [sys.executable, "-c", code, "solve", "--instance", inst, "--time-limit", "3", "--jobs", "2",
