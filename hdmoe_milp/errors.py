@@ -56,6 +56,32 @@ def expect_int(field: str, value: Any, *, minimum: int | None = None) -> int:
     return v
 
 
+def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: float | None = None,
+               integer: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (not a bool) in range, else an InputError
+    naming ``field_name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "a whole number" if integer else "a number"
+        raise InputError(field_name, f"must be {kind}, got {value!r}", f"write {kind} without quotes")
+    if isinstance(value, numbers.Integral) and abs(int(value)) >= 2**63:
+        raise InputError(field_name, f"is out of range, got {value!r}", "give a smaller number")
+    v = float(value)
+    if not np.isfinite(v):
+        raise InputError(field_name, f"must be finite, got {value!r}", "give a finite number")
+    if integer and v != int(v):
+        raise InputError(field_name, f"must be a whole number, got {value!r}", "drop the fraction")
+    if positive and v <= 0:
+        raise InputError(field_name, f"must be positive, got {value!r}", "give a number > 0")
+    if minimum is not None and v < minimum:
+        raise InputError(field_name, f"must be >= {minimum:g}, got {value!r}", f"give a number >= {minimum:g}")
+    return v
+
+
+def check_seed(seed: Any, field_name: str = "seed") -> int:
+    """``seed`` as an int if it is a whole number >= 0 (not a bool), else an InputError."""
+    return int(check_real(field_name, seed, minimum=0, integer=True))
+
+
 def expect_str(field: str, value: Any, example: str = "") -> str:
     """``value`` if it is a string, else an InputError."""
     if not isinstance(value, str):

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, check_choice, check_file, expect_str
+from .errors import InputError, check_choice, check_file, check_real, expect_str
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
 from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
 from .moe import MODEL_PRESETS, get_model
-from .problem import Problem, check_memory, check_mesh_memory, check_real
+from .problem import Problem, check_memory, check_mesh_memory
 from .synthetic import synthetic_trace
 from .workload import BATCHING, load_trace
 

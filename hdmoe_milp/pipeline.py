@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ._version import __version__
-from .errors import InputError, check_choice
+from .errors import InputError, check_choice, check_seed
 from .evaluator import EvalOptions, Evaluation
 from .evaluator import evaluate as score
 from .hardware import HARDWARE_PRESETS
@@ -32,7 +32,7 @@ from .moe import MODEL_PRESETS
 from .online import POLICIES, ReplayResult
 from .online import replay as _replay
 from .placement import Placement
-from .problem import Budget, Problem, check_seed
+from .problem import Budget, Problem
 from .replica_rules import REPLICA_RULES
 from .solvers import SolveParams
 from .solvers.tasks import TasksInterrupted, run_tasks

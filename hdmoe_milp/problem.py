@@ -10,7 +10,6 @@ A :class:`Budget` says how much effort a strategy that solves a MILP may spend.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .costs import check_model_fits
-from .errors import InputError, check_choice
+from .errors import InputError, check_choice, check_real, check_seed
 from .evaluator import EvalOptions
 from .hardware import HARDWARE_PRESETS, Hardware
 from .moe import MoEModel
@@ -28,43 +27,11 @@ from .workload import (
     Workload,
     check_observed_memory,
     expected_workload,
-    observed_bytes,
     physical_memory_bytes,
     sample_batch,
 )
 
 Coactivation = tuple[np.ndarray, np.ndarray]  # distinct sorted expert sets [G, k] and their frequencies [G]
-
-
-def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: float | None = None,
-               integer: bool = False) -> float:
-    """``value`` as a float if it is a finite real number (not a bool) in range, else an InputError
-    naming ``field_name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        kind = "a whole number" if integer else "a number"
-        raise InputError(field_name, f"must be {kind}, got {value!r}", f"write {kind} without quotes")
-    if isinstance(value, numbers.Integral) and abs(int(value)) >= 2**63:
-        raise InputError(field_name, f"is out of range, got {value!r}", "give a smaller number")
-    v = float(value)
-    if not np.isfinite(v):
-        raise InputError(field_name, f"must be finite, got {value!r}", "give a finite number")
-    if integer and v != int(v):
-        raise InputError(field_name, f"must be a whole number, got {value!r}", "drop the fraction")
-    if positive and v <= 0:
-        raise InputError(field_name, f"must be positive, got {value!r}", "give a number > 0")
-    if minimum is not None and v < minimum:
-        raise InputError(field_name, f"must be >= {minimum:g}, got {value!r}", f"give a number >= {minimum:g}")
-    return v
-
-
-def check_seed(seed: Any, field_name: str = "seed") -> int:
-    """``seed`` as an int if it is a whole number >= 0 (not a bool), else an InputError."""
-    return int(check_real(field_name, seed, minimum=0, integer=True))
-
-
-def observed_batch_bytes(model: MoEModel, tokens: float) -> float:
-    """Estimated peak memory of scoring (or replaying) one observed batch of ``tokens`` tokens."""
-    return observed_bytes(tokens, model.moe_layers, model.top_k)
 
 
 def check_memory(field_name: str, model: MoEModel, tokens: float) -> None:

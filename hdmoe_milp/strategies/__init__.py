@@ -16,11 +16,11 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import check_choice
+from ..errors import check_choice, check_seed
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import Placement
-from ..problem import Budget, Problem, check_seed
+from ..problem import Budget, Problem
 from ..solvers import SolveParams
 from .block_milp import MilpOptions, solve_model
 from .cb import compute_balanced

@@ -10,12 +10,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ...errors import InputError, check_choice
+from ...errors import InputError, check_choice, check_real
 from ...evaluator import EvalOptions, evaluate
 from ...hardware import Hardware
 from ...moe import MoEModel
 from ...placement import LayerPlacement, Placement
-from ...problem import check_real
 from ...solvers import SolveParams, Termination, get_backend, lp_bound
 from ...solvers.backends import make_outcome
 from ...solvers.tasks import EXECUTORS, run_tasks
