@@ -7,12 +7,14 @@ from .base import Backend, SolveOutcome, SolveParams, Status, Termination, make_
 from .cbc import CbcBackend
 from .cpsat import CpSatBackend
 from .highs import HighsBackend
+from .scip import ScipBackend
 
-BACKENDS: dict[str, type[Backend]] = {"cbc": CbcBackend, "cpsat": CpSatBackend, "highs": HighsBackend}
+BACKENDS: dict[str, type[Backend]] = {"cbc": CbcBackend, "cpsat": CpSatBackend, "highs": HighsBackend,
+                                 "scip": ScipBackend}
 
 
 def get_backend(name: str) -> Backend:
-    """An instance of the backend called ``name`` (``cbc``, ``cpsat`` or ``highs``)."""
+    """An instance of the backend called ``name`` (``cbc``, ``cpsat``, ``highs`` or ``scip``)."""
     check_choice("backend", name, tuple(BACKENDS))
     cls = BACKENDS[name]
     if not cls.available():
