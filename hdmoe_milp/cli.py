@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     so = sub.add_parser("solve", help="offline block MILP per layer; compare the plan with every baseline")
     common(so)
     so.add_argument("--batch", type=float, help="tokens per decode step the plan is optimised for (default 128)")
-    so.add_argument("--backend", default="cpsat", help="cbc, cpsat, highs or scip (default cpsat; scip needs pip install '.[scip]')")
+    so.add_argument("--backend", default="cpsat",
+                    help="cbc, cpsat, highs or scip (default cpsat; scip needs pip install '.[scip]')")
     so.add_argument("--time-limit", type=float, default=10.0, help="seconds per layer (default 10)")
     so.add_argument("--gap", type=float, default=1e-4, help="relative gap target (default 1e-4)")
     so.add_argument("--threads", type=int, default=1, help="solver threads per layer (default 1)")
