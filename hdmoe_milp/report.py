@@ -380,8 +380,8 @@ def fig_ablation(results: pd.DataFrame, *, model: str | None = None, hw: str | N
     three bars, each step adding one ingredient.
 
     - node balance: ``cb``, the compute-balanced hybrid (each expert on one sub-region, split evenly
-      over its nodes, sub-regions chosen to balance compute); it balances node load and ignores link
-      load. ``ep-lpt`` also balances only node load but places whole experts; ``cb`` is the closer
+      over its nodes, sub-regions chosen to balance compute); it balances node load, and link load is
+      not in its objective. ``ep-lpt`` also balances only node load but places whole experts; ``cb`` is the closer
       ancestor of ours (split experts over regions of the mesh), so it is the honest first step.
     - + link balance: ``ours``, the static plan (block MILP, which also balances link load).
     - + online: ``ours+greedy``, ours served under the greedy online policy.
@@ -411,6 +411,8 @@ def fig_ablation(results: pd.DataFrame, *, model: str | None = None, hw: str | N
         cand = d[part == want]
         if batch_on is not None:
             cand = cand[cand["batch"] == batch_on]
+        elif len(cand):  # no online rows: one batch, the largest
+            cand = cand[cand["batch"] == cand["batch"].max()]
         if len(cand):
             static = cand
             break

@@ -329,3 +329,4 @@ def test_fig_ablation_counts_and_png(tmp_path):
     assert _bars(fig.axes[0]) == 9 and "another batch: 128" in fig.axes[0].get_title()
     # no online rows: the two static steps
     assert _bars(rp.fig_ablation(df[df["part"] == "ablation"]).axes[0]) == 8
+    assert _bars(rp.fig_ablation(df[df["part"] == "static"]).axes[0]) == 8
