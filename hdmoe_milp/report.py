@@ -460,13 +460,12 @@ def fig_ablation(results: pd.DataFrame, *, model: str | None = None, hw: str | N
     ax.set_ylim(0, max(tops) * 1.45)  # room for the legend
     ax.set_ylabel("time per decode step (ms)")
     st_b = float(static["batch"].iloc[0]) if len(static) else None
-    where = (f"static bars: evaluator, expected workload of the solve trace, batch {st_b:g}; "
-             f"online bar: replay of the drift trace, batch {batch_on:g}" if batch_on is not None else "")
-    if batch_on is not None and not same_batch:
-        where += f" (static bars at another batch: {st_b:g})"
+    where = (f"static bars: the evaluator on the expected workload of the solve trace at batch {st_b:g}"
+             + ("" if same_batch else " (another batch)")
+             + f"\nonline bar: replay of the drift trace at batch {batch_on:g}" if batch_on is not None else "")
     ax.set_title("Ablation: node balance, + link balance, + online\n"
                  + caption(model=_one(d, "model"), mesh=_one(d, "mesh"), hw=_one(d, "hw"), mode=_one(d, "mode"))
-                 + ("\n" + _wrap(where, 110) if where else ""), fontsize=8)
+                 + ("\n" + where if where else ""), fontsize=8)
     ax.legend(fontsize=7, loc="upper left", ncol=3)
     fig.tight_layout()
     return fig

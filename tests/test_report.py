@@ -326,7 +326,7 @@ def test_fig_ablation_counts_and_png(tmp_path):
     _png_ok(fig, tmp_path / "ab.png")
     # without static rows at the online batch, the largest static batch stands in and the title says so
     fig = rp.fig_ablation(df[df["part"] != "ablation"])
-    assert _bars(fig.axes[0]) == 9 and "another batch: 128" in fig.axes[0].get_title()
+    assert _bars(fig.axes[0]) == 9 and "batch 128 (another batch)" in fig.axes[0].get_title()
     # no online rows: the two static steps
     assert _bars(rp.fig_ablation(df[df["part"] == "ablation"]).axes[0]) == 8
     assert _bars(rp.fig_ablation(df[df["part"] == "static"]).axes[0]) == 8
