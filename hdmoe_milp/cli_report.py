@@ -4,10 +4,11 @@
 
 - ``bench [--quick] --out DIR [--mode paper|mesh] [--executor local|ray] [--jobs N]``: run the
   benchmark grid (:mod:`hdmoe_milp.grid`) and write its report into DIR.
-- ``plot KIND FILE [--out PATH]``: draw one figure from a saved file: ``tbt`` and ``decomposition``
-  from a ``results.csv``; ``solver`` from a ``solver.csv``; ``online`` from an ``online.csv``;
-  ``placement``, ``node-load`` and ``link-load`` from a plan file (the latter two score the plan with
-  EP and hdmoe on the problem the plan records).
+- ``plot KIND FILE [--out PATH]``: draw one figure from a saved file: ``tbt``, ``decomposition`` and
+  ``ablation`` from a ``results.csv``; ``solver`` from a ``solver.csv``; ``online`` from an
+  ``online.csv``; ``placement``, ``node-load`` and ``link-load`` from a plan file (the latter two
+  score the plan with EP and hdmoe on the problem the plan records); ``bound-trace`` from a plan
+  file's record of layer ``--layer`` (``meta.layers[i].trace``, written by ``solve``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from . import pipeline as pl
 from . import report as rp
 from .errors import InputError, check_choice
 from .hardware import Mesh
+from .placement import Placement
 
 __all__ = ["COMMANDS", "PLOT_KINDS", "add_commands", "run"]
 
 COMMANDS = ("bench", "plot")
-PLOT_KINDS = ("tbt", "decomposition", "node-load", "link-load", "placement", "solver", "online")
+PLOT_KINDS = ("tbt", "decomposition", "ablation", "node-load", "link-load", "placement", "solver", "online",
+              "bound-trace")
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -57,14 +60,14 @@ def add_commands(subparsers: Any) -> None:
 
     p = subparsers.add_parser("plot", help="draw one report figure from a saved results/solver/online csv or plan")
     p.add_argument("kind", choices=PLOT_KINDS)
-    p.add_argument("file", help="results.csv (tbt, decomposition), solver.csv, online.csv, or a plan .json "
-                   "(placement, node-load, link-load)")
+    p.add_argument("file", help="results.csv (tbt, decomposition, ablation), solver.csv, online.csv, or a plan "
+                   ".json (placement, node-load, link-load, bound-trace)")
     p.add_argument("--out", help="image to write (.png or .svg; default: FILE's folder, KIND.png)")
     p.add_argument("--model", help="which model's rows (csv files)")
     p.add_argument("--hw", help="which hardware point's rows (csv files)")
     p.add_argument("--mesh", help="which mesh's rows (csv files)")
     p.add_argument("--batch", type=float, help="which batch (tbt, decomposition; default the largest)")
-    p.add_argument("--layer", type=int, default=0, help="MoE layer (node-load, link-load, placement)")
+    p.add_argument("--layer", type=int, default=0, help="MoE layer (node-load, link-load, placement, bound-trace)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,12 +129,44 @@ def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
     return problem, pl.load_plan(path, problem), Mesh.parse(made["mesh"])
 
 
+def _bound_trace(path: Path, layer: int) -> Any:
+    """The primal/bound figure of ``layer`` from a plan file's ``meta.layers`` (no re-solve)."""
+    meta = Placement.load(path).meta
+    layers = meta.get("layers") if isinstance(meta.get("layers"), list) else []
+    rec = next((r for r in layers if isinstance(r, dict) and r.get("layer") == layer), None)
+    if rec is None:
+        if layers:
+            raise InputError("layer", f"{path} records no layer {layer}", f"give one of 0..{len(layers) - 1}")
+        raise InputError("plot", f"{path} records no per-layer solve", "use a plan written by solve or bench")
+    trace = rec.get("trace")
+    if not isinstance(trace, list) or not trace:
+        raise InputError("plot", f"layer {layer} of {path} has no progress trace "
+                         f"(status {rec.get('status')!r})", "solve it again with this version")
+    try:
+        points = [(float(t), None if p is None else float(p), None if b is None else float(b), str(w))
+                  for t, p, b, w in trace]
+    except (TypeError, ValueError):
+        raise InputError("plot", f"layer {layer} of {path}: the trace is not a list of "
+                         "[time_s, primal_s, bound_s, what] points") from None
+    made = meta.get("problem") if isinstance(meta.get("problem"), dict) else {}
+    solver = meta.get("solver") if isinstance(meta.get("solver"), dict) else {}
+    cap = rp.caption(model=made.get("model"), mesh=made.get("mesh"), hw=made.get("hw_point"),
+                     batch=made.get("batch"), mode=made.get("mode"), backend=solver.get("backend"),
+                     limit_s=solver.get("time_limit_s"), time_mode=solver.get("time_mode"))
+    return rp.fig_bound_trace(points, layer=layer, settings=cap + " (times: wall)")
+
+
 def _plot(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise InputError("file", f"not found: {path}")
     kind = args.kind
-    if kind in ("tbt", "decomposition"):
+    if kind == "ablation":
+        df = _filter(pd.read_csv(path), args)
+        fig = rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
+    elif kind == "bound-trace":
+        fig = _bound_trace(path, args.layer)
+    elif kind in ("tbt", "decomposition"):
         df = _filter(pd.read_csv(path), args, ("model", "hw", "mesh") if kind == "decomposition" else ("mesh",))
         df = df[df["part"] == "static"] if "part" in df.columns else df
         if kind == "tbt":

@@ -4,7 +4,9 @@ For every (model, hardware point, mesh) the plan is solved once (``pipeline.solv
 ``solve_batch`` with every baseline) and cached in ``OUT/cache/`` under a hash of everything that
 decides it (the problem's description including the trace's sha256, the solver settings, the
 package version); every batch of the grid is then scored with ``PlanResult.at_batch``. The online
-part replays ours from the plan at ``online_batch`` under several policies on a drifting trace.
+part replays ours from the plan at ``online_batch`` under several policies on a drifting trace; for
+the ablation figure, ``cb`` and ours are also scored at ``online_batch`` (rows ``part == "ablation"``,
+left out of the static tables).
 
 Outputs in ``OUT``: ``results.csv`` (tidy, one row per point and strategy, units in column names,
 floats rounded, no wall times), ``results.md`` (speedups of ours over each baseline), ``solver.csv``
@@ -154,9 +156,9 @@ def _evaluations(res: Any, problem: pl.Problem, batch: int) -> tuple[dict[str, A
     return evs, plans
 
 
-def _rows(evs: dict[str, Any], key: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(evs: dict[str, Any], key: dict[str, Any], part: str = "static") -> list[dict[str, Any]]:
     tp = evs["tp"].tbt_s
-    return [{**key, "part": "static", "strategy": n, "tbt_us": e.tbt_us, "moe_compute_us": e.moe_compute_s * 1e6,
+    return [{**key, "part": part, "strategy": n, "tbt_us": e.tbt_us, "moe_compute_us": e.moe_compute_s * 1e6,
              "dispatch_us": float(e.dispatch_s.sum() * 1e6), "combine_us": float(e.combine_s.sum() * 1e6),
              "non_moe_us": e.non_moe_s * 1e6, "tbt_norm_tp": e.tbt_s / tp, "p99_us": float("nan"),
              "migration_us": 0.0, "actions": 0}
@@ -191,9 +193,14 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, executor: str = 
             rows += _rows(evs, {**key, "batch": b})
             if not detail and b == max(spec.batches):
                 detail = {"problem": problem.with_(batch=b), "evaluations": evs, "placements": plans,
-                          "layer_table": lt, "key": {**key, "batch": b}}
+                          "layer_table": lt, "key": {**key, "batch": b}, "solve_layers": res.layers}
         if mesh in online_meshes and spec.policies:
-            start = res.at_batch(spec.online_batch).placement
+            # the ablation's static steps (node balance: cb; + link balance: ours) at the online batch, so that
+            # all its bars share one batch; part "ablation" keeps them out of the static tables
+            evs, plans = _evaluations(res, problem, spec.online_batch)
+            rows += [r for r in _rows(evs, {**key, "batch": spec.online_batch}, "ablation")
+                     if r["strategy"] in ("cb", OURS)]
+            start = plans[OURS]
             drift = MODEL_TRACES[model][1]
             trace = None if drift is None else pl.load_trace(TRACES / drift, problem.model.num_experts,
                                                              problem.model.top_k)
@@ -317,6 +324,13 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
             name = _slug("decomposition", model, hw, first_mesh)
             _save(rp.fig_decomposition(d), figdir, name)
             figs.append((f"Decomposition, {model} {hw} {first_mesh} batch {big}", name))
+            ab = res[(res["model"] == model) & (res["hw"] == hw) & (res["mesh"] == first_mesh)
+                     & res["part"].isin(("ablation", "online"))]
+            if (ab["part"] == "ablation").any():
+                name = _slug("ablation", model, hw, first_mesh)
+                _save(rp.fig_ablation(ab), figdir, name)
+                figs.append((f"Ablation: node balance, + link balance, + online ({model}, {hw}, {first_mesh}, "
+                             f"batch {spec.online_batch})", name))
     det = g.detail
     if det:
         k = det["key"]
@@ -324,13 +338,18 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
         mesh = det["problem"].hardware.mesh
         evs = {n: det["evaluations"][n] for n in ("ep", "hdmoe", OURS) if n in det["evaluations"]}
         layer = int(pd.Series(evs["ep"].layer_s - evs[OURS].layer_s).idxmax()) if "ep" in evs else 0
+        solve_cap = cap.replace(f", batch={k['batch']}", "") + f", solve batch={spec.solve_batch}"
+        trace = det["solve_layers"][layer].trace if "solve_layers" in det else ()
+        extra = [] if not trace else [(rp.fig_bound_trace(trace, layer=layer, settings=solve_cap + (
+            f", {spec.backend}, {spec.time_limit_s:g} s deterministic limit (times: wall)")), "bound_trace",
+            f"Primal and bound against time, layer {layer}")]
         for fig, name, what in (
             (rp.fig_node_load(evs, layer, settings=cap), "node_load", f"Per-node load, layer {layer}"),
             (rp.fig_link_load(evs, mesh, layer, settings=cap), "link_load", f"Link-load map, layer {layer}"),
             (rp.fig_placement_map(det["placements"][OURS], mesh, layer, settings=cap), "placement_ours",
              f"Placement map of ours, layer {layer}"),
-            (rp.fig_solver(det["layer_table"], settings=cap.replace(f", batch={k['batch']}", "")
-                           + f", solve batch={spec.solve_batch}"), "solver", "MILP gap and time per layer"),
+            (rp.fig_solver(det["layer_table"], settings=solve_cap), "solver", "MILP gap and time per layer"),
+            *extra,
         ):
             stem = _slug(name, k["model"], k["hw"], k["mesh"])
             _save(fig, figdir, stem)

@@ -294,8 +294,8 @@ def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[L
     plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, "plan")
     layers = tuple(replace(r, final_source=src) for r, src in zip(layers, sources, strict=True))
     meta = {"problem": problem.describe(), "solver": solver,
-            "layers": [{"layer": r.layer, "status": r.status, "gap": r.gap, "final_source": r.final_source}
-                       for r in layers],
+            "layers": [{"layer": r.layer, "status": r.status, "gap": r.gap, "final_source": r.final_source,
+                        "trace": [list(p) for p in r.trace]} for r in layers],
             "package_version": __version__}
     plan = Placement(plan.layers, plan.strategy, {**plan.meta, **meta})
     evals = {"plan": score(plan, problem.model, problem.hardware, problem.workload, opts), **evals}

@@ -25,9 +25,9 @@ from .hardware import Mesh
 from .placement import Placement
 
 __all__ = [
-    "FIGURES", "HATCHES", "MARKERS", "caption", "fig_decomposition", "fig_link_load", "fig_node_load",
-    "fig_online", "fig_placement_map", "fig_solver", "fig_tbt_normalised", "markdown", "plan_frame",
-    "speedup_table", "strategy_order",
+    "FIGURES", "HATCHES", "MARKERS", "caption", "fig_ablation", "fig_bound_trace", "fig_decomposition",
+    "fig_link_load", "fig_node_load", "fig_online", "fig_placement_map", "fig_solver", "fig_tbt_normalised",
+    "markdown", "plan_frame", "speedup_table", "strategy_order",
 ]
 
 HATCHES = ("", "//", "\\\\", "xx", "..", "oo", "--", "++", "**", "||")
@@ -58,6 +58,17 @@ def caption(**settings: Any) -> str:
             v = int(v)
         parts.append(f"{k}={v}")
     return ", ".join(parts)
+
+
+def _wrap(text: str, width: int = 95) -> str:
+    """``text`` broken at commas into lines of at most about ``width`` characters (figure titles)."""
+    lines: list[str] = []
+    for part in text.split(", "):
+        if lines and len(lines[-1]) + len(part) + 2 <= width:
+            lines[-1] += ", " + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
 
 
 def _style(i: int) -> dict[str, Any]:
@@ -357,7 +368,205 @@ def fig_online(replays: Mapping[str, Any], *, settings: str = "") -> Figure:
     return fig
 
 
+# --- (i) ablation ---------------------------------------------------------------------------------------
+
+ABLATION = (("cb", "node balance\n(cb)"), ("ours", "+ link balance\n(ours)"),
+            ("ours+greedy", "+ online\n(ours+greedy)"))
+
+
+def fig_ablation(results: pd.DataFrame, *, model: str | None = None, hw: str | None = None,
+                 mesh: str | None = None) -> Figure:
+    """The ablation at one model x hardware point x mesh (default: the first of each in ``results``):
+    three bars, each step adding one ingredient.
+
+    - node balance: ``cb``, the compute-balanced hybrid (each expert on one sub-region, split evenly
+      over its nodes, sub-regions chosen to balance compute); it balances node load, and link load is
+      not in its objective. ``ep-lpt`` also balances only node load but places whole experts; ``cb`` is the closer
+      ancestor of ours (split experts over regions of the mesh), so it is the honest first step.
+    - + link balance: ``ours``, the static plan (block MILP, which also balances link load).
+    - + online: ``ours+greedy``, ours served under the greedy online policy.
+
+    The first two are stacked (MoE compute, dispatch, combine, non-MoE; the evaluator on the
+    expected workload) at the online batch: ``results`` must hold their rows there (the grid writes
+    them as ``part == "ablation"``; otherwise static rows at that batch are used, and failing that
+    the largest static batch, which the title then states). The online bar is a plain total: the
+    mean per-token latency of the replayed drift trace, weight moves included (its decomposition is
+    not recorded); a dashed tick on it marks ``ours+static`` in the same replay, the like-for-like
+    reference for the online gain, and the bar sits on a shaded band: the replay is another workload
+    (the drift trace, batch by batch) than the static bars' (the expected workload of the trace the
+    plan was solved on), so heights compare within a side, not across it. Times in ms per decode step.
+    """
+    d = results
+    for col, v in (("model", model), ("hw", hw), ("mesh", mesh)):
+        if col in d.columns:
+            v = d[col].iloc[0] if v is None else v
+            d = d[d[col] == v]
+    if d.empty:
+        raise ValueError(f"no rows for model={model}, hw={hw}, mesh={mesh}")
+    part = d["part"] if "part" in d.columns else pd.Series("static", index=d.index)
+    online = d[part == "online"].set_index("strategy")
+    batch_on = float(online["batch"].iloc[0]) if len(online) else None
+    static = pd.DataFrame()
+    for want in ("ablation", "static"):
+        cand = d[part == want]
+        if batch_on is not None:
+            cand = cand[cand["batch"] == batch_on]
+        elif len(cand):  # no online rows: one batch, the largest
+            cand = cand[cand["batch"] == cand["batch"].max()]
+        if len(cand):
+            static = cand
+            break
+    same_batch = len(static) > 0 or batch_on is None
+    if static.empty:  # no static rows at the online batch: the largest static batch, said so in the title
+        st = d[part == "static"]
+        static = st[st["batch"] == st["batch"].max()]
+    static = static.set_index("strategy")
+    bars = [(k, lab) for k, lab in ABLATION if (k in static.index if "+" not in k else k in online.index)]
+    if not bars:
+        raise ValueError("no rows for the ablation's strategies (cb, ours, ours+greedy)")
+    fig = Figure(figsize=(7.4, 4.8))
+    ax = fig.add_subplot()
+    x = np.arange(len(bars))
+    tops = []
+    for i, (k, _lab) in enumerate(bars):
+        if "+" in k:  # online: the mean latency, weight moves included
+            if i:  # another workload than the static bars: shaded apart, not comparable in height
+                ax.axvspan(x[i] - 0.45, x[i] + 0.45, color="0.92", zorder=0)
+                ax.text(x[i], 0.02, "replay of the drift trace:\nnot the static bars' workload",
+                        transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=6.5,
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0}, zorder=4)
+            v = float(online.loc[k, "tbt_us"]) / 1e3
+            ax.bar(x[i], v, 0.6, label="online: replay mean, weight moves incl.", **_style(5))
+            ref = f"{k.split('+')[0]}+static"
+            if ref in online.index:
+                r = float(online.loc[ref, "tbt_us"]) / 1e3
+                ax.plot([x[i] - 0.38, x[i] + 0.38], [r, r], color="black", linestyle="--", linewidth=1.2,
+                        label=f"{ref} (same replay)")
+                ax.annotate(f"{r / v:.3f}x speedup over {ref}", (x[i], max(r, v)), xytext=(0, 14),
+                            textcoords="offset points", ha="center", fontsize=7)
+            total = v
+            tops.append(max(v, r) if ref in online.index else v)
+        else:
+            bottom = 0.0
+            for j, (col, label) in enumerate(_PARTS):
+                v = float(static.loc[k, col]) / 1e3
+                ax.bar(x[i], v, 0.6, bottom=bottom, label=label if i == 0 else None, **_style(j))
+                bottom += v
+            total = bottom
+            tops.append(bottom)
+        ax.annotate(f"{total:.2f} ms", (x[i], total), xytext=(0, 3),
+                    textcoords="offset points", ha="center", fontsize=7)
+    ax.set_xticks(x, [lab for _, lab in bars], fontsize=8)
+    ax.set_ylim(0, max(tops) * 1.45)  # room for the legend
+    ax.set_ylabel("time per decode step (ms)")
+    st_b = float(static["batch"].iloc[0]) if len(static) else None
+    where = (f"static bars: the evaluator on the expected workload of the solve trace at batch {st_b:g}"
+             + ("" if same_batch else " (another batch)")
+             + f"\nonline bar: replay of the drift trace at batch {batch_on:g}" if batch_on is not None else "")
+    ax.set_title("Ablation: node balance, + link balance, + online\n"
+                 + caption(model=_one(d, "model"), mesh=_one(d, "mesh"), hw=_one(d, "hw"), mode=_one(d, "mode"))
+                 + ("\n" + where if where else ""), fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", ncol=3)
+    fig.tight_layout()
+    return fig
+
+
+# --- (h) primal and bound against time, one layer --------------------------------------------------------
+
+
+def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None, settings: str = "") -> Figure:
+    """Primal and dual bound of one layer's solve against time: two step lines in the evaluator's
+    terms (us) over wall seconds since the layer began (log scale), with the proven gap at the end
+    annotated. ``trace``: :attr:`LayerSolveResult.trace` (or a plan file's ``meta.layers[i].trace``),
+    points ``(time_s, primal_s, bound_s, what)``.
+
+    - primal: the best evaluator score known so far (the warm start's when it was scored, then the
+      returned placement's at the end);
+    - bound: the certified lower bound on the evaluator (LP + area floor) from when it was computed,
+      and at the end;
+    - the solver's incumbents (``model:*`` points) are drawn as markers only: they are the block
+      model's objective (an upper bound on the evaluator for the placement they decode to, up to the
+      solver's rounding) and the solver's bound on that model objective, not the evaluator's numbers.
+      Solver bounds far below the certified bound are left off the axis (their count is noted).
+    """
+    pts = [(float(p[0]), None if p[1] is None else float(p[1]), None if p[2] is None else float(p[2]), str(p[3]))
+           for p in trace]
+    if not pts:
+        raise ValueError("empty trace: the layer recorded no progress")
+    t_min = max(min(p[0] for p in pts), 1e-4)
+
+    def series(col: int, best: Any, keep: Any) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for p in pts:
+            v = p[col]
+            if v is None or not np.isfinite(v) or not keep(p[3]):
+                continue
+            v *= 1e6
+            xs.append(max(p[0], t_min))
+            ys.append(v if not ys else best(ys[-1], v))
+        return np.asarray(xs), np.asarray(ys)
+
+    evaluator = ("warm-start", "bound", "final")
+    px, py = series(1, min, lambda w: w.startswith(evaluator))
+    bx, by = series(2, max, lambda w: w.startswith(evaluator))
+    t_end = pts[-1][0]
+    fig = Figure(figsize=(7.0, 4.2))
+    ax = fig.add_subplot()
+    ax.step(px, py, where="post", color="0.0", linewidth=1.6, marker="o", markersize=4,
+            label="primal: best evaluator layer time so far")
+    ax.step(bx, by, where="post", color="0.45", linewidth=1.6, linestyle="--", marker="s", markersize=4,
+            label="bound: certified lower bound on the evaluator (LP + area)")
+    model = [p for p in pts if p[3].startswith("model:")]
+    lo = float(min(by.min(initial=np.inf), py.min(initial=np.inf)))
+    hi = float(max(py.max(initial=-np.inf), by.max(initial=-np.inf)))
+    if model:
+        mp = np.array([(p[0], p[1] * 1e6) for p in model if p[1] is not None]).reshape(-1, 2)
+        mb = np.array([(p[0], p[2] * 1e6) for p in model if p[2] is not None]).reshape(-1, 2)
+        solver = model[0][3].split(":", 1)[1]
+        if len(mp):
+            ax.scatter(np.maximum(mp[:, 0], t_min), mp[:, 1], s=18, marker="^", facecolors="none",
+                       edgecolors="black", label=f"{solver} incumbents (block model objective)", zorder=3)
+            hi = max(hi, float(mp[:, 1].max()))
+            lo = min(lo, float(mp[:, 1].min()))
+        notes = [] if len(mp) else [f"{solver}: no incumbent within its limit"]
+        if len(mb):
+            floor = lo - 0.5 * max(hi - lo, 1e-3 * abs(hi))
+            shown = mb[mb[:, 1] >= floor]
+            hidden = len(mb) - len(shown)
+            if len(shown):
+                ax.scatter(np.maximum(shown[:, 0], t_min), shown[:, 1], s=18, marker="x", color="0.3",
+                           label=f"{solver} bound on the block model objective"
+                           + (f" ({hidden} lower, off the axis)" if hidden else ""), zorder=3)
+                lo = min(lo, float(shown[:, 1].min()))
+            else:
+                notes.append(f"{solver}'s bound on the block model objective: {mb[:, 1].max():.0f} us at best "
+                             "(below the axis)")
+        if notes:
+            ax.text(0.01, 0.02, "; ".join(notes), transform=ax.transAxes, fontsize=7, va="bottom")
+    pad = 0.15 * max(hi - lo, 1e-3 * abs(hi), 1e-9)
+    ax.set_ylim(lo - pad, hi + 2.5 * pad)  # room for the legend
+    ax.set_xscale("log")
+    ax.set_xlim(t_min * 0.8, max(t_end, t_min) * 1.6)
+    fin = pts[-1]
+    if fin[1] is not None and fin[2] is not None:
+        p_us, b_us = fin[1] * 1e6, fin[2] * 1e6
+        gap = (p_us - b_us) / p_us if p_us > 0 else float("nan")
+        x_ann = max(t_end, t_min) * 1.15
+        ax.annotate("", xy=(x_ann, b_us), xytext=(x_ann, p_us),
+                    arrowprops={"arrowstyle": "<->", "color": "black", "linewidth": 0.8})
+        ax.annotate(f"proven gap\n{100 * gap:.2f} %", xy=(x_ann, (p_us + b_us) / 2), xytext=(-6, 0),
+                    textcoords="offset points", ha="right", va="center", fontsize=7)
+    ax.set_xlabel("wall time since the layer began (s, log scale)")
+    ax.set_ylabel("layer time (us)")
+    head = "Primal and bound against time" + ("" if layer is None else f", MoE layer {layer}")
+    ax.set_title(head + "\n" + _wrap(settings), fontsize=8)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "tbt": fig_tbt_normalised, "decomposition": fig_decomposition, "node-load": fig_node_load,
     "link-load": fig_link_load, "placement": fig_placement_map, "solver": fig_solver, "online": fig_online,
+    "bound-trace": fig_bound_trace, "ablation": fig_ablation,
 }

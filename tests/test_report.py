@@ -15,6 +15,7 @@ from matplotlib.patches import FancyArrow
 import hdmoe_milp as hm
 from hdmoe_milp import cli_report, grid
 from hdmoe_milp import report as rp
+from hdmoe_milp.solvers import available_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCE = ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml"
@@ -127,7 +128,8 @@ def test_bench_writes_report(bench):
     for name in ("results.csv", "results.md", "index.md", "solver.csv", "online.csv"):
         assert (out / name).stat().st_size > 0
     pngs = sorted((out / "figures").glob("*.png"))
-    assert len(pngs) == 7 and len(list((out / "figures").glob("*.svg"))) == 7
+    assert len(pngs) == 9 and len(list((out / "figures").glob("*.svg"))) == 9
+    assert {p.name.split("_mixtral")[0] for p in pngs} >= {"ablation", "bound_trace"}
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
     index = (out / "index.md").read_text()
     assert all(f"figures/{p.name}" in index for p in pngs)
@@ -135,6 +137,14 @@ def test_bench_writes_report(bench):
     res = pd.read_csv(out / "results.csv")
     assert set(res["strategy"]) >= {"ours", "tp", "ep", "cb", "eplb", "hdmoe", "milp", "ours+greedy"}
     assert not any("wall" in c or "time_s" in c for c in res.columns)
+    ab = res[res["part"] == "ablation"]
+    assert sorted(ab["strategy"]) == ["cb", "ours"] and (ab["batch"] == 512).all()
+    # the ablation's static rows equal the evaluator's at the online batch, and stay out of the static tables
+    sp = _md_table((out / "results.md").read_text(), "## Speedup of ours over each baseline")
+    assert (sp["points"] == "2").all()  # batches 16 and 128: the ablation rows at 512 are not static points
+    plan = hm.Placement.load(next((out / "plans").glob("*.json")))
+    traces = [r["trace"] for r in plan.meta["layers"]]
+    assert all(t and t[-1][3] == "final" for t in traces)
 
 
 def test_results_md_equals_evaluator(bench):
@@ -169,6 +179,7 @@ def test_bench_rerun_uses_cache_and_is_byte_identical(bench, tmp_path):
     assert g.computed == 0
     assert cli_report.run(args) == 0
     assert (out / "results.csv").read_bytes() == before
+    assert "wall" not in (out / "results.md").read_text()
 
 
 def test_plot_command(bench, tmp_path):
@@ -176,7 +187,7 @@ def test_plot_command(bench, tmp_path):
     plan = next((out / "plans").glob("*.json"))
     for kind, src in (("tbt", out / "results.csv"), ("decomposition", out / "results.csv"),
                       ("solver", out / "solver.csv"), ("online", out / "online.csv"), ("placement", plan),
-                      ("link-load", plan)):
+                      ("link-load", plan), ("ablation", out / "results.csv"), ("bound-trace", plan)):
         target = tmp_path / f"{kind}.png"
         assert cli_report.run(p.parse_args(["plot", kind, str(src), "--out", str(target)])) == 0
         assert target.read_bytes()[:8] == PNG_MAGIC
@@ -196,3 +207,126 @@ def test_bench_on_ray_matches_local(bench, tmp_path):
                          "--time-limit", "0.02", "--online-batches", "3", "--executor", "ray", "--no-progress"])
     assert cli_report.run(args) == 0
     assert (tmp_path / "results.csv").read_bytes() == (out / "results.csv").read_bytes()
+    assert (tmp_path / "results.md").read_bytes() == (out / "results.md").read_bytes()
+
+
+def test_plot_bound_trace_errors(bench, tmp_path):
+    out, p = bench
+    plan = next((out / "plans").glob("*.json"))
+    with pytest.raises(hm.InputError, match="give one of 0..31"):
+        cli_report.run(p.parse_args(["plot", "bound-trace", str(plan), "--layer", "99", "--out",
+                                     str(tmp_path / "x.png")]))
+
+
+# --- progress traces and the two figures built on them ------------------------------------------------------
+
+
+def _tiny_layer(E: int = 6, mesh: str = "2x4"):
+    from hdmoe_milp.synthetic import synthetic_trace
+
+    m = hm.MoEModel("tiny", num_experts=E, top_k=2, hidden=256, expert_intermediate=512, moe_layers=1)
+    hw = hm.Hardware(hm.Mesh.parse(mesh), compute_flops=1e9, link_bw_bytes_per_s=3e8)
+    tr = synthetic_trace(m, 400, seed=1)
+    return m, hw, tr.frequencies()[0], tr.coactivation(0)
+
+
+def _check_backend_trace(out) -> None:
+    t = [p[0] for p in out.trace]
+    assert t == sorted(t) and t[0] >= 0
+    primals = [p[1] for p in out.trace if p[1] is not None]
+    bounds = [p[2] for p in out.trace if p[2] is not None]
+    if primals and bounds:  # every bound is valid: below every solution found
+        assert max(bounds) <= min(primals) * (1 + 1e-9)
+    assert out.trace[-1][1:] == (out.primal, out.bound)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpsat", "cbc", "highs") if b in available_backends()])
+def test_backend_trace(backend):
+    from hdmoe_milp.solvers import SolveParams, get_backend
+    from hdmoe_milp.strategies.block_milp import BlockModel
+
+    m, hw, f, groups = _tiny_layer(E=4, mesh="2x2")
+    lm = BlockModel(m, hw, f, 32, coactivation=groups).to_linear()
+    out = get_backend(backend).solve(lm, SolveParams(time_limit_s=2, gap=1e-3, deterministic=True))
+    assert out.primal is not None
+    _check_backend_trace(out)
+    if backend == "cpsat":  # incumbents through the callback, then the final point
+        assert len(out.trace) >= 2
+    else:  # no callback: the final point only
+        assert len(out.trace) == 1
+
+
+def test_layer_trace_of_a_real_cpsat_solve(tmp_path):
+    from hdmoe_milp.solvers import SolveParams
+    from hdmoe_milp.strategies.block_milp import solve_layer
+
+    m, hw, f, groups = _tiny_layer()
+    r = solve_layer(m, hw, f, 32, backend="cpsat", params=SolveParams(time_limit_s=5, gap=1e-6, deterministic=True),
+                    coactivation=groups)
+    tr = r.trace
+    times = [p[0] for p in tr]
+    assert times == sorted(times) and times[-1] == pytest.approx(r.time_s)
+    kinds = [p[3] for p in tr]
+    assert kinds[0].startswith("warm-start:") and kinds[1] == "bound" and kinds[-1] == "final"
+    assert any(k == "model:cpsat" for k in kinds)
+    assert tr[-1][1:3] == (r.objective_s, r.bound_s)
+    # evaluator terms: the certified bound is below every evaluator primal; the model's own bound below its primals
+    ev = [p for p in tr if not p[3].startswith("model:")]
+    assert max(p[2] for p in ev if p[2] is not None) <= min(p[1] for p in ev if p[1] is not None) * (1 + 1e-12)
+    mo = [p for p in tr if p[3].startswith("model:")]
+    assert max(p[2] for p in mo if p[2] is not None) <= min(p[1] for p in mo if p[1] is not None) * (1 + 1e-9)
+    assert r.to_dict()["trace"] == [list(p) for p in tr]
+    fig = rp.fig_bound_trace(tr, layer=0, settings="tiny")
+    assert len(fig.axes[0].get_lines()) == 2 and "gap" in " ".join(t.get_text() for t in fig.axes[0].texts)
+    _png_ok(fig, tmp_path / "trace.png")
+
+
+def test_fig_bound_trace_counts_and_png(tmp_path):
+    trace = [(0.01, 6.4e-3, None, "warm-start:cb"), (0.02, None, 6.0e-3, "bound"),
+             (0.5, 6.5e-3, 1e-3, "model:cpsat"), (0.9, 6.3e-3, 6.1e-3, "model:cpsat"),
+             (1.0, 6.3e-3, 6.0e-3, "final")]
+    fig = rp.fig_bound_trace(trace, layer=3, settings="x")
+    ax = fig.axes[0]
+    assert isinstance(fig, Figure) and len(ax.get_lines()) == 2
+    primal, bound = ax.get_lines()
+    assert list(primal.get_ydata()) == pytest.approx([6400, 6300]) and list(bound.get_ydata()) == pytest.approx(
+        [6000, 6000])
+    assert len(ax.collections) == 2  # the solver's incumbents and its bounds, as markers only
+    assert "1 lower, off the axis" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "MoE layer 3" in ax.get_title()
+    _png_ok(fig, tmp_path / "bt.png")
+    with pytest.raises(ValueError, match="empty"):
+        rp.fig_bound_trace([])
+
+
+def _ablation_frame() -> pd.DataFrame:
+    key = {"model": "m", "mesh": "4x4", "hw": "5/50", "mode": "mesh"}
+    parts = {"moe_compute_us": 100.0, "dispatch_us": 20.0, "combine_us": 20.0, "non_moe_us": 60.0}
+    rows = [{**key, "batch": 128, "part": "static", "strategy": s, "tbt_us": 200.0, **parts} for s in ("cb", "ours")]
+    rows += [{**key, "batch": 512, "part": "ablation", "strategy": "cb", "tbt_us": 250.0, **parts,
+              "moe_compute_us": 150.0},
+             {**key, "batch": 512, "part": "ablation", "strategy": "ours", "tbt_us": 230.0, **parts,
+              "moe_compute_us": 130.0},
+             {**key, "batch": 512, "part": "online", "strategy": "ours+static", "tbt_us": 300.0},
+             {**key, "batch": 512, "part": "online", "strategy": "ours+greedy", "tbt_us": 270.0}]
+    return pd.DataFrame(rows)
+
+
+def test_fig_ablation_counts_and_png(tmp_path):
+    df = _ablation_frame()
+    fig = rp.fig_ablation(df)
+    ax = fig.axes[0]
+    assert _bars(ax) == 4 + 4 + 1  # two stacked bars (4 parts each) and the online total
+    heights = [sum(r.get_height() for c in ax.containers for r in c if abs(r.get_x() + r.get_width() / 2 - i) < 0.1)
+               for i in range(3)]
+    assert heights == pytest.approx([0.25, 0.23, 0.27])  # ms
+    assert len(ax.get_lines()) == 1 and ax.get_lines()[0].get_ydata()[0] == pytest.approx(0.3)  # ours+static
+    assert [t.get_text() for t in ax.get_xticklabels()][0].startswith("node balance")
+    assert "batch 512" in ax.get_title() and "another batch" not in ax.get_title()
+    _png_ok(fig, tmp_path / "ab.png")
+    # without static rows at the online batch, the largest static batch stands in and the title says so
+    fig = rp.fig_ablation(df[df["part"] != "ablation"])
+    assert _bars(fig.axes[0]) == 9 and "batch 128 (another batch)" in fig.axes[0].get_title()
+    # no online rows: the two static steps
+    assert _bars(rp.fig_ablation(df[df["part"] == "ablation"]).axes[0]) == 8
+    assert _bars(rp.fig_ablation(df[df["part"] == "static"]).axes[0]) == 8

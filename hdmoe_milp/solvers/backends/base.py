@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
@@ -73,7 +74,15 @@ class SolveParams:
 class SolveOutcome:
     """One solve, in the model's units: ``termination``, the solution ``x`` (or None), its
     ``primal`` objective, a valid lower ``dual_bound`` (or None when the solver gives none) and
-    ``gap = (primal - dual_bound) / |primal|`` (None when either is missing)."""
+    ``gap = (primal - dual_bound) / |primal|`` (None when either is missing).
+
+    ``trace``: the solve's progress, a tuple of ``(time_s, primal, dual_bound)`` points with
+    ``time_s`` the wall seconds since the backend's ``solve`` was entered (model translation
+    included) and ``primal``/``dual_bound`` in the model's units (either None when unknown at that
+    time). Non-decreasing in time; its last point is ``(end, primal, dual_bound)`` of this outcome.
+    CP-SAT records every incumbent through a solution callback; CBC (through PuLP) and HiGHS have
+    no callback here, so their trace holds the final point only (empty when the solver failed
+    before returning)."""
 
     termination: Termination
     x: np.ndarray | None
@@ -82,6 +91,7 @@ class SolveOutcome:
     gap: float | None
     message: str = ""
     backend: str = "?"
+    trace: tuple[tuple[float, float | None, float | None], ...] = ()
 
     @property
     def status(self) -> Termination:
@@ -92,17 +102,27 @@ class SolveOutcome:
         return self.dual_bound
 
 
+TracePoint = tuple[float, float | None, float | None]  # (time_s, primal, dual_bound), model units
+
+
 def make_outcome(backend: str, model: LinearModel, termination: Termination, x: np.ndarray | None,
-                 bound: float | None, message: str = "") -> SolveOutcome:
+                 bound: float | None, message: str = "", *, started: float | None = None,
+                 trace: tuple[TracePoint, ...] | list[TracePoint] = ()) -> SolveOutcome:
     """Fill the outcome the same way for every backend: primal from ``x``, bound finite or None,
-    gap from both."""
+    gap from both. ``started``: ``time.perf_counter()`` when the solve began; with it, the final
+    point ``(now - started, primal, bound)`` is appended to ``trace`` (the points recorded during
+    the search, if any), so every backend's trace ends at its outcome."""
     primal = None if x is None else model.objective(x)
-    if bound is not None and not np.isfinite(bound):
-        bound = None
+    if bound is not None:
+        bound = float(bound) if np.isfinite(bound) else None
     gap = None
     if primal is not None and bound is not None:
         gap = max(0.0, (primal - bound) / max(abs(primal), 1e-300))
-    return SolveOutcome(termination, x, primal, bound, gap, message, backend)
+    points = list(trace)
+    if started is not None:
+        t_end = max(time.perf_counter() - started, points[-1][0] if points else 0.0)
+        points.append((t_end, primal, bound))
+    return SolveOutcome(termination, x, primal, bound, gap, message, backend, tuple(points))
 
 
 class Backend(ABC):

@@ -1,5 +1,6 @@
 """CBC through PuLP. PuLP reports no bound and says "Optimal" after a time-out: the status is read
-from ``sol_status``, and the caller supplies the bound (LP relaxation)."""
+from ``sol_status``, and the caller supplies the bound (LP relaxation). PuLP gives no callback: the
+outcome's ``trace`` holds the final point only (wall seconds since ``solve`` began, primal, None)."""
 
 from __future__ import annotations
 
@@ -56,16 +57,17 @@ class CbcBackend(Backend):
         try:
             prob.solve(solver)
         except pulp.PulpSolverError as exc:
-            return make_outcome(self.name, model, Termination.ERROR, None, None, str(exc))
+            return make_outcome(self.name, model, Termination.ERROR, None, None, str(exc), started=t_start)
         ss = prob.sol_status
         if ss in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             x = np.array([v.value() if v.value() is not None else 0.0 for v in xs])
             st = Termination.OPTIMAL if ss == pulp.LpSolutionOptimal else Termination.FEASIBLE
             msg = f"pulp status {pulp.LpStatus[prob.status]}, sol_status {ss}"
-            return make_outcome(self.name, model, st, x, None, msg)
+            return make_outcome(self.name, model, st, x, None, msg, started=t_start)
         if ss == pulp.LpSolutionInfeasible:
-            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, "CBC: infeasible")
+            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, "CBC: infeasible",
+                                started=t_start)
         if ss == pulp.LpSolutionNoSolutionFound:
             return make_outcome(self.name, model, Termination.NO_SOLUTION, None, None,
-                                "CBC: no solution within the limits")
-        return make_outcome(self.name, model, Termination.ERROR, None, None, f"CBC: sol_status {ss}")
+                                "CBC: no solution within the limits", started=t_start)
+        return make_outcome(self.name, model, Termination.ERROR, None, None, f"CBC: sol_status {ss}", started=t_start)

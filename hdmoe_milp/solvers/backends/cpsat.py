@@ -8,6 +8,10 @@ CP-SAT's bound is a valid bound on the real model;
 ``safe`` rows the other way, so that their solutions stay feasible; ``exact`` rows must already have
 integer coefficients. The objective's coefficients are rounded down (the bound stays valid). The
 caller recomputes the true objective of the returned assignment.
+
+Progress: a solution callback records every incumbent as ``(wall s since solve() began, the real
+model's objective of the incumbent, CP-SAT's best bound in the real model's units)`` in the
+outcome's ``trace``; the callback reads only the variables with a non-zero objective coefficient.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
+from typing import Any
 
 import numpy as np
 
 from ..linear_model import LinearModel
-from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome
+from .base import Backend, SolveOutcome, SolveParams, Termination, TracePoint, make_outcome
 
 RES = 10_000_000
 
@@ -32,6 +37,27 @@ def _row_scale(g: np.ndarray, dom: np.ndarray) -> float:
     if mag.size == 0:
         return 1.0
     return min(1e13 / (mag * dom[nz]).max(), max(RES / mag.max(), RES / mag.min()))
+
+
+def _recorder(cp_model: Any, V: list[Any], scale: np.ndarray, model: LinearModel, Ro: float,
+              t_start: float) -> tuple[Any, list[TracePoint]]:
+    """A CP-SAT solution callback and the list it appends ``(time_s, primal, bound)`` to per incumbent:
+    wall seconds since ``t_start``, the real model's objective of the incumbent (the callback reads
+    only the variables with a non-zero objective coefficient) and CP-SAT's bound in real units."""
+    nz = np.flatnonzero(model.c)
+    coef = model.c[nz] * scale[nz]
+    vars_nz = [V[j] for j in nz]
+    points: list[TracePoint] = []
+
+    class Recorder(cp_model.CpSolverSolutionCallback):
+        def on_solution_callback(self) -> None:
+            t = time.perf_counter() - t_start
+            vals = np.fromiter((self.Value(v) for v in vars_nz), dtype=float, count=len(vars_nz))
+            primal = float(coef @ vals + model.obj_const)
+            b = self.BestObjectiveBound() / Ro + model.obj_const
+            points.append((t, primal, float(b) if np.isfinite(b) else None))
+
+    return Recorder(), points
 
 
 class CpSatBackend(Backend):
@@ -111,7 +137,8 @@ class CpSatBackend(Backend):
         # CP-SAT's own SIGINT handler would end the search and swallow Ctrl-C; leave the signal to
         # Python, which raises KeyboardInterrupt when Solve returns (at the latest at its limit)
         p.catch_sigint_signal = False
-        st = solver.Solve(m)
+        recorder, points = _recorder(cp_model, V, scale, model, Ro, t_start)
+        st = solver.Solve(m, recorder)
         bound = solver.BestObjectiveBound() / Ro + model.obj_const if st in (
             cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN) else None
         if bound is not None and not np.isfinite(bound):
@@ -119,10 +146,14 @@ class CpSatBackend(Backend):
         if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             x = np.array([solver.Value(v) for v in V], dtype=float) * scale
             term = Termination.OPTIMAL if st == cp_model.OPTIMAL else Termination.FEASIBLE
-            return make_outcome(self.name, model, term, x, bound, solver.StatusName(st))
+            return make_outcome(self.name, model, term, x, bound, solver.StatusName(st),
+                                started=t_start, trace=points)
         if st == cp_model.INFEASIBLE:
-            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, "CP-SAT: infeasible")
+            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, "CP-SAT: infeasible",
+                                started=t_start, trace=points)
         if st == cp_model.UNKNOWN:
             return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound,
-                                "CP-SAT: no solution within the limits")
-        return make_outcome(self.name, model, Termination.ERROR, None, None, f"CP-SAT: {solver.StatusName(st)}")
+                                "CP-SAT: no solution within the limits",
+                                started=t_start, trace=points)
+        return make_outcome(self.name, model, Termination.ERROR, None, None, f"CP-SAT: {solver.StatusName(st)}",
+                            started=t_start, trace=points)

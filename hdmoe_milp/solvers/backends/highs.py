@@ -1,7 +1,8 @@
 """HiGHS. With ``highspy`` installed (``pip install '.[highs]'``) the model goes to HiGHS directly: it
 takes the hint as a MIP start, a thread count and a seed. Without it, SciPy's bundled HiGHS
 (``scipy.optimize.milp``) solves the model with no MIP start (the caller still never returns anything
-worse than its warm start). Either way the dual bound is reported and the limit is wall time."""
+worse than its warm start). Either way the dual bound is reported and the limit is wall time; there is no progress callback, so
+the outcome's ``trace`` holds the final point only."""
 
 from __future__ import annotations
 
@@ -90,18 +91,19 @@ class HighsBackend(Backend):
                                                          "; MIP start rejected")
         S = highspy.HighsModelStatus
         if ms == S.kOptimal:
-            return make_outcome(self.name, model, Termination.OPTIMAL, x, bound, msg)
+            return make_outcome(self.name, model, Termination.OPTIMAL, x, bound, msg, started=t_start)
         if ms == S.kInfeasible:
-            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, msg)
+            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, msg, started=t_start)
         if x is not None:
-            return make_outcome(self.name, model, Termination.FEASIBLE, x, bound, msg)
+            return make_outcome(self.name, model, Termination.FEASIBLE, x, bound, msg, started=t_start)
         if ms in (S.kTimeLimit, S.kIterationLimit, S.kSolutionLimit, S.kInterrupt):
-            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound, msg)
-        return make_outcome(self.name, model, Termination.ERROR, None, None, msg)
+            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound, msg, started=t_start)
+        return make_outcome(self.name, model, Termination.ERROR, None, None, msg, started=t_start)
 
     def _solve_scipy(self, model: LinearModel, params: SolveParams) -> SolveOutcome:
         from scipy.optimize import Bounds, LinearConstraint, milp
 
+        t_start = time.perf_counter()
         res = milp(
             model.c, integrality=model.integer.astype(int), bounds=Bounds(model.lb, model.ub),
             constraints=LinearConstraint(model.A, model.row_lo, model.row_hi),
@@ -110,11 +112,11 @@ class HighsBackend(Backend):
         bound = getattr(res, "mip_dual_bound", None)
         bound = None if bound is None or not np.isfinite(bound) else float(bound) + model.obj_const
         if res.status == 0:
-            return make_outcome(self.name, model, Termination.OPTIMAL, np.asarray(res.x), bound, res.message)
+            return make_outcome(self.name, model, Termination.OPTIMAL, np.asarray(res.x), bound, res.message, started=t_start)
         if res.status == 2:
-            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, res.message)
+            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, res.message, started=t_start)
         if res.x is not None:
-            return make_outcome(self.name, model, Termination.FEASIBLE, np.asarray(res.x), bound, res.message)
+            return make_outcome(self.name, model, Termination.FEASIBLE, np.asarray(res.x), bound, res.message, started=t_start)
         if res.status == 1:
-            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound, res.message)
-        return make_outcome(self.name, model, Termination.ERROR, None, None, res.message)
+            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound, res.message, started=t_start)
+        return make_outcome(self.name, model, Termination.ERROR, None, None, res.message, started=t_start)

@@ -1,6 +1,6 @@
 """SCIP through ``pyscipopt`` (optional: ``pip install '.[scip]'``). Takes the hint as a MIP start and
 reports SCIP's dual bound. SCIP runs one thread and counts wall time; it stops at once on Ctrl-C,
-which is then raised here as ``KeyboardInterrupt``."""
+which is then raised here as ``KeyboardInterrupt``. The outcome's ``trace`` holds the final point only."""
 
 from __future__ import annotations
 
@@ -65,11 +65,11 @@ class ScipBackend(Backend):
             x = np.array([m.getSolVal(best, v) for v in xs])
         msg = f"SCIP: {st}" + ("" if started or params.hint is None else "; MIP start rejected")
         if st == "optimal" or st == "gaplimit":
-            return make_outcome(self.name, model, Termination.OPTIMAL, x, bound, msg)
+            return make_outcome(self.name, model, Termination.OPTIMAL, x, bound, msg, started=t_start)
         if st == "infeasible":
-            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, msg)
+            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, msg, started=t_start)
         if x is not None:
-            return make_outcome(self.name, model, Termination.FEASIBLE, x, bound, msg)
+            return make_outcome(self.name, model, Termination.FEASIBLE, x, bound, msg, started=t_start)
         if st in ("timelimit", "nodelimit", "totalnodelimit", "stallnodelimit", "memlimit"):
-            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound, msg)
-        return make_outcome(self.name, model, Termination.ERROR, None, None, msg)
+            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound, msg, started=t_start)
+        return make_outcome(self.name, model, Termination.ERROR, None, None, msg, started=t_start)

@@ -37,7 +37,14 @@ class LayerSolveResult:
     returned placement (:class:`LayerScorer`); ``bound_s``: a valid lower bound on the evaluator's best
     layer time over ``family`` (what it certifies is in ``bound_certifies``); ``gap = (objective -
     bound) / objective``; ``status`` ``optimal`` when that gap meets the target. The block MILP's own
-    numbers (before: ``objective_s``/``bound_s``) are ``model_objective_s`` and ``model_bound_s``."""
+    numbers (before: ``objective_s``/``bound_s``) are ``model_objective_s`` and ``model_bound_s``.
+
+    ``trace``: the layer's progress, points ``(time_s, primal_s, bound_s, what)`` in time order,
+    ``time_s`` in wall seconds since the layer began (wall-clock even in deterministic mode), values in
+    seconds (None where not known): ``warm-start:<name>`` (the best start's evaluator score, when
+    scored), ``bound`` (the certified bound on the evaluator, LP + area floor, when computed),
+    ``model:<backend>`` (a solver incumbent: the block model's objective and the solver's bound on
+    it; the model's numbers, not the evaluator's), ``final`` (``objective_s`` and ``bound_s``)."""
 
     layer: int
     status: str
@@ -61,6 +68,7 @@ class LayerSolveResult:
     model_objective_s: float | None = None
     model_bound_s: float | None = None
     time_mode: str = "wall"
+    trace: tuple[tuple[float, float | None, float | None, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,7 +79,7 @@ class LayerSolveResult:
             "warm_start_source": self.warm_start_source, "source": self.source,
             "bound_certifies": self.bound_certifies, "message": self.message, "final_source": self.final_source,
             "family": self.family, "model_objective": self.model_objective_s, "model_bound": self.model_bound_s,
-            "time_mode": self.time_mode,
+            "time_mode": self.time_mode, "trace": [list(p) for p in self.trace],
         }
 
 
@@ -157,11 +165,13 @@ def solve_layer(
     start_scores = {k: score(a) for k, a in starts.items()}
     best_start = min(start_scores, key=start_scores.__getitem__)
     assign, obj, source = starts[best_start], start_scores[best_start], "warm-start:" + best_start
+    trace = [(time.perf_counter() - t0, obj, None, source)]
     # the bound first (cheap): a warm start that already meets the gap target ends the layer
     det = params.deterministic
     bound = lp_bound(bm.to_linear_lower(), time_limit_s=None if det else max(deadline - time.perf_counter(), 0.05))
     # the LP can be cut by the time limit: the area bound (no solve) is always there
     bound = min(max(bm.area_lower_s, -np.inf if bound is None else bound / US), obj)
+    trace.append((time.perf_counter() - t0, None, bound, "bound"))
 
     def gap_of(o: float) -> float | None:
         return None if bound is None or o <= 0 else max(0.0, (o - bound) / o)
@@ -176,8 +186,11 @@ def solve_layer(
         sp = replace(params, hint=bm.full_vector(ws, lm))
         if not det:  # wall seconds: the solver gets what remains of the layer's limit
             sp = replace(sp, time_limit_s=remaining)
+        t_solve = time.perf_counter() - t0
         try:
             raw = solver.solve(lm, sp)
+            trace += [(t_solve + t, None if p is None else p / US, None if b is None else b / US, "model:" + backend)
+                      for t, p, b in raw.trace]
         except Exception as exc:  # a solver crash must not lose the warm start
             raw = make_outcome(backend, lm, Termination.ERROR, None, None, f"{type(exc).__name__}: {exc}")
     if raw.x is not None:
@@ -198,12 +211,15 @@ def solve_layer(
         time_mode = "deterministic" if backend == "cpsat" else f"wall ({backend} has no deterministic limit)"
     else:
         time_mode = "wall"
+    t_end = time.perf_counter() - t0
+    trace.append((t_end, obj, bound, "final"))
     return LayerSolveResult(
-        layer=layer, status=status, objective_s=obj, bound_s=bound, gap=gap, time_s=time.perf_counter() - t0,
+        layer=layer, status=status, objective_s=obj, bound_s=bound, gap=gap, time_s=t_end,
         backend=backend, num_vars=lm.num_vars, num_binaries=lm.num_binaries, num_rows=lm.num_rows,
         warm_start_objective_s=start_scores[best_start], warm_start_source=best_start, source=source,
         bound_certifies=score.certifies, message=raw.message, placement=bm.placement(assign), assign=assign,
         family=FAMILY, model_objective_s=bm.objective(assign), model_bound_s=model_bound, time_mode=time_mode,
+        trace=tuple(trace),
     )
 
 
