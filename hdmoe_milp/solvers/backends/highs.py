@@ -1,8 +1,8 @@
 """HiGHS. With ``highspy`` installed (``pip install '.[highs]'``) the model goes to HiGHS directly: it
 takes the hint as a MIP start, a thread count and a seed. Without it, SciPy's bundled HiGHS
 (``scipy.optimize.milp``) solves the model with no MIP start (the caller still never returns anything
-worse than its warm start). Either way the dual bound is reported and the limit is wall time; there is no progress callback, so
-the outcome's ``trace`` holds the final point only."""
+worse than its warm start). Either way the dual bound is reported and the limit is wall time; there
+is no progress callback, so the outcome's ``trace`` holds the final point only."""
 
 from __future__ import annotations
 
@@ -111,12 +111,15 @@ class HighsBackend(Backend):
         )
         bound = getattr(res, "mip_dual_bound", None)
         bound = None if bound is None or not np.isfinite(bound) else float(bound) + model.obj_const
+        x = None if res.x is None else np.asarray(res.x)
         if res.status == 0:
-            return make_outcome(self.name, model, Termination.OPTIMAL, np.asarray(res.x), bound, res.message, started=t_start)
-        if res.status == 2:
-            return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, res.message, started=t_start)
-        if res.x is not None:
-            return make_outcome(self.name, model, Termination.FEASIBLE, np.asarray(res.x), bound, res.message, started=t_start)
-        if res.status == 1:
-            return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound, res.message, started=t_start)
-        return make_outcome(self.name, model, Termination.ERROR, None, None, res.message, started=t_start)
+            term = Termination.OPTIMAL
+        elif res.status == 2:
+            term, x, bound = Termination.INFEASIBLE, None, None
+        elif x is not None:
+            term = Termination.FEASIBLE
+        elif res.status == 1:
+            term = Termination.NO_SOLUTION
+        else:
+            term, bound = Termination.ERROR, None
+        return make_outcome(self.name, model, term, x, bound, res.message, started=t_start)
