@@ -102,7 +102,7 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
     except InputError:
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, OverflowError, RecursionError, zlib.error,
-            zipfile.BadZipFile) as exc:
+            zipfile.BadZipFile, NotImplementedError, RuntimeError) as exc:  # zipfile: unsupported method, encrypted
         raise InputError("trace", f"cannot read {p}: {type(exc).__name__}: {exc}",
                          "give an uncorrupted .json, .json.gz or .npz trace") from None
     if max_tokens is not None:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -267,3 +268,19 @@ def test_fuzz_plan_top_level_replaced(key, value):
 @given(edits)
 def test_fuzz_plan_mutated_bytes(ed):
     _plan_ok(_mutate(json.dumps(_valid_plan()).encode(), ed))
+
+
+@pytest.mark.parametrize("flag", [0x1, 0x40])
+def test_npz_with_encryption_flag_is_one_input_error(flag):
+    """A zip member flagged as encrypted (zipfile raises RuntimeError / NotImplementedError) is one
+    InputError naming the trace (found by the fuzzer above)."""
+    ids = np.zeros((4, L, K), dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, topk_ids=ids)
+    data = bytearray(buf.getvalue())
+    for sig, off in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # general-purpose flags of both headers
+        at = data.find(sig)
+        data[at + off] |= flag
+    _trace_ok("t.npz", bytes(data))
+    with pytest.raises(InputError, match="trace"):
+        load_trace(_tmp("t.npz", bytes(data)), E, K)
