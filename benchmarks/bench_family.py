@@ -30,10 +30,10 @@ import pandas as pd
 import hdmoe_milp as hm
 from hdmoe_milp.strategies.block_milp import MilpOptions, SolveParams, solve_layer
 
-FAMILIES = {
-    "blocks": MilpOptions(patterns=False),
-    "patterns": MilpOptions(),
-    "no-flips": MilpOptions(pattern_flips=False),
+FAMILIES = {  # MilpOptions switches of each family
+    "blocks": {"patterns": False},
+    "patterns": {},
+    "no-flips": {"pattern_flips": False},
 }
 
 
@@ -72,7 +72,7 @@ def run(path: str, layers: list[int], det: float, families: list[str], out: Path
         score = LayerScorer(bm)
         base_s = {n: score(bm.assign_from_shares(lp.shares)) for n, lp in base.items()}
         for fam in families:
-            opts = MilpOptions(**{**FAMILIES[fam].__dict__, "delivery": delivery})
+            opts = MilpOptions(**FAMILIES[fam], delivery=delivery)
             given = base if fam != "blocks" else {n: lp for n, lp in base.items() if n != "hdmoe"}
             t = time.perf_counter()
             fm = family_model(m, hw, f[li], p.batch, opts, co, given)

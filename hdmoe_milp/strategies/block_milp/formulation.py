@@ -303,7 +303,9 @@ class BlockModel:
         ix["y"] = y = mb.add_vars("y", nb, 0.0, fsum, integer=False)
         ix["z"] = z = mb.add_vars("z", nb, 0.0, asum, integer=False)
         ix["u"] = u = mb.add_vars("u", ns, 0.0, fsum, integer=False)
-        ix["Y"] = Y = mb.add_vars("Y", G * ns, 0.0, 1.0, integer=False).reshape(G, ns)
+        ix["Y"] = Y = np.full((G, ns), -1, dtype=np.int64)  # Y_gs only where some expert of g can use s
+        reach = self.group_reach()
+        Y[reach] = mb.add_vars("Y", int(reach.sum()), 0.0, 1.0, integer=False)
         n = None
         if self.cap_layer is not None:
             ix["n"] = n = mb.add_vars("n", nb, 0.0, float(E), integer=True)
@@ -335,6 +337,14 @@ class BlockModel:
                                      integer=True)
         return x
 
+    def group_reach(self) -> np.ndarray:
+        """``[G, ns]`` bool: node sets some expert of each modelled group may use (``family``)."""
+        ns = len(self.set_first)
+        use = np.zeros((self.model.num_experts, ns), dtype=bool)  # [E, ns] expert i has a column on set s
+        ei, bi = np.nonzero(self.family)
+        use[ei, self.set_of[bi]] = True
+        return use[self.g_ids].any(axis=1) if len(self.g_f) else np.zeros((0, ns), dtype=bool)
+
     def build_assignment(self, mb: ModelBuilder, x: np.ndarray) -> None:
         """(A1) every expert on exactly one of its candidate columns: sum_b x_ib = 1."""
         for i in range(x.shape[0]):
@@ -359,7 +369,8 @@ class BlockModel:
             xs = x[:, bs]
             ok = xs >= 0
             ft = np.broadcast_to(self.f_tail[:, None], xs.shape)
-            mb.add_row(np.r_[u[s], xs[ok], Y[:, s]], np.r_[1.0, -ft[ok], -self.g_f], 0.0, 0.0)
+            on = Y[:, s] >= 0
+            mb.add_row(np.r_[u[s], xs[ok], Y[on, s]], np.r_[1.0, -ft[ok], -self.g_f[on]], 0.0, 0.0)
         for g, members in enumerate(self.g_ids):
             for i in members:
                 for s, bs in enumerate(cols):
@@ -495,7 +506,8 @@ class BlockModel:
         if len(self.g_f):
             S = np.zeros((E, len(self.set_first)))
             S[np.arange(E), self.set_of[a]] = 1.0
-            v[ix["Y"].ravel()] = (S[self.g_ids].max(axis=1)).ravel()
+            reach = ix["Y"] >= 0
+            v[ix["Y"][reach]] = S[self.g_ids].max(axis=1)[reach]
         if "n" in ix:
             v[ix["n"]] = X.sum(axis=0)
         comp, disp, comb = self.parts(a)
