@@ -111,14 +111,17 @@ class Blocks:
         shares within :data:`SHARE_TOL`), -1 where none does; ``among [n, nb]`` (bool) restricts the
         columns each row may match."""
         s = np.asarray(shares, dtype=float).reshape(-1, self.mesh.num_nodes)
-        if s.shape[0] == 0:
-            return np.zeros(0, dtype=np.int64)
-        diff = np.abs(s[:, None, :] - self.share[None, :, :]).max(axis=2)  # [n, nb]
-        same_nodes = ((s > 0)[:, None, :] == (self.share > 0)[None, :, :]).all(axis=2)
-        hit = (diff <= SHARE_TOL) & same_nodes
-        if among is not None:
-            hit &= among
-        return np.where(hit.any(axis=1), np.argmax(hit, axis=1), -1)
+        out = np.full(s.shape[0], -1, dtype=np.int64)
+        step = max(1, (1 << 22) // max(self.share.size, 1))  # rows per chunk: [step, nb, D] <= 4M values
+        for lo in range(0, s.shape[0], step):
+            c = s[lo:lo + step]
+            diff = np.abs(c[:, None, :] - self.share[None, :, :]).max(axis=2)  # [step, nb]
+            same_nodes = ((c > 0)[:, None, :] == (self.share > 0)[None, :, :]).all(axis=2)
+            hit = (diff <= SHARE_TOL) & same_nodes
+            if among is not None:
+                hit &= np.asarray(among)[lo:lo + step]
+            out[lo:lo + step] = np.where(hit.any(axis=1), np.argmax(hit, axis=1), -1)
+        return out
 
     def with_patterns(self, shares: np.ndarray) -> tuple[Blocks, np.ndarray]:
         """These columns plus the patterns ``shares [P, D]`` (rows summing to 1, kept exactly as
