@@ -1,6 +1,6 @@
-"""The offline block MILP as a strategy: formulation (``formulation.py``), candidate blocks
-(``blocks.py``), warm starts (``heuristics.py``) and per-layer / whole-model solves (``solve.py``).
-The solvers themselves live in :mod:`hdmoe_milp.solvers`."""
+"""The offline block MILP as a strategy: formulation (``formulation.py``), candidate blocks and the
+baselines' patterns (``blocks.py``), warm starts (``heuristics.py``) and per-layer / whole-model solves
+(``solve.py``). The solvers themselves live in :mod:`hdmoe_milp.solvers`."""
 
 from ...solvers import (
     BACKENDS,

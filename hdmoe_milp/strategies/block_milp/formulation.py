@@ -444,9 +444,9 @@ class BlockModel:
 
     def to_linear_lower(self) -> LinearModel:
         """A MILP whose optimum is at most the default evaluator's (``coalesce="node"``) best layer time
-        over this block family (``formulations/offline_milp.md``, "The certificate"): compute as in
-        :meth:`to_linear` (exact); a token's union message loads each link at least as much as the
-        message to any one of its experts' blocks, so a tracked group g adds ``f_g * w_gl`` with
+        over this family, blocks and patterns (``formulations/offline_milp.md``, "The certificate"):
+        compute as in :meth:`to_linear` (exact); a token's union message loads each link at least as
+        much as the message to any one of its experts' columns, so a tracked group g adds ``f_g * w_gl`` with
         ``w_gl >= route of expert i on link l`` for every i in g, and every other token adds the mean
         of its experts' routes (``f_i^rest / k`` per expert); hop terms at the smallest route length."""
         E, nb, D = self.model.num_experts, self.blocks.num_blocks, self.hw.num_nodes
