@@ -48,7 +48,7 @@ from .strategies.block_milp import (
     select_layers,
     solve_layer_task,
 )
-from .strategies.hdmoe import WORK_LIMIT, hdmoe_layer
+from .strategies.hdmoe import WORK_LIMIT
 from .workload import Trace, load_trace, summarize, total_variation
 
 __all__ = [
@@ -221,7 +221,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     ``time_limit_s``: per layer. ``jobs``: layers solved in parallel (process pool).
     ``executor``: ``local`` or ``ray``. ``baselines``: True (all), False (none) or a list of names.
     ``work_limit``: the ``hdmoe`` baseline's stage-1 budget per layer (CP-SAT deterministic seconds;
-    None: its default). Its layers run in the same pool as the MILP's.
+    None: its default). Each MILP layer computes that layer's hdmoe baseline itself (within its
+    ``time_limit_s``; a warm start and part of its family), which is also the ``hdmoe`` candidate.
     Scoring uses ``mesh`` mode (the model the MILP optimises) with the problem's delivery rule.
     ``layers``: solve only these MoE layers (0-based; the MILP and the hdmoe baseline); every other
     layer takes the best of the other baselines and is reported ``not-solved``. ``deterministic``:
@@ -237,30 +238,25 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     seed = problem.seed if seed is None else check_seed(seed)
     params = SolveParams(time_limit_s=time_limit_s, threads=threads, seed=seed, gap=gap, deterministic=deterministic)
     t0 = time.perf_counter()
-    # one pool for every layer's MILP and every layer of the hdmoe baseline (its per-layer work is
-    # a deterministic budget, so sharing the pool does not change its answer)
+    # one pool task per layer: its MILP computes the layer's hdmoe baseline too (a deterministic
+    # budget, so the pool does not change its answer) and the pipeline reuses it as the candidate
     m, L = problem.model, problem.model.moe_layers
     coact = problem.coactivation
-    milp_tasks = layer_tasks(m, problem.hardware, problem.frequencies, problem.batch, backend=backend, params=params,
-                             options=MilpOptions(delivery=problem.options.resolved_delivery), coactivation=coact)
-    chosen = select_layers(layers, L)
-    tasks: list[tuple] = [("milp", milp_tasks[li]) for li in chosen]
     work = WORK_LIMIT if work_limit is None else work_limit
-    if "hdmoe" in names:
-        tasks += [("hdmoe", (m, problem.hardware, problem.frequencies[li], None if coact is None else coact[li],
-                             problem.batch), {"seed": seed, "layer": li, "work_limit": work, "backend": backend,
-                              "time_limit_s": time_limit_s})
-                  for li in chosen]
+    milp_tasks = layer_tasks(m, problem.hardware, problem.frequencies, problem.batch, backend=backend, params=params,
+                             options=MilpOptions(delivery=problem.options.resolved_delivery), coactivation=coact,
+                             hdmoe_work_limit=work)
+    chosen = select_layers(layers, L)
+    tasks: list[tuple] = [milp_tasks[li] for li in chosen]
     bar = _progress(progress, total=len(tasks), desc=f"solve {m.name}", unit="layer")
     interrupted = False
     try:
-        out = run_tasks(_layer_task, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=threads)
+        out = run_tasks(solve_layer_task, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=threads)
     except TasksInterrupted as exc:  # Ctrl-C: keep the finished layers, the others take their best start
         out, interrupted = exc.results, True
     finally:
         bar.close()
-    n = len(chosen)
-    milp_out = dict(zip(chosen, out[:n], strict=True))
+    milp_out = dict(zip(chosen, out, strict=True))
     results = [milp_out[li] if milp_out.get(li) is not None else not_solved_task(milp_tasks[li]) for li in range(L)]
     if interrupted:
         results = [replace(r, status="interrupted", message="Ctrl-C before this layer finished")
@@ -269,7 +265,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     res = model_result(results, backend, problem.batch, params, time.perf_counter() - t0)
     candidates = {"milp": res.placement}
     if "hdmoe" in names:  # layers not selected: the MILP candidate's (best expressible baseline)
-        hd = {li: o for li, o in zip(chosen, out[n:], strict=True) if o is not None}
+        hd = {li: o.hdmoe for li, o in milp_out.items() if o is not None and o.hdmoe is not None}
         candidates["hdmoe"] = Placement(
             tuple(hd[li][0] if li in hd else results[li].placement for li in range(L)), "hdmoe",
             {"stage1": [hd[li][1] if li in hd else {"not-solved": True} for li in range(L)], "work_limit": work})
@@ -300,14 +296,6 @@ def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[L
     plan = Placement(plan.layers, plan.strategy, {**plan.meta, **meta})
     evals = {"plan": score(plan, problem.model, problem.hardware, problem.workload, opts), **evals}
     return PlanResult(problem, plan, layers, evals, solver, candidates)
-
-
-def _layer_task(task: tuple) -> Any:
-    """One layer of the MILP or of the hdmoe baseline (runs in a worker process)."""
-    if task[0] == "milp":
-        return solve_layer_task(task[1])
-    args, kw = task[1], task[2]
-    return hdmoe_layer(*args, **kw)
 
 
 # --- plan files ------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Random small instances (E 2..8, top-k 1..3, meshes 1x2..4x4 including 1xN and Nx
 bandwidths, random co-activation groups and batch). Workloads are the *expected* workload of the
 groups (one flow per group, ``f_g * B`` tokens), built directly. Checked:
 
-- block MILP (``BlockModel.objective``): == evaluator ``coalesce="block"`` (all groups modelled) and
-  ``coalesce="expert"`` (none), spread homes, same delivery, plus ``2 * hop * (diameter - hops)``
+- block MILP (``BlockModel.objective``, blocks or patterns): == evaluator ``coalesce="block"`` (all
+  groups modelled) and ``coalesce="expert"`` (none), spread homes, same delivery, plus ``2 * hop * (diameter - hops)``
   (0 when hop latency is 0 or an expert with traffic touches a corner); its compute part == the
   evaluator's; with some groups dropped it lies between the two; always >= the default evaluator
   (``coalesce="node"``).
@@ -158,6 +158,35 @@ def random_shares(rng: np.random.Generator, E: int, D: int) -> np.ndarray:
         w = rng.uniform(0.2, 1.0, len(nodes)) if rng.random() < 0.5 else np.ones(len(nodes))
         out[i, nodes] = w / w.sum()
     return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(inst=instances(), delivery=DELIVERY)
+def test_block_milp_with_patterns_against_the_evaluator(inst, delivery):
+    """Patterns (random node sets with random shares, some on the same nodes as a block or as each
+    other) as extra columns: the same exactness as blocks; experts whose columns share their nodes
+    share one message (coalesce="block")."""
+    model, hw, ids, fg, B, rng = inst
+    E, D = model.num_experts, hw.num_nodes
+    f = freqs(model, ids, fg)
+    pats = random_shares(rng, E, D)
+    pats = np.vstack([pats, np.where(pats > 0, 1.0, 0.0) / (pats > 0).sum(axis=1, keepdims=True)])  # even copies
+    owner = np.r_[np.arange(E), rng.permutation(E)]
+    opts = MilpOptions(delivery=delivery, symmetry=False, pattern_flips=bool(rng.integers(2)))
+    bm = BlockModel(model, hw, f, B, opts, coactivation=(ids, fg), patterns=(pats, owner))
+    assign = np.array([rng.choice(np.flatnonzero(bm.family[i])) for i in range(E)])
+    lp = bm.placement(assign)
+    assert np.array_equal(bm.assign_from_shares(lp.shares), assign)
+    for p, i in zip(pats, owner, strict=True):  # every pattern is a candidate of its expert, shares kept
+        col = bm.blocks.match(p[None])[0]
+        assert col >= 0 and bm.family[i, col] and np.array_equal(bm.blocks.share[col], p)
+    plan = Placement((lp,))
+    ev = {c: evaluate(plan, model, hw, expected(model, ids, fg, B), EvalOptions(coalesce=c, delivery=delivery))
+          for c in ("node", "block")}
+    slack = 2 * hw.hop_latency_s * (int(hw.mesh.distance.max()) - used_hops(hw, lp.shares, f))
+    assert rel(bm.objective(assign), ev["block"].layer_s[0] + slack) <= REL
+    assert rel(bm.parts(assign)[0], ev["node"].compute_s[0]) <= REL
+    assert bm.objective(assign) >= ev["node"].layer_s[0] * (1 - REL)
 
 
 @settings(max_examples=300, deadline=None)

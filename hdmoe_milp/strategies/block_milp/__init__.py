@@ -1,6 +1,6 @@
-"""The offline block MILP as a strategy: formulation (``formulation.py``), candidate blocks
-(``blocks.py``), warm starts (``heuristics.py``) and per-layer / whole-model solves (``solve.py``).
-The solvers themselves live in :mod:`hdmoe_milp.solvers`."""
+"""The offline block MILP as a strategy: formulation (``formulation.py``), candidate blocks and the
+baselines' patterns (``blocks.py``), warm starts (``heuristics.py``) and per-layer / whole-model solves
+(``solve.py``). The solvers themselves live in :mod:`hdmoe_milp.solvers`."""
 
 from ...solvers import (
     BACKENDS,
@@ -19,6 +19,8 @@ from .solve import (
     LayerSolveResult,
     ModelSolveResult,
     best_per_layer,
+    family_model,
+    layer_baselines,
     layer_tasks,
     model_result,
     not_solved_task,
@@ -31,6 +33,6 @@ from .solve import (
 __all__ = [
     "BACKENDS", "EXECUTORS", "BlockModel", "Blocks", "LayerSolveResult", "LinearModel", "MilpOptions",
     "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends", "best_per_layer",
-    "get_backend", "layer_tasks", "lp_bound", "make_blocks", "model_result", "not_solved_task", "select_layers",
-    "solve_layer", "solve_layer_task", "solve_model",
+    "family_model", "get_backend", "layer_baselines", "layer_tasks", "lp_bound", "make_blocks", "model_result",
+    "not_solved_task", "select_layers", "solve_layer", "solve_layer_task", "solve_model",
 ]

@@ -1,13 +1,16 @@
 """The offline block MILP of one MoE layer (written out in ``formulations/offline_milp.md``).
 
-Each expert i picks one candidate block b (``x_ib`` binary). Aggregates per block: tokens
-``y_b = sum_i f_i x_ib``, activation-weighted weight reads ``z_b = sum_i a_i x_ib`` and expert count
-``n_b = sum_i x_ib``. Epigraph variables ``T_comp``, ``T_disp``, ``T_comb`` (microseconds) bound the
-node times and the per-link times; the objective is their sum plus a hop-latency constant.
+Each expert i picks one candidate column b (``x_ib`` binary): an aligned block (the expert spread
+evenly over it) or one of the expert's patterns (a node set with a share vector, taken from the
+layer's baselines; ``blocks.py``). Aggregates per column: tokens ``y_b = sum_i f_i x_ib``,
+activation-weighted weight reads ``z_b = sum_i a_i x_ib`` and expert count ``n_b = sum_i x_ib``;
+messages ``u_s`` per distinct node set s (columns with the same nodes share a message). Epigraph
+variables ``T_comp``, ``T_disp``, ``T_comb`` (microseconds) bound the node times and the per-link times;
+the objective is their sum plus a hop-latency constant.
 
 Every constant comes from the cost kernel (:mod:`hdmoe_milp.costs`): ``UnitCosts`` (FLOPs, vector
 and weight bytes), ``activation_probability``, the two sides of ``roofline_s``, the per-link terms of
-``phase_time_s`` (over ``link_loads`` of one message per block), ``layer_capacity_bytes``.
+``phase_time_s`` (over ``link_loads`` of one message per node set), ``layer_capacity_bytes``.
 
 Exactness against :func:`hdmoe_milp.evaluator.evaluate` (mesh mode, spread homes, the same delivery
 rule, the expected workload of the coactivation, ``f_i = sum_{g ni i} f_g``; ``tests/test_surrogates.py``):
@@ -37,7 +40,7 @@ from ...hardware import Hardware
 from ...moe import MoEModel
 from ...placement import LayerPlacement
 from ...solvers import LinearModel, ModelBuilder
-from .blocks import Blocks, make_blocks
+from .blocks import Blocks, flip_copies, make_blocks
 
 US = 1e6  # the linear model works in microseconds
 
@@ -61,6 +64,11 @@ class MilpOptions:
     co-activation groups modelled exactly (A4); ``lower_rows``: row budget of the groups whose union
     routes the evaluator-lower model (:meth:`BlockModel.to_linear_lower`) bounds by their longest
     single-expert route per link (the others by the mean of their experts' routes).
+    ``patterns``: :func:`solve_layer` adds, per expert, the patterns the layer's non-replicated
+    baselines use (the family then contains every such baseline). ``pattern_flips``: each pattern
+    also with the mesh's rows, columns or both flipped, so that the family stays closed under the
+    flips and symmetry breaking stays valid; without them symmetry breaking is off whenever a
+    pattern is a column.
     """
 
     delivery: str = "tree"
@@ -71,6 +79,8 @@ class MilpOptions:
     capacity_share: float | None = None
     coloc_rows: int = 6000
     lower_rows: int = 0
+    patterns: bool = True
+    pattern_flips: bool = True
 
 
 class BlockModel:
@@ -78,7 +88,11 @@ class BlockModel:
 
     def __init__(self, model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
                  options: MilpOptions | None = None, blocks: Blocks | None = None,
-                 coactivation: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 coactivation: tuple[np.ndarray, np.ndarray] | None = None,
+                 patterns: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``freqs [E]`` tokens per token-slot, ``batch`` tokens. ``patterns``: ``(shares [P, D],
+        expert [P])``, extra candidate columns, pattern p allowed for expert ``expert[p]`` only (with
+        ``options.pattern_flips`` its mirror images too); see :func:`blocks.layer_patterns`."""
         self.model = model
         self.hw = hw
         self.opts = options or MilpOptions()
@@ -92,9 +106,13 @@ class BlockModel:
             hw.mesh, tree=self.opts.delivery == "tree", max_degree=self.opts.max_degree,
             shapes=list(self.opts.shapes) if self.opts.shapes else None,
         )
+        self.family = np.ones((model.num_experts, self.blocks.num_blocks), dtype=bool)  # [E, nb] candidates
+        self.flip_closed = bool(self.blocks.aligned.all())  # aligned blocks map to aligned blocks
+        if patterns is not None and len(patterns[1]):
+            self._add_patterns(np.asarray(patterns[0], dtype=float), np.asarray(patterns[1], dtype=np.int64))
         bl = self.blocks
-        d = bl.degree.astype(float)
-        per_node = bl.members / d[:, None]  # [nb, D] share of a block's expert on each node
+        per_node = bl.share  # [nb, D] share of a column's expert on each node
+        self.set_of, self.set_first = bl.dest_sets  # [nb] node set of each column, [ns] one column per set
         self.unit = unit = UnitCosts.of(model, "mesh")
         # a_i: probability that a batch of B tokens activates expert i (the weight reads it causes)
         self.a = activation_probability(self.f * self.B, self.B)
@@ -108,14 +126,34 @@ class BlockModel:
         self.comb_bytes = bl.comb * vec
         self.disp_coef = link_terms_s(self.disp_bytes, hw.link_bw)  # [nb, nl] seconds per unit f
         self.comb_coef = link_terms_s(self.comb_bytes, hw.link_bw)
+        self.set_disp_bytes, self.set_comb_bytes = self.disp_bytes[self.set_first], self.comb_bytes[self.set_first]
+        self.set_disp_coef, self.set_comb_coef = self.disp_coef[self.set_first], self.comb_coef[self.set_first]
         self.cap_layer = self._layer_capacity()
         self.allowed = self._allowed_blocks()
         self._set_coactivation(coactivation)
 
+    def _add_patterns(self, shares: np.ndarray, expert: np.ndarray) -> None:
+        """Append the patterns as columns allowed only for their experts (deduplicated; a pattern
+        equal to a block is that block)."""
+        E = self.model.num_experts
+        if shares.shape[1] != self.hw.num_nodes or np.any((expert < 0) | (expert >= E)):
+            raise InputError("patterns", f"need [P, {self.hw.num_nodes}] shares and expert ids in 0..{E - 1}")
+        if self.opts.pattern_flips:
+            shares = flip_copies(shares, self.hw.mesh).reshape(-1, shares.shape[1])
+            expert = np.tile(expert, 4)
+        self.blocks, cols = self.blocks.with_patterns(shares)
+        nb = self.blocks.num_blocks
+        fam = np.zeros((E, nb), dtype=bool)
+        fam[:, : self.family.shape[1]] = self.family
+        fam[expert, cols] = True
+        self.family = fam
+        self.flip_closed = self.opts.pattern_flips or bool(self.blocks.aligned.all())
+
     def _set_coactivation(self, coactivation: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Co-activation sets modelled exactly (ids ``[G, k]``, frequencies ``[G]``); the tail
         frequency ``f_tail`` of each expert is what remains, modelled additively."""
-        k, nb = self.model.top_k, self.blocks.num_blocks
+        # the row budget counts the aligned blocks (as before patterns): patterns add rows on top
+        k, nb = self.model.top_k, int(self.blocks.aligned.sum())
         self.coactivation = coactivation
         G = 0
         if coactivation is not None and k > 1:
@@ -129,10 +167,10 @@ class BlockModel:
         self.f_tail = np.clip(self.f - covered, 0.0, None)
 
     def traffic(self, assign: np.ndarray) -> np.ndarray:
-        """``[nb]`` tokens-worth of messages sent to each block: one per (tail token, expert) and one
-        per (modelled group token, distinct block of its experts)."""
-        a = np.asarray(assign)
-        u = np.bincount(a, weights=self.f_tail, minlength=self.blocks.num_blocks)
+        """``[ns]`` tokens-worth of messages sent to each distinct node set: one per (tail token,
+        expert) and one per (modelled group token, distinct node set of its experts)."""
+        a = self.set_of[np.asarray(assign)]
+        u = np.bincount(a, weights=self.f_tail, minlength=len(self.set_first))
         if len(self.g_f):
             blk = np.sort(a[self.g_ids], axis=1)
             first = np.ones(blk.shape, dtype=bool)
@@ -156,16 +194,25 @@ class BlockModel:
             )
         return cap_layer
 
-    def _allowed_blocks(self) -> np.ndarray:
-        """``[E, nb]`` bool: candidate blocks per expert after symmetry breaking."""
-        E, nb = self.model.num_experts, self.blocks.num_blocks
-        allowed = np.ones((E, nb), dtype=bool)
+    @property
+    def symmetric(self) -> bool:
+        """Whether symmetry breaking applies: asked for, one bandwidth on every link, and the family
+        closed under the mesh's row and column flips."""
         bw = self.hw.link_bw
-        if self.opts.symmetry and E > 0 and bw.size and np.all(bw == bw[0]):
+        return bool(self.opts.symmetry and self.model.num_experts > 0 and bw.size and np.all(bw == bw[0])
+                    and self.flip_closed)
+
+    def _allowed_blocks(self) -> np.ndarray:
+        """``[E, nb]`` bool: candidate columns per expert (``family``) after symmetry breaking (the
+        hottest expert's column has its share-weighted centre in the top-left quadrant; a flip maps
+        any plan of the flip-closed family to one that satisfies this, at the same cost) and capacity."""
+        allowed = self.family.copy()
+        if self.symmetric:
             R, C = self.hw.mesh.rows, self.hw.mesh.cols
-            centre = self.blocks.origin + (self.blocks.shape - 1) / 2.0
-            ok = (centre[:, 0] <= (R - 1) / 2.0) & (centre[:, 1] <= (C - 1) / 2.0)
-            allowed[int(np.argmax(self.f)), :] = ok
+            centre = self.blocks.centroid
+            eps = 1e-9
+            ok = (centre[:, 0] <= (R - 1) / 2.0 + eps) & (centre[:, 1] <= (C - 1) / 2.0 + eps)
+            allowed[int(np.argmax(self.f)), :] &= ok
         if self.cap_layer is not None:
             allowed &= (self.mem_bytes.max(axis=1) <= self.cap_layer)[None, :]
         return allowed
@@ -185,13 +232,13 @@ class BlockModel:
         return roofline_s(y @ self.node_flops[blocks], z @ self.mem_bytes[blocks], self.hw)
 
     def parts(self, assign: np.ndarray) -> tuple[float, float, float]:
-        """(compute, dispatch, combine) seconds of ``assign [E]`` (block per expert), without the
+        """(compute, dispatch, combine) seconds of ``assign [E]`` (column per expert), without the
         hop-latency constant."""
         a = np.asarray(assign)
         comp = self.node_time_s(self.f, self.a, a).max()
         u = self.traffic(a)
-        disp = phase_time_s(u @ self.disp_bytes, self.hw.link_bw)
-        comb = phase_time_s(u @ self.comb_bytes, self.hw.link_bw)
+        disp = phase_time_s(u @ self.set_disp_bytes, self.hw.link_bw)
+        comb = phase_time_s(u @ self.set_comb_bytes, self.hw.link_bw)
         return float(comp), float(disp), float(comb)
 
     def objective(self, assign: np.ndarray) -> float:
@@ -199,43 +246,66 @@ class BlockModel:
         when every group is modelled, ``"expert"`` when none is; see the module docstring)."""
         return float(sum(self.parts(assign)) + self.hop_const_s)
 
+    def fits(self, assign: np.ndarray) -> bool:
+        """Whether ``assign [E]`` stays within the layer's capacity share on every node."""
+        return self.cap_layer is None or self.mem_bytes[np.asarray(assign)].sum(axis=0).max() <= \
+            self.cap_layer * (1 + 1e-9)
+
     def feasible(self, assign: np.ndarray) -> bool:
+        """Whether ``assign [E]`` is feasible for the MILP (``allowed``: family, symmetry breaking,
+        capacity)."""
         a = np.asarray(assign)
-        if not np.all(self.allowed[np.arange(len(a)), a]):
-            return False
-        return self.cap_layer is None or self.mem_bytes[a].sum(axis=0).max() <= self.cap_layer * (1 + 1e-9)
+        return bool(np.all(self.allowed[np.arange(len(a)), a])) and self.fits(a)
+
+    def in_family(self, assign: np.ndarray) -> bool:
+        """Whether ``assign [E]`` is a plan of the family (every expert on one of its candidate columns,
+        within capacity), whether or not symmetry breaking lets the MILP reach it."""
+        a = np.asarray(assign)
+        return bool(np.all(self.family[np.arange(len(a)), a])) and self.fits(a)
+
+    def canonical(self, assign: np.ndarray) -> np.ndarray:
+        """``assign [E]`` mapped by the mesh flip (none, rows, columns, both) that puts the hottest
+        expert's column in the top-left quadrant when symmetry breaking is on: the same cost under
+        the evaluator and the model, and :meth:`feasible` if ``assign`` is :meth:`in_family`.
+        Unchanged when symmetry breaking is off or no flip does it."""
+        a = np.asarray(assign)
+        if not self.symmetric or self.feasible(a):
+            return a
+        for g in flip_copies(self.blocks.share[a], self.hw.mesh)[1:]:
+            b = self.blocks.match(g, among=self.family)
+            if np.all(b >= 0) and self.feasible(b):
+                return b
+        return a
 
     def placement(self, assign: np.ndarray) -> LayerPlacement:
-        return LayerPlacement.from_shares(self.blocks.members[np.asarray(assign)] / self.blocks.degree[
-            np.asarray(assign)][:, None])
+        """The one-copy placement of ``assign [E]``: expert i with the shares of its column."""
+        return LayerPlacement.from_shares(self.blocks.share[np.asarray(assign)])
 
     def assign_from_shares(self, shares: np.ndarray) -> np.ndarray | None:
-        """Blocks of a one-copy placement, or None if some expert is not on a candidate block evenly."""
-        out = []
-        for row in np.asarray(shares):
-            nodes = np.flatnonzero(row > 0)
-            if not np.allclose(row[nodes], 1.0 / len(nodes)):
-                return None
-            try:
-                out.append(self.blocks.index_of(nodes))
-            except KeyError:
-                return None
-        return np.array(out)
+        """Columns of a one-copy placement ``shares [E, D]``, or None if some expert's shares are not
+        one of its candidate columns (a block evenly, or one of its patterns)."""
+        s = np.asarray(shares, dtype=float)
+        if s.shape != (self.model.num_experts, self.hw.num_nodes):
+            return None
+        cols = self.blocks.match(s, among=self.family)
+        return None if np.any(cols < 0) else cols
 
     # --- the MILP ------------------------------------------------------------------------------
     def to_linear(self) -> LinearModel:
         """The layer's MILP as a neutral LinearModel (``full_vector`` turns an assignment into a hint)."""
         E, nb, D = self.model.num_experts, self.blocks.num_blocks, self.hw.num_nodes
-        nl = self.hw.mesh.num_links
+        nl, ns = self.hw.mesh.num_links, len(self.set_first)
         G = len(self.g_f)
         mb = ModelBuilder()
         ix: dict[str, np.ndarray] = {}
-        ix["x"] = x = mb.add_vars("x", E * nb, 0.0, self.allowed.ravel().astype(float), integer=True).reshape(E, nb)
+        ix["x"] = x = self.add_x(mb)
         fsum, asum = float(self.f.sum()), float(self.a.sum())
         ix["y"] = y = mb.add_vars("y", nb, 0.0, fsum, integer=False)
         ix["z"] = z = mb.add_vars("z", nb, 0.0, asum, integer=False)
-        ix["u"] = u = mb.add_vars("u", nb, 0.0, fsum, integer=False)
-        ix["Y"] = Y = mb.add_vars("Y", G * nb, 0.0, 1.0, integer=False).reshape(G, nb)
+        ix["u"] = u = mb.add_vars("u", ns, 0.0, fsum, integer=False)
+        ix["Y"] = Y = np.full((G, ns), -1, dtype=np.int64)  # Y_gs only where some expert of g can use s
+        reach = self.group_reach()
+        Y[reach] = mb.add_vars("Y", int(reach.sum()), 0.0, 1.0, integer=False)
         n = None
         if self.cap_layer is not None:
             ix["n"] = n = mb.add_vars("n", nb, 0.0, float(E), integer=True)
@@ -259,28 +329,54 @@ class BlockModel:
         self._ix = ix
         return lm
 
+    def add_x(self, mb: ModelBuilder) -> np.ndarray:
+        """The binaries ``x_ib``, one per candidate pair of ``family`` (upper bound 0 where symmetry
+        breaking or capacity excludes it): ``[E, nb]`` variable ids, -1 where (i, b) is no candidate."""
+        x = np.full(self.family.shape, -1, dtype=np.int64)
+        x[self.family] = mb.add_vars("x", int(self.family.sum()), 0.0, self.allowed[self.family].astype(float),
+                                     integer=True)
+        return x
+
+    def group_reach(self) -> np.ndarray:
+        """``[G, ns]`` bool: node sets some expert of each modelled group may use (``family``)."""
+        ns = len(self.set_first)
+        use = np.zeros((self.model.num_experts, ns), dtype=bool)  # [E, ns] expert i has a column on set s
+        ei, bi = np.nonzero(self.family)
+        use[ei, self.set_of[bi]] = True
+        return use[self.g_ids].any(axis=1) if len(self.g_f) else np.zeros((0, ns), dtype=bool)
+
     def build_assignment(self, mb: ModelBuilder, x: np.ndarray) -> None:
-        """(A1) every expert on exactly one candidate block: sum_b x_ib = 1."""
+        """(A1) every expert on exactly one of its candidate columns: sum_b x_ib = 1."""
         for i in range(x.shape[0]):
-            mb.add_row(x[i], np.ones(x.shape[1]), 1.0, 1.0, kind="exact")
+            xi = x[i][x[i] >= 0]
+            mb.add_row(xi, np.ones(len(xi)), 1.0, 1.0, kind="exact")
 
     def build_aggregates(self, mb: ModelBuilder, x, y, z, n) -> None:
         """(A2) y_b = sum_i f_i x_ib, z_b = sum_i a_i x_ib, n_b = sum_i x_ib."""
         for b in range(x.shape[1]):
-            mb.add_row(np.r_[y[b], x[:, b]], np.r_[1.0, -self.f], 0.0, 0.0)
-            mb.add_row(np.r_[z[b], x[:, b]], np.r_[1.0, -self.a], 0.0, 0.0)
+            on = np.flatnonzero(x[:, b] >= 0)
+            xb = x[on, b]
+            mb.add_row(np.r_[y[b], xb], np.r_[1.0, -self.f[on]], 0.0, 0.0)
+            mb.add_row(np.r_[z[b], xb], np.r_[1.0, -self.a[on]], 0.0, 0.0)
             if n is not None:
-                mb.add_row(np.r_[n[b], x[:, b]], np.r_[1.0, -np.ones(x.shape[0])], 0.0, 0.0, kind="exact")
+                mb.add_row(np.r_[n[b], xb], np.r_[1.0, -np.ones(len(on))], 0.0, 0.0, kind="exact")
 
     def build_traffic(self, mb: ModelBuilder, x, u, Y) -> None:
-        """(A3) u_b = sum_i f_tail_i x_ib + sum_g f_g Y_gb and (A4) Y_gb >= x_ib for i in g:
-        a modelled group sends one message per distinct block of its experts."""
-        for b in range(x.shape[1]):
-            mb.add_row(np.r_[u[b], x[:, b], Y[:, b]], np.r_[1.0, -self.f_tail, -self.g_f], 0.0, 0.0)
+        """(A3) u_s = sum_i f_tail_i sum_{b in s} x_ib + sum_g f_g Y_gs and (A4) Y_gs >= sum_{b in s} x_ib
+        for i in g: a modelled group sends one message per distinct node set of its experts."""
+        cols = [np.flatnonzero(self.set_of == s) for s in range(len(self.set_first))]
+        for s, bs in enumerate(cols):
+            xs = x[:, bs]
+            ok = xs >= 0
+            ft = np.broadcast_to(self.f_tail[:, None], xs.shape)
+            on = Y[:, s] >= 0
+            mb.add_row(np.r_[u[s], xs[ok], Y[on, s]], np.r_[1.0, -ft[ok], -self.g_f[on]], 0.0, 0.0)
         for g, members in enumerate(self.g_ids):
             for i in members:
-                for b in range(x.shape[1]):
-                    mb.add_row(np.r_[Y[g, b], x[i, b]], np.array([1.0, -1.0]), 0.0, np.inf)
+                for s, bs in enumerate(cols):
+                    xs = x[i, bs][x[i, bs] >= 0]
+                    if xs.size:
+                        mb.add_row(np.r_[Y[g, s], xs], np.r_[1.0, -np.ones(len(xs))], 0.0, np.inf)
 
     def build_node_time(self, mb: ModelBuilder, y, z, t_comp) -> None:
         """(C1) per node c: T_comp >= sum_b y_b * FLOPs share / comp and >= sum_b z_b * bytes share / BWmem."""
@@ -290,9 +386,9 @@ class BlockModel:
             mb.add_row(np.r_[t_comp, z[on]], np.r_[-1.0, US * self.mem_coef[on, c]], -np.inf, 0.0)
 
     def build_link_time(self, mb: ModelBuilder, u, t_disp, t_comb, nl: int) -> None:
-        """(L1) per directed link l: T_disp >= sum_b u_b * dispatch bytes / BW_l, same for combine."""
+        """(L1) per directed link l: T_disp >= sum_s u_s * dispatch bytes / BW_l, same for combine."""
         for ln in range(nl):
-            for coef, t in ((self.disp_coef, t_disp), (self.comb_coef, t_comb)):
+            for coef, t in ((self.set_disp_coef, t_disp), (self.set_comb_coef, t_comb)):
                 used = np.flatnonzero(coef[:, ln] > 0)
                 if used.size:
                     mb.add_row(np.r_[t, u[used]], np.r_[-1.0, US * coef[used, ln]], -np.inf, 0.0)
@@ -302,8 +398,9 @@ class BlockModel:
         top = self.comp_coef.max(axis=1)  # per-node share of one unit of f on block b
         topm = self.mem_coef.max(axis=1)
         for i in range(x.shape[0]):
-            mb.add_row(np.r_[t_comp, x[i]], np.r_[-1.0, US * self.f[i] * top], -np.inf, 0.0)
-            mb.add_row(np.r_[t_comp, x[i]], np.r_[-1.0, US * self.a[i] * topm], -np.inf, 0.0)
+            on = x[i] >= 0
+            mb.add_row(np.r_[t_comp, x[i, on]], np.r_[-1.0, US * self.f[i] * top[on]], -np.inf, 0.0)
+            mb.add_row(np.r_[t_comp, x[i, on]], np.r_[-1.0, US * self.a[i] * topm[on]], -np.inf, 0.0)
 
     def build_capacity(self, mb: ModelBuilder, n, D: int) -> None:
         """(M1) per node: sum_b n_b * expert bytes / d_b <= this layer's capacity."""
@@ -347,9 +444,9 @@ class BlockModel:
 
     def to_linear_lower(self) -> LinearModel:
         """A MILP whose optimum is at most the default evaluator's (``coalesce="node"``) best layer time
-        over this block family (``formulations/offline_milp.md``, "The certificate"): compute as in
-        :meth:`to_linear` (exact); a token's union message loads each link at least as much as the
-        message to any one of its experts' blocks, so a tracked group g adds ``f_g * w_gl`` with
+        over this family, blocks and patterns (``formulations/offline_milp.md``, "The certificate"):
+        compute as in :meth:`to_linear` (exact); a token's union message loads each link at least as
+        much as the message to any one of its experts' columns, so a tracked group g adds ``f_g * w_gl`` with
         ``w_gl >= route of expert i on link l`` for every i in g, and every other token adds the mean
         of its experts' routes (``f_i^rest / k`` per expert); hop terms at the smallest route length."""
         E, nb, D = self.model.num_experts, self.blocks.num_blocks, self.hw.num_nodes
@@ -357,7 +454,7 @@ class BlockModel:
         ids, fg, rest = self.lower_groups()
         G = len(fg)
         mb = ModelBuilder()
-        x = mb.add_vars("x", E * nb, 0.0, self.allowed.ravel().astype(float), integer=True).reshape(E, nb)
+        x = self.add_x(mb)
         fsum, asum = float(self.f.sum()), float(self.a.sum())
         y = mb.add_vars("y", nb, 0.0, fsum, integer=False)
         z = mb.add_vars("z", nb, 0.0, asum, integer=False)
@@ -372,7 +469,8 @@ class BlockModel:
         self.build_assignment(mb, x)
         self.build_aggregates(mb, x, y, z, n)
         for b in range(nb):  # u_b: every token not in a tracked group, 1/k of a message per expert
-            mb.add_row(np.r_[u[b], x[:, b]], np.r_[1.0, -rest / max(k, 1)], 0.0, 0.0)
+            on = x[:, b] >= 0
+            mb.add_row(np.r_[u[b], x[on, b]], np.r_[1.0, -rest[on] / max(k, 1)], 0.0, 0.0)
         self.build_node_time(mb, y, z, t[0])
         if self.opts.per_expert_cut:
             self.build_per_expert_cut(mb, x, t[0])
@@ -387,7 +485,8 @@ class BlockModel:
                     continue
                 for g in range(G):
                     for i in ids[g]:  # (U1) w_gl >= the route of expert i of g on link l
-                        mb.add_row(np.r_[w[g, ln], x[i, used]], np.r_[1.0, -US * coef[used, ln]], 0.0, np.inf)
+                        on = used[x[i, used] >= 0]
+                        mb.add_row(np.r_[w[g, ln], x[i, on]], np.r_[1.0, -US * coef[on, ln]], 0.0, np.inf)
                 # (U2) T >= mean routes of the other tokens + tracked groups' longest routes
                 mb.add_row(np.r_[tt, u[used], w[:, ln]], np.r_[-1.0, US * coef[used, ln], fg], -np.inf, 0.0)
         return mb.build(obj_const=US * self.hop_lower_s)
@@ -400,12 +499,15 @@ class BlockModel:
         v = np.zeros(lm.num_vars)
         X = np.zeros((E, nb))
         X[np.arange(E), a] = 1.0
-        v[ix["x"].ravel()] = X.ravel()
+        v[ix["x"][self.family]] = X[self.family]
         v[ix["y"]] = self.f @ X
         v[ix["z"]] = self.a @ X
         v[ix["u"]] = self.traffic(a)
         if len(self.g_f):
-            v[ix["Y"].ravel()] = (X[self.g_ids].max(axis=1)).ravel()
+            S = np.zeros((E, len(self.set_first)))
+            S[np.arange(E), self.set_of[a]] = 1.0
+            reach = ix["Y"] >= 0
+            v[ix["Y"][reach]] = S[self.g_ids].max(axis=1)[reach]
         if "n" in ix:
             v[ix["n"]] = X.sum(axis=0)
         comp, disp, comb = self.parts(a)
@@ -416,6 +518,8 @@ class BlockModel:
         return v
 
     def decode(self, xvec: np.ndarray) -> np.ndarray:
-        E, nb = self.model.num_experts, self.blocks.num_blocks
-        X = np.asarray(xvec)[: E * nb].reshape(E, nb)
+        """``[E]`` column per expert of a solution ``xvec`` of :meth:`to_linear` (or of
+        :meth:`to_linear_lower`: both start with the ``x`` of :meth:`add_x`, in ``family`` order)."""
+        X = np.full(self.family.shape, -np.inf)
+        X[self.family] = np.asarray(xvec)[: int(self.family.sum())]
         return np.argmax(np.where(self.allowed, X, -np.inf), axis=1)

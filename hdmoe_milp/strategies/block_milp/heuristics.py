@@ -80,23 +80,27 @@ def local_search(bm: BlockModel, assign: np.ndarray, max_passes: int = 4) -> np.
 
 
 def warm_starts(bm: BlockModel, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Candidate assignments: ``extra`` (e.g. baselines), the greedy over all blocks and the greedy
-    per block shape, each polished by local search. Only feasible ones are returned."""
+    """Candidate assignments: ``extra`` (e.g. baselines), the greedy over all columns (blocks and
+    the experts' patterns) and the greedy per block shape (aligned blocks only); the three best are
+    also polished by local search (from their :meth:`BlockModel.canonical` copies, which symmetry
+    breaking allows). Only plans of the family that fit the capacity are returned; ``extra`` ones as
+    given (symmetry breaking may exclude them from the MILP, not from the returned plans)."""
     out: dict[str, np.ndarray] = {}
     for name, a in (extra or {}).items():
-        if a is not None and bm.feasible(a):
+        if a is not None and bm.in_family(a):
             out[name] = a
     g = greedy(bm)
     if g is not None:
         out["greedy"] = g
-    shapes = {tuple(s) for s in bm.blocks.shape.tolist()}
+    aligned = bm.blocks.aligned
+    shapes = {tuple(s) for s in bm.blocks.shape[aligned].tolist()}
     for shp in sorted(shapes):
-        mask = (bm.blocks.shape == np.array(shp)).all(axis=1)
+        mask = aligned & (bm.blocks.shape == np.array(shp)).all(axis=1)
         g = greedy(bm, mask)
         if g is not None:
             out[f"uniform-{shp[0]}x{shp[1]}"] = g
     # polish the three best
     ranked = sorted(out, key=lambda k: bm.objective(out[k]))[:3]
     for k in ranked:
-        out[k + "+ls"] = local_search(bm, out[k])
+        out[k + "+ls"] = local_search(bm, bm.canonical(out[k]))
     return out

@@ -22,7 +22,9 @@ from ...workload import LayerRouting, Workload
 from ..cb import compute_balanced
 from ..common import check_freqs
 from ..ep import expert_parallel, expert_parallel_lpt
+from ..hdmoe import WORK_LIMIT, hdmoe_layer
 from ..tp import tensor_parallel
+from .blocks import layer_patterns
 from .formulation import US, BlockModel, MilpOptions
 from .heuristics import warm_starts
 
@@ -69,6 +71,7 @@ class LayerSolveResult:
     model_bound_s: float | None = None
     time_mode: str = "wall"
     trace: tuple[tuple[float, float | None, float | None, str], ...] = ()
+    hdmoe: tuple[LayerPlacement, dict] | None = field(default=None, repr=False)  # the hdmoe layer computed here
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,8 +102,48 @@ def baseline_layers(model: MoEModel, hw: Hardware, freqs_all: np.ndarray,
     return out
 
 
+def layer_baselines(
+    model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, backend: str, params: SolveParams,
+    layer: int = 0, freqs_all: np.ndarray | None = None, coactivation: tuple[np.ndarray, np.ndarray] | None = None,
+    baselines: dict[str, LayerPlacement] | None = None, hdmoe_work_limit: float | None = WORK_LIMIT,
+) -> tuple[dict[str, LayerPlacement], tuple[LayerPlacement, dict] | None]:
+    """The baseline layers :func:`solve_layer` starts from (and whose patterns its family holds):
+    ``baselines`` or those of :func:`baseline_layers` (from ``freqs_all [layers, E]``, else ``freqs
+    [E]`` repeated), plus the hdmoe layer computed here unless given or ``hdmoe_work_limit`` is None.
+    Returns them and the computed ``(hdmoe layer, its info)`` (None if not computed)."""
+    if baselines is None:
+        f_all = np.tile(np.asarray(freqs, dtype=float), (model.moe_layers, 1)) if freqs_all is None else freqs_all
+        baselines = baseline_layers(model, hw, f_all, params.seed)[layer]
+    hd = None
+    if hdmoe_work_limit is not None and "hdmoe" not in baselines:
+        hd = hdmoe_layer(model, hw, np.asarray(freqs, dtype=float), coactivation, batch, seed=params.seed,
+                         layer=layer, work_limit=hdmoe_work_limit, backend=backend, time_limit_s=params.time_limit_s)
+        baselines = {**baselines, "hdmoe": hd[0]}
+    return baselines, hd
+
+
+def family_model(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, options: MilpOptions | None,
+                 coactivation: tuple[np.ndarray, np.ndarray] | None,
+                 baselines: dict[str, LayerPlacement]) -> BlockModel:
+    """The layer's block model over its family: the aligned blocks and, with ``options.patterns``
+    (default), every non-replicated baseline's shares per expert (``baselines``: this layer's)."""
+    opts = options or MilpOptions()
+    pats = layer_patterns(baselines, model.num_experts) if opts.patterns else None
+    return BlockModel(model, hw, freqs, batch, opts, coactivation=coactivation, patterns=pats)
+
+
+def family_text(options: MilpOptions | None) -> str:
+    """What the candidate family of :func:`solve_layer` with these options contains (``family``)."""
+    opts = options or MilpOptions()
+    if not opts.patterns:
+        return FAMILY_BLOCKS
+    return FAMILY if opts.pattern_flips else FAMILY.replace(" and their mirror images under the mesh's row and "
+                                                             "column flips", "")
+
+
 def _baseline_assigns(bm: BlockModel, baselines: dict[str, LayerPlacement]) -> dict[str, np.ndarray]:
-    """Block assignments of the baseline layers that the block model can express."""
+    """Column assignments of the baseline layers that the block model can express (all the
+    non-replicated ones when its family has their patterns)."""
     out = {}
     for name, lp in baselines.items():
         if lp.is_replicated:
@@ -124,16 +167,22 @@ def solve_layer(
     freqs_all: np.ndarray | None = None,
     coactivation: tuple[np.ndarray, np.ndarray] | None = None,
     baselines: dict[str, LayerPlacement] | None = None,
+    hdmoe_work_limit: float | None = WORK_LIMIT,
 ) -> LayerSolveResult:
     """Solve one layer's block MILP for expert frequencies ``freqs [E]`` and batch ``batch``;
     ``coactivation`` (distinct expert sets ``[G, k]`` and their frequencies) enables co-location modelling.
     ``baselines``: this layer's baseline placements (else built from ``freqs_all [layers, E]``, or
-    from ``freqs`` repeated over the layers).
+    from ``freqs`` repeated over the layers). Unless ``baselines`` has one or ``hdmoe_work_limit`` is
+    None, the hdmoe baseline's layer is computed here (:func:`strategies.hdmoe.hdmoe_layer` with that
+    stage-1 work limit, ``params.seed``, ``layer``, ``backend`` and ``params.time_limit_s``: the
+    ``hdmoe`` strategy's layer) and returned in ``hdmoe``.
 
-    Warm start: the best of the expressible baselines and the greedy heuristics under the block model
-    (a MIP start for CBC, a hint for CP-SAT). The returned placement is the best under the evaluator of
-    the solver's plan and every warm start; when the solver fails, that warm start comes back with the
-    solver's status.
+    Family (``options.patterns``, default): the aligned blocks plus, per expert, the shares every
+    non-replicated baseline gives it, so the returned plan is never worse under the evaluator than
+    any of them that fits the layer's capacity share. Warm start: the best of the baselines and the
+    greedy heuristics under the block model (a MIP start for CBC, a hint for CP-SAT). The returned
+    placement is the best under the evaluator of the solver's plan and every warm start; when the
+    solver fails, that warm start comes back with the solver's status.
 
     Time: ``params.time_limit_s`` covers everything the layer does (warm starts, scoring, model build,
     the LP bound, the backend's translation and search): the bound and the solver get what remains.
@@ -147,10 +196,10 @@ def solve_layer(
     t0 = time.perf_counter()
     deadline = t0 + params.time_limit_s
     solver = get_backend(backend)
-    bm = BlockModel(model, hw, freqs, batch, options, coactivation=coactivation)
-    if baselines is None:
-        f_all = np.tile(bm.f, (model.moe_layers, 1)) if freqs_all is None else freqs_all
-        baselines = baseline_layers(model, hw, f_all, params.seed)[layer]
+    baselines, hd = layer_baselines(model, hw, freqs, batch, backend=backend, params=params, layer=layer,
+                                    freqs_all=freqs_all, coactivation=coactivation, baselines=baselines,
+                                    hdmoe_work_limit=hdmoe_work_limit)
+    bm = family_model(model, hw, freqs, batch, options, coactivation, baselines)
     starts = warm_starts(bm, _baseline_assigns(bm, baselines))
     if not starts:
         need = model.num_experts * model.expert_weight_bytes() / hw.num_nodes
@@ -183,7 +232,7 @@ def solve_layer(
     elif not det and remaining <= MIN_SOLVE_S:
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
     else:
-        sp = replace(params, hint=bm.full_vector(ws, lm))
+        sp = replace(params, hint=bm.full_vector(bm.canonical(ws), lm))  # a hint symmetry breaking allows
         if not det:  # wall seconds: the solver gets what remains of the layer's limit
             sp = replace(sp, time_limit_s=remaining)
         t_solve = time.perf_counter() - t0
@@ -218,13 +267,17 @@ def solve_layer(
         backend=backend, num_vars=lm.num_vars, num_binaries=lm.num_binaries, num_rows=lm.num_rows,
         warm_start_objective_s=start_scores[best_start], warm_start_source=best_start, source=source,
         bound_certifies=score.certifies, message=raw.message, placement=bm.placement(assign), assign=assign,
-        family=FAMILY, model_objective_s=bm.objective(assign), model_bound_s=model_bound, time_mode=time_mode,
-        trace=tuple(trace),
+        family=family_text(options), model_objective_s=bm.objective(assign), model_bound_s=model_bound,
+        time_mode=time_mode, trace=tuple(trace), hdmoe=hd,
     )
 
 
-FAMILY = ("aligned power-of-two blocks of the mesh, one copy per expert spread evenly over its block, "
-          "within the layer's capacity share")
+FAMILY = ("one copy per expert (no replication: EPLB's replicated placements are outside), within the layer's "
+          "capacity share, on either an aligned power-of-two block of the mesh with the expert spread evenly "
+          "over it, or one of the node sets with shares that the layer's non-replicated baselines (tp, ep, "
+          "ep-lpt, cb, hdmoe) give that expert, and their mirror images under the mesh's row and column flips")
+FAMILY_BLOCKS = ("aligned power-of-two blocks of the mesh, one copy per expert spread evenly over its block, "
+                 "within the layer's capacity share")
 
 
 class LayerScorer:
@@ -265,9 +318,9 @@ class LayerScorer:
 
 def solve_layer_task(args: tuple) -> LayerSolveResult:
     """One task of :func:`layer_tasks` (top-level, so that a process pool or Ray can run it)."""
-    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines = args
+    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, hd_work = args
     return solve_layer(model, hw, freqs_all[li], batch, backend=backend, params=params, options=options,
-                       layer=li, coactivation=coactivation, baselines=baselines)
+                       layer=li, coactivation=coactivation, baselines=baselines, hdmoe_work_limit=hd_work)
 
 
 @dataclass(frozen=True)
@@ -291,16 +344,18 @@ def solve_model(
     progress: bool | None = False,
     coactivation: list[tuple[np.ndarray, np.ndarray]] | None = None,
     layers: list[int] | tuple[int, ...] | None = None,
+    hdmoe_work_limit: float | None = WORK_LIMIT,
 ) -> ModelSolveResult:
     """Solve every layer (independent problems): serially, in a local process pool (``jobs > 1``)
     or on Ray (``executor="ray"``, needs ``pip install .[ray]``). ``coactivation[l]``: the layer's
     co-activation sets (``Trace.coactivation(l)``), for co-location modelling. ``layers``: solve only
-    these (0-based); every other layer takes its best baseline and is reported ``not-solved``."""
+    these (0-based); every other layer takes its best baseline and is reported ``not-solved``.
+    ``hdmoe_work_limit``: see :func:`solve_layer`."""
     check_choice("executor", executor, EXECUTORS)
     params = params or SolveParams()
     check_real("batch", batch, positive=True)
     tasks = layer_tasks(model, hw, freqs, batch, backend=backend, params=params, options=options,
-                        coactivation=coactivation)
+                        coactivation=coactivation, hdmoe_work_limit=hdmoe_work_limit)
     chosen = select_layers(layers, len(tasks))
     t0 = time.perf_counter()
     bar = tqdm(total=len(chosen), desc=f"solve {model.name}", disable=None if progress is None else not progress,
@@ -335,9 +390,9 @@ def select_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -
 def not_solved_task(args: tuple) -> LayerSolveResult:
     """A layer left out of the solve: its best baseline under the evaluator (:class:`LayerScorer`,
     on the baselines the block model expresses), reported ``not-solved``."""
-    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines = args
+    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, _ = args
     t0 = time.perf_counter()
-    bm = BlockModel(model, hw, freqs_all[li], batch, options, coactivation=coactivation)
+    bm = family_model(model, hw, freqs_all[li], batch, options, coactivation, baselines)
     starts = _baseline_assigns(bm, baselines)
     score = LayerScorer(bm)
     if starts:
@@ -352,20 +407,22 @@ def not_solved_task(args: tuple) -> LayerSolveResult:
         layer=li, status="not-solved", objective_s=obj, bound_s=None, gap=None, time_s=time.perf_counter() - t0,
         backend=backend, num_vars=0, num_binaries=0, num_rows=0, warm_start_objective_s=obj, warm_start_source=name,
         source="baseline:" + name, bound_certifies="", message="layer not selected", placement=placement,
-        assign=assign, family=FAMILY, time_mode="wall" if not params.deterministic else "deterministic",
+        assign=assign, family=family_text(options), time_mode="wall" if not params.deterministic else "deterministic",
     )
 
 
 def layer_tasks(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, backend: str,
                 params: SolveParams, options: MilpOptions | None,
-                coactivation: list[tuple[np.ndarray, np.ndarray]] | None) -> list[tuple]:
+                coactivation: list[tuple[np.ndarray, np.ndarray]] | None,
+                hdmoe_work_limit: float | None = WORK_LIMIT) -> list[tuple]:
     """One picklable task per layer for :func:`solve_layer_task` (baselines for the warm starts built
-    once here)."""
+    once here; the hdmoe layer, with ``hdmoe_work_limit``, inside each task)."""
     f = check_freqs(freqs, model)
     get_backend(backend)
     base = baseline_layers(model, hw, f, params.seed)
     co = [None] * f.shape[0] if coactivation is None else coactivation
-    return [(model, hw, f, li, batch, backend, params, options, co[li], base[li]) for li in range(f.shape[0])]
+    return [(model, hw, f, li, batch, backend, params, options, co[li], base[li], hdmoe_work_limit)
+            for li in range(f.shape[0])]
 
 
 def model_result(results: list[LayerSolveResult], backend: str, batch: float, params: SolveParams,
