@@ -105,7 +105,8 @@ def test_solve_layer_runs_lns_on_layers_larger_than_a_neighbourhood():
     m, hw, tr, bm = instance(E=6, mesh="2x4", seed=4)
     assert lns_share(bm, SETTINGS, "cpsat") == 1.0
     assert lns_share(bm, LnsSettings(free=6), "cpsat") == 0.0 and lns_share(bm, SETTINGS, "cbc") == 0.0
-    params = SolveParams(time_limit_s=0.5, deterministic=True, gap=0.0)
+    # a work budget, with a wall-clock safety cap that a loaded machine does not reach
+    params = SolveParams(time_limit_s=60, work_limit=0.5, deterministic=True, gap=0.0)
     runs = [solve_layer(m, hw, tr.frequencies()[0], 16, params=params, coactivation=tr.coactivation(0),
                         lns_settings=SETTINGS) for _ in range(2)]
     r = runs[0]

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from ...costs import roofline_s
 from ...solvers import LinearModel, SolveParams, get_backend
+from ...solvers.backends.cpsat import CpSatBackend
 from .formulation import BlockModel, link_terms_s
 
 TOL = 1e-9
@@ -144,11 +145,12 @@ class LnsSettings:
     ``free``: experts freed per step; ``random_share``: fraction of them drawn at random (the rest:
     the bottleneck node's and the hottest link's experts); ``step_work``: CP-SAT deterministic
     seconds per step (in wall mode a step also stops at the deadline); ``step_cost``: what a step
-    takes from a deterministic budget (:func:`lns`'s ``work_budget``): measured, a step costs about
-    2-3 CPU seconds per deterministic second of search (model reduction, CP-SAT's translation,
-    presolve and probing count little in its deterministic time), ~1 CPU s at 8 freed experts and
-    0.5 deterministic s on DeepSeek-V2-Lite 4x8, so that a budget of ``T`` runs about as long as
-    ``T`` seconds on an idle core; ``max_steps``: at most this
+    takes from a deterministic budget (:func:`lns`'s ``work_budget``, in seconds): a step's CPU time
+    is mostly what CP-SAT's deterministic time does not count (the model's translation, probing,
+    LP setup), measured 0.5-1.0 CPU s (mean ~0.75) at 8 freed experts, 0.5 deterministic s and no
+    presolve on DeepSeek-V2-Lite 4x8, so that a budget of ``T`` runs about ``T`` seconds on an idle
+    core; ``presolve``: CP-SAT's presolve on the step's model (off: ~35 % less CPU per step, same
+    gains measured); ``max_steps``: at most this
     many steps; ``patience``: stop after this many steps in a row without improvement (0: never);
     ``share``: fraction of a layer's solver budget given to LNS instead of the monolithic solve
     when the model has more experts than ``free`` (:func:`lns_share`).
@@ -157,7 +159,8 @@ class LnsSettings:
     free: int = 8
     random_share: float = 0.25
     step_work: float = 0.5
-    step_cost: float = 1.0
+    step_cost: float = 0.75
+    presolve: bool = False
     max_steps: int = 10_000
     patience: int = 0
     share: float = 1.0
@@ -263,7 +266,7 @@ def lns(bm: BlockModel, start: np.ndarray, score: Callable[[np.ndarray], float],
     s = settings or LnsSettings()
     lm = lm if lm is not None else bm.to_linear()
     E, nb = bm.model.num_experts, bm.blocks.num_blocks
-    solver = get_backend(backend)
+    solver = CpSatBackend(presolve=s.presolve) if backend == "cpsat" else get_backend(backend)
     rng = np.random.default_rng(params.seed)
     cur = np.asarray(start).copy()
     cur_s = float(score(cur))
