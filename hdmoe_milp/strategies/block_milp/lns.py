@@ -8,10 +8,14 @@ small MILP (a short work limit, the incumbent as hint). A step's plan is kept on
 (:class:`~hdmoe_milp.strategies.block_milp.solve.LayerScorer`, the number the solve reports) scores it
 strictly better, so the result is never worse than the start.
 
-Determinism: with ``params.deterministic`` every decision (neighbourhoods, acceptance, when to
-stop) depends on the seed, the inputs and CP-SAT's deterministic time only; the wall-clock deadline
-is then only a safety cap (it can bind only when the machine is far slower than the work limits
-assume). Without it, steps stop at the wall-clock deadline.
+Determinism: with a work budget (``lns(..., work_budget=...)``, what :func:`solve_layer` passes under
+``params.deterministic``) every decision (neighbourhoods, acceptance, when to stop) depends on the
+seed, the inputs, the budget (a fixed charge per step) and CP-SAT's deterministic limit per step
+only; the wall-clock deadline is then a safety cap, which makes the run machine-dependent only if it
+binds (a machine far slower or more loaded than the charge per step assumes). Without a work
+budget, steps run until the wall-clock deadline.
+
+Formulation and measurements: ``formulations/offline_milp.md``, section "LNS".
 """
 
 from __future__ import annotations
