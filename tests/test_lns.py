@@ -68,9 +68,10 @@ def test_neighbourhood_is_seeded_and_sized():
 def test_never_worse_than_the_start(seed):
     _, _, _, bm = instance(seed=seed)
     score = LayerScorer(bm)
-    for start in (bad_start(bm), np.arange(bm.model.num_experts) % bm.blocks.num_blocks):
+    starts = (bad_start(bm), np.arange(bm.model.num_experts) % bm.blocks.num_blocks)
+    for start, accept in itertools.product(starts, ("evaluator", "model")):
         r = lns(bm, start, score, SolveParams(seed=seed, deterministic=True), time.perf_counter() + 30,
-                settings=SETTINGS, work_budget=0.3)
+                settings=dataclasses.replace(SETTINGS, accept=accept), work_budget=0.3)
         assert r.score_s <= score(start)
         assert r.score_s == score(r.assign) and bm.feasible(r.assign)
         assert r.start_s == score(start) and r.steps >= 1 and 0.0 <= r.gain < 1.0
@@ -118,3 +119,12 @@ def test_solve_layer_runs_lns_on_layers_larger_than_a_neighbourhood():
     np.testing.assert_array_equal(r.assign, runs[1].assign)
     assert (r.objective_s, r.lns_steps, r.lns_accepted) == (runs[1].objective_s, runs[1].lns_steps,
                                                            runs[1].lns_accepted)
+
+
+def test_unknown_acceptance_rule_is_an_input_error():
+    from hdmoe_milp import InputError
+
+    _, _, _, bm = instance()
+    with pytest.raises(InputError, match="accept"):
+        lns(bm, bad_start(bm), LayerScorer(bm), SolveParams(), time.perf_counter() + 5,
+            settings=LnsSettings(accept="greedy"), work_budget=1)
