@@ -194,7 +194,8 @@ class PlanResult:
         df = pd.DataFrame([r.to_dict() for r in self.layers])
         df["objective_us"] = df["objective"] * 1e6
         df["bound_us"] = df["bound"].astype(float) * 1e6
-        return df[["layer", "status", "objective_us", "bound_us", "gap", "time_s", "source", "final_source"]]
+        return df[["layer", "status", "objective_us", "bound_us", "gap", "improvement", "time_s", "source",
+                   "final_source"]]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary: the problem, the solver settings, per-layer reports, TBT per strategy."""

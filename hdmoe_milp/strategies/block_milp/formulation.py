@@ -491,6 +491,13 @@ class BlockModel:
                 mb.add_row(np.r_[tt, u[used], w[:, ln]], np.r_[-1.0, US * coef[used, ln], fg], -np.inf, 0.0)
         return mb.build(obj_const=US * self.hop_lower_s)
 
+    @property
+    def var_ids(self) -> dict[str, np.ndarray]:
+        """Variable ids of the model the last :meth:`to_linear` built, by name: ``x [E, nb]``,
+        ``y``, ``z [nb]``, ``u [sets]``, ``Y [G, sets]``, ``n [nb]`` (if capacity), ``T [3]``; -1 where a
+        variable does not exist (no candidate, or a group that cannot reach the set)."""
+        return self._ix
+
     def full_vector(self, assign: np.ndarray, lm: LinearModel) -> np.ndarray:
         """All variable values implied by an assignment (for hints and MIP starts)."""
         E, nb = self.model.num_experts, self.blocks.num_blocks

@@ -27,6 +27,7 @@ from ..tp import tensor_parallel
 from .blocks import layer_patterns
 from .formulation import US, BlockModel, MilpOptions
 from .heuristics import warm_starts
+from .lns import LnsSettings, lns, lns_share
 
 GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
 RESERVE_S = 0.05  # wall seconds kept back from the solver for decoding and scoring its plan
@@ -72,6 +73,10 @@ class LayerSolveResult:
     time_mode: str = "wall"
     trace: tuple[tuple[float, float | None, float | None, str], ...] = ()
     hdmoe: tuple[LayerPlacement, dict] | None = field(default=None, repr=False)  # the hdmoe layer computed here
+    improvement: float | None = None  # (warm_start_objective_s - objective_s) / warm_start_objective_s
+    lns_steps: int = 0
+    lns_accepted: int = 0
+    lns_gain: float = 0.0  # relative improvement LNS made on its start (the best plan before it)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,7 +87,8 @@ class LayerSolveResult:
             "warm_start_source": self.warm_start_source, "source": self.source,
             "bound_certifies": self.bound_certifies, "message": self.message, "final_source": self.final_source,
             "family": self.family, "model_objective": self.model_objective_s, "model_bound": self.model_bound_s,
-            "time_mode": self.time_mode, "trace": [list(p) for p in self.trace],
+            "time_mode": self.time_mode, "trace": [list(p) for p in self.trace], "improvement": self.improvement,
+            "lns_steps": self.lns_steps, "lns_accepted": self.lns_accepted, "lns_gain": self.lns_gain,
         }
 
 
@@ -168,6 +174,7 @@ def solve_layer(
     coactivation: tuple[np.ndarray, np.ndarray] | None = None,
     baselines: dict[str, LayerPlacement] | None = None,
     hdmoe_work_limit: float | None = WORK_LIMIT,
+    lns_settings: LnsSettings | None = None,
 ) -> LayerSolveResult:
     """Solve one layer's block MILP for expert frequencies ``freqs [E]`` and batch ``batch``;
     ``coactivation`` (distinct expert sets ``[G, k]`` and their frequencies) enables co-location modelling.
@@ -190,6 +197,12 @@ def solve_layer(
     the layer. ``params.deterministic``: CP-SAT's limit is its deterministic time (``work_limit`` or
     ``time_limit_s``), the LP bound runs to completion and nothing is cut by wall time, so the same
     inputs give the same answer (``time_mode`` in the result says which).
+
+    LNS (:mod:`.lns`, ``lns_settings``): on layers with more experts than one neighbourhood frees
+    (CP-SAT only), a share (:func:`.lns.lns_share`) of the solver's budget goes to fix-and-optimize
+    from the best plan after the monolithic solve (wall: what remains of the limit; deterministic: that
+    share of the work limit). ``improvement`` in the result: relative improvement of the returned plan
+    over the best warm start (``warm_start_objective_s``) under the evaluator.
     """
     params = params or SolveParams()
     check_real("batch", batch, positive=True)
@@ -227,14 +240,21 @@ def solve_layer(
 
     lm = bm.to_linear()
     remaining = deadline - time.perf_counter() - RESERVE_S
+    ls = lns_settings or LnsSettings()
+    share = lns_share(bm, ls, backend)
+    work = params.work_limit if params.work_limit is not None else params.time_limit_s  # deterministic budget
     if gap_of(obj) is not None and gap_of(obj) <= params.gap:
         raw = make_outcome(backend, lm, Termination.OPTIMAL, None, None, "gap target proven by the warm start")
     elif not det and remaining <= MIN_SOLVE_S:
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
+    elif share >= 1.0:
+        raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "LNS instead of the monolithic solve")
     else:
         sp = replace(params, hint=bm.full_vector(bm.canonical(ws), lm))  # a hint symmetry breaking allows
-        if not det:  # wall seconds: the solver gets what remains of the layer's limit
-            sp = replace(sp, time_limit_s=remaining)
+        if det:
+            sp = replace(sp, work_limit=work * (1 - share)) if share > 0 else sp
+        else:  # wall seconds: the solver gets what remains of the layer's limit (less LNS's share)
+            sp = replace(sp, time_limit_s=remaining * (1 - share))
         t_solve = time.perf_counter() - t0
         try:
             raw = solver.solve(lm, sp)
@@ -248,6 +268,15 @@ def solve_layer(
             cobj = score(cand)
             if cobj < obj * (1 - 1e-12):
                 assign, obj, source = cand, cobj, backend
+    lres = None
+    if share > 0 and raw.status not in (Termination.OPTIMAL, Termination.ERROR, Termination.INFEASIBLE):
+        # wall: what remains; deterministic: the work budget decides, wall time is a safety cap as for CP-SAT
+        cap = deadline - RESERVE_S if not det else t0 + (1 if params.work_limit else 2) * params.time_limit_s
+        target = None if bound is None else bound / (1 - params.gap)  # the gap target met: stop
+        lres = lns(bm, assign, score, params, cap, settings=ls, work_budget=work * share if det else None,
+                   backend=backend, lm=lm, stop_below=target)
+        if lres.score_s < obj:
+            assign, obj, source = lres.assign, lres.score_s, f"{source}+lns"
     model_bound = raw.bound / US if raw.bound is not None else None
     gap = gap_of(obj)
     if raw.status in (Termination.ERROR, Termination.INFEASIBLE):
@@ -269,6 +298,9 @@ def solve_layer(
         bound_certifies=score.certifies, message=raw.message, placement=bm.placement(assign), assign=assign,
         family=family_text(options), model_objective_s=bm.objective(assign), model_bound_s=model_bound,
         time_mode=time_mode, trace=tuple(trace), hdmoe=hd,
+        improvement=1.0 - obj / start_scores[best_start] if start_scores[best_start] > 0 else None,
+        lns_steps=lres.steps if lres else 0, lns_accepted=lres.accepted if lres else 0,
+        lns_gain=lres.gain if lres else 0.0,
     )
 
 
