@@ -143,8 +143,7 @@ def family_text(options: MilpOptions | None) -> str:
     opts = options or MilpOptions()
     if not opts.patterns:
         return FAMILY_BLOCKS
-    return FAMILY if opts.pattern_flips else FAMILY.replace(" and their mirror images under the mesh's row and "
-                                                             "column flips", "")
+    return FAMILY_PATTERNS + (FAMILY_FLIPS if opts.pattern_flips else "")
 
 
 def _baseline_assigns(bm: BlockModel, baselines: dict[str, LayerPlacement]) -> dict[str, np.ndarray]:
@@ -304,10 +303,12 @@ def solve_layer(
     )
 
 
-FAMILY = ("one copy per expert (no replication: EPLB's replicated placements are outside), within the layer's "
-          "capacity share, on either an aligned power-of-two block of the mesh with the expert spread evenly "
-          "over it, or one of the node sets with shares that the layer's non-replicated baselines (tp, ep, "
-          "ep-lpt, cb, hdmoe) give that expert, and their mirror images under the mesh's row and column flips")
+FAMILY_PATTERNS = ("one copy per expert (no replication: EPLB's replicated placements are outside), within the "
+                   "layer's capacity share, on either an aligned power-of-two block of the mesh with the expert "
+                   "spread evenly over it, or one of the node sets with shares that the layer's non-replicated "
+                   "baselines (tp, ep, ep-lpt, cb, hdmoe) give that expert")
+FAMILY_FLIPS = ", and their mirror images under the mesh's row and column flips"
+FAMILY = FAMILY_PATTERNS + FAMILY_FLIPS  # the default family (patterns and their flips)
 FAMILY_BLOCKS = ("aligned power-of-two blocks of the mesh, one copy per expert spread evenly over its block, "
                  "within the layer's capacity share")
 
