@@ -114,6 +114,7 @@ def test_solve_layer_runs_lns_on_layers_larger_than_a_neighbourhood():
     assert r.lns_steps >= 1 and r.objective_s <= r.warm_start_objective_s
     assert r.improvement == pytest.approx(1 - r.objective_s / r.warm_start_objective_s)
     assert r.lns_gain >= 0 and (r.lns_accepted == 0) == (not r.source.endswith("+lns"))
+    assert f"LNS: {r.lns_steps} steps, {r.lns_accepted} accepted, stopped because" in r.message
     d = r.to_dict()
     assert {"improvement", "lns_steps", "lns_accepted", "lns_gain"} <= set(d)
     np.testing.assert_array_equal(r.assign, runs[1].assign)
@@ -128,3 +129,18 @@ def test_unknown_acceptance_rule_is_an_input_error():
     with pytest.raises(InputError, match="accept"):
         lns(bm, bad_start(bm), LayerScorer(bm), SolveParams(), time.perf_counter() + 5,
             settings=LnsSettings(accept="greedy"), work_budget=1)
+
+
+def test_patience_stops_after_that_many_steps_without_improvement():
+    m, hw, tr, bm = instance(E=4, mesh="1x4", seed=2)
+    score = LayerScorer(bm)
+    # from the enumerated optimum nothing can improve: every step is stale
+    assigns = np.array(list(itertools.product(range(bm.blocks.num_blocks), repeat=m.num_experts)))
+    opt = min(assigns, key=score)
+    settings = dataclasses.replace(SETTINGS, patience=3)
+    r = lns(bm, opt, score, SolveParams(deterministic=True), time.perf_counter() + 30, settings=settings,
+            work_budget=100.0)
+    assert (r.steps, r.accepted, r.stop, r.steps_since_best) == (3, 0, "patience", 3)
+    r0 = lns(bm, opt, score, SolveParams(deterministic=True), time.perf_counter() + 30,
+             settings=dataclasses.replace(settings, patience=0), work_budget=4 * settings.step_cost)
+    assert (r0.steps, r0.stop) == (4, "work")  # patience 0: only the budget ends it

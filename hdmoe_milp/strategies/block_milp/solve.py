@@ -288,13 +288,19 @@ def solve_layer(
         time_mode = "deterministic" if backend == "cpsat" else f"wall ({backend} has no deterministic limit)"
     else:
         time_mode = "wall"
+    message = raw.message
+    if lres is not None:
+        why = {"target": "the gap target was met", "work": "its work budget was spent",
+               "deadline": "the time limit was reached", "max_steps": "its step limit was reached",
+               "patience": f"{lres.steps_since_best} steps in a row did not improve the plan"}[lres.stop]
+        message = f"{message}; LNS: {lres.steps} steps, {lres.accepted} accepted, stopped because {why}"
     t_end = time.perf_counter() - t0
     trace.append((t_end, obj, bound, "final"))
     return LayerSolveResult(
         layer=layer, status=status, objective_s=obj, bound_s=bound, gap=gap, time_s=t_end,
         backend=backend, num_vars=lm.num_vars, num_binaries=lm.num_binaries, num_rows=lm.num_rows,
         warm_start_objective_s=start_scores[best_start], warm_start_source=best_start, source=source,
-        bound_certifies=score.certifies, message=raw.message, placement=bm.placement(assign), assign=assign,
+        bound_certifies=score.certifies, message=message, placement=bm.placement(assign), assign=assign,
         family=family_text(options), model_objective_s=bm.objective(assign), model_bound_s=model_bound,
         time_mode=time_mode, trace=tuple(trace), hdmoe=hd,
         improvement=1.0 - obj / start_scores[best_start] if start_scores[best_start] > 0 else None,
