@@ -54,6 +54,8 @@ def add_commands(subparsers: Any) -> None:
     b.add_argument("--meshes", type=_csv_list, help="override the meshes, e.g. 4x4,4x8")
     b.add_argument("--batches", type=_csv_list, help="override the batches, e.g. 16,64,128")
     b.add_argument("--time-limit", type=float, help="override the solver's limit per layer (deterministic s)")
+    b.add_argument("--solve-batch", help="the batch plans are solved at (default 128), or 'each': one solve per "
+                   "batch of the grid, every batch scored with plans made for it")
     b.add_argument("--online-batches", type=int, help="override the number of replayed batches (0: no online part)")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
@@ -76,6 +78,19 @@ def run(args: argparse.Namespace) -> int:
     return _bench(args) if args.command == "bench" else _plot(args)
 
 
+def _solve_batch(text: str) -> int | None:
+    if text.strip().lower() == "each":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise InputError("--solve-batch", f"must be a whole number of tokens > 0, got {text!r}",
+                         "or 'each' for one solve per batch")
+    return value
+
+
 def _bench(args: argparse.Namespace) -> int:
     spec = grid.PRESETS["quick" if args.quick else "full"]
     changes: dict[str, Any] = {"mode": args.mode}
@@ -89,14 +104,17 @@ def _bench(args: argparse.Namespace) -> int:
             raise InputError("batches", f"must be whole numbers, got {args.batches}") from None
     if args.time_limit is not None:
         changes["time_limit_s"] = args.time_limit
+    if args.solve_batch is not None:
+        changes["solve_batch"] = _solve_batch(args.solve_batch)
     if args.online_batches is not None:
         changes["online_batches"] = args.online_batches
         if args.online_batches == 0:
             changes["policies"] = ()
     spec = replace(spec, **changes)
     g = grid.run(spec, args.out, jobs=args.jobs, executor=args.executor, progress=args.progress)
+    solves = len(spec.models) * len(spec.hws) * len(spec.meshes) * len(grid.solve_batches(spec))
     print(f"wrote {Path(args.out) / 'index.md'} ({len(g.results)} rows, {g.computed} plans solved, "
-          f"{len(spec.models) * len(spec.hws) * len(spec.meshes) - g.computed} from the cache)")
+          f"{solves - g.computed} from the cache)")
     return 0
 
 

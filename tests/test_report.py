@@ -330,3 +330,36 @@ def test_fig_ablation_counts_and_png(tmp_path):
     # no online rows: the two static steps
     assert _bars(rp.fig_ablation(df[df["part"] == "ablation"]).axes[0]) == 8
     assert _bars(rp.fig_ablation(df[df["part"] == "static"]).axes[0]) == 8
+
+
+def test_bench_solve_each_batch_keeps_the_milp_plan_at_least_as_good_as_its_family(tmp_path):
+    """With one solve per batch, every batch is scored with plans made for it: the MILP's own plan
+    (no best-of step) is never slower than a baseline its family holds (all but eplb)."""
+    p = argparse.ArgumentParser()
+    cli_report.add_commands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["bench", "--quick", "--out", str(tmp_path), "--hws", "10/25", "--batches", "8,128",
+                         "--time-limit", "0.02", "--online-batches", "0", "--solve-batch", "each", "--no-progress"])
+    assert cli_report.run(args) == 0
+    res = pd.read_csv(tmp_path / "results.csv")
+    st = res[res["part"] == "static"].pivot_table(index="batch", columns="strategy", values="tbt_us")
+    assert list(st.index) == [8, 128]
+    family = ["tp", "ep", "ep-lpt", "cb", "hdmoe"]
+    assert (st["milp"].values[:, None] <= st[family].values * (1 + 1e-9) + 1e-3).all()
+    solver = pd.read_csv(tmp_path / "solver.csv")
+    assert sorted(solver["solve_batch"].unique()) == [8, 128]
+    assert "solve batch each batch" in (tmp_path / "index.md").read_text()
+    assert len(list((tmp_path / "cache").glob("*.pkl"))) == 2  # one solve per batch
+    again = p.parse_args(["bench", "--quick", "--out", str(tmp_path / "b"), "--hws", "10/25", "--batches", "8,128",
+                          "--time-limit", "0.02", "--online-batches", "0", "--no-progress"])
+    assert cli_report.run(again) == 0
+    one = pd.read_csv(tmp_path / "b" / "results.csv")
+    one = one[one["part"] == "static"].pivot_table(index="batch", columns="strategy", values="tbt_us")
+    assert one.loc[128, "milp"] == pytest.approx(st.loc[128, "milp"])  # the same solve at the solve batch
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x", "1.5"])
+def test_bench_bad_solve_batch(value, tmp_path, capsys):
+    from hdmoe_milp import cli
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path), "--solve-batch", value]) == 2
+    err = capsys.readouterr().err
+    assert "--solve-batch" in err and "each" in err and "Traceback" not in err
