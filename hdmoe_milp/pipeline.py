@@ -258,15 +258,18 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     finally:
         bar.close()
     milp_out = dict(zip(chosen, out, strict=True))
-    results = [milp_out[li] if milp_out.get(li) is not None else not_solved_task(milp_tasks[li]) for li in range(L)]
+    # a layer left out computes its hdmoe layer here; one Ctrl-C stopped does not (it must stop promptly)
+    results = [milp_out[li] if milp_out.get(li) is not None
+               else not_solved_task(milp_tasks[li][:-1] + (None,) if li in milp_out else milp_tasks[li])
+               for li in range(L)]
     if interrupted:
         results = [replace(r, status="interrupted", message="Ctrl-C before this layer finished")
                    if li in milp_out and milp_out[li] is None else r for li, r in enumerate(results)]
         names = [nm for nm in names if nm != "hdmoe"]
     res = model_result(results, backend, problem.batch, params, time.perf_counter() - t0)
     candidates = {"milp": res.placement}
-    if "hdmoe" in names:  # layers not selected: the MILP candidate's (best expressible baseline)
-        hd = {li: o.hdmoe for li, o in milp_out.items() if o is not None and o.hdmoe is not None}
+    if "hdmoe" in names:  # a layer without its hdmoe layer (interrupted): the MILP candidate's
+        hd = {li: r.hdmoe for li, r in enumerate(results) if r.hdmoe is not None}
         candidates["hdmoe"] = Placement(
             tuple(hd[li][0] if li in hd else results[li].placement for li in range(L)), "hdmoe",
             {"stage1": [hd[li][1] if li in hd else {"not-solved": True} for li in range(L)], "work_limit": work})
@@ -289,6 +292,11 @@ def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[L
                        context_len=problem.options.context_len)
     evals = {n: score(p, problem.model, problem.hardware, problem.workload, opts) for n, p in candidates.items()}
     plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, "plan")
+    # a layer left out of the solve holds a baseline's layout under the name "milp": say which one
+    sources = [r.source.removeprefix("baseline:") if src == "milp" and r.status in ("not-solved", "interrupted")
+               else src
+               for r, src in zip(layers, sources, strict=True)]
+    plan = Placement(plan.layers, plan.strategy, {**plan.meta, "layer_sources": sources})
     layers = tuple(replace(r, final_source=src) for r, src in zip(layers, sources, strict=True))
     meta = {"problem": problem.describe(), "solver": solver,
             "layers": [{"layer": r.layer, "status": r.status, "gap": r.gap, "final_source": r.final_source,

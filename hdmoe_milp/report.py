@@ -480,8 +480,8 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
     annotated. ``trace``: :attr:`LayerSolveResult.trace` (or a plan file's ``meta.layers[i].trace``),
     points ``(time_s, primal_s, bound_s, what)``.
 
-    - primal: the best evaluator score known so far (the warm start's when it was scored, then the
-      returned placement's at the end);
+    - primal: the best evaluator score known so far (the warm start's when it was scored, each plan
+      LNS accepted when it was found, then the returned placement's at the end);
     - bound: the certified lower bound on the evaluator (LP + area floor) from when it was computed,
       and at the end;
     - the solver's incumbents (``model:*`` points) are drawn as markers only: they are the block
@@ -506,7 +506,7 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
             ys.append(v if not ys else best(ys[-1], v))
         return np.asarray(xs), np.asarray(ys)
 
-    evaluator = ("warm-start", "bound", "final")
+    evaluator = ("warm-start", "bound", "lns", "final")
     px, py = series(1, min, lambda w: w.startswith(evaluator))
     bx, by = series(2, max, lambda w: w.startswith(evaluator))
     t_end = pts[-1][0]

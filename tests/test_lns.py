@@ -115,6 +115,11 @@ def test_solve_layer_runs_lns_on_layers_larger_than_a_neighbourhood():
     assert r.improvement == pytest.approx(1 - r.objective_s / r.warm_start_objective_s)
     assert r.lns_gain >= 0 and (r.lns_accepted == 0) == (not r.source.endswith("+lns"))
     assert f"LNS: {r.lns_steps} steps, {r.lns_accepted} accepted, stopped because" in r.message
+    steps = [p for p in r.trace if p[3] == "lns"]  # every accepted step, in evaluator terms, in time order
+    assert len(steps) == r.lns_accepted
+    assert all(a[0] <= b[0] and b[1] < a[1] for a, b in zip(steps, steps[1:], strict=False))
+    if steps:
+        assert steps[-1][1] == r.objective_s and steps[0][1] < r.warm_start_objective_s
     d = r.to_dict()
     assert {"improvement", "lns_steps", "lns_accepted", "lns_gain"} <= set(d)
     np.testing.assert_array_equal(r.assign, runs[1].assign)

@@ -201,6 +201,14 @@ def test_pipeline_solves_selected_layers():
     assert [r.status == "not-solved" for r in res.layers] == [True, False, True]
     assert res.solver["layers"] == [1] and res.solver["time_mode"] == "wall"
     assert res.placement.num_layers == 3
+    # a layer left out names the baseline whose layout it holds, and the hdmoe candidate is hdmoe's layer there
+    for li in (0, 2):
+        r = res.layers[li]
+        assert r.final_source != "milp" and r.final_source in hm.BASELINES
+        assert r.hdmoe is not None
+        full = hm.place(p, "hdmoe")
+        np.testing.assert_allclose(res.candidates["hdmoe"].layers[li].shares, full.layers[li].shares)
+    assert res.placement.meta["layer_sources"] == [r.final_source for r in res.layers]
     with pytest.raises(InputError, match="time_limit_s"):
         hm.solve(p, time_limit_s=float("nan"))
 

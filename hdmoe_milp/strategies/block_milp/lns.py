@@ -195,8 +195,8 @@ class LnsResult:
     """Outcome of :func:`lns`: the best ``assign [E]`` (block per expert) and its evaluator score
     ``score_s`` (s), the start's score ``start_s`` (s), steps run and accepted, wall seconds spent,
     the budget charged (``step_cost`` per step), ``history``
-    (step, score in s) of the accepted steps, and why it stopped (``stop``: ``target``, ``work``,
-    ``deadline``, ``patience`` or ``max_steps``)."""
+    (step, score in s) of the accepted steps with their wall times ``times`` (s since the start),
+    and why it stopped (``stop``: ``target``, ``work``, ``deadline``, ``patience`` or ``max_steps``)."""
 
     assign: np.ndarray
     score_s: float
@@ -206,6 +206,7 @@ class LnsResult:
     wall_s: float = 0.0
     work: float = 0.0
     history: list[tuple[int, float]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # wall s since the start, per entry of history
     stop: str = "max_steps"
     steps_since_best: int = 0
 
@@ -328,6 +329,7 @@ def lns(bm: BlockModel, start: np.ndarray, score: Callable[[np.ndarray], float],
                     best, best_s, improved = cand, cs, True
                     res.accepted += 1
                     res.history.append((step, cs))
+                    res.times.append(time.perf_counter() - t0)
                 if improved or (s.accept == "model" and bm.objective(cand) < bm.objective(cur) * (1 - 1e-12)):
                     cur = cand
         stale = 0 if improved else stale + 1

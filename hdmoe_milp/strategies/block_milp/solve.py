@@ -272,8 +272,10 @@ def solve_layer(
         # wall: what remains; deterministic: the work budget decides, wall time is a safety cap as for CP-SAT
         cap = deadline - RESERVE_S if not det else t0 + (1 if params.work_limit else 2) * params.time_limit_s
         target = None if bound is None else bound / (1 - params.gap)  # the gap target met: stop
+        t_lns = time.perf_counter() - t0
         lres = lns(bm, assign, score, params, cap, settings=ls, work_budget=work * share if det else None,
                    backend=backend, lm=lm, stop_below=target)
+        trace += [(t_lns + t, v, None, "lns") for t, (_, v) in zip(lres.times, lres.history, strict=True)]
         if lres.score_s < obj:
             assign, obj, source = lres.assign, lres.score_s, f"{source}+lns"
     model_bound = raw.bound / US if raw.bound is not None else None
@@ -428,9 +430,13 @@ def select_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -
 
 def not_solved_task(args: tuple) -> LayerSolveResult:
     """A layer left out of the solve: its best baseline under the evaluator (:class:`LayerScorer`,
-    on the baselines the block model expresses), reported ``not-solved``."""
-    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, _ = args
+    on the baselines the block model expresses, the hdmoe layer included unless the task's hdmoe
+    work limit is None; it is returned in ``hdmoe`` as for a solved layer), reported ``not-solved``."""
+    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, hd_work = args
     t0 = time.perf_counter()
+    baselines, hd = layer_baselines(model, hw, freqs_all[li], batch, backend=backend, params=params, layer=li,
+                                    freqs_all=freqs_all, coactivation=coactivation, baselines=baselines,
+                                    hdmoe_work_limit=hd_work)
     bm = family_model(model, hw, freqs_all[li], batch, options, coactivation, baselines)
     starts = _baseline_assigns(bm, baselines)
     score = LayerScorer(bm)
@@ -447,6 +453,7 @@ def not_solved_task(args: tuple) -> LayerSolveResult:
         backend=backend, num_vars=0, num_binaries=0, num_rows=0, warm_start_objective_s=obj, warm_start_source=name,
         source="baseline:" + name, bound_certifies="", message="layer not selected", placement=placement,
         assign=assign, family=family_text(options), time_mode="wall" if not params.deterministic else "deterministic",
+        hdmoe=hd,
     )
 
 
