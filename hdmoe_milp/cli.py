@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                     "baseline and are reported not-solved)")
     so.add_argument("--deterministic", action="store_true", help="count --time-limit as CP-SAT deterministic time "
                     "(same inputs, same plan and numbers); default: wall seconds per layer, everything included")
+    so.add_argument("--lns-patience", type=float, help="layers solved by LNS (more experts than one neighbourhood) "
+                    "stop after this many steps in a row without improvement (default 8; 0: use the whole limit)")
 
     rp = sub.add_parser("replay", help="stream a trace batch by batch under online policies")
     common(rp)
@@ -251,7 +253,8 @@ def _solve(args: argparse.Namespace) -> int:
     res = pl.solve(problem, backend=args.backend, time_limit_s=args.time_limit, jobs=args.jobs,
                    threads=args.threads, gap=args.gap, baselines=not args.no_baselines, executor=args.executor,
                    progress=args.progress, work_limit=args.work_limit, layers=layers,
-                   deterministic=args.deterministic)
+                   deterministic=args.deterministic,
+                   lns_patience=None if args.lns_patience is None else int(args.lns_patience))
     if args.out:
         res.save(args.out)
     layers = []
@@ -348,7 +351,7 @@ _NUMERIC_FLAGS = (
     ("gap", "--gap", 0.0, False, False), ("threads", "--threads", 1, False, True), ("jobs", "--jobs", 1, False, True),
     ("batch", "--batch", 0.0, True, False), ("batches", "--batches", 1, False, True),
     ("capacity_gb", "--capacity-gb", 0.0, True, False), ("hop_latency_ns", "--hop-latency-ns", 0.0, False, False),
-    ("seed", "--seed", 0, False, True),
+    ("seed", "--seed", 0, False, True), ("lns_patience", "--lns-patience", 0, False, True),
 )
 
 

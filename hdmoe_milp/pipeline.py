@@ -40,6 +40,7 @@ from .strategies import BASELINES, STRATEGIES, place
 from .strategies.block_milp import (
     EXECUTORS,
     LayerSolveResult,
+    LnsSettings,
     MilpOptions,
     best_per_layer,
     layer_tasks,
@@ -214,7 +215,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
           threads: int = 1, gap: float = 1e-4, baselines: bool | list[str] | tuple[str, ...] = True,
           executor: str = "local", seed: int | None = None, progress: bool | None = None,
           work_limit: float | None = None, layers: list[int] | tuple[int, ...] | None = None,
-          deterministic: bool = False) -> PlanResult:
+          deterministic: bool = False, lns_patience: int | None = None) -> PlanResult:
     """Solve every layer's block MILP (warm-started from the best baseline and heuristic), then keep
     per layer whichever of the MILP's plan and the baselines scores best under the evaluator, so the
     plan is never worse than any baseline.
@@ -228,6 +229,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     ``layers``: solve only these MoE layers (0-based; the MILP and the hdmoe baseline); every other
     layer takes the best of the other baselines and is reported ``not-solved``. ``deterministic``:
     CP-SAT counts ``time_limit_s`` as deterministic time (reproducible; default: wall seconds).
+    ``lns_patience``: on layers solved by LNS, stop after this many steps in a row without
+    improvement (None: the default, 8; 0: use the whole time limit).
     """
     budget = Budget(time_limit_s=time_limit_s, work_limit=work_limit, backend=backend, threads=threads, gap=gap)
     check_choice("executor", executor, EXECUTORS)
@@ -236,6 +239,12 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     names: list[str] = list(BASELINES) if baselines is True else [] if baselines is False else list(baselines)
     for n in names:
         check_choice("baseline", n, BASELINES)
+    lns_settings = None
+    if lns_patience is not None:
+        if isinstance(lns_patience, bool) or not isinstance(lns_patience, int) or lns_patience < 0:
+            raise InputError("lns_patience", f"must be a whole number >= 0, got {lns_patience!r}",
+                             "0 lets LNS use the whole time limit")
+        lns_settings = LnsSettings(patience=lns_patience)
     seed = problem.seed if seed is None else check_seed(seed)
     params = SolveParams(time_limit_s=time_limit_s, threads=threads, seed=seed, gap=gap, deterministic=deterministic)
     t0 = time.perf_counter()
@@ -246,7 +255,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     work = WORK_LIMIT if work_limit is None else work_limit
     milp_tasks = layer_tasks(m, problem.hardware, problem.frequencies, problem.batch, backend=backend, params=params,
                              options=MilpOptions(delivery=problem.options.resolved_delivery), coactivation=coact,
-                             hdmoe_work_limit=work)
+                             hdmoe_work_limit=work, lns_settings=lns_settings)
     chosen = select_layers(layers, L)
     tasks: list[tuple] = [milp_tasks[li] for li in chosen]
     bar = _progress(progress, total=len(tasks), desc=f"solve {m.name}", unit="layer")
@@ -260,7 +269,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     milp_out = dict(zip(chosen, out, strict=True))
     # a layer left out computes its hdmoe layer here; one Ctrl-C stopped does not (it must stop promptly)
     results = [milp_out[li] if milp_out.get(li) is not None
-               else not_solved_task(milp_tasks[li][:-1] + (None,) if li in milp_out else milp_tasks[li])
+               else not_solved_task(_without_hdmoe(milp_tasks[li]) if li in milp_out else milp_tasks[li])
                for li in range(L)]
     if interrupted:
         results = [replace(r, status="interrupted", message="Ctrl-C before this layer finished")
@@ -282,6 +291,11 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
               "layers": chosen, "time_mode": "deterministic" if deterministic else "wall",
               "family": next((r.family for r in results if r.family), ""), "interrupted": interrupted}
     return _combine(problem, candidates, layers, solver)
+
+
+def _without_hdmoe(task: tuple) -> tuple:
+    """A layer task (:func:`layer_tasks`) that does not compute the hdmoe layer (its work limit None)."""
+    return task[:10] + (None,) + task[11:]
 
 
 def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[LayerReport, ...],

@@ -157,6 +157,9 @@ CASES = {
     "flag-time-limit-nan": (_flags("evaluate", *MX, "--strategy", "hdmoe", "--time-limit", "nan"), "--time-limit"),
     "flag-work-limit-negative": (_flags("evaluate", *MX, "--work-limit", "-1"), "--work-limit"),
     "flag-work-limit-inf": (_flags("evaluate", *MX, "--work-limit", "inf"), "--work-limit"),
+    "flag-lns-patience-negative": (_flags("solve", *MX, "--lns-patience", "-1"), "--lns-patience"),
+    "flag-lns-patience-fraction": (_flags("solve", *MX, "--lns-patience", "2.5"), "--lns-patience"),
+    "flag-lns-patience-text": (_flags("solve", *MX, "--lns-patience", "often"), "--lns-patience"),
     "flag-capacity-zero": (_flags("evaluate", *MX, "--capacity-gb", "0"), "--capacity-gb"),
     "flag-capacity-nan": (_flags("evaluate", *MX, "--capacity-gb", "nan"), "--capacity-gb"),
     "flag-capacity-too-small": (_flags("evaluate", *MX, "--capacity-gb", "0.01"), "capacity"),
@@ -381,7 +384,7 @@ def test_bad_input_one_line_exit_2(name, files, capsys, monkeypatch):
 
 def _argparse_case(name: str) -> bool:
     return name in {"flag-seed-float", "flag-seed-text", "flag-batch-text", "flag-unknown-option",
-                    "flag-unknown-command", "replay-batch-float"}
+                    "flag-unknown-command", "replay-batch-float", "flag-lns-patience-text"}
 
 
 class _nullcontext:

@@ -114,7 +114,8 @@ def test_solve_layer_runs_lns_on_layers_larger_than_a_neighbourhood():
     assert r.lns_steps >= 1 and r.objective_s <= r.warm_start_objective_s
     assert r.improvement == pytest.approx(1 - r.objective_s / r.warm_start_objective_s)
     assert r.lns_gain >= 0 and (r.lns_accepted == 0) == (not r.source.endswith("+lns"))
-    assert f"LNS: {r.lns_steps} steps, {r.lns_accepted} accepted, stopped because" in r.message
+    steps = f"{r.lns_steps} step" + ("" if r.lns_steps == 1 else "s")
+    assert f"LNS: {steps}, {r.lns_accepted} accepted, stopped because" in r.message
     steps = [p for p in r.trace if p[3] == "lns"]  # every accepted step, in evaluator terms, in time order
     assert len(steps) == r.lns_accepted
     assert all(a[0] <= b[0] and b[1] < a[1] for a, b in zip(steps, steps[1:], strict=False))
@@ -149,3 +150,19 @@ def test_patience_stops_after_that_many_steps_without_improvement():
     r0 = lns(bm, opt, score, SolveParams(deterministic=True), time.perf_counter() + 30,
              settings=dataclasses.replace(settings, patience=0), work_budget=4 * settings.step_cost)
     assert (r0.steps, r0.stop) == (4, "work")  # patience 0: only the budget ends it
+
+
+def test_pipeline_passes_lns_patience_to_every_layer():
+    import hdmoe_milp as hm
+
+    m = MoEModel("tiny12", num_experts=12, top_k=2, hidden=256, expert_intermediate=512, moe_layers=2)
+    p = hm.Problem(m, hm.make_hardware("10/25", "2x4"), synthetic_trace(m, 300, seed=4))
+    res = hm.solve(p, time_limit_s=5, deterministic=True, lns_patience=1, baselines=False, progress=False)
+    for r in res.layers:  # 12 experts > 8 freed per step: LNS solves these layers
+        assert "LNS:" in r.message and r.lns_steps >= 1
+        if "stopped because 1 step in a row did not improve" in r.message:
+            assert r.lns_steps == r.lns_accepted + 1
+        else:
+            assert "work budget" in r.message or "gap target" in r.message
+    with pytest.raises(hm.InputError, match="lns_patience"):
+        hm.solve(p, time_limit_s=1, lns_patience=-1)

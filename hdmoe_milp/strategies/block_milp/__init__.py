@@ -14,6 +14,7 @@ from ...solvers import (
 )
 from .blocks import Blocks, make_blocks
 from .formulation import BlockModel, MilpOptions
+from .lns import LnsSettings
 from .solve import (
     EXECUTORS,
     LayerSolveResult,
@@ -31,7 +32,7 @@ from .solve import (
 )
 
 __all__ = [
-    "BACKENDS", "EXECUTORS", "BlockModel", "Blocks", "LayerSolveResult", "LinearModel", "MilpOptions",
+    "BACKENDS", "EXECUTORS", "BlockModel", "Blocks", "LayerSolveResult", "LinearModel", "LnsSettings", "MilpOptions",
     "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends", "best_per_layer",
     "family_model", "get_backend", "layer_baselines", "layer_tasks", "lp_bound", "make_blocks", "model_result",
     "not_solved_task", "select_layers", "solve_layer", "solve_layer_task", "solve_model",

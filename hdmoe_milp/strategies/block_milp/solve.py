@@ -294,8 +294,8 @@ def solve_layer(
     if lres is not None:
         why = {"target": "the gap target was met", "work": "its work budget was spent",
                "deadline": "the time limit was reached", "max_steps": "its step limit was reached",
-               "patience": f"{lres.steps_since_best} steps in a row did not improve the plan"}[lres.stop]
-        message = f"{message}; LNS: {lres.steps} steps, {lres.accepted} accepted, stopped because {why}"
+               "patience": f"{_count(lres.steps_since_best, 'step')} in a row did not improve the plan"}[lres.stop]
+        message = f"{message}; LNS: {_count(lres.steps, 'step')}, {lres.accepted} accepted, stopped because {why}"
     t_end = time.perf_counter() - t0
     trace.append((t_end, obj, bound, "final"))
     return LayerSolveResult(
@@ -309,6 +309,10 @@ def solve_layer(
         lns_steps=lres.steps if lres else 0, lns_accepted=lres.accepted if lres else 0,
         lns_gain=lres.gain if lres else 0.0,
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 FAMILY_PATTERNS = ("one copy per expert (no replication: EPLB's replicated placements are outside), within the "
@@ -359,9 +363,10 @@ class LayerScorer:
 
 def solve_layer_task(args: tuple) -> LayerSolveResult:
     """One task of :func:`layer_tasks` (top-level, so that a process pool or Ray can run it)."""
-    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, hd_work = args
+    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, hd_work, lns_set = args
     return solve_layer(model, hw, freqs_all[li], batch, backend=backend, params=params, options=options,
-                       layer=li, coactivation=coactivation, baselines=baselines, hdmoe_work_limit=hd_work)
+                       layer=li, coactivation=coactivation, baselines=baselines, hdmoe_work_limit=hd_work,
+                       lns_settings=lns_set)
 
 
 @dataclass(frozen=True)
@@ -386,17 +391,18 @@ def solve_model(
     coactivation: list[tuple[np.ndarray, np.ndarray]] | None = None,
     layers: list[int] | tuple[int, ...] | None = None,
     hdmoe_work_limit: float | None = WORK_LIMIT,
+    lns_settings: LnsSettings | None = None,
 ) -> ModelSolveResult:
     """Solve every layer (independent problems): serially, in a local process pool (``jobs > 1``)
     or on Ray (``executor="ray"``, needs ``pip install .[ray]``). ``coactivation[l]``: the layer's
     co-activation sets (``Trace.coactivation(l)``), for co-location modelling. ``layers``: solve only
     these (0-based); every other layer takes its best baseline and is reported ``not-solved``.
-    ``hdmoe_work_limit``: see :func:`solve_layer`."""
+    ``hdmoe_work_limit``, ``lns_settings``: see :func:`solve_layer`."""
     check_choice("executor", executor, EXECUTORS)
     params = params or SolveParams()
     check_real("batch", batch, positive=True)
     tasks = layer_tasks(model, hw, freqs, batch, backend=backend, params=params, options=options,
-                        coactivation=coactivation, hdmoe_work_limit=hdmoe_work_limit)
+                        coactivation=coactivation, hdmoe_work_limit=hdmoe_work_limit, lns_settings=lns_settings)
     chosen = select_layers(layers, len(tasks))
     t0 = time.perf_counter()
     bar = tqdm(total=len(chosen), desc=f"solve {model.name}", disable=None if progress is None else not progress,
@@ -432,7 +438,7 @@ def not_solved_task(args: tuple) -> LayerSolveResult:
     """A layer left out of the solve: its best baseline under the evaluator (:class:`LayerScorer`,
     on the baselines the block model expresses, the hdmoe layer included unless the task's hdmoe
     work limit is None; it is returned in ``hdmoe`` as for a solved layer), reported ``not-solved``."""
-    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, hd_work = args
+    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, hd_work, _ = args
     t0 = time.perf_counter()
     baselines, hd = layer_baselines(model, hw, freqs_all[li], batch, backend=backend, params=params, layer=li,
                                     freqs_all=freqs_all, coactivation=coactivation, baselines=baselines,
@@ -460,14 +466,15 @@ def not_solved_task(args: tuple) -> LayerSolveResult:
 def layer_tasks(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, backend: str,
                 params: SolveParams, options: MilpOptions | None,
                 coactivation: list[tuple[np.ndarray, np.ndarray]] | None,
-                hdmoe_work_limit: float | None = WORK_LIMIT) -> list[tuple]:
+                hdmoe_work_limit: float | None = WORK_LIMIT, lns_settings: LnsSettings | None = None) -> list[tuple]:
     """One picklable task per layer for :func:`solve_layer_task` (baselines for the warm starts built
-    once here; the hdmoe layer, with ``hdmoe_work_limit``, inside each task)."""
+    once here; the hdmoe layer, with ``hdmoe_work_limit``, inside each task; ``lns_settings`` for
+    every layer's LNS, None: the defaults)."""
     f = check_freqs(freqs, model)
     get_backend(backend)
     base = baseline_layers(model, hw, f, params.seed)
     co = [None] * f.shape[0] if coactivation is None else coactivation
-    return [(model, hw, f, li, batch, backend, params, options, co[li], base[li], hdmoe_work_limit)
+    return [(model, hw, f, li, batch, backend, params, options, co[li], base[li], hdmoe_work_limit, lns_settings)
             for li in range(f.shape[0])]
 
 
