@@ -25,7 +25,8 @@ from hdmoe_milp.strategies.block_milp import (
 from hdmoe_milp.synthetic import synthetic_trace
 from hdmoe_milp.workload import LayerRouting, Workload
 
-BACKENDS = [b for b in ("cbc", "cpsat", "highs") if b in available_backends()]
+BACKENDS = [b for b in ("cbc", "cpsat", "highs", "scip") if b in available_backends()]
+BOUND_BACKENDS = [b for b in ("cpsat", "highs", "scip") if b in available_backends()]
 
 # (experts, top-k, mesh, link bandwidth, compute, hop latency, delivery, batch)
 CASES = [
@@ -126,3 +127,21 @@ def test_family_without_mirror_images(case):
                     options=MilpOptions(delivery=delivery, pattern_flips=False), coactivation=groups)
     assert r.bound_s <= best * (1 + 1e-9) and best <= r.objective_s * (1 + 1e-9)
     assert "mirror" not in r.family
+
+
+@pytest.mark.parametrize("backend", BOUND_BACKENDS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_bound_stage_lifts_the_lp_bound_and_stays_below_the_optimum(backend, case):
+    """The relaxation solved as a MILP (the bound stage): at least the LP bound, at most the
+    exhaustive optimum; on the top-1 case it proves the optimum and the layer ends as optimal."""
+    m, hw, tr, delivery, batch = instance(case)
+    best = best_over_family(case)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
+    kw = dict(backend=backend, params=SolveParams(time_limit_s=5), options=MilpOptions(delivery=delivery),
+              coactivation=groups)
+    lp_only = solve_layer(m, hw, f, batch, bound_share=0.0, **kw)
+    r = solve_layer(m, hw, f, batch, **kw)
+    assert lp_only.bound_s < r.bound_s <= best * (1 + 1e-9) <= r.objective_s * (1 + 1e-9)
+    assert f"bound:{backend}" in [p[3] for p in r.trace] and f"bound:{backend}" not in [p[3] for p in lp_only.trace]
+    if m.top_k == 1:
+        assert r.status == "optimal" and r.gap <= 1e-4 + 5e-5

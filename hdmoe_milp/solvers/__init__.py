@@ -13,9 +13,9 @@ from .backends import (
     get_backend,
 )
 from .linear_model import LinearModel, ModelBuilder
-from .lp_bound import lp_bound
+from .lp_bound import lp_bound, lp_solution
 
 __all__ = [
     "BACKENDS", "Backend", "LinearModel", "ModelBuilder", "SolveOutcome", "SolveParams", "Status", "Termination",
-    "available_backends", "get_backend", "lp_bound",
+    "available_backends", "get_backend", "lp_bound", "lp_solution",
 ]

@@ -39,7 +39,7 @@ from ...errors import InputError
 from ...hardware import Hardware
 from ...moe import MoEModel
 from ...placement import LayerPlacement
-from ...solvers import LinearModel, ModelBuilder
+from ...solvers import LinearModel, ModelBuilder, lp_solution
 from .blocks import Blocks, flip_copies, make_blocks
 
 US = 1e6  # the linear model works in microseconds
@@ -402,11 +402,13 @@ class BlockModel:
             mb.add_row(np.r_[t_comp, x[i, on]], np.r_[-1.0, US * self.f[i] * top[on]], -np.inf, 0.0)
             mb.add_row(np.r_[t_comp, x[i, on]], np.r_[-1.0, US * self.a[i] * topm[on]], -np.inf, 0.0)
 
-    def build_capacity(self, mb: ModelBuilder, n, D: int) -> None:
-        """(M1) per node: sum_b n_b * expert bytes / d_b <= this layer's capacity."""
+    def build_capacity(self, mb: ModelBuilder, n, D: int, kind: str = "safe") -> None:
+        """(M1) per node: sum_b n_b * expert bytes / d_b <= this layer's capacity. ``kind``: how an
+        integer-scaling backend may round the rows: ``safe`` (its solutions stay feasible; the
+        optimisation model) or ``relax`` (its bound stays valid; the certificate's model)."""
         for c in range(D):
             on = np.flatnonzero(self.blocks.members[:, c])
-            mb.add_row(n[on], self.mem_bytes[on, c] / 1e9, -np.inf, self.cap_layer / 1e9, kind="safe")
+            mb.add_row(n[on], self.mem_bytes[on, c] / 1e9, -np.inf, self.cap_layer / 1e9, kind=kind)
 
     # --- the evaluator-lower relaxation (the certificate) -----------------------------------------
     @cached_property
@@ -474,8 +476,8 @@ class BlockModel:
         self.build_node_time(mb, y, z, t[0])
         if self.opts.per_expert_cut:
             self.build_per_expert_cut(mb, x, t[0])
-        if n is not None:
-            self.build_capacity(mb, n, D)
+        if n is not None:  # rounded as a relaxation: a backend's bound on this model stays a bound
+            self.build_capacity(mb, n, D, kind="relax")
         for coef, tt, name in ((self.disp_coef, t[1], "wd"), (self.comb_coef, t[2], "wc")):
             w = mb.add_vars(name, G * nl, 0.0, US * float(coef.max(initial=0.0)) + 1e-9,
                             integer=False).reshape(G, nl)
@@ -523,6 +525,17 @@ class BlockModel:
                                    self.hw).max())
         v[ix["T"]] = US * np.array([max(comp, per_exp), disp, comb])
         return v
+
+    def lower_vector(self, assign: np.ndarray, lm: LinearModel) -> np.ndarray | None:
+        """A point of :meth:`to_linear_lower` (``lm``) with the ``x`` of ``assign [E]`` (which symmetry
+        breaking must allow: see :meth:`canonical`) and the other variables at their cheapest
+        completion (an LP with ``x`` fixed), for a hint; None if that LP does not solve."""
+        X = np.zeros(self.family.shape)
+        X[np.arange(self.model.num_experts), np.asarray(assign)] = 1.0
+        lb, ub = lm.lb.copy(), lm.ub.copy()
+        nx = int(self.family.sum())
+        lb[:nx] = ub[:nx] = X[self.family]
+        return lp_solution(lm, lb, ub)
 
     def decode(self, xvec: np.ndarray) -> np.ndarray:
         """``[E]`` column per expert of a solution ``xvec`` of :meth:`to_linear` (or of
