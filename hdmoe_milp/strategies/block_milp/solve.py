@@ -264,7 +264,11 @@ def solve_layer(
     if b_share > 0 and not (gap_of(obj) is not None and gap_of(obj) <= params.gap) and (det or remaining > MIN_SOLVE_S):
         # the certificate's relaxation solved as a MILP: branching lifts the bound above its LP
         sp = replace(params, hint=bm.lower_vector(bm.canonical(assign), lower))
-        sp = replace(sp, work_limit=work * b_share) if det else replace(sp, time_limit_s=remaining * b_share)
+        if det:  # CP-SAT counts the work share; the others (wall only) get that share of the limit
+            sp = replace(sp, work_limit=work * b_share,
+                         time_limit_s=params.time_limit_s * (1.0 if backend == "cpsat" else b_share))
+        else:
+            sp = replace(sp, time_limit_s=remaining * b_share)
         try:
             out = solver.solve(lower, sp)
         except Exception:  # a failed bound stage leaves the LP bound and the plan as they are
