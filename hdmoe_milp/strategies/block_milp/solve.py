@@ -288,7 +288,8 @@ def solve_layer(
     lm = bm.to_linear()
     remaining = deadline - time.perf_counter() - RESERVE_S
     if gap_of(obj) is not None and gap_of(obj) <= params.gap:
-        raw = make_outcome(backend, lm, Termination.OPTIMAL, None, None, "gap target proven by the warm start")
+        raw = make_outcome(backend, lm, Termination.OPTIMAL, None, None,
+                           "gap target proven before the model solve (warm starts and bound)")
     elif not det and remaining <= MIN_SOLVE_S:
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
     elif share >= 1.0:
