@@ -298,6 +298,8 @@ def solve_layer(
         sp = replace(params, hint=bm.full_vector(bm.canonical(ws), lm))  # a hint symmetry breaking allows
         if det:
             sp = replace(sp, work_limit=work * (1 - share - b_share)) if share + b_share > 0 else sp
+            if backend != "cpsat" and b_share > 0:  # wall only: the bound stage had its share of the limit
+                sp = replace(sp, time_limit_s=params.time_limit_s * (1 - b_share))
         else:  # wall seconds: the solver gets what remains of the layer's limit (less LNS's share)
             sp = replace(sp, time_limit_s=remaining * (1 - share))
         t_solve = time.perf_counter() - t0
