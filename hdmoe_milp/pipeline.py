@@ -257,7 +257,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
                              options=MilpOptions(delivery=problem.options.resolved_delivery), coactivation=coact,
                              hdmoe_work_limit=work, lns_settings=lns_settings)
     chosen = select_layers(layers, L)
-    tasks: list[tuple] = [milp_tasks[li] for li in chosen]
+    tasks = [milp_tasks[li] for li in chosen]
     bar = _progress(progress, total=len(tasks), desc=f"solve {m.name}", unit="layer")
     interrupted = False
     try:
@@ -269,7 +269,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     milp_out = dict(zip(chosen, out, strict=True))
     # a layer left out computes its hdmoe layer here; one Ctrl-C stopped does not (it must stop promptly)
     results = [milp_out[li] if milp_out.get(li) is not None
-               else not_solved_task(_without_hdmoe(milp_tasks[li]) if li in milp_out else milp_tasks[li])
+               else not_solved_task(milp_tasks[li]._replace(hdmoe_work_limit=None) if li in milp_out
+                                    else milp_tasks[li])
                for li in range(L)]
     if interrupted:
         results = [replace(r, status="interrupted", message="Ctrl-C before this layer finished")
@@ -291,11 +292,6 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
               "layers": chosen, "time_mode": "deterministic" if deterministic else "wall",
               "family": next((r.family for r in results if r.family), ""), "interrupted": interrupted}
     return _combine(problem, candidates, layers, solver)
-
-
-def _without_hdmoe(task: tuple) -> tuple:
-    """A layer task (:func:`layer_tasks`) that does not compute the hdmoe layer (its work limit None)."""
-    return task[:10] + (None,) + task[11:]
 
 
 def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[LayerReport, ...],

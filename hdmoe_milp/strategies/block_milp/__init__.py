@@ -18,6 +18,7 @@ from .lns import LnsSettings
 from .solve import (
     EXECUTORS,
     LayerSolveResult,
+    LayerTask,
     ModelSolveResult,
     best_per_layer,
     family_model,
@@ -32,8 +33,8 @@ from .solve import (
 )
 
 __all__ = [
-    "BACKENDS", "EXECUTORS", "BlockModel", "Blocks", "LayerSolveResult", "LinearModel", "LnsSettings", "MilpOptions",
-    "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends", "best_per_layer",
-    "family_model", "get_backend", "layer_baselines", "layer_tasks", "lp_bound", "make_blocks", "model_result",
-    "not_solved_task", "select_layers", "solve_layer", "solve_layer_task", "solve_model",
+    "BACKENDS", "EXECUTORS", "BlockModel", "Blocks", "LayerSolveResult", "LayerTask", "LinearModel", "LnsSettings",
+    "MilpOptions", "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends",
+    "best_per_layer", "family_model", "get_backend", "layer_baselines", "layer_tasks", "lp_bound", "make_blocks",
+    "model_result", "not_solved_task", "select_layers", "solve_layer", "solve_layer_task", "solve_model",
 ]

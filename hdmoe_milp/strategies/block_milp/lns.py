@@ -283,7 +283,6 @@ def lns(bm: BlockModel, start: np.ndarray, score: Callable[[np.ndarray], float],
     cur_s = float(score(cur))
     res = LnsResult(cur.copy(), cur_s, cur_s)
     best, best_s = cur, cur_s
-    stale = 0
     x_idx = bm.var_ids["x"]  # [E, nb] variable ids of x_ib (-1: not a candidate of expert i)
     y_idx = bm.var_ids["Y"] if len(bm.g_f) else None  # [G, sets] ids of Y_gs (-1: not modelled)
     for step in range(s.max_steps):
@@ -332,9 +331,8 @@ def lns(bm: BlockModel, start: np.ndarray, score: Callable[[np.ndarray], float],
                     res.times.append(time.perf_counter() - t0)
                 if improved or (s.accept == "model" and bm.objective(cand) < bm.objective(cur) * (1 - 1e-12)):
                     cur = cand
-        stale = 0 if improved else stale + 1
-        res.steps_since_best = stale
-        if s.patience and stale >= s.patience:
+        res.steps_since_best = 0 if improved else res.steps_since_best + 1
+        if s.patience and res.steps_since_best >= s.patience:
             res.stop = "patience"
             break
     res.assign, res.score_s, res.wall_s = best, best_s, time.perf_counter() - t0

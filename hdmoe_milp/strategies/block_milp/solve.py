@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -409,12 +409,29 @@ class LayerScorer:
         return float(evaluate(plan, self.model1, self.bm.hw, self.workload, self.opts).layer_s[0])
 
 
-def solve_layer_task(args: tuple) -> LayerSolveResult:
+class LayerTask(NamedTuple):
+    """One layer's picklable solve task (:func:`layer_tasks`): ``freqs_all [layers, E]``, the layer
+    ``li``, its co-activation sets and baseline layers, and the solve settings."""
+
+    model: MoEModel
+    hw: Hardware
+    freqs_all: np.ndarray
+    li: int
+    batch: float
+    backend: str
+    params: SolveParams
+    options: MilpOptions | None
+    coactivation: tuple[np.ndarray, np.ndarray] | None
+    baselines: dict[str, LayerPlacement]
+    hdmoe_work_limit: float | None
+    lns_settings: LnsSettings | None
+
+
+def solve_layer_task(t: LayerTask) -> LayerSolveResult:
     """One task of :func:`layer_tasks` (top-level, so that a process pool or Ray can run it)."""
-    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, hd_work, lns_set = args
-    return solve_layer(model, hw, freqs_all[li], batch, backend=backend, params=params, options=options,
-                       layer=li, coactivation=coactivation, baselines=baselines, hdmoe_work_limit=hd_work,
-                       lns_settings=lns_set)
+    return solve_layer(t.model, t.hw, t.freqs_all[t.li], t.batch, backend=t.backend, params=t.params,
+                       options=t.options, layer=t.li, coactivation=t.coactivation, baselines=t.baselines,
+                       hdmoe_work_limit=t.hdmoe_work_limit, lns_settings=t.lns_settings)
 
 
 @dataclass(frozen=True)
@@ -482,16 +499,16 @@ def select_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -
     return sorted({int(v) for v in vals})
 
 
-def not_solved_task(args: tuple) -> LayerSolveResult:
+def not_solved_task(t: LayerTask) -> LayerSolveResult:
     """A layer left out of the solve: its best baseline under the evaluator (:class:`LayerScorer`,
     on the baselines the block model expresses, the hdmoe layer included unless the task's hdmoe
     work limit is None; it is returned in ``hdmoe`` as for a solved layer), reported ``not-solved``."""
-    model, hw, freqs_all, li, batch, backend, params, options, coactivation, baselines, hd_work, _ = args
+    model, li, backend, params, options = t.model, t.li, t.backend, t.params, t.options
     t0 = time.perf_counter()
-    baselines, hd = layer_baselines(model, hw, freqs_all[li], batch, backend=backend, params=params, layer=li,
-                                    freqs_all=freqs_all, coactivation=coactivation, baselines=baselines,
-                                    hdmoe_work_limit=hd_work)
-    bm = family_model(model, hw, freqs_all[li], batch, options, coactivation, baselines)
+    baselines, hd = layer_baselines(model, t.hw, t.freqs_all[li], t.batch, backend=backend, params=params, layer=li,
+                                    freqs_all=t.freqs_all, coactivation=t.coactivation, baselines=t.baselines,
+                                    hdmoe_work_limit=t.hdmoe_work_limit)
+    bm = family_model(model, t.hw, t.freqs_all[li], t.batch, options, t.coactivation, baselines)
     starts = _baseline_assigns(bm, baselines)
     score = LayerScorer(bm)
     if starts:
@@ -514,7 +531,8 @@ def not_solved_task(args: tuple) -> LayerSolveResult:
 def layer_tasks(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, backend: str,
                 params: SolveParams, options: MilpOptions | None,
                 coactivation: list[tuple[np.ndarray, np.ndarray]] | None,
-                hdmoe_work_limit: float | None = WORK_LIMIT, lns_settings: LnsSettings | None = None) -> list[tuple]:
+                hdmoe_work_limit: float | None = WORK_LIMIT,
+                lns_settings: LnsSettings | None = None) -> list[LayerTask]:
     """One picklable task per layer for :func:`solve_layer_task` (baselines for the warm starts built
     once here; the hdmoe layer, with ``hdmoe_work_limit``, inside each task; ``lns_settings`` for
     every layer's LNS, None: the defaults)."""
@@ -522,8 +540,8 @@ def layer_tasks(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, 
     get_backend(backend)
     base = baseline_layers(model, hw, f, params.seed)
     co = [None] * f.shape[0] if coactivation is None else coactivation
-    return [(model, hw, f, li, batch, backend, params, options, co[li], base[li], hdmoe_work_limit, lns_settings)
-            for li in range(f.shape[0])]
+    return [LayerTask(model, hw, f, li, batch, backend, params, options, co[li], base[li], hdmoe_work_limit,
+                      lns_settings) for li in range(f.shape[0])]
 
 
 def model_result(results: list[LayerSolveResult], backend: str, batch: float, params: SolveParams,
