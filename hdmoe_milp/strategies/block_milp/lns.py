@@ -166,7 +166,9 @@ class LnsSettings:
     within 8 steps of the previous one or of the start, and at 5/50 no step of 20-26 was accepted,
     so the layer ends early instead of spending its whole limit; ``formulations/offline_milp.md``);
     ``share``: fraction of a layer's solver budget given to LNS instead of the monolithic solve
-    when the model has more experts than ``free`` (:func:`lns_share`).
+    when the model has more experts than ``free`` (:func:`lns_share`); ``polish``: the
+    evaluator-driven local search (:mod:`.polish`) of the best plan before the model solve and LNS
+    (at most ``polish_share`` of the wall time then left) and again after them.
     """
 
     free: int = 8
@@ -178,6 +180,8 @@ class LnsSettings:
     max_steps: int = 10_000
     patience: int = 8
     share: float = 1.0
+    polish: bool = True
+    polish_share: float = 0.5
 
 
 def lns_share(bm: BlockModel, settings: LnsSettings, backend: str) -> float:

@@ -28,6 +28,7 @@ from .blocks import layer_patterns
 from .formulation import US, BlockModel, MilpOptions
 from .heuristics import warm_starts
 from .lns import LnsSettings, lns, lns_share
+from .polish import IncrementalScore, polish
 
 GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
 RESERVE_S = 0.05  # wall seconds kept back from the solver for decoding and scoring its plan
@@ -215,6 +216,10 @@ def solve_layer(
     ``time_limit_s``), the LP bound runs to completion and nothing is cut by wall time, so the same
     inputs give the same answer (``time_mode`` in the result says which).
 
+    Polish (:mod:`.polish`, ``lns_settings.polish``): swaps and moves scored by the evaluator itself,
+    from the best plan before the model solve (at most ``polish_share`` of the remaining wall time;
+    deterministic: to a local optimum) and again after the model solve and LNS if they changed it.
+
     LNS (:mod:`.lns`, ``lns_settings``): on layers with more experts than one neighbourhood frees
     (CP-SAT only), a share (:func:`.lns.lns_share`) of the solver's budget goes to fix-and-optimize
     from the best plan after the monolithic solve (wall: what remains of the limit; deterministic: that
@@ -285,6 +290,14 @@ def solve_layer(
                 bound = min(max(bound, out.bound / US), obj)
             trace.append((time.perf_counter() - t0, obj if better else None, bound, f"bound:{backend}"))
 
+    # wall: the deadline; deterministic: the polish runs to its local optimum, under the safety cap
+    cap = deadline - RESERVE_S if not det else t0 + (1 if params.work_limit else 2) * params.time_limit_s
+    pol = _Polisher(bm, score, params.seed, ls.polish and score.workload is not None)
+    if not (gap_of(obj) is not None and gap_of(obj) <= params.gap):
+        end = cap if det else time.perf_counter() + ls.polish_share * max(cap - time.perf_counter(), 0.0)
+        if (better := pol.run(assign, obj, end)) is not None:
+            assign, obj, source = better[0], better[1], f"{source}+polish"
+            trace.append((time.perf_counter() - t0, obj, None, "polish"))
     lm = bm.to_linear()
     remaining = deadline - time.perf_counter() - RESERVE_S
     if gap_of(obj) is not None and gap_of(obj) <= params.gap:
@@ -318,7 +331,6 @@ def solve_layer(
     lres = None
     if share > 0 and raw.status not in (Termination.OPTIMAL, Termination.ERROR, Termination.INFEASIBLE):
         # wall: what remains; deterministic: the work budget decides, wall time is a safety cap as for CP-SAT
-        cap = deadline - RESERVE_S if not det else t0 + (1 if params.work_limit else 2) * params.time_limit_s
         target = None if bound is None else bound / (1 - params.gap)  # the gap target met: stop
         t_lns = time.perf_counter() - t0
         lres = lns(bm, assign, score, params, cap, settings=ls, work_budget=work * share if det else None,
@@ -326,6 +338,11 @@ def solve_layer(
         trace += [(t_lns + t, v, None, "lns") for t, (_, v) in zip(lres.times, lres.history, strict=True)]
         if lres.score_s < obj:
             assign, obj, source = lres.assign, lres.score_s, f"{source}+lns"
+    if pol.changed(assign) and not (gap_of(obj) is not None and gap_of(obj) <= params.gap):
+        # the model solve or LNS moved the plan: polish it again with what remains
+        if (better := pol.run(assign, obj, cap)) is not None:
+            assign, obj, source = better[0], better[1], f"{source}+polish"
+            trace.append((time.perf_counter() - t0, obj, None, "polish"))
     model_bound = raw.bound / US if raw.bound is not None else None
     gap = gap_of(obj)
     if raw.status in (Termination.ERROR, Termination.INFEASIBLE):
@@ -357,6 +374,35 @@ def solve_layer(
         lns_steps=lres.steps if lres else 0, lns_accepted=lres.accepted if lres else 0,
         lns_gain=lres.gain if lres else 0.0,
     )
+
+
+class _Polisher:
+    """:func:`.polish.polish` on a layer (when ``on`` and the scorer has a workload): ``run`` returns
+    the polished plan and its score under ``score`` (the evaluator) if that is strictly better."""
+
+    def __init__(self, bm: BlockModel, score: LayerScorer, seed: int, on: bool) -> None:
+        self.bm, self.score, self.seed, self.on = bm, score, seed, on
+        self.inc: IncrementalScore | None = None
+        self.last: np.ndarray | None = None
+
+    def changed(self, assign: np.ndarray) -> bool:
+        return self.on and self.last is not None and not np.array_equal(assign, self.last)
+
+    def run(self, assign: np.ndarray, obj: float, end: float) -> tuple[np.ndarray, float] | None:
+        if not self.on or time.perf_counter() >= end:
+            return None
+        lr = self.score.workload.layers[0]
+        if self.inc is None:
+            self.inc = IncrementalScore(self.bm, lr.experts, lr.weight, assign)
+        else:
+            self.inc.reset(assign)
+        r = polish(self.inc, self.bm.family, seed=self.seed, deadline=end)
+        self.last = r.assign
+        if r.score_s >= obj * (1 - 1e-12):
+            self.last = np.asarray(assign).copy()
+            return None
+        cobj = self.score(r.assign)  # the reported number is the evaluator's own
+        return (r.assign, cobj) if cobj < obj * (1 - 1e-12) else None
 
 
 def _count(n: int, noun: str) -> str:
