@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(same inputs, same plan and numbers); default: wall seconds per layer, everything included")
     so.add_argument("--lns-patience", type=float, help="layers solved by LNS (more experts than one neighbourhood) "
                     "stop after this many steps in a row without improvement (default 8; 0: use the whole limit)")
+    so.add_argument("--no-polish", action="store_true", help="skip the evaluator-driven local search (swaps and "
+                    "moves) of each layer's plan")
 
     rp = sub.add_parser("replay", help="stream a trace batch by batch under online policies")
     common(rp)
@@ -254,7 +256,8 @@ def _solve(args: argparse.Namespace) -> int:
                    threads=args.threads, gap=args.gap, baselines=not args.no_baselines, executor=args.executor,
                    progress=args.progress, work_limit=args.work_limit, layers=layers,
                    deterministic=args.deterministic,
-                   lns_patience=None if args.lns_patience is None else int(args.lns_patience))
+                   lns_patience=None if args.lns_patience is None else int(args.lns_patience),
+                   polish=not args.no_polish)
     if args.out:
         res.save(args.out)
     layers = []

@@ -215,7 +215,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
           threads: int = 1, gap: float = 1e-4, baselines: bool | list[str] | tuple[str, ...] = True,
           executor: str = "local", seed: int | None = None, progress: bool | None = None,
           work_limit: float | None = None, layers: list[int] | tuple[int, ...] | None = None,
-          deterministic: bool = False, lns_patience: int | None = None) -> PlanResult:
+          deterministic: bool = False, lns_patience: int | None = None, polish: bool = True) -> PlanResult:
     """Solve every layer's block MILP (warm-started from the best baseline and heuristic), then keep
     per layer whichever of the MILP's plan and the baselines scores best under the evaluator, so the
     plan is never worse than any baseline.
@@ -230,7 +230,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     layer takes the best of the other baselines and is reported ``not-solved``. ``deterministic``:
     CP-SAT counts ``time_limit_s`` as deterministic time (reproducible; default: wall seconds).
     ``lns_patience``: on layers solved by LNS, stop after this many steps in a row without
-    improvement (None: the default, 8; 0: use the whole time limit).
+    improvement (None: the default, 8; 0: use the whole time limit). ``polish``: the evaluator-driven
+    local search of each layer's plan (swaps and moves, before and after the model solve and LNS).
     """
     budget = Budget(time_limit_s=time_limit_s, work_limit=work_limit, backend=backend, threads=threads, gap=gap)
     check_choice("executor", executor, EXECUTORS)
@@ -245,6 +246,10 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
             raise InputError("lns_patience", f"must be a whole number >= 0, got {lns_patience!r}",
                              "0 lets LNS use the whole time limit")
         lns_settings = LnsSettings(patience=lns_patience)
+    if not isinstance(polish, bool):
+        raise InputError("polish", f"must be True or False, got {polish!r}")
+    if not polish:
+        lns_settings = replace(lns_settings or LnsSettings(), polish=False)
     seed = problem.seed if seed is None else check_seed(seed)
     params = SolveParams(time_limit_s=time_limit_s, threads=threads, seed=seed, gap=gap, deterministic=deterministic)
     t0 = time.perf_counter()

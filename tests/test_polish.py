@@ -144,3 +144,24 @@ def test_solve_layer_polishes_and_reports_the_evaluators_number():
     assert "polish" in on.source  # on this communication-bound layer the search moves the plan
     assert on.objective_s <= runs[False].objective_s * (1 + 1e-12)
     assert on.bound_s <= on.objective_s
+
+
+@pytest.mark.skipif("cpsat" not in available_backends(), reason="solves with CP-SAT")
+def test_pipeline_and_cli_can_turn_the_polish_off(capsys):
+    import json
+
+    import hdmoe_milp as hm
+    from hdmoe_milp.cli import main
+
+    m = MoEModel("tiny24", num_experts=24, top_k=4, hidden=256, expert_intermediate=512, moe_layers=1)
+    p = hm.Problem(m, Hardware(Mesh.parse("4x4"), compute_flops=4e9, link_bw_bytes_per_s=5e7),
+                   synthetic_trace(m, 400, seed=0))
+    kw = dict(time_limit_s=20, deterministic=True, work_limit=0.0, baselines=False, progress=False)
+    on, off = (hm.solve(p, polish=v, **kw).layers[0] for v in (True, False))
+    assert "polish" in on.source and "polish" not in off.source
+    with pytest.raises(hm.InputError, match="polish"):
+        hm.solve(p, polish="no")
+    assert main(["solve", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "10/25", "--layers", "0",
+                 "--time-limit", "2", "--no-polish", "--no-baselines", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert "polish" not in d["layers"][0]["final_source"]
