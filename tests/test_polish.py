@@ -156,7 +156,7 @@ def test_pipeline_and_cli_can_turn_the_polish_off(capsys):
     m = MoEModel("tiny24", num_experts=24, top_k=4, hidden=256, expert_intermediate=512, moe_layers=1)
     p = hm.Problem(m, Hardware(Mesh.parse("4x4"), compute_flops=4e9, link_bw_bytes_per_s=5e7),
                    synthetic_trace(m, 400, seed=0))
-    kw = dict(time_limit_s=20, deterministic=True, work_limit=0.0, baselines=False, progress=False)
+    kw = dict(time_limit_s=2, deterministic=True, work_limit=0.0, baselines=False, progress=False)
     on, off = (hm.solve(p, polish=v, **kw).layers[0] for v in (True, False))
     assert "polish" in on.source and "polish" not in off.source
     with pytest.raises(hm.InputError, match="polish"):
