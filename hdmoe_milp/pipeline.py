@@ -272,11 +272,17 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     finally:
         bar.close()
     milp_out = dict(zip(chosen, out, strict=True))
-    # a layer left out computes its hdmoe layer here; one Ctrl-C stopped does not (it must stop promptly)
-    results = [milp_out[li] if milp_out.get(li) is not None
-               else not_solved_task(milp_tasks[li]._replace(hdmoe_work_limit=None) if li in milp_out
-                                    else milp_tasks[li])
-               for li in range(L)]
+    # a layer left out computes its hdmoe layer (in the pool, like the solved layers); after a Ctrl-C
+    # no layer does, so that the run stops promptly
+    missing = [li for li in range(L) if milp_out.get(li) is None]
+    if interrupted:
+        filled = [not_solved_task(milp_tasks[li]._replace(hdmoe_work_limit=None)) for li in missing]
+    else:
+        filled = run_tasks(not_solved_task, [milp_tasks[li] for li in missing], jobs=jobs, executor=executor,
+                           num_cpus=threads)
+    results = [milp_out.get(li) for li in range(L)]
+    for li, r in zip(missing, filled, strict=True):
+        results[li] = r
     if interrupted:
         results = [replace(r, status="interrupted", message="Ctrl-C before this layer finished")
                    if li in milp_out and milp_out[li] is None else r for li, r in enumerate(results)]
