@@ -165,3 +165,15 @@ def test_pipeline_and_cli_can_turn_the_polish_off(capsys):
                  "--time-limit", "2", "--no-polish", "--no-baselines", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert "polish" not in d["layers"][0]["final_source"]
+
+
+def test_polish_stops_after_its_evaluation_budget_the_same_way_each_time():
+    bm, score = instance(8, 2, "4x4", "tree", seed=5)
+    lr = score.workload.layers[0]
+    a = np.full(8, int(np.argmin(bm.blocks.degree)))
+    full = polish(IncrementalScore(bm, lr.experts, lr.weight, a), bm.family, seed=0)
+    assert full.evaluations > 20
+    cut = [polish(IncrementalScore(bm, lr.experts, lr.weight, a), bm.family, seed=0, max_evals=20) for _ in range(2)]
+    assert cut[0].stop == "evaluations" and cut[0].evaluations == 20
+    np.testing.assert_array_equal(cut[0].assign, cut[1].assign)
+    assert full.score_s <= cut[0].score_s <= score(a)

@@ -218,7 +218,8 @@ def solve_layer(
 
     Polish (:mod:`.polish`, ``lns_settings.polish``): swaps and moves scored by the evaluator itself,
     from the best plan before the model solve (at most ``polish_share`` of the remaining wall time;
-    deterministic: to a local optimum) and again after the model solve and LNS if they changed it.
+    deterministic: a work share, counted in evaluations) and again after the model solve and LNS if
+    they changed it.
 
     LNS (:mod:`.lns`, ``lns_settings``): on layers with more experts than one neighbourhood frees
     (CP-SAT only), a share (:func:`.lns.lns_share`) of the solver's budget goes to fix-and-optimize
@@ -293,9 +294,10 @@ def solve_layer(
     # wall: the deadline; deterministic: the polish runs to its local optimum, under the safety cap
     cap = deadline - RESERVE_S if not det else t0 + (1 if params.work_limit else 2) * params.time_limit_s
     pol = _Polisher(bm, score, params.seed, ls.polish and score.workload is not None)
+    polish_evals = int(ls.polish_share * work / ls.polish_eval_cost) if det else None  # a work budget
     if not (gap_of(obj) is not None and gap_of(obj) <= params.gap):
         end = cap if det else time.perf_counter() + ls.polish_share * max(cap - time.perf_counter(), 0.0)
-        if (better := pol.run(assign, obj, end)) is not None:
+        if (better := pol.run(assign, obj, end, polish_evals)) is not None:
             assign, obj, source = better[0], better[1], f"{source}+polish"
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
     lm = bm.to_linear()
@@ -340,7 +342,7 @@ def solve_layer(
             assign, obj, source = lres.assign, lres.score_s, f"{source}+lns"
     if pol.changed(assign) and not (gap_of(obj) is not None and gap_of(obj) <= params.gap):
         # the model solve or LNS moved the plan: polish it again with what remains
-        if (better := pol.run(assign, obj, cap)) is not None:
+        if (better := pol.run(assign, obj, cap, polish_evals)) is not None:
             assign, obj, source = better[0], better[1], f"{source}+polish"
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
     model_bound = raw.bound / US if raw.bound is not None else None
@@ -388,7 +390,8 @@ class _Polisher:
     def changed(self, assign: np.ndarray) -> bool:
         return self.on and self.last is not None and not np.array_equal(assign, self.last)
 
-    def run(self, assign: np.ndarray, obj: float, end: float) -> tuple[np.ndarray, float] | None:
+    def run(self, assign: np.ndarray, obj: float, end: float,
+            max_evals: int | None = None) -> tuple[np.ndarray, float] | None:
         if not self.on or time.perf_counter() >= end:
             return None
         lr = self.score.workload.layers[0]
@@ -396,7 +399,7 @@ class _Polisher:
             self.inc = IncrementalScore(self.bm, lr.experts, lr.weight, assign)
         else:
             self.inc.reset(assign)
-        r = polish(self.inc, self.bm.family, seed=self.seed, deadline=end)
+        r = polish(self.inc, self.bm.family, seed=self.seed, deadline=end, max_evals=max_evals)
         self.last = r.assign
         if r.score_s >= obj * (1 - 1e-12):
             self.last = np.asarray(assign).copy()
