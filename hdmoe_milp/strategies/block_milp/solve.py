@@ -291,7 +291,7 @@ def solve_layer(
                 bound = min(max(bound, out.bound / US), obj)
             trace.append((time.perf_counter() - t0, obj if better else None, bound, f"bound:{backend}"))
 
-    # wall: the deadline; deterministic: the polish runs to its local optimum, under the safety cap
+    # wall: the deadline; deterministic: an evaluation budget, with the wall-clock cap as a safety net
     cap = deadline - RESERVE_S if not det else t0 + (1 if params.work_limit else 2) * params.time_limit_s
     pol = _Polisher(bm, score, params.seed, ls.polish and score.workload is not None)
     polish_evals = int(ls.polish_share * work / ls.polish_eval_cost) if det else None  # a work budget
