@@ -177,3 +177,14 @@ def test_polish_stops_after_its_evaluation_budget_the_same_way_each_time():
     assert cut[0].stop == "evaluations" and cut[0].evaluations == 20
     np.testing.assert_array_equal(cut[0].assign, cut[1].assign)
     assert full.score_s <= cut[0].score_s <= score(a)
+
+
+def test_a_swap_pass_ends_after_its_patience():
+    bm, score = instance(8, 2, "4x4", "tree", seed=5)
+    lr = score.workload.layers[0]
+    a = np.full(8, int(np.argmin(bm.blocks.degree)))
+    full = polish(IncrementalScore(bm, lr.experts, lr.weight, a), bm.family, seed=0, swap_patience=None)
+    assert full.stop == "local-optimum"
+    short = polish(IncrementalScore(bm, lr.experts, lr.weight, a), bm.family, seed=0, swap_patience=1)
+    assert short.stop in ("swap-patience", "local-optimum") and short.evaluations <= full.evaluations
+    assert short.score_s == pytest.approx(score(short.assign), rel=1e-9) and short.score_s <= score(a)

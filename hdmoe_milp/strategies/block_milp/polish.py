@@ -35,6 +35,10 @@ from ...costs import UnitCosts, activation_probability, link_loads, phase_time_s
 from .formulation import BlockModel
 
 TOL = 1e-12
+# a swap pass ends after this many swaps in a row without improvement: a 64-expert layer has 2,016
+# pairs, so its passes are whole; DeepSeek-V3's 256 experts have 32,640 (16-30 s per pass), where
+# the pass rarely finds anything after a long run of failures
+SWAP_PATIENCE = 2000
 
 
 class IncrementalScore:
@@ -192,7 +196,7 @@ class IncrementalScore:
 class PolishResult:
     """What :func:`polish` did: the final ``assign [E]`` and its layer time ``score_s`` under the
     incremental score, the start's, the number of evaluations and accepted moves, sweeps, and why it
-    stopped (``local-optimum``, ``sweeps``, ``evaluations``, ``deadline``)."""
+    stopped (``local-optimum``, ``swap-patience``, ``sweeps``, ``evaluations``, ``deadline``)."""
 
     assign: np.ndarray
     score_s: float
@@ -204,7 +208,8 @@ class PolishResult:
 
 
 def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline: float | None = None,
-           max_sweeps: int = 50, max_evals: int | None = None) -> PolishResult:
+           max_sweeps: int = 50, max_evals: int | None = None, swap_patience: int | None = SWAP_PATIENCE
+           ) -> PolishResult:
     """Local search from ``inc``'s current assignment: moves of one expert to another column that
     ``family [E, nb]`` allows, and swaps of two experts' columns (both allowed).
 
@@ -213,8 +218,10 @@ def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline
     once in a drawn order (first improvement). It stops at a sweep with no improvement (a local
     optimum), after ``max_sweeps``, after ``max_evals`` evaluations (scoring every column of one
     expert counts as one, as does one swap: they cost about the same, 0.3-0.5 ms on a 4x8 layer),
-    or at ``deadline`` (``time.perf_counter()`` seconds). Without a deadline the result depends on
-    the seed and the inputs only.
+    or at ``deadline`` (``time.perf_counter()`` seconds). A swap pass also ends after
+    ``swap_patience`` swaps in a row without improvement (None: never), and the search then ends
+    as at a local optimum (``stop`` says ``swap-patience``). Without a deadline the result depends
+    on the seed and the inputs only.
     """
     rng = np.random.default_rng(seed)
     fam = np.asarray(family, dtype=bool)
@@ -235,6 +242,7 @@ def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline
         return deadline is not None and time.perf_counter() >= deadline
 
     swaps_done = False  # a swap pass since the last improving move
+    cut = False  # the last swap pass ended on swap_patience
     while sweeps < max_sweeps:
         sweeps += 1
         moved = False
@@ -252,9 +260,12 @@ def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline
             swaps_done = False
             continue
         if swaps_done:
-            return result("local-optimum")
+            return result("swap-patience" if cut else "local-optimum")
         swapped = False
+        stale = 0
         for t in rng.permutation(len(pairs)):
+            if swap_patience is not None and stale >= swap_patience:
+                break
             p, q = (int(v) for v in pairs[t])
             a = inc.assign
             if a[p] == a[q] or not (fam[p, a[q]] and fam[q, a[p]]):
@@ -267,8 +278,12 @@ def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline
                 inc.apply(moves)
                 n_acc += 1
                 swapped = True
+                stale = 0
+            else:
+                stale += 1
+        cut = swap_patience is not None and stale >= swap_patience
         if not swapped:
-            return result("local-optimum")
+            return result("swap-patience" if cut else "local-optimum")
         swaps_done = True
     return result("sweeps")
 
