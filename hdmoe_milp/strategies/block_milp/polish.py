@@ -10,10 +10,11 @@ are often not for the evaluator. This search works on the evaluator's number dir
   re-scores a move of one or two experts in time proportional to the groups they belong to,
   instead of re-evaluating the whole layer. Its numbers equal :class:`~.solve.LayerScorer`'s
   (tested to 1e-9 relative on random assignments and moves, tree and unicast delivery).
-- :func:`polish`: first-improvement swaps of two experts' columns and moves of one expert to
-  another of its columns, in an order drawn with a seeded RNG, until no move improves, a sweep
-  limit or the deadline. Every accepted step lowers the score, so the result is never worse than
-  the start; the caller re-scores it with the evaluator itself.
+- :func:`polish`: moves of one expert to its best column and first-improvement swaps of two
+  experts' columns, in orders drawn with a seeded RNG, until neither improves (or a swap pass
+  runs out of patience), a sweep limit, an evaluation budget or the deadline. Every accepted step
+  lowers the score, so the result is never worse than the start; the caller re-scores it with the
+  evaluator itself.
 
 Why it is exact. With homes spread over every node and XY routing, one message of unit weight to
 a node set ``U`` loads link ``l`` by ``w_l`` times an indicator: for a multicast tree, whether
