@@ -68,16 +68,17 @@ class IncrementalScore:
             feats = loads > 0
             if not np.allclose(loads, feats * full[None, :], rtol=1e-12, atol=0.0):
                 raise ValueError("tree link loads are not of the indicator form this search relies on")
-            self.feat_load = np.diag(full)  # [F = 2L, 2L]
+            self.link_w: np.ndarray | None = full  # [F = 2L]: a feature is a link
+            self.node_load = None
         else:
             eye = np.eye(D, dtype=bool)
-            self.feat_load = np.array([np.concatenate(link_loads(mesh, eye[n][None, :], np.ones(1), None, False)[:2])
-                                       for n in range(D)])  # [F = D, 2L]
+            self.link_w = None
+            self.node_load = np.array([np.concatenate(link_loads(mesh, eye[n][None, :], np.ones(1), None, False)[:2])
+                                       for n in range(D)])  # [F = D, 2L]: a feature is a node
             feats = holders
         self.feats = feats.astype(np.int16)  # [nb, F]
         self.nl = nl
         self.bw2 = np.concatenate([hw.link_bw, hw.link_bw])
-        self.vec_bytes = unit.vector_bytes
         self.hop_lat = hw.hop_latency_s
         self.ecc = mesh.distance.max(axis=0)  # [D]
         self.ids, self.w = ids, tokens * unit.vector_bytes  # bytes per group message
@@ -107,13 +108,18 @@ class IncrementalScore:
         self.used = self.holders[a[self.active]].sum(axis=0)  # [D] active experts holding each node
         self.value = self._total(self.hitw, self.flops, self.read, self.used)
 
-    def _total(self, hitw: np.ndarray, flops: np.ndarray, read: np.ndarray, used: np.ndarray) -> float:
-        comp = float(roofline_s(flops, read, self.bm.hw).max())
-        link = hitw @ self.feat_load  # [2L] bytes
-        hops = int(self.ecc[used > 0].max(initial=0))
-        disp = float(phase_time_s(link[:self.nl], self.bw2[:self.nl], self.hop_lat, hops))
-        comb = float(phase_time_s(link[self.nl:], self.bw2[self.nl:], self.hop_lat, hops))
+    def _times(self, hitw: np.ndarray, flops: np.ndarray, read: np.ndarray, used: np.ndarray) -> np.ndarray:
+        """Layer times ``[...]`` from the message bytes hitting each feature ``hitw [..., F]`` and the
+        per-node FLOPs, bytes read and active holders (``[..., D]``), over any leading axes."""
+        comp = roofline_s(flops, read, self.bm.hw).max(axis=-1)
+        link = hitw * self.link_w if self.link_w is not None else hitw @ self.node_load  # [..., 2L] bytes
+        hops = np.where(used > 0, self.ecc, 0).max(axis=-1)
+        disp = phase_time_s(link[..., :self.nl], self.bw2[:self.nl], self.hop_lat, hops)
+        comb = phase_time_s(link[..., self.nl:], self.bw2[self.nl:], self.hop_lat, hops)
         return comp + disp + comb
+
+    def _total(self, hitw: np.ndarray, flops: np.ndarray, read: np.ndarray, used: np.ndarray) -> float:
+        return float(self._times(hitw, flops, read, used))
 
     def _change(self, moves: list[tuple[int, int]]):
         """Everything a set of moves (expert, new column) changes, without applying it: the groups
@@ -166,16 +172,11 @@ class IncrementalScore:
         base = self.hitw - w @ (self.K[gi] > 0) + w @ (K_wo > 0)  # [F] without i's messages
         miss = w @ (K_wo == 0)  # [F] weight of i's groups that would hit f only through i
         hitw = base[None, :] + self.feats[cols] * miss[None, :]  # [nc, F]
-        link = hitw @ self.feat_load  # [nc, 2L]
         ds = self.share[cols] - self.share[old][None, :]  # [nc, D]
-        comp = roofline_s(self.flops[None, :] + self.flops_e[i] * ds, self.read[None, :] + self.read_e[i] * ds,
-                          self.bm.hw).max(axis=1)
         used = self.used[None, :] - (self.holders[old] if self.active[i] else 0)
         used = used + (self.holders[cols] if self.active[i] else 0)
-        hops = np.where(used > 0, self.ecc[None, :], 0).max(axis=1)
-        disp = phase_time_s(link[:, :self.nl], self.bw2[:self.nl], self.hop_lat, hops)
-        comb = phase_time_s(link[:, self.nl:], self.bw2[self.nl:], self.hop_lat, hops)
-        val = comp + disp + comb
+        val = self._times(hitw, self.flops[None, :] + self.flops_e[i] * ds, self.read[None, :] + self.read_e[i] * ds,
+                          used)
         if self.cap is not None:
             mem = self.mem[None, :] - self.mem_bytes[old][None, :] + self.mem_bytes[cols]
             val[mem.max(axis=1) > self.cap * (1 + 1e-9)] = np.inf
