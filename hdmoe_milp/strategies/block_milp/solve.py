@@ -262,12 +262,16 @@ def solve_layer(
     def gap_of(o: float) -> float | None:
         return None if bound is None or o <= 0 else max(0.0, (o - bound) / o)
 
+    def proven(o: float) -> bool:  # the gap target is met by plan score o and the current bound
+        g = gap_of(o)
+        return g is not None and g <= params.gap
+
     ls = lns_settings or LnsSettings()
     share = lns_share(bm, ls, backend)
     b_share = bound_milp_share(backend, share) if bound_share is None else float(min(max(bound_share, 0.0), 1.0))
     work = params.work_limit if params.work_limit is not None else params.time_limit_s  # deterministic budget
     remaining = deadline - time.perf_counter() - RESERVE_S
-    if b_share > 0 and not (gap_of(obj) is not None and gap_of(obj) <= params.gap) and (det or remaining > MIN_SOLVE_S):
+    if b_share > 0 and not proven(obj) and (det or remaining > MIN_SOLVE_S):
         # the certificate's relaxation solved as a MILP: branching lifts the bound above its LP
         sp = replace(params, hint=bm.lower_vector(bm.canonical(assign), lower))
         if det:  # CP-SAT counts the work share; the others (wall only) get that share of the limit
@@ -295,14 +299,14 @@ def solve_layer(
     cap = deadline - RESERVE_S if not det else t0 + (1 if params.work_limit else 2) * params.time_limit_s
     pol = _Polisher(bm, score, params.seed, ls.polish and score.workload is not None)
     polish_evals = int(ls.polish_share * work / ls.polish_eval_cost) if det else None  # a work budget
-    if not (gap_of(obj) is not None and gap_of(obj) <= params.gap):
+    if not proven(obj):
         end = cap if det else time.perf_counter() + ls.polish_share * max(cap - time.perf_counter(), 0.0)
         if (better := pol.run(assign, obj, end, polish_evals)) is not None:
             assign, obj, source = better[0], better[1], f"{source}+polish"
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
     lm = bm.to_linear()
     remaining = deadline - time.perf_counter() - RESERVE_S
-    if gap_of(obj) is not None and gap_of(obj) <= params.gap:
+    if proven(obj):
         raw = make_outcome(backend, lm, Termination.OPTIMAL, None, None,
                            "gap target proven before the model solve (warm starts and bound)")
     elif not det and remaining <= MIN_SOLVE_S:
@@ -340,7 +344,7 @@ def solve_layer(
         trace += [(t_lns + t, v, None, "lns") for t, (_, v) in zip(lres.times, lres.history, strict=True)]
         if lres.score_s < obj:
             assign, obj, source = lres.assign, lres.score_s, f"{source}+lns"
-    if pol.changed(assign) and not (gap_of(obj) is not None and gap_of(obj) <= params.gap):
+    if pol.changed(assign) and not proven(obj):
         # the model solve or LNS moved the plan: polish it again with what remains
         if (better := pol.run(assign, obj, cap, polish_evals)) is not None:
             assign, obj, source = better[0], better[1], f"{source}+polish"
