@@ -97,3 +97,27 @@ def test_unequal_bandwidths_switch_symmetry_off():
     hw = dataclasses.replace(hw, link_bw_bytes_per_s=np.linspace(1e8, 2e8, hw.mesh.num_links))
     bm = family_model(m, hw, tr.frequencies()[0], 32.0, MilpOptions(), tr.coactivation(0), {})
     assert not bm.symmetric
+
+
+def test_match_finds_the_first_equal_column_by_brute_force():
+    """``Blocks.match`` against the definition: the first column on the same nodes whose shares are
+    within SHARE_TOL, among the allowed ones; near misses and other node sets give -1."""
+    from hdmoe_milp.strategies.block_milp.blocks import SHARE_TOL, make_blocks
+
+    rng = np.random.default_rng(3)
+    base = make_blocks(Mesh.parse("2x4"))
+    uneven = rng.dirichlet(np.ones(8), size=5) * (rng.random((5, 8)) < 0.6)
+    uneven = uneven[uneven.sum(axis=1) > 0]
+    uneven /= uneven.sum(axis=1, keepdims=True)
+    blocks, _ = base.with_patterns(np.vstack([uneven, base.share[:3]]))
+    rows = np.vstack([blocks.share, blocks.share[:4] + 1e-9 * (blocks.share[:4] > 0), rng.dirichlet(np.ones(8), 3)])
+    rows = np.vstack([rows, rows[:2] + 0.5 * SHARE_TOL])  # within the tolerance: still a match
+    among = rng.random((len(rows), blocks.num_blocks)) < 0.7
+    for mask in (None, among):
+        got = blocks.match(rows, among=mask)
+        for r, row in enumerate(rows):
+            ok = [j for j in range(blocks.num_blocks)
+                  if np.array_equal(row > 0, blocks.share[j] > 0)
+                  and np.abs(row - blocks.share[j]).max() <= SHARE_TOL and (mask is None or mask[r, j])]
+            assert got[r] == (ok[0] if ok else -1)
+    assert (blocks.match(rows[: blocks.num_blocks]) == np.arange(blocks.num_blocks)).all()

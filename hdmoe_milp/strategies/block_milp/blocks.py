@@ -106,21 +106,31 @@ class Blocks:
             raise KeyError("no aligned block holds exactly these nodes")
         return int(hit[0])
 
+    @cached_property
+    def _by_support(self) -> dict[bytes, np.ndarray]:
+        """Columns (ascending) keyed by their node set, packed to bytes."""
+        keys = np.packbits(self.share > 0, axis=1)
+        out: dict[bytes, list[int]] = {}
+        for j, k in enumerate(keys):
+            out.setdefault(k.tobytes(), []).append(j)
+        return {k: np.array(v) for k, v in out.items()}
+
     def match(self, shares: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
-        """``[n]`` column whose share vector equals each row of ``shares [n, D]`` (the same nodes,
-        shares within :data:`SHARE_TOL`), -1 where none does; ``among [n, nb]`` (bool) restricts the
-        columns each row may match."""
+        """``[n]`` first column whose share vector equals each row of ``shares [n, D]`` (the same
+        nodes, shares within :data:`SHARE_TOL`), -1 where none does; ``among [n, nb]`` (bool)
+        restricts the columns each row may match."""
         s = np.asarray(shares, dtype=float).reshape(-1, self.mesh.num_nodes)
         out = np.full(s.shape[0], -1, dtype=np.int64)
-        step = max(1, (1 << 22) // max(self.share.size, 1))  # rows per chunk: [step, nb, D] <= 4M values
-        for lo in range(0, s.shape[0], step):
-            c = s[lo:lo + step]
-            diff = np.abs(c[:, None, :] - self.share[None, :, :]).max(axis=2)  # [step, nb]
-            same_nodes = ((c > 0)[:, None, :] == (self.share > 0)[None, :, :]).all(axis=2)
-            hit = (diff <= SHARE_TOL) & same_nodes
-            if among is not None:
-                hit &= np.asarray(among)[lo:lo + step]
-            out[lo:lo + step] = np.where(hit.any(axis=1), np.argmax(hit, axis=1), -1)
+        index = self._by_support
+        for r, key in enumerate(np.packbits(s > 0, axis=1)):
+            cand = index.get(key.tobytes())
+            if cand is not None and among is not None:
+                cand = cand[np.asarray(among[r])[cand]]
+            if cand is None or cand.size == 0:
+                continue
+            ok = np.abs(self.share[cand] - s[r]).max(axis=1) <= SHARE_TOL
+            if ok.any():
+                out[r] = cand[np.argmax(ok)]
         return out
 
     def with_patterns(self, shares: np.ndarray) -> tuple[Blocks, np.ndarray]:
