@@ -43,3 +43,24 @@ def test_a_process_deaf_to_sigint_is_killed_at_the_kill_time():
 @pytest.mark.parametrize(("limit", "reserve"), [(0.5, 0.05), (5.0, 0.5), (10.0, 1.0), (600.0, STOP_RESERVE_S)])
 def test_stop_reserve_is_a_tenth_of_the_limit_capped(limit, reserve):
     assert stop_reserve_s(limit) == pytest.approx(reserve)
+
+
+def test_sigterm_to_the_caller_ends_the_child_too(tmp_path):
+    """A process pool stops its workers with SIGTERM: the solver process must not outlive them."""
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    caller = ("import sys, time; from hdmoe_milp.solvers.backends.cbc import run_until; "
+              f"t = time.perf_counter(); run_until([sys.executable, '-c', {child!r}], t + 50, t + 55, False)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", caller], env={**os.environ, "PYTHONPATH": root})
+    t0 = time.perf_counter()
+    while not (pid_file.exists() and pid_file.read_text()) and time.perf_counter() - t0 < 30:
+        time.sleep(0.05)
+    child_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == -signal.SIGTERM  # the default action still ends the caller
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)

@@ -20,7 +20,9 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -65,9 +67,12 @@ def _build(model: LinearModel):  # noqa: ANN202 (a pulp problem and its variable
 
 def run_until(args: list[str], stop_at: float, kill_at: float, verbose: bool) -> str:
     """Run ``args``; at ``stop_at`` (``time.perf_counter()`` seconds) send it SIGINT, at ``kill_at``
-    kill it. Returns ``"exited"``, ``"stopped"`` (exited after SIGINT) or ``"killed"``."""
+    kill it. Returns ``"exited"``, ``"stopped"`` (exited after SIGINT) or ``"killed"``. The process
+    never outlives the call: Ctrl-C kills it too, and so does SIGTERM to this process (how a process
+    pool stops its workers), which then takes its usual course."""
     out = None if verbose else subprocess.DEVNULL
     proc = subprocess.Popen(args, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    restore = _kill_on_sigterm(proc)
     try:
         try:
             proc.wait(timeout=max(stop_at - time.perf_counter(), 0.0))
@@ -80,9 +85,31 @@ def run_until(args: list[str], stop_at: float, kill_at: float, verbose: bool) ->
         except subprocess.TimeoutExpired:
             return "killed"
     finally:
+        restore()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _kill_on_sigterm(proc: subprocess.Popen) -> Callable[[], None]:
+    """While ``proc`` runs, SIGTERM to this process kills ``proc`` first and is then re-delivered
+    to the handler it replaced. Returns the function that puts that handler back. Only in the main
+    thread of a POSIX process (elsewhere Python cannot set handlers): a no-op there."""
+    if os.name != "posix" or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # set outside Python: the default is the best we can put back
+        previous = signal.SIG_DFL
+
+    def on_term(signum: int, frame: object) -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        signal.signal(signal.SIGTERM, previous)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 class CbcBackend(Backend):
