@@ -201,6 +201,7 @@ def _check_out(flag: str, path: str | None, force: bool = False) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
     names = None
     if not args.plan:
         names = list(pl.BASELINES) if (args.strategy or "all") == "all" else args.strategy.split(",")
@@ -243,6 +244,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# keywords of pl.solve that the solve command fills from a flag
+_SOLVE_FLAGS = {"backend": "--backend", "executor": "--executor", "layers": "--layers", "jobs": "--jobs",
+                "threads": "--threads", "gap": "--gap", "time_limit_s": "--time-limit", "work_limit": "--work-limit",
+                "lns_patience": "--lns-patience"}
+
+
 def _solve(args: argparse.Namespace) -> int:
     _check_out("--out", args.out, args.force)
     problem = _settings(args).to_problem()
@@ -251,13 +258,19 @@ def _solve(args: argparse.Namespace) -> int:
         try:
             layers = [int(v) for v in args.layers.split(",")]
         except ValueError:
-            raise InputError("layers", f"must be comma-separated layer numbers, got {args.layers!r}") from None
-    res = pl.solve(problem, backend=args.backend, time_limit_s=args.time_limit, jobs=args.jobs,
-                   threads=args.threads, gap=args.gap, baselines=not args.no_baselines, executor=args.executor,
-                   progress=args.progress, work_limit=args.work_limit, layers=layers,
-                   deterministic=args.deterministic,
-                   lns_patience=None if args.lns_patience is None else int(args.lns_patience),
-                   polish=not args.no_polish)
+            raise InputError("--layers", f"must be comma-separated layer numbers, got {args.layers!r}") from None
+    try:
+        res = pl.solve(problem, backend=args.backend, time_limit_s=args.time_limit, jobs=args.jobs,
+                       threads=args.threads, gap=args.gap, baselines=not args.no_baselines, executor=args.executor,
+                       progress=args.progress, work_limit=args.work_limit, layers=layers,
+                       deterministic=args.deterministic,
+                       lns_patience=None if args.lns_patience is None else int(args.lns_patience),
+                       polish=not args.no_polish)
+    except InputError as exc:  # name the flag the user wrote, not the keyword it became
+        flag = _SOLVE_FLAGS.get(exc.field)
+        if flag is None:
+            raise
+        raise InputError(flag, exc.problem, exc.fix) from None
     if args.out:
         res.save(args.out)
     layers = []

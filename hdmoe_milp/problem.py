@@ -21,6 +21,7 @@ from .errors import InputError, check_choice, check_real, check_seed
 from .evaluator import EvalOptions
 from .hardware import HARDWARE_PRESETS, Hardware
 from .moe import MoEModel
+from .solvers.backends import BACKENDS
 from .workload import (
     BATCHING,
     Trace,
@@ -65,7 +66,7 @@ class Budget:
     ``time_limit_s``: wall-clock seconds per layer (the block MILP). ``work_limit``: deterministic
     work per layer (CP-SAT deterministic seconds; None = the strategy's default): strategies that
     promise the same answer under any machine load (``hdmoe``) count this, not wall time.
-    ``backend``: ``cbc``, ``cpsat`` or ``highs``. ``threads``: solver threads per layer. ``gap``:
+    ``backend``: ``cbc``, ``cpsat``, ``highs`` or ``scip``. ``threads``: solver threads per layer. ``gap``:
     relative gap target.
     """
 
@@ -79,7 +80,7 @@ class Budget:
         check_real("time_limit_s", self.time_limit_s, positive=True)
         if self.work_limit is not None:
             check_real("work_limit", self.work_limit, minimum=0.0)
-        check_choice("backend", self.backend, ("cbc", "cpsat", "highs"))
+        check_choice("backend", self.backend, tuple(BACKENDS))
         check_real("threads", self.threads, minimum=1, integer=True)
         g = check_real("gap", self.gap, minimum=0.0)
         if g >= 1:

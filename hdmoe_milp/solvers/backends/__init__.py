@@ -18,7 +18,7 @@ def get_backend(name: str) -> Backend:
     check_choice("backend", name, tuple(BACKENDS))
     cls = BACKENDS[name]
     if not cls.available():
-        raise InputError("backend", f"{name} is not installed", "pip install the solver's package")
+        raise InputError("backend", f"{name} is not installed", f"pip install 'hdmoe_milp[{name}]'")
     return cls()
 
 
