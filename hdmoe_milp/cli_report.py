@@ -24,7 +24,7 @@ import pandas as pd
 from . import grid
 from . import pipeline as pl
 from . import report as rp
-from .errors import InputError, check_choice
+from .errors import InputError, check_choice, check_real
 from .hardware import Mesh
 from .placement import Placement
 
@@ -91,7 +91,28 @@ def _solve_batch(text: str) -> int | None:
     return value
 
 
+# fields the grid and the solvers name in their errors, and the bench flag each comes from
+_BENCH_FLAGS = {"model": "--models", "models": "--models", "hw": "--hws", "--hw": "--hws", "hws": "--hws",
+                "mesh": "--meshes", "--mesh": "--meshes", "meshes": "--meshes", "batch": "--batches",
+                "batches": "--batches", "jobs": "--jobs", "time_limit_s": "--time-limit", "executor": "--executor"}
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.time_limit is not None:
+        check_real("--time-limit", args.time_limit, positive=True)
+    check_real("--jobs", args.jobs, minimum=1, integer=True)
+    if args.online_batches is not None:
+        check_real("--online-batches", args.online_batches, minimum=0, integer=True)
+    try:
+        return _run_bench(args)
+    except InputError as exc:  # name the flag the user wrote, not the field it became
+        flag = _BENCH_FLAGS.get(exc.field)
+        if flag is None:
+            raise
+        raise InputError(flag, exc.problem, exc.fix) from None
+
+
+def _run_bench(args: argparse.Namespace) -> int:
     spec = grid.PRESETS["quick" if args.quick else "full"]
     changes: dict[str, Any] = {"mode": args.mode}
     for name in ("models", "hws", "meshes"):
