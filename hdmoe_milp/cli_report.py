@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 from . import grid
 from . import pipeline as pl
@@ -139,16 +142,80 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _filter(df: pd.DataFrame, args: argparse.Namespace, cols: tuple[str, ...] = ("model", "hw", "mesh")
-            ) -> pd.DataFrame:
-    for c in cols:
-        v = getattr(args, c, None)
-        if v is not None and c in df.columns:
+# the columns each figure drawn from a csv reads, and the file of bench's that has them
+_CSV_NEEDS = {
+    "tbt": ("results.csv", ("model", "hw", "mesh", "batch", "strategy", "tbt_us")),
+    "decomposition": ("results.csv", ("model", "hw", "mesh", "batch", "strategy", "moe_compute_us", "dispatch_us",
+                                      "combine_us", "non_moe_us")),
+    "ablation": ("results.csv", ("model", "hw", "mesh", "batch", "strategy", "tbt_us")),
+    "solver": ("solver.csv", ("layer", "gap", "time_s")),
+    "online": ("online.csv", ("policy", "batch", "latency_us", "actions")),
+}
+
+
+def _read_csv(path: Path, kind: str) -> pd.DataFrame:
+    """The table ``path`` with the columns the ``kind`` figure reads; an InputError naming the file
+    otherwise."""
+    name, needs = _CSV_NEEDS[kind]
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError("file", f"{path} is not a CSV table ({type(exc).__name__})",
+                         f"give the {name} that bench wrote") from None
+    missing = [c for c in needs if c not in df.columns]
+    if missing:
+        raise InputError("file", f"{path} has no column {', '.join(missing)}, which the {kind} figure needs",
+                         f"give the {name} that bench wrote")
+    return df
+
+
+def _filter(df: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
+    """The rows matching every one of --model, --hw and --mesh given."""
+    given = {c: getattr(args, c) for c in ("model", "hw", "mesh") if getattr(args, c, None) is not None}
+    for c, v in given.items():
+        if c in df.columns:
             df = df[df[c].astype(str) == str(v)]
     if df.empty:
-        raise InputError("plot", "no rows match " + ", ".join(f"{c}={getattr(args, c)}" for c in cols
-                                                                if getattr(args, c, None) is not None))
+        flags = "/".join(f"--{c}" for c in given) or "file"
+        raise InputError(flags, "no rows match " + (", ".join(f"{c}={v}" for c, v in given.items()) or "(empty table)"),
+                         "give values that appear in the file")
     return df
+
+
+def _at_batch(df: pd.DataFrame, batch: float | None) -> float:
+    """``batch`` if some row has it (default: the largest batch); an InputError naming --batch."""
+    have = sorted(float(b) for b in df["batch"].unique())
+    if batch is None:
+        return have[-1]
+    check_real("--batch", batch, positive=True)
+    if float(batch) not in have:
+        raise InputError("--batch", f"no rows at batch {batch:g}", "give one of " + ", ".join(f"{b:g}" for b in have))
+    return float(batch)
+
+
+def _save_figure(fig: Any, out: Path) -> None:
+    """Write ``fig`` to ``out`` through a temporary file in the same folder, then rename (atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".").lower())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_figure_out(out: Path) -> None:
+    """Before any work: the folder exists and matplotlib writes the suffix's format."""
+    formats = Figure().canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise InputError("--out", f"{out.name}: unknown image format {out.suffix or '(no suffix)'!r}",
+                         "end the name in " + ", ".join(f".{f}" for f in ("png", "svg", "pdf")))
+    if not out.parent.is_dir():
+        raise InputError("--out", f"folder {out.parent} does not exist", "create it or write elsewhere")
+    if out.is_dir():
+        raise InputError("--out", f"{out} is a directory", "give a file name")
 
 
 def _first(df: pd.DataFrame, col: str) -> Any:
@@ -175,7 +242,7 @@ def _bound_trace(path: Path, layer: int) -> Any:
     rec = next((r for r in layers if isinstance(r, dict) and r.get("layer") == layer), None)
     if rec is None:
         if layers:
-            raise InputError("layer", f"{path} records no layer {layer}", f"give one of 0..{len(layers) - 1}")
+            raise InputError("--layer", f"{path} records no layer {layer}", f"give one of 0..{len(layers) - 1}")
         raise InputError("plot", f"{path} records no per-layer solve", "use a plan written by solve or bench")
     trace = rec.get("trace")
     if not isinstance(trace, list) or not trace:
@@ -200,29 +267,35 @@ def _plot(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise InputError("file", f"not found: {path}")
     kind = args.kind
+    out = Path(args.out) if args.out else path.with_name(f"{kind}.png")
+    _check_figure_out(out)
+    if kind in _CSV_NEEDS:
+        df = _filter(_read_csv(path, kind), args)
     if kind == "ablation":
-        df = _filter(pd.read_csv(path), args)
         fig = rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
     elif kind == "bound-trace":
         fig = _bound_trace(path, args.layer)
     elif kind in ("tbt", "decomposition"):
-        df = _filter(pd.read_csv(path), args, ("model", "hw", "mesh") if kind == "decomposition" else ("mesh",))
         df = df[df["part"] == "static"] if "part" in df.columns else df
         if kind == "tbt":
-            fig = rp.fig_tbt_normalised(df, batch=args.batch, mesh=args.mesh)
+            if args.mesh is None:  # the figure shows one mesh: the first, unless --mesh says which
+                df = df[df["mesh"] == sorted(df["mesh"].astype(str).unique())[0]]
+            b = _at_batch(df, args.batch)
+            if "tp" not in set(df.loc[df["batch"] == b, "strategy"]):
+                raise InputError("file", f"{path} has no tp rows at batch {b:g}, and the tbt figure is normalised "
+                                 "to TP", "give the results.csv that bench wrote")
+            fig = rp.fig_tbt_normalised(df, batch=b, mesh=args.mesh)
         else:
-            b = args.batch if args.batch is not None else df["batch"].max()
+            b = _at_batch(df, args.batch)
             d = df[(df["batch"] == b) & (df["model"] == _first(df, "model")) & (df["hw"] == _first(df, "hw"))
                    & (df["mesh"] == _first(df, "mesh"))]
             fig = rp.fig_decomposition(d)
     elif kind == "solver":
-        df = _filter(pd.read_csv(path), args)
         d = df[(df["model"] == _first(df, "model")) & (df["hw"] == _first(df, "hw"))
                & (df["mesh"] == _first(df, "mesh"))] if "model" in df.columns else df
         fig = rp.fig_solver(d, settings=rp.caption(model=_first(d, "model"), mesh=_first(d, "mesh"),
                                                    hw=_first(d, "hw"), mode=_first(d, "mode")))
     elif kind == "online":
-        df = _filter(pd.read_csv(path), args)
         key = {c: _first(df, c) for c in ("model", "hw", "mesh")}
         d = df[(df[list(key)] == pd.Series(key)).all(axis=1)] if "model" in df.columns else df
         fig = rp.fig_online({p: g for p, g in d.groupby("policy", sort=False)},
@@ -233,7 +306,7 @@ def _plot(args: argparse.Namespace) -> int:
         cap = rp.caption(model=desc["model"], mesh=desc["mesh"], hw=desc["hw_point"], batch=desc["batch"],
                          mode=desc["mode"])
         if not 0 <= args.layer < plan.num_layers:
-            raise InputError("layer", f"must be in 0..{plan.num_layers - 1}, got {args.layer}")
+            raise InputError("--layer", f"must be in 0..{plan.num_layers - 1}, got {args.layer}")
         if kind == "placement":
             fig = rp.fig_placement_map(plan, mesh, args.layer, settings=cap)
         else:
@@ -241,7 +314,6 @@ def _plot(args: argparse.Namespace) -> int:
             evs = {n: cmp.evaluations[n] for n in ("ep", "hdmoe", "plan")}
             fig = (rp.fig_node_load(evs, args.layer, settings=cap) if kind == "node-load"
                    else rp.fig_link_load(evs, mesh, args.layer, settings=cap))
-    out = Path(args.out) if args.out else path.with_name(f"{kind}.png")
-    fig.savefig(out, dpi=110)
+    _save_figure(fig, out)
     print(f"wrote {out}", file=sys.stdout)
     return 0

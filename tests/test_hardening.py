@@ -109,6 +109,18 @@ def _plan(mutate, raw: str | None = None):
     return build
 
 
+def _plot_csv(data: bytes, kind: str = "tbt"):
+    def build(d: Path) -> list[str]:
+        p = d / f"table_{abs(hash(data))}.csv"
+        p.write_bytes(data)
+        return ["plot", kind, str(p), "--out", str(d / "fig.png")]
+    return build
+
+
+def _plot_results(*flags: str, kind: str = "tbt"):
+    return lambda d: ["plot", kind, str(ROOT / "docs" / "results" / "results.csv"), *flags]
+
+
 def _flags(*args: str):
     return lambda d: list(args)
 
@@ -188,6 +200,14 @@ CASES = {
     "flag-executor-unknown": (_flags("solve", *MX, "--no-baselines", "--executor", "slurm"), "--executor"),
     "flag-layers-text": (_flags("solve", *MX, "--no-baselines", "--layers", "first"), "--layers"),
     "flag-layers-range": (_flags("solve", *MX, "--no-baselines", "--layers", "0,99"), "--layers"),
+    "plot-csv-wrong-columns": (_plot_csv(b"a,b\n1,2\n"), "file"),
+    "plot-csv-binary": (_plot_csv(b"\x00\x01\xff garbage"), "file"),
+    "plot-csv-empty": (_plot_csv(b""), "file"),
+    "plot-out-missing-dir": (_plot_results("--out", "no/such/dir/x.png"), "--out"),
+    "plot-out-unknown-format": (_plot_results("--out", "x.notanimage"), "--out"),
+    "plot-batch-nan": (_plot_results("--out", "x.png", "--batch", "nan"), "--batch"),
+    "plot-batch-absent": (_plot_results("--out", "x.png", "--batch", "7"), "--batch"),
+    "plot-model-absent": (_plot_results("--out", "x.png", "--model", "gpt-5"), "--model"),
     "bench-models-unknown": (_flags("bench", "--quick", "--out", "b", "--models", "gpt-5"), "--models"),
     "bench-hws-unknown": (_flags("bench", "--quick", "--out", "b", "--hws", "9/9"), "--hws"),
     "bench-meshes-malformed": (_flags("bench", "--quick", "--out", "b", "--meshes", "3by3"), "--meshes"),
