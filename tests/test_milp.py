@@ -245,3 +245,21 @@ def test_bad_batch_is_an_input_error_not_an_error_status(batch):
     with pytest.raises(InputError) as ei:
         solve_layer(m, hw, f, batch, backend="cpsat")
     assert ei.value.field == "batch"
+
+
+def test_warm_starts_stop_at_their_deadline():
+    """Past its deadline no heuristic starts, except one greedy when nothing else gives a plan; with
+    no deadline every shape's greedy and the local searches run."""
+    import time
+
+    from hdmoe_milp.strategies.block_milp.heuristics import greedy, warm_starts
+
+    m, hw = tiny(E=6, mesh="2x4", bw=3e8)
+    f = synthetic_trace(m, 500, seed=3).frequencies()[0]
+    bm = BlockModel(m, hw, f, 64)
+    full = warm_starts(bm)
+    assert "greedy" in full and any(k.startswith("uniform-") for k in full) and any(k.endswith("+ls") for k in full)
+    late = time.perf_counter() - 1.0
+    given = {"given": greedy(bm)}
+    assert set(warm_starts(bm, given, deadline=late)) == {"given"}
+    assert set(warm_starts(bm, None, deadline=late)) == {"greedy"}

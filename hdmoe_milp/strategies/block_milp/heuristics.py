@@ -12,6 +12,8 @@ conditions. With co-activation groups modelled the scores ignore them: an over-e
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ...costs import phase_time_s, roofline_s
@@ -59,13 +61,17 @@ def greedy(bm: BlockModel, block_mask: np.ndarray | None = None) -> np.ndarray |
     return assign
 
 
-def local_search(bm: BlockModel, assign: np.ndarray, max_passes: int = 4) -> np.ndarray:
-    """Move one expert at a time to its best block while the objective strictly improves."""
+def local_search(bm: BlockModel, assign: np.ndarray, max_passes: int = 4, deadline: float | None = None
+                 ) -> np.ndarray:
+    """Move one expert at a time to its best block while the objective strictly improves (and,
+    with ``deadline``, a ``time.perf_counter()`` time, until then)."""
     cur = assign.copy()
     best = bm.objective(cur)
     for _ in range(max_passes):
         improved = False
         for i in np.argsort(-bm.f, kind="stable"):
+            if deadline is not None and time.perf_counter() >= deadline:
+                return cur
             s = _candidate_scores(bm, i, _state(bm, cur, skip=i), bm.allowed[i])
             b = int(np.argmin(s))
             if b != cur[i]:
@@ -79,22 +85,32 @@ def local_search(bm: BlockModel, assign: np.ndarray, max_passes: int = 4) -> np.
     return cur
 
 
-def warm_starts(bm: BlockModel, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def warm_starts(bm: BlockModel, extra: dict[str, np.ndarray] | None = None, deadline: float | None = None
+                ) -> dict[str, np.ndarray]:
     """Candidate assignments: ``extra`` (e.g. baselines), the greedy over all columns (blocks and
     the experts' patterns) and the greedy per block shape (aligned blocks only); the three best are
     also polished by local search (from their :meth:`BlockModel.canonical` copies, which symmetry
     breaking allows). Only plans of the family that fit the capacity are returned; ``extra`` ones as
-    given (symmetry breaking may exclude them from the MILP, not from the returned plans)."""
+    given (symmetry breaking may exclude them from the MILP, not from the returned plans).
+    ``deadline`` (a ``time.perf_counter()`` time, None: none): no greedy or local-search move starts
+    after it, except the first greedy when ``extra`` gives no plan."""
     out: dict[str, np.ndarray] = {}
     for name, a in (extra or {}).items():
         if a is not None and bm.in_family(a):
             out[name] = a
-    g = greedy(bm)
-    if g is not None:
-        out["greedy"] = g
+
+    def in_time() -> bool:
+        return deadline is None or time.perf_counter() < deadline
+
+    if not out or in_time():
+        g = greedy(bm)
+        if g is not None:
+            out["greedy"] = g
     aligned = bm.blocks.aligned
     shapes = {tuple(s) for s in bm.blocks.shape[aligned].tolist()}
     for shp in sorted(shapes):
+        if not in_time():
+            break
         mask = aligned & (bm.blocks.shape == np.array(shp)).all(axis=1)
         g = greedy(bm, mask)
         if g is not None:
@@ -102,5 +118,7 @@ def warm_starts(bm: BlockModel, extra: dict[str, np.ndarray] | None = None) -> d
     # polish the three best
     ranked = sorted(out, key=lambda k: bm.objective(out[k]))[:3]
     for k in ranked:
-        out[k + "+ls"] = local_search(bm, bm.canonical(out[k]))
+        if not in_time():
+            break
+        out[k + "+ls"] = local_search(bm, bm.canonical(out[k]), deadline=deadline)
     return out

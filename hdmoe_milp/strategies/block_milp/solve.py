@@ -33,6 +33,7 @@ from .polish import IncrementalScore, polish
 GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
 RESERVE_S = 0.05  # wall seconds kept back from the solver for decoding and scoring its plan
 MIN_SOLVE_S = 0.02  # below this, the solver is not started
+WARM_SHARE = 0.5  # of a layer's wall limit, at most, for the greedy and local-search warm starts
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,9 @@ def solve_layer(
                                     freqs_all=freqs_all, coactivation=coactivation, baselines=baselines,
                                     hdmoe_work_limit=hdmoe_work_limit)
     bm = family_model(model, hw, freqs, batch, options, coactivation, baselines)
-    starts = warm_starts(bm, _baseline_assigns(bm, baselines))
+    # wall mode: the heuristics may take at most WARM_SHARE of the limit (V3 8x8: 3.4 s in all)
+    starts = warm_starts(bm, _baseline_assigns(bm, baselines),
+                         deadline=None if params.deterministic else t0 + WARM_SHARE * params.time_limit_s)
     if not starts:
         need = model.num_experts * model.expert_weight_bytes() / hw.num_nodes
         raise InputError(
