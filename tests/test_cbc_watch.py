@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hdmoe_milp.solvers.backends.cbc import STOP_RESERVE_S, run_until, stop_reserve_s
+from hdmoe_milp.solvers.backends.cbc import STOP_RESERVE_S, STOP_WAIT_S, kill_wait_s, run_until, stop_reserve_s
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGINT semantics are POSIX")
 
@@ -43,6 +43,8 @@ def test_a_process_deaf_to_sigint_is_killed_at_the_kill_time():
 @pytest.mark.parametrize(("limit", "reserve"), [(0.5, 0.05), (5.0, 0.5), (10.0, 1.0), (600.0, STOP_RESERVE_S)])
 def test_stop_reserve_is_a_tenth_of_the_limit_capped(limit, reserve):
     assert stop_reserve_s(limit) == pytest.approx(reserve)
+    assert kill_wait_s(limit) == pytest.approx(max(reserve, STOP_WAIT_S))
+    assert limit + kill_wait_s(limit) <= 1.2 * limit + 1  # the layer's time rule, before its own work
 
 
 def test_sigterm_to_the_caller_ends_the_child_too(tmp_path):

@@ -6,7 +6,7 @@ PuLP builds the model and writes the MPS file, the MIP start and reads the solut
 overran its limit by 40 %. Here the limit is elapsed time, and a process still running shortly
 before the deadline (:func:`stop_reserve_s`) is sent SIGINT, on which CBC stops its search and
 writes its best solution (measured: 0.9-2 s later on 4x8 layers); one still running
-:data:`STOP_WAIT_S` after the deadline is killed (no solution: the caller keeps its own
+:func:`kill_wait_s` after the deadline is killed (no solution: the caller keeps its own
 incumbent). Ctrl-C reaches CBC as well (same process group), and the process never outlives the
 call.
 
@@ -30,13 +30,19 @@ from ..linear_model import LinearModel
 from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome
 
 STOP_RESERVE_S = 1.0  # at most this many wall seconds before the deadline CBC is asked to stop
-STOP_WAIT_S = 1.0  # wall seconds past the deadline before a CBC that has not stopped is killed
+STOP_WAIT_S = 0.25  # at least this many wall seconds past the deadline before a CBC still running is killed
 
 
 def stop_reserve_s(time_limit_s: float) -> float:
     """Wall seconds before the deadline at which CBC's own limit ends and SIGINT is sent: 10 % of
     the limit, at most :data:`STOP_RESERVE_S`."""
     return min(STOP_RESERVE_S, 0.1 * time_limit_s)
+
+
+def kill_wait_s(time_limit_s: float) -> float:
+    """Wall seconds after the deadline at which a CBC that has not stopped on SIGINT is killed: as
+    long as it had before the deadline (:func:`stop_reserve_s`), at least :data:`STOP_WAIT_S`."""
+    return max(STOP_WAIT_S, stop_reserve_s(time_limit_s))
 
 
 def _build(model: LinearModel):  # noqa: ANN202 (a pulp problem and its variables)
@@ -143,12 +149,13 @@ class CbcBackend(Backend):
                      "-threads", str(params.threads), "-randomSeed", seed, "-randomCbcSeed", seed,
                      "-solve", "-printingOptions", "all", "-solution", sol]
             try:
-                how = run_until(args, stop_at, deadline + STOP_WAIT_S, params.verbose)
+                how = run_until(args, stop_at, deadline + kill_wait_s(params.time_limit_s), params.verbose)
             except OSError as exc:
                 return make_outcome(self.name, model, Termination.ERROR, None, None, f"CBC: {exc}", started=t_start)
-            if how == "killed" or not os.path.exists(sol):
-                msg = "CBC: killed at the time limit" if how == "killed" else "CBC wrote no solution"
-                term = Termination.NO_SOLUTION if how == "killed" else Termination.ERROR
+            if how == "killed" or not os.path.exists(sol):  # stopped before writing one: the time limit
+                msg = {"killed": "CBC: killed at the time limit", "stopped": "CBC: stopped at the time limit before "
+                       "writing a solution"}.get(how, "CBC wrote no solution")
+                term = Termination.ERROR if how == "exited" else Termination.NO_SOLUTION
                 return make_outcome(self.name, model, term, None, None, msg, started=t_start)
             _, values, _, _, _, ss = cmd.readsol_MPS(sol, prob, vs, vnames, cnames)
         msg = f"CBC {how}, sol_status {ss}"
