@@ -106,6 +106,12 @@ def _bench(args: argparse.Namespace) -> int:
     check_real("--jobs", args.jobs, minimum=1, integer=True)
     if args.online_batches is not None:
         check_real("--online-batches", args.online_batches, minimum=0, integer=True)
+    for b in args.batches or ():
+        try:
+            v = float(b)
+        except ValueError:
+            raise InputError("--batches", f"must be whole numbers, got {b!r}") from None
+        check_real("--batches", v, positive=True, integer=True)
     try:
         return _run_bench(args)
     except InputError as exc:  # name the flag the user wrote, not the field it became
