@@ -81,6 +81,7 @@ class MilpOptions:
     lower_rows: int = 0
     patterns: bool = True
     pattern_flips: bool = True
+    single_route: bool = True
 
 
 class BlockModel:
@@ -491,6 +492,13 @@ class BlockModel:
                         mb.add_row(np.r_[w[g, ln], x[i, on]], np.r_[1.0, -US * coef[on, ln]], 0.0, np.inf)
                 # (U2) T >= mean routes of the other tokens + tracked groups' longest routes
                 mb.add_row(np.r_[tt, u[used], w[:, ln]], np.r_[-1.0, US * coef[used, ln], fg], -np.inf, 0.0)
+            if self.opts.single_route:
+                # (U3) every token holding expert i loads each link at least as its message to i's
+                # column does: T >= f_i * (that column's busiest link), whatever the column
+                busiest = coef.max(axis=1)
+                for i in range(E):
+                    on = np.flatnonzero(x[i] >= 0)
+                    mb.add_row(np.r_[tt, x[i, on]], np.r_[-1.0, US * self.f[i] * busiest[on]], -np.inf, 0.0)
         return mb.build(obj_const=US * self.hop_lower_s)
 
     @property
