@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import cli_report
 from . import pipeline as pl
-from .errors import InputError
+from .errors import InputError, as_written
 
 
 class _Parser(argparse.ArgumentParser):
@@ -267,10 +267,7 @@ def _solve(args: argparse.Namespace) -> int:
                        lns_patience=None if args.lns_patience is None else int(args.lns_patience),
                        polish=not args.no_polish)
     except InputError as exc:  # name the flag the user wrote, not the keyword it became
-        flag = _SOLVE_FLAGS.get(exc.field)
-        if flag is None:
-            raise
-        raise InputError(flag, exc.problem, exc.fix) from None
+        raise as_written(exc, _SOLVE_FLAGS) from None
     if args.out:
         res.save(args.out)
     layers = []

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from . import grid
 from . import pipeline as pl
 from . import report as rp
-from .errors import InputError, check_choice, check_real
+from .errors import InputError, as_written, check_choice, check_real
 from .hardware import Mesh
 from .placement import Placement
 
@@ -115,10 +115,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         return _run_bench(args)
     except InputError as exc:  # name the flag the user wrote, not the field it became
-        flag = _BENCH_FLAGS.get(exc.field)
-        if flag is None:
-            raise
-        raise InputError(flag, exc.problem, exc.fix) from None
+        raise as_written(exc, _BENCH_FLAGS) from None
 
 
 def _run_bench(args: argparse.Namespace) -> int:

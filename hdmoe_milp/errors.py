@@ -28,6 +28,13 @@ class InputError(ValueError):
         super().__init__(msg)
 
 
+def as_written(exc: InputError, names: dict[str, str]) -> InputError:
+    """``exc`` naming the field as the user wrote it (``names``: field -> e.g. the CLI flag), or
+    ``exc`` itself when ``names`` has no entry for its field."""
+    flag = names.get(exc.field)
+    return exc if flag is None else InputError(flag, exc.problem, exc.fix)
+
+
 def check_choice(field: str, value: str, allowed: list[str] | tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``allowed``, else raise an InputError listing them."""
     if value not in allowed:
