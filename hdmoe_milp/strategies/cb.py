@@ -85,7 +85,9 @@ def balance_ilp(loads: np.ndarray, bins: int, time_limit_s: float = 2.0, gap: fl
         return lpt, "lpt-within-gap"
     lm = balance_model(loads, bins)
     hint = np.r_[np.eye(bins)[lpt].ravel(), lpt_obj]
-    out = get_backend(backend).solve(lm, SolveParams(time_limit_s=time_limit_s, gap=gap, hint=hint, threads=1))
+    # deterministic: CBC counts CPU seconds (CP-SAT its work), so machine load does not change the baseline
+    out = get_backend(backend).solve(lm, SolveParams(time_limit_s=time_limit_s, gap=gap, hint=hint, threads=1,
+                                                     deterministic=True))
     if out.termination not in (Termination.OPTIMAL, Termination.FEASIBLE) or out.x is None:
         return lpt, f"lpt (solver: {out.termination.value})"
     assign = np.argmax(out.x[: n * bins].reshape(n, bins), axis=1)

@@ -42,8 +42,9 @@ class SolveParams:
     ``time_limit_s``: wall-clock limit (s), finite and > 0 (else an InputError). ``threads``, ``seed``,
     ``gap`` (relative gap target), ``verbose`` (solver log on stdout). ``deterministic`` (default
     False: wall seconds): CP-SAT counts the limit in its deterministic time (same inputs, same answer
-    on any machine load; wall time capped at twice the limit); CBC and HiGHS always count wall time,
-    so their time-limited answers can vary.
+    on any machine load; wall time capped at twice the limit); CBC counts its own CPU seconds (load
+    does not change its answer; wall time capped at twice the limit); HiGHS and SCIP always count
+    wall time, so their time-limited answers can vary.
     ``work_limit``: a deterministic work budget (CP-SAT deterministic seconds); when set, CP-SAT
     stops on it and ``time_limit_s`` is only a wall-clock safety cap, so the answer does not depend
     on machine load unless that cap binds. CBC and HiGHS ignore it.

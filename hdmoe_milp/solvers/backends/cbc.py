@@ -3,7 +3,8 @@
 PuLP builds the model and writes the MPS file, the MIP start and reads the solution back; the
 ``cbc`` process itself is started here, because CBC's ``-sec`` limit counts CPU seconds unless told
 ``-timeMode elapsed`` and is not checked during its root processing, so on a loaded machine a layer
-overran its limit by 40 %. Here the limit is elapsed time, and a process still running shortly
+overran its limit by 40 %. Here the limit is elapsed time (CBC's CPU seconds under
+``SolveParams.deterministic``, with a wall cap at twice the limit), and a process still running shortly
 before the deadline (:func:`stop_reserve_s`) is sent SIGINT, on which CBC stops its search and
 writes its best solution (measured: 0.9-2 s later on 4x8 layers); one still running
 :func:`kill_wait_s` after the deadline is killed (no solution: the caller keeps its own
@@ -142,14 +143,21 @@ class CbcBackend(Backend):
                     xs[j].setInitialValue(float(round(v)) if model.integer[j] else float(v))
                 cmd.writesol(mst, prob, vs, vnames, cnames)
                 args += ["-mips", mst]
-            stop_at = deadline - stop_reserve_s(params.time_limit_s)
-            left = max(stop_at - time.perf_counter(), 0.01)
+            if params.deterministic:
+                # CBC's own CPU seconds: machine load does not change the answer; the wall clock
+                # only caps the run, at twice the limit (as CP-SAT's deterministic mode)
+                stop_at = t_start + 2.0 * params.time_limit_s
+                sec, mode, kill_at = params.time_limit_s, "cpu", stop_at + kill_wait_s(params.time_limit_s)
+            else:
+                stop_at = deadline - stop_reserve_s(params.time_limit_s)
+                sec, mode = max(stop_at - time.perf_counter(), 0.01), "elapsed"
+                kill_at = deadline + kill_wait_s(params.time_limit_s)
             seed = str(params.seed + 1)
-            args += ["-sec", f"{left:.3f}", "-timeMode", "elapsed", "-ratio", repr(params.gap),
+            args += ["-sec", f"{sec:.3f}", "-timeMode", mode, "-ratio", repr(params.gap),
                      "-threads", str(params.threads), "-randomSeed", seed, "-randomCbcSeed", seed,
                      "-solve", "-printingOptions", "all", "-solution", sol]
             try:
-                how = run_until(args, stop_at, deadline + kill_wait_s(params.time_limit_s), params.verbose)
+                how = run_until(args, stop_at, kill_at, params.verbose)
             except OSError as exc:
                 return make_outcome(self.name, model, Termination.ERROR, None, None, f"CBC: {exc}", started=t_start)
             if how == "killed" or not os.path.exists(sol):  # stopped before writing one: the time limit
