@@ -93,7 +93,7 @@ def warm_starts(bm: BlockModel, extra: dict[str, np.ndarray] | None = None, dead
     breaking allows). Only plans of the family that fit the capacity are returned; ``extra`` ones as
     given (symmetry breaking may exclude them from the MILP, not from the returned plans).
     ``deadline`` (a ``time.perf_counter()`` time, None: none): no greedy or local-search move starts
-    after it, except the first greedy when ``extra`` gives no plan."""
+    after it, except the greedies that run while there is no plan at all."""
     out: dict[str, np.ndarray] = {}
     for name, a in (extra or {}).items():
         if a is not None and bm.in_family(a):
@@ -109,7 +109,7 @@ def warm_starts(bm: BlockModel, extra: dict[str, np.ndarray] | None = None, dead
     aligned = bm.blocks.aligned
     shapes = {tuple(s) for s in bm.blocks.shape[aligned].tolist()}
     for shp in sorted(shapes):
-        if not in_time():
+        if out and not in_time():  # without any plan yet, the greedies go on: better late than none
             break
         mask = aligned & (bm.blocks.shape == np.array(shp)).all(axis=1)
         g = greedy(bm, mask)
