@@ -14,9 +14,8 @@
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from . import pipeline as pl
 from . import report as rp
 from .errors import InputError, as_written, check_choice, check_real
 from .hardware import Mesh
-from .placement import Placement
+from .placement import Placement, write_atomic
 
 __all__ = ["COMMANDS", "PLOT_KINDS", "add_commands", "run"]
 
@@ -197,16 +196,10 @@ def _at_batch(df: pd.DataFrame, batch: float | None) -> float:
 
 
 def _save_figure(fig: Any, out: Path) -> None:
-    """Write ``fig`` to ``out`` through a temporary file in the same folder, then rename (atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".").lower())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``fig`` to ``out`` atomically (:func:`placement.write_atomic`), in the suffix's format."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format=out.suffix.lstrip(".").lower())
+    write_atomic(out, buf.getvalue(), field="--out")
 
 
 def _check_figure_out(out: Path) -> None:

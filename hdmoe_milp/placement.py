@@ -27,10 +27,10 @@ PLAN_FORMAT = "hdmoe_milp.placement/2"  # /2 adds package_version and the proble
 _READABLE = ("hdmoe_milp.placement/1", PLAN_FORMAT)
 
 
-def write_atomic(path: str | Path, text: str, *, force: bool = True, field: str = "out") -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder (fsync, then rename), so
-    an interrupted write never leaves a partial file where ``path`` was. ``force=False``: refuse (an
-    InputError naming ``field``) to replace an existing file."""
+def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, field: str = "out") -> None:
+    """Write ``text`` (a str, or bytes) to ``path`` through a temporary file in the same folder
+    (fsync, then rename), so an interrupted write never leaves a partial file where ``path`` was.
+    ``force=False``: refuse (an InputError naming ``field``) to replace an existing file."""
     p = Path(path)
     if not p.parent.is_dir():
         raise InputError(field, f"folder {p.parent} does not exist", "create it or write elsewhere")
@@ -43,7 +43,7 @@ def write_atomic(path: str | Path, text: str, *, force: bool = True, field: str 
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a plan file is as readable as any other
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
