@@ -66,3 +66,22 @@ def test_sigterm_to_the_caller_ends_the_child_too(tmp_path):
     assert proc.wait(timeout=20) == -signal.SIGTERM  # the default action still ends the caller
     with pytest.raises(ProcessLookupError):
         os.kill(child_pid, 0)
+
+
+def test_small_cbc_solves_never_hang():
+    """``-threads 1`` made CBC start a tree thread that now and then deadlocked in
+    ``waitForThreadsInTree`` (about one solve in 30 of this size hung until killed): fifty small
+    solves must all finish on their own, well before the limit."""
+    import numpy as np
+
+    from hdmoe_milp.solvers import SolveParams, Termination
+    from hdmoe_milp.solvers.backends.cbc import CbcBackend
+    from hdmoe_milp.strategies.cb import balance_model
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        loads = rng.random(12) + 0.1
+        t0 = time.perf_counter()
+        out = CbcBackend().solve(balance_model(loads, 4), SolveParams(time_limit_s=2.0, gap=0.05, deterministic=True))
+        assert out.termination in (Termination.OPTIMAL, Termination.FEASIBLE) and "killed" not in out.message
+        assert time.perf_counter() - t0 < 1.5

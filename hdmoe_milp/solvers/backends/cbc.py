@@ -153,9 +153,11 @@ class CbcBackend(Backend):
                 sec, mode = max(stop_at - time.perf_counter(), 0.01), "elapsed"
                 kill_at = deadline + kill_wait_s(params.time_limit_s)
             seed = str(params.seed + 1)
-            args += ["-sec", f"{sec:.3f}", "-timeMode", mode, "-ratio", repr(params.gap),
-                     "-threads", str(params.threads), "-randomSeed", seed, "-randomCbcSeed", seed,
-                     "-solve", "-printingOptions", "all", "-solution", sol]
+            args += ["-sec", f"{sec:.3f}", "-timeMode", mode, "-ratio", repr(params.gap)]
+            if params.threads > 1:  # "-threads 1" still starts a tree thread, which now and then deadlocks
+                args += ["-threads", str(params.threads)]
+            args += ["-randomSeed", seed, "-randomCbcSeed", seed, "-solve", "-printingOptions", "all",
+                     "-solution", sol]
             try:
                 how = run_until(args, stop_at, kill_at, params.verbose)
             except OSError as exc:
