@@ -19,6 +19,7 @@ floats rounded, no wall times), ``results.md`` (speedups of ours over each basel
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 import sys
@@ -33,6 +34,7 @@ from . import pipeline as pl
 from . import report as rp
 from ._version import __version__
 from .errors import InputError, check_choice
+from .placement import write_atomic
 
 __all__ = ["PRESETS", "GridSpec", "run_grid", "write_report"]
 
@@ -142,10 +144,8 @@ def _solve_cached(problem: pl.Problem, spec: GridSpec, cache: Path, jobs: int, e
     res = pl.solve(problem, backend=spec.backend, time_limit_s=spec.time_limit_s, jobs=jobs, threads=spec.threads,
                    baselines=True, executor=executor, seed=spec.seed, progress=False, deterministic=True)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as fh:
-        pickle.dump({"candidates": res.candidates, "layers": res.layers, "solver": res.solver}, fh)
-    tmp.replace(path)
+    write_atomic(path, pickle.dumps({"candidates": res.candidates, "layers": res.layers, "solver": res.solver}),
+                 field="cache")
     return res, True
 
 
@@ -254,7 +254,9 @@ def _save(fig: Any, figdir: Path, name: str) -> list[str]:
     out = []
     for ext in ("png", "svg"):
         p = figdir / f"{name}.{ext}"
-        fig.savefig(p, dpi=110, metadata={"Date": None} if ext == "svg" else None)
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=110, format=ext, metadata={"Date": None} if ext == "svg" else None)
+        write_atomic(p, buf.getvalue())
         out.append(p.name)
     return out
 
@@ -304,10 +306,10 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
     figdir = out / "figures"
     spec = g.spec
     res = tidy(g.results)
-    res.to_csv(out / "results.csv", index=False, float_format="%.6g", lineterminator="\n")
-    g.solver.to_csv(out / "solver.csv", index=False, lineterminator="\n")
+    write_atomic(out / "results.csv", res.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+    write_atomic(out / "solver.csv", g.solver.to_csv(index=False, lineterminator="\n"))
     if len(g.online):
-        g.online.to_csv(out / "online.csv", index=False, lineterminator="\n")
+        write_atomic(out / "online.csv", g.online.to_csv(index=False, lineterminator="\n"))
     sp = rp.speedup_table(res, ours=OURS).query("baseline != 'milp'")
     big = max(spec.batches)
     main = res[(res["part"] == "static") & (res["batch"] == big)][
@@ -325,7 +327,7 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
         md += [f"## Online (batch {spec.online_batch}, {spec.online_batches} batches of the drift trace; us)", "",
                rp.markdown(on[["model", "mesh", "hw", "strategy", "tbt_us", "p99_us", "migration_us", "actions"]],
                            floatfmt=".1f"), ""]
-    (out / "results.md").write_text("\n".join(md))
+    write_atomic(out / "results.md", "\n".join(md))
 
     figs: list[tuple[str, str]] = []  # (caption, file stem)
     for mesh in spec.meshes:
@@ -390,7 +392,7 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
         idx += [f"### {caption}", "", f"![{caption}](figures/{stem}.png)", ""]
     idx += ["Tables: [results.md](results.md); data: [results.csv](results.csv), [solver.csv](solver.csv)"
             + (", [online.csv](online.csv)" if len(g.online) else "") + ".", ""]
-    (out / "index.md").write_text("\n".join(idx))
+    write_atomic(out / "index.md", "\n".join(idx))
     return {"results.csv": out / "results.csv", "results.md": out / "results.md", "index.md": out / "index.md",
             "figures": figdir}
 

@@ -180,6 +180,8 @@ def test_bench_rerun_uses_cache_and_is_byte_identical(bench, tmp_path):
     assert cli_report.run(args) == 0
     assert (out / "results.csv").read_bytes() == before
     assert "wall" not in (out / "results.md").read_text()
+    # every file of the report went through a temporary file and a rename: none is left behind
+    assert not [f for f in out.rglob("*") if f.name.endswith(".tmp")]
 
 
 def test_plot_command(bench, tmp_path):
