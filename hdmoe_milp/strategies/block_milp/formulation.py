@@ -432,20 +432,31 @@ class BlockModel:
         reads = float(self.a.sum()) * self.unit.weight_bytes / D
         return float(roofline_s(flops, reads, self.hw)) + self.hop_lower_s
 
-    def lower_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @property
+    def all_groups_rows(self) -> int | None:
+        """Rows (U1) needs to track every co-activation group in :meth:`to_linear_lower`, or None
+        without groups (no co-activation sets, or top-1)."""
+        if self.coactivation is None or self.model.top_k < 2:
+            return None
+        G = int((np.asarray(self.coactivation[1], dtype=float) > 0).sum())
+        return 2 * self.model.top_k * self.hw.mesh.num_links * G
+
+    def lower_groups(self, lower_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Groups the lower model bounds per link by their longest single-expert route (ids ``[G, k]``,
-        frequencies ``[G]``) and every expert's remaining frequency, bounded by the mean route."""
+        frequencies ``[G]``; as many as ``lower_rows``, default ``options.lower_rows``, allows) and every
+        expert's remaining frequency, bounded by the mean route."""
         k, nl = self.model.top_k, self.hw.mesh.num_links
+        budget = self.opts.lower_rows if lower_rows is None else lower_rows
         ids, fg = np.zeros((0, k), dtype=np.int64), np.zeros(0)
         if self.coactivation is not None and k > 1:
             gi, gf = np.asarray(self.coactivation[0]), np.asarray(self.coactivation[1], dtype=float)
-            G = min(int((gf > 0).sum()), self.opts.lower_rows // (2 * k * max(nl, 1)))
+            G = min(int((gf > 0).sum()), budget // (2 * k * max(nl, 1)))
             top = np.argsort(-gf, kind="stable")[:G]
             ids, fg = gi[top].astype(np.int64), gf[top]
         covered = np.bincount(ids.ravel(), weights=np.repeat(fg, k), minlength=self.model.num_experts)
         return ids, fg, np.clip(self.f - covered, 0.0, None)
 
-    def to_linear_lower(self) -> LinearModel:
+    def to_linear_lower(self, lower_rows: int | None = None) -> LinearModel:
         """A MILP whose optimum is at most the default evaluator's (``coalesce="node"``) best layer time
         over this family, blocks and patterns (``formulations/offline_milp.md``, "The certificate"):
         compute as in :meth:`to_linear` (exact); a token's union message loads each link at least as
@@ -454,7 +465,7 @@ class BlockModel:
         of its experts' routes (``f_i^rest / k`` per expert); hop terms at the smallest route length."""
         E, nb, D = self.model.num_experts, self.blocks.num_blocks, self.hw.num_nodes
         nl, k = self.hw.mesh.num_links, self.model.top_k
-        ids, fg, rest = self.lower_groups()
+        ids, fg, rest = self.lower_groups(lower_rows)
         G = len(fg)
         mb = ModelBuilder()
         x = self.add_x(mb)
@@ -479,17 +490,24 @@ class BlockModel:
             self.build_per_expert_cut(mb, x, t[0])
         if n is not None:  # rounded as a relaxation: a backend's bound on this model stays a bound
             self.build_capacity(mb, n, D, kind="relax")
+        tracked = np.unique(ids) if G else np.zeros(0, dtype=np.int64)
         for coef, tt, name in ((self.disp_coef, t[1], "wd"), (self.comb_coef, t[2], "wc")):
-            w = mb.add_vars(name, G * nl, 0.0, US * float(coef.max(initial=0.0)) + 1e-9,
-                            integer=False).reshape(G, nl)
+            top = US * float(coef.max(initial=0.0)) + 1e-9
+            w = mb.add_vars(name, G * nl, 0.0, top, integer=False).reshape(G, nl)
+            # r_il: expert i's own route on link l, once per tracked expert (its groups' rows share it)
+            r = np.full((E, nl), -1, dtype=np.int64)
+            if G:
+                r[tracked] = mb.add_vars("r" + name, len(tracked) * nl, 0.0, top, integer=False).reshape(-1, nl)
             for ln in range(nl):
                 used = np.flatnonzero(coef[:, ln] > 0)
                 if not used.size:
                     continue
+                for i in tracked:
+                    on = used[x[i, used] >= 0]
+                    mb.add_row(np.r_[r[i, ln], x[i, on]], np.r_[1.0, -US * coef[on, ln]], 0.0, 0.0)
                 for g in range(G):
                     for i in ids[g]:  # (U1) w_gl >= the route of expert i of g on link l
-                        on = used[x[i, used] >= 0]
-                        mb.add_row(np.r_[w[g, ln], x[i, on]], np.r_[1.0, -US * coef[on, ln]], 0.0, np.inf)
+                        mb.add_row(np.r_[w[g, ln], r[i, ln]], np.r_[1.0, -1.0], 0.0, np.inf)
                 # (U2) T >= mean routes of the other tokens + tracked groups' longest routes
                 mb.add_row(np.r_[tt, u[used], w[:, ln]], np.r_[-1.0, US * coef[used, ln], fg], -np.inf, 0.0)
             if self.opts.single_route:
