@@ -123,50 +123,6 @@ _FLAGS = (
 )
 
 
-def _plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
-    """Settings a plan file records about what it was made for (empty for older plan files). The
-    recorded trace must still be there and unchanged unless ``--trace`` replaces it."""
-    made = pl.plan_settings(path) or {}
-    where = f"plan {Path(path).name} meta.problem"
-
-    def num(key: str, v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), -float("inf")):
-            raise InputError(f"{where}.{key}", f"must be a finite number, got {v!r}", "save the plan again")
-        return float(v)
-
-    out: dict[str, Any] = {}
-    for key, field in (("model", "model"), ("mesh", "mesh"), ("hw_point", "hw"), ("batch", "batch"),
-                       ("batching", "batching"), ("mode", "mode"), ("delivery", "delivery"), ("home", "home")):
-        if made.get(key) is not None:
-            v = made[key]
-            if key == "batch":
-                num(key, v)
-            elif not isinstance(v, str):
-                raise InputError(f"{where}.{key}", f"must be a string, got {v!r}", "save the plan again")
-            out[field] = v
-    hw = made.get("hardware") or {}
-    if not isinstance(hw, dict):
-        raise InputError(f"{where}.hardware", f"must be an object, got {hw!r}", "save the plan again")
-    if hw.get("dram_capacity_bytes"):
-        out["dram_capacity_gb"] = num("hardware.dram_capacity_bytes", hw["dram_capacity_bytes"]) / 1e9
-    if hw.get("hop_latency_s"):
-        out["hop_latency_ns"] = num("hardware.hop_latency_s", hw["hop_latency_s"]) * 1e9
-    if hw.get("dram_bw_bytes_per_s"):
-        out["dram_bw_gbps"] = num("hardware.dram_bw_bytes_per_s", hw["dram_bw_bytes_per_s"]) / 1e9
-    recorded = made.get("trace_path")
-    if recorded is not None and not isinstance(recorded, str):
-        raise InputError(f"{where}.trace_path", f"must be a string, got {recorded!r}", "save the plan again")
-    if recorded and trace_flag is None:
-        if not Path(recorded).is_file():
-            raise InputError("plan", f"was made for the trace {recorded}, which is not there",
-                             "give the trace with --trace")
-        if made.get("trace_sha256") and pl.file_sha256(recorded) != made["trace_sha256"]:
-            raise InputError("plan", f"was made for the trace {recorded}, which has changed since (sha256 differs)",
-                             "give the trace to score on with --trace")
-        out["trace"] = recorded
-    return out
-
-
 def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
     """Instance file (or defaults, or the plan's record), then the flags on top."""
     if args.instance:
@@ -174,7 +130,7 @@ def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
     else:
         s = pl.Settings("cli", "deepseek-v2-lite", "5/50", "4x8")
         if plan:
-            made = _plan_defaults(plan, args.trace)
+            made = cli_report.plan_defaults(plan, args.trace)
             if args.model is not None and args.model != made.get("model"):
                 made.pop("trace", None)  # the plan's trace routes the plan's model, not the one asked for
             s = replace(s, **made)
@@ -194,6 +150,8 @@ def _check_out(flag: str, path: str | None, force: bool = False) -> None:
         raise InputError(flag, f"folder {parent} does not exist", "create it or write elsewhere")
     if Path(path).is_dir():
         raise InputError(flag, f"{path} is a directory", "give a file name")
+    if Path(path).exists() and not Path(path).is_file():
+        raise InputError(flag, f"{path} is not a regular file", "give the path of a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(flag, f"folder {parent} is not writable", "write elsewhere")
     if not force and (Path(path).exists() or Path(path).is_symlink()):

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from . import grid
 from . import pipeline as pl
 from . import report as rp
-from .errors import InputError, as_written, check_choice, check_real
+from .errors import MAX_BATCH, InputError, as_written, check_choice, check_real
 from .hardware import Mesh
 from .placement import Placement, write_atomic
 
@@ -110,7 +110,20 @@ def _bench(args: argparse.Namespace) -> int:
             v = float(b)
         except ValueError:
             raise InputError("--batches", f"must be whole numbers, got {b!r}") from None
-        check_real("--batches", v, positive=True, integer=True)
+        check_real("--batches", v, minimum=1, maximum=MAX_BATCH, integer=True)
+    for name in ("models", "hws", "meshes", "batches"):
+        given = getattr(args, name)
+        if given is None:
+            continue
+        if not given:
+            raise InputError(f"--{name}", "lists nothing", "give at least one value, or leave the flag out")
+        seen = [float(v) for v in given] if name == "batches" else list(given)
+        if len(set(seen)) != len(seen):
+            raise InputError(f"--{name}", f"lists a value twice: {','.join(given)}", "name each value once")
+    if not str(args.out).strip():
+        raise InputError("--out", "is empty", "give the folder to write the report into")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError("--out", f"{args.out} is not a folder", "give a folder; a missing one is created")
     try:
         return _run_bench(args)
     except InputError as exc:  # name the flag the user wrote, not the field it became
@@ -125,7 +138,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             changes[name] = getattr(args, name)
     if args.batches:
         try:
-            changes["batches"] = tuple(int(b) for b in args.batches)
+            changes["batches"] = tuple(int(float(b)) for b in args.batches)
         except ValueError:
             raise InputError("batches", f"must be whole numbers, got {args.batches}") from None
     if args.time_limit is not None:
@@ -218,17 +231,70 @@ def _first(df: pd.DataFrame, col: str) -> Any:
     return df[col].iloc[0] if col in df.columns else None
 
 
+def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
+    """Settings a plan file records about what it was made for (empty for older plan files). The
+    recorded trace must still be there and unchanged unless ``--trace`` replaces it."""
+    made = pl.plan_settings(path) or {}
+    where = f"plan {Path(path).name} meta.problem"
+
+    def num(key: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), -float("inf")):
+            raise InputError(f"{where}.{key}", f"must be a finite number, got {v!r}", "save the plan again")
+        return float(v)
+
+    out: dict[str, Any] = {}
+    for key, field in (("model", "model"), ("mesh", "mesh"), ("hw_point", "hw"), ("batch", "batch"),
+                       ("batching", "batching"), ("mode", "mode"), ("delivery", "delivery"), ("home", "home")):
+        if made.get(key) is not None:
+            v = made[key]
+            if key == "batch":
+                num(key, v)
+            elif not isinstance(v, str):
+                raise InputError(f"{where}.{key}", f"must be a string, got {v!r}", "save the plan again")
+            out[field] = v
+    hw = made.get("hardware") or {}
+    if not isinstance(hw, dict):
+        raise InputError(f"{where}.hardware", f"must be an object, got {hw!r}", "save the plan again")
+    if hw.get("dram_capacity_bytes"):
+        out["dram_capacity_gb"] = num("hardware.dram_capacity_bytes", hw["dram_capacity_bytes"]) / 1e9
+    if hw.get("hop_latency_s"):
+        out["hop_latency_ns"] = num("hardware.hop_latency_s", hw["hop_latency_s"]) * 1e9
+    if hw.get("dram_bw_bytes_per_s"):
+        out["dram_bw_gbps"] = num("hardware.dram_bw_bytes_per_s", hw["dram_bw_bytes_per_s"]) / 1e9
+    for key in ("seed", "synthetic_tokens"):
+        v = made.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1)):
+            raise InputError(f"{where}.{key}", f"must be a whole number >= {0 if key == 'seed' else 1}, got {v!r}",
+                             "save the plan again")
+    if made.get("seed") is not None:
+        out["seed"] = made["seed"]
+    recorded = made.get("trace_path")
+    if recorded is not None and not isinstance(recorded, str):
+        raise InputError(f"{where}.trace_path", f"must be a string, got {recorded!r}", "save the plan again")
+    name = made.get("trace")
+    if not recorded and trace_flag is None and isinstance(name, str) and not name.startswith("synthetic-"):
+        raise InputError("plan", f"was made for the trace {name!r}, which was read from no file",
+                         "give the trace with --trace")
+    if not recorded and made.get("synthetic_tokens") is not None:
+        out["synthetic_tokens"] = made["synthetic_tokens"]  # with the seed, the same synthetic trace
+    if recorded and trace_flag is None:
+        if not Path(recorded).is_file():
+            raise InputError("plan", f"was made for the trace {recorded}, which is not there",
+                             "give the trace with --trace")
+        if made.get("trace_sha256") and pl.file_sha256(recorded) != made["trace_sha256"]:
+            raise InputError("plan", f"was made for the trace {recorded}, which has changed since (sha256 differs)",
+                             "give the trace to score on with --trace")
+        out["trace"] = recorded
+    return out
+
+
 def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
     made = pl.plan_settings(path)
-    if made is None:
+    if made is None or not made.get("model") or not made.get("mesh"):
         raise InputError("plot", f"{path} does not record the problem it was made for", "save it with this version")
-    trace = made.get("trace_path")
-    s = pl.Settings(name=path.stem, model=made["model"], hw=made.get("hw_point") or "5/50", mesh=made["mesh"],
-                    trace=trace if trace and Path(trace).is_file() else None, batch=made.get("batch", 128),
-                    batching=made.get("batching", "expected"), seed=made.get("seed", 0),
-                    mode=made.get("mode", "mesh"))
+    s = replace(pl.Settings(path.stem, "deepseek-v2-lite", "5/50", "4x8"), **plan_defaults(str(path), None))
     problem = s.to_problem()
-    return problem, pl.load_plan(path, problem), Mesh.parse(made["mesh"])
+    return problem, pl.load_plan(path, problem), Mesh.parse(s.mesh)
 
 
 def _bound_trace(path: Path, layer: int) -> Any:

@@ -63,8 +63,11 @@ def expect_int(field: str, value: Any, *, minimum: int | None = None) -> int:
     return v
 
 
+MAX_BATCH = 1e9  # tokens per batch: far beyond any decode batch, and well inside float range in every cost
+
+
 def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: float | None = None,
-               integer: bool = False) -> float:
+               integer: bool = False, maximum: float | None = None) -> float:
     """``value`` as a float if it is a finite real number (not a bool) in range, else an InputError
     naming ``field_name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -81,6 +84,8 @@ def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: 
         raise InputError(field_name, f"must be positive, got {value!r}", "give a number > 0")
     if minimum is not None and v < minimum:
         raise InputError(field_name, f"must be >= {minimum:g}, got {value!r}", f"give a number >= {minimum:g}")
+    if maximum is not None and v > maximum:
+        raise InputError(field_name, f"must be <= {maximum:g}, got {value!r}", f"give a number <= {maximum:g}")
     return v
 
 

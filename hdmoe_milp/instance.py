@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, check_choice, check_file, check_real, expect_str
+from .errors import MAX_BATCH, InputError, check_choice, check_file, check_real, expect_str
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
 from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
 from .moe import MODEL_PRESETS, get_model
@@ -79,7 +79,7 @@ class Settings:
             check_choice("--home", self.home, HOMES)
         check_choice("--mode", self.mode, MODES)
         check_choice("--batching", self.batching, BATCHING)
-        check_real("--batch", self.batch, positive=True, integer=self.batching != "expected")
+        check_real("--batch", self.batch, minimum=1, maximum=MAX_BATCH, integer=self.batching != "expected")
         check_real("--seed", self.seed, minimum=0, integer=True)
         check_real("synthetic_tokens", self.synthetic_tokens, positive=True, integer=True)
         if not self.trace:

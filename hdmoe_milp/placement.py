@@ -36,9 +36,14 @@ def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, fie
         raise InputError(field, f"folder {p.parent} does not exist", "create it or write elsewhere")
     if p.is_dir():
         raise InputError(field, f"{p} is a directory", "give a file name")
+    if p.exists() and not p.is_file():  # a device, a socket, a pipe: a rename would replace it
+        raise InputError(field, f"{p} is not a regular file", "give the path of a file")
     if not force and (p.exists() or p.is_symlink()):
         raise InputError(field, f"{p} already exists", "pass --force to overwrite it, or write elsewhere")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise InputError(field, f"cannot write in {p.parent}: {exc.strerror}", "write elsewhere") from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -48,6 +53,9 @@ def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, fie
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(field, f"cannot write {p}: {exc.strerror}", "write elsewhere") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .costs import check_model_fits
-from .errors import InputError, check_choice, check_real, check_seed
+from .errors import MAX_BATCH, InputError, check_choice, check_real, check_seed
 from .evaluator import EvalOptions
 from .hardware import HARDWARE_PRESETS, Hardware
 from .moe import MoEModel
@@ -123,7 +123,7 @@ class Problem:
             raise InputError("options", f"must be an EvalOptions, got {type(self.options).__name__}")
         check_mesh_memory("hardware", self.model, self.hardware.mesh.rows, self.hardware.mesh.cols)
         check_choice("batching", self.batching, BATCHING)
-        check_real("batch", self.batch, positive=True, integer=self.batching != "expected")
+        check_real("batch", self.batch, minimum=1, maximum=MAX_BATCH, integer=self.batching != "expected")
         object.__setattr__(self, "batch", float(self.batch))
         if self.batching != "expected":
             check_memory("batch", self.model, self.batch)
@@ -224,6 +224,9 @@ class Problem:
             "trace": None if self.trace is None else self.trace.name,
             "trace_path": self.trace_path or (None if self.trace is None else self.trace.path),
             "trace_sha256": self.trace_sha256 or (None if self.trace is None else self.trace.sha256),
+            # a trace read from no file (synthetic): its tokens, which with the seed rebuild it
+            "synthetic_tokens": (int(self.trace.layers[0].shape[0]) if self.trace is not None
+                                 and not (self.trace_path or self.trace.path) else None),
             "mode": self.options.mode,
             "delivery": self.options.resolved_delivery,
             "home": self.options.resolved_home,

@@ -21,6 +21,7 @@ from hdmoe_milp.cli import main
 from hdmoe_milp.errors import InputError
 from hdmoe_milp.instance import Settings
 from hdmoe_milp.placement import Placement, write_atomic
+from hdmoe_milp.solvers import available_backends
 from hdmoe_milp.strategies import STRATEGIES
 
 from .conftest import ROOT
@@ -385,7 +386,30 @@ CASES = {
     "plan-json-list": (_plan(None, raw="[1, 2]"), "plan"),
     "plan-empty-file": (_plan(None, raw=""), "plan"),
     "plan-deep-nesting": (_plan(None, raw="[" * 100000), "plan"),
+    "plan-meta-seed-negative": (_plan(_set(["meta", "problem", "seed"], -1)), "seed"),
+    "plan-meta-synthetic-tokens-text": (_plan(_set(["meta", "problem", "synthetic_tokens"], "x")), "synthetic_tokens"),
+    "plan-meta-trace-from-no-file": (_plan(_set(["meta", "problem", "trace"], "mine")), "plan"),
+    # --- numbers out of any sensible range (they used to give NaN times, or a layer 'error') ---------
+    "flag-batch-huge": (_flags("evaluate", *MX, "--strategy", "tp", "--batch", "1e308"), "--batch"),
+    "flag-batch-below-one": (_flags("solve", *MX, "--batch", "1e-20", "--layers", "0"), "--batch"),
+    # --- outputs that are not files or folders ---------------------------------------------------
+    "out-not-regular-file": (lambda d: ["evaluate", *MX, "--strategy", "tp", "--save-plan", str(_fifo(d)),
+                                        "--force"], "--save-plan"),
+    "bench-out-empty": (_flags("bench", "--quick", "--out", ""), "--out"),
+    "bench-out-a-file": (lambda d: ["bench", "--quick", "--out", str(d / "good_trace.json")], "--out"),
+    "bench-batches-twice": (_flags("bench", "--quick", "--out", "b", "--batches", "8,8"), "--batches"),
+    "bench-meshes-twice": (_flags("bench", "--quick", "--out", "b", "--meshes", "4x4,4x4"), "--meshes"),
+    "bench-models-empty": (_flags("bench", "--quick", "--out", "b", "--models", ","), "--models"),
+    "bench-batches-huge": (_flags("bench", "--quick", "--out", "b", "--batches", "1e30"), "--batches"),
 }
+
+
+def _fifo(d: Path) -> Path:
+    """A named pipe in ``d``: a path that exists but is no regular file (a write must not replace it)."""
+    p = d / "a_pipe"
+    if not p.exists():
+        os.mkfifo(p)
+    return p
 
 
 def _npz_bytes() -> bytes:
@@ -534,3 +558,71 @@ def test_api_errors_are_typed():
         hm.replay(problem, hm.place(problem, "tp"), policy="static", batches=1, batch=10**9)
     with pytest.raises(InputError, match="mesh"):
         hm.Problem(problem.model, hm.make_hardware("5/50", "3000x3000"), problem.trace)
+
+
+# --- a saved plan is scored on the problem it was made for ------------------------------------------
+
+
+def _tbt_of(argv: list[str], capsys) -> float:
+    assert main([*argv, "--json"]) == 0
+    return float(json.loads(capsys.readouterr().out)["tbt_us"])
+
+
+def test_a_plan_made_on_a_synthetic_trace_is_scored_on_that_trace(tmp_path, capsys):
+    """The plan records the synthetic trace's seed and token count; `evaluate --plan` and the plot
+    of its node loads rebuild that trace, not the default one (they used to score seed 0, 4096 tokens)."""
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", seed=3, synthetic_tokens=64).to_problem()
+    path = tmp_path / "p.json"
+    hm.place(problem, "cb").save(path)
+    made = Placement.load(path).meta["problem"]
+    assert (made["seed"], made["synthetic_tokens"]) == (3, 64)
+    want = float(hm.evaluate(problem, "cb").tbt_us)
+    default = float(hm.evaluate(Settings("t", "mixtral-8x7b", "5/50", "2x2").to_problem(), Placement.load(path)).tbt_us)
+    assert abs(default - want) > 1e-6 * want  # the check below can tell the traces apart
+    assert _tbt_of(["evaluate", "--plan", str(path)], capsys) == pytest.approx(want, rel=1e-12)
+    assert main(["plot", "node-load", str(path), "--out", str(tmp_path / "n.png")]) == 0
+
+
+def test_plot_refuses_a_plan_whose_trace_is_gone(tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    rng = np.random.default_rng(0)
+    trace.write_text(json.dumps({str(li): [rng.choice(8, 2, replace=False).tolist() for _ in range(16)]
+                                 for li in range(32)}))
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", trace=str(trace)).to_problem()
+    path = tmp_path / "p.json"
+    hm.place(problem, "tp").save(path)
+    trace.unlink()
+    capsys.readouterr()
+    assert main(["plot", "node-load", str(path), "--out", str(tmp_path / "n.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not there" in err and "Traceback" not in err and not (tmp_path / "n.png").exists()
+
+
+def test_write_atomic_never_replaces_a_special_file_and_names_what_failed(tmp_path):
+    pipe = _fifo(tmp_path)
+    with pytest.raises(InputError, match="not a regular file"):
+        write_atomic(pipe, "x", field="--out")
+    assert pipe.is_fifo()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root writes anywhere: a folder that cannot hold files instead
+            with pytest.raises(InputError, match="cannot write"):
+                write_atomic(Path("/proc/hdmoe_test.json"), "x", field="--out")
+        else:
+            with pytest.raises(InputError, match="cannot write"):
+                write_atomic(ro / "p.json", "x", field="--out")
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_one_node_mesh_solves(backend):
+    """A 1x1 mesh has no links (the certificate's link rows are empty); the solve still answers
+    (it used to raise), with the one possible layout."""
+    problem = Settings("t", "mixtral-8x7b", "5/50", "1x1", synthetic_tokens=64).to_problem()
+    res = hm.solve(problem, backend=backend, layers=[0], time_limit_s=1, baselines=False)
+    assert res.layers[0].status in ("optimal", "feasible")
+    tp = hm.evaluate(problem, "tp").tbt_s
+    assert float(res.evaluations["plan"].tbt_s) == pytest.approx(float(tp), rel=1e-9)

@@ -513,7 +513,7 @@ class BlockModel:
             if self.opts.single_route:
                 # (U3) every token holding expert i loads each link at least as its message to i's
                 # column does: T >= f_i * (that column's busiest link), whatever the column
-                busiest = coef.max(axis=1)
+                busiest = coef.max(axis=1, initial=0.0)
                 for i in range(E):
                     on = np.flatnonzero(x[i] >= 0)
                     mb.add_row(np.r_[tt, x[i, on]], np.r_[-1.0, US * self.f[i] * busiest[on]], -np.inf, 0.0)
