@@ -241,7 +241,7 @@ def _solve(args: argparse.Namespace) -> int:
         "backend": s["backend"], "time_limit_s": s["time_limit_s"], "time_mode": s["time_mode"],
         "family": s["family"], "layers_solved": s["layers"], "wall_s": s["wall_s"],
         "delivery": problem.options.resolved_delivery, "tbt_us": tbt, "layers": layers,
-        "problem": problem.describe(),
+        "problem": problem.describe(), "baselines_over_capacity": s.get("baselines_over_capacity", []),
     }
     done = 130 if s.get("interrupted") else 0  # Ctrl-C: the finished layers are printed, exit status 130
     if args.json:
@@ -255,6 +255,9 @@ def _solve(args: argparse.Namespace) -> int:
     tb = pd.DataFrame({"strategy": list(tbt), "tbt_us": list(tbt.values())})
     tb["plan_speedup"] = tb["tbt_us"] / tbt["plan"]
     print(tb.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    if s.get("baselines_over_capacity"):
+        print(f"left out (they do not fit {problem.hardware.dram_capacity_bytes / 1e9:g} GB per node): "
+              + ", ".join(s["baselines_over_capacity"]))
     return done
 
 
@@ -366,6 +369,21 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise InputError(flag, f"{what}: {v}", "give the path of an existing file")
 
 
+def _capacity_as_written(exc: InputError, args: argparse.Namespace) -> InputError:
+    """A DRAM-capacity error names where the capacity came from: the flag, the instance file or the plan."""
+    if exc.field != "hardware.dram_capacity_bytes":
+        return exc
+    if getattr(args, "capacity_gb", None) is not None:
+        where = "--capacity-gb"
+    elif getattr(args, "instance", None):
+        where = f"{args.instance} [hardware].dram_capacity_gb"
+    elif getattr(args, "plan", None):
+        where = f"plan {Path(args.plan).name} meta.problem.hardware.dram_capacity_bytes"
+    else:
+        return exc
+    return InputError(where, exc.problem, exc.fix)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hdmoe-milp`` console script. Bad input: one line on stderr, exit 2."""
     args = _parser().parse_args(argv)
@@ -381,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             return _replay(args)
         return _stats(args)
     except InputError as exc:
-        print(f"hdmoe-milp: error: {exc}", file=sys.stderr)
+        print(f"hdmoe-milp: error: {_capacity_as_written(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hdmoe-milp: interrupted", file=sys.stderr)

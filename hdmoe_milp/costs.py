@@ -400,6 +400,15 @@ def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:
         )
 
 
+def fits_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> bool:
+    """Whether every node can store what ``placement`` puts on it (:func:`check_capacity` passes)."""
+    try:
+        check_capacity(placement, model, hw)
+    except InputError:
+        return False
+    return True
+
+
 def check_model_fits(model: MoEModel, hw: Hardware) -> None:
     """Raise an InputError if the whole model cannot fit in the mesh's total DRAM, whatever the placement."""
     cap = hw.dram_capacity_bytes

@@ -23,6 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ._version import __version__
+from .costs import fits_capacity
 from .errors import InputError, check_choice, check_seed
 from .evaluator import EvalOptions, Evaluation
 from .evaluator import evaluate as score
@@ -90,7 +91,18 @@ def evaluate(problem: Problem, plan: str | Placement, *, seed: int | None = None
     placement = plan if isinstance(plan, Placement) else place(problem, plan, seed=seed, budget=budget)
     if isinstance(plan, Placement):
         check_plan(placement, problem)
-    return score(placement, problem.model, problem.hardware, problem.workload, options or problem.options)
+    name = plan if isinstance(plan, str) else (placement.strategy or "given")
+    return _score_named(name, placement, problem, options or problem.options)
+
+
+def _score_named(name: str, placement: Placement, problem: Problem, options: EvalOptions) -> Evaluation:
+    """:func:`score`, with an error about the placement (it does not fit the DRAM) naming the strategy."""
+    try:
+        return score(placement, problem.model, problem.hardware, problem.workload, options)
+    except InputError as exc:
+        if exc.field != "hardware.dram_capacity_bytes":
+            raise
+        raise InputError(exc.field, f"the {name} placement does not fit: {exc.problem}", exc.fix) from None
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,9 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
             progress: bool | None = None) -> Comparison:
     """Build every strategy in ``strategies`` (default: the baselines) on ``problem`` and score them,
     plus any ready ``plans``; TP is always scored as the reference."""
-    names = list(BASELINES if strategies is None else strategies)
+    names = list(BASELINES if strategies is None else [strategies] if isinstance(strategies, str) else strategies)
+    if not names and not plans:
+        raise InputError("strategies", "is empty", "name at least one strategy, or leave it out for the baselines")
     for n in names:
         check_choice("strategy", n, tuple(STRATEGIES))
     if len(set(names)) != len(names):
@@ -130,8 +144,7 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
         check_plan(p, problem)
         placements[name] = p
     placements.update(_place_all(problem, names, seed, budget, progress))
-    evals = {n: score(p, problem.model, problem.hardware, problem.workload, problem.options)
-             for n, p in placements.items()}
+    evals = {n: _score_named(n, p, problem, problem.options) for n, p in placements.items()}
     ref = evals.get("tp") or score(place(problem, "tp"), problem.model, problem.hardware, problem.workload,
                                    problem.options)
     return Comparison(problem, evals, placements, ref)
@@ -237,7 +250,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     check_choice("executor", executor, EXECUTORS)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
-    names: list[str] = list(BASELINES) if baselines is True else [] if baselines is False else list(baselines)
+    names: list[str] = (list(BASELINES) if baselines is True else [] if baselines is False
+                        else [baselines] if isinstance(baselines, str) else list(baselines))
     for n in names:
         check_choice("baseline", n, BASELINES)
     lns_settings = None
@@ -296,12 +310,18 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
             {"stage1": [hd[li][1] if li in hd else {"not-solved": True} for li in range(L)], "work_limit": work})
     candidates.update(_place_all(problem, [n for n in names if n != "hdmoe"], seed, budget, progress))
     candidates = {"milp": candidates["milp"], **{n: candidates[n] for n in names}}
+    # a baseline that does not fit the DRAM is no plan: it is left out of the comparison (and said so)
+    misfits = [n for n, p in candidates.items()
+               if n != "milp" and not fits_capacity(p, problem.model, problem.hardware)]
+    candidates = {n: p for n, p in candidates.items() if n not in misfits}
+    names = [n for n in names if n not in misfits]
     wall = time.perf_counter() - t0
     layers = res.layers
     solver = {"backend": backend, "time_limit_s": time_limit_s, "threads": threads, "jobs": jobs, "gap": gap,
               "seed": seed, "executor": executor, "baselines": names, "pool_wall_s": res.wall_s, "wall_s": wall,
               "layers": chosen, "time_mode": "deterministic" if deterministic else "wall",
-              "family": next((r.family for r in results if r.family), ""), "interrupted": interrupted}
+              "family": next((r.family for r in results if r.family), ""), "interrupted": interrupted,
+              "baselines_over_capacity": misfits}
     return _combine(problem, candidates, layers, solver)
 
 
@@ -311,7 +331,7 @@ def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[L
     the plan's record, and every candidate's evaluation."""
     opts = EvalOptions(mode="mesh", delivery=problem.options.delivery, seed=problem.options.seed,
                        context_len=problem.options.context_len)
-    evals = {n: score(p, problem.model, problem.hardware, problem.workload, opts) for n, p in candidates.items()}
+    evals = {n: _score_named(n, p, problem, opts) for n, p in candidates.items()}
     plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, "plan")
     # a layer left out of the solve holds a baseline's layout under the name "milp": say which one
     sources = [r.source.removeprefix("baseline:") if src == "milp" and r.status in ("not-solved", "interrupted")

@@ -626,3 +626,27 @@ def test_one_node_mesh_solves(backend):
     assert res.layers[0].status in ("optimal", "feasible")
     tp = hm.evaluate(problem, "tp").tbt_s
     assert float(res.evaluations["plan"].tbt_s) == pytest.approx(float(tp), rel=1e-9)
+
+
+# --- a DRAM capacity some baselines do not fit ------------------------------------------------------
+
+
+def test_solve_leaves_out_baselines_over_capacity_and_its_plan_fits():
+    """At 6 GB per node (Mixtral on 4x4 needs 5.9 GB spread evenly) ep-lpt's layout does not fit: it is
+    left out of the comparison, not the reason the solve fails; the plan, with the layers left out of
+    the solve on baselines within their share, fits."""
+    problem = Settings("t", "mixtral-8x7b", "5/50", "4x4", synthetic_tokens=256, dram_capacity_gb=6.0).to_problem()
+    res = hm.solve(problem, layers=[0], time_limit_s=1, baselines=["ep-lpt", "cb"])
+    assert res.solver["baselines_over_capacity"] == ["ep-lpt"]
+    assert set(res.candidates) == {"milp", "cb"}
+    from hdmoe_milp.costs import fits_capacity
+    assert fits_capacity(res.placement, problem.model, problem.hardware)
+    with pytest.raises(InputError, match="the ep-lpt placement does not fit"):
+        hm.evaluate(problem, "ep-lpt")
+
+
+def test_capacity_error_names_the_flag_and_the_strategy(capsys):
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "4x4", "--capacity-gb", "6", "--strategy",
+                 "ep-lpt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hdmoe-milp: error: --capacity-gb: the ep-lpt placement does not fit") and "\n" not in err

@@ -565,7 +565,11 @@ def not_solved_task(t: LayerTask) -> LayerSolveResult:
                                     freqs_all=t.freqs_all, coactivation=t.coactivation, baselines=t.baselines,
                                     hdmoe_work_limit=t.hdmoe_work_limit)
     bm = family_model(model, t.hw, t.freqs_all[li], t.batch, options, t.coactivation, baselines)
-    starts = _baseline_assigns(bm, baselines)
+    # only layouts within the layer's capacity share: with every layer inside its share the whole
+    # plan fits the DRAM, whichever layers are solved
+    starts = {k: a for k, a in _baseline_assigns(bm, baselines).items() if bm.in_family(a)}
+    if not starts and bm.cap_layer is not None:  # no baseline fits: the greedy heuristics respect it
+        starts = warm_starts(bm, {})
     score = LayerScorer(bm)
     if starts:
         scores = {k: score(a) for k, a in starts.items()}
