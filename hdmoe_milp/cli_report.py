@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -181,7 +182,27 @@ def _read_csv(path: Path, kind: str) -> pd.DataFrame:
     if missing:
         raise InputError("file", f"{path} has no column {', '.join(missing)}, which the {kind} figure needs",
                          f"give the {name} that bench wrote")
+    for c in needs:
+        if c not in _NUMERIC:
+            continue
+        v = pd.to_numeric(df[c], errors="coerce")
+        bad = (v.isna() & df[c].notna()) | (~np.isfinite(v) & v.notna())
+        if c != "gap":  # a layer left out of the solve has no gap
+            bad |= v.isna()
+        if c in _POSITIVE:
+            bad |= v <= 0
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            need = "a number > 0" if c in _POSITIVE else "a finite number"
+            raise InputError("file", f"{path} row {row + 2}: column {c} is '{df[c].iloc[row]}', not {need}",
+                             f"give the {name} that bench wrote")
+        df[c] = v
     return df
+
+
+_NUMERIC = {"batch", "tbt_us", "moe_compute_us", "dispatch_us", "combine_us", "non_moe_us", "layer", "gap", "time_s",
+            "latency_us", "actions"}
+_POSITIVE = {"batch", "tbt_us"}
 
 
 def _filter(df: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
@@ -334,7 +355,10 @@ def _plot(args: argparse.Namespace) -> int:
     if kind in _CSV_NEEDS:
         df = _filter(_read_csv(path, kind), args)
     if kind == "ablation":
-        fig = rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
+        try:
+            fig = rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
+        except ValueError as exc:  # the table lacks the rows the figure compares
+            raise InputError("file", f"{path}: {exc}", "give the results.csv that bench wrote") from None
     elif kind == "bound-trace":
         fig = _bound_trace(path, args.layer)
     elif kind in ("tbt", "decomposition"):

@@ -118,6 +118,24 @@ def _plot_csv(data: bytes, kind: str = "tbt"):
     return build
 
 
+_RESULTS = (ROOT / "docs" / "results" / "results.csv").read_bytes()
+
+
+def _edit_results(column: str, value: str) -> bytes:
+    """docs/results/results.csv with ``column`` of its first row set to ``value``."""
+    lines = _RESULTS.decode().splitlines()
+    head = lines[0].split(",")
+    row = lines[1].split(",")
+    row[head.index(column)] = value
+    return "\n".join([lines[0], ",".join(row), *lines[2:]]).encode() + b"\n"
+
+
+def _only_tp() -> bytes:
+    lines = _RESULTS.decode().splitlines()
+    col = lines[0].split(",").index("strategy")
+    return "\n".join([lines[0], *[ln for ln in lines[1:] if ln.split(",")[col] == "tp"]]).encode() + b"\n"
+
+
 def _plot_results(*flags: str, kind: str = "tbt"):
     return lambda d: ["plot", kind, str(ROOT / "docs" / "results" / "results.csv"), *flags]
 
@@ -204,6 +222,12 @@ CASES = {
     "plot-csv-wrong-columns": (_plot_csv(b"a,b\n1,2\n"), "file"),
     "plot-csv-binary": (_plot_csv(b"\x00\x01\xff garbage"), "file"),
     "plot-csv-empty": (_plot_csv(b""), "file"),
+    # tables edited by hand: a value that is no number, NaN, a zero reference, rows the figure lacks
+    "plot-csv-batch-text": (_plot_csv(_edit_results("batch", "many")), "file"),
+    "plot-csv-tbt-nan": (_plot_csv(_edit_results("tbt_us", "nan")), "file"),
+    "plot-csv-tbt-zero": (_plot_csv(_edit_results("tbt_us", "0")), "file"),
+    "plot-csv-ablation-tp-only": (_plot_csv(_only_tp(), kind="ablation"), "file"),
+    "plot-csv-solver-gap-text": (_plot_csv(b"layer,gap,time_s\n0,x,1.0\n", kind="solver"), "file"),
     "plot-out-missing-dir": (_plot_results("--out", "no/such/dir/x.png"), "--out"),
     "plot-out-unknown-format": (_plot_results("--out", "x.notanimage"), "--out"),
     "plot-batch-nan": (_plot_results("--out", "x.png", "--batch", "nan"), "--batch"),
