@@ -363,6 +363,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     for attr, flag in (("instance", "--instance"), ("trace", "--trace"), ("plan", "--plan"),
                        ("plan_trace", "--plan-trace"), ("against", "--against")):
         v = getattr(args, attr, None)
+        if v is not None and not v.strip():
+            raise InputError(flag, "is empty", "give the path of an existing file")
         if v is not None and not Path(v).is_file():
             what = "is a directory" if Path(v).is_dir() else "is not a regular file" if Path(v).exists() else \
                 "no such file"

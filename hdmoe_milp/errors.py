@@ -162,6 +162,8 @@ def _vector(field: str, value: Any, as_matrix: Any) -> np.ndarray:
 
 def check_file(field: str, path: str | Path, fix: str) -> Path:
     """``path`` as a Path if it is an existing regular file, else an InputError saying what it is."""
+    if not isinstance(path, (str, Path)) or not str(path).strip():
+        raise InputError(field, f"must be the path of a file, got {path!r}", fix)
     p = Path(path)
     if not p.is_file():
         what = ("is a directory" if p.is_dir() else "is not a regular file" if p.exists() else "file not found")

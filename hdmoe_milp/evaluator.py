@@ -39,7 +39,7 @@ from .costs import (
     roofline_s,
     spread_link_loads,
 )
-from .errors import InputError, check_choice
+from .errors import InputError, check_choice, check_seed
 from .hardware import Hardware, Mesh
 from .moe import MoEModel
 from .placement import LayerPlacement, Placement
@@ -92,6 +92,7 @@ class EvalOptions:
         if isinstance(self.context_len, bool) or not isinstance(self.context_len, (int, np.integer)) \
                 or self.context_len < 0:
             raise InputError("context_len", f"must be a whole number of tokens >= 0, got {self.context_len!r}")
+        check_seed(self.seed)
 
     @property
     def resolved_delivery(self) -> str:

@@ -260,8 +260,9 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
             raise InputError("lns_patience", f"must be a whole number >= 0, got {lns_patience!r}",
                              "0 lets LNS use the whole time limit")
         lns_settings = LnsSettings(patience=lns_patience)
-    if not isinstance(polish, bool):
-        raise InputError("polish", f"must be True or False, got {polish!r}")
+    for name, flag in (("polish", polish), ("deterministic", deterministic)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InputError(name, f"must be True or False, got {flag!r}")
     if not polish:
         lns_settings = replace(lns_settings or LnsSettings(), polish=False)
     seed = problem.seed if seed is None else check_seed(seed)

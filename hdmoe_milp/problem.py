@@ -147,7 +147,11 @@ class Problem:
                 raise InputError("problem", "needs a trace or frequencies", "give trace=load_trace(...)")
             f = self.trace.frequencies()
         else:
-            f = np.array(self.frequencies, dtype=float)
+            try:
+                f = np.array(self.frequencies, dtype=float)
+            except (TypeError, ValueError):
+                raise InputError("frequencies", "must be an array of numbers",
+                                 "one row of expert frequencies per MoE layer") from None
         if f.shape != (m.moe_layers, m.num_experts):
             raise InputError("frequencies", f"expected shape [{m.moe_layers}, {m.num_experts}] for {m.name}, "
                              f"got {f.shape}", "one row of expert frequencies per MoE layer")

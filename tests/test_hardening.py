@@ -420,6 +420,8 @@ CASES = {
     "out-not-regular-file": (lambda d: ["evaluate", *MX, "--strategy", "tp", "--save-plan", str(_fifo(d)),
                                         "--force"], "--save-plan"),
     "bench-out-empty": (_flags("bench", "--quick", "--out", ""), "--out"),
+    "flag-trace-empty": (_flags("evaluate", *MX, "--trace", ""), "--trace"),
+    "flag-instance-empty": (_flags("evaluate", "--instance", ""), "--instance"),
     "bench-out-a-file": (lambda d: ["bench", "--quick", "--out", str(d / "good_trace.json")], "--out"),
     "bench-batches-twice": (_flags("bench", "--quick", "--out", "b", "--batches", "8,8"), "--batches"),
     "bench-meshes-twice": (_flags("bench", "--quick", "--out", "b", "--meshes", "4x4,4x4"), "--meshes"),
@@ -674,3 +676,17 @@ def test_capacity_error_names_the_flag_and_the_strategy(capsys):
                  "ep-lpt"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hdmoe-milp: error: --capacity-gb: the ep-lpt placement does not fit") and "\n" not in err
+
+
+def test_api_type_errors_are_input_errors():
+    """Wrong types through the Python API: one InputError naming the argument, not a TypeError."""
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=64).to_problem()
+    for call, field in ((lambda: hm.load_instance(None), "instance"),
+                        (lambda: problem.with_(frequencies=[["a"] * 8] * 32), "frequencies"),
+                        (lambda: hm.EvalOptions(seed=-1), "seed"),
+                        (lambda: hm.solve(problem, layers=[0], baselines=False, deterministic="no"), "deterministic"),
+                        (lambda: hm.compare(problem, []), "strategies")):
+        with pytest.raises(InputError) as exc:
+            call()
+        assert exc.value.field == field
+    assert list(hm.compare(problem, "cb").evaluations) == ["cb"]  # one name, not its letters
