@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                     "default: --plan-strategy on --plan-trace")
     rp.add_argument("--plan-strategy", help="baseline to build the plan from when no --plan (default cb)")
     rp.add_argument("--plan-trace", help="trace the plan is built on (default: --trace)")
+    rp.add_argument("--time-limit", type=float, default=2.0,
+                    help="wall seconds per layer when --plan-strategy solves a MILP (milp; hdmoe with cbc or highs; "
+                    "default 2)")
     rp.add_argument("--batch", type=int, default=512, help="tokens per batch (default 512)")
     rp.add_argument("--policy", default="all", help="static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle, "
                     "a comma-separated list, or all (default; all but oracle)")
@@ -163,6 +166,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     names = None
     if not args.plan:
         names = list(pl.BASELINES) if (args.strategy or "all") == "all" else args.strategy.split(",")
+        if len(names) > 1 and "all" in names:
+            raise InputError("--strategy", f"'all' cannot be listed with other strategies: {args.strategy}",
+                             "give 'all' alone, or a list of strategies")
         for n in names:
             pl.check_choice("--strategy", n, (*pl.STRATEGIES, "all"))
         if len(set(names)) != len(names):
@@ -270,6 +276,8 @@ def _replay(args: argparse.Namespace) -> int:
     names = [p for p in pl.POLICIES if p != "oracle"] if args.policy == "all" else args.policy.split(",")
     for n in names:
         pl.check_choice("--policy", n, pl.POLICIES)
+    if len(set(names)) != len(names):
+        raise InputError("--policy", f"lists a policy twice: {args.policy}", "name each policy once")
     pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
     batching = args.batching or "contiguous"
     pl.check_choice("--batching", batching, ("random", "contiguous"))
@@ -284,7 +292,7 @@ def _replay(args: argparse.Namespace) -> int:
         if args.plan_trace:
             base = problem.with_(trace=pl.load_trace(args.plan_trace, problem.model.num_experts,
                                                      problem.model.top_k), frequencies=None)
-        plan = pl.place(base, args.plan_strategy)
+        plan = pl.place(base, args.plan_strategy, budget=pl.Budget(time_limit_s=args.time_limit))
     rows = [pl.replay(problem, plan, policy=n, batches=args.batches, batch=args.batch, batching=batching,
                       replica_rule=args.replica_rule, progress=args.progress).summary() for n in names]
     static = next((r["mean_us"] for r in rows if r["policy"] == "static"), None)
