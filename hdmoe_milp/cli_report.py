@@ -28,8 +28,11 @@ from . import grid
 from . import pipeline as pl
 from . import report as rp
 from .errors import MAX_BATCH, InputError, as_written, check_choice, check_real
-from .hardware import Mesh
+from .evaluator import DELIVERIES, HOMES, MODES
+from .hardware import HARDWARE_PRESETS, Mesh
+from .moe import MODEL_PRESETS
 from .placement import Placement, write_atomic
+from .workload import BATCHING
 
 __all__ = ["COMMANDS", "PLOT_KINDS", "add_commands", "run"]
 
@@ -264,14 +267,23 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
         return float(v)
 
     out: dict[str, Any] = {}
+    choices = {"model": tuple(MODEL_PRESETS), "hw_point": tuple(HARDWARE_PRESETS), "batching": BATCHING,
+               "mode": MODES, "delivery": DELIVERIES, "home": HOMES}
     for key, field in (("model", "model"), ("mesh", "mesh"), ("hw_point", "hw"), ("batch", "batch"),
                        ("batching", "batching"), ("mode", "mode"), ("delivery", "delivery"), ("home", "home")):
         if made.get(key) is not None:
             v = made[key]
             if key == "batch":
-                num(key, v)
+                check_real(f"{where}.batch", num(key, v), minimum=1, maximum=MAX_BATCH)
             elif not isinstance(v, str):
                 raise InputError(f"{where}.{key}", f"must be a string, got {v!r}", "save the plan again")
+            elif key in choices:  # checked here, so that the error names the plan, not a flag
+                check_choice(f"{where}.{key}", v, choices[key])
+            elif key == "mesh":
+                try:
+                    Mesh.parse(v)
+                except InputError as exc:
+                    raise InputError(f"{where}.mesh", exc.problem, "save the plan again") from None
             out[field] = v
     hw = made.get("hardware") or {}
     if not isinstance(hw, dict):
@@ -279,7 +291,8 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
     if hw.get("dram_capacity_bytes"):
         out["dram_capacity_gb"] = num("hardware.dram_capacity_bytes", hw["dram_capacity_bytes"]) / 1e9
     if hw.get("hop_latency_s"):
-        out["hop_latency_ns"] = num("hardware.hop_latency_s", hw["hop_latency_s"]) * 1e9
+        out["hop_latency_ns"] = check_real(f"{where}.hardware.hop_latency_s", num("hardware.hop_latency_s",
+                                           hw["hop_latency_s"]), minimum=0) * 1e9
     if hw.get("dram_bw_bytes_per_s"):
         out["dram_bw_gbps"] = num("hardware.dram_bw_bytes_per_s", hw["dram_bw_bytes_per_s"]) / 1e9
     for key in ("seed", "synthetic_tokens"):

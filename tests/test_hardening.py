@@ -413,6 +413,13 @@ CASES = {
     "plan-meta-seed-negative": (_plan(_set(["meta", "problem", "seed"], -1)), "seed"),
     "plan-meta-synthetic-tokens-text": (_plan(_set(["meta", "problem", "synthetic_tokens"], "x")), "synthetic_tokens"),
     "plan-meta-trace-from-no-file": (_plan(_set(["meta", "problem", "trace"], "mine")), "plan"),
+    # a bad value in the plan's record names the plan's field, not a flag the user never typed
+    "plan-meta-model-unknown": (_plan(_set(["meta", "problem", "model"], "foo")), "meta.problem.model"),
+    "plan-meta-hw-unknown": (_plan(_set(["meta", "problem", "hw_point"], "9/9")), "meta.problem.hw_point"),
+    "plan-meta-mesh-malformed": (_plan(_set(["meta", "problem", "mesh"], "4by4")), "meta.problem.mesh"),
+    "plan-meta-batch-negative": (_plan(_set(["meta", "problem", "batch"], -3)), "meta.problem.batch"),
+    "plan-meta-hop-negative": (_plan(_set(["meta", "problem", "hardware", "hop_latency_s"], -1.0)),
+                               "meta.problem.hardware.hop_latency_s"),
     # --- numbers out of any sensible range (they used to give NaN times, or a layer 'error') ---------
     "flag-batch-huge": (_flags("evaluate", *MX, "--strategy", "tp", "--batch", "1e308"), "--batch"),
     "flag-batch-below-one": (_flags("solve", *MX, "--batch", "1e-20", "--layers", "0"), "--batch"),
