@@ -148,6 +148,8 @@ def _check_out(flag: str, path: str | None, force: bool = False) -> None:
     flag = flag if flag.startswith("--") else f"--{flag}"
     if not path.strip():
         raise InputError(flag, "is empty", "give a file name")
+    if path.endswith(("/", os.sep)):
+        raise InputError(flag, f"{path} names a folder", "give a file name")
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise InputError(flag, f"folder {parent} does not exist", "create it or write elsewhere")
@@ -285,6 +287,9 @@ def _replay(args: argparse.Namespace) -> int:
         if v < 1:
             raise InputError(flag, f"must be >= 1, got {v}", f"e.g. {flag} 64")
     problem.check_memory("--batch", args.batch)
+    if batching == "contiguous" and args.batch > problem.trace.num_tokens():
+        raise InputError("--batch", f"a contiguous window of {args.batch} tokens is longer than the trace "
+                         f"({problem.trace.num_tokens()} tokens)", "lower --batch or use --batching random")
     if args.plan:
         plan = pl.load_plan(args.plan, problem)
     else:

@@ -71,6 +71,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("file", help="results.csv (tbt, decomposition, ablation), solver.csv, online.csv, or a plan "
                    ".json (placement, node-load, link-load, bound-trace)")
     p.add_argument("--out", help="image to write (.png or .svg; default: FILE's folder, KIND.png)")
+    p.add_argument("--force", action="store_true", help="overwrite the image if it exists")
     p.add_argument("--model", help="which model's rows (csv files)")
     p.add_argument("--hw", help="which hardware point's rows (csv files)")
     p.add_argument("--mesh", help="which mesh's rows (csv files)")
@@ -190,7 +191,7 @@ def _read_csv(path: Path, kind: str) -> pd.DataFrame:
             continue
         v = pd.to_numeric(df[c], errors="coerce")
         bad = (v.isna() & df[c].notna()) | (~np.isfinite(v) & v.notna())
-        if c != "gap":  # a layer left out of the solve has no gap
+        if c in _REQUIRED:  # some rows have no decomposition or gap (NaN); every row has these
             bad |= v.isna()
         if c in _POSITIVE:
             bad |= v <= 0
@@ -205,7 +206,8 @@ def _read_csv(path: Path, kind: str) -> pd.DataFrame:
 
 _NUMERIC = {"batch", "tbt_us", "moe_compute_us", "dispatch_us", "combine_us", "non_moe_us", "layer", "gap", "time_s",
             "latency_us", "actions"}
-_POSITIVE = {"batch", "tbt_us"}
+_REQUIRED = {"batch", "tbt_us"}  # (online.csv's batch is the batch's index, from 0)
+_POSITIVE = {"tbt_us"}
 
 
 def _filter(df: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
@@ -239,8 +241,9 @@ def _save_figure(fig: Any, out: Path) -> None:
     write_atomic(out, buf.getvalue(), field="--out")
 
 
-def _check_figure_out(out: Path) -> None:
-    """Before any work: the folder exists and matplotlib writes the suffix's format."""
+def _check_figure_out(out: Path, force: bool = False) -> None:
+    """Before any work: the folder exists, matplotlib writes the suffix's format, and an existing
+    image is replaced only with ``--force``."""
     formats = Figure().canvas.get_supported_filetypes()
     if out.suffix.lstrip(".").lower() not in formats:
         raise InputError("--out", f"{out.name}: unknown image format {out.suffix or '(no suffix)'!r}",
@@ -249,6 +252,10 @@ def _check_figure_out(out: Path) -> None:
         raise InputError("--out", f"folder {out.parent} does not exist", "create it or write elsewhere")
     if out.is_dir():
         raise InputError("--out", f"{out} is a directory", "give a file name")
+    if out.exists() and not out.is_file():
+        raise InputError("--out", f"{out} is not a regular file", "give the path of a file")
+    if out.exists() and not force:
+        raise InputError("--out", f"{out} already exists", "pass --force to overwrite it, or write elsewhere")
 
 
 def _first(df: pd.DataFrame, col: str) -> Any:
@@ -363,8 +370,10 @@ def _plot(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise InputError("file", f"not found: {path}")
     kind = args.kind
+    if args.out is not None and not args.out.strip():
+        raise InputError("--out", "is empty", "give the image's file name, or leave --out out")
     out = Path(args.out) if args.out else path.with_name(f"{kind}.png")
-    _check_figure_out(out)
+    _check_figure_out(out, args.force)
     if kind in _CSV_NEEDS:
         df = _filter(_read_csv(path, kind), args)
     if kind == "ablation":

@@ -181,6 +181,9 @@ def read_settings(path: str | Path) -> Settings:
         if key in d:
             check_real(f"{where} [{sec}].{key}", d[key], integer=kind == "int", positive=positive, minimum=0)
     model = MODEL_PRESETS[m["preset"]]
+    if "synthetic_tokens" in wl and "trace" in wl:
+        raise InputError(f"{where} [workload].synthetic_tokens", "is given with a trace (it sizes the synthetic trace "
+                         "used when there is none)", "give either trace or synthetic_tokens")
     if "synthetic_tokens" in wl and "trace" not in wl:
         check_memory(f"{where} [workload].synthetic_tokens", model, wl["synthetic_tokens"])
     if wl.get("batching", "expected") != "expected" and "batch" in wl:

@@ -429,6 +429,13 @@ CASES = {
     "bench-out-empty": (_flags("bench", "--quick", "--out", ""), "--out"),
     "flag-trace-empty": (_flags("evaluate", *MX, "--trace", ""), "--trace"),
     "flag-policy-twice": (_flags("replay", *MX, "--policy", "static,static"), "--policy"),
+    "flag-replay-window-longer-than-trace": (lambda d: ["replay", *MX, "--trace", str(d / "good_trace.json"),
+                                                        "--batch", "64", "--policy", "static"], "--batch"),
+    "out-names-a-folder": (_flags("solve", *MX, "--layers", "0", "--out", "newdir/"), "--out"),
+    "plot-out-empty": (_plot_results("--out", ""), "--out"),
+    "plot-out-exists": (lambda d: _plot_results("--out", str(_existing(d / "old.png")))(d), "--out"),
+    "toml-trace-and-synthetic-tokens": (_sec("workload", 'trace = "good_trace.json"\nsynthetic_tokens = 64'),
+                                        "synthetic_tokens"),
     "flag-strategy-all-in-a-list": (_flags("evaluate", *MX, "--strategy", "all,milp"), "--strategy"),
     "flag-replay-time-limit-zero": (_flags("replay", *MX, "--time-limit", "0"), "--time-limit"),
     "flag-instance-empty": (_flags("evaluate", "--instance", ""), "--instance"),
@@ -438,6 +445,12 @@ CASES = {
     "bench-models-empty": (_flags("bench", "--quick", "--out", "b", "--models", ","), "--models"),
     "bench-batches-huge": (_flags("bench", "--quick", "--out", "b", "--batches", "1e30"), "--batches"),
 }
+
+
+def _existing(p: Path) -> Path:
+    """``p``, created (empty) if missing: an output path that already exists."""
+    p.touch()
+    return p
 
 
 def _fifo(d: Path) -> Path:
