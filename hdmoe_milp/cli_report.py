@@ -92,8 +92,8 @@ def _solve_batch(text: str) -> int | None:
         value = int(text)
     except ValueError:
         value = 0
-    if value <= 0:
-        raise InputError("--solve-batch", f"must be a whole number of tokens > 0, got {text!r}",
+    if value <= 0 or value > MAX_BATCH:
+        raise InputError("--solve-batch", f"must be a whole number of tokens in 1..{MAX_BATCH:g}, got {text!r}",
                          "or 'each' for one solve per batch")
     return value
 

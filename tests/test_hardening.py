@@ -444,6 +444,7 @@ CASES = {
     "bench-meshes-twice": (_flags("bench", "--quick", "--out", "b", "--meshes", "4x4,4x4"), "--meshes"),
     "bench-models-empty": (_flags("bench", "--quick", "--out", "b", "--models", ","), "--models"),
     "bench-batches-huge": (_flags("bench", "--quick", "--out", "b", "--batches", "1e30"), "--batches"),
+    "bench-solve-batch-huge": (_flags("bench", "--quick", "--out", "b", "--solve-batch", "9" * 23), "--solve-batch"),
 }
 
 
