@@ -85,3 +85,44 @@ def test_small_cbc_solves_never_hang():
         out = CbcBackend().solve(balance_model(loads, 4), SolveParams(time_limit_s=2.0, gap=0.05, deterministic=True))
         assert out.termination in (Termination.OPTIMAL, Termination.FEASIBLE) and "killed" not in out.message
         assert time.perf_counter() - t0 < 1.5
+
+
+def test_sigterm_while_a_wait_holds_popens_lock_does_not_hang():
+    """SIGTERM can land while ``run_until``'s ``proc.wait(timeout)`` holds Popen's waitpid lock (a
+    plain Lock, CPython internals); a handler that waited on the process through Popen then hung
+    the worker for good (seen once in CI). The handler is called here with that lock held; a
+    watchdog frees it after 5 s, so the old handler shows up as a 5 s stall, not a hung test."""
+    import signal
+    import subprocess
+    import threading
+
+    from hdmoe_milp.solvers.backends.cbc import _kill_on_sigterm
+
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        restore = _kill_on_sigterm(proc)
+        handler = signal.getsignal(signal.SIGTERM)
+        lock = proc._waitpid_lock
+        lock.acquire()
+        watchdog = threading.Timer(5.0, lambda: lock.locked() and lock.release())
+        watchdog.start()
+        t0 = time.perf_counter()
+        handler(signal.SIGTERM, None)
+        took = time.perf_counter() - t0
+        watchdog.cancel()
+        if lock.locked():
+            lock.release()
+        restore()
+        assert took < 2.0
+        deadline = time.perf_counter() + 5
+        while not seen and time.perf_counter() < deadline:  # re-delivered to the handler it replaced
+            time.sleep(0.01)
+        assert seen == [signal.SIGTERM]
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            os.kill(proc.pid, 0)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        if proc.poll() is None:
+            proc.kill()

@@ -109,9 +109,14 @@ def _kill_on_sigterm(proc: subprocess.Popen) -> Callable[[], None]:
         previous = signal.SIG_DFL
 
     def on_term(signum: int, frame: object) -> None:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        # not proc.poll()/wait(): the signal may land while the interrupted proc.wait(timeout) holds
+        # Popen's (non-reentrant) waitpid lock, and waiting on it here would hang this process forever
+        if proc.returncode is None:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+                os.waitpid(proc.pid, 0)  # reap it: a container's pid 1 may not
+            except (ProcessLookupError, ChildProcessError):
+                pass
         signal.signal(signal.SIGTERM, previous)
         os.kill(os.getpid(), signum)
 
