@@ -240,7 +240,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     ``time_limit_s``; a warm start and part of its family), which is also the ``hdmoe`` candidate.
     Scoring uses ``mesh`` mode (the model the MILP optimises) with the problem's delivery rule.
     ``layers``: solve only these MoE layers (0-based; the MILP and the hdmoe baseline); every other
-    layer takes the best of the other baselines and is reported ``not-solved``. ``deterministic``:
+    layer takes the best of the other baselines (hdmoe's layer too, if ``baselines`` has hdmoe) and is
+    reported ``not-solved``. ``deterministic``:
     CP-SAT counts ``time_limit_s`` as deterministic time (reproducible; default: wall seconds).
     ``lns_patience``: on layers solved by LNS, stop after this many steps in a row without
     improvement (None: the default, 8; 0: use the whole time limit). ``polish``: the evaluator-driven
@@ -287,14 +288,15 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     finally:
         bar.close()
     milp_out = dict(zip(chosen, out, strict=True))
-    # a layer left out computes its hdmoe layer (in the pool, like the solved layers); after a Ctrl-C
-    # no layer does, so that the run stops promptly
+    # a layer left out computes its hdmoe layer (in the pool, like the solved layers) when the hdmoe
+    # baseline is asked for; after a Ctrl-C no layer does, so that the run stops promptly
     missing = [li for li in range(L) if milp_out.get(li) is None]
     if interrupted:
         filled = [not_solved_task(milp_tasks[li]._replace(hdmoe_work_limit=None)) for li in missing]
     else:
-        filled = run_tasks(not_solved_task, [milp_tasks[li] for li in missing], jobs=jobs, executor=executor,
-                           num_cpus=threads)
+        todo = [milp_tasks[li] if "hdmoe" in names else milp_tasks[li]._replace(hdmoe_work_limit=None)
+                for li in missing]
+        filled = run_tasks(not_solved_task, todo, jobs=jobs, executor=executor, num_cpus=threads)
     results = [milp_out.get(li) for li in range(L)]
     for li, r in zip(missing, filled, strict=True):
         results[li] = r

@@ -209,6 +209,10 @@ def test_pipeline_solves_selected_layers():
         full = hm.place(p, "hdmoe")
         np.testing.assert_allclose(res.candidates["hdmoe"].layers[li].shares, full.layers[li].shares)
     assert res.placement.meta["layer_sources"] == [r.final_source for r in res.layers]
+    # without the hdmoe baseline the left-out layers do not compute hdmoe's layer (it was wasted time)
+    quick = hm.solve(p, backend="cpsat", time_limit_s=1, layers=[1], progress=False, baselines=["cb"])
+    assert [r.hdmoe is None for li, r in enumerate(quick.layers) if li != 1] == [True, True]
+    assert all(r.final_source != "hdmoe" for r in quick.layers)
     with pytest.raises(InputError, match="time_limit_s"):
         hm.solve(p, time_limit_s=float("nan"))
 
