@@ -130,6 +130,10 @@ def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
     """Instance file (or defaults, or the plan's record), then the flags on top."""
     if args.instance:
         s = pl.read_settings(args.instance)
+        if args.model is not None and args.model != s.model and s.trace and args.trace is None:
+            raise InputError("--model", f"{args.model} is not the model of {args.instance} ({s.model}), whose trace "
+                             f"{Path(s.trace).name} routes {s.model}", f"give a trace of {args.model} with --trace, "
+                             "or leave --model out")
     else:
         s = pl.Settings("cli", "deepseek-v2-lite", "5/50", "4x8")
         if plan:

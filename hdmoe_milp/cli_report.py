@@ -349,6 +349,9 @@ def _bound_trace(path: Path, layer: int) -> Any:
         raise InputError("plot", f"{path} records no per-layer solve", "use a plan written by solve or bench")
     trace = rec.get("trace")
     if not isinstance(trace, list) or not trace:
+        if rec.get("status") == "not-solved":
+            raise InputError("--layer", f"layer {layer} of {path} was left out of the solve (--layers)",
+                             "give a solved layer, or solve this one")
         raise InputError("plot", f"layer {layer} of {path} has no progress trace "
                          f"(status {rec.get('status')!r})", "solve it again with this version")
     try:

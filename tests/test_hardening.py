@@ -429,6 +429,9 @@ CASES = {
     "bench-out-empty": (_flags("bench", "--quick", "--out", ""), "--out"),
     "flag-trace-empty": (_flags("evaluate", *MX, "--trace", ""), "--trace"),
     "flag-policy-twice": (_flags("replay", *MX, "--policy", "static,static"), "--policy"),
+    "flag-model-against-the-instance-trace": (
+        _flags("evaluate", "--instance", str(ROOT / "instances" / "mixtral-8x7b_5-50_4x8.toml"), "--model",
+               "deepseek-v2-lite", "--strategy", "tp"), "--model"),
     "flag-replay-window-longer-than-trace": (lambda d: ["replay", *MX, "--trace", str(d / "good_trace.json"),
                                                         "--batch", "64", "--policy", "static"], "--batch"),
     "out-names-a-folder": (_flags("solve", *MX, "--layers", "0", "--out", "newdir/"), "--out"),
@@ -714,3 +717,14 @@ def test_api_type_errors_are_input_errors():
             call()
         assert exc.value.field == field
     assert list(hm.compare(problem, "cb").evaluations) == ["cb"]  # one name, not its letters
+
+
+def test_bound_trace_of_a_layer_left_out_of_the_solve_says_so(tmp_path, capsys):
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=64).to_problem()
+    path = tmp_path / "p.json"
+    hm.solve(problem, layers=[0], time_limit_s=0.5, baselines=False).save(path)
+    assert main(["plot", "bound-trace", str(path), "--layer", "0", "--out", str(tmp_path / "a.png")]) == 0
+    capsys.readouterr()
+    assert main(["plot", "bound-trace", str(path), "--layer", "1", "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--layer" in err and "left out of the solve" in err and "\n" not in err.strip()
