@@ -92,6 +92,8 @@ class EvalOptions:
         if isinstance(self.context_len, bool) or not isinstance(self.context_len, (int, np.integer)) \
                 or self.context_len < 0:
             raise InputError("context_len", f"must be a whole number of tokens >= 0, got {self.context_len!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise InputError("seed", f"must be a whole number >= 0, got {self.seed!r}")
         check_seed(self.seed)
 
     @property

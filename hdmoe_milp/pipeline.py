@@ -141,6 +141,10 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
         raise InputError("strategy", f"lists a strategy twice: {names}", "name each strategy once")
     placements: dict[str, Placement] = {}
     for name, p in (plans or {}).items():
+        if name in names:
+            raise InputError("plans", f"{name!r} is also a strategy to build", "name the plan differently")
+        if not isinstance(p, Placement):
+            raise InputError("plans", f"{name!r} must be a Placement, got {type(p).__name__}")
         check_plan(p, problem)
         placements[name] = p
     placements.update(_place_all(problem, names, seed, budget, progress))
@@ -251,8 +255,12 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     check_choice("executor", executor, EXECUTORS)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
+    if not isinstance(baselines, (bool, str, list, tuple)):
+        raise InputError("baselines", f"must be True, False, a name or a list of names, got {baselines!r}")
     names: list[str] = (list(BASELINES) if baselines is True else [] if baselines is False
                         else [baselines] if isinstance(baselines, str) else list(baselines))
+    if len(set(names)) != len(names):
+        raise InputError("baselines", f"lists a baseline twice: {names}", "name each baseline once")
     for n in names:
         check_choice("baseline", n, BASELINES)
     lns_settings = None
@@ -401,6 +409,11 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     an online ``policy`` starting from ``plan``; every batch is scored by the evaluator on its
     observed tokens with the replica rule ``replica_rule``."""
     check_choice("policy", policy, POLICIES)
+    if not isinstance(plan, Placement):
+        raise InputError("plan", f"must be a Placement, got {type(plan).__name__}",
+                         "use hm.place(problem, name) or hm.load_plan(path, problem)")
+    if trace is not None and not isinstance(trace, Trace):
+        raise InputError("trace", f"must be a Trace, got {type(trace).__name__}", "use hm.load_trace(path, E, k)")
     check_plan(plan, problem)
     tr = trace if trace is not None else problem.trace
     if tr is None:
@@ -411,6 +424,10 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise InputError(name, f"must be a whole number >= 1, got {v!r}")
     check_choice("batching", batching, ("random", "contiguous"))
+    problem.check_memory("batch", batch)  # refused before any batch is drawn
+    if batching == "contiguous" and batch > tr.num_tokens():
+        raise InputError("batch", f"a contiguous window of {batch} tokens is longer than the trace "
+                         f"({tr.num_tokens()} tokens)", "lower batch or use batching='random'")
     o = problem.options
     opts = EvalOptions(mode=o.mode, delivery=o.delivery, home=o.home, seed=o.seed, context_len=o.context_len,
                        replica_rule=replica_rule)

@@ -81,7 +81,11 @@ class LayerPlacement:
 
     def __post_init__(self) -> None:
         s = np.asarray(self.shares, dtype=float)
-        eo = np.asarray(self.expert_of, dtype=np.int64)
+        eo_raw = np.asarray(self.expert_of)
+        if eo_raw.dtype.kind not in "iu" and not (eo_raw.dtype.kind == "f" and np.all(eo_raw == np.round(eo_raw))):
+            raise InputError("placement.expert_of", f"must be whole expert ids, got dtype {eo_raw.dtype}",
+                             "give integer ids")
+        eo = eo_raw.astype(np.int64)
         tf = np.asarray(self.token_fraction, dtype=float)
         if s.ndim != 2 or s.shape[0] == 0:
             raise InputError("placement.shares", f"must be a non-empty [copies, nodes] array, got shape {s.shape}")

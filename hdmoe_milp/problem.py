@@ -128,6 +128,13 @@ class Problem:
         if self.batching != "expected":
             check_memory("batch", self.model, self.batch)
         object.__setattr__(self, "seed", check_seed(self.seed))
+        for name in ("name", "hw_point", "trace_path", "trace_sha256"):
+            v = getattr(self, name)
+            if not (isinstance(v, str) or (v is None and name != "name")):
+                raise InputError(name, f"must be a string, got {v!r}")
+        if self.hw_point is not None and self.hw_point not in HARDWARE_PRESETS:
+            raise InputError("hw_point", f"unknown value {self.hw_point!r}",
+                             "give one of " + ", ".join(HARDWARE_PRESETS) + ", or None")
         m = self.model
         if self.trace is not None:
             t = self.trace
@@ -157,6 +164,16 @@ class Problem:
                              f"got {f.shape}", "one row of expert frequencies per MoE layer")
         if not np.all(np.isfinite(f)) or np.any(f < 0):
             raise InputError("frequencies", "must be finite and non-negative", "frequencies are token fractions")
+        sums = f.sum(axis=1)
+        off = np.flatnonzero(np.abs(sums - m.top_k) > 1e-6 * m.top_k)
+        if off.size:
+            li = int(off[0])
+            raise InputError("frequencies", f"layer {li} sums to {sums[li]:g}, but every token picks top_k={m.top_k} "
+                             "experts", f"scale each row to sum to {m.top_k} (expert i's tokens per token)")
+        if self.frequencies is not None and self.trace is not None and not np.allclose(
+                f, self.trace.frequencies(), rtol=1e-9, atol=1e-12):
+            raise InputError("frequencies", "differ from the trace's, which the evaluator scores",
+                             "give either a trace or frequencies (with_(trace=...) drops the old ones)")
         f.setflags(write=False)
         object.__setattr__(self, "frequencies", f)
         check_model_fits(m, self.hardware)

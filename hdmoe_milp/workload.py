@@ -40,7 +40,14 @@ class Trace:
     def __post_init__(self) -> None:
         if len(self.layers) == 0:
             raise InputError("trace", "has no layers", "a trace needs at least one MoE layer")
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, (int, np.integer)) \
+                or isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
+            raise InputError("trace", f"num_experts and top_k must be whole numbers >= 1, got {self.num_experts!r}, "
+                             f"{self.top_k!r}")
         for li, a in enumerate(self.layers):
+            if not isinstance(a, np.ndarray) or a.dtype.kind not in "iu":
+                raise InputError(f"trace layer {li}", "must be an integer numpy array [tokens, top_k] of expert ids",
+                                 "e.g. np.asarray(ids, dtype=np.int64)")
             if a.ndim != 2 or a.shape[0] == 0:
                 raise InputError(f"trace layer {li}", "is empty", "every layer needs at least one token")
             if a.shape[1] != self.top_k:

@@ -728,3 +728,34 @@ def test_bound_trace_of_a_layer_left_out_of_the_solve_says_so(tmp_path, capsys):
     assert main(["plot", "bound-trace", str(path), "--layer", "1", "--out", str(tmp_path / "b.png")]) == 2
     err = capsys.readouterr().err
     assert "--layer" in err and "left out of the solve" in err and "\n" not in err.strip()
+
+
+def test_api_inputs_that_used_to_give_silently_wrong_answers():
+    """Frequencies that disagree with the trace the evaluator scores (the solve then reported 'optimal,
+    gap 0' for a beaten plan), rows not summing to top-k, a plan shadowed by a strategy of the same
+    name, a contiguous replay window wrapping round the trace, fractional or boolean expert ids, an
+    unknown hardware point recorded in plan files: each is one InputError naming the argument."""
+    from hdmoe_milp.placement import LayerPlacement
+
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=256).to_problem()
+    plan = hm.place(problem, "tp")
+    skewed = np.tile([2.0, 0, 0, 0, 0, 0, 0, 0], (32, 1))
+    for call, field in (
+        (lambda: problem.with_(frequencies=skewed), "frequencies"),
+        (lambda: hm.Problem(problem.model, problem.hardware, None, frequencies=skewed * 0.5), "frequencies"),
+        (lambda: hm.compare(problem, ["tp"], plans={"tp": plan}), "plans"),
+        (lambda: hm.replay(problem, plan, batch=5000, batching="contiguous", batches=2), "batch"),
+        (lambda: LayerPlacement(np.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3, 0]], np.r_[np.arange(8), 0.7], np.ones(9), 8),
+         "placement.expert_of"),
+        (lambda: hm.Trace((np.array([[False, True]]),) * 32, 8, 2), "trace layer 0"),
+        (lambda: problem.with_(hw_point="99/1"), "hw_point"),
+        (lambda: hm.EvalOptions(seed=2.0), "seed"),
+        (lambda: hm.solve(problem, baselines=None), "baselines"),
+        (lambda: hm.replay(problem, plan, foo=1, batches=1, batch=8), "policy"),
+    ):
+        with pytest.raises(InputError) as exc:
+            call()
+        assert exc.value.field == field
+    # the frequencies a problem derives from its own trace still travel with it
+    assert problem.with_(batch=64).frequencies.shape == (32, 8)
+    assert hm.Problem(problem.model, problem.hardware, None, frequencies=skewed).frequencies.sum() == 64

@@ -246,4 +246,10 @@ def make_policy(name: str, plan: Placement, model: MoEModel, hw: Hardware, batch
            "eplb-periodic": EplbPeriodic, "oracle": OraclePolicy}[name]
     if plan.num_nodes != hw.num_nodes:
         raise InputError("plan", f"is for {plan.num_nodes} nodes, the mesh has {hw.num_nodes}")
-    return cls(plan, model, hw, batch, options, **kw)
+    try:
+        return cls(plan, model, hw, batch, options, **kw)
+    except TypeError as exc:  # a keyword this policy does not have
+        if kw and "keyword argument" in str(exc):
+            raise InputError("policy", f"{name} takes no {', '.join(sorted(kw))} ({exc})",
+                             "see the policy's class for its settings") from None
+        raise
