@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import cli_report
 from . import pipeline as pl
-from .errors import InputError, as_written
+from .errors import InputError, as_written, check_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,28 +145,6 @@ def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
     return replace(s, **over)
 
 
-def _check_out(flag: str, path: str | None, force: bool = False) -> None:
-    """Fail before any work if ``path`` cannot be written, or exists and ``--force`` is not given."""
-    if path is None:
-        return
-    flag = flag if flag.startswith("--") else f"--{flag}"
-    if not path.strip():
-        raise InputError(flag, "is empty", "give a file name")
-    if path.endswith(("/", os.sep)):
-        raise InputError(flag, f"{path} names a folder", "give a file name")
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise InputError(flag, f"folder {parent} does not exist", "create it or write elsewhere")
-    if Path(path).is_dir():
-        raise InputError(flag, f"{path} is a directory", "give a file name")
-    if Path(path).exists() and not Path(path).is_file():
-        raise InputError(flag, f"{path} is not a regular file", "give the path of a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(flag, f"folder {parent} is not writable", "write elsewhere")
-    if not force and (Path(path).exists() or Path(path).is_symlink()):
-        raise InputError(flag, f"{path} already exists", "pass --force to overwrite it, or write elsewhere")
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
     names = None
@@ -181,7 +159,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise InputError("--strategy", f"lists a strategy twice: {args.strategy}", "name each strategy once")
         if args.save_plan and len(names) != 1:
             raise InputError("--save-plan", "needs a single --strategy", "e.g. --strategy cb --save-plan plan.json")
-    _check_out("--save-plan", args.save_plan, args.force)
+    cli_report.check_out("--save-plan", args.save_plan, args.force)
     s = _settings(args, args.plan)
     problem = pl.Settings.to_problem(s)
     problem = problem.with_(options=replace(problem.options, replica_rule=args.replica_rule))
@@ -221,7 +199,7 @@ _SOLVE_FLAGS = {"backend": "--backend", "executor": "--executor", "layers": "--l
 
 
 def _solve(args: argparse.Namespace) -> int:
-    _check_out("--out", args.out, args.force)
+    cli_report.check_out("--out", args.out, args.force)
     problem = _settings(args).to_problem()
     layers = None
     if args.layers is not None:
@@ -291,9 +269,7 @@ def _replay(args: argparse.Namespace) -> int:
         if v < 1:
             raise InputError(flag, f"must be >= 1, got {v}", f"e.g. {flag} 64")
     problem.check_memory("--batch", args.batch)
-    if batching == "contiguous" and args.batch > problem.trace.num_tokens():
-        raise InputError("--batch", f"a contiguous window of {args.batch} tokens is longer than the trace "
-                         f"({problem.trace.num_tokens()} tokens)", "lower --batch or use --batching random")
+    pl.check_window("--batch", args.batch, batching, problem.trace, "lower --batch or use --batching random")
     if args.plan:
         plan = pl.load_plan(args.plan, problem)
     else:
@@ -380,12 +356,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     for attr, flag in (("instance", "--instance"), ("trace", "--trace"), ("plan", "--plan"),
                        ("plan_trace", "--plan-trace"), ("against", "--against")):
         v = getattr(args, attr, None)
-        if v is not None and not v.strip():
-            raise InputError(flag, "is empty", "give the path of an existing file")
-        if v is not None and not Path(v).is_file():
-            what = "is a directory" if Path(v).is_dir() else "is not a regular file" if Path(v).exists() else \
-                "no such file"
-            raise InputError(flag, f"{what}: {v}", "give the path of an existing file")
+        if v is not None:
+            check_file(flag, v, "give the path of an existing file")
 
 
 def _capacity_as_written(exc: InputError, args: argparse.Namespace) -> InputError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -241,21 +242,35 @@ def _save_figure(fig: Any, out: Path) -> None:
     write_atomic(out, buf.getvalue(), field="--out")
 
 
+def check_out(flag: str, path: str | None, force: bool = False) -> None:
+    """Fail before any work if ``path`` cannot be written, or exists and ``--force`` is not given."""
+    if path is None:
+        return
+    flag = flag if flag.startswith("--") else f"--{flag}"
+    if not path.strip():
+        raise InputError(flag, "is empty", "give a file name")
+    if path.endswith(("/", os.sep)):
+        raise InputError(flag, f"{path} names a folder", "give a file name")
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise InputError(flag, f"folder {parent} does not exist", "create it or write elsewhere")
+    if Path(path).is_dir():
+        raise InputError(flag, f"{path} is a directory", "give a file name")
+    if Path(path).exists() and not Path(path).is_file():
+        raise InputError(flag, f"{path} is not a regular file", "give the path of a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(flag, f"folder {parent} is not writable", "write elsewhere")
+    if not force and (Path(path).exists() or Path(path).is_symlink()):
+        raise InputError(flag, f"{path} already exists", "pass --force to overwrite it, or write elsewhere")
+
+
 def _check_figure_out(out: Path, force: bool = False) -> None:
-    """Before any work: the folder exists, matplotlib writes the suffix's format, and an existing
-    image is replaced only with ``--force``."""
+    """Before any work: matplotlib writes the suffix's format, and :func:`check_out` passes."""
     formats = Figure().canvas.get_supported_filetypes()
     if out.suffix.lstrip(".").lower() not in formats:
         raise InputError("--out", f"{out.name}: unknown image format {out.suffix or '(no suffix)'!r}",
                          "end the name in " + ", ".join(f".{f}" for f in ("png", "svg", "pdf")))
-    if not out.parent.is_dir():
-        raise InputError("--out", f"folder {out.parent} does not exist", "create it or write elsewhere")
-    if out.is_dir():
-        raise InputError("--out", f"{out} is a directory", "give a file name")
-    if out.exists() and not out.is_file():
-        raise InputError("--out", f"{out} is not a regular file", "give the path of a file")
-    if out.exists() and not force:
-        raise InputError("--out", f"{out} already exists", "pass --force to overwrite it, or write elsewhere")
+    check_out("--out", str(out), force)
 
 
 def _first(df: pd.DataFrame, col: str) -> Any:

@@ -51,7 +51,7 @@ from .strategies.block_milp import (
     solve_layer_task,
 )
 from .strategies.hdmoe import WORK_LIMIT
-from .workload import Trace, load_trace, summarize, total_variation
+from .workload import Trace, check_window, load_trace, summarize, total_variation
 
 __all__ = [
     "BASELINES", "HARDWARE_PRESETS", "MODEL_PRESETS", "POLICIES", "REPLICA_RULES", "STRATEGIES", "Budget",
@@ -425,9 +425,7 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
             raise InputError(name, f"must be a whole number >= 1, got {v!r}")
     check_choice("batching", batching, ("random", "contiguous"))
     problem.check_memory("batch", batch)  # refused before any batch is drawn
-    if batching == "contiguous" and batch > tr.num_tokens():
-        raise InputError("batch", f"a contiguous window of {batch} tokens is longer than the trace "
-                         f"({tr.num_tokens()} tokens)", "lower batch or use batching='random'")
+    check_window("batch", batch, batching, tr, "lower batch or use batching='random'")
     o = problem.options
     opts = EvalOptions(mode=o.mode, delivery=o.delivery, home=o.home, seed=o.seed, context_len=o.context_len,
                        replica_rule=replica_rule)

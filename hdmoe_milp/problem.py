@@ -27,6 +27,7 @@ from .workload import (
     Trace,
     Workload,
     check_observed_memory,
+    check_window,
     expected_workload,
     physical_memory_bytes,
     sample_batch,
@@ -146,9 +147,7 @@ class Problem:
             if t.num_layers != m.moe_layers:
                 raise InputError("trace", f"has {t.num_layers} layers but {m.name} has {m.moe_layers} MoE layers",
                                  "use a trace recorded on this model")
-            if self.batching == "contiguous" and self.batch > t.num_tokens():
-                raise InputError("batch", f"a contiguous window of {self.batch:g} tokens is longer than the trace "
-                                 f"({t.num_tokens()} tokens)", "lower --batch or use batching 'random'")
+            check_window("batch", self.batch, self.batching, t, "lower --batch or use batching 'random'")
         if self.frequencies is None:
             if self.trace is None:
                 raise InputError("problem", "needs a trace or frequencies", "give trace=load_trace(...)")

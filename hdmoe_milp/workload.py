@@ -86,6 +86,14 @@ class Trace:
         return Trace(tuple(a[start:stop] for a in self.layers), self.num_experts, self.top_k, name or self.name)
 
 
+def check_window(field_name: str, batch: float, batching: str, trace: Trace, fix: str) -> None:
+    """An InputError naming ``field_name`` if contiguous batches of ``batch`` tokens do not fit in
+    ``trace`` (a window would wrap round and repeat tokens)."""
+    if batching == "contiguous" and batch > trace.num_tokens():
+        raise InputError(field_name, f"a contiguous window of {batch:g} tokens is longer than the trace "
+                         f"({trace.num_tokens()} tokens)", fix)
+
+
 def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int | None = None) -> Trace:
     """Load a routing trace.
 
