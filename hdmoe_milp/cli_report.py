@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from dataclasses import replace
@@ -32,7 +31,7 @@ from .errors import MAX_BATCH, InputError, as_written, check_choice, check_real
 from .evaluator import DELIVERIES, HOMES, MODES
 from .hardware import HARDWARE_PRESETS, Mesh
 from .moe import MODEL_PRESETS
-from .placement import Placement, write_atomic
+from .placement import Placement
 from .workload import BATCHING
 
 __all__ = ["COMMANDS", "PLOT_KINDS", "add_commands", "run"]
@@ -235,13 +234,6 @@ def _at_batch(df: pd.DataFrame, batch: float | None) -> float:
     return float(batch)
 
 
-def _save_figure(fig: Any, out: Path) -> None:
-    """Write ``fig`` to ``out`` atomically (:func:`placement.write_atomic`), in the suffix's format."""
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format=out.suffix.lstrip(".").lower())
-    write_atomic(out, buf.getvalue(), field="--out")
-
-
 def check_out(flag: str, path: str | None, force: bool = False) -> None:
     """Fail before any work if ``path`` cannot be written, or exists and ``--force`` is not given."""
     if path is None:
@@ -440,6 +432,6 @@ def _plot(args: argparse.Namespace) -> int:
             evs = {n: cmp.evaluations[n] for n in ("ep", "hdmoe", "plan")}
             fig = (rp.fig_node_load(evs, args.layer, settings=cap) if kind == "node-load"
                    else rp.fig_link_load(evs, mesh, args.layer, settings=cap))
-    _save_figure(fig, out)
+    rp.save_figure(fig, out, field="--out")
     print(f"wrote {out}", file=sys.stdout)
     return 0

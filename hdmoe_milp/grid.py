@@ -19,7 +19,6 @@ floats rounded, no wall times), ``results.md`` (speedups of ours over each basel
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import pickle
 import sys
@@ -254,9 +253,7 @@ def _save(fig: Any, figdir: Path, name: str) -> list[str]:
     out = []
     for ext in ("png", "svg"):
         p = figdir / f"{name}.{ext}"
-        buf = io.BytesIO()
-        fig.savefig(buf, dpi=110, format=ext, metadata={"Date": None} if ext == "svg" else None)
-        write_atomic(p, buf.getvalue())
+        rp.save_figure(fig, p)
         out.append(p.name)
     return out
 

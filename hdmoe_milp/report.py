@@ -12,7 +12,9 @@ each baseline, mean/min/max per model and hardware point) and :func:`markdown`.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ from matplotlib.patches import FancyArrow, Rectangle
 
 from .evaluator import Evaluation
 from .hardware import Mesh
-from .placement import Placement
+from .placement import Placement, write_atomic
 
 __all__ = [
     "FIGURES", "HATCHES", "MARKERS", "caption", "fig_ablation", "fig_bound_trace", "fig_decomposition",
@@ -37,6 +39,16 @@ GREYS = ("0.15", "0.45", "0.7", "0.9", "0.3", "0.6", "0.8", "0.05", "0.55", "0.9
 _ORDER = ("ours", "plan", "milp", "hdmoe", "cb", "eplb", "ep-lpt", "ep", "tp")
 _LINE_GREYS = ("0.0", "0.4", "0.6", "0.25", "0.5")
 _LOAD_CMAP = "viridis"  # luminance rises monotonically: readable in greyscale
+
+
+def save_figure(fig: Figure, path: str | Path, *, field: str = "out") -> None:
+    """Write ``fig`` to ``path`` atomically (:func:`placement.write_atomic`) in the format its suffix
+    names, at 110 dpi; SVGs carry no date, so the same figure gives the same bytes."""
+    p = Path(path)
+    fmt = p.suffix.lstrip(".").lower()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+    write_atomic(p, buf.getvalue(), field=field)
 
 
 def strategy_order(names: Sequence[str]) -> list[str]:
