@@ -63,6 +63,7 @@ def expect_int(field: str, value: Any, *, minimum: int | None = None) -> int:
     return v
 
 
+MAX_CONTEXT_LEN = 10**8  # KV-cache tokens: ten times the longest context windows of today's models
 MAX_BATCH = 1e9  # tokens per batch: far beyond any decode batch, and well inside float range in every cost
 
 
@@ -92,6 +93,26 @@ def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: 
 def check_seed(seed: Any, field_name: str = "seed") -> int:
     """``seed`` as an int if it is a whole number >= 0 (not a bool), else an InputError."""
     return int(check_real(field_name, seed, minimum=0, integer=True))
+
+
+def expect_instance(field: str, value: Any, kind: type | tuple[type, ...], fix: str = "", *,
+                    optional: bool = False) -> Any:
+    """``value`` if it is an instance of ``kind`` (or None with ``optional``), else an InputError
+    naming ``field`` and the type given."""
+    if (value is None and optional) or isinstance(value, kind):
+        return value
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    want = " or ".join(k.__name__ for k in kinds) + (" or None" if optional else "")
+    raise InputError(field, f"must be {want}, got {type(value).__name__} {value!r:.60}", fix)
+
+
+def expect_path(field: str, value: Any) -> Path:
+    """``value`` as a Path if it is a non-empty str or os.PathLike, else an InputError naming ``field``."""
+    if isinstance(value, Path) or (isinstance(value, str) and value.strip()):
+        return Path(value)
+    if hasattr(value, "__fspath__") and not isinstance(value, bytes):
+        return Path(value)
+    raise InputError(field, f"must be the path of a file, got {value!r:.60}", "give a file name, e.g. 'plan.json'")
 
 
 def expect_str(field: str, value: Any, example: str = "") -> str:

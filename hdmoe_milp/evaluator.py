@@ -39,7 +39,7 @@ from .costs import (
     roofline_s,
     spread_link_loads,
 )
-from .errors import InputError, check_choice, check_seed
+from .errors import MAX_CONTEXT_LEN, InputError, check_choice, check_seed
 from .hardware import Hardware, Mesh
 from .moe import MoEModel
 from .placement import LayerPlacement, Placement
@@ -90,8 +90,9 @@ class EvalOptions:
         check_choice("coalesce", self.coalesce, COALESCE)
         check_choice("replica_rule", self.replica_rule, REPLICA_RULES)
         if isinstance(self.context_len, bool) or not isinstance(self.context_len, (int, np.integer)) \
-                or self.context_len < 0:
-            raise InputError("context_len", f"must be a whole number of tokens >= 0, got {self.context_len!r}")
+                or not 0 <= self.context_len <= MAX_CONTEXT_LEN:
+            raise InputError("context_len", f"must be a whole number of tokens in 0 .. {MAX_CONTEXT_LEN:.0e}, "
+                             f"got {self.context_len!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise InputError("seed", f"must be a whole number >= 0, got {self.seed!r}")
         check_seed(self.seed)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MAX_BATCH, InputError, check_choice, check_file, check_real, expect_str
+from .errors import MAX_BATCH, MAX_CONTEXT_LEN, InputError, check_choice, check_file, check_real, expect_str
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
 from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
 from .moe import MODEL_PRESETS, get_model
@@ -84,7 +84,7 @@ class Settings:
         check_real("synthetic_tokens", self.synthetic_tokens, positive=True, integer=True)
         if not self.trace:
             check_memory("synthetic_tokens", get_model(self.model), self.synthetic_tokens)
-        check_real("context_len", self.context_len, minimum=0, integer=True)
+        check_real("context_len", self.context_len, minimum=0, integer=True, maximum=MAX_CONTEXT_LEN)
         check_real("--hop-latency-ns", self.hop_latency_ns, minimum=0)
         check_real("dram_bw_gbps", self.dram_bw_gbps, positive=True)
         cap = None
@@ -122,6 +122,7 @@ _NUMBERS = {
     ("hardware", "dram_capacity_gb"): ("real", True), ("hardware", "dram_bw_gbps"): ("real", True),
     ("hardware", "hop_latency_ns"): ("real", False),
 }
+_MAXIMA = {("workload", "batch"): MAX_BATCH, ("evaluator", "context_len"): MAX_CONTEXT_LEN}
 _CHOICES = {
     ("model", "preset"): tuple(MODEL_PRESETS), ("hardware", "preset"): tuple(HARDWARE_PRESETS),
     ("workload", "batching"): BATCHING, ("evaluator", "mode"): MODES,
@@ -179,7 +180,8 @@ def read_settings(path: str | Path) -> Settings:
     for (sec, key), (kind, positive) in _NUMBERS.items():
         d = data.get(sec, {})
         if key in d:
-            check_real(f"{where} [{sec}].{key}", d[key], integer=kind == "int", positive=positive, minimum=0)
+            check_real(f"{where} [{sec}].{key}", d[key], integer=kind == "int", positive=positive, minimum=0,
+                       maximum=_MAXIMA.get((sec, key)))
     model = MODEL_PRESETS[m["preset"]]
     if "synthetic_tokens" in wl and "trace" in wl:
         raise InputError(f"{where} [workload].synthetic_tokens", "is given with a trace (it sizes the synthetic trace "

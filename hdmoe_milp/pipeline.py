@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ._version import __version__
 from .costs import fits_capacity
-from .errors import InputError, check_choice, check_seed
+from .errors import InputError, check_choice, check_seed, expect_instance
 from .evaluator import EvalOptions, Evaluation
 from .evaluator import evaluate as score
 from .hardware import HARDWARE_PRESETS
@@ -81,6 +81,10 @@ def _place_all(problem: Problem, names: list[str], seed: int | None, budget: Bud
     return out
 
 
+def _check_problem(problem: Any, *, optional: bool = False) -> None:
+    expect_instance("problem", problem, Problem, "use hm.load_instance(path) or hm.Problem(...)", optional=optional)
+
+
 # --- scoring --------------------------------------------------------------------------------------
 
 
@@ -88,6 +92,10 @@ def evaluate(problem: Problem, plan: str | Placement, *, seed: int | None = None
              options: EvalOptions | None = None) -> Evaluation:
     """Score a strategy (by name, built on ``problem``) or a :class:`Placement` on the problem's
     workload with the shared evaluator (``options``: the problem's unless given)."""
+    _check_problem(problem)
+    expect_instance("plan", plan, (str, Placement), "give a strategy name or a Placement")
+    expect_instance("options", options, EvalOptions, "use hm.EvalOptions(...)", optional=True)
+    expect_instance("budget", budget, Budget, "use hm.Budget(...)", optional=True)
     placement = plan if isinstance(plan, Placement) else place(problem, plan, seed=seed, budget=budget)
     if isinstance(plan, Placement):
         check_plan(placement, problem)
@@ -132,6 +140,9 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
             progress: bool | None = None) -> Comparison:
     """Build every strategy in ``strategies`` (default: the baselines) on ``problem`` and score them,
     plus any ready ``plans``; TP is always scored as the reference."""
+    _check_problem(problem)
+    expect_instance("plans", plans, dict, "give a dict of name -> Placement", optional=True)
+    expect_instance("budget", budget, Budget, "use hm.Budget(...)", optional=True)
     names = list(BASELINES if strategies is None else [strategies] if isinstance(strategies, str) else strategies)
     if not names and not plans:
         raise InputError("strategies", "is empty", "name at least one strategy, or leave it out for the baselines")
@@ -251,10 +262,12 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     improvement (None: the default, 8; 0: use the whole time limit). ``polish``: the evaluator-driven
     local search of each layer's plan (swaps and moves, before and after the model solve and LNS).
     """
+    _check_problem(problem)
     budget = Budget(time_limit_s=time_limit_s, work_limit=work_limit, backend=backend, threads=threads, gap=gap)
     check_choice("executor", executor, EXECUTORS)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+    if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
         raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
+    jobs = int(jobs)
     if not isinstance(baselines, (bool, str, list, tuple)):
         raise InputError("baselines", f"must be True, False, a name or a list of names, got {baselines!r}")
     names: list[str] = (list(BASELINES) if baselines is True else [] if baselines is False
@@ -382,6 +395,7 @@ def check_plan(plan: Placement, problem: Problem) -> None:
 
 def load_plan(path: str | Path, problem: Problem | None = None) -> Placement:
     """Read a plan file; with ``problem``, check that the plan fits it (see :func:`check_plan`)."""
+    _check_problem(problem, optional=True)
     plan = Placement.load(path)
     if problem is not None:
         check_plan(plan, problem)
@@ -408,6 +422,7 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     """Stream ``batches`` batches of ``batch`` tokens from ``trace`` (default: the problem's) under
     an online ``policy`` starting from ``plan``; every batch is scored by the evaluator on its
     observed tokens with the replica rule ``replica_rule``."""
+    _check_problem(problem)
     check_choice("policy", policy, POLICIES)
     if not isinstance(plan, Placement):
         raise InputError("plan", f"must be a Placement, got {type(plan).__name__}",

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .errors import InputError, check_file, expect_int, expect_str, int_vector, real_matrix, real_vector
+from .errors import InputError, check_file, expect_int, expect_path, expect_str, int_vector, real_matrix, real_vector
 
 _TOL = 1e-6
 PLAN_FORMAT = "hdmoe_milp.placement/2"  # /2 adds package_version and the problem/solver record in meta
@@ -31,7 +31,7 @@ def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, fie
     """Write ``text`` (a str, or bytes) to ``path`` through a temporary file in the same folder
     (fsync, then rename), so an interrupted write never leaves a partial file where ``path`` was.
     ``force=False``: refuse (an InputError naming ``field``) to replace an existing file."""
-    p = Path(path)
+    p = expect_path(field, path)
     if not p.parent.is_dir():
         raise InputError(field, f"folder {p.parent} does not exist", "create it or write elsewhere")
     if p.is_dir():
@@ -263,7 +263,12 @@ class Placement:
         """Write the placement as JSON atomically: a temporary file in the same folder, fsync, then
         rename, so an interrupted write never leaves a partial file nor destroys the previous one.
         ``force=False`` refuses to replace an existing file."""
-        write_atomic(path, json.dumps(self.to_dict()), force=force, field=field)
+        try:
+            text = json.dumps(self.to_dict())
+        except (TypeError, ValueError) as exc:  # meta the caller filled with objects JSON cannot hold
+            raise InputError("meta", f"cannot be written as JSON: {exc}",
+                             "keep meta to strings, numbers, lists and dicts") from None
+        write_atomic(path, text, force=force, field=field)
 
     @classmethod
     def load(cls, path: str | Path) -> Placement:

@@ -330,6 +330,7 @@ CASES = {
     "toml-home-number": (_sec("evaluator", "home = 1"), "[evaluator].home"),
     "toml-context-negative": (_sec("evaluator", "context_len = -1"), "[evaluator].context_len"),
     "toml-context-float": (_sec("evaluator", "context_len = 10.5"), "[evaluator].context_len"),
+    "toml-context-huge": (_sec("evaluator", "context_len = 1000000000000"), "[evaluator].context_len"),
     "toml-name-number": (_toml("name = 5\n" + BASE_TOML), "name"),
     "toml-workload-not-table": (_toml('workload = "big"\n' + BASE_TOML), "workload"),
     # --- traces --------------------------------------------------------------------------------------
@@ -705,18 +706,34 @@ def test_capacity_error_names_the_flag_and_the_strategy(capsys):
     assert err.startswith("hdmoe-milp: error: --capacity-gb: the ep-lpt placement does not fit") and "\n" not in err
 
 
-def test_api_type_errors_are_input_errors():
+def test_api_type_errors_are_input_errors(tmp_path):
     """Wrong types through the Python API: one InputError naming the argument, not a TypeError."""
     problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=64).to_problem()
+    plan = hm.place(problem, "tp")
+    saved = tmp_path / "p.json"
+    plan.save(saved)
     for call, field in ((lambda: hm.load_instance(None), "instance"),
                         (lambda: problem.with_(frequencies=[["a"] * 8] * 32), "frequencies"),
                         (lambda: hm.EvalOptions(seed=-1), "seed"),
                         (lambda: hm.solve(problem, layers=[0], baselines=False, deterministic="no"), "deterministic"),
-                        (lambda: hm.compare(problem, []), "strategies")):
+                        (lambda: hm.compare(problem, []), "strategies"),
+                        (lambda: hm.compare(problem, ["tp"], plans=[plan]), "plans"),
+                        (lambda: hm.evaluate(problem, plan, options={"mode": "mesh"}), "options"),
+                        (lambda: hm.evaluate(problem, 5), "plan"),
+                        (lambda: hm.place(problem, "tp", budget=5), "budget"),
+                        (lambda: hm.solve("instances/x.toml"), "problem"),
+                        (lambda: hm.load_plan(saved, "mixtral-8x7b"), "problem"),
+                        (lambda: plan.save(None), "out"),
+                        (lambda: hm.Placement(plan.layers, "x", {"when": object()}).save(tmp_path / "m.json"), "meta"),
+                        (lambda: hm.EvalOptions(context_len=10**12), "context_len")):
         with pytest.raises(InputError) as exc:
             call()
         assert exc.value.field == field
+    assert not (tmp_path / "m.json").exists()
     assert list(hm.compare(problem, "cb").evaluations) == ["cb"]  # one name, not its letters
+    # a numpy integer is a whole number like any other (it used to be refused for jobs only)
+    result = hm.solve(problem, layers=[0], baselines=False, time_limit_s=0.5, jobs=np.int64(1))
+    assert result.solver["jobs"] == 1 and type(result.solver["jobs"]) is int
 
 
 def test_bound_trace_of_a_layer_left_out_of_the_solve_says_so(tmp_path, capsys):

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import check_choice, check_seed
+from ..errors import check_choice, check_seed, expect_instance
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import Placement
@@ -87,6 +87,8 @@ BASELINES: tuple[str, ...] = ("tp", "ep", "ep-lpt", "cb", "eplb", "hdmoe")
 def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budget | None = None) -> Placement:
     """Run the strategy called ``name`` on ``problem`` (seed: the problem's unless given). The
     placement's ``meta`` records the problem it was made for and the strategy's settings."""
+    expect_instance("problem", problem, Problem, "use hm.load_instance(path) or hm.Problem(...)")
+    expect_instance("budget", budget, Budget, "use hm.Budget(...)", optional=True)
     check_choice("strategy", name, tuple(STRATEGIES))
     seed = problem.seed if seed is None else check_seed(seed)
     plan = STRATEGIES[name](problem, seed=seed, budget=budget)
