@@ -185,10 +185,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             out = {**setting, **rows[0], "per_layer": next(iter(cmp.evaluations.values())).per_layer()}
         else:
             out = {**setting, "results": rows}
+        if cmp.over_capacity:
+            out["over_capacity"] = cmp.over_capacity
         print(json.dumps(out, indent=2))
         return 0
     print(" ".join(f"{k}={v}" for k, v in setting.items()))
     print(df.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    if cmp.over_capacity:
+        print(f"left out (they do not fit {problem.hardware.dram_capacity_bytes / 1e9:g} GB per node): "
+              + ", ".join(cmp.over_capacity))
     return 0
 
 

@@ -429,7 +429,7 @@ def _plot(args: argparse.Namespace) -> int:
             fig = rp.fig_placement_map(plan, mesh, args.layer, settings=cap)
         else:
             cmp = pl.compare(problem, ["ep", "hdmoe"], plans={"plan": plan}, progress=False)
-            evs = {n: cmp.evaluations[n] for n in ("ep", "hdmoe", "plan")}
+            evs = {n: cmp.evaluations[n] for n in ("ep", "hdmoe", "plan") if n in cmp.evaluations}
             fig = (rp.fig_node_load(evs, args.layer, settings=cap) if kind == "node-load"
                    else rp.fig_link_load(evs, mesh, args.layer, settings=cap))
     rp.save_figure(fig, out, field="--out")

@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ._version import __version__
-from .costs import fits_capacity
+from .costs import check_capacity, fits_capacity
 from .errors import InputError, check_choice, check_seed, expect_instance
 from .evaluator import EvalOptions, Evaluation
 from .evaluator import evaluate as score
@@ -121,6 +121,7 @@ class Comparison:
     evaluations: dict[str, Evaluation]
     placements: dict[str, Placement] = field(repr=False)
     reference: Evaluation | None = field(default=None, repr=False)
+    over_capacity: dict[str, str] = field(default_factory=dict)  # strategy -> why it does not fit the DRAM
 
     def table(self) -> pd.DataFrame:
         """One row per strategy: TBT and its decomposition (us), node imbalance, speedup vs TP."""
@@ -139,7 +140,9 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
             plans: dict[str, Placement] | None = None, seed: int | None = None, budget: Budget | None = None,
             progress: bool | None = None) -> Comparison:
     """Build every strategy in ``strategies`` (default: the baselines) on ``problem`` and score them,
-    plus any ready ``plans``; TP is always scored as the reference."""
+    plus any ready ``plans``; TP is always scored as the reference. A built strategy whose placement
+    does not fit the nodes' DRAM is left out and listed in ``over_capacity`` (an error if it is the
+    only one); a given plan that does not fit is an error."""
     _check_problem(problem)
     expect_instance("plans", plans, dict, "give a dict of name -> Placement", optional=True)
     expect_instance("budget", budget, Budget, "use hm.Budget(...)", optional=True)
@@ -158,11 +161,24 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
             raise InputError("plans", f"{name!r} must be a Placement, got {type(p).__name__}")
         check_plan(p, problem)
         placements[name] = p
-    placements.update(_place_all(problem, names, seed, budget, progress))
+    built = _place_all(problem, names, seed, budget, progress)
+    # a built strategy that does not fit the DRAM is no plan: it is left out and listed (as in solve),
+    # unless nothing else is left to compare; a plan the caller gave must fit
+    misfit: dict[str, str] = {}
+    for n, p in built.items():
+        try:
+            check_capacity(p, problem.model, problem.hardware)
+        except InputError as exc:
+            misfit[n] = exc.problem
+    if misfit and len(misfit) == len(built) and not placements:
+        n = next(iter(misfit))
+        raise InputError("hardware.dram_capacity_bytes", f"the {n} placement does not fit: {misfit[n]}",
+                         "raise the capacity, use a larger mesh, or a placement with fewer copies")
+    placements.update({n: p for n, p in built.items() if n not in misfit})
     evals = {n: _score_named(n, p, problem, problem.options) for n, p in placements.items()}
     ref = evals.get("tp") or score(place(problem, "tp"), problem.model, problem.hardware, problem.workload,
                                    problem.options)
-    return Comparison(problem, evals, placements, ref)
+    return Comparison(problem, evals, placements, ref, misfit)
 
 
 # --- the offline solve ------------------------------------------------------------------------------

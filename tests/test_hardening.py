@@ -706,6 +706,25 @@ def test_capacity_error_names_the_flag_and_the_strategy(capsys):
     assert err.startswith("hdmoe-milp: error: --capacity-gb: the ep-lpt placement does not fit") and "\n" not in err
 
 
+def test_compare_leaves_out_strategies_over_capacity_and_lists_them(capsys):
+    """Comparing several strategies at a capacity that some do not fit scores the others and lists
+    those left out (it used to fail the whole table); one strategy alone, or a given plan, that does
+    not fit is still an error."""
+    problem = Settings("t", "mixtral-8x7b", "5/50", "4x4", synthetic_tokens=256, dram_capacity_gb=6.0).to_problem()
+    cmp = hm.compare(problem, ["tp", "ep-lpt", "cb"])
+    assert list(cmp.evaluations) == ["tp", "cb"] and list(cmp.over_capacity) == ["ep-lpt"]
+    assert "GB" in cmp.over_capacity["ep-lpt"]
+    with pytest.raises(InputError, match="the ep-lpt placement does not fit"):
+        hm.compare(problem, ["ep-lpt"])
+    big = Settings("t", "mixtral-8x7b", "5/50", "4x4", synthetic_tokens=256).to_problem()
+    with pytest.raises(InputError, match="does not fit"):
+        hm.compare(problem, ["cb"], plans={"mine": hm.place(big, "ep-lpt")})
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "4x4", "--capacity-gb", "6", "--strategy",
+                 "tp,ep-lpt,cb", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in out["results"]] == ["tp", "cb"] and list(out["over_capacity"]) == ["ep-lpt"]
+
+
 def test_api_type_errors_are_input_errors(tmp_path):
     """Wrong types through the Python API: one InputError naming the argument, not a TypeError."""
     problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=64).to_problem()
