@@ -40,6 +40,10 @@ TOL = 1e-12
 # pairs, so its passes are whole; DeepSeek-V3's 256 experts have 32,640 (16-30 s per pass), where
 # the pass rarely finds anything after a long run of failures
 SWAP_PATIENCE = 2000
+# in a layer solve, another swap pass follows an improving one only if that one gained at least this
+# share of the score: the full search made whole 10 s solves of 64-expert models at 10/25 take 126-130 s
+# (the target is 120); with this cut they took 92-111 s and kept most of its gain (formulations/)
+PASS_GAIN = 3e-3
 
 
 class IncrementalScore:
@@ -198,7 +202,7 @@ class IncrementalScore:
 class PolishResult:
     """What :func:`polish` did: the final ``assign [E]`` and its layer time ``score_s`` under the
     incremental score, the start's, the number of evaluations and accepted moves, sweeps, and why it
-    stopped (``local-optimum``, ``swap-patience``, ``sweeps``, ``evaluations``, ``deadline``)."""
+    stopped (``local-optimum``, ``swap-patience``, ``pass-gain``, ``sweeps``, ``evaluations``, ``deadline``)."""
 
     assign: np.ndarray
     score_s: float
@@ -210,8 +214,8 @@ class PolishResult:
 
 
 def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline: float | None = None,
-           max_sweeps: int = 50, max_evals: int | None = None, swap_patience: int | None = SWAP_PATIENCE
-           ) -> PolishResult:
+           max_sweeps: int = 50, max_evals: int | None = None, swap_patience: int | None = SWAP_PATIENCE,
+           min_pass_gain: float = 0.0) -> PolishResult:
     """Local search from ``inc``'s current assignment: moves of one expert to another column that
     ``family [E, nb]`` allows, and swaps of two experts' columns (both allowed).
 
@@ -222,8 +226,10 @@ def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline
     expert counts as one, as does one swap: they cost about the same, 0.3-0.5 ms on a 4x8 layer),
     or at ``deadline`` (``time.perf_counter()`` seconds). A swap pass also ends after
     ``swap_patience`` swaps in a row without improvement (None: never), and the search then ends
-    as at a local optimum (``stop`` says ``swap-patience``). Without a deadline the result depends
-    on the seed and the inputs only.
+    as at a local optimum (``stop`` says ``swap-patience``). With ``min_pass_gain > 0`` the search
+    also ends after a swap pass that improved the score by less than that share (``pass-gain``);
+    with 0 it goes on until a whole pass finds nothing. Without a deadline the result depends on
+    the seed and the inputs only.
     """
     rng = np.random.default_rng(seed)
     fam = np.asarray(family, dtype=bool)
@@ -243,8 +249,6 @@ def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline
             return True
         return deadline is not None and time.perf_counter() >= deadline
 
-    swaps_done = False  # a swap pass since the last improving move
-    cut = False  # the last swap pass ended on swap_patience
     while sweeps < max_sweeps:
         sweeps += 1
         moved = False
@@ -259,12 +263,12 @@ def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline
                 n_acc += 1
                 moved = True
         if moved:  # moves are cheap: repeat them until none improves, then try swaps
-            swaps_done = False
             continue
-        if swaps_done:
-            return result("swap-patience" if cut else "local-optimum")
+        # a swap pass; after one that improved, the swaps it tried before its last improvement may
+        # improve now, so the search goes on (moves, then another pass) until a pass finds nothing
         swapped = False
         stale = 0
+        pass_start = inc.value
         for t in rng.permutation(len(pairs)):
             if swap_patience is not None and stale >= swap_patience:
                 break
@@ -286,6 +290,7 @@ def polish(inc: IncrementalScore, family: np.ndarray, *, seed: int = 0, deadline
         cut = swap_patience is not None and stale >= swap_patience
         if not swapped:
             return result("swap-patience" if cut else "local-optimum")
-        swaps_done = True
+        if min_pass_gain > 0 and inc.value > pass_start * (1 - min_pass_gain):
+            return result("pass-gain")
     return result("sweeps")
 

@@ -28,7 +28,7 @@ from .blocks import layer_patterns
 from .formulation import US, BlockModel, MilpOptions
 from .heuristics import warm_starts
 from .lns import LnsSettings, lns, lns_share
-from .polish import IncrementalScore, polish
+from .polish import PASS_GAIN, IncrementalScore, polish
 
 GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
 RESERVE_S = 0.05  # wall seconds kept back from the solver for decoding and scoring its plan
@@ -406,7 +406,8 @@ class _Polisher:
             self.inc = IncrementalScore(self.bm, lr.experts, lr.weight, assign)
         else:
             self.inc.reset(assign)
-        r = polish(self.inc, self.bm.family, seed=self.seed, deadline=end, max_evals=max_evals)
+        r = polish(self.inc, self.bm.family, seed=self.seed, deadline=end, max_evals=max_evals,
+                   min_pass_gain=PASS_GAIN)
         self.last = r.assign
         if r.score_s >= obj * (1 - 1e-12):
             self.last = np.asarray(assign).copy()
