@@ -164,21 +164,20 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
     built = _place_all(problem, names, seed, budget, progress)
     # a built strategy that does not fit the DRAM is no plan: it is left out and listed (as in solve),
     # unless nothing else is left to compare; a plan the caller gave must fit
-    misfit: dict[str, str] = {}
+    misfit: dict[str, InputError] = {}
     for n, p in built.items():
         try:
             check_capacity(p, problem.model, problem.hardware)
         except InputError as exc:
-            misfit[n] = exc.problem
+            misfit[n] = exc
     if misfit and len(misfit) == len(built) and not placements:
-        n = next(iter(misfit))
-        raise InputError("hardware.dram_capacity_bytes", f"the {n} placement does not fit: {misfit[n]}",
-                         "raise the capacity, use a larger mesh, or a placement with fewer copies")
+        n, exc = next(iter(misfit.items()))
+        raise InputError(exc.field, f"the {n} placement does not fit: {exc.problem}", exc.fix)
     placements.update({n: p for n, p in built.items() if n not in misfit})
     evals = {n: _score_named(n, p, problem, problem.options) for n, p in placements.items()}
     ref = evals.get("tp") or score(place(problem, "tp"), problem.model, problem.hardware, problem.workload,
                                    problem.options)
-    return Comparison(problem, evals, placements, ref, misfit)
+    return Comparison(problem, evals, placements, ref, {n: e.problem for n, e in misfit.items()})
 
 
 # --- the offline solve ------------------------------------------------------------------------------
