@@ -145,6 +145,13 @@ def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
     return replace(s, **over)
 
 
+def _print_left_out(problem: pl.Problem, names: list[str]) -> None:
+    """The line naming the strategies left out because their layout does not fit the nodes' DRAM."""
+    if names:
+        print(f"left out (they do not fit {problem.hardware.dram_capacity_bytes / 1e9:g} GB per node): "
+              + ", ".join(names))
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
     names = None
@@ -191,9 +198,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     print(" ".join(f"{k}={v}" for k, v in setting.items()))
     print(df.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
-    if cmp.over_capacity:
-        print(f"left out (they do not fit {problem.hardware.dram_capacity_bytes / 1e9:g} GB per node): "
-              + ", ".join(cmp.over_capacity))
+    _print_left_out(problem, list(cmp.over_capacity))
     return 0
 
 
@@ -250,9 +255,7 @@ def _solve(args: argparse.Namespace) -> int:
     tb = pd.DataFrame({"strategy": list(tbt), "tbt_us": list(tbt.values())})
     tb["plan_speedup"] = tb["tbt_us"] / tbt["plan"]
     print(tb.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
-    if s.get("baselines_over_capacity"):
-        print(f"left out (they do not fit {problem.hardware.dram_capacity_bytes / 1e9:g} GB per node): "
-              + ", ".join(s["baselines_over_capacity"]))
+    _print_left_out(problem, s.get("baselines_over_capacity", []))
     return done
 
 

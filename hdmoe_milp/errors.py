@@ -106,13 +106,13 @@ def expect_instance(field: str, value: Any, kind: type | tuple[type, ...], fix: 
     raise InputError(field, f"must be {want}, got {type(value).__name__} {value!r:.60}", fix)
 
 
-def expect_path(field: str, value: Any) -> Path:
+def expect_path(field: str, value: Any, fix: str = "give a file name, e.g. 'plan.json'") -> Path:
     """``value`` as a Path if it is a non-empty str or os.PathLike, else an InputError naming ``field``."""
     if isinstance(value, Path) or (isinstance(value, str) and value.strip()):
         return Path(value)
     if hasattr(value, "__fspath__") and not isinstance(value, bytes):
         return Path(value)
-    raise InputError(field, f"must be the path of a file, got {value!r:.60}", "give a file name, e.g. 'plan.json'")
+    raise InputError(field, f"must be the path of a file, got {value!r:.60}", fix)
 
 
 def expect_str(field: str, value: Any, example: str = "") -> str:
@@ -183,9 +183,7 @@ def _vector(field: str, value: Any, as_matrix: Any) -> np.ndarray:
 
 def check_file(field: str, path: str | Path, fix: str) -> Path:
     """``path`` as a Path if it is an existing regular file, else an InputError saying what it is."""
-    if not isinstance(path, (str, Path)) or not str(path).strip():
-        raise InputError(field, f"must be the path of a file, got {path!r}", fix)
-    p = Path(path)
+    p = expect_path(field, path, fix)
     if not p.is_file():
         what = ("is a directory" if p.is_dir() else "is not a regular file" if p.exists() else "file not found")
         raise InputError(field, f"{what}: {p}", fix)

@@ -110,7 +110,12 @@ def _score_named(name: str, placement: Placement, problem: Problem, options: Eva
     except InputError as exc:
         if exc.field != "hardware.dram_capacity_bytes":
             raise
-        raise InputError(exc.field, f"the {name} placement does not fit: {exc.problem}", exc.fix) from None
+        raise _misfit(name, exc) from None
+
+
+def _misfit(name: str, exc: InputError) -> InputError:
+    """A capacity error from :func:`check_capacity` naming the strategy whose placement it is about."""
+    return InputError(exc.field, f"the {name} placement does not fit: {exc.problem}", exc.fix)
 
 
 @dataclass(frozen=True)
@@ -157,8 +162,7 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
     for name, p in (plans or {}).items():
         if name in names:
             raise InputError("plans", f"{name!r} is also a strategy to build", "name the plan differently")
-        if not isinstance(p, Placement):
-            raise InputError("plans", f"{name!r} must be a Placement, got {type(p).__name__}")
+        expect_instance("plans", p, Placement, f"the value of {name!r} must be a Placement")
         check_plan(p, problem)
         placements[name] = p
     built = _place_all(problem, names, seed, budget, progress)
@@ -171,8 +175,7 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
         except InputError as exc:
             misfit[n] = exc
     if misfit and len(misfit) == len(built) and not placements:
-        n, exc = next(iter(misfit.items()))
-        raise InputError(exc.field, f"the {n} placement does not fit: {exc.problem}", exc.fix)
+        raise _misfit(*next(iter(misfit.items())))
     placements.update({n: p for n, p in built.items() if n not in misfit})
     evals = {n: _score_named(n, p, problem, problem.options) for n, p in placements.items()}
     ref = evals.get("tp") or score(place(problem, "tp"), problem.model, problem.hardware, problem.workload,
@@ -439,11 +442,8 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     observed tokens with the replica rule ``replica_rule``."""
     _check_problem(problem)
     check_choice("policy", policy, POLICIES)
-    if not isinstance(plan, Placement):
-        raise InputError("plan", f"must be a Placement, got {type(plan).__name__}",
-                         "use hm.place(problem, name) or hm.load_plan(path, problem)")
-    if trace is not None and not isinstance(trace, Trace):
-        raise InputError("trace", f"must be a Trace, got {type(trace).__name__}", "use hm.load_trace(path, E, k)")
+    expect_instance("plan", plan, Placement, "use hm.place(problem, name) or hm.load_plan(path, problem)")
+    expect_instance("trace", trace, Trace, "use hm.load_trace(path, E, k)", optional=True)
     check_plan(plan, problem)
     tr = trace if trace is not None else problem.trace
     if tr is None:
