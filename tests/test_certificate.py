@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from hdmoe_milp import EvalOptions, Hardware, Mesh, MoEModel, Placement
+from hdmoe_milp.errors import InputError
 from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.solvers import get_backend, lp_bound
 from hdmoe_milp.strategies.block_milp import (
@@ -152,6 +153,32 @@ def test_bound_stage_lifts_the_lp_bound_and_stays_below_the_optimum(backend, cas
         assert f"bound:{backend}" in [p[3] for p in r.trace]
     if m.top_k == 1:
         assert r.status == "optimal" and r.gap <= 1e-4 + 5e-5
+
+
+@pytest.mark.parametrize("emphasis", ["balanced", "bound"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cpsat_bound_emphasis_solves_the_relaxation_to_a_valid_bound(case, emphasis):
+    """CP-SAT on the certificate's relaxation (the bound stage's model) with either emphasis (the
+    stage uses ``bound``: full linearization): solved to optimality on the tiny cases, its bound is
+    at most the evaluator's exhaustive optimum, and both emphases agree (up to CP-SAT's scaling)."""
+    m, hw, tr, delivery, batch = instance(case)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
+    base, _ = layer_baselines(m, hw, f, batch, backend="cpsat", params=SolveParams(), coactivation=groups)
+    bm = family_model(m, hw, f, batch, MilpOptions(delivery=delivery), groups, base)
+    lower = bm.to_linear_lower()
+    params = SolveParams(time_limit_s=20, deterministic=True, gap=0.0, emphasis=emphasis)
+    out = get_backend("cpsat").solve(lower, params)
+    ref = get_backend("cpsat").solve(lower, SolveParams(time_limit_s=20, deterministic=True, gap=0.0))
+    assert out.termination.value == "optimal"
+    us = 1e6  # the model is in microseconds
+    assert out.dual_bound / us <= best_over_family(case) * (1 + 1e-9)
+    assert out.dual_bound == pytest.approx(ref.dual_bound, rel=1e-5)
+    assert out.primal == pytest.approx(ref.primal, rel=1e-5)
+
+
+def test_unknown_emphasis_is_an_input_error():
+    with pytest.raises(InputError, match="emphasis"):
+        SolveParams(emphasis="fast")
 
 
 def test_single_route_rows_lift_the_lp_bound_and_stay_valid():

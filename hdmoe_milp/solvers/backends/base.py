@@ -35,6 +35,9 @@ class Termination(StrEnum):
 Status = Termination  # the name used before the solver layer was split out
 
 
+EMPHASES = ("balanced", "bound")
+
+
 @dataclass(frozen=True)
 class SolveParams:
     """Settings every backend honours.
@@ -50,6 +53,9 @@ class SolveParams:
     on machine load unless that cap binds. CBC and HiGHS ignore it.
     ``hint``: a starting point (one value per variable of the model): a MIP start for CBC, a hint
     for CP-SAT, ignored by HiGHS.
+    ``emphasis``: ``"balanced"`` (default) or ``"bound"``, for solves that are run for their dual
+    bound: CP-SAT then uses its full linearization (``linearization_level = 2``); the other backends
+    ignore it.
     """
 
     time_limit_s: float = 10.0
@@ -60,6 +66,7 @@ class SolveParams:
     deterministic: bool = False
     work_limit: float | None = None
     hint: np.ndarray | None = None
+    emphasis: str = "balanced"
 
     def __post_init__(self) -> None:
         t = self.time_limit_s
@@ -69,6 +76,8 @@ class SolveParams:
         if w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)
                               or w < 0):
             raise InputError("work_limit", f"must be a finite number >= 0, got {w!r}")
+        if self.emphasis not in EMPHASES:
+            raise InputError("emphasis", f"got {self.emphasis!r}", f"use one of: {', '.join(EMPHASES)}")
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,8 @@ class CpSatBackend(Backend):
         p.relative_gap_limit = float(params.gap)
         p.log_search_progress = bool(params.verbose)
         p.cp_model_presolve = self.presolve
+        if params.emphasis == "bound":
+            p.linearization_level = 2
         # CP-SAT's own SIGINT handler would end the search and swallow Ctrl-C; leave the signal to
         # Python, which raises KeyboardInterrupt when Solve returns (at the latest at its limit)
         p.catch_sigint_signal = False

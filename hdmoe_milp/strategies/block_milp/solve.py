@@ -163,6 +163,7 @@ def _baseline_assigns(bm: BlockModel, baselines: dict[str, LayerPlacement]) -> d
 
 BOUND_SHARE = 0.5  # of a monolithic layer's solver budget, for the certificate's relaxation as a MILP
 BOUND_BACKENDS = ("cpsat", "highs", "scip")  # backends that report a bound and take a hint
+BOUND_EMPHASIS = "bound"  # SolveParams.emphasis of the bound stage (measured in formulations/offline_milp.md)
 
 
 def bound_milp_share(backend: str, lns_share: float) -> float:
@@ -276,7 +277,7 @@ def solve_layer(
     remaining = deadline - time.perf_counter() - RESERVE_S
     if b_share > 0 and not proven(obj) and (det or remaining > MIN_SOLVE_S):
         # the certificate's relaxation solved as a MILP: branching lifts the bound above its LP
-        sp = replace(params, hint=bm.lower_vector(bm.canonical(assign), lower))
+        sp = replace(params, hint=bm.lower_vector(bm.canonical(assign), lower), emphasis=BOUND_EMPHASIS)
         if det:  # CP-SAT counts the work share; the others (wall only) get that share of the limit
             sp = replace(sp, work_limit=work * b_share,
                          time_limit_s=params.time_limit_s * (1.0 if backend == "cpsat" else b_share))
