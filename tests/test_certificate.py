@@ -49,18 +49,18 @@ def instance(case: int):
     return m, hw, tr, delivery, float(batch)
 
 
-def exhaustive(m, hw, tr, delivery, batch, options: MilpOptions | None = None) -> float:
-    """The evaluator's best layer time over every assignment of experts to their candidate columns in
-    :func:`solve_layer`'s family (the same baselines, hence patterns; all assignments scored in
-    chunks, as the layers of one placement)."""
+def family_scores(m, hw, tr, delivery, batch, options: MilpOptions | None = None):
+    """Every assignment of experts to their candidate columns in :func:`solve_layer`'s family (the
+    same baselines, hence patterns) and the evaluator's layer time of each (scored in chunks, as the
+    layers of one placement): ``(block model, assigns [n, E], scores [n])``."""
     f, groups = tr.frequencies()[0], tr.coactivation(0)
     opts = dataclasses.replace(options or MilpOptions(), delivery=delivery, symmetry=False)
     base, _ = layer_baselines(m, hw, f, batch, backend="cpsat", params=SolveParams(), coactivation=groups)
     bm = family_model(m, hw, f, batch, opts, groups, base)
     cands = [np.flatnonzero(bm.allowed[i]) for i in range(m.num_experts)]  # the family (no symmetry cut)
-    assigns = [np.array(a) for a in itertools.product(*cands)]
+    assigns = np.array(list(itertools.product(*cands)))
     ids, fg = groups
-    best = np.inf
+    scores = []
     for lo in range(0, len(assigns), 4000):
         chunk = assigns[lo:lo + 4000]
         n = len(chunk)
@@ -68,8 +68,13 @@ def exhaustive(m, hw, tr, delivery, batch, options: MilpOptions | None = None) -
                       "expected")
         plan = Placement(tuple(bm.placement(a) for a in chunk))
         ev = evaluate(plan, dataclasses.replace(m, moe_layers=n), hw, wl, EvalOptions(delivery=delivery))
-        best = min(best, float(ev.layer_s.min()))
-    return best
+        scores.append(np.asarray(ev.layer_s))
+    return bm, assigns, np.concatenate(scores)
+
+
+def exhaustive(m, hw, tr, delivery, batch, options: MilpOptions | None = None) -> float:
+    """The evaluator's best layer time over the family (:func:`family_scores`)."""
+    return float(family_scores(m, hw, tr, delivery, batch, options)[2].min())
 
 
 @functools.cache
@@ -174,6 +179,20 @@ def test_cpsat_bound_emphasis_solves_the_relaxation_to_a_valid_bound(case, empha
     assert out.dual_bound / us <= best_over_family(case) * (1 + 1e-9)
     assert out.dual_bound == pytest.approx(ref.dual_bound, rel=1e-5)
     assert out.primal == pytest.approx(ref.primal, rel=1e-5)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_column_floor_is_below_every_plan_using_the_column(case):
+    """``column_floor_s[i, b]`` (what fixes ``x_ib`` at 0 against an incumbent) is at most the
+    evaluator's time of every plan of the family that puts expert i on column b; with the best plan
+    as the incumbent, the fixed relaxation's LP stays below the exhaustive optimum."""
+    bm, assigns, scores = family_scores(*instance(case))
+    floor = bm.column_floor_s[np.arange(bm.model.num_experts)[None, :], assigns]  # [n, E]
+    assert np.all(floor.max(axis=1) <= scores * (1 + 1e-9))
+    best = float(scores.min())
+    assert lp_bound(bm.to_linear_lower(incumbent_s=best)) / 1e6 <= best * (1 + 1e-9)
+    # and not vacuous: on these cases some plan attains it (within 1 %)
+    assert np.min(scores / floor.max(axis=1)) <= 1.01
 
 
 def test_unknown_emphasis_is_an_input_error():

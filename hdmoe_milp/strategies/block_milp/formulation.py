@@ -330,12 +330,13 @@ class BlockModel:
         self._ix = ix
         return lm
 
-    def add_x(self, mb: ModelBuilder) -> np.ndarray:
+    def add_x(self, mb: ModelBuilder, exclude: np.ndarray | None = None) -> np.ndarray:
         """The binaries ``x_ib``, one per candidate pair of ``family`` (upper bound 0 where symmetry
-        breaking or capacity excludes it): ``[E, nb]`` variable ids, -1 where (i, b) is no candidate."""
+        breaking or capacity excludes it, or ``exclude [E, nb]``): ``[E, nb]`` variable ids, -1 where
+        (i, b) is no candidate."""
         x = np.full(self.family.shape, -1, dtype=np.int64)
-        x[self.family] = mb.add_vars("x", int(self.family.sum()), 0.0, self.allowed[self.family].astype(float),
-                                     integer=True)
+        ok = self.allowed if exclude is None else self.allowed & ~exclude
+        x[self.family] = mb.add_vars("x", int(self.family.sum()), 0.0, ok[self.family].astype(float), integer=True)
         return x
 
     def group_reach(self) -> np.ndarray:
@@ -432,6 +433,18 @@ class BlockModel:
         reads = float(self.a.sum()) * self.unit.weight_bytes / D
         return float(roofline_s(flops, reads, self.hw)) + self.hop_lower_s
 
+    @cached_property
+    def column_floor_s(self) -> np.ndarray:
+        """``[E, nb]``: a lower bound (s) on the default evaluator's layer time of every plan of the
+        family that puts expert i on column b: the busiest node carries at least i's largest shard
+        and at least the mean node (:attr:`area_lower_s`), each phase takes at least i's tokens on
+        the busiest link of b's message (U3), plus the minimum hop terms."""
+        single = np.maximum(self.f[:, None] * self.comp_coef.max(axis=1)[None, :],
+                            self.a[:, None] * self.mem_coef.max(axis=1)[None, :])
+        comp = np.maximum(single, self.area_lower_s - self.hop_lower_s)
+        busiest = self.disp_coef.max(axis=1, initial=0.0) + self.comb_coef.max(axis=1, initial=0.0)
+        return comp + self.f[:, None] * busiest[None, :] + self.hop_lower_s
+
     @property
     def all_groups_rows(self) -> int | None:
         """Rows (U1) needs to track every co-activation group in :meth:`to_linear_lower`, or None
@@ -456,19 +469,24 @@ class BlockModel:
         covered = np.bincount(ids.ravel(), weights=np.repeat(fg, k), minlength=self.model.num_experts)
         return ids, fg, np.clip(self.f - covered, 0.0, None)
 
-    def to_linear_lower(self, lower_rows: int | None = None) -> LinearModel:
+    def to_linear_lower(self, lower_rows: int | None = None, incumbent_s: float | None = None) -> LinearModel:
         """A MILP whose optimum is at most the default evaluator's (``coalesce="node"``) best layer time
         over this family, blocks and patterns (``formulations/offline_milp.md``, "The certificate"):
         compute as in :meth:`to_linear` (exact); a token's union message loads each link at least as
         much as the message to any one of its experts' columns, so a tracked group g adds ``f_g * w_gl`` with
         ``w_gl >= route of expert i on link l`` for every i in g, and every other token adds the mean
-        of its experts' routes (``f_i^rest / k`` per expert); hop terms at the smallest route length."""
+        of its experts' routes (``f_i^rest / k`` per expert); hop terms at the smallest route length.
+
+        ``incumbent_s``: the evaluator's time of a plan of the family; every ``x_ib`` whose
+        :attr:`column_floor_s` exceeds it is fixed at 0 (no plan using that column beats the
+        incumbent), so that ``min(incumbent_s, optimum)`` stays a bound on the family's optimum."""
         E, nb, D = self.model.num_experts, self.blocks.num_blocks, self.hw.num_nodes
         nl, k = self.hw.mesh.num_links, self.model.top_k
         ids, fg, rest = self.lower_groups(lower_rows)
         G = len(fg)
         mb = ModelBuilder()
-        x = self.add_x(mb)
+        exclude = None if incumbent_s is None else self.column_floor_s > incumbent_s * (1 + 1e-9)
+        x = self.add_x(mb, exclude)
         fsum, asum = float(self.f.sum()), float(self.a.sum())
         y = mb.add_vars("y", nb, 0.0, fsum, integer=False)
         z = mb.add_vars("z", nb, 0.0, asum, integer=False)

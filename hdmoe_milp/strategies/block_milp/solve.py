@@ -257,7 +257,7 @@ def solve_layer(
     trace = [(time.perf_counter() - t0, obj, None, source)]
     # the bound first (cheap): a warm start that already meets the gap target ends the layer
     det = params.deterministic
-    lower = bm.to_linear_lower()
+    lower = bm.to_linear_lower(incumbent_s=obj)  # columns that cannot beat the best start are fixed at 0
     bound = lp_bound(lower, time_limit_s=None if det else max(deadline - time.perf_counter(), 0.05))
     # the LP can be cut by the time limit: the area bound (no solve) is always there
     bound = min(max(bm.area_lower_s, -np.inf if bound is None else bound / US), obj)
