@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import cli_report
 from . import pipeline as pl
-from .errors import InputError, as_written, check_file
+from .errors import MAX_HOP_LATENCY_NS, MAX_TIME_LIMIT_S, MAX_WORK_LIMIT, InputError, as_written, check_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,6 +156,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
     names = None
     if not args.plan:
+        if args.strategy is not None and not args.strategy.strip():
+            raise InputError("--strategy", "is empty", "name a strategy, a comma-separated list, or 'all'")
         names = list(pl.BASELINES) if (args.strategy or "all") == "all" else args.strategy.split(",")
         if len(names) > 1 and "all" in names:
             raise InputError("--strategy", f"'all' cannot be listed with other strategies: {args.strategy}",
@@ -329,6 +331,9 @@ _NUMERIC_FLAGS = (
     ("seed", "--seed", 0, False, True), ("lns_patience", "--lns-patience", 0, False, True),
 )
 
+_FLAG_MAXIMA = {"--time-limit": MAX_TIME_LIMIT_S, "--work-limit": MAX_WORK_LIMIT,
+                "--hop-latency-ns": MAX_HOP_LATENCY_NS}
+
 
 def _check_conflicts(args: argparse.Namespace) -> None:
     """Options that cannot go together, rejected before any file is read or strategy built."""
@@ -358,6 +363,9 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise InputError(flag, f"must be {op} {low:g}, got {v:g}", f"give a number {op} {low:g}")
         if integer and v != int(v):
             raise InputError(flag, f"must be a whole number, got {v:g}", "drop the fraction")
+        top = _FLAG_MAXIMA.get(flag)
+        if top is not None and v > top:
+            raise InputError(flag, f"must be <= {top:g}, got {v:g}", f"give a number <= {top:g}")
     if getattr(args, "gap", None) is not None and args.gap >= 1:
         raise InputError("--gap", f"must be below 1, got {args.gap:g}", "a relative gap such as 1e-4")
     _check_conflicts(args)

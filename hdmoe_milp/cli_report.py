@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from . import grid
 from . import pipeline as pl
 from . import report as rp
-from .errors import MAX_BATCH, InputError, as_written, check_choice, check_real
+from .errors import MAX_BATCH, MAX_TIME_LIMIT_S, InputError, as_written, check_choice, check_real
 from .evaluator import DELIVERIES, HOMES, MODES
 from .hardware import HARDWARE_PRESETS, Mesh
 from .moe import MODEL_PRESETS
@@ -106,7 +106,7 @@ _BENCH_FLAGS = {"model": "--models", "models": "--models", "hw": "--hws", "--hw"
 
 def _bench(args: argparse.Namespace) -> int:
     if args.time_limit is not None:
-        check_real("--time-limit", args.time_limit, positive=True)
+        check_real("--time-limit", args.time_limit, positive=True, maximum=MAX_TIME_LIMIT_S)
     check_real("--jobs", args.jobs, minimum=1, integer=True)
     if args.online_batches is not None:
         check_real("--online-batches", args.online_batches, minimum=0, integer=True)

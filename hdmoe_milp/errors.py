@@ -64,6 +64,10 @@ def expect_int(field: str, value: Any, *, minimum: int | None = None) -> int:
 
 
 MAX_CONTEXT_LEN = 10**8  # KV-cache tokens: ten times the longest context windows of today's models
+MAX_TIME_LIMIT_S = 1e6  # seconds per layer (11.6 days): longer limits overflow backends' own timers (SCIP: 1e20)
+MAX_WORK_LIMIT = 1e6  # deterministic seconds per layer, for the same reason
+MAX_HOP_LATENCY_NS = 1e9  # one second per hop: beyond any network on a chip, and keeps every cost finite
+DRAM_BW_GBPS_RANGE = (1e-6, 1e9)  # GB/s per node: outside it the roofline leaves float range or is meaningless
 MAX_BATCH = 1e9  # tokens per batch: far beyond any decode batch, and well inside float range in every cost
 
 

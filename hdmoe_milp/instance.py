@@ -31,7 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MAX_BATCH, MAX_CONTEXT_LEN, InputError, check_choice, check_file, check_real, expect_str
+from .errors import (
+    DRAM_BW_GBPS_RANGE,
+    MAX_BATCH,
+    MAX_CONTEXT_LEN,
+    MAX_HOP_LATENCY_NS,
+    InputError,
+    check_choice,
+    check_file,
+    check_real,
+    expect_str,
+)
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
 from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
 from .moe import MODEL_PRESETS, get_model
@@ -85,8 +95,8 @@ class Settings:
         if not self.trace:
             check_memory("synthetic_tokens", get_model(self.model), self.synthetic_tokens)
         check_real("context_len", self.context_len, minimum=0, integer=True, maximum=MAX_CONTEXT_LEN)
-        check_real("--hop-latency-ns", self.hop_latency_ns, minimum=0)
-        check_real("dram_bw_gbps", self.dram_bw_gbps, positive=True)
+        check_real("--hop-latency-ns", self.hop_latency_ns, minimum=0, maximum=MAX_HOP_LATENCY_NS)
+        check_real("dram_bw_gbps", self.dram_bw_gbps, minimum=DRAM_BW_GBPS_RANGE[0], maximum=DRAM_BW_GBPS_RANGE[1])
         cap = None
         if self.dram_capacity_gb is not None:
             cap = check_real("--capacity-gb", self.dram_capacity_gb, positive=True) * 1e9
@@ -122,7 +132,9 @@ _NUMBERS = {
     ("hardware", "dram_capacity_gb"): ("real", True), ("hardware", "dram_bw_gbps"): ("real", True),
     ("hardware", "hop_latency_ns"): ("real", False),
 }
-_MAXIMA = {("workload", "batch"): MAX_BATCH, ("evaluator", "context_len"): MAX_CONTEXT_LEN}
+_MAXIMA = {("workload", "batch"): MAX_BATCH, ("evaluator", "context_len"): MAX_CONTEXT_LEN,
+           ("hardware", "hop_latency_ns"): MAX_HOP_LATENCY_NS, ("hardware", "dram_bw_gbps"): DRAM_BW_GBPS_RANGE[1]}
+_MINIMA = {("hardware", "dram_bw_gbps"): DRAM_BW_GBPS_RANGE[0], ("workload", "batch"): 1}
 _CHOICES = {
     ("model", "preset"): tuple(MODEL_PRESETS), ("hardware", "preset"): tuple(HARDWARE_PRESETS),
     ("workload", "batching"): BATCHING, ("evaluator", "mode"): MODES,
@@ -180,8 +192,8 @@ def read_settings(path: str | Path) -> Settings:
     for (sec, key), (kind, positive) in _NUMBERS.items():
         d = data.get(sec, {})
         if key in d:
-            check_real(f"{where} [{sec}].{key}", d[key], integer=kind == "int", positive=positive, minimum=0,
-                       maximum=_MAXIMA.get((sec, key)))
+            check_real(f"{where} [{sec}].{key}", d[key], integer=kind == "int", positive=positive,
+                       minimum=_MINIMA.get((sec, key), 0), maximum=_MAXIMA.get((sec, key)))
     model = MODEL_PRESETS[m["preset"]]
     if "synthetic_tokens" in wl and "trace" in wl:
         raise InputError(f"{where} [workload].synthetic_tokens", "is given with a trace (it sizes the synthetic trace "
@@ -189,6 +201,7 @@ def read_settings(path: str | Path) -> Settings:
     if "synthetic_tokens" in wl and "trace" not in wl:
         check_memory(f"{where} [workload].synthetic_tokens", model, wl["synthetic_tokens"])
     if wl.get("batching", "expected") != "expected" and "batch" in wl:
+        check_real(f"{where} [workload].batch", wl["batch"], integer=True)  # sampled batches are whole tokens
         check_memory(f"{where} [workload].batch", model, wl["batch"])
     trace = wl.get("trace")
     if trace is not None:

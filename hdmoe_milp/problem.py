@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .costs import check_model_fits
-from .errors import MAX_BATCH, InputError, check_choice, check_real, check_seed
+from .errors import MAX_BATCH, MAX_TIME_LIMIT_S, MAX_WORK_LIMIT, InputError, check_choice, check_real, check_seed
 from .evaluator import EvalOptions
 from .hardware import HARDWARE_PRESETS, Hardware
 from .moe import MoEModel
@@ -78,9 +78,9 @@ class Budget:
     gap: float = 1e-4
 
     def __post_init__(self) -> None:
-        check_real("time_limit_s", self.time_limit_s, positive=True)
+        check_real("time_limit_s", self.time_limit_s, positive=True, maximum=MAX_TIME_LIMIT_S)
         if self.work_limit is not None:
-            check_real("work_limit", self.work_limit, minimum=0.0)
+            check_real("work_limit", self.work_limit, minimum=0.0, maximum=MAX_WORK_LIMIT)
         check_choice("backend", self.backend, tuple(BACKENDS))
         check_real("threads", self.threads, minimum=1, integer=True)
         g = check_real("gap", self.gap, minimum=0.0)

@@ -41,7 +41,8 @@ class Trace:
         if len(self.layers) == 0:
             raise InputError("trace", "has no layers", "a trace needs at least one MoE layer")
         if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, (int, np.integer)) \
-                or isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1:
+                or isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1 \
+                or self.num_experts < 1:
             raise InputError("trace", f"num_experts and top_k must be whole numbers >= 1, got {self.num_experts!r}, "
                              f"{self.top_k!r}")
         for li, a in enumerate(self.layers):
@@ -103,6 +104,8 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
     file (and the layer).
     """
     p = check_file("trace", path, "give the path of a .json, .json.gz or .npz trace")
+    expect_int("num_experts", num_experts, minimum=1)
+    expect_int("top_k", top_k, minimum=1)
     if max_tokens is not None:
         expect_int("max_tokens", max_tokens, minimum=1)
     name = p.name.split(".")[0]

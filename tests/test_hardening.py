@@ -21,7 +21,7 @@ from hdmoe_milp.cli import main
 from hdmoe_milp.errors import InputError
 from hdmoe_milp.instance import Settings
 from hdmoe_milp.placement import Placement, write_atomic
-from hdmoe_milp.solvers import available_backends
+from hdmoe_milp.solvers import SolveParams, available_backends
 from hdmoe_milp.strategies import STRATEGIES
 
 from .conftest import ROOT
@@ -188,6 +188,13 @@ CASES = {
     "flag-time-limit-nan": (_flags("evaluate", *MX, "--strategy", "hdmoe", "--time-limit", "nan"), "--time-limit"),
     "flag-work-limit-negative": (_flags("evaluate", *MX, "--work-limit", "-1"), "--work-limit"),
     "flag-work-limit-inf": (_flags("evaluate", *MX, "--work-limit", "inf"), "--work-limit"),
+    # limits past any real run (they ran on for ever; SCIP failed on its own range and exited 0)
+    "flag-time-limit-huge": (_flags("evaluate", *MX, "--strategy", "hdmoe", "--time-limit", "1e300"), "--time-limit"),
+    "solve-time-limit-huge": (_flags("solve", *MX, "--backend", "scip", "--time-limit", "1e21"), "--time-limit"),
+    "flag-work-limit-huge": (_flags("evaluate", *MX, "--strategy", "hdmoe", "--work-limit", "1e300"), "--work-limit"),
+    "flag-hop-latency-huge": (_flags("evaluate", *MX, "--hop-latency-ns", "1e300"), "--hop-latency-ns"),
+    "bench-time-limit-huge": (_flags("bench", "--quick", "--out", "b", "--time-limit", "1e300"), "--time-limit"),
+    "flag-strategy-empty": (_flags("evaluate", *MX, "--strategy", ""), "--strategy"),
     "flag-lns-patience-negative": (_flags("solve", *MX, "--lns-patience", "-1"), "--lns-patience"),
     "flag-lns-patience-fraction": (_flags("solve", *MX, "--lns-patience", "2.5"), "--lns-patience"),
     "flag-lns-patience-text": (_flags("solve", *MX, "--lns-patience", "often"), "--lns-patience"),
@@ -307,6 +314,11 @@ CASES = {
     "toml-dram-bw-bool": (_hw("dram_bw_gbps = true"), "[hardware].dram_bw_gbps"),
     "toml-hop-negative": (_hw("hop_latency_ns = -1"), "[hardware].hop_latency_ns"),
     "toml-hop-nan": (_hw("hop_latency_ns = nan"), "[hardware].hop_latency_ns"),
+    "toml-hop-huge": (_hw("hop_latency_ns = 1e300"), "[hardware].hop_latency_ns"),
+    "toml-dram-bw-subnormal": (_hw("dram_bw_gbps = 5e-324"), "[hardware].dram_bw_gbps"),
+    "toml-dram-bw-huge": (_hw("dram_bw_gbps = 1e308"), "[hardware].dram_bw_gbps"),
+    "toml-batch-fraction-sampled": (_sec("workload", 'batch = 12.5\nbatching = "random"'), "[workload].batch"),
+    "toml-batch-below-one": (_sec("workload", "batch = 0.5"), "[workload].batch"),
     "toml-batch-bool": (_sec("workload", "batch = true"), "[workload].batch"),
     "toml-batch-zero": (_sec("workload", "batch = 0"), "[workload].batch"),
     "toml-batch-negative": (_sec("workload", "batch = -8"), "[workload].batch"),
@@ -612,6 +624,19 @@ def test_api_errors_are_typed():
         hm.replay(problem, hm.place(problem, "tp"), policy="static", batches=1, batch=10**9)
     with pytest.raises(InputError, match="mesh"):
         hm.Problem(problem.model, hm.make_hardware("5/50", "3000x3000"), problem.trace)
+    # limits past any real run, and trace sizes that no trace can have, name the argument
+    for kw, field in (({"time_limit_s": 1e300}, "time_limit_s"), ({"work_limit": 1e300}, "work_limit")):
+        with pytest.raises(InputError) as exc:
+            hm.Budget(**kw)
+        assert exc.value.field == field
+        with pytest.raises(InputError) as exc:
+            SolveParams(**kw)
+        assert exc.value.field == field
+    trace_path = ROOT / "instances" / "traces" / "mixtral_reasoning_4k.json.gz"
+    for args, field in (((-1, 2), "num_experts"), ((8, 0), "top_k")):
+        with pytest.raises(InputError) as exc:
+            hm.load_trace(trace_path, *args)
+        assert exc.value.field == field
 
 
 # --- a saved plan is scored on the problem it was made for ------------------------------------------

@@ -11,7 +11,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from ...errors import InputError
+from ...errors import MAX_TIME_LIMIT_S, MAX_WORK_LIMIT, InputError
 from ..linear_model import LinearModel
 
 
@@ -72,10 +72,16 @@ class SolveParams:
         t = self.time_limit_s
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
             raise InputError("time_limit_s", f"must be a finite number of seconds > 0, got {t!r}")
+        if t > MAX_TIME_LIMIT_S:
+            raise InputError("time_limit_s", f"must be <= {MAX_TIME_LIMIT_S:g} s, got {t!r}",
+                             f"give a limit <= {MAX_TIME_LIMIT_S:g} s")
         w = self.work_limit
         if w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)
                               or w < 0):
             raise InputError("work_limit", f"must be a finite number >= 0, got {w!r}")
+        if w is not None and w > MAX_WORK_LIMIT:
+            raise InputError("work_limit", f"must be <= {MAX_WORK_LIMIT:g}, got {w!r}",
+                             f"give a budget <= {MAX_WORK_LIMIT:g}")
         if self.emphasis not in EMPHASES:
             raise InputError("emphasis", f"got {self.emphasis!r}", f"use one of: {', '.join(EMPHASES)}")
 
