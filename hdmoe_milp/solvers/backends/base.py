@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -11,7 +9,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from ...errors import MAX_TIME_LIMIT_S, MAX_WORK_LIMIT, InputError
+from ...errors import MAX_TIME_LIMIT_S, MAX_WORK_LIMIT, check_choice, check_real
 from ..linear_model import LinearModel
 
 
@@ -69,21 +67,10 @@ class SolveParams:
     emphasis: str = "balanced"
 
     def __post_init__(self) -> None:
-        t = self.time_limit_s
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
-            raise InputError("time_limit_s", f"must be a finite number of seconds > 0, got {t!r}")
-        if t > MAX_TIME_LIMIT_S:
-            raise InputError("time_limit_s", f"must be <= {MAX_TIME_LIMIT_S:g} s, got {t!r}",
-                             f"give a limit <= {MAX_TIME_LIMIT_S:g} s")
-        w = self.work_limit
-        if w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)
-                              or w < 0):
-            raise InputError("work_limit", f"must be a finite number >= 0, got {w!r}")
-        if w is not None and w > MAX_WORK_LIMIT:
-            raise InputError("work_limit", f"must be <= {MAX_WORK_LIMIT:g}, got {w!r}",
-                             f"give a budget <= {MAX_WORK_LIMIT:g}")
-        if self.emphasis not in EMPHASES:
-            raise InputError("emphasis", f"got {self.emphasis!r}", f"use one of: {', '.join(EMPHASES)}")
+        check_real("time_limit_s", self.time_limit_s, positive=True, maximum=MAX_TIME_LIMIT_S)
+        if self.work_limit is not None:
+            check_real("work_limit", self.work_limit, minimum=0.0, maximum=MAX_WORK_LIMIT)
+        check_choice("emphasis", self.emphasis, EMPHASES)
 
 
 @dataclass(frozen=True)
