@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                     "stop after this many steps in a row without improvement (default 8; 0: use the whole limit)")
     so.add_argument("--no-polish", action="store_true", help="skip the evaluator-driven local search (swaps and "
                     "moves) of each layer's plan")
+    so.add_argument("--no-branch-and-bound", action="store_true", help="skip the branch and bound over the family "
+                    "on layers with at most 16 experts (the bound stage runs instead)")
 
     rp = sub.add_parser("replay", help="stream a trace batch by batch under online policies")
     common(rp)
@@ -225,7 +227,7 @@ def _solve(args: argparse.Namespace) -> int:
                        progress=args.progress, work_limit=args.work_limit, layers=layers,
                        deterministic=args.deterministic,
                        lns_patience=None if args.lns_patience is None else int(args.lns_patience),
-                       polish=not args.no_polish)
+                       polish=not args.no_polish, branch_and_bound=not args.no_branch_and_bound)
     except InputError as exc:  # name the flag the user wrote, not the keyword it became
         raise as_written(exc, _SOLVE_FLAGS) from None
     if args.out:

@@ -261,11 +261,12 @@ def test_backend_trace(backend):
 
 def test_layer_trace_of_a_real_cpsat_solve(tmp_path):
     from hdmoe_milp.solvers import SolveParams
-    from hdmoe_milp.strategies.block_milp import solve_layer
+    from hdmoe_milp.strategies.block_milp import LnsSettings, solve_layer
 
     m, hw, f, groups = _tiny_layer()
+    # without the branch and bound, which proves this small layer before the model solve
     r = solve_layer(m, hw, f, 32, backend="cpsat", params=SolveParams(time_limit_s=5, gap=1e-6, deterministic=True),
-                    coactivation=groups)
+                    coactivation=groups, lns_settings=LnsSettings(bnb=False))
     tr = r.trace
     times = [p[0] for p in tr]
     assert times == sorted(times) and times[-1] == pytest.approx(r.time_s)

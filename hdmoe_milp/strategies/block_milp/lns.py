@@ -171,7 +171,11 @@ class LnsSettings:
     (at most ``polish_share`` of the wall time then left) and again after them; under a deterministic
     limit each of the two gets ``polish_share`` of the work budget, charged ``polish_eval_cost``
     seconds per evaluation (measured 0.3-0.5 ms for one swap or all of one expert's moves on a 4x8
-    layer), so that its result does not depend on the machine's speed.
+    layer), so that its result does not depend on the machine's speed. ``bnb``: on layers with at
+    most :data:`.bnb.MAX_EXPERTS` experts and co-activation sets, a best-first branch and bound over
+    the family on the evaluator's score (:mod:`.bnb`) takes ``bnb_share`` of the wall time left
+    after the polish (deterministic: of the work budget, at ``bnb_nodes_per_s`` nodes per second)
+    in place of the bound stage; the monolithic solve gets the rest.
     """
 
     free: int = 8
@@ -186,6 +190,9 @@ class LnsSettings:
     polish: bool = True
     polish_share: float = 0.5
     polish_eval_cost: float = 4e-4
+    bnb: bool = True
+    bnb_share: float = 0.8
+    bnb_nodes_per_s: float = 4000.0
 
 
 def lns_share(bm: BlockModel, settings: LnsSettings, backend: str) -> float:

@@ -25,6 +25,9 @@ from ..ep import expert_parallel, expert_parallel_lpt
 from ..hdmoe import WORK_LIMIT, hdmoe_layer
 from ..tp import tensor_parallel
 from .blocks import layer_patterns
+from .bnb import MAX_EXPERTS as BNB_MAX_EXPERTS
+from .bnb import MAX_OPEN as BNB_MAX_OPEN
+from .bnb import branch_and_bound
 from .formulation import US, BlockModel, MilpOptions
 from .heuristics import warm_starts
 from .lns import LnsSettings, lns, lns_share
@@ -272,7 +275,12 @@ def solve_layer(
 
     ls = lns_settings or LnsSettings()
     share = lns_share(bm, ls, backend)
-    b_share = bound_milp_share(backend, share) if bound_share is None else float(min(max(bound_share, 0.0), 1.0))
+    # small layers: branch and bound on the evaluator's score replaces the bound stage
+    use_bnb = ls.bnb and score.workload is not None and model.num_experts <= BNB_MAX_EXPERTS
+    if use_bnb:
+        b_share = 0.0
+    else:
+        b_share = bound_milp_share(backend, share) if bound_share is None else float(min(max(bound_share, 0.0), 1.0))
     work = params.work_limit if params.work_limit is not None else params.time_limit_s  # deterministic budget
     remaining = deadline - time.perf_counter() - RESERVE_S
     if b_share > 0 and not proven(obj) and (det or remaining > MIN_SOLVE_S):
@@ -308,11 +316,34 @@ def solve_layer(
         if (better := pol.run(assign, obj, end, polish_evals)) is not None:
             assign, obj, source = better[0], better[1], f"{source}+polish"
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
+    bnb_note = ""
+    if use_bnb and not proven(obj):
+        inc = pol.inc if pol.inc is not None else IncrementalScore(bm, score.workload.layers[0].experts,
+                                                                   score.workload.layers[0].weight, assign)
+        allowed = bm.allowed & ~(bm.column_floor_s > obj * (1 + 1e-9))  # incumbent fixing, as for the LP
+        share_b = min(max(ls.bnb_share, 0.0), 1.0)
+        if det:
+            br = branch_and_bound(inc, allowed, assign, obj, gap=params.gap, deadline=cap,
+                                  max_nodes=int(share_b * work * ls.bnb_nodes_per_s))
+        else:
+            br = branch_and_bound(inc, allowed, assign, obj, gap=params.gap,
+                                  deadline=time.perf_counter() + share_b * max(cap - time.perf_counter(), 0.0))
+        better = False
+        if br.improved:
+            cobj = score(br.assign)  # the reported number is the evaluator's own
+            if cobj < obj * (1 - 1e-12):
+                assign, obj, source, better = br.assign, cobj, "bnb", True
+        bound = min(max(bound, br.bound_s), obj)
+        trace.append((time.perf_counter() - t0, obj if better else None, bound, "bnb"))
+        why = {"proven": "the gap target was met", "deadline": "the time limit was reached",
+               "nodes": "its node budget was spent", "memory": f"{BNB_MAX_OPEN:,} nodes were open"}[br.stop]
+        bnb_note = f"; branch and bound: {_count(br.nodes, 'node')}, stopped because {why}"
     lm = bm.to_linear()
     remaining = deadline - time.perf_counter() - RESERVE_S
     if proven(obj):
         raw = make_outcome(backend, lm, Termination.OPTIMAL, None, None,
-                           "gap target proven before the model solve (warm starts and bound)")
+                           "gap target proven before the model solve (warm starts and bound"
+                           + (", branch and bound)" if use_bnb else ")"))
     elif not det and remaining <= MIN_SOLVE_S:
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
     elif share >= 1.0:
@@ -365,7 +396,7 @@ def solve_layer(
         time_mode = "deterministic" if backend == "cpsat" else f"wall ({backend} has no deterministic limit)"
     else:
         time_mode = "wall"
-    message = raw.message
+    message = raw.message + bnb_note
     if lres is not None:
         why = {"target": "the gap target was met", "work": "its work budget was spent",
                "deadline": "the time limit was reached", "max_steps": "its step limit was reached",
