@@ -174,8 +174,11 @@ class LnsSettings:
     layer), so that its result does not depend on the machine's speed. ``bnb``: on layers with at
     most :data:`.bnb.MAX_EXPERTS` experts and co-activation sets, a best-first branch and bound over
     the family on the evaluator's score (:mod:`.bnb`) takes ``bnb_share`` of the wall time left
-    after the polish (deterministic: of the work budget, at ``bnb_nodes_per_s`` nodes per second)
-    in place of the bound stage; the monolithic solve gets the rest.
+    after the polish (deterministic: of the work budget, at ``bnb_nodes_per_s`` nodes per second,
+    about this machine's rate) in place of the bound stage; the monolithic solve gets the rest. The
+    default 1.0 leaves the monolithic solve nothing unless the search ends early: measured on
+    Mixtral 4x8 10/25 (32 layers, 10 s, 2 jobs), 32 layers within 1 % (max 0.03 %) against 31
+    (max 1.34 %) with 0.8; in the 0.8 run the model solve improved no layer's plan.
     """
 
     free: int = 8
@@ -191,7 +194,7 @@ class LnsSettings:
     polish_share: float = 0.5
     polish_eval_cost: float = 4e-4
     bnb: bool = True
-    bnb_share: float = 0.8
+    bnb_share: float = 1.0
     bnb_nodes_per_s: float = 4000.0
 
 

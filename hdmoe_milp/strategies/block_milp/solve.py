@@ -277,6 +277,7 @@ def solve_layer(
     share = lns_share(bm, ls, backend)
     # small layers: branch and bound on the evaluator's score replaces the bound stage
     use_bnb = ls.bnb and score.workload is not None and model.num_experts <= BNB_MAX_EXPERTS
+    bnb_frac = min(max(ls.bnb_share, 0.0), 1.0) if use_bnb else 0.0  # of what remains after the polish
     if use_bnb:
         b_share = 0.0
     else:
@@ -321,13 +322,12 @@ def solve_layer(
         inc = pol.inc if pol.inc is not None else IncrementalScore(bm, score.workload.layers[0].experts,
                                                                    score.workload.layers[0].weight, assign)
         allowed = bm.allowed & ~(bm.column_floor_s > obj * (1 + 1e-9))  # incumbent fixing, as for the LP
-        share_b = min(max(ls.bnb_share, 0.0), 1.0)
         if det:
             br = branch_and_bound(inc, allowed, assign, obj, gap=params.gap, deadline=cap,
-                                  max_nodes=int(share_b * work * ls.bnb_nodes_per_s))
+                                  max_nodes=int(bnb_frac * work * ls.bnb_nodes_per_s))
         else:
             br = branch_and_bound(inc, allowed, assign, obj, gap=params.gap,
-                                  deadline=time.perf_counter() + share_b * max(cap - time.perf_counter(), 0.0))
+                                  deadline=time.perf_counter() + bnb_frac * max(cap - time.perf_counter(), 0.0))
         better = False
         if br.improved:
             cobj = score(br.assign)  # the reported number is the evaluator's own
@@ -344,6 +344,8 @@ def solve_layer(
         raw = make_outcome(backend, lm, Termination.OPTIMAL, None, None,
                            "gap target proven before the model solve (warm starts and bound"
                            + (", branch and bound)" if use_bnb else ")"))
+    elif use_bnb and (remaining <= MIN_SOLVE_S if not det else bnb_frac >= 1.0):
+        raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "the branch and bound had the whole budget")
     elif not det and remaining <= MIN_SOLVE_S:
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
     elif share >= 1.0:
@@ -351,9 +353,10 @@ def solve_layer(
     else:
         sp = replace(params, hint=bm.full_vector(bm.canonical(ws), lm))  # a hint symmetry breaking allows
         if det:
-            sp = replace(sp, work_limit=work * (1 - share - b_share)) if share + b_share > 0 else sp
-            if backend != "cpsat" and b_share > 0:  # wall only: the bound stage had its share of the limit
-                sp = replace(sp, time_limit_s=params.time_limit_s * (1 - b_share))
+            spent = share + b_share + bnb_frac
+            sp = replace(sp, work_limit=work * (1 - spent)) if spent > 0 else sp
+            if backend != "cpsat" and b_share + bnb_frac > 0:  # wall only: the earlier stage had its share
+                sp = replace(sp, time_limit_s=params.time_limit_s * (1 - b_share - bnb_frac))
         else:  # wall seconds: the solver gets what remains of the layer's limit (less LNS's share)
             sp = replace(sp, time_limit_s=remaining * (1 - share))
         t_solve = time.perf_counter() - t0
