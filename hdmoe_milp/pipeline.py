@@ -281,7 +281,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     improvement (None: the default, 8; 0: use the whole time limit). ``polish``: the evaluator-driven
     local search of each layer's plan (swaps and moves, before and after the model solve and LNS).
     ``branch_and_bound``: on layers with at most 16 experts (Mixtral), a best-first branch and bound
-    over the family on the evaluator's score takes most of the layer's time after the polish, in
+    over the family on the evaluator's score takes the layer's time left after the polish, in
     place of the bound stage (it proves Mixtral 4x8 layers within 1 % in seconds; see
     ``formulations/offline_milp.md``).
     """

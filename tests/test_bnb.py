@@ -140,3 +140,13 @@ def test_layer_solve_with_and_without_branch_and_bound(case):
         assert "branch and bound" in on.message
     again = solve_layer(m, hw, f, batch, **kw)  # deterministic: a node budget, not the wall clock
     assert np.array_equal(again.assign, on.assign) and again.bound_s == on.bound_s
+
+
+def test_an_expert_without_columns_leaves_the_incumbent_as_the_bound():
+    m, hw, tr, delivery, batch = instance(0)
+    bm, assigns, scores = family_scores(m, hw, tr, delivery, batch)
+    inc = scorer(bm, tr, batch)
+    allowed = bm.allowed.copy()
+    allowed[1] = False  # e.g. every column of expert 1 fixed out by the incumbent
+    r = branch_and_bound(inc, allowed, assigns[0], float(scores[0]))
+    assert r.bound_s == r.score_s == float(scores[0]) and not r.improved and r.nodes == 0

@@ -160,6 +160,8 @@ def branch_and_bound(inc: IncrementalScore, allowed: np.ndarray, incumbent: np.n
     order = np.argsort(-inc.flops_e, kind="stable")
     s = _Search(inc, allowed, order)
     best_s, best = float(incumbent_s), np.asarray(incumbent).copy()
+    if any(len(c) == 0 for c in s.cols):  # some expert has no column left: no plan here beats the incumbent
+        return BnbResult(best, best_s, best_s, 0, "proven", False)
     improved = False
     heap: list[tuple[float, int, tuple[int, ...], tuple[np.ndarray, np.ndarray] | None]] = [(0.0, 0, (), None)]
     count, nodes = 1, 0

@@ -226,6 +226,12 @@ def solve_layer(
     deterministic: a work share, counted in evaluations) and again after the model solve and LNS if
     they changed it.
 
+    Branch and bound (:mod:`.bnb`, ``lns_settings.bnb``): on layers with at most
+    :data:`.bnb.MAX_EXPERTS` experts and co-activation sets, a best-first search over the family
+    on the evaluator's own score replaces the bound stage, after the polish, with
+    ``lns_settings.bnb_share`` of what remains (deterministic: a node budget); its bound replaces
+    the LP's when higher and its plan is kept when better. The model solve gets what is left.
+
     LNS (:mod:`.lns`, ``lns_settings``): on layers with more experts than one neighbourhood frees
     (CP-SAT only), a share (:func:`.lns.lns_share`) of the solver's budget goes to fix-and-optimize
     from the best plan after the monolithic solve (wall: what remains of the limit; deterministic: that
