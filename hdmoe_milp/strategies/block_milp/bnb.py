@@ -49,7 +49,7 @@ class BnbResult:
     the search found none better), ``score_s`` its score, ``bound_s`` a lower bound (s) on the best
     score over the columns searched (at most ``score_s``), ``nodes`` expanded, ``stop``:
     ``proven`` (the gap target is met), ``deadline``, ``nodes`` (node budget) or ``memory``
-    (:data:`MAX_OPEN` open nodes)."""
+    (:data:`MAX_OPEN` open nodes); ``improved``: whether it found a plan better than the incumbent."""
 
     assign: np.ndarray
     score_s: float
