@@ -445,6 +445,12 @@ class BlockModel:
         busiest = self.disp_coef.max(axis=1, initial=0.0) + self.comb_coef.max(axis=1, initial=0.0)
         return comp + self.f[:, None] * busiest[None, :] + self.hop_lower_s
 
+    def beaten_columns(self, incumbent_s: float) -> np.ndarray:
+        """``[E, nb]`` bool: the pairs (i, b) whose :attr:`column_floor_s` exceeds ``incumbent_s``
+        (the evaluator's time of a plan of the family): no plan using them beats that plan, so a
+        bound over the rest, capped at ``incumbent_s``, is a bound on the family's optimum."""
+        return self.column_floor_s > incumbent_s * (1 + 1e-9)
+
     @property
     def all_groups_rows(self) -> int | None:
         """Rows (U1) needs to track every co-activation group in :meth:`to_linear_lower`, or None
@@ -485,7 +491,7 @@ class BlockModel:
         ids, fg, rest = self.lower_groups(lower_rows)
         G = len(fg)
         mb = ModelBuilder()
-        exclude = None if incumbent_s is None else self.column_floor_s > incumbent_s * (1 + 1e-9)
+        exclude = None if incumbent_s is None else self.beaten_columns(incumbent_s)
         x = self.add_x(mb, exclude)
         fsum, asum = float(self.f.sum()), float(self.a.sum())
         y = mb.add_vars("y", nb, 0.0, fsum, integer=False)

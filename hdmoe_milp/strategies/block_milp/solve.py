@@ -325,9 +325,8 @@ def solve_layer(
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
     bnb_note = ""
     if use_bnb and not proven(obj):
-        inc = pol.inc if pol.inc is not None else IncrementalScore(bm, score.workload.layers[0].experts,
-                                                                   score.workload.layers[0].weight, assign)
-        allowed = bm.allowed & ~(bm.column_floor_s > obj * (1 + 1e-9))  # incumbent fixing, as for the LP
+        inc = pol.incremental(assign)
+        allowed = bm.allowed & ~bm.beaten_columns(obj)  # incumbent fixing, as for the LP
         if det:
             br = branch_and_bound(inc, allowed, assign, obj, gap=params.gap, deadline=cap,
                                   max_nodes=int(bnb_frac * work * ls.bnb_nodes_per_s))
@@ -438,16 +437,21 @@ class _Polisher:
     def changed(self, assign: np.ndarray) -> bool:
         return self.on and self.last is not None and not np.array_equal(assign, self.last)
 
+    def incremental(self, assign: np.ndarray) -> IncrementalScore:
+        """The layer's :class:`IncrementalScore` (built once; the scorer must have a workload), set
+        to ``assign``."""
+        if self.inc is None:
+            lr = self.score.workload.layers[0]
+            self.inc = IncrementalScore(self.bm, lr.experts, lr.weight, assign)
+        else:
+            self.inc.reset(assign)
+        return self.inc
+
     def run(self, assign: np.ndarray, obj: float, end: float,
             max_evals: int | None = None) -> tuple[np.ndarray, float] | None:
         if not self.on or time.perf_counter() >= end:
             return None
-        lr = self.score.workload.layers[0]
-        if self.inc is None:
-            self.inc = IncrementalScore(self.bm, lr.experts, lr.weight, assign)
-        else:
-            self.inc.reset(assign)
-        r = polish(self.inc, self.bm.family, seed=self.seed, deadline=end, max_evals=max_evals,
+        r = polish(self.incremental(assign), self.bm.family, seed=self.seed, deadline=end, max_evals=max_evals,
                    min_pass_gain=PASS_GAIN)
         self.last = r.assign
         if r.score_s >= obj * (1 - 1e-12):
