@@ -19,7 +19,15 @@ import pandas as pd
 
 from . import cli_report
 from . import pipeline as pl
-from .errors import MAX_HOP_LATENCY_NS, MAX_TIME_LIMIT_S, MAX_WORK_LIMIT, InputError, as_written, check_file
+from .errors import (
+    MAX_HOP_LATENCY_NS,
+    MAX_TIME_LIMIT_S,
+    MAX_WORK_LIMIT,
+    InputError,
+    as_written,
+    check_file,
+    check_seed,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -229,7 +237,9 @@ def _solve(args: argparse.Namespace) -> int:
                        lns_patience=None if args.lns_patience is None else int(args.lns_patience),
                        polish=not args.no_polish, branch_and_bound=not args.no_branch_and_bound)
     except InputError as exc:  # name the flag the user wrote, not the keyword it became
-        raise as_written(exc, _SOLVE_FLAGS) from None
+        mesh = ("--mesh" if args.mesh is not None or not args.instance
+                else f"instance {Path(args.instance).name} [hardware].mesh")
+        raise as_written(exc, {**_SOLVE_FLAGS, "mesh": mesh}) from None
     if args.out:
         res.save(args.out)
     layers = []
@@ -357,6 +367,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     for attr, flag, low, strict, integer in _NUMERIC_FLAGS:
         v = getattr(args, attr, None)
         if v is None:
+            continue
+        if attr == "seed":  # an int from argparse: checked exactly (a float rounds above 2**53)
+            check_seed(v, flag)
             continue
         if v != v or v in (float("inf"), -float("inf")):
             raise InputError(flag, f"must be finite, got {v}", "give a finite number")

@@ -175,17 +175,27 @@ _CSV_NEEDS = {
 
 def _read_csv(path: Path, kind: str) -> pd.DataFrame:
     """The table ``path`` with the columns the ``kind`` figure reads; an InputError naming the file
-    otherwise."""
+    and the first bad row otherwise: a missing column, a blank name, a value that is not a finite
+    number (or not > 0, or negative, where the column cannot be), a row that repeats another's key."""
     name, needs = _CSV_NEEDS[kind]
+    fix = f"give the {name} that bench wrote"
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError("file", f"{path} is not a CSV table ({type(exc).__name__})",
-                         f"give the {name} that bench wrote") from None
+        raise InputError("file", f"{path} is not a CSV table ({type(exc).__name__})", fix) from None
     missing = [c for c in needs if c not in df.columns]
     if missing:
-        raise InputError("file", f"{path} has no column {', '.join(missing)}, which the {kind} figure needs",
-                         f"give the {name} that bench wrote")
+        raise InputError("file", f"{path} has no column {', '.join(missing)}, which the {kind} figure needs", fix)
+
+    def bad_row(mask: pd.Series, c: str, need: str) -> None:
+        if mask.any():
+            row = int(np.flatnonzero(mask.to_numpy())[0])
+            raise InputError("file", f"{path} row {row + 2}: column {c} is '{df[c].iloc[row]}', not {need}", fix)
+
+    for c in (*needs, "part"):
+        if c in df.columns and c not in _NUMERIC:  # names: every row has one
+            bad_row(df[c].isna() | (df[c].astype(str).str.strip() == ""), c, "a name")
+    positive = _POSITIVE | ({"batch"} if name == "results.csv" else set())  # online.csv's batch is an index
     for c in needs:
         if c not in _NUMERIC:
             continue
@@ -193,21 +203,26 @@ def _read_csv(path: Path, kind: str) -> pd.DataFrame:
         bad = (v.isna() & df[c].notna()) | (~np.isfinite(v) & v.notna())
         if c in _REQUIRED:  # some rows have no decomposition or gap (NaN); every row has these
             bad |= v.isna()
-        if c in _POSITIVE:
-            bad |= v <= 0
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            need = "a number > 0" if c in _POSITIVE else "a finite number"
-            raise InputError("file", f"{path} row {row + 2}: column {c} is '{df[c].iloc[row]}', not {need}",
-                             f"give the {name} that bench wrote")
+        bad_row(bad, c, "a finite number")
+        if c in positive:
+            bad_row(v <= 0, c, "a number > 0")
+        else:
+            bad_row(v < 0, c, "a number >= 0")
         df[c] = v
+    key = [c for c in _KEYS if c in df.columns]
+    dup = df.duplicated(subset=key, keep="first")
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise InputError("file", f"{path} row {row + 2} repeats the {', '.join(key)} of an earlier row", fix)
     return df
 
 
 _NUMERIC = {"batch", "tbt_us", "moe_compute_us", "dispatch_us", "combine_us", "non_moe_us", "layer", "gap", "time_s",
             "latency_us", "actions"}
-_REQUIRED = {"batch", "tbt_us"}  # (online.csv's batch is the batch's index, from 0)
+_REQUIRED = {"batch", "tbt_us", "latency_us", "layer", "time_s"}  # (online.csv's batch is the batch's index, from 0)
 _POSITIVE = {"tbt_us"}
+# what makes a row of bench's tables unique (those of these columns the table has)
+_KEYS = ("model", "hw", "mesh", "mode", "batch", "part", "strategy", "policy", "layer", "solve_batch")
 
 
 def _filter(df: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
@@ -375,6 +390,46 @@ def _bound_trace(path: Path, layer: int) -> Any:
     return rp.fig_bound_trace(points, layer=layer, settings=cap + " (times: wall)")
 
 
+def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespace) -> Figure:
+    """The ``kind`` figure of a checked bench table ``df`` (read from ``path``)."""
+    if kind == "ablation":
+        try:
+            return rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
+        except ValueError as exc:  # the table lacks the rows the figure compares
+            raise InputError("file", f"{path}: {exc}", "give the results.csv that bench wrote") from None
+    if kind in ("tbt", "decomposition"):
+        df = df[df["part"] == "static"] if "part" in df.columns else df
+        if kind == "tbt":
+            if args.mesh is None:  # the figure shows one mesh: the first, unless --mesh says which
+                df = df[df["mesh"] == sorted(df["mesh"].astype(str).unique())[0]]
+            b = _at_batch(df, args.batch)
+            if "tp" not in set(df.loc[df["batch"] == b, "strategy"]):
+                raise InputError("file", f"{path} has no tp rows at batch {b:g}, and the tbt figure is normalised "
+                                 "to TP", "give the results.csv that bench wrote")
+            return rp.fig_tbt_normalised(df, batch=b, mesh=args.mesh)
+        b = _at_batch(df, args.batch)
+        d = df[(df["batch"] == b) & (df["model"] == _first(df, "model")) & (df["hw"] == _first(df, "hw"))
+               & (df["mesh"] == _first(df, "mesh"))]
+        parts = ["moe_compute_us", "dispatch_us", "combine_us", "non_moe_us"]
+        gone = d[parts].isna().any(axis=1)
+        if gone.any():
+            row = d.index[int(np.flatnonzero(gone.to_numpy())[0])]
+            raise InputError("file", f"{path} row {row + 2}: the {d.loc[row, 'strategy']} row has no time "
+                             "decomposition (" + ", ".join(parts) + ")", "give the results.csv that bench wrote")
+        return rp.fig_decomposition(d)
+    if kind == "solver":
+        d = df[(df["model"] == _first(df, "model")) & (df["hw"] == _first(df, "hw"))
+               & (df["mesh"] == _first(df, "mesh"))] if "model" in df.columns else df
+        return rp.fig_solver(d, settings=rp.caption(model=_first(d, "model"), mesh=_first(d, "mesh"),
+                                                    hw=_first(d, "hw"), mode=_first(d, "mode")))
+    if kind == "online":
+        key = {c: _first(df, c) for c in ("model", "hw", "mesh")}
+        d = df[(df[list(key)] == pd.Series(key)).all(axis=1)] if "model" in df.columns else df
+        return rp.fig_online({p: g for p, g in d.groupby("policy", sort=False)},
+                             settings=rp.caption(**key, mode=_first(d, "mode")))
+    raise ValueError(f"not a table figure: {kind}")
+
+
 def _plot(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
@@ -386,38 +441,23 @@ def _plot(args: argparse.Namespace) -> int:
     _check_figure_out(out, args.force)
     if kind in _CSV_NEEDS:
         df = _filter(_read_csv(path, kind), args)
-    if kind == "ablation":
+        if kind in ("tbt", "decomposition", "ablation") and "part" in df.columns:
+            if not (df["part"] == "static").any():
+                raise InputError("file", f"{path} has no rows with part 'static', which the {kind} figure draws",
+                                 "give the results.csv that bench wrote")
         try:
-            fig = rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
-        except ValueError as exc:  # the table lacks the rows the figure compares
-            raise InputError("file", f"{path}: {exc}", "give the results.csv that bench wrote") from None
-    elif kind == "bound-trace":
+            fig = _csv_figure(kind, df, path, args)
+        except InputError:
+            raise
+        except (ValueError, KeyError, IndexError, TypeError) as exc:  # a table edited into a shape no figure has
+            raise InputError("file", f"{path}: cannot draw the {kind} figure from this table "
+                             f"({type(exc).__name__}: {exc})",
+                             f"give the {_CSV_NEEDS[kind][0]} that bench wrote") from None
+        rp.save_figure(fig, out, field="--out")
+        print(f"wrote {out}", file=sys.stdout)
+        return 0
+    if kind == "bound-trace":
         fig = _bound_trace(path, args.layer)
-    elif kind in ("tbt", "decomposition"):
-        df = df[df["part"] == "static"] if "part" in df.columns else df
-        if kind == "tbt":
-            if args.mesh is None:  # the figure shows one mesh: the first, unless --mesh says which
-                df = df[df["mesh"] == sorted(df["mesh"].astype(str).unique())[0]]
-            b = _at_batch(df, args.batch)
-            if "tp" not in set(df.loc[df["batch"] == b, "strategy"]):
-                raise InputError("file", f"{path} has no tp rows at batch {b:g}, and the tbt figure is normalised "
-                                 "to TP", "give the results.csv that bench wrote")
-            fig = rp.fig_tbt_normalised(df, batch=b, mesh=args.mesh)
-        else:
-            b = _at_batch(df, args.batch)
-            d = df[(df["batch"] == b) & (df["model"] == _first(df, "model")) & (df["hw"] == _first(df, "hw"))
-                   & (df["mesh"] == _first(df, "mesh"))]
-            fig = rp.fig_decomposition(d)
-    elif kind == "solver":
-        d = df[(df["model"] == _first(df, "model")) & (df["hw"] == _first(df, "hw"))
-               & (df["mesh"] == _first(df, "mesh"))] if "model" in df.columns else df
-        fig = rp.fig_solver(d, settings=rp.caption(model=_first(d, "model"), mesh=_first(d, "mesh"),
-                                                   hw=_first(d, "hw"), mode=_first(d, "mode")))
-    elif kind == "online":
-        key = {c: _first(df, c) for c in ("model", "hw", "mesh")}
-        d = df[(df[list(key)] == pd.Series(key)).all(axis=1)] if "model" in df.columns else df
-        fig = rp.fig_online({p: g for p, g in d.groupby("policy", sort=False)},
-                            settings=rp.caption(**key, mode=_first(d, "mode")))
     else:
         problem, plan, mesh = _plan_problem(path)
         desc = problem.describe()

@@ -94,9 +94,29 @@ def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: 
     return v
 
 
+MAX_SEED = 2**63 - 1  # numpy, CP-SAT (reduced to its 31 bits) and every derived seed take it exactly
+
+
 def check_seed(seed: Any, field_name: str = "seed") -> int:
-    """``seed`` as an int if it is a whole number >= 0 (not a bool), else an InputError."""
-    return int(check_real(field_name, seed, minimum=0, integer=True))
+    """``seed`` as an int if it is a whole number in 0..:data:`MAX_SEED` (not a bool), else an
+    InputError. Integers are taken exactly (never through a float, which rounds above 2**53); a float
+    is accepted only where it is whole and exact."""
+    fix = f"give a whole number in 0..{MAX_SEED}"
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Real):
+        raise InputError(field_name, f"must be a whole number, got {seed!r:.60}", fix)
+    if isinstance(seed, numbers.Integral):
+        v = int(seed)
+    else:
+        f = float(seed)
+        if not np.isfinite(f) or f != int(f):
+            raise InputError(field_name, f"must be a whole number, got {seed!r}", fix)
+        if abs(f) > 2**53:
+            raise InputError(field_name, f"{seed!r} is a float, which cannot hold every whole number this large",
+                             "write the seed as an integer (digits only, no exponent or decimal point)")
+        v = int(f)
+    if not 0 <= v <= MAX_SEED:
+        raise InputError(field_name, f"is out of range, got {v}", fix)
+    return v
 
 
 def expect_instance(field: str, value: Any, kind: type | tuple[type, ...], fix: str = "", *,

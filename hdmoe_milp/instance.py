@@ -40,6 +40,7 @@ from .errors import (
     check_choice,
     check_file,
     check_real,
+    check_seed,
     expect_str,
 )
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
@@ -90,7 +91,7 @@ class Settings:
         check_choice("--mode", self.mode, MODES)
         check_choice("--batching", self.batching, BATCHING)
         check_real("--batch", self.batch, minimum=1, maximum=MAX_BATCH, integer=self.batching != "expected")
-        check_real("--seed", self.seed, minimum=0, integer=True)
+        check_seed(self.seed, "--seed")
         check_real("synthetic_tokens", self.synthetic_tokens, positive=True, integer=True)
         if not self.trace:
             check_memory("synthetic_tokens", get_model(self.model), self.synthetic_tokens)
@@ -191,7 +192,9 @@ def read_settings(path: str | Path) -> Settings:
     check_mesh_memory(f"{where} [hardware].mesh", MODEL_PRESETS[m["preset"]], parsed.rows, parsed.cols)
     for (sec, key), (kind, positive) in _NUMBERS.items():
         d = data.get(sec, {})
-        if key in d:
+        if (sec, key) == ("workload", "seed") and key in d:
+            check_seed(d[key], f"{where} [workload].seed")
+        elif key in d:
             check_real(f"{where} [{sec}].{key}", d[key], integer=kind == "int", positive=positive,
                        minimum=_MINIMA.get((sec, key), 0), maximum=_MAXIMA.get((sec, key)))
     model = MODEL_PRESETS[m["preset"]]

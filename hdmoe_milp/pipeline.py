@@ -40,6 +40,7 @@ from .solvers.tasks import TasksInterrupted, run_tasks
 from .strategies import BASELINES, STRATEGIES, place
 from .strategies.block_milp import (
     EXECUTORS,
+    MAX_MESH_NODES,
     LayerSolveResult,
     LnsSettings,
     MilpOptions,
@@ -287,6 +288,11 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     """
     _check_problem(problem)
     budget = Budget(time_limit_s=time_limit_s, work_limit=work_limit, backend=backend, threads=threads, gap=gap)
+    if problem.hardware.num_nodes > MAX_MESH_NODES:
+        raise InputError("mesh", f"{problem.mesh_name} has {problem.hardware.num_nodes} nodes; the MILP solve builds "
+                         f"its block family for meshes of at most {MAX_MESH_NODES} nodes (16x16)",
+                         "use a mesh of at most 256 nodes, or score the baselines on this mesh with "
+                         "`hdmoe-milp evaluate --strategy all`")
     check_choice("executor", executor, EXECUTORS)
     if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
         raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")

@@ -130,6 +130,16 @@ def _edit_results(column: str, value: str) -> bytes:
     return "\n".join([lines[0], ",".join(row), *lines[2:]]).encode() + b"\n"
 
 
+def _blank_column(column: str) -> bytes:
+    """docs/results/results.csv with ``column`` empty in every row."""
+    lines = _RESULTS.decode().splitlines()
+    col = lines[0].split(",").index(column)
+    rows = [ln.split(",") for ln in lines[1:]]
+    for r in rows:
+        r[col] = ""
+    return "\n".join([lines[0], *[",".join(r) for r in rows]]).encode() + b"\n"
+
+
 def _only_tp() -> bytes:
     lines = _RESULTS.decode().splitlines()
     col = lines[0].split(",").index("strategy")
@@ -175,6 +185,14 @@ CASES = {
     "flag-seed-negative": (_flags("evaluate", *MX, "--seed", "-1"), "--seed"),
     "flag-seed-float": (_flags("evaluate", *MX, "--seed", "1.5"), "--seed"),
     "flag-seed-text": (_flags("evaluate", *MX, "--seed", "abc"), "--seed"),
+    # 2**63 - 1 is the largest seed; it once came back as 2**63 through a float and failed downstream
+    "flag-seed-too-large": (_flags("solve", *MX, "--no-baselines", "--seed", str(2**63)), "--seed"),
+    "toml-seed-float-huge": (_toml(BASE_TOML + "\n[workload]\nseed = 1e300\n"), "[workload].seed"),
+    # the block family of a 32x32 mesh takes minutes per layer before any search: refused up front
+    "solve-mesh-too-large": (_flags("solve", "--model", "mixtral-8x7b", "--mesh", "32x32", "--no-baselines"),
+                             "--mesh"),
+    "solve-toml-mesh-too-large": (lambda d: ["solve", "--instance", _toml(BASE_TOML.replace('"2x2"', '"32x32"'))(d)[2],
+                                             "--no-baselines"], "[hardware].mesh"),
     "flag-batch-zero": (_flags("evaluate", *MX, "--batch", "0"), "--batch"),
     "flag-batch-negative": (_flags("evaluate", *MX, "--batch", "-4"), "--batch"),
     "flag-batch-nan": (_flags("evaluate", *MX, "--batch", "nan"), "--batch"),
@@ -235,6 +253,19 @@ CASES = {
     "plot-csv-tbt-zero": (_plot_csv(_edit_results("tbt_us", "0")), "file"),
     "plot-csv-ablation-tp-only": (_plot_csv(_only_tp(), kind="ablation"), "file"),
     "plot-csv-solver-gap-text": (_plot_csv(b"layer,gap,time_s\n0,x,1.0\n", kind="solver"), "file"),
+    # tables a figure once drew wrongly or crashed on: repeated rows, no static part, a blank name, impossible values
+    "plot-csv-repeated-rows": (_plot_csv(_RESULTS + b"\n".join(_RESULTS.splitlines()[1:3]) + b"\n",
+                                         kind="decomposition"), "repeats"),
+    "plot-csv-no-static-part": (_plot_csv(_RESULTS.replace(b",static,", b",online,"), kind="ablation"), "static"),
+    "plot-csv-blank-mesh": (_plot_csv(_edit_results("mesh", "")), "mesh"),
+    "plot-csv-batch-zero": (_plot_csv(_edit_results("batch", "0")), "batch"),
+    "plot-csv-compute-negative": (_plot_csv(_edit_results("moe_compute_us", "-1"), kind="decomposition"),
+                                  "moe_compute_us"),
+    "plot-csv-decomposition-missing": (_plot_csv(_blank_column("dispatch_us"), kind="decomposition"),
+                                       "decomposition"),
+    "plot-csv-solver-time-negative": (_plot_csv(b"layer,gap,time_s\n0,0.1,-1\n", kind="solver"), "time_s"),
+    "plot-csv-online-latency-nan": (_plot_csv(b"policy,batch,latency_us,actions\nstatic,0,nan,0\n", kind="online"),
+                                    "latency_us"),
     "plot-out-missing-dir": (_plot_results("--out", "no/such/dir/x.png"), "--out"),
     "plot-out-unknown-format": (_plot_results("--out", "x.notanimage"), "--out"),
     "plot-batch-nan": (_plot_results("--out", "x.png", "--batch", "nan"), "--batch"),

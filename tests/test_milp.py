@@ -9,7 +9,7 @@ import pytest
 
 from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, expected_workload
 from hdmoe_milp.evaluator import evaluate
-from hdmoe_milp.solvers import Status
+from hdmoe_milp.solvers import Status, get_backend
 from hdmoe_milp.strategies.block_milp import (
     BlockModel,
     MilpOptions,
@@ -267,3 +267,21 @@ def test_warm_starts_stop_at_their_deadline():
     given = {"given": greedy(bm)}
     assert set(warm_starts(bm, given, deadline=late)) == {"given"}
     assert set(warm_starts(bm, None, deadline=late)) == {"greedy"}
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, *[b for b in ("scip",) if b in available_backends()]])
+def test_every_backend_takes_seeds_past_31_bits(backend):
+    """Seeds run to 2**63 - 1; the solvers hold 31 bits (CP-SAT raised a TypeError on 2**31 in LNS)."""
+    m, hw = tiny(**CASES[1])
+    tr = synthetic_trace(m, 400, seed=1)
+    bm = BlockModel(m, hw, tr.frequencies()[0], 16.0, MilpOptions(symmetry=False), coactivation=tr.coactivation(0))
+    lm = bm.to_linear()
+    small = solve_layer(m, hw, tr.frequencies()[0], 16.0, backend=backend, coactivation=tr.coactivation(0),
+                        params=SolveParams(time_limit_s=5, seed=3)).objective_s
+    for seed in (2**31 - 1, 2**31, 2**63 - 1):
+        out = solve_layer(m, hw, tr.frequencies()[0], 16.0, backend=backend, coactivation=tr.coactivation(0),
+                          params=SolveParams(time_limit_s=5, seed=seed))
+        assert out.status == "optimal", out.message
+        assert out.objective_s == pytest.approx(small, rel=1e-9)
+        direct = get_backend(backend).solve(lm, SolveParams(time_limit_s=5, seed=seed))
+        assert direct.x is not None, direct.message

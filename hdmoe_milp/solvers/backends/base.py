@@ -36,6 +36,12 @@ Status = Termination  # the name used before the solver layer was split out
 EMPHASES = ("balanced", "bound")
 
 
+def solver_seed(seed: int) -> int:
+    """``seed`` (any whole number >= 0) as the 31-bit seed CP-SAT, HiGHS, SCIP and CBC accept (int32); seeds
+    below 2**31 - 1 pass unchanged."""
+    return int(seed) % (2**31 - 1)
+
+
 @dataclass(frozen=True)
 class SolveParams:
     """Settings every backend honours.

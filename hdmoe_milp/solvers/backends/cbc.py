@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..linear_model import LinearModel
-from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome
+from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome, solver_seed
 
 STOP_RESERVE_S = 1.0  # at most this many wall seconds before the deadline CBC is asked to stop
 STOP_WAIT_S = 0.25  # at least this many wall seconds past the deadline before a CBC still running is killed
@@ -157,7 +157,7 @@ class CbcBackend(Backend):
                 stop_at = deadline - stop_reserve_s(params.time_limit_s)
                 sec, mode = max(stop_at - time.perf_counter(), 0.01), "elapsed"
                 kill_at = deadline + kill_wait_s(params.time_limit_s)
-            seed = str(params.seed + 1)
+            seed = str(solver_seed(params.seed) + 1)
             args += ["-sec", f"{sec:.3f}", "-timeMode", mode, "-ratio", repr(params.gap)]
             if params.threads > 1:  # "-threads 1" still starts a tree thread, which now and then deadlocks
                 args += ["-threads", str(params.threads)]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..linear_model import LinearModel
-from .base import Backend, SolveOutcome, SolveParams, Termination, TracePoint, make_outcome
+from .base import Backend, SolveOutcome, SolveParams, Termination, TracePoint, make_outcome, solver_seed
 
 RES = 10_000_000
 
@@ -130,7 +130,7 @@ class CpSatBackend(Backend):
         else:  # wall seconds, the translation above included
             p.max_time_in_seconds = max(float(params.time_limit_s) - (time.perf_counter() - t_start), 1e-3)
         p.num_workers = max(1, int(params.threads))
-        p.random_seed = int(params.seed)
+        p.random_seed = solver_seed(params.seed)
         p.relative_gap_limit = float(params.gap)
         p.log_search_progress = bool(params.verbose)
         p.cp_model_presolve = self.presolve

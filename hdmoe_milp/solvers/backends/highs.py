@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..linear_model import LinearModel
-from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome
+from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome, solver_seed
 
 
 @contextlib.contextmanager
@@ -73,7 +73,7 @@ class HighsBackend(Backend):
         h.setOptionValue("time_limit", float(left))
         h.setOptionValue("mip_rel_gap", float(params.gap))
         h.setOptionValue("threads", int(params.threads))
-        h.setOptionValue("random_seed", int(params.seed))
+        h.setOptionValue("random_seed", solver_seed(params.seed))
         started = params.hint is not None
         if started:
             hint = np.clip(np.asarray(params.hint, dtype=float), model.lb, model.ub)

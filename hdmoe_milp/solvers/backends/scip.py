@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from ..linear_model import LinearModel
-from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome
+from .base import Backend, SolveOutcome, SolveParams, Termination, make_outcome, solver_seed
 
 
 class ScipBackend(Backend):
@@ -53,7 +53,7 @@ class ScipBackend(Backend):
         left = max(params.time_limit_s - (time.perf_counter() - t_start), 0.01)  # wall s, translation included
         m.setParam("limits/time", float(left))
         m.setParam("limits/gap", float(params.gap))
-        m.setParam("randomization/randomseedshift", int(params.seed))
+        m.setParam("randomization/randomseedshift", solver_seed(params.seed))
         m.optimize()
         st = m.getStatus()
         if st == "userinterrupt":

@@ -17,6 +17,7 @@ from .formulation import BlockModel, MilpOptions
 from .lns import LnsSettings
 from .solve import (
     EXECUTORS,
+    MAX_MESH_NODES,
     LayerSolveResult,
     LayerTask,
     ModelSolveResult,
@@ -33,7 +34,8 @@ from .solve import (
 )
 
 __all__ = [
-    "BACKENDS", "EXECUTORS", "BlockModel", "Blocks", "LayerSolveResult", "LayerTask", "LinearModel", "LnsSettings",
+    "BACKENDS", "EXECUTORS", "MAX_MESH_NODES", "BlockModel", "Blocks", "LayerSolveResult", "LayerTask", "LinearModel",
+    "LnsSettings",
     "MilpOptions", "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends",
     "best_per_layer", "family_model", "get_backend", "layer_baselines", "layer_tasks", "lp_bound", "make_blocks",
     "model_result", "not_solved_task", "select_layers", "solve_layer", "solve_layer_task", "solve_model",

@@ -36,6 +36,15 @@ from .polish import PASS_GAIN, IncrementalScore, polish
 GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
 RESERVE_S = 0.05  # wall seconds kept back from the solver for decoding and scoring its plan
 MIN_SOLVE_S = 0.02  # below this, the solver is not started
+# --deterministic: the polish, branch and bound and LNS stop on work budgets sized to take about the
+# limit on an idle core; this multiple of the limit is only a wall-clock safety net (past it the answer
+# would depend on the clock). At 2x a Mixtral layer whose search took 1.8x the limit with three
+# processes on two cores came within 10 % of it; 3x leaves room for a machine twice as loaded.
+DET_CAP = 3.0
+# the largest mesh the block family is built for: 16x16 builds a DeepSeek-V3 layer in about 1 GB and
+# keeps the layer's time limit; 32x32 takes minutes per layer before any search (the family's
+# per-column link loads grow with nodes x links)
+MAX_MESH_NODES = 256
 WARM_SHARE = 0.5  # of a layer's wall limit, at most, for the greedy and local-search warm starts
 
 
@@ -315,7 +324,7 @@ def solve_layer(
             trace.append((time.perf_counter() - t0, obj if better else None, bound, f"bound:{backend}"))
 
     # wall: the deadline; deterministic: an evaluation budget, with the wall-clock cap as a safety net
-    cap = deadline - RESERVE_S if not det else t0 + (1 if params.work_limit else 2) * params.time_limit_s
+    cap = deadline - RESERVE_S if not det else t0 + (1 if params.work_limit else DET_CAP) * params.time_limit_s
     pol = _Polisher(bm, score, params.seed, ls.polish and score.workload is not None)
     polish_evals = int(ls.polish_share * work / ls.polish_eval_cost) if det else None  # a work budget
     if not proven(obj):
