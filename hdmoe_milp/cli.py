@@ -150,9 +150,51 @@ def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
             made = cli_report.plan_defaults(plan, args.trace)
             if args.model is not None and args.model != made.get("model"):
                 made.pop("trace", None)  # the plan's trace routes the plan's model, not the one asked for
+            unsaid = [f"--{a}" for a in ("model", "mesh", "hw") if a not in made and getattr(args, a, None) is None]
+            if unsaid:  # no silent defaults: the plan does not say what it was made for
+                raise InputError("--plan", f"{Path(plan).name} does not record the {', '.join(u[2:] for u in unsaid)} "
+                                 "it was made for (meta.problem)",
+                                 f"give {' and '.join(unsaid)} for the problem it was made for")
             s = replace(s, **made)
     over = {field: getattr(args, flag) for flag, field in _FLAGS if getattr(args, flag, None) is not None}
     return replace(s, **over)
+
+
+def _to_problem(args: argparse.Namespace, s: pl.Settings, plan: str | None = None) -> pl.Problem:
+    """``s.to_problem()``; an error about a value that the instance file or the plan file gave (not a
+    flag) names that file's key."""
+    try:
+        return s.to_problem()
+    except InputError as exc:
+        flag = "--batch" if exc.field == "batch" else exc.field  # the Problem's own checks name its fields
+        attr = _FLAG_OF.get(flag, "")
+        if flag not in _PLAN_KEYS:
+            raise
+        if getattr(args, attr, None) is not None:  # the flag given: named as written
+            raise InputError(flag, exc.problem, exc.fix) from None
+        override = f"; or give {flag} to override it" if flag.startswith("--") else ""
+        if args.instance:
+            raise InputError(f"instance {Path(args.instance).name} {_INSTANCE_KEYS[flag]}", exc.problem,
+                             f"{exc.fix or 'correct it'}{override}") from None
+        if plan:
+            raise InputError(f"plan {Path(plan).name} meta.problem.{_PLAN_KEYS[flag]}", exc.problem,
+                             f"{exc.fix or 'save the plan again'}{override}") from None
+        raise
+
+
+# the error field a Settings check names -> the plan's meta.problem key it came from, and the flag's attribute
+_PLAN_KEYS = {"--batch": "batch", "--batching": "batching", "--capacity-gb": "hardware.dram_capacity_bytes",
+              "--hop-latency-ns": "hardware.hop_latency_s", "--seed": "seed", "synthetic_tokens": "synthetic_tokens",
+              "--mesh": "mesh", "--hw": "hw_point", "--model": "model", "--mode": "mode", "--delivery": "delivery",
+              "--home": "home"}
+_INSTANCE_KEYS = {"--batch": "[workload].batch", "--batching": "[workload].batching", "--seed": "[workload].seed",
+                  "synthetic_tokens": "[workload].synthetic_tokens", "--capacity-gb": "[hardware].dram_capacity_gb",
+                  "--hop-latency-ns": "[hardware].hop_latency_ns", "--mesh": "[hardware].mesh",
+                  "--hw": "[hardware].preset", "--model": "[model].preset", "--mode": "[evaluator].mode",
+                  "--delivery": "[evaluator].delivery", "--home": "[evaluator].home"}
+_FLAG_OF = {"--batch": "batch", "--batching": "batching", "--capacity-gb": "capacity_gb",
+            "--hop-latency-ns": "hop_latency_ns", "--seed": "seed", "--mesh": "mesh", "--hw": "hw", "--model": "model",
+            "--mode": "mode", "--delivery": "delivery", "--home": "home"}
 
 
 def _print_left_out(problem: pl.Problem, names: list[str]) -> None:
@@ -178,9 +220,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise InputError("--strategy", f"lists a strategy twice: {args.strategy}", "name each strategy once")
         if args.save_plan and len(names) != 1:
             raise InputError("--save-plan", "needs a single --strategy", "e.g. --strategy cb --save-plan plan.json")
-    cli_report.check_out("--save-plan", args.save_plan, args.force)
+    cli_report.check_plan_out("--save-plan", args.save_plan, args.force)
     s = _settings(args, args.plan)
-    problem = pl.Settings.to_problem(s)
+    problem = _to_problem(args, s, args.plan)
     problem = problem.with_(options=replace(problem.options, replica_rule=args.replica_rule))
     budget = pl.Budget(time_limit_s=args.time_limit, work_limit=args.work_limit)
     plans = {}
@@ -221,14 +263,15 @@ _SOLVE_FLAGS = {"backend": "--backend", "executor": "--executor", "layers": "--l
 
 
 def _solve(args: argparse.Namespace) -> int:
-    cli_report.check_out("--out", args.out, args.force)
-    problem = _settings(args).to_problem()
+    cli_report.check_plan_out("--out", args.out, args.force)
+    problem = _to_problem(args, _settings(args))
     layers = None
     if args.layers is not None:
         try:
             layers = [int(v) for v in args.layers.split(",")]
         except ValueError:
-            raise InputError("--layers", f"must be comma-separated layer numbers, got {args.layers!r}") from None
+            raise InputError("--layers", f"must be comma-separated layer numbers, got {args.layers!r}",
+                             "e.g. --layers 0,5,12 (0-based; no ranges or spaces)") from None
     try:
         res = pl.solve(problem, backend=args.backend, time_limit_s=args.time_limit, jobs=args.jobs,
                        threads=args.threads, gap=args.gap, baselines=not args.no_baselines, executor=args.executor,
@@ -277,11 +320,16 @@ def _replay(args: argparse.Namespace) -> int:
     if args.plan_strategy is not None:
         pl.check_choice("--plan-strategy", args.plan_strategy, tuple(pl.STRATEGIES))
     args.plan_strategy = args.plan_strategy or "cb"
-    s = _settings(args, args.plan)
-    problem = s.to_problem()
+    if args.batching is not None:  # before the settings check, which would also offer "expected"
+        pl.check_choice("--batching", args.batching, ("random", "contiguous"))
     names = [p for p in pl.POLICIES if p != "oracle"] if args.policy == "all" else args.policy.split(",")
+    if len(names) > 1 and "all" in names:
+        raise InputError("--policy", f"'all' cannot be listed with other policies: {args.policy}",
+                         "give 'all' alone, or a list of policies")
     for n in names:
         pl.check_choice("--policy", n, pl.POLICIES)
+    s = _settings(args, args.plan)
+    problem = _to_problem(args, s, args.plan)
     if len(set(names)) != len(names):
         raise InputError("--policy", f"lists a policy twice: {args.policy}", "name each policy once")
     pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
@@ -297,8 +345,12 @@ def _replay(args: argparse.Namespace) -> int:
     else:
         base = problem
         if args.plan_trace:
-            base = problem.with_(trace=pl.load_trace(args.plan_trace, problem.model.num_experts,
-                                                     problem.model.top_k), frequencies=None)
+            try:
+                base = problem.with_(trace=pl.load_trace(args.plan_trace, problem.model.num_experts,
+                                                         problem.model.top_k), frequencies=None)
+            except InputError as exc:
+                raise InputError("--plan-trace", f"{exc.field}: {exc.problem}",
+                                 exc.fix or f"give a trace of {problem.model.name} with every layer") from None
         plan = pl.place(base, args.plan_strategy, budget=pl.Budget(time_limit_s=args.time_limit))
     rows = [pl.replay(problem, plan, policy=n, batches=args.batches, batch=args.batch, batching=batching,
                       replica_rule=args.replica_rule, progress=args.progress).summary() for n in names]
@@ -320,10 +372,17 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     s = _settings(args)
-    problem = s.to_problem()
+    problem = _to_problem(args, s)
     against = None
     if args.against:
-        against = pl.load_trace(args.against, problem.model.num_experts, problem.model.top_k)
+        try:
+            against = pl.load_trace(args.against, problem.model.num_experts, problem.model.top_k)
+        except InputError as exc:
+            raise InputError("--against", f"{exc.field}: {exc.problem}",
+                             exc.fix or f"give a trace of {problem.model.name}") from None
+        if against.num_layers != problem.trace.num_layers:
+            raise InputError("--against", f"has {against.num_layers} layers, the trace has {problem.trace.num_layers}",
+                             f"give a trace of {problem.model.name} with every layer")
     out: dict[str, Any] = {"trace": s.trace or problem.trace.name, "model": problem.model.name,
                            **pl.trace_stats(problem, against)}
     if args.json:

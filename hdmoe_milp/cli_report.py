@@ -70,13 +70,14 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("kind", choices=PLOT_KINDS)
     p.add_argument("file", help="results.csv (tbt, decomposition, ablation), solver.csv, online.csv, or a plan "
                    ".json (placement, node-load, link-load, bound-trace)")
-    p.add_argument("--out", help="image to write (.png or .svg; default: FILE's folder, KIND.png)")
+    p.add_argument("--out", help="image to write (.png, .svg, .pdf or another format matplotlib writes; default: "
+                   "FILE's folder, KIND.png)")
     p.add_argument("--force", action="store_true", help="overwrite the image if it exists")
     p.add_argument("--model", help="which model's rows (csv files)")
     p.add_argument("--hw", help="which hardware point's rows (csv files)")
     p.add_argument("--mesh", help="which mesh's rows (csv files)")
     p.add_argument("--batch", type=float, help="which batch (tbt, decomposition; default the largest)")
-    p.add_argument("--layer", type=int, default=0, help="MoE layer (node-load, link-load, placement, bound-trace)")
+    p.add_argument("--layer", type=int, help="MoE layer (node-load, link-load, placement, bound-trace; default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +115,7 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             v = float(b)
         except ValueError:
-            raise InputError("--batches", f"must be whole numbers, got {b!r}") from None
+            raise InputError("--batches", f"must be whole numbers, got {b!r}", "e.g. --batches 16,64,128") from None
         check_real("--batches", v, minimum=1, maximum=MAX_BATCH, integer=True)
     for name in ("models", "hws", "meshes", "batches"):
         given = getattr(args, name)
@@ -145,7 +146,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         try:
             changes["batches"] = tuple(int(float(b)) for b in args.batches)
         except ValueError:
-            raise InputError("batches", f"must be whole numbers, got {args.batches}") from None
+            raise InputError("--batches", f"must be whole numbers, got {args.batches}",
+                             "e.g. --batches 16,64,128") from None
     if args.time_limit is not None:
         changes["time_limit_s"] = args.time_limit
     if args.solve_batch is not None:
@@ -269,6 +271,15 @@ def check_out(flag: str, path: str | None, force: bool = False) -> None:
         raise InputError(flag, f"folder {parent} is not writable", "write elsewhere")
     if not force and (Path(path).exists() or Path(path).is_symlink()):
         raise InputError(flag, f"{path} already exists", "pass --force to overwrite it, or write elsewhere")
+
+
+def check_plan_out(flag: str, path: str | None, force: bool = False) -> None:
+    """:func:`check_out` for a plan file, which is JSON: a name ending in anything but ``.json`` (say
+    ``plan.png``, meant for ``plot``) is refused."""
+    if path is not None and Path(path).suffix.lower() != ".json":
+        raise InputError(flag, f"{Path(path).name}: a plan file is JSON", "end the name in .json; draw figures with "
+                         "hdmoe-milp plot")
+    check_out(flag, path, force)
 
 
 def _check_figure_out(out: Path, force: bool = False) -> None:
@@ -433,12 +444,23 @@ def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespac
 def _plot(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
-        raise InputError("file", f"not found: {path}")
+        raise InputError("file", f"not found: {path}", "give the path of a results/solver/online csv or a plan file")
     kind = args.kind
     if args.out is not None and not args.out.strip():
         raise InputError("--out", "is empty", "give the image's file name, or leave --out out")
     out = Path(args.out) if args.out else path.with_name(f"{kind}.png")
     _check_figure_out(out, args.force)
+    # flags a kind does not read are refused, not ignored: the figure would not show what they ask for
+    reads = {"tbt": {"model", "hw", "mesh", "batch"}, "decomposition": {"model", "hw", "mesh", "batch"},
+             "ablation": {"model", "hw", "mesh"}, "solver": {"model", "hw", "mesh"},
+             "online": {"model", "hw", "mesh"}}.get(kind, {"layer"})
+    for attr in ("model", "hw", "mesh", "batch", "layer"):
+        if getattr(args, attr, None) is not None and attr not in reads:
+            what = ("reads the problem the plan file records" if kind not in _CSV_NEEDS
+                    else "draws " + ("every layer" if attr == "layer" else "every batch"))
+            raise InputError(f"--{attr}", f"does not apply to plot {kind}, which {what}", f"leave --{attr} out")
+    if args.layer is None:
+        args.layer = 0
     if kind in _CSV_NEEDS:
         df = _filter(_read_csv(path, kind), args)
         if kind in ("tbt", "decomposition", "ablation") and "part" in df.columns:

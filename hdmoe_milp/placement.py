@@ -224,9 +224,10 @@ class Placement:
             if key not in d:
                 raise InputError(f"{source} {key}", "is missing", "write the plan with Placement.save")
         E = expect_int(f"{source} num_experts", d["num_experts"], minimum=1)
-        if "num_nodes" in d:
-            expect_int(f"{source} num_nodes", d["num_nodes"], minimum=1)
+        D = expect_int(f"{source} num_nodes", d["num_nodes"], minimum=1) if "num_nodes" in d else None
         strategy = expect_str(f"{source} strategy", d.get("strategy", "custom"), '"cb"')
+        if not strategy.strip():
+            raise InputError(f"{source} strategy", "is empty", 'name the strategy that made the plan, e.g. "cb"')
         meta = d.get("meta", {})
         if not isinstance(meta, dict):
             raise InputError(f"{source} meta", f"must be an object, got {type(meta).__name__}")
@@ -255,9 +256,13 @@ class Placement:
                     raise
                 raise InputError(f"{where}: {exc.field}", exc.problem, exc.fix) from None
         try:
-            return cls(tuple(layers), strategy, dict(meta))
+            plan = cls(tuple(layers), strategy, dict(meta))
         except InputError as exc:
             raise InputError(f"{source}: {exc.field}", exc.problem, exc.fix) from None
+        if D is not None and plan.num_nodes != D:
+            raise InputError(f"{source} num_nodes", f"is {D}, but the layers' shares have {plan.num_nodes} columns "
+                             "(one per node)", "write the plan again with Placement.save, or correct num_nodes")
+        return plan
 
     def save(self, path: str | Path, *, force: bool = True, field: str = "out") -> None:
         """Write the placement as JSON atomically: a temporary file in the same folder, fsync, then

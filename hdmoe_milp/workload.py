@@ -238,8 +238,10 @@ def check_observed_memory(field: str, tokens: float, layers: int, top_k: int) ->
     limit = physical_memory_bytes()
     need = observed_bytes(tokens, layers, top_k)
     if limit is not None and need > limit:
+        fix = ("use fewer synthetic tokens (the default is enough for statistics)" if "synthetic_tokens" in field
+               else "lower the batch size")
         raise InputError(field, f"{tokens:g} observed tokens need about {need / 1e9:.3g} GB, more than this "
-                         f"machine's {limit / 1e9:.3g} GB of memory", "lower the batch size")
+                         f"machine's {limit / 1e9:.3g} GB of memory", fix)
 
 
 def check_batch(batch: float) -> float:

@@ -154,6 +154,11 @@ def _flags(*args: str):
     return lambda d: list(args)
 
 
+def _write(p: Path, text: str) -> Path:
+    p.write_text(text)
+    return p
+
+
 def _set(path: list, value):
     def mutate(plan):
         obj = plan
@@ -244,6 +249,21 @@ CASES = {
     "flag-executor-unknown": (_flags("solve", *MX, "--no-baselines", "--executor", "slurm"), "--executor"),
     "flag-layers-text": (_flags("solve", *MX, "--no-baselines", "--layers", "first"), "--layers"),
     "flag-layers-range": (_flags("solve", *MX, "--no-baselines", "--layers", "0,99"), "--layers"),
+    "flag-layers-range-syntax": (_flags("solve", *MX, "--no-baselines", "--layers", "1-3"), "e.g. --layers 0,5,12"),
+    "solve-out-image-name": (lambda d: ["solve", *MX, "--no-baselines", "--out", str(d / "plan.png")], ".json"),
+    "save-plan-image-name": (lambda d: ["evaluate", *MX, "--strategy", "tp", "--save-plan", str(d / "p.svg")],
+                             "--save-plan"),
+    # a value the instance gives, checked against a flag: named as the instance's key
+    "toml-batch-fraction-random-flag": (lambda d: [*_toml(BASE_TOML + "\n[workload]\nbatch = 12.5\n")(d),
+                                                   "--batching", "random"], "[workload].batch"),
+    "stats-against-one-layer": (lambda d: (_write(d / "one.json", json.dumps({"0": [[0, 1]]})),
+                                           ["stats", *MX, "--against", str(d / "one.json")])[1], "--against"),
+    "replay-plan-trace-one-layer": (lambda d: (_write(d / "one.json", json.dumps({"0": [[0, 1]]})),
+                                               ["replay", *MX, "--batches", "2", "--plan-trace",
+                                                str(d / "one.json")])[1], "--plan-trace"),
+    "replay-batching-unknown-lists-two": (_flags("replay", *MX, "--batches", "2", "--batching", "foo"),
+                                          "allowed: contiguous, random)"),
+    "replay-policy-all-and-more": (_flags("replay", *MX, "--batches", "2", "--policy", "all,static"), "--policy"),
     "plot-csv-wrong-columns": (_plot_csv(b"a,b\n1,2\n"), "file"),
     "plot-csv-binary": (_plot_csv(b"\x00\x01\xff garbage"), "file"),
     "plot-csv-empty": (_plot_csv(b""), "file"),
@@ -266,6 +286,18 @@ CASES = {
     "plot-csv-solver-time-negative": (_plot_csv(b"layer,gap,time_s\n0,0.1,-1\n", kind="solver"), "time_s"),
     "plot-csv-online-latency-nan": (_plot_csv(b"policy,batch,latency_us,actions\nstatic,0,nan,0\n", kind="online"),
                                     "latency_us"),
+    # flags a figure does not read were silently ignored (an invalid --mesh drew the plan's own mesh)
+    "plot-plan-kind-mesh": (lambda d: ["plot", "node-load", str(d / "good_plan.json"), "--mesh", "axb", "--out",
+                                       str(d / "fig.png")], "--mesh"),
+    "plot-plan-kind-batch": (lambda d: ["plot", "placement", str(d / "good_plan.json"), "--batch", "16", "--out",
+                                        str(d / "fig.png")], "--batch"),
+    "plot-csv-kind-layer": (_plot_results("--out", "x.png", "--layer", "999"), "--layer"),
+    # values the plan file records, named as the plan's keys (not as flags nobody gave), and no silent defaults
+    "plan-meta-batch-fraction": (_plan(lambda d: (_set(["meta", "problem", "batching"], "random")(d),
+                                                  _set(["meta", "problem", "batch"], 12.5)(d))),
+                                 "meta.problem.batch"),
+    "plan-without-problem": (_plan(lambda d: d["meta"].pop("problem")), "--model"),
+    "plan-num-nodes-mismatch": (_plan(lambda d: d.__setitem__("num_nodes", 2 * d["num_nodes"])), "num_nodes"),
     "plot-out-missing-dir": (_plot_results("--out", "no/such/dir/x.png"), "--out"),
     "plot-out-unknown-format": (_plot_results("--out", "x.notanimage"), "--out"),
     "plot-batch-nan": (_plot_results("--out", "x.png", "--batch", "nan"), "--batch"),
