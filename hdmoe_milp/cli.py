@@ -21,6 +21,7 @@ from . import cli_report
 from . import pipeline as pl
 from .errors import (
     MAX_HOP_LATENCY_NS,
+    MAX_THREADS,
     MAX_TIME_LIMIT_S,
     MAX_WORK_LIMIT,
     InputError,
@@ -402,7 +403,7 @@ _NUMERIC_FLAGS = (
     ("seed", "--seed", 0, False, True), ("lns_patience", "--lns-patience", 0, False, True),
 )
 
-_FLAG_MAXIMA = {"--time-limit": MAX_TIME_LIMIT_S, "--work-limit": MAX_WORK_LIMIT,
+_FLAG_MAXIMA = {"--time-limit": MAX_TIME_LIMIT_S, "--work-limit": MAX_WORK_LIMIT, "--threads": MAX_THREADS,
                 "--hop-latency-ns": MAX_HOP_LATENCY_NS}
 
 

@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 
 from .costs import check_model_fits
-from .errors import MAX_BATCH, MAX_TIME_LIMIT_S, MAX_WORK_LIMIT, InputError, check_choice, check_real, check_seed
+from .errors import (
+    MAX_BATCH,
+    MAX_THREADS,
+    MAX_TIME_LIMIT_S,
+    MAX_WORK_LIMIT,
+    InputError,
+    check_choice,
+    check_real,
+    check_seed,
+)
 from .evaluator import EvalOptions
 from .hardware import HARDWARE_PRESETS, Hardware
 from .moe import MoEModel
@@ -82,7 +91,7 @@ class Budget:
         if self.work_limit is not None:
             check_real("work_limit", self.work_limit, minimum=0.0, maximum=MAX_WORK_LIMIT)
         check_choice("backend", self.backend, tuple(BACKENDS))
-        check_real("threads", self.threads, minimum=1, integer=True)
+        check_real("threads", self.threads, minimum=1, integer=True, maximum=MAX_THREADS)
         g = check_real("gap", self.gap, minimum=0.0)
         if g >= 1:
             raise InputError("gap", f"must be in [0, 1), got {self.gap!r}")

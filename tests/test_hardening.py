@@ -215,6 +215,7 @@ CASES = {
     "flag-time-limit-huge": (_flags("evaluate", *MX, "--strategy", "hdmoe", "--time-limit", "1e300"), "--time-limit"),
     "solve-time-limit-huge": (_flags("solve", *MX, "--backend", "scip", "--time-limit", "1e21"), "--time-limit"),
     "flag-work-limit-huge": (_flags("evaluate", *MX, "--strategy", "hdmoe", "--work-limit", "1e300"), "--work-limit"),
+    "flag-threads-huge": (_flags("solve", *MX, "--no-baselines", "--threads", str(2**63 - 1)), "--threads"),
     "flag-hop-latency-huge": (_flags("evaluate", *MX, "--hop-latency-ns", "1e300"), "--hop-latency-ns"),
     "bench-time-limit-huge": (_flags("bench", "--quick", "--out", "b", "--time-limit", "1e300"), "--time-limit"),
     "flag-strategy-empty": (_flags("evaluate", *MX, "--strategy", ""), "--strategy"),
