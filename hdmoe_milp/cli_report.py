@@ -364,8 +364,9 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
 
 def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
     made = pl.plan_settings(path)
-    if made is None or not made.get("model") or not made.get("mesh"):
-        raise InputError("plot", f"{path} does not record the problem it was made for", "save it with this version")
+    if made is None or not made.get("model") or not made.get("mesh") or not made.get("hw_point"):
+        raise InputError("plot", f"{path} does not record the model, mesh and hardware point it was made for",
+                         "save it again from a problem on a named hardware point (make_hardware or an instance file)")
     s = replace(pl.Settings(path.stem, "deepseek-v2-lite", "5/50", "4x8"), **plan_defaults(str(path), None))
     problem = s.to_problem()
     return problem, pl.load_plan(path, problem), Mesh.parse(s.mesh)
@@ -456,9 +457,9 @@ def _plot(args: argparse.Namespace) -> int:
              "online": {"model", "hw", "mesh"}}.get(kind, {"layer"})
     for attr in ("model", "hw", "mesh", "batch", "layer"):
         if getattr(args, attr, None) is not None and attr not in reads:
-            what = ("reads the problem the plan file records" if kind not in _CSV_NEEDS
-                    else "draws " + ("every layer" if attr == "layer" else "every batch"))
-            raise InputError(f"--{attr}", f"does not apply to plot {kind}, which {what}", f"leave --{attr} out")
+            why = (", which reads the problem the plan file records" if kind not in _CSV_NEEDS
+                   else f" (that figure does not select its rows by {attr})")
+            raise InputError(f"--{attr}", f"does not apply to plot {kind}{why}", f"leave --{attr} out")
     if args.layer is None:
         args.layer = 0
     if kind in _CSV_NEEDS:
