@@ -168,34 +168,32 @@ def _to_problem(args: argparse.Namespace, s: pl.Settings, plan: str | None = Non
         return s.to_problem()
     except InputError as exc:
         flag = "--batch" if exc.field == "batch" else exc.field  # the Problem's own checks name its fields
-        attr = _FLAG_OF.get(flag, "")
-        if flag not in _PLAN_KEYS:
+        if flag not in _FILE_KEYS:
             raise
-        if getattr(args, attr, None) is not None:  # the flag given: named as written
+        if getattr(args, flag.removeprefix("--").replace("-", "_"), None) is not None:  # given: named as written
             raise InputError(flag, exc.problem, exc.fix) from None
+        plan_key, instance_key = _FILE_KEYS[flag]
         override = f"; or give {flag} to override it" if flag.startswith("--") else ""
         if args.instance:
-            raise InputError(f"instance {Path(args.instance).name} {_INSTANCE_KEYS[flag]}", exc.problem,
+            raise InputError(f"instance {Path(args.instance).name} {instance_key}", exc.problem,
                              f"{exc.fix or 'correct it'}{override}") from None
         if plan:
-            raise InputError(f"plan {Path(plan).name} meta.problem.{_PLAN_KEYS[flag]}", exc.problem,
+            raise InputError(f"plan {Path(plan).name} meta.problem.{plan_key}", exc.problem,
                              f"{exc.fix or 'save the plan again'}{override}") from None
         raise
 
 
-# the error field a Settings check names -> the plan's meta.problem key it came from, and the flag's attribute
-_PLAN_KEYS = {"--batch": "batch", "--batching": "batching", "--capacity-gb": "hardware.dram_capacity_bytes",
-              "--hop-latency-ns": "hardware.hop_latency_s", "--seed": "seed", "synthetic_tokens": "synthetic_tokens",
-              "--mesh": "mesh", "--hw": "hw_point", "--model": "model", "--mode": "mode", "--delivery": "delivery",
-              "--home": "home"}
-_INSTANCE_KEYS = {"--batch": "[workload].batch", "--batching": "[workload].batching", "--seed": "[workload].seed",
-                  "synthetic_tokens": "[workload].synthetic_tokens", "--capacity-gb": "[hardware].dram_capacity_gb",
-                  "--hop-latency-ns": "[hardware].hop_latency_ns", "--mesh": "[hardware].mesh",
-                  "--hw": "[hardware].preset", "--model": "[model].preset", "--mode": "[evaluator].mode",
-                  "--delivery": "[evaluator].delivery", "--home": "[evaluator].home"}
-_FLAG_OF = {"--batch": "batch", "--batching": "batching", "--capacity-gb": "capacity_gb",
-            "--hop-latency-ns": "hop_latency_ns", "--seed": "seed", "--mesh": "mesh", "--hw": "hw", "--model": "model",
-            "--mode": "mode", "--delivery": "delivery", "--home": "home"}
+# the field a Settings check names -> where the value came from when no flag gave it: the plan's
+# meta.problem key and the instance file's key (the flag's attribute is its name without "--")
+_FILE_KEYS = {
+    "--batch": ("batch", "[workload].batch"), "--batching": ("batching", "[workload].batching"),
+    "--seed": ("seed", "[workload].seed"), "synthetic_tokens": ("synthetic_tokens", "[workload].synthetic_tokens"),
+    "--capacity-gb": ("hardware.dram_capacity_bytes", "[hardware].dram_capacity_gb"),
+    "--hop-latency-ns": ("hardware.hop_latency_s", "[hardware].hop_latency_ns"),
+    "--mesh": ("mesh", "[hardware].mesh"), "--hw": ("hw_point", "[hardware].preset"),
+    "--model": ("model", "[model].preset"), "--mode": ("mode", "[evaluator].mode"),
+    "--delivery": ("delivery", "[evaluator].delivery"), "--home": ("home", "[evaluator].home"),
+}
 
 
 def _print_left_out(problem: pl.Problem, names: list[str]) -> None:
@@ -282,7 +280,7 @@ def _solve(args: argparse.Namespace) -> int:
                        polish=not args.no_polish, branch_and_bound=not args.no_branch_and_bound)
     except InputError as exc:  # name the flag the user wrote, not the keyword it became
         mesh = ("--mesh" if args.mesh is not None or not args.instance
-                else f"instance {Path(args.instance).name} [hardware].mesh")
+                else f"instance {Path(args.instance).name} {_FILE_KEYS['--mesh'][1]}")
         raise as_written(exc, {**_SOLVE_FLAGS, "mesh": mesh}) from None
     if args.out:
         res.save(args.out)
@@ -381,11 +379,11 @@ def _stats(args: argparse.Namespace) -> int:
         except InputError as exc:
             raise InputError("--against", f"{exc.field}: {exc.problem}",
                              exc.fix or f"give a trace of {problem.model.name}") from None
-        if against.num_layers != problem.trace.num_layers:
-            raise InputError("--against", f"has {against.num_layers} layers, the trace has {problem.trace.num_layers}",
-                             f"give a trace of {problem.model.name} with every layer")
-    out: dict[str, Any] = {"trace": s.trace or problem.trace.name, "model": problem.model.name,
-                           **pl.trace_stats(problem, against)}
+    try:
+        stats = pl.trace_stats(problem, against)
+    except InputError as exc:
+        raise as_written(exc, {"against": "--against"}) from None
+    out: dict[str, Any] = {"trace": s.trace or problem.trace.name, "model": problem.model.name, **stats}
     if args.json:
         print(json.dumps(out, indent=2))
     else:

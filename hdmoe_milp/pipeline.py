@@ -485,7 +485,8 @@ def trace_stats(problem: Problem, against: Trace | None = None) -> dict[str, flo
     out: dict[str, float] = summarize(problem.trace, problem.hardware.num_nodes, problem.seed)
     if against is not None:
         if against.num_layers != problem.trace.num_layers:
-            raise InputError("against", f"has {against.num_layers} layers, the trace has {problem.trace.num_layers}")
+            raise InputError("against", f"has {against.num_layers} layers, the trace has {problem.trace.num_layers}",
+                             f"give a trace of {problem.model.name} with every layer")
         tv = total_variation(problem.trace.frequencies(), against.frequencies())
         out.update(tv_median=float(np.median(tv)), tv_max=float(tv.max()))
     return out
