@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("--time-limit", type=float, default=10.0, help="seconds per layer (default 10)")
     so.add_argument("--gap", type=float, default=1e-4, help="relative gap target (default 1e-4)")
     so.add_argument("--threads", type=int, default=1, help="solver threads per layer (default 1)")
-    so.add_argument("--jobs", type=int, default=1, help="layers solved in parallel (default 1)")
+    so.add_argument("--jobs", type=int, default=1, help="layers solved in parallel (default 1; at most the "
+                    "machine's CPUs with the local executor)")
     so.add_argument("--executor", default="local", help="local (process pool) or ray")
     so.add_argument("--delivery", help="tree (default) or unicast: the traffic rule optimised and evaluated")
     so.add_argument("--out", help="write the plan file here")
@@ -165,7 +166,7 @@ def _to_problem(args: argparse.Namespace, s: pl.Settings, plan: str | None = Non
     """``s.to_problem()``; an error about a value that the instance file or the plan file gave (not a
     flag) names that file's key."""
     try:
-        return s.to_problem()
+        problem = s.to_problem()
     except InputError as exc:
         flag = "--batch" if exc.field == "batch" else exc.field  # the Problem's own checks name its fields
         if flag not in _FILE_KEYS:
@@ -181,6 +182,10 @@ def _to_problem(args: argparse.Namespace, s: pl.Settings, plan: str | None = Non
             raise InputError(f"plan {Path(plan).name} meta.problem.{plan_key}", exc.problem,
                              f"{exc.fix or 'save the plan again'}{override}") from None
         raise
+    if plan and not args.instance:
+        cli_report.check_plan_record(plan, problem, model_given=args.model is not None,
+                                     hw_given=getattr(args, "hw", None) is not None)
+    return problem
 
 
 # the field a Settings check names -> where the value came from when no flag gave it: the plan's

@@ -362,6 +362,38 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
     return out
 
 
+def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = False, hw_given: bool = False,
+                      flags: bool = True) -> None:
+    """Refuse a plan file whose record of what it was made for disagrees with the problem rebuilt
+    from that record: the model's shape (``num_experts``, ``moe_layers``, ``top_k``; unless
+    ``model_given``) and the hardware point's numbers (``hardware.compute_flops``,
+    ``link_bw_bytes_per_s``; unless ``hw_given``). Such a plan was edited or made by other code, and
+    scoring it on the preset's numbers would answer a question nobody asked. ``flags``: the fix
+    may offer ``--model``/``--hw`` (False where the command reads no such flag)."""
+    made = pl.plan_settings(path) or {}
+    here = problem.describe()
+    checks: list[tuple[str, Any, Any]] = []
+    if not model_given and made.get("model") == here["model"]:
+        checks += [(k, made.get(k), here[k]) for k in ("num_experts", "moe_layers", "top_k")]
+    hw = made.get("hardware") if isinstance(made.get("hardware"), dict) else {}
+    if not hw_given and made.get("hw_point") is not None and made.get("hw_point") == here["hw_point"]:
+        checks += [(f"hardware.{k}", hw.get(k), here["hardware"][k]) for k in ("compute_flops", "link_bw_bytes_per_s")]
+    for key, recorded, actual in checks:
+        if recorded is None:
+            continue
+        same = isinstance(recorded, (int, float, list)) and not isinstance(recorded, bool)
+        if same:
+            a, b = np.asarray(recorded, dtype=float), np.asarray(actual, dtype=float)
+            same = a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=0.0))
+        if not same:
+            of_model = not key.startswith("hardware.")
+            what = here["model"] if of_model else f"hardware point {here['hw_point']}"
+            flag = "--model" if of_model else "--hw"
+            fix = "save the plan again from the problem it was made for"
+            raise InputError(f"plan {Path(path).name} meta.problem.{key}", f"records {recorded!r} but {what} has "
+                             f"{actual!r}", fix + (f", or give {flag} to score it on another one" if flags else ""))
+
+
 def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
     made = pl.plan_settings(path)
     if made is None or not made.get("model") or not made.get("mesh") or not made.get("hw_point"):
@@ -369,6 +401,7 @@ def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
                          "save it again from a problem on a named hardware point (make_hardware or an instance file)")
     s = replace(pl.Settings(path.stem, "deepseek-v2-lite", "5/50", "4x8"), **plan_defaults(str(path), None))
     problem = s.to_problem()
+    check_plan_record(str(path), problem, flags=False)
     return problem, pl.load_plan(path, problem), Mesh.parse(s.mesh)
 
 

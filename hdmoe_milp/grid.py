@@ -178,6 +178,7 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, executor: str = 
     """Run the grid into ``out`` (plans cached in ``out/cache``); returns the frames. ``progress``:
     a bar on stderr (None: on in a terminal)."""
     check_choice("mode", spec.mode, ("mesh", "paper"))
+    jobs = pl.check_jobs(jobs, executor)
     out = Path(out)
     cache = out / "cache"
     points = [(m, h, s) for m in spec.models for h in spec.hws for s in spec.meshes]

@@ -36,7 +36,7 @@ from .placement import Placement
 from .problem import Budget, Problem
 from .replica_rules import REPLICA_RULES
 from .solvers import SolveParams
-from .solvers.tasks import TasksInterrupted, run_tasks
+from .solvers.tasks import TasksInterrupted, check_jobs, run_tasks
 from .strategies import BASELINES, STRATEGIES, place
 from .strategies.block_milp import (
     EXECUTORS,
@@ -294,9 +294,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
                          "use a mesh of at most 256 nodes, or score the baselines on this mesh with "
                          "`hdmoe-milp evaluate --strategy all`")
     check_choice("executor", executor, EXECUTORS)
-    if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
-        raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
-    jobs = int(jobs)
+    jobs = check_jobs(jobs, executor)
     if not isinstance(baselines, (bool, str, list, tuple)):
         raise InputError("baselines", f"must be True, False, a name or a list of names, got {baselines!r}")
     names: list[str] = (list(BASELINES) if baselines is True else [] if baselines is False

@@ -71,7 +71,7 @@ def test_sigterm_to_the_caller_ends_the_child_too(tmp_path):
 def test_small_cbc_solves_never_hang():
     """``-threads 1`` made CBC start a tree thread that now and then deadlocked in
     ``waitForThreadsInTree`` (about one solve in 30 of this size hung until killed): fifty small
-    solves must all finish on their own, well before the limit."""
+    solves must all finish on their own, well before the wall cap (4 s) that kills a hung one."""
     import numpy as np
 
     from hdmoe_milp.solvers import SolveParams, Termination
@@ -84,7 +84,7 @@ def test_small_cbc_solves_never_hang():
         t0 = time.perf_counter()
         out = CbcBackend().solve(balance_model(loads, 4), SolveParams(time_limit_s=2.0, gap=0.05, deterministic=True))
         assert out.termination in (Termination.OPTIMAL, Termination.FEASIBLE) and "killed" not in out.message
-        assert time.perf_counter() - t0 < 1.5
+        assert time.perf_counter() - t0 < 3.0
 
 
 def test_sigterm_while_a_wait_holds_popens_lock_does_not_hang():

@@ -525,6 +525,17 @@ CASES = {
     "bench-models-empty": (_flags("bench", "--quick", "--out", "b", "--models", ","), "--models"),
     "bench-batches-huge": (_flags("bench", "--quick", "--out", "b", "--batches", "1e30"), "--batches"),
     "bench-solve-batch-huge": (_flags("bench", "--quick", "--out", "b", "--solve-batch", "9" * 23), "--solve-batch"),
+    # --- lists and pools that used to be taken silently ------------------------------------------
+    "flag-layers-twice": (_flags("solve", *MX, "--layers", "0,3,0"), "--layers"),
+    "flag-jobs-above-the-cpus": (_flags("solve", *MX, "--layers", "0", "--jobs", "100000"), "--jobs"),
+    "bench-jobs-above-the-cpus": (_flags("bench", "--quick", "--out", "b", "--jobs", "100000"), "--jobs"),
+    # --- a plan whose record disagrees with the model or hardware point it names (edited by hand) ----
+    "plan-meta-compute-edited": (_plan(_set(["meta", "problem", "hardware", "compute_flops"], 1e13)),
+                                 "meta.problem.hardware.compute_flops"),
+    "plan-meta-link-bw-text": (_plan(_set(["meta", "problem", "hardware", "link_bw_bytes_per_s"], "x")),
+                               "meta.problem.hardware.link_bw_bytes_per_s"),
+    "plan-meta-top-k-edited": (_plan(_set(["meta", "problem", "top_k"], 3)), "meta.problem.top_k"),
+    "plan-meta-layers-edited": (_plan(_set(["meta", "problem", "moe_layers"], 31)), "meta.problem.moe_layers"),
 }
 
 
@@ -884,3 +895,20 @@ def test_api_inputs_that_used_to_give_silently_wrong_answers():
     # the frequencies a problem derives from its own trace still travel with it
     assert problem.with_(batch=64).frequencies.shape == (32, 8)
     assert hm.Problem(problem.model, problem.hardware, None, frequencies=skewed).frequencies.sum() == 64
+
+
+def test_a_plan_scored_on_another_hardware_point_or_pool_is_not_refused(files, capsys, monkeypatch):
+    """The record check (plan-meta-*-edited above) compares the plan with the hardware point it
+    names; asking for another point with --hw is a question of its own and is answered."""
+    monkeypatch.chdir(files)
+    assert main(["evaluate", "--plan", str(files / "good_plan.json"), "--hw", "10/25", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hw"] == "10/25" and out["tbt_us"] > 0
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=256).to_problem()
+    for bad in ([1, 1], (0, 2, 0)):
+        with pytest.raises(InputError, match="more than once") as exc:
+            hm.solve(problem, layers=bad, time_limit_s=0.5)
+        assert exc.value.field == "layers"
+    with pytest.raises(InputError, match="CPU") as exc:
+        hm.solve(problem, layers=[0], jobs=10_000, time_limit_s=0.5)
+    assert exc.value.field == "jobs"

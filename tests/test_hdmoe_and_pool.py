@@ -23,13 +23,17 @@ def trace():
     return synthetic_trace(M, 600, seed=4)
 
 
-def test_hdmoe_stage1_beats_or_equals_ep(trace):
+def test_hdmoe_stage1_beats_or_equals_its_starts(trace):
+    """With a solver budget, stage 1 runs CP-SAT from the better of EP-LPT and wrap and returns a
+    plan whose stage-1 objective is no worse than that start's."""
     f = trace.frequencies()[0]
-    shares, info = node_balance(M, HW, f, trace.coactivation(0), 64, backend="cpsat", time_limit_s=3, seed=0)
+    start, info0 = node_balance(M, HW, f, trace.coactivation(0), 64, backend="cpsat", work_limit=0.0, seed=0)
+    assert info0["status"] in ("start (no solver budget)", "start-within-gap") and info0["source"] in ("ep-lpt", "wrap")
+    shares, info = node_balance(M, HW, f, trace.coactivation(0), 64, backend="cpsat", work_limit=1.0, gap=0.0, seed=0)
     np.testing.assert_allclose(shares.sum(axis=1), 1.0)
-    ep = build("ep-lpt", M, HW, trace.frequencies()).layers[0].shares
-    assert (f @ shares).max() <= (f @ ep).max() + 1e-9 or info["source"] != "cpsat"
-    assert info["gamma"] > 0
+    assert info["binaries"] > 0 and info["status"] in ("optimal", "feasible")  # the solver ran
+    assert info["objective_us"] <= info0["objective_us"] + 1e-9
+    assert info["gamma"] > 0 and info["bound_us"] <= info["objective_us"] + 1e-9
 
 
 def test_link_balance_never_increases_comm(trace):

@@ -100,6 +100,8 @@ def test_improves_a_bad_start_towards_the_enumerated_optimum():
             work_budget=0.5)
     assert best <= r.score_s < score(start)
     assert r.accepted >= 1 and r.history[-1][1] == r.score_s
+    # the history: accepted steps in time order, each strictly better than the one before
+    assert all(a[0] <= b[0] and b[1] < a[1] for a, b in zip(r.history, r.history[1:], strict=False))
 
 
 def test_solve_layer_runs_lns_on_layers_larger_than_a_neighbourhood():
@@ -116,11 +118,9 @@ def test_solve_layer_runs_lns_on_layers_larger_than_a_neighbourhood():
     assert r.lns_gain >= 0 and (r.lns_accepted == 0) == (not r.source.endswith("+lns"))
     steps = f"{r.lns_steps} step" + ("" if r.lns_steps == 1 else "s")
     assert f"LNS: {steps}, {r.lns_accepted} accepted, stopped because" in r.message
-    steps = [p for p in r.trace if p[3] == "lns"]  # every accepted step, in evaluator terms, in time order
-    assert len(steps) == r.lns_accepted
-    assert all(a[0] <= b[0] and b[1] < a[1] for a, b in zip(steps, steps[1:], strict=False))
-    if steps:
-        assert steps[-1][1] == r.objective_s and steps[0][1] < r.warm_start_objective_s
+    # the layer's trace has a point per accepted step, no more (the heuristics' plan is optimal for
+    # LNS on this instance, so none; the history's order is checked on a bad start above)
+    assert len([p for p in r.trace if p[3] == "lns"]) == r.lns_accepted
     d = r.to_dict()
     assert {"improvement", "lns_steps", "lns_accepted", "lns_gain"} <= set(d)
     np.testing.assert_array_equal(r.assign, runs[1].assign)

@@ -127,8 +127,11 @@ def test_polish_ends_at_a_local_optimum_after_improving_swap_passes(seed):
     # the layer solve's cut: stop after a swap pass that gained less than the given share
     inc.reset(a)
     short = polish(inc, bm.family, seed=seed, swap_patience=None, min_pass_gain=1.0)
-    assert short.stop in ("pass-gain", "local-optimum") and short.score_s <= score(a) * (1 + 1e-12)
-    assert short.evaluations <= r.evaluations or short.stop == "local-optimum"
+    assert short.score_s <= score(a) * (1 + 1e-12)
+    if seed in (0, 1):  # cases where a swap pass gains a little and the cut ends the search early
+        assert short.stop == "pass-gain" and short.evaluations < r.evaluations
+    else:
+        assert short.stop in ("pass-gain", "local-optimum") and short.evaluations <= r.evaluations
 
 
 def test_polish_is_determined_by_its_seed_and_never_worse():
@@ -212,5 +215,5 @@ def test_a_swap_pass_ends_after_its_patience():
     full = polish(IncrementalScore(bm, lr.experts, lr.weight, a), bm.family, seed=0, swap_patience=None)
     assert full.stop == "local-optimum"
     short = polish(IncrementalScore(bm, lr.experts, lr.weight, a), bm.family, seed=0, swap_patience=1)
-    assert short.stop in ("swap-patience", "local-optimum") and short.evaluations <= full.evaluations
+    assert short.stop == "swap-patience" and short.evaluations < full.evaluations
     assert short.score_s == pytest.approx(score(short.assign), rel=1e-9) and short.score_s <= score(a)

@@ -7,13 +7,39 @@ the tasks not yet started, stops the pool without waiting for the rest and raise
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputError, check_choice
 
 EXECUTORS = ("local", "ray")
+
+
+def local_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS reports one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def check_jobs(jobs: object, executor: str = "local") -> int:
+    """``jobs`` as an int: a whole number >= 1 and, in a local pool, at most this machine's CPUs
+    (at least 2). Layers have wall-clock limits, so processes beyond the cores would each search
+    less, and every process holds its own model in memory; Ray places tasks by their CPUs."""
+    if isinstance(jobs, (bool, np.bool_)) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
+        raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
+    jobs = int(jobs)
+    most = max(2, local_cpus())
+    if executor == "local" and jobs > most:
+        raise InputError("jobs", f"is {jobs}, more than the {local_cpus()} CPU(s) of this machine: every layer has a "
+                         "wall-clock limit, so more processes than cores would each search less, and each "
+                         "holds its own model in memory", f"use at most {most}, or the ray executor for a cluster")
+    return jobs
 
 
 class TasksInterrupted(KeyboardInterrupt):
@@ -32,8 +58,7 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, 
     ``RAY_ADDRESS``). ``fn`` must be a module-level function and the tasks picklable. ``bar``: a tqdm
     bar (or None)."""
     check_choice("executor", executor, EXECUTORS)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
+    jobs = check_jobs(jobs, executor)
     if executor == "ray":
         return _run_ray(fn, tasks, bar, num_cpus)
     if jobs == 1 or len(tasks) <= 1:

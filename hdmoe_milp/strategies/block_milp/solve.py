@@ -607,6 +607,9 @@ def select_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -
     for v in vals:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < num_layers:
             raise InputError("layers", f"{v!r} is not a layer number in 0..{num_layers - 1}")
+    twice = sorted({int(v) for v in vals if sum(int(w) == int(v) for w in vals) > 1})
+    if twice:
+        raise InputError("layers", f"lists layer {twice[0]} more than once", "name each layer once")
     return sorted({int(v) for v in vals})
 
 
