@@ -190,15 +190,11 @@ def _to_problem(args: argparse.Namespace, s: pl.Settings, plan: str | None = Non
 
 # the field a Settings check names -> where the value came from when no flag gave it: the plan's
 # meta.problem key and the instance file's key (the flag's attribute is its name without "--")
-_FILE_KEYS = {
-    "--batch": ("batch", "[workload].batch"), "--batching": ("batching", "[workload].batching"),
-    "--seed": ("seed", "[workload].seed"), "synthetic_tokens": ("synthetic_tokens", "[workload].synthetic_tokens"),
-    "--capacity-gb": ("hardware.dram_capacity_bytes", "[hardware].dram_capacity_gb"),
-    "--hop-latency-ns": ("hardware.hop_latency_s", "[hardware].hop_latency_ns"),
-    "--mesh": ("mesh", "[hardware].mesh"), "--hw": ("hw_point", "[hardware].preset"),
-    "--model": ("model", "[model].preset"), "--mode": ("mode", "[evaluator].mode"),
-    "--delivery": ("delivery", "[evaluator].delivery"), "--home": ("home", "[evaluator].home"),
-}
+_FILE_KEYS = {flag: (plan_key, pl.INSTANCE_KEYS[flag]) for flag, plan_key in (
+    ("--batch", "batch"), ("--batching", "batching"), ("--seed", "seed"), ("synthetic_tokens", "synthetic_tokens"),
+    ("--capacity-gb", "hardware.dram_capacity_bytes"), ("--hop-latency-ns", "hardware.hop_latency_s"),
+    ("--mesh", "mesh"), ("--hw", "hw_point"), ("--model", "model"), ("--mode", "mode"), ("--delivery", "delivery"),
+    ("--home", "home"))}
 
 
 def _print_left_out(problem: pl.Problem, names: list[str]) -> None:

@@ -72,15 +72,23 @@ MAX_THREADS = 1024  # solver threads per layer: the backends hold 32-bit counts,
 MAX_BATCH = 1e9  # tokens per batch: far beyond any decode batch, and well inside float range in every cost
 
 
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters, for messages; a whole number too long to print (Python
+    refuses to write ints of more than 4300 digits) by its size."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)) >= 10**60:
+        return f"a whole number of about {int(abs(int(value)).bit_length() * 0.30103) + 1} digits"
+    return f"{value!r:.60}"
+
+
 def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: float | None = None,
                integer: bool = False, maximum: float | None = None) -> float:
     """``value`` as a float if it is a finite real number (not a bool) in range, else an InputError
     naming ``field_name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         kind = "a whole number" if integer else "a number"
-        raise InputError(field_name, f"must be {kind}, got {value!r}", f"write {kind} without quotes")
+        raise InputError(field_name, f"must be {kind}, got {shown(value)}", f"write {kind} without quotes")
     if isinstance(value, numbers.Integral) and abs(int(value)) >= 2**63:
-        raise InputError(field_name, f"is out of range, got {value!r}", "give a smaller number")
+        raise InputError(field_name, f"is out of range, got {shown(value)}", "give a smaller number")
     v = float(value)
     if not np.isfinite(v):
         raise InputError(field_name, f"must be finite, got {value!r}", "give a finite number")

@@ -14,15 +14,35 @@ XY routing moves along the row (X) first, then along the column (Y).
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
-from .errors import InputError, check_choice
+from .errors import (
+    DRAM_BW_GBPS_RANGE,
+    MAX_HOP_LATENCY_NS,
+    InputError,
+    check_choice,
+    check_real,
+    expect_instance,
+    shown,
+)
 
 MESH_PRESETS = ("4x4", "4x8", "8x8")
+
+# Ranges of the constructors' numbers. They keep every cost the evaluator and the solvers derive
+# (work / rate, bytes / bandwidth, hops x latency, products of model sizes) finite and non-negative,
+# and agree with the instance loader (``instance.py``), which checks the same quantities in GB/s and ns.
+MAX_MESH_SIZE = 2**31 - 1  # rows x cols: far beyond any chip; the [D, D] hop-count matrix's size fits int64
+COMPUTE_FLOPS_RANGE = (1.0, 1e30)  # FLOP/s per node: 1 FLOP/s up to ~1e16 times today's largest accelerators
+LINK_BW_RANGE = (1.0, 1e30)  # bytes/s per directed link: 1 byte/s up to ~1e18 times today's fastest links
+# bytes/s per node: [hardware].dram_bw_gbps's range, converted as the loader converts it (x 1e9)
+DRAM_BW_RANGE = (DRAM_BW_GBPS_RANGE[0] * 1e9, DRAM_BW_GBPS_RANGE[1] * 1e9)
+MAX_HOP_LATENCY_S = MAX_HOP_LATENCY_NS * 1e-9  # s per hop: [hardware].hop_latency_ns bound, converted likewise
+MAX_DRAM_CAPACITY_BYTES = 1e30  # bytes per node: 1e21 GB; keeps capacity / (bytes of one expert) finite
 
 
 @dataclass(frozen=True)
@@ -35,14 +55,18 @@ class Mesh:
     def __post_init__(self) -> None:
         for name in ("rows", "cols"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise InputError(f"mesh.{name}", f"must be a positive integer, got {v!r}", "e.g. mesh '4x8'")
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise InputError(f"mesh.{name}", f"must be a positive integer, got {shown(v)}", "e.g. mesh '4x8'")
+            object.__setattr__(self, name, int(v))  # plain int (not np.int64): JSON-ready and exact
+        if self.rows * self.cols > MAX_MESH_SIZE:
+            raise InputError("mesh", f"{shown(self.rows)} x {shown(self.cols)} has more than {MAX_MESH_SIZE} nodes",
+                             "use a smaller mesh, e.g. 4x8")
 
     @classmethod
     def parse(cls, text: str) -> Mesh:
         """Parse ``"RxC"`` (rows x cols), e.g. ``"4x8"``."""
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
-        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        if not m or len(m.group(1)) > 100 or len(m.group(2)) > 100 or int(m.group(1)) < 1 or int(m.group(2)) < 1:
             raise InputError(
                 "mesh", f"malformed mesh {text!r}", "write ROWSxCOLS with positive integers, e.g. 4x8; presets: "
                 + ", ".join(MESH_PRESETS)
@@ -169,27 +193,26 @@ class Hardware:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
-        for fld in ("compute_flops", "dram_bw_bytes_per_s"):
+        expect_instance("hardware.mesh", self.mesh, Mesh,
+                        "give a Mesh, e.g. Mesh.parse('4x4') or Mesh(4, 4), or use make_hardware(point, '4x4')")
+        expect_instance("hardware.name", self.name, str, "give a string, e.g. 'custom'")
+        ranges = {"compute_flops": (COMPUTE_FLOPS_RANGE, "FLOP/s per node"),
+                  "dram_bw_bytes_per_s": (DRAM_BW_RANGE, "bytes/s per node"),
+                  "hop_latency_s": ((0.0, MAX_HOP_LATENCY_S), "seconds per hop"),
+                  "dram_capacity_bytes": ((0.0, MAX_DRAM_CAPACITY_BYTES), "bytes per node; None = unlimited")}
+        for fld, ((lo, hi), unit) in ranges.items():
             v = getattr(self, fld)
-            if not np.isfinite(v) or v <= 0:
-                raise InputError(f"hardware.{fld}", f"must be a positive finite number, got {v!r}")
-        if self.dram_capacity_bytes is not None and not (self.dram_capacity_bytes > 0):
-            raise InputError(
-                "hardware.dram_capacity_bytes", f"must be positive, got {self.dram_capacity_bytes!r}",
-                "or leave it unset for unlimited capacity",
-            )
-        if not np.isfinite(self.hop_latency_s) or self.hop_latency_s < 0:
-            raise InputError("hardware.hop_latency_s", f"must be >= 0, got {self.hop_latency_s!r}")
-        bw = np.asarray(self.link_bw_bytes_per_s, dtype=float)
+            if v is None and fld == "dram_capacity_bytes":
+                continue
+            try:
+                v = check_real(f"hardware.{fld}", v, minimum=lo, maximum=hi, positive=fld == "dram_capacity_bytes")
+            except InputError as exc:
+                raise InputError(exc.field, exc.problem, f"{exc.fix}, in {unit}") from None
+            object.__setattr__(self, fld, v)  # plain float (not np.float64 or int): JSON-ready
+        bw = _link_bandwidths(self.mesh, self.link_bw_bytes_per_s)
         if bw.ndim == 0:
+            object.__setattr__(self, "link_bw_bytes_per_s", float(bw))
             bw = np.full(self.mesh.num_links, float(bw))
-        if bw.shape != (self.mesh.num_links,):
-            raise InputError(
-                "hardware.link_bw_bytes_per_s",
-                f"expected a scalar or {self.mesh.num_links} values for mesh {self.mesh.name}, got shape {bw.shape}",
-            )
-        if not np.all(np.isfinite(bw)) or np.any(bw <= 0):
-            raise InputError("hardware.link_bw_bytes_per_s", "every link bandwidth must be positive and finite")
         bw.setflags(write=False)
         object.__setattr__(self, "_link_bw", bw)
 
@@ -205,6 +228,38 @@ class Hardware:
     @property
     def min_link_bw(self) -> float:
         return float(self.link_bw.min()) if self.link_bw.size else float("inf")
+
+
+def _link_bandwidths(mesh: Mesh, value: object) -> np.ndarray:
+    """``value`` (one number, or one per directed link of ``mesh``) as a float array (0-d for one
+    number), every entry finite and in :data:`LINK_BW_RANGE`; else an InputError."""
+    f = "hardware.link_bw_bytes_per_s"
+    lo, hi = LINK_BW_RANGE
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if not isinstance(value, (np.ndarray, list, tuple)):
+        return np.asarray(check_real(f, value, minimum=lo, maximum=hi))
+    fix = f"give one number for every link, or {mesh.num_links} numbers in this module's link order"
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iuf":
+            raise InputError(f, f"must hold numbers, got an array of dtype {value.dtype}", fix)
+        bw = value.astype(float)
+    else:
+        for i, x in enumerate(value):
+            try:
+                check_real(f, x)
+            except InputError as exc:
+                raise InputError(f, f"entry {i} {exc.problem}", fix) from None
+        bw = np.array([float(x) for x in value], dtype=float)
+    if bw.shape != (mesh.num_links,):
+        raise InputError(f, f"expected a scalar or {mesh.num_links} values for mesh {mesh.name}, got shape {bw.shape}",
+                         fix)
+    bad = ~(np.isfinite(bw) & (bw >= lo) & (bw <= hi))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InputError(f, f"every link bandwidth must be finite and in [{lo:g}, {hi:g}] bytes/s, link {i} has "
+                         f"{float(bw[i])!r}", f"give bandwidths in [{lo:g}, {hi:g}]")
+    return bw
 
 
 def make_hardware(

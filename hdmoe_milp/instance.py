@@ -121,9 +121,29 @@ class Settings:
                        seed=int(self.seed), name=self.name, hw_point=self.hw)
 
 
+# the field a Settings or Problem check names -> the instance file's key that gave the value
+INSTANCE_KEYS = {
+    "--batch": "[workload].batch", "batch": "[workload].batch", "--batching": "[workload].batching",
+    "--seed": "[workload].seed", "synthetic_tokens": "[workload].synthetic_tokens",
+    "--capacity-gb": "[hardware].dram_capacity_gb", "hardware.dram_capacity_bytes": "[hardware].dram_capacity_gb",
+    "--hop-latency-ns": "[hardware].hop_latency_ns", "dram_bw_gbps": "[hardware].dram_bw_gbps",
+    "--mesh": "[hardware].mesh", "--hw": "[hardware].preset", "--model": "[model].preset",
+    "--mode": "[evaluator].mode", "--delivery": "[evaluator].delivery", "--home": "[evaluator].home",
+    "context_len": "[evaluator].context_len",
+}
+
+
 def load_instance(path: str | Path) -> Problem:
-    """Read an instance TOML file into a validated :class:`Problem`."""
-    return read_settings(path).to_problem()
+    """Read an instance TOML file into a validated :class:`Problem`; an error about one of its
+    values names the file's key (``instance x.toml [workload].batch``)."""
+    s = read_settings(path)
+    try:
+        return s.to_problem()
+    except InputError as exc:
+        key = INSTANCE_KEYS.get(exc.field)
+        if key is None:
+            raise
+        raise InputError(f"instance {Path(path).name} {key}", exc.problem, exc.fix) from None
 
 
 # (key, kind, positive): how each numeric key of an instance file is checked; "int" keys are whole numbers

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
-from .errors import InputError, check_choice
+from .errors import InputError, check_choice, check_real, expect_instance, shown
+
+# Ranges of a model's numbers. Every cost multiplies a few of these sizes with each other and with the
+# batch and context length, then divides by rates and by the bytes of one expert; these bounds keep all
+# of it finite and positive (an int is exact; a float of a product of a few such sizes is far below 1e308).
+MAX_MODEL_SIZE = 2**31 - 1  # experts, top_k, hidden and intermediate sizes, layer counts: far beyond any model
+BYTES_PER_ELEMENT_RANGE = (1 / 16, 64.0)  # bytes per weight / activation: half a bit (compressed) to 512 bits
 
 
 @dataclass(frozen=True)
@@ -33,19 +40,28 @@ class MoEModel:
     paper_intermediate: int | None = None
 
     def __post_init__(self) -> None:
-        for fld in ("num_experts", "top_k", "hidden", "expert_intermediate", "moe_layers"):
+        expect_instance("model.name", self.name, str, "give a string, e.g. 'my-moe'")
+        if not self.name.strip():
+            raise InputError("model.name", "is empty", "give a name, e.g. 'my-moe'")
+        sizes = {"num_experts": 1, "top_k": 1, "hidden": 1, "expert_intermediate": 1, "moe_layers": 1,
+                 "dense_layers": 0, "dense_intermediate": 0, "shared_experts": 0, "shared_intermediate": 0}
+        if self.paper_intermediate is not None:
+            sizes["paper_intermediate"] = 1
+        for fld, lo in sizes.items():
             v = getattr(self, fld)
-            if not isinstance(v, int) or v < 1:
-                raise InputError(f"model.{fld}", f"must be a positive integer, got {v!r}")
-        for fld in ("dense_layers", "dense_intermediate", "shared_experts", "shared_intermediate"):
-            v = getattr(self, fld)
-            if not isinstance(v, int) or v < 0:
-                raise InputError(f"model.{fld}", f"must be a non-negative integer, got {v!r}")
+            kind = "a positive" if lo else "a non-negative"
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= MAX_MODEL_SIZE:
+                raise InputError(f"model.{fld}", f"must be {kind} whole number up to {MAX_MODEL_SIZE}, got {shown(v)}",
+                                 f"give {kind} integer" + (" or None (= expert_intermediate)"
+                                                           if fld == "paper_intermediate" else ""))
+            object.__setattr__(self, fld, int(v))  # plain int (not np.int64): JSON-ready
         if self.top_k > self.num_experts:
-            raise InputError("model.top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+            raise InputError("model.top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}",
+                             "give top_k <= num_experts")
+        lo, hi = BYTES_PER_ELEMENT_RANGE
         for fld in ("weight_bytes", "activation_bytes"):
-            if not getattr(self, fld) > 0:
-                raise InputError(f"model.{fld}", "must be positive (bytes per element)")
+            v = check_real(f"model.{fld}", getattr(self, fld), minimum=lo, maximum=hi)  # bytes per element
+            object.__setattr__(self, fld, v)  # plain float: JSON-ready
 
     def expert_weight_bytes(self) -> float:
         """Bytes of one routed expert's weights (3 SwiGLU matrices)."""

@@ -28,7 +28,7 @@ from .errors import InputError, check_choice, check_seed, expect_instance
 from .evaluator import EvalOptions, Evaluation
 from .evaluator import evaluate as score
 from .hardware import HARDWARE_PRESETS
-from .instance import Settings, load_instance, read_settings
+from .instance import INSTANCE_KEYS, Settings, load_instance, read_settings
 from .moe import MODEL_PRESETS
 from .online import POLICIES, ReplayResult
 from .online import replay as _replay
@@ -55,10 +55,10 @@ from .strategies.hdmoe import WORK_LIMIT
 from .workload import Trace, check_window, load_trace, summarize, total_variation
 
 __all__ = [
-    "BASELINES", "HARDWARE_PRESETS", "MODEL_PRESETS", "POLICIES", "REPLICA_RULES", "STRATEGIES", "Budget",
-    "Comparison", "LayerReport", "PlanResult", "Problem", "Settings", "check_choice", "check_plan", "compare",
-    "evaluate", "file_sha256", "load_instance", "load_plan", "load_trace", "place", "plan_settings",
-    "read_settings", "replay", "solve", "trace_stats",
+    "BASELINES", "HARDWARE_PRESETS", "INSTANCE_KEYS", "MODEL_PRESETS", "POLICIES", "REPLICA_RULES", "STRATEGIES",
+    "Budget", "Comparison", "LayerReport", "PlanResult", "Problem", "Settings", "check_choice", "check_jobs",
+    "check_plan", "compare", "evaluate", "file_sha256", "load_instance", "load_plan", "load_trace", "place",
+    "plan_settings", "read_settings", "replay", "solve", "trace_stats",
 ]
 
 
@@ -97,6 +97,11 @@ def evaluate(problem: Problem, plan: str | Placement, *, seed: int | None = None
     expect_instance("plan", plan, (str, Placement), "give a strategy name or a Placement")
     expect_instance("options", options, EvalOptions, "use hm.EvalOptions(...)", optional=True)
     expect_instance("budget", budget, Budget, "use hm.Budget(...)", optional=True)
+    if isinstance(plan, Placement):
+        for name, v in (("seed", seed), ("budget", budget)):
+            if v is not None:
+                raise InputError(name, "builds a strategy named by a string; this plan is a Placement, already built",
+                                 f"leave {name} out, or give the strategy's name")
     placement = plan if isinstance(plan, Placement) else place(problem, plan, seed=seed, budget=budget)
     if isinstance(plan, Placement):
         check_plan(placement, problem)
@@ -152,6 +157,9 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
     _check_problem(problem)
     expect_instance("plans", plans, dict, "give a dict of name -> Placement", optional=True)
     expect_instance("budget", budget, Budget, "use hm.Budget(...)", optional=True)
+    if not isinstance(strategies, (str, list, tuple, type(None))):
+        raise InputError("strategies", f"must be a name or a list of names, got {strategies!r}",
+                         "e.g. ['tp', 'ep'], or leave it out for the baselines")
     names = list(BASELINES if strategies is None else [strategies] if isinstance(strategies, str) else strategies)
     if not names and not plans:
         raise InputError("strategies", "is empty", "name at least one strategy, or leave it out for the baselines")
@@ -163,8 +171,13 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
     for name, p in (plans or {}).items():
         if name in names:
             raise InputError("plans", f"{name!r} is also a strategy to build", "name the plan differently")
+        if not isinstance(name, str) or not name:
+            raise InputError("plans", f"keys are the plans' names, got {name!r}", "name each plan with a string")
         expect_instance("plans", p, Placement, f"the value of {name!r} must be a Placement")
         check_plan(p, problem)
+        if name == "tp" and not _same_layout(p, place(problem, "tp")):  # "tp" is the speedups' reference
+            raise InputError("plans", "'tp' names the reference of every speedup, but this plan is not tensor "
+                             "parallel", "give the plan another name")
         placements[name] = p
     built = _place_all(problem, names, seed, budget, progress)
     # a built strategy that does not fit the DRAM is no plan: it is left out and listed (as in solve),
@@ -182,6 +195,13 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
     ref = evals.get("tp") or score(place(problem, "tp"), problem.model, problem.hardware, problem.workload,
                                    problem.options)
     return Comparison(problem, evals, placements, ref, {n: e.problem for n, e in misfit.items()})
+
+
+def _same_layout(a: Placement, b: Placement) -> bool:
+    """Whether two placements put the same shares of every expert on every node, layer by layer."""
+    return a.num_layers == b.num_layers and all(
+        x.shares.shape == y.shares.shape and np.allclose(x.shares, y.shares, rtol=0.0, atol=1e-12)
+        for x, y in zip(a.layers, b.layers, strict=True))
 
 
 # --- the offline solve ------------------------------------------------------------------------------
@@ -287,6 +307,9 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     ``formulations/offline_milp.md``).
     """
     _check_problem(problem)
+    if problem.trace is None:  # before any layer is solved: the plans are scored on the trace
+        raise InputError("trace", "is needed to solve (every plan is scored by the evaluator on its tokens)",
+                         "build the problem with a trace (hm.load_trace or an instance file)")
     budget = Budget(time_limit_s=time_limit_s, work_limit=work_limit, backend=backend, threads=threads, gap=gap)
     if problem.hardware.num_nodes > MAX_MESH_NODES:
         raise InputError("mesh", f"{problem.mesh_name} has {problem.hardware.num_nodes} nodes; the MILP solve builds "
@@ -317,7 +340,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     if not branch_and_bound:
         lns_settings = replace(lns_settings or LnsSettings(), bnb=False)
     seed = problem.seed if seed is None else check_seed(seed)
-    params = SolveParams(time_limit_s=time_limit_s, threads=threads, seed=seed, gap=gap, deterministic=deterministic)
+    params = SolveParams(time_limit_s=budget.time_limit_s, threads=budget.threads, seed=seed, gap=budget.gap,
+                         deterministic=deterministic)
     t0 = time.perf_counter()
     # one pool task per layer: its MILP computes the layer's hdmoe baseline too (a deterministic
     # budget, so the pool does not change its answer) and the pipeline reuses it as the candidate
@@ -370,7 +394,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     names = [n for n in names if n not in misfits]
     wall = time.perf_counter() - t0
     layers = res.layers
-    solver = {"backend": backend, "time_limit_s": time_limit_s, "threads": threads, "jobs": jobs, "gap": gap,
+    solver = {"backend": backend, "time_limit_s": budget.time_limit_s, "threads": budget.threads, "jobs": jobs,
+              "gap": budget.gap,
               "seed": seed, "executor": executor, "baselines": names, "pool_wall_s": res.wall_s, "wall_s": wall,
               "layers": chosen, "time_mode": "deterministic" if deterministic else "wall",
               "family": next((r.family for r in results if r.family), ""), "interrupted": interrupted,
@@ -407,6 +432,8 @@ def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[L
 def check_plan(plan: Placement, problem: Problem) -> None:
     """Raise one InputError naming both sides if ``plan`` cannot be scored on ``problem``: a
     different model or mesh than the plan file records, or a different shape."""
+    expect_instance("plan", plan, Placement, "use hm.load_plan(path) or hm.place(problem, name)")
+    _check_problem(problem)
     made = plan.meta.get("problem") if isinstance(plan.meta, dict) else None
     if isinstance(made, dict):
         for key, here in (("model", problem.model.name), ("mesh", problem.mesh_name)):
@@ -467,6 +494,10 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     check_choice("batching", batching, ("random", "contiguous"))
     problem.check_memory("batch", batch)  # refused before any batch is drawn
     check_window("batch", batch, batching, tr, "lower batch or use batching='random'")
+    for key in ("model", "hw", "options"):  # the problem gives these; they are no policy setting
+        if key in policy_kw:
+            raise InputError(key, "comes from the problem, not from a policy setting",
+                             "build the problem with it (hm.Problem / Problem.with_), and leave it out here")
     o = problem.options
     opts = EvalOptions(mode=o.mode, delivery=o.delivery, home=o.home, seed=o.seed, context_len=o.context_len,
                        replica_rule=replica_rule)

@@ -69,6 +69,19 @@ def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, fie
         pass
 
 
+def _numbers(field: str, value: Any, shape: str) -> np.ndarray:
+    """``value`` as a numpy array of real numbers (ints or floats; not text, bools, or ragged rows)."""
+    try:
+        a = np.asarray(value)
+    except (TypeError, ValueError):
+        a = None
+    if a is None or a.dtype.kind not in "iuf":
+        got = type(value).__name__ + ("" if a is None else f" of {a.dtype}")
+        raise InputError(field, f"must be an array of numbers {shape}, got {got}",
+                         "give a numpy array or equally long lists of numbers")
+    return a.astype(float) if a.dtype.kind == "f" else a
+
+
 @dataclass(frozen=True)
 class LayerPlacement:
     """Copies of the experts of one layer. Shapes: ``shares [R, D]``, ``expert_of [R]``,
@@ -80,13 +93,14 @@ class LayerPlacement:
     num_experts: int
 
     def __post_init__(self) -> None:
-        s = np.asarray(self.shares, dtype=float)
-        eo_raw = np.asarray(self.expert_of)
+        object.__setattr__(self, "num_experts", expect_int("placement.num_experts", self.num_experts, minimum=1))
+        s = _numbers("placement.shares", self.shares, "[copies, nodes]")
+        eo_raw = _numbers("placement.expert_of", self.expert_of, "[copies]")
         if eo_raw.dtype.kind not in "iu" and not (eo_raw.dtype.kind == "f" and np.all(eo_raw == np.round(eo_raw))):
             raise InputError("placement.expert_of", f"must be whole expert ids, got dtype {eo_raw.dtype}",
                              "give integer ids")
         eo = eo_raw.astype(np.int64)
-        tf = np.asarray(self.token_fraction, dtype=float)
+        tf = _numbers("placement.token_fraction", self.token_fraction, "[copies]")
         if s.ndim != 2 or s.shape[0] == 0:
             raise InputError("placement.shares", f"must be a non-empty [copies, nodes] array, got shape {s.shape}")
         if eo.shape != (s.shape[0],) or tf.shape != (s.shape[0],):
@@ -125,7 +139,7 @@ class LayerPlacement:
     @classmethod
     def from_shares(cls, shares: np.ndarray) -> LayerPlacement:
         """One copy per expert: ``shares [E, D]``."""
-        s = np.asarray(shares, dtype=float)
+        s = _numbers("placement.shares", shares, "[experts, nodes]").astype(float)
         if s.ndim != 2:
             raise InputError("placement.shares", f"must be [experts, nodes], got shape {s.shape}")
         E = s.shape[0]
@@ -163,6 +177,16 @@ class Placement:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, (tuple, list)) or not all(isinstance(lp, LayerPlacement) for lp in self.layers):
+            raise InputError("placement.layers", f"must be a tuple of LayerPlacement, got {type(self.layers).__name__}",
+                             "use Placement.from_shares(shares [layers, E, D]) or LayerPlacement.from_shares")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not isinstance(self.strategy, str) or not self.strategy.strip():
+            raise InputError("placement.strategy", f"must be a non-empty name, got {self.strategy!r}",
+                             "name the strategy that made it, e.g. 'custom'")
+        if not isinstance(self.meta, dict):
+            raise InputError("placement.meta", f"must be a dict, got {type(self.meta).__name__}",
+                             "give a dict or leave it out")
         if not self.layers:
             raise InputError("placement", "has no layers")
         d = {lp.num_nodes for lp in self.layers}

@@ -87,14 +87,18 @@ class Budget:
     gap: float = 1e-4
 
     def __post_init__(self) -> None:
-        check_real("time_limit_s", self.time_limit_s, positive=True, maximum=MAX_TIME_LIMIT_S)
+        # stored as plain Python numbers (numpy scalars are accepted), so that plan files can record them
+        set_ = object.__setattr__
+        set_(self, "time_limit_s", check_real("time_limit_s", self.time_limit_s, positive=True,
+                                              maximum=MAX_TIME_LIMIT_S))
         if self.work_limit is not None:
-            check_real("work_limit", self.work_limit, minimum=0.0, maximum=MAX_WORK_LIMIT)
+            set_(self, "work_limit", check_real("work_limit", self.work_limit, minimum=0.0, maximum=MAX_WORK_LIMIT))
         check_choice("backend", self.backend, tuple(BACKENDS))
-        check_real("threads", self.threads, minimum=1, integer=True, maximum=MAX_THREADS)
+        set_(self, "threads", int(check_real("threads", self.threads, minimum=1, integer=True, maximum=MAX_THREADS)))
         g = check_real("gap", self.gap, minimum=0.0)
         if g >= 1:
             raise InputError("gap", f"must be in [0, 1), got {self.gap!r}")
+        set_(self, "gap", g)
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,14 @@ class Problem:
         if self.hw_point is not None and self.hw_point not in HARDWARE_PRESETS:
             raise InputError("hw_point", f"unknown value {self.hw_point!r}",
                              "give one of " + ", ".join(HARDWARE_PRESETS) + ", or None")
+        if self.hw_point is not None:  # plan files record it: it must be the hardware's point
+            pt, hw = HARDWARE_PRESETS[self.hw_point], self.hardware
+            if hw.compute_flops != pt.compute_flops or not np.all(hw.link_bw == pt.link_bw_bytes_per_s):
+                raise InputError("hw_point", f"{self.hw_point!r} is {pt.compute_flops / 1e12:g} TFLOP/s per node "
+                                 f"and {pt.link_bw_bytes_per_s / 1e9:g} GB/s per link, but the hardware has "
+                                 f"{hw.compute_flops / 1e12:g} TFLOP/s and {hw.min_link_bw / 1e9:g} GB/s "
+                                 "(slowest link)", "leave hw_point out, or build the hardware with "
+                                 f"make_hardware({self.hw_point!r}, mesh)")
         m = self.model
         if self.trace is not None:
             t = self.trace

@@ -16,12 +16,23 @@ import json
 import os
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, check_choice, check_file, expect_int, int_matrix
+from .errors import (
+    MAX_BATCH,
+    InputError,
+    check_choice,
+    check_file,
+    check_real,
+    check_seed,
+    expect_instance,
+    expect_int,
+    int_matrix,
+)
 
 BATCHING = ("expected", "random", "contiguous")
 
@@ -38,6 +49,14 @@ class Trace:
     sha256: str | None = None  # of that file's bytes
 
     def __post_init__(self) -> None:
+        layers = self.layers
+        if isinstance(layers, np.ndarray) and layers.ndim == 3:  # [layers, tokens, top_k] in one array
+            layers = tuple(layers)
+        if not isinstance(layers, (tuple, list)):
+            what = f"a {layers.ndim}-D array" if isinstance(layers, np.ndarray) else type(layers).__name__
+            raise InputError("trace", f"layers must be a tuple of per-layer arrays [tokens, top_k], got {what}",
+                             "e.g. Trace((ids_layer0, ids_layer1), num_experts, top_k); wrap one layer as (ids,)")
+        object.__setattr__(self, "layers", tuple(layers))
         if len(self.layers) == 0:
             raise InputError("trace", "has no layers", "a trace needs at least one MoE layer")
         if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, (int, np.integer)) \
@@ -49,7 +68,10 @@ class Trace:
             if not isinstance(a, np.ndarray) or a.dtype.kind not in "iu":
                 raise InputError(f"trace layer {li}", "must be an integer numpy array [tokens, top_k] of expert ids",
                                  "e.g. np.asarray(ids, dtype=np.int64)")
-            if a.ndim != 2 or a.shape[0] == 0:
+            if a.ndim != 2:
+                raise InputError(f"trace layer {li}", f"must be a 2-D array [tokens, top_k], got shape {a.shape}",
+                                 "one row of top_k expert ids per token")
+            if a.shape[0] == 0:
                 raise InputError(f"trace layer {li}", "is empty", "every layer needs at least one token")
             if a.shape[1] != self.top_k:
                 raise InputError(
@@ -244,42 +266,70 @@ def check_observed_memory(field: str, tokens: float, layers: int, top_k: int) ->
                          f"machine's {limit / 1e9:.3g} GB of memory", fix)
 
 
-def check_batch(batch: float) -> float:
-    if not np.isfinite(batch) or batch <= 0:
-        raise InputError("batch", f"must be a positive number of tokens, got {batch!r}", "e.g. --batch 128")
-    return batch
+def check_batch(batch: float, *, whole: bool = False) -> float:
+    """``batch`` as a float if it is a real number (not a bool) in 1..:data:`MAX_BATCH` tokens
+    (a whole number with ``whole``: an observed batch), else an InputError naming ``batch``."""
+    return check_real("batch", batch, minimum=1, maximum=MAX_BATCH, integer=whole)
+
+
+def _check_trace(trace: Trace) -> Trace:
+    return expect_instance("trace", trace, Trace, "load one with hm.load_trace(path, num_experts, top_k)")
+
+
+def _check_mode(mode: str, field: str = "mode") -> str:
+    """``mode`` if it is ``random`` or ``contiguous`` (an observed batch), else an InputError."""
+    if not isinstance(mode, str):
+        raise InputError(field, f"must be 'random' or 'contiguous', got {mode!r:.60}", "quote it, e.g. 'random'")
+    return check_choice(field, mode, ("random", "contiguous"))
+
+
+def _seed(seed: int) -> int:
+    """``seed`` checked by :func:`check_seed`; None is refused (it would draw unseeded randomness)."""
+    if seed is None:
+        raise InputError("seed", "is None, but batches are always drawn from a seed",
+                         "give a whole number in 0..2**63-1, or leave it out for the default 0")
+    return check_seed(seed)
+
+
+def _window_fix(trace: Trace, field: str) -> str:
+    return (f"give batch <= {trace.num_tokens()} (the trace's length in tokens) or {field}='random', which "
+            "draws tokens at random")
 
 
 def expected_workload(trace: Trace, batch: float) -> Workload:
-    """Expected batch of ``batch`` tokens: one flow per distinct expert set g with weight f_g * B."""
-    check_batch(batch)
+    """Expected batch of ``batch`` tokens (a real number in 1..:data:`~hdmoe_milp.errors.MAX_BATCH`):
+    one flow per distinct expert set g with weight f_g * B."""
+    _check_trace(trace)
+    b = check_batch(batch)
     layers = []
     for li in range(trace.num_layers):
         g, fg = trace.coactivation(li)
-        layers.append(LayerRouting(g, fg * batch))
-    return Workload(tuple(layers), trace.num_experts, trace.top_k, float(batch), "expected")
+        layers.append(LayerRouting(g, fg * b))
+    return Workload(tuple(layers), trace.num_experts, trace.top_k, b, "expected")
 
 
 def sample_batch(trace: Trace, batch: int, mode: str = "random", seed: int = 0) -> Workload:
-    """A batch of ``batch`` observed tokens.
+    """A batch of ``batch`` observed tokens (a whole number >= 1).
 
-    ``random``: tokens drawn without replacement from the whole trace (many concurrent requests);
-    ``contiguous``: a window of consecutive tokens (one conversation). The same token rows are used in
-    every layer, so cross-layer structure is kept. Seeded.
+    ``random``: tokens drawn without replacement from the whole trace (many concurrent requests;
+    with replacement only when ``batch`` exceeds the trace's length); ``contiguous``: a window of
+    consecutive tokens (one conversation), at most the trace's length (a longer window would repeat
+    tokens and is refused). The same token rows are used in every layer, so cross-layer structure is
+    kept. Always seeded: ``seed`` is a whole number in 0..2**63-1, default 0 (None is refused rather
+    than drawing unseeded randomness); the same seed gives the same batch.
     """
-    check_batch(batch)
-    check_choice("batching", mode, ("random", "contiguous"))
-    check_observed_memory("batch", batch, trace.num_layers, trace.top_k)
+    _check_trace(trace)
+    b = int(check_batch(batch, whole=True))
+    _check_mode(mode)
+    rng = np.random.default_rng(_seed(seed))
     n = trace.num_tokens()
-    b = int(batch)
-    if b != batch:
-        raise InputError("batch", f"an observed batch needs a whole number of tokens, got {batch!r}")
-    rng = np.random.default_rng(seed)
+    check_window("batch", b, mode, trace, _window_fix(trace, "mode"))
+    check_observed_memory("batch", b, trace.num_layers, trace.top_k)
     if mode == "random":
         idx = rng.choice(n, size=b, replace=b > n)
     else:
-        start = int(rng.integers(0, max(1, n - b + 1)))
-        idx = (start + np.arange(b)) % n
+        start = int(rng.integers(0, n - b + 1))
+        idx = start + np.arange(b)
     return _observed(trace, idx)
 
 
@@ -289,21 +339,35 @@ def _observed(trace: Trace, idx: np.ndarray) -> Workload:
     return Workload(layers, trace.num_experts, trace.top_k, float(len(idx)), "observed")
 
 
-def iter_batches(trace: Trace, batch: int, mode: str = "random", seed: int = 0, count: int | None = None):
-    """Yield ``count`` successive observed batches (contiguous: consecutive windows)."""
-    check_batch(batch)
-    check_observed_memory("batch", batch, trace.num_layers, trace.top_k)
+def iter_batches(trace: Trace, batch: int, mode: str = "random", seed: int = 0,
+                 count: int | None = None) -> Iterator[Workload]:
+    """An iterator over ``count`` (None: endless) successive observed batches of ``batch`` tokens,
+    its arguments checked on the call. ``random``:
+    each drawn as by :func:`sample_batch` from one generator seeded by ``seed`` (default 0; None is
+    refused); ``contiguous``: consecutive windows, cycling round the trace (a window no longer than the
+    trace, so no batch repeats a token)."""
+    _check_trace(trace)
+    b = int(check_batch(batch, whole=True))
+    _check_mode(mode)
+    rng = np.random.default_rng(_seed(seed))
+    if count is not None:
+        count = expect_int("count", count, minimum=0)
     n = trace.num_tokens()
-    rng = np.random.default_rng(seed)
-    i = 0
-    while count is None or i < count:
-        if mode == "contiguous":
-            start = (i * batch) % n
-            idx = (start + np.arange(batch)) % n
-        else:
-            idx = rng.choice(n, size=batch, replace=batch > n)
-        yield _observed(trace, idx)
-        i += 1
+    check_window("batch", b, mode, trace, _window_fix(trace, "mode"))
+    check_observed_memory("batch", b, trace.num_layers, trace.top_k)
+
+    def batches() -> Iterator[Workload]:  # checked above, when called, not at the first batch
+        i = 0
+        while count is None or i < count:
+            if mode == "contiguous":
+                start = (i * b) % n
+                idx = (start + np.arange(b)) % n
+            else:
+                idx = rng.choice(n, size=b, replace=b > n)
+            yield _observed(trace, idx)
+            i += 1
+
+    return batches()
 
 
 # --- statistics -------------------------------------------------------------------------------
@@ -344,8 +408,10 @@ def top_pair_share(trace: Trace) -> np.ndarray:
 
 
 def ep_node_imbalance(freqs: np.ndarray, num_nodes: int, seed: int = 0) -> np.ndarray:
-    """Per layer max/mean node load when whole experts are dealt to ``num_nodes`` nodes at random."""
-    rng = np.random.default_rng(seed)
+    """Per layer max/mean node load when whole experts are dealt to ``num_nodes`` nodes at random
+    (seeded by ``seed``, default 0)."""
+    num_nodes = expect_int("num_nodes", num_nodes, minimum=1)
+    rng = np.random.default_rng(check_seed(seed))
     f = np.asarray(freqs, dtype=float)
     E = f.shape[-1]
     out = []

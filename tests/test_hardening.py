@@ -887,7 +887,7 @@ def test_api_inputs_that_used_to_give_silently_wrong_answers():
         (lambda: problem.with_(hw_point="99/1"), "hw_point"),
         (lambda: hm.EvalOptions(seed=2.0), "seed"),
         (lambda: hm.solve(problem, baselines=None), "baselines"),
-        (lambda: hm.replay(problem, plan, foo=1, batches=1, batch=8), "policy"),
+        (lambda: hm.replay(problem, plan, foo=1, batches=1, batch=8), "foo"),
     ):
         with pytest.raises(InputError) as exc:
             call()

@@ -3,6 +3,7 @@ EPLB-style periodic re-planning and an oracle (an offline solve per batch)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -10,16 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..costs import UnitCosts, hide_time_s
-from ..errors import InputError, check_choice
+from ..errors import MAX_BATCH, MAX_TIME_LIMIT_S, InputError, check_choice, check_real, expect_instance
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import LayerPlacement, Placement
 from ..replica_rules import water_fill
-from ..solvers import SolveParams
+from ..solvers import BACKENDS, SolveParams
 from ..strategies.block_milp import MilpOptions, solve_layer
 from ..strategies.eplb import eplb_placement
-from .rebalancer import GreedyRebalancer, RebalancerConfig
+from .rebalancer import GreedyRebalancer, RebalancerConfig, whole_number
 
 POLICIES = ("static", "greedy", "hdmoe-prebroadcast", "eplb-periodic", "oracle")
 
@@ -66,6 +67,9 @@ class GreedyPolicy(Policy):
 
     def __init__(self, plan, model, hw, batch, options=None, config: RebalancerConfig | None = None) -> None:
         super().__init__(plan, model, hw, batch, options)
+        expect_instance("config", config, RebalancerConfig,
+                        "give hm.online.RebalancerConfig(...) (its fields are the settings) or leave it out",
+                        optional=True)
         self.reb = GreedyRebalancer(plan, model, hw, batch, config, self.options)
 
     def decide(self, j: int) -> Decision:
@@ -83,6 +87,9 @@ def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: Eva
                        alpha_s: float = 1e-7) -> int:
     """HD-MoE's k: the most experts whose broadcast fits behind one layer's non-MoE time, from its
     alpha-beta bound t(k) = S*beta*k + 2*alpha*sqrt(D) + 2*sqrt(2*sqrt(D)*beta*k*alpha*S)."""
+    expect_instance("options", options, EvalOptions, "give hm.EvalOptions()")
+    alpha_s = check_real("alpha_s", alpha_s, minimum=0.0)
+    batch = check_real("batch", batch, minimum=1, maximum=MAX_BATCH)
     S = UnitCosts.of(model, options.mode).weight_bytes
     beta = 1.0 / hw.min_link_bw
     sd = math.sqrt(hw.num_nodes)
@@ -111,7 +118,10 @@ class HdmoePrebroadcast(Policy):
 
     def __init__(self, plan, model, hw, batch, options=None, k: int | None = None) -> None:
         super().__init__(plan, model, hw, batch, options)
-        self.k = prebroadcast_count(model, hw, batch, self.options) if k is None else k
+        E = model.num_experts
+        self.k = prebroadcast_count(model, hw, batch, self.options) if k is None else \
+            whole_number("k", k, 0, E, f"experts broadcast per layer and batch; {model.name} has {E}, "
+                                      "0 never broadcasts, None: from the alpha-beta model")
         self.pred_: np.ndarray | None = None
 
     def observe(self, counts: np.ndarray, workload=None) -> None:
@@ -124,6 +134,7 @@ class HdmoePrebroadcast(Policy):
         phi = UnitCosts.of(self.model, self.options.mode).flops_per_token
         D = self.hw.num_nodes
         layers = []
+        broadcasts = 0
         for li, lp in enumerate(self.plan.layers):
             n = self.pred_[li]
             es = lp.expert_shares()  # [E, D]
@@ -142,6 +153,7 @@ class HdmoePrebroadcast(Policy):
             if not spread:
                 layers.append(lp)
                 continue
+            broadcasts += len(spread)
             keep = ~np.isin(lp.expert_of, list(spread))
             shares, eo, fr = [lp.shares[keep]], [lp.expert_of[keep]], [lp.token_fraction[keep]]
             for i, x in spread.items():
@@ -154,8 +166,13 @@ class HdmoePrebroadcast(Policy):
             layers.append(LayerPlacement(np.vstack(shares), np.concatenate(eo), np.concatenate(fr),
                                          self.model.num_experts))
         dt = (time.perf_counter() - t0) / len(self.plan.layers)
-        return Decision(Placement(tuple(layers), "hdmoe-prebroadcast"), 0.0, 0.0,
-                        len(self.plan.layers) * self.k, dt)
+        return Decision(Placement(tuple(layers), "hdmoe-prebroadcast"), 0.0, 0.0, broadcasts, dt)
+
+
+def max_extra_replicas(num_experts: int, num_nodes: int) -> int:
+    """The most extra copies an EPLB re-plan may add: its ``max(E, D) + extra`` slots then reach
+    ``E * D``, every node holding every expert; more would only stack copies of one expert on a node."""
+    return max(0, num_experts * num_nodes - max(num_experts, num_nodes))
 
 
 class EplbPeriodic(Policy):
@@ -168,8 +185,13 @@ class EplbPeriodic(Policy):
     def __init__(self, plan, model, hw, batch, options=None, period: int = 20, window: int = 20,
                  extra_replicas: int | None = None) -> None:
         super().__init__(plan, model, hw, batch, options)
-        self.period, self.window = period, window
-        self.extra = hw.num_nodes if extra_replicas is None else extra_replicas
+        self.period = whole_number("period", period, 1, why="batches between re-plans")
+        self.window = whole_number("window", window, 1, why="past batches whose counts are averaged")
+        E, D = model.num_experts, hw.num_nodes
+        most = max_extra_replicas(E, D)
+        self.extra = min(D, most) if extra_replicas is None else whole_number(
+            "extra_replicas", extra_replicas, 0, most,
+            f"copies beyond one per expert; {most} fill every one of the {D} nodes with all {E} experts")
         self.history: list[np.ndarray] = []
         self.current = plan
         self.hide_s = hide_time_s(model, hw, batch, self.options.mode, self.options.context_len)
@@ -211,7 +233,13 @@ class OraclePolicy(Policy):
     def __init__(self, plan, model, hw, batch, options=None, time_limit_s: float = 0.5,
                  backend: str = "cpsat") -> None:
         super().__init__(plan, model, hw, batch, options)
-        self.time_limit_s, self.backend = time_limit_s, backend
+        self.time_limit_s = check_real("time_limit_s", time_limit_s, positive=True, maximum=MAX_TIME_LIMIT_S)
+        if not isinstance(backend, str):
+            raise InputError("backend", f"must be a backend name, got {backend!r:.60}",
+                             "allowed: " + ", ".join(sorted(BACKENDS)))
+        self.backend = check_choice("backend", backend, tuple(BACKENDS))
+        if not BACKENDS[backend].available():
+            raise InputError("backend", f"{backend} is not installed", f"pip install 'hdmoe_milp[{backend}]'")
         self.next_workload = None
 
     def peek(self, workload) -> None:
@@ -239,17 +267,34 @@ class OraclePolicy(Policy):
         return Decision(Placement(tuple(layers), "oracle"), 0.0, 0.0, 0, dt)
 
 
-def make_policy(name: str, plan: Placement, model: MoEModel, hw: Hardware, batch: float,
+_BUILT = ("self", "plan", "model", "hw", "batch", "options")  # what make_policy itself passes
+
+
+def make_policy(name: str, plan: Placement, model: MoEModel, hw: Hardware, batch: float, /,
                 options: EvalOptions | None = None, **kw) -> Policy:
+    """The policy ``name`` (one of :data:`POLICIES`) with its settings ``kw``, every one checked here,
+    before any batch: greedy ``config`` (a RebalancerConfig); hdmoe-prebroadcast ``k`` (0..experts);
+    eplb-periodic ``period`` and ``window`` (>= 1 batch), ``extra_replicas`` (0..E*D - max(E, D));
+    oracle ``time_limit_s``, ``backend``. A keyword the policy does not have is refused by name."""
+    if not isinstance(name, str):
+        raise InputError("policy", f"must be a policy name, got {name!r:.60}", "allowed: " + ", ".join(POLICIES))
     check_choice("policy", name, POLICIES)
     cls = {"static": StaticPolicy, "greedy": GreedyPolicy, "hdmoe-prebroadcast": HdmoePrebroadcast,
            "eplb-periodic": EplbPeriodic, "oracle": OraclePolicy}[name]
+    expect_instance("plan", plan, Placement, "use hm.place(problem, name) or hm.load_plan(path, problem)")
+    expect_instance("model", model, MoEModel, "use hm.get_model(name)")
+    expect_instance("hw", hw, Hardware, "use hm.make_hardware(point, mesh)")
+    expect_instance("options", options, EvalOptions, "give hm.EvalOptions(...) or leave it out", optional=True)
+    check_real("batch", batch, minimum=1, maximum=MAX_BATCH)
     if plan.num_nodes != hw.num_nodes:
-        raise InputError("plan", f"is for {plan.num_nodes} nodes, the mesh has {hw.num_nodes}")
-    try:
-        return cls(plan, model, hw, batch, options, **kw)
-    except TypeError as exc:  # a keyword this policy does not have
-        if kw and "keyword argument" in str(exc):
-            raise InputError("policy", f"{name} takes no {', '.join(sorted(kw))} ({exc})",
-                             "see the policy's class for its settings") from None
-        raise
+        raise InputError("plan", f"is for {plan.num_nodes} nodes, the mesh has {hw.num_nodes}",
+                         "make the plan for this mesh")
+    if plan.num_experts != model.num_experts or plan.num_layers != model.moe_layers:
+        raise InputError("plan", f"has {plan.num_layers} layers of {plan.num_experts} experts, {model.name} "
+                         f"{model.moe_layers} of {model.num_experts}", "make the plan for this model")
+    settings = [p for p in inspect.signature(cls.__init__).parameters if p not in _BUILT]
+    for key in sorted(kw):
+        if key not in settings:
+            raise InputError(key, f"is not a setting of policy {name}",
+                             f"{name} takes " + (", ".join(settings) if settings else "no settings"))
+    return cls(plan, model, hw, batch, options, **kw)

@@ -3,17 +3,32 @@ modelled gain beats the cost of moving weights over the mesh (``formulations/onl
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..costs import hide_time_s, layer_capacity_bytes, roofline_of
-from ..errors import InputError, check_choice
+from ..errors import MAX_BATCH, InputError, check_choice, check_real, expect_instance
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import LayerPlacement, Placement
 from .cost import OnlineCost
+
+
+def whole_number(field: str, value: Any, lo: int, hi: int | None = None, why: str = "") -> int:
+    """``value`` as an int if it is a whole number (a Python or numpy integer, not a bool or float) in
+    ``lo..hi``, else an InputError naming ``field`` whose fix gives the range (and ``why``)."""
+    span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+    fix = f"give a whole number {span}" + (f" ({why})" if why else "")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InputError(field, f"must be a whole number, got {type(value).__name__} {value!r:.60}", fix)
+    v = int(value)
+    if v < lo or (hi is not None and v > hi):
+        raise InputError(field, f"is out of range, got {v}", fix)
+    return v
 
 
 @dataclass(frozen=True)
@@ -48,14 +63,28 @@ class RebalancerConfig:
     estimate_z: float = 0.5
 
     def __post_init__(self) -> None:
+        """Every setting checked once (counts are whole numbers, numpy integers included), each error
+        naming the setting."""
+        if not isinstance(self.estimator, str):
+            raise InputError("estimator", f"must be 'ema' or 'window', got {self.estimator!r:.60}", "quote it")
         check_choice("estimator", self.estimator, ("ema", "window"))
-        if not 0 <= self.ema_decay < 1:
-            raise InputError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
-        if self.window < 1 or self.horizon <= 0 or self.hysteresis < 0:
-            raise InputError("rebalancer", "window >= 1, horizon > 0 and hysteresis >= 0 are required")
-        for name in ("noise_z", "estimate_z"):
-            if not getattr(self, name) >= 0:
-                raise InputError(name, f"must be >= 0 (standard deviations), got {getattr(self, name)}")
+        real = {"ema_decay": check_real("ema_decay", self.ema_decay, minimum=0.0),
+                "horizon": check_real("horizon", self.horizon, positive=True),
+                "hysteresis": check_real("hysteresis", self.hysteresis, minimum=0.0),
+                "extra_slots": check_real("extra_slots", self.extra_slots, minimum=0.0),
+                "drop_tokens": check_real("drop_tokens", self.drop_tokens, minimum=0.0),
+                "noise_z": check_real("noise_z", self.noise_z, minimum=0.0),
+                "estimate_z": check_real("estimate_z", self.estimate_z, minimum=0.0)}
+        if real["ema_decay"] >= 1:
+            raise InputError("ema_decay", f"must be in [0, 1), got {self.ema_decay}",
+                             "the weight on the past: 0 uses the last batch only, < 1 always")
+        whole = {"window": whole_number("window", self.window, 1, why="batches averaged"),
+                 "candidates": whole_number("candidates", self.candidates, 1, why="copies tried per layer"),
+                 "targets": whole_number("targets", self.targets, 1, why="nodes tried per copy"),
+                 "max_actions": whole_number("max_actions", self.max_actions, 0,
+                                             why="per layer and batch; 0 never acts")}
+        for name, v in {**real, **whole}.items():
+            object.__setattr__(self, name, v)
 
 
 @dataclass
@@ -95,7 +124,11 @@ class GreedyRebalancer:
 
     def __init__(self, plan: Placement, model: MoEModel, hw: Hardware, batch: float,
                  config: RebalancerConfig | None = None, options: EvalOptions | None = None) -> None:
-        self.model, self.hw, self.batch = model, hw, float(batch)
+        expect_instance("config", config, RebalancerConfig, "give hm.online.RebalancerConfig(...) or leave it out",
+                        optional=True)
+        expect_instance("options", options, EvalOptions, "give hm.EvalOptions(...) or leave it out", optional=True)
+        batch = check_real("batch", batch, minimum=1, maximum=MAX_BATCH)
+        self.model, self.hw, self.batch = model, hw, batch
         self.config = config or RebalancerConfig()
         opts = options or EvalOptions()
         self.cost = OnlineCost(model, hw, batch, tree=opts.resolved_delivery == "tree", noise_z=self.config.noise_z)

@@ -9,12 +9,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..errors import InputError, check_choice, check_seed, expect_instance
 from ..evaluator import EvalOptions, evaluate
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import Placement
-from ..workload import Trace, iter_batches
+from ..workload import Trace, check_window, iter_batches
 from .policies import make_policy
+from .rebalancer import whole_number
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,29 @@ def replay(plan: Placement, model: MoEModel, hw: Hardware, trace: Trace, batch: 
     """Stream ``batches`` batches of ``batch`` tokens from ``trace``; before each, the policy decides
     from what it observed so far; the batch is scored by the evaluator on its observed tokens.
     Default options: the evaluator's defaults with the online stage's ``balanced`` dispatch.
-    ``progress``: a bar over batches on stderr (None: on in a terminal)."""
+    ``progress``: a bar over batches on stderr (None: on in a terminal). ``policy_kw``: the policy's
+    settings (see :func:`make_policy`). Everything is checked before the first batch."""
+    expect_instance("trace", trace, Trace, "use hm.load_trace(path, num_experts, top_k)")
+    expect_instance("model", model, MoEModel, "use hm.get_model(name)")
+    expect_instance("plan", plan, Placement, "use hm.place(problem, name) or hm.load_plan(path, problem)")
+    if trace.num_experts != model.num_experts or trace.top_k != model.top_k:
+        raise InputError("trace", f"routes each token to top-{trace.top_k} of {trace.num_experts} experts, "
+                         f"{model.name} to top-{model.top_k} of {model.num_experts}",
+                         f"give a trace of {model.name}: hm.load_trace(path, {model.num_experts}, {model.top_k})")
+    if trace.num_layers != plan.num_layers:
+        raise InputError("trace", f"has {trace.num_layers} layers, the plan {plan.num_layers}",
+                         f"give a trace of {model.name} with every MoE layer")
+    batch = whole_number("batch", batch, 1, why="tokens per batch")
+    batches = whole_number("batches", batches, 1, why="batches to replay")
+    if not isinstance(batching, str):
+        raise InputError("batching", f"must be 'random' or 'contiguous', got {batching!r:.60}", "quote it")
+    check_choice("batching", batching, ("random", "contiguous"))
+    check_window("batch", batch, batching, trace, "lower batch or use batching='random'")
+    seed = check_seed(seed)
+    expect_instance("options", options, EvalOptions, "give hm.EvalOptions(...) or leave it out", optional=True)
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise InputError("progress", f"must be True, False or None, got {progress!r:.60}",
+                         "None shows the bar in a terminal only")
     opts = options or EvalOptions(replica_rule="balanced")
     pol = make_policy(policy, plan, model, hw, batch, opts, **policy_kw)
     lat, mig, byt, act, dec, tok = [], [], [], [], [], []

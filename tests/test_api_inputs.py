@@ -1,0 +1,148 @@
+"""The public Python API refuses bad input with one InputError naming the argument as written
+(found by an audit of every entry point; the CLI's cases are in test_hardening.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import hdmoe_milp as hm
+from hdmoe_milp.errors import InputError
+from hdmoe_milp.placement import LayerPlacement, Placement
+
+from .conftest import ROOT
+
+INSTANCE = ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml"
+
+
+@pytest.fixture(scope="module")
+def P():
+    return hm.load_instance(INSTANCE)
+
+
+@pytest.fixture(scope="module")
+def ep(P):
+    return hm.place(P, "ep")
+
+
+def _field(exc: pytest.ExceptionInfo) -> str:
+    return exc.value.field
+
+
+def test_a_plan_named_tp_must_be_tensor_parallel(P, ep):
+    """'tp' is every speedup's reference: a plan under that name that is not TP would relabel it."""
+    with pytest.raises(InputError, match="not tensor") as exc:
+        hm.compare(P, [], plans={"tp": ep})
+    assert _field(exc) == "plans"
+    cmp = hm.compare(P, ["ep"], plans={"tp": hm.place(P, "tp")})  # TP's own layout is welcome
+    df = cmp.table().set_index("strategy")
+    assert df.loc["tp", "speedup_vs_tp"] == pytest.approx(1.0)
+    assert df.loc["ep", "speedup_vs_tp"] == pytest.approx(df.loc["tp", "tbt_us"] / df.loc["ep", "tbt_us"])
+    for bad, field in ((123, "strategies"), ({"x": 1}, "strategies")):
+        with pytest.raises(InputError) as exc:
+            hm.compare(P, bad)
+        assert _field(exc) == field
+    with pytest.raises(InputError) as exc:
+        hm.compare(P, [], plans={5: ep})
+    assert _field(exc) == "plans"
+
+
+def test_hw_point_must_be_the_hardwares(P):
+    with pytest.raises(InputError, match="10/25") as exc:
+        hm.Problem(P.model, P.hardware, P.trace, hw_point="10/25")
+    assert _field(exc) == "hw_point"
+    ok = hm.Problem(P.model, hm.make_hardware("10/25", "4x4"), P.trace, hw_point="10/25")
+    assert ok.describe()["hw_point"] == "10/25"
+
+
+def test_evaluate_refuses_build_arguments_with_a_ready_plan(P, ep):
+    for kw, field in (({"seed": 3}, "seed"), ({"budget": hm.Budget(time_limit_s=1)}, "budget")):
+        with pytest.raises(InputError) as exc:
+            hm.evaluate(P, ep, **kw)
+        assert _field(exc) == field
+    assert hm.evaluate(P, "ep", seed=P.seed).tbt_us == pytest.approx(hm.evaluate(P, ep).tbt_us)
+
+
+def test_solve_without_a_trace_is_refused_before_any_layer(P):
+    no_trace = hm.Problem(P.model, P.hardware, frequencies=P.frequencies)
+    with pytest.raises(InputError, match="trace") as exc:
+        hm.solve(no_trace, time_limit_s=30, layers=[0])
+    assert _field(exc) == "trace"
+
+
+def test_numpy_numbers_are_stored_as_plain_numbers(P, tmp_path):
+    b = hm.Budget(time_limit_s=np.float32(0.5), threads=np.int64(1), gap=np.float64(0.01), work_limit=np.float32(0))
+    assert type(b.time_limit_s) is float and type(b.threads) is int and type(b.gap) is float
+    assert type(b.work_limit) is float
+    hm.place(P, "tp", budget=b).save(tmp_path / "tp.json")
+    res = hm.solve(P, time_limit_s=np.float32(0.5), threads=np.int64(1), layers=[np.int64(0)], baselines=["tp"])
+    json.dumps(res.to_dict())
+    res.save(tmp_path / "plan.json")
+    assert hm.load_plan(tmp_path / "plan.json", P).num_layers == P.num_layers
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"strategy": None}, "placement.strategy"), ({"strategy": ""}, "placement.strategy"),
+    ({"strategy": 5}, "placement.strategy"), ({"meta": None}, "placement.meta"), ({"meta": [1]}, "placement.meta"),
+])
+def test_placement_fields(ep, kwargs, field):
+    with pytest.raises(InputError) as exc:
+        Placement(ep.layers, **kwargs)
+    assert _field(exc) == field
+
+
+@pytest.mark.parametrize("layers", ["abc", (np.eye(2),), [1, 2], None])
+def test_placement_layers(layers):
+    with pytest.raises(InputError) as exc:
+        Placement(layers)
+    assert _field(exc) == "placement.layers"
+
+
+@pytest.mark.parametrize("args, field", [
+    ((["0.5", "0.5"], [0], [1.0], 1), "placement.shares"),
+    (([[0.5, 0.5], [1.0]], [0, 1], [1.0, 1.0], 2), "placement.shares"),
+    (([[1.0, 0.0]], ["0"], [1.0], 1), "placement.expert_of"),
+    (([[1.0, 0.0]], [0], ["1"], 1), "placement.token_fraction"),
+    (([[1.0, 0.0]], [0], [1.0], "1"), "placement.num_experts"),
+    (([[1.0, 0.0]], [0], [1.0], True), "placement.num_experts"),
+    (([[1.0, 0.0]], [0], [1.0], 1.0), "placement.num_experts"),
+    (([[1.0, 0.0]], [0], [1.0], None), "placement.num_experts"),
+])
+def test_layer_placement_fields(args, field):
+    with pytest.raises(InputError) as exc:
+        LayerPlacement(*args)
+    assert _field(exc) == field
+
+
+def test_layer_placement_takes_numpy_and_lists_alike():
+    a = LayerPlacement([[0.5, 0.5], [0, 1]], np.array([0, 1]), [1, 1], np.int64(2))
+    b = LayerPlacement.from_shares(np.array([[0.5, 0.5], [0.0, 1.0]]))
+    np.testing.assert_array_equal(a.shares, b.shares)
+    assert type(a.num_experts) is int
+
+
+def test_check_plan_argument_types(P, ep):
+    with pytest.raises(InputError) as exc:
+        hm.check_plan("x", P)
+    assert _field(exc) == "plan"
+    with pytest.raises(InputError) as exc:
+        hm.check_plan(ep, None)
+    assert _field(exc) == "problem"
+
+
+def test_instance_value_errors_name_the_files_key(tmp_path):
+    p = tmp_path / "small.toml"
+    p.write_text('[model]\npreset = "deepseek-v2-lite"\n[hardware]\npreset = "5/50"\nmesh = "4x8"\n'
+                 'dram_capacity_gb = 0.001\n')
+    with pytest.raises(InputError, match="GB") as exc:
+        hm.load_instance(p)
+    assert _field(exc) == "instance small.toml [hardware].dram_capacity_gb"
+
+
+@pytest.mark.parametrize("key", ["model", "hw", "options"])
+def test_replay_refuses_problem_settings_as_policy_settings(P, ep, key):
+    with pytest.raises(InputError) as exc:
+        hm.replay(P, ep, batches=1, batch=64, policy="static", **{key: 1})
+    assert _field(exc) == key
