@@ -138,3 +138,53 @@ def test_every_backend_the_help_names_is_accepted(capsys):
             assert rc == 0, err
         else:
             assert rc == 2 and f"hdmoe_milp[{name}]" in err
+
+
+def test_solve_flags_reach_the_solver(capsys):
+    """--deterministic and --no-branch-and-bound: the same numbers twice, counted in work, and no
+    branch and bound in any layer's account (it would prove these 2x2 layers at once)."""
+    args = ["solve", "--model", "mixtral-8x7b", "--mesh", "2x2", "--layers", "0,1", "--time-limit", "0.5",
+            "--no-baselines", "--json"]
+    runs = []
+    for _ in range(2):
+        assert main([*args, "--deterministic", "--no-branch-and-bound"]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    assert runs[0]["time_mode"] == "deterministic"
+    keep = ("layer", "status", "objective", "bound", "source", "message")
+    assert [{k: r[k] for k in keep} for r in runs[0]["layers"]] == [{k: r[k] for k in keep} for r in runs[1]["layers"]]
+    assert all("branch and bound" not in r["message"] for r in runs[0]["layers"])
+    assert main(args) == 0
+    with_bnb = json.loads(capsys.readouterr().out)
+    assert with_bnb["time_mode"] == "wall"
+    assert any("branch and bound" in r["message"] for r in with_bnb["layers"][:2])
+
+
+def test_replay_a_saved_plan_on_the_problem_it_records(tmp_path, capsys):
+    """replay --plan FILE takes the model, mesh, hardware point and trace from the plan's record."""
+    plan = tmp_path / "cb.json"
+    trace = str(TRACES / "mixtral_writing_4k.json.gz")
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "2.5/75", "--trace", trace,
+                 "--strategy", "cb", "--save-plan", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["replay", "--plan", str(plan), "--batch", "64", "--batches", "2", "--policy", "static,greedy",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == "mixtral-8x7b" and d["mesh"] == "2x2" and d["hw"] == "2.5/75"
+    assert [r["policy"] for r in d["results"]] == ["static", "greedy"]
+    assert all(r["tokens"] == 2 * 64 for r in d["results"])
+
+
+def test_evaluate_delivery_and_home_flags(capsys):
+    """Unicast sends one message per destination node, so it never loads a link less than the
+    tree; both settings are echoed."""
+    base = ["evaluate", "--model", "deepseek-v2-lite", "--mesh", "4x8", "--hw", "10/25", "--strategy", "ep",
+            "--trace", str(TRACES / "deepseek_v2_lite_law_4k.npz"), "--json"]
+    out = {}
+    for delivery in ("tree", "unicast"):
+        assert main([*base, "--delivery", delivery, "--home", "spread"]) == 0
+        out[delivery] = json.loads(capsys.readouterr().out)
+        assert out[delivery]["delivery"] == delivery and out[delivery]["home"] == "spread"
+    assert out["unicast"]["moe_comm_us"] > out["tree"]["moe_comm_us"]
+    assert out["unicast"]["moe_compute_us"] == pytest.approx(out["tree"]["moe_compute_us"])
+    assert main([*base, "--home", "holder"]) == 0
+    assert json.loads(capsys.readouterr().out)["home"] == "holder"

@@ -182,3 +182,34 @@ def test_hop_latency_adds_per_hop():
     a = evaluate(p, m, hw0, wl, EvalOptions(home="random"))
     b = evaluate(p, m, hw1, wl, EvalOptions(home="random"))
     assert b.moe_comm_s - a.moe_comm_s == pytest.approx(2 * 2 * 2 * 1e-6)  # 2 layers x 2 phases x 2 hops
+
+
+def test_holder_homes_by_hand():
+    """``home="holder"`` (the paper's rule): a token starts on the node of one of its experts.
+    Top-1 expert parallelism then never leaves the node; two experts on the two nodes of a 1x2
+    mesh, every token routed to both: each token's vector crosses the one link once per phase in
+    one direction, so the busiest link carries all B vectors, twice what spread homes give (B/2 per
+    direction)."""
+    from hdmoe_milp import Trace
+    from hdmoe_milp.costs import UnitCosts
+
+    hw = Hardware(Mesh(1, 2), compute_flops=1e12, link_bw_bytes_per_s=1e9)
+    B = 64.0
+    top1 = MoEModel("t1", num_experts=2, top_k=1, hidden=64, expert_intermediate=128, moe_layers=1)
+    rng = np.random.default_rng(0)
+    tr1 = Trace((rng.integers(0, 2, size=(50, 1)),), 2, 1)
+    ep = Placement((LayerPlacement.from_shares(np.eye(2)),))
+    wl1 = expected_workload(tr1, B)
+    holder = evaluate(ep, top1, hw, wl1, EvalOptions(mode="mesh", home="holder"))
+    spread = evaluate(ep, top1, hw, wl1, EvalOptions(mode="mesh", home="spread"))
+    assert holder.moe_comm_s == 0.0 and spread.moe_comm_s > 0
+    assert holder.moe_compute_s == spread.moe_compute_s
+
+    top2 = MoEModel("t2", num_experts=2, top_k=2, hidden=64, expert_intermediate=128, moe_layers=1)
+    tr2 = Trace((np.tile([0, 1], (50, 1)),), 2, 2)
+    wl2 = expected_workload(tr2, B)
+    v = UnitCosts.of(top2).vector_bytes
+    for home, per_phase in (("holder", B * v), ("spread", B * v / 2)):
+        e = evaluate(ep, top2, hw, wl2, EvalOptions(mode="mesh", home=home))
+        assert e.dispatch_s[0] == pytest.approx(per_phase / 1e9, rel=1e-12)
+        assert e.combine_s[0] == pytest.approx(per_phase / 1e9, rel=1e-12)
