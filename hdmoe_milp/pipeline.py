@@ -328,10 +328,10 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
         check_choice("baseline", n, BASELINES)
     lns_settings = None
     if lns_patience is not None:
-        if isinstance(lns_patience, bool) or not isinstance(lns_patience, int) or lns_patience < 0:
+        if isinstance(lns_patience, bool) or not isinstance(lns_patience, (int, np.integer)) or lns_patience < 0:
             raise InputError("lns_patience", f"must be a whole number >= 0, got {lns_patience!r}",
                              "0 lets LNS use the whole time limit")
-        lns_settings = LnsSettings(patience=lns_patience)
+        lns_settings = LnsSettings(patience=int(lns_patience))
     for name, flag in (("polish", polish), ("deterministic", deterministic), ("branch_and_bound", branch_and_bound)):
         if not isinstance(flag, (bool, np.bool_)):
             raise InputError(name, f"must be True or False, got {flag!r}")

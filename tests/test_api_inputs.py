@@ -77,7 +77,8 @@ def test_numpy_numbers_are_stored_as_plain_numbers(P, tmp_path):
     assert type(b.time_limit_s) is float and type(b.threads) is int and type(b.gap) is float
     assert type(b.work_limit) is float
     hm.place(P, "tp", budget=b).save(tmp_path / "tp.json")
-    res = hm.solve(P, time_limit_s=np.float32(0.5), threads=np.int64(1), layers=[np.int64(0)], baselines=["tp"])
+    res = hm.solve(P, time_limit_s=np.float32(0.5), threads=np.int64(1), layers=[np.int64(0)], baselines=["tp"],
+                   lns_patience=np.int64(2), jobs=np.int64(1))
     json.dumps(res.to_dict())
     res.save(tmp_path / "plan.json")
     assert hm.load_plan(tmp_path / "plan.json", P).num_layers == P.num_layers
