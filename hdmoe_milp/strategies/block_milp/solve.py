@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from ...costs import layer_capacity_bytes
 from ...errors import InputError, check_choice, check_real
 from ...evaluator import EvalOptions, evaluate
 from ...hardware import Hardware
@@ -493,16 +494,8 @@ class LayerScorer:
 
     def __init__(self, bm: BlockModel) -> None:
         self.bm = bm
-        k, E = bm.model.top_k, bm.model.num_experts
-        self.workload: Workload | None = None
-        if bm.coactivation is not None:
-            ids, fg = np.asarray(bm.coactivation[0]), np.asarray(bm.coactivation[1], dtype=float)
-        elif k == 1:
-            ids, fg = np.arange(E)[:, None], bm.f
-        else:
-            ids = None
-        if ids is not None:
-            self.workload = Workload((LayerRouting(ids, fg * bm.B),), E, k, bm.B, "expected")
+        self.workload = layer_workload(bm.model, bm.coactivation, bm.f, bm.B)
+        if self.workload is not None:
             self.model1 = dataclasses.replace(bm.model, moe_layers=1)
             self.opts = EvalOptions(delivery=bm.opts.delivery)
             self.certifies = ("lower bound on the evaluator's layer time (mesh mode, spread homes, coalesce=node, "
@@ -516,8 +509,27 @@ class LayerScorer:
     def __call__(self, assign: np.ndarray) -> float:
         if self.workload is None:
             return self.bm.objective(assign)
-        plan = Placement((self.bm.placement(assign),))
-        return float(evaluate(plan, self.model1, self.bm.hw, self.workload, self.opts).layer_s[0])
+        return layer_time_s(self.bm.placement(assign), self.model1, self.bm.hw, self.workload, self.opts)
+
+
+def layer_workload(model: MoEModel, coactivation: tuple[np.ndarray, np.ndarray] | None, freqs: np.ndarray,
+                   batch: float) -> Workload | None:
+    """The one-layer expected workload :class:`LayerScorer` scores on: the co-activation sets with
+    weights ``f_g * batch`` (top-1: one set per expert); None when top-k > 1 and no sets are given."""
+    k, E = model.top_k, model.num_experts
+    if coactivation is not None:
+        ids, fg = np.asarray(coactivation[0]), np.asarray(coactivation[1], dtype=float)
+    elif k == 1:
+        ids, fg = np.arange(E)[:, None], np.asarray(freqs, dtype=float)
+    else:
+        return None
+    return Workload((LayerRouting(ids, fg * batch),), E, k, float(batch), "expected")
+
+
+def layer_time_s(lp: LayerPlacement, model1: MoEModel, hw: Hardware, workload: Workload, opts: EvalOptions) -> float:
+    """The evaluator's time (s) of one layer's placement on a one-layer workload (``model1``: the
+    model with one MoE layer)."""
+    return float(evaluate(Placement((lp,)), model1, hw, workload, opts).layer_s[0])
 
 
 class LayerTask(NamedTuple):
@@ -622,6 +634,29 @@ def not_solved_task(t: LayerTask) -> LayerSolveResult:
     baselines, hd = layer_baselines(model, t.hw, t.freqs_all[li], t.batch, backend=backend, params=params, layer=li,
                                     freqs_all=t.freqs_all, coactivation=t.coactivation, baselines=t.baselines,
                                     hdmoe_work_limit=t.hdmoe_work_limit)
+
+    def result(name: str, placement: LayerPlacement, assign: np.ndarray, obj: float) -> LayerSolveResult:
+        return LayerSolveResult(
+            layer=li, status="not-solved", objective_s=obj, bound_s=None, gap=None, time_s=time.perf_counter() - t0,
+            backend=backend, num_vars=0, num_binaries=0, num_rows=0, warm_start_objective_s=obj,
+            warm_start_source=name, source="baseline:" + name, bound_certifies="", message="layer not selected",
+            placement=placement, assign=assign, family=family_text(options),
+            time_mode="wall" if not params.deterministic else "deterministic", hdmoe=hd)
+
+    # every non-replicated baseline is a plan of the family as it is (its shares are patterns): score
+    # those within the layer's capacity share directly, without building the family (0.2 s on 8x8)
+    opts = options or MilpOptions()
+    wl = layer_workload(model, t.coactivation, t.freqs_all[li], t.batch)
+    if wl is not None:
+        cap = layer_capacity_bytes(model, t.hw, opts.capacity_share)
+        per_expert = model.expert_weight_bytes()
+        model1, eo = dataclasses.replace(model, moe_layers=1), EvalOptions(delivery=opts.delivery)
+        scores = {n: layer_time_s(lp, model1, t.hw, wl, eo) for n, lp in baselines.items()
+                  if lp.shares.shape[0] == model.num_experts
+                  and (cap is None or float((lp.shares.sum(axis=0) * per_expert).max()) <= cap * (1 + 1e-9))}
+        if scores:
+            name = min(scores, key=scores.__getitem__)
+            return result(name, baselines[name], np.full(model.num_experts, -1), scores[name])
     bm = family_model(model, t.hw, t.freqs_all[li], t.batch, options, t.coactivation, baselines)
     # only layouts within the layer's capacity share: with every layer inside its share the whole
     # plan fits the DRAM, whichever layers are solved
@@ -637,13 +672,7 @@ def not_solved_task(t: LayerTask) -> LayerSolveResult:
     else:  # nothing expressible: the first baseline as it is, unscored
         name, placement = next(iter(baselines.items()))
         assign, obj = np.full(model.num_experts, -1), float("nan")
-    return LayerSolveResult(
-        layer=li, status="not-solved", objective_s=obj, bound_s=None, gap=None, time_s=time.perf_counter() - t0,
-        backend=backend, num_vars=0, num_binaries=0, num_rows=0, warm_start_objective_s=obj, warm_start_source=name,
-        source="baseline:" + name, bound_certifies="", message="layer not selected", placement=placement,
-        assign=assign, family=family_text(options), time_mode="wall" if not params.deterministic else "deterministic",
-        hdmoe=hd,
-    )
+    return result(name, placement, assign, obj)
 
 
 def layer_tasks(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, backend: str,
