@@ -60,8 +60,12 @@ def test_all_experts_on_one_node_maximises_compute(seed, mode):
     ev_rand = evaluate(Placement.from_shares(shares), m, hw, wl, opts)
     ev_one = evaluate(Placement.from_shares(one), m, hw, wl, opts)
     assert np.all(ev_one.compute_s >= ev_rand.compute_s - 1e-15)
-    # and it needs no communication beyond the one node's links
-    assert ev_one.node_flops.sum() == pytest.approx(ev_rand.node_flops.sum())
+    assert ev_one.node_flops.sum() == pytest.approx(ev_rand.node_flops.sum())  # the same FLOPs, moved
+    # every token's message goes to that one node, so a multicast tree is a single route: tree and
+    # unicast delivery load every link alike
+    ev_uni = evaluate(Placement.from_shares(one), m, hw, wl, EvalOptions(mode=mode, delivery="unicast"))
+    np.testing.assert_allclose(ev_uni.link_bytes_dispatch, ev_one.link_bytes_dispatch, rtol=1e-12)
+    np.testing.assert_allclose(ev_uni.link_bytes_combine, ev_one.link_bytes_combine, rtol=1e-12)
 
 
 def test_identical_seeds_identical_results(ds_trace):

@@ -559,10 +559,6 @@ def _npz_bytes() -> bytes:
     return buf.getvalue()
 
 
-def test_at_least_100_cases():
-    assert len(CASES) >= 100
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_one_line_exit_2(name, files, capsys, monkeypatch):
     monkeypatch.chdir(files)

@@ -158,6 +158,10 @@ def test_peers_run_and_prebroadcast_count():
            for p in ("static", "hdmoe-prebroadcast", "eplb-periodic", "oracle")}
     assert res["hdmoe-prebroadcast"]["mean_us"] <= res["static"]["mean_us"] * 1.001
     assert res["oracle"]["mean_us"] <= res["static"]["mean_us"] * 1.05
+    # eplb-periodic replans every `period` batches: not within 4 batches at its default, every 2nd here
+    assert res["eplb-periodic"]["actions"] == 0 and res["eplb-periodic"]["bytes_moved"] == 0
+    ep2 = replay(plan, m, hw, tr, 128, "eplb-periodic", batches=4, batching="random", seed=0, period=2).summary()
+    assert ep2["actions"] > 0 and ep2["bytes_moved"] > 0 and ep2["tokens"] == res["static"]["tokens"]
 
 
 def test_batched_scoring_agrees_with_the_reference_layer_model(drift_case):
