@@ -20,6 +20,7 @@ import pandas as pd
 from . import cli_report
 from . import pipeline as pl
 from .errors import (
+    MAX_BATCHES,
     MAX_HOP_LATENCY_NS,
     MAX_THREADS,
     MAX_TIME_LIMIT_S,
@@ -32,7 +33,12 @@ from .errors import (
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with the package's error style: one line on stderr, exit status 2 (no usage block)."""
+    """argparse with the package's error style: one line on stderr, exit status 2 (no usage block).
+    No abbreviated flags: ``--mode`` on a command without it must not be read as ``--model``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"hdmoe-milp: error: {message} (see {self.prog} --help)\n")
@@ -402,8 +408,8 @@ _NUMERIC_FLAGS = (
     ("seed", "--seed", 0, False, True), ("lns_patience", "--lns-patience", 0, False, True),
 )
 
-_FLAG_MAXIMA = {"--time-limit": MAX_TIME_LIMIT_S, "--work-limit": MAX_WORK_LIMIT, "--threads": MAX_THREADS,
-                "--hop-latency-ns": MAX_HOP_LATENCY_NS}
+_FLAG_MAXIMA = {"--batches": MAX_BATCHES, "--time-limit": MAX_TIME_LIMIT_S, "--work-limit": MAX_WORK_LIMIT,
+                "--threads": MAX_THREADS, "--hop-latency-ns": MAX_HOP_LATENCY_NS}
 
 
 def _check_conflicts(args: argparse.Namespace) -> None:
@@ -439,7 +445,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise InputError(flag, f"must be a whole number, got {v:g}", "drop the fraction")
         top = _FLAG_MAXIMA.get(flag)
         if top is not None and v > top:
-            raise InputError(flag, f"must be <= {top:g}, got {v:g}", f"give a number <= {top:g}")
+            got = f"{v:g}" if not integer or abs(v) >= 1e15 else f"{int(v)}"  # 1000001, not 1e+06
+            raise InputError(flag, f"must be <= {top:g}, got {got}", f"give a number <= {top:g}")
     if getattr(args, "gap", None) is not None and args.gap >= 1:
         raise InputError("--gap", f"must be below 1, got {args.gap:g}", "a relative gap such as 1e-4")
     _check_conflicts(args)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from matplotlib.figure import Figure
 from . import grid
 from . import pipeline as pl
 from . import report as rp
-from .errors import MAX_BATCH, MAX_TIME_LIMIT_S, InputError, as_written, check_choice, check_real
+from .errors import MAX_BATCH, MAX_BATCHES, MAX_TIME_LIMIT_S, InputError, as_written, check_choice, check_real
 from .evaluator import DELIVERIES, HOMES, MODES
 from .hardware import HARDWARE_PRESETS, Mesh
 from .moe import MODEL_PRESETS
@@ -110,7 +111,7 @@ def _bench(args: argparse.Namespace) -> int:
         check_real("--time-limit", args.time_limit, positive=True, maximum=MAX_TIME_LIMIT_S)
     check_real("--jobs", args.jobs, minimum=1, integer=True)
     if args.online_batches is not None:
-        check_real("--online-batches", args.online_batches, minimum=0, integer=True)
+        check_real("--online-batches", args.online_batches, minimum=0, integer=True, maximum=MAX_BATCHES)
     for b in args.batches or ():
         try:
             v = float(b)
@@ -130,10 +131,22 @@ def _bench(args: argparse.Namespace) -> int:
         raise InputError("--out", "is empty", "give the folder to write the report into")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError("--out", f"{args.out} is not a folder", "give a folder; a missing one is created")
+    _check_writable_folder("--out", Path(args.out) / "cache")
     try:
         return _run_bench(args)
     except InputError as exc:  # name the flag the user wrote, not the field it became
         raise as_written(exc, _BENCH_FLAGS) from None
+
+
+def _check_writable_folder(flag: str, folder: Path) -> None:
+    """Create ``folder`` (and its parents) and write a file there, before any work: permissions, a
+    read-only file system or a file in the way are found now, not after the solves."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise InputError(flag, f"cannot write into {folder}: {exc.strerror or exc}", "write elsewhere") from None
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -438,6 +451,10 @@ def _bound_trace(path: Path, layer: int) -> Any:
 def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespace) -> Figure:
     """The ``kind`` figure of a checked bench table ``df`` (read from ``path``)."""
     if kind == "ablation":
+        if "part" not in df.columns or not (df["part"] == "online").any():
+            raise InputError("file", f"{path} has no online rows (a bench run with --online-batches 0?), and the "
+                             "ablation figure's third bar is ours with the online policy",
+                             "give the results.csv of a bench run with online batches")
         try:
             return rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
         except ValueError as exc:  # the table lacks the rows the figure compares
@@ -465,8 +482,12 @@ def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespac
     if kind == "solver":
         d = df[(df["model"] == _first(df, "model")) & (df["hw"] == _first(df, "hw"))
                & (df["mesh"] == _first(df, "mesh"))] if "model" in df.columns else df
+        sb = None
+        if "solve_batch" in d.columns:  # bench --solve-batch each: one solve per batch; draw the first
+            sb = _first(d, "solve_batch")
+            d = d[d["solve_batch"] == sb]
         return rp.fig_solver(d, settings=rp.caption(model=_first(d, "model"), mesh=_first(d, "mesh"),
-                                                    hw=_first(d, "hw"), mode=_first(d, "mode")))
+                                                    hw=_first(d, "hw"), mode=_first(d, "mode"), batch=sb))
     if kind == "online":
         key = {c: _first(df, c) for c in ("model", "hw", "mesh")}
         d = df[(df[list(key)] == pd.Series(key)).all(axis=1)] if "model" in df.columns else df

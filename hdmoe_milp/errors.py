@@ -69,6 +69,7 @@ MAX_WORK_LIMIT = 1e6  # deterministic seconds per layer, for the same reason
 MAX_HOP_LATENCY_NS = 1e9  # one second per hop: beyond any network on a chip, and keeps every cost finite
 DRAM_BW_GBPS_RANGE = (1e-6, 1e9)  # GB/s per node: outside it the roofline leaves float range or is meaningless
 MAX_THREADS = 1024  # solver threads per layer: the backends hold 32-bit counts, and no machine here has more cores
+MAX_BATCHES = 10**6  # batches of one replay: hours of work already; each keeps its latencies in memory
 MAX_BATCH = 1e9  # tokens per batch: far beyond any decode batch, and well inside float range in every cost
 
 

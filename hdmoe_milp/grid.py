@@ -142,6 +142,8 @@ def _solve_cached(problem: pl.Problem, spec: GridSpec, cache: Path, jobs: int, e
             pass
     res = pl.solve(problem, backend=spec.backend, time_limit_s=spec.time_limit_s, jobs=jobs, threads=spec.threads,
                    baselines=True, executor=executor, seed=spec.seed, progress=False, deterministic=True)
+    if res.solver.get("interrupted"):  # Ctrl-C inside the solve: no report and no cache entry from it
+        raise KeyboardInterrupt
     cache.mkdir(parents=True, exist_ok=True)
     write_atomic(path, pickle.dumps({"candidates": res.candidates, "layers": res.layers, "solver": res.solver}),
                  field="cache")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ._version import __version__
 from .costs import check_capacity, fits_capacity
-from .errors import InputError, check_choice, check_seed, expect_instance
+from .errors import MAX_BATCHES, InputError, check_choice, check_seed, expect_instance
 from .evaluator import EvalOptions, Evaluation
 from .evaluator import evaluate as score
 from .hardware import HARDWARE_PRESETS
@@ -491,6 +491,8 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     for name, v in (("batch", batch), ("batches", batches)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise InputError(name, f"must be a whole number >= 1, got {v!r}")
+    if batches > MAX_BATCHES:
+        raise InputError("batches", f"must be at most {MAX_BATCHES:,}, got {batches:,}", "replay fewer batches")
     check_choice("batching", batching, ("random", "contiguous"))
     problem.check_memory("batch", batch)  # refused before any batch is drawn
     check_window("batch", batch, batching, tr, "lower batch or use batching='random'")

@@ -3,6 +3,7 @@ saves never lose the previous file; edge geometries answer or refuse clearly."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import hdmoe_milp as hm
@@ -536,6 +538,13 @@ CASES = {
                                "meta.problem.hardware.link_bw_bytes_per_s"),
     "plan-meta-top-k-edited": (_plan(_set(["meta", "problem", "top_k"], 3)), "meta.problem.top_k"),
     "plan-meta-layers-edited": (_plan(_set(["meta", "problem", "moe_layers"], 31)), "meta.problem.moe_layers"),
+    # --- a second audit: flags read as abbreviations, endless replays, outputs found unwritable late ---
+    "flag-mode-not-read-as-model": (_flags("solve", *MX, "--mode", "paper"), "--mode"),
+    "replay-batches-beyond-the-limit": (_flags("replay", *MX, "--batches", "1000001", "--policy", "static"),
+                                        "--batches"),
+    "bench-online-batches-beyond-the-limit": (_flags("bench", "--quick", "--out", "b", "--online-batches",
+                                                     "1000000000"), "--online-batches"),
+    "bench-out-under-a-file": (lambda d: ["bench", "--quick", "--out", str(d / "good_trace.json" / "sub")], "--out"),
 }
 
 
@@ -577,6 +586,7 @@ def test_bad_input_one_line_exit_2(name, files, capsys, monkeypatch):
 
 def _argparse_case(name: str) -> bool:
     return name in {"flag-seed-float", "flag-seed-text", "flag-batch-text", "flag-unknown-option",
+                    "flag-mode-not-read-as-model",
                     "flag-unknown-command", "replay-batch-float", "flag-lns-patience-text"}
 
 
@@ -621,6 +631,7 @@ def test_save_plan_force(tmp_path, capsys):
 _WRITER = r"""
 import sys
 import numpy as np
+import pandas as pd
 from hdmoe_milp.placement import Placement
 rng = np.random.default_rng(0)
 shares = rng.random((24, 256, 256))
@@ -908,3 +919,42 @@ def test_a_plan_scored_on_another_hardware_point_or_pool_is_not_refused(files, c
     with pytest.raises(InputError, match="CPU") as exc:
         hm.solve(problem, layers=[0], jobs=10_000, time_limit_s=0.5)
     assert exc.value.field == "jobs"
+
+
+def test_bench_keeps_no_report_or_cache_entry_of_an_interrupted_solve(tmp_path, monkeypatch):
+    """Ctrl-C inside a solve comes back as a result marked interrupted (solve prints it and exits
+    130); bench must not write it to its cache or build a report on it: it stops with Ctrl-C."""
+    from hdmoe_milp import grid
+
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=256).to_problem()
+    spec = grid.PRESETS["quick"]
+    real = hm.solve(problem, time_limit_s=0.2, layers=[0], baselines=["tp"])
+    cut = dataclasses.replace(real, solver={**real.solver, "interrupted": True})
+    monkeypatch.setattr(grid.pl, "solve", lambda *a, **k: cut)
+    with pytest.raises(KeyboardInterrupt):
+        grid._solve_cached(problem, spec, tmp_path / "cache", 1, "local")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_plot_solver_draws_one_solve_and_ablation_needs_online_rows(tmp_path, capsys):
+    """bench --solve-batch each writes one solve per batch into solver.csv: the figure draws one
+    (the first, named in its caption), not the solves on top of each other. The ablation figure's
+    third bar is the online policy: a table without online rows is refused."""
+    import argparse
+
+    from hdmoe_milp import cli_report
+
+    df = pd.read_csv(ROOT / "docs" / "results" / "solver.csv")
+    one = df[(df["model"] == df["model"].iloc[0]) & (df["hw"] == df["hw"].iloc[0]) & (df["mesh"] == df["mesh"].iloc[0])]
+    two = pd.concat([one, one.assign(solve_batch=16, gap=one["gap"] * 2)])
+    two.to_csv(tmp_path / "solver.csv", index=False)
+    args = argparse.Namespace(model=None, hw=None, mesh=None, batch=None, layer=None)
+    fig = cli_report._csv_figure("solver", cli_report._read_csv(tmp_path / "solver.csv", "solver"),
+                                 tmp_path / "solver.csv", args)
+    assert len(fig.axes[0].patches) == len(one)  # one bar per layer
+    assert "batch=128" in fig.axes[0].get_title()
+    res = pd.read_csv(ROOT / "docs" / "results" / "results.csv")
+    res[res["part"] != "online"].to_csv(tmp_path / "results.csv", index=False)
+    assert main(["plot", "ablation", str(tmp_path / "results.csv"), "--out", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert "online rows" in err and len(err.strip().splitlines()) == 1
