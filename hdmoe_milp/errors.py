@@ -56,10 +56,10 @@ def check_choice(field: str, value: str, allowed: list[str] | tuple[str, ...]) -
 def expect_int(field: str, value: Any, *, minimum: int | None = None) -> int:
     """``value`` if it is an integer (not a bool, not a float) >= ``minimum``, else an InputError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputError(field, f"must be a whole number, got {value!r}")
+        raise InputError(field, f"must be a whole number, got {shown(value)}")
     v = int(value)
     if minimum is not None and v < minimum:
-        raise InputError(field, f"must be >= {minimum}, got {v}")
+        raise InputError(field, f"must be >= {minimum}, got {shown(v)}")
     return v
 
 
@@ -125,7 +125,7 @@ def check_seed(seed: Any, field_name: str = "seed") -> int:
                              "write the seed as an integer (digits only, no exponent or decimal point)")
         v = int(f)
     if not 0 <= v <= MAX_SEED:
-        raise InputError(field_name, f"is out of range, got {v}", fix)
+        raise InputError(field_name, f"is out of range, got {shown(v)}", fix)
     return v
 
 

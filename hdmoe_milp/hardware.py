@@ -237,8 +237,15 @@ def _link_bandwidths(mesh: Mesh, value: object) -> np.ndarray:
     lo, hi = LINK_BW_RANGE
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
-    if not isinstance(value, (np.ndarray, list, tuple)):
+    if isinstance(value, (numbers.Real, str, bytes)) or value is None:
         return np.asarray(check_real(f, value, minimum=lo, maximum=hi))
+    if not isinstance(value, (np.ndarray, list, tuple)):  # a pandas Series, range, array.array ...
+        try:
+            value = np.asarray(value)
+        except (TypeError, ValueError):
+            return np.asarray(check_real(f, value, minimum=lo, maximum=hi))
+        if value.ndim == 0:
+            return np.asarray(check_real(f, value[()], minimum=lo, maximum=hi))
     fix = f"give one number for every link, or {mesh.num_links} numbers in this module's link order"
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "iuf":

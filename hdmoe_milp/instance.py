@@ -44,7 +44,7 @@ from .errors import (
     expect_str,
 )
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
-from .hardware import HARDWARE_PRESETS, Mesh, make_hardware
+from .hardware import HARDWARE_PRESETS, MAX_DRAM_CAPACITY_BYTES, Mesh, make_hardware
 from .moe import MODEL_PRESETS, get_model
 from .problem import Problem, check_memory, check_mesh_memory
 from .synthetic import synthetic_trace
@@ -100,7 +100,8 @@ class Settings:
         check_real("dram_bw_gbps", self.dram_bw_gbps, minimum=DRAM_BW_GBPS_RANGE[0], maximum=DRAM_BW_GBPS_RANGE[1])
         cap = None
         if self.dram_capacity_gb is not None:
-            cap = check_real("--capacity-gb", self.dram_capacity_gb, positive=True) * 1e9
+            cap = check_real("--capacity-gb", self.dram_capacity_gb, positive=True,
+                             maximum=MAX_DRAM_CAPACITY_BYTES / 1e9) * 1e9
         try:
             mesh = Mesh.parse(self.mesh)
         except InputError as exc:
@@ -154,7 +155,8 @@ _NUMBERS = {
     ("hardware", "hop_latency_ns"): ("real", False),
 }
 _MAXIMA = {("workload", "batch"): MAX_BATCH, ("evaluator", "context_len"): MAX_CONTEXT_LEN,
-           ("hardware", "hop_latency_ns"): MAX_HOP_LATENCY_NS, ("hardware", "dram_bw_gbps"): DRAM_BW_GBPS_RANGE[1]}
+           ("hardware", "hop_latency_ns"): MAX_HOP_LATENCY_NS, ("hardware", "dram_bw_gbps"): DRAM_BW_GBPS_RANGE[1],
+           ("hardware", "dram_capacity_gb"): MAX_DRAM_CAPACITY_BYTES / 1e9}
 _MINIMA = {("hardware", "dram_bw_gbps"): DRAM_BW_GBPS_RANGE[0], ("workload", "batch"): 1}
 _CHOICES = {
     ("model", "preset"): tuple(MODEL_PRESETS), ("hardware", "preset"): tuple(HARDWARE_PRESETS),

@@ -94,13 +94,13 @@ class LayerPlacement:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_experts", expect_int("placement.num_experts", self.num_experts, minimum=1))
-        s = _numbers("placement.shares", self.shares, "[copies, nodes]")
+        s = _numbers("placement.shares", self.shares, "[copies, nodes]").astype(float)
         eo_raw = _numbers("placement.expert_of", self.expert_of, "[copies]")
         if eo_raw.dtype.kind not in "iu" and not (eo_raw.dtype.kind == "f" and np.all(eo_raw == np.round(eo_raw))):
             raise InputError("placement.expert_of", f"must be whole expert ids, got dtype {eo_raw.dtype}",
                              "give integer ids")
         eo = eo_raw.astype(np.int64)
-        tf = _numbers("placement.token_fraction", self.token_fraction, "[copies]")
+        tf = _numbers("placement.token_fraction", self.token_fraction, "[copies]").astype(float)
         if s.ndim != 2 or s.shape[0] == 0:
             raise InputError("placement.shares", f"must be a non-empty [copies, nodes] array, got shape {s.shape}")
         if eo.shape != (s.shape[0],) or tf.shape != (s.shape[0],):

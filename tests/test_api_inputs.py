@@ -147,3 +147,34 @@ def test_replay_refuses_problem_settings_as_policy_settings(P, ep, key):
     with pytest.raises(InputError) as exc:
         hm.replay(P, ep, batches=1, batch=64, policy="static", **{key: 1})
     assert _field(exc) == key
+
+
+def test_array_likes_and_int_fractions_as_before():
+    """Per-link bandwidths as any array-like (a pandas Series, a range) and integer token
+    fractions were accepted before the checks; they still are, stored as floats."""
+    import pandas as pd
+
+    hw = hm.Hardware(hm.Mesh(2, 2), 5e12, pd.Series([5e10] * 8))
+    assert hw.min_link_bw == 5e10 and hw.link_bw.dtype == float
+    assert hm.Hardware(hm.Mesh(2, 2), 5e12, range(10**9, 10**9 + 8)).min_link_bw == 1e9
+    lp = LayerPlacement([[1, 0], [0, 1]], [0, 1], [1, 1], 2)
+    assert lp.token_fraction.dtype == float and lp.shares.dtype == float
+
+
+def test_a_layer_left_out_takes_a_plan_of_the_stated_family(P):
+    """Without patterns the family is the aligned blocks only: a layer left out of the solve must
+    take the best baseline the blocks express, not a baseline outside the family."""
+    from hdmoe_milp.solvers import SolveParams
+    from hdmoe_milp.strategies.block_milp import solve as S
+    from hdmoe_milp.strategies.block_milp.formulation import MilpOptions
+
+    opts = MilpOptions(patterns=False, delivery=P.options.resolved_delivery)
+    tasks = S.layer_tasks(P.model, P.hardware, P.frequencies, P.batch, backend="cpsat",
+                          params=SolveParams(time_limit_s=1), options=opts, coactivation=P.coactivation)
+    r = S.not_solved_task(tasks[0])
+    base, _ = S.layer_baselines(P.model, P.hardware, P.frequencies[0], P.batch, backend="cpsat",
+                                params=SolveParams(time_limit_s=1), layer=0, freqs_all=P.frequencies,
+                                coactivation=P.coactivation[0])
+    bm = S.family_model(P.model, P.hardware, P.frequencies[0], P.batch, opts, P.coactivation[0], base)
+    inside = {k for k, a in S._baseline_assigns(bm, base).items() if bm.in_family(a)}
+    assert r.warm_start_source in inside

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, check_choice
+from ..errors import InputError, check_choice, shown
 
 EXECUTORS = ("local", "ray")
 
@@ -32,13 +32,13 @@ def check_jobs(jobs: object, executor: str = "local") -> int:
     (at least 2). Layers have wall-clock limits, so processes beyond the cores would each search
     less, and every process holds its own model in memory; Ray places tasks by their CPUs."""
     if isinstance(jobs, (bool, np.bool_)) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
-        raise InputError("jobs", f"must be a whole number >= 1, got {jobs!r}")
+        raise InputError("jobs", f"must be a whole number >= 1, got {shown(jobs)}")
     jobs = int(jobs)
     most = max(2, local_cpus())
     if executor == "local" and jobs > most:
-        raise InputError("jobs", f"is {jobs}, more than the {local_cpus()} CPU(s) of this machine: every layer has a "
-                         "wall-clock limit, so more processes than cores would each search less, and each "
-                         "holds its own model in memory", f"use at most {most}, or the ray executor for a cluster")
+        raise InputError("jobs", f"is {shown(jobs)}, more than the {local_cpus()} CPU(s) of this machine: every "
+                         "layer has a wall-clock limit, so more processes than cores would each search less, and "
+                         "each holds its own model in memory", f"use at most {most}, or the ray executor for a cluster")
     return jobs
 
 

@@ -647,7 +647,7 @@ def not_solved_task(t: LayerTask) -> LayerSolveResult:
     # those within the layer's capacity share directly, without building the family (0.2 s on 8x8)
     opts = options or MilpOptions()
     wl = layer_workload(model, t.coactivation, t.freqs_all[li], t.batch)
-    if wl is not None:
+    if wl is not None and opts.patterns:  # without patterns the family is the aligned blocks only
         cap = layer_capacity_bytes(model, t.hw, opts.capacity_share)
         per_expert = model.expert_weight_bytes()
         model1, eo = dataclasses.replace(model, moe_layers=1), EvalOptions(delivery=opts.delivery)
