@@ -18,7 +18,6 @@ import numpy as np
 
 from .costs import check_model_fits
 from .errors import (
-    MAX_BATCH,
     MAX_THREADS,
     MAX_TIME_LIMIT_S,
     MAX_WORK_LIMIT,
@@ -35,6 +34,7 @@ from .workload import (
     BATCHING,
     Trace,
     Workload,
+    check_batch,
     check_observed_memory,
     check_window,
     expected_workload,
@@ -137,7 +137,7 @@ class Problem:
             raise InputError("options", f"must be an EvalOptions, got {type(self.options).__name__}")
         check_mesh_memory("hardware", self.model, self.hardware.mesh.rows, self.hardware.mesh.cols)
         check_choice("batching", self.batching, BATCHING)
-        check_real("batch", self.batch, minimum=1, maximum=MAX_BATCH, integer=self.batching != "expected")
+        check_batch(self.batch, whole=self.batching != "expected")
         object.__setattr__(self, "batch", float(self.batch))
         if self.batching != "expected":
             check_memory("batch", self.model, self.batch)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..costs import UnitCosts, hide_time_s
-from ..errors import MAX_BATCH, MAX_TIME_LIMIT_S, InputError, check_choice, check_real, expect_instance
+from ..errors import MAX_TIME_LIMIT_S, InputError, check_choice, check_real, expect_instance
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
 from ..moe import MoEModel
@@ -20,6 +20,7 @@ from ..replica_rules import water_fill
 from ..solvers import BACKENDS, SolveParams
 from ..strategies.block_milp import MilpOptions, solve_layer
 from ..strategies.eplb import eplb_placement
+from ..workload import check_batch
 from .rebalancer import GreedyRebalancer, RebalancerConfig, whole_number
 
 POLICIES = ("static", "greedy", "hdmoe-prebroadcast", "eplb-periodic", "oracle")
@@ -89,7 +90,7 @@ def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: Eva
     alpha-beta bound t(k) = S*beta*k + 2*alpha*sqrt(D) + 2*sqrt(2*sqrt(D)*beta*k*alpha*S)."""
     expect_instance("options", options, EvalOptions, "give hm.EvalOptions()")
     alpha_s = check_real("alpha_s", alpha_s, minimum=0.0)
-    batch = check_real("batch", batch, minimum=1, maximum=MAX_BATCH)
+    batch = check_batch(batch)
     S = UnitCosts.of(model, options.mode).weight_bytes
     beta = 1.0 / hw.min_link_bw
     sd = math.sqrt(hw.num_nodes)
@@ -285,7 +286,7 @@ def make_policy(name: str, plan: Placement, model: MoEModel, hw: Hardware, batch
     expect_instance("model", model, MoEModel, "use hm.get_model(name)")
     expect_instance("hw", hw, Hardware, "use hm.make_hardware(point, mesh)")
     expect_instance("options", options, EvalOptions, "give hm.EvalOptions(...) or leave it out", optional=True)
-    check_real("batch", batch, minimum=1, maximum=MAX_BATCH)
+    check_batch(batch)
     if plan.num_nodes != hw.num_nodes:
         raise InputError("plan", f"is for {plan.num_nodes} nodes, the mesh has {hw.num_nodes}",
                          "make the plan for this mesh")

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 
 from ..costs import hide_time_s, layer_capacity_bytes, roofline_of
-from ..errors import MAX_BATCH, InputError, check_choice, check_real, expect_instance
+from ..errors import InputError, check_choice, check_real, expect_instance
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import LayerPlacement, Placement
+from ..workload import check_batch
 from .cost import OnlineCost
 
 
@@ -127,7 +128,7 @@ class GreedyRebalancer:
         expect_instance("config", config, RebalancerConfig, "give hm.online.RebalancerConfig(...) or leave it out",
                         optional=True)
         expect_instance("options", options, EvalOptions, "give hm.EvalOptions(...) or leave it out", optional=True)
-        batch = check_real("batch", batch, minimum=1, maximum=MAX_BATCH)
+        batch = check_batch(batch)
         self.model, self.hw, self.batch = model, hw, batch
         self.config = config or RebalancerConfig()
         opts = options or EvalOptions()

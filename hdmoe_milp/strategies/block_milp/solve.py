@@ -607,7 +607,7 @@ def solve_model(
 
 def select_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -> list[int]:
     """The layers to solve, sorted (all when ``layers`` is None); an InputError unless every entry is
-    a whole number in ``[0, num_layers)`` and the list is non-empty."""
+    a whole number in ``[0, num_layers)``, none is repeated and the list is non-empty."""
     if layers is None:
         return list(range(num_layers))
     try:
@@ -619,10 +619,11 @@ def select_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -
     for v in vals:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < num_layers:
             raise InputError("layers", f"{v!r} is not a layer number in 0..{num_layers - 1}")
-    twice = sorted({int(v) for v in vals if sum(int(w) == int(v) for w in vals) > 1})
-    if twice:
-        raise InputError("layers", f"lists layer {twice[0]} more than once", "name each layer once")
-    return sorted({int(v) for v in vals})
+    ints = sorted(int(v) for v in vals)
+    twice = next((a for a, b in zip(ints, ints[1:], strict=False) if a == b), None)
+    if twice is not None:
+        raise InputError("layers", f"lists layer {twice} more than once", "name each layer once")
+    return ints
 
 
 def not_solved_task(t: LayerTask) -> LayerSolveResult:
@@ -652,8 +653,8 @@ def not_solved_task(t: LayerTask) -> LayerSolveResult:
         per_expert = model.expert_weight_bytes()
         model1, eo = dataclasses.replace(model, moe_layers=1), EvalOptions(delivery=opts.delivery)
         scores = {n: layer_time_s(lp, model1, t.hw, wl, eo) for n, lp in baselines.items()
-                  if lp.shares.shape[0] == model.num_experts
-                  and (cap is None or float((lp.shares.sum(axis=0) * per_expert).max()) <= cap * (1 + 1e-9))}
+                  if not lp.is_replicated
+                  and (cap is None or float(lp.weight_copies_per_node().max() * per_expert) <= cap * (1 + 1e-9))}
         if scores:
             name = min(scores, key=scores.__getitem__)
             return result(name, baselines[name], np.full(model.num_experts, -1), scores[name])
