@@ -103,7 +103,8 @@ def _solve_batch(text: str) -> int | None:
 # fields the grid and the solvers name in their errors, and the bench flag each comes from
 _BENCH_FLAGS = {"model": "--models", "models": "--models", "hw": "--hws", "--hw": "--hws", "hws": "--hws",
                 "mesh": "--meshes", "--mesh": "--meshes", "meshes": "--meshes", "batch": "--batches",
-                "batches": "--batches", "jobs": "--jobs", "time_limit_s": "--time-limit", "executor": "--executor"}
+                "batches": "--batches", "jobs": "--jobs", "time_limit_s": "--time-limit", "executor": "--executor",
+                "online_batches": "--online-batches", "mode": "--mode"}
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -131,9 +132,11 @@ def _bench(args: argparse.Namespace) -> int:
         raise InputError("--out", "is empty", "give the folder to write the report into")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError("--out", f"{args.out} is not a folder", "give a folder; a missing one is created")
-    _check_writable_folder("--out", Path(args.out) / "cache")
     try:
-        return _run_bench(args)
+        spec = grid.check_spec(_bench_spec(args))  # every flag checked before the folder is made or any work
+        pl.check_jobs(args.jobs, args.executor)
+        _check_writable_folder("--out", Path(args.out) / "cache")
+        return _run_bench(args, spec)
     except InputError as exc:  # name the flag the user wrote, not the field it became
         raise as_written(exc, _BENCH_FLAGS) from None
 
@@ -149,7 +152,7 @@ def _check_writable_folder(flag: str, folder: Path) -> None:
         raise InputError(flag, f"cannot write into {folder}: {exc.strerror or exc}", "write elsewhere") from None
 
 
-def _run_bench(args: argparse.Namespace) -> int:
+def _bench_spec(args: argparse.Namespace) -> grid.GridSpec:
     spec = grid.PRESETS["quick" if args.quick else "full"]
     changes: dict[str, Any] = {"mode": args.mode}
     for name in ("models", "hws", "meshes"):
@@ -169,7 +172,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         changes["online_batches"] = args.online_batches
         if args.online_batches == 0:
             changes["policies"] = ()
-    spec = replace(spec, **changes)
+    return replace(spec, **changes)
+
+
+def _run_bench(args: argparse.Namespace, spec: grid.GridSpec) -> int:
     g = grid.run(spec, args.out, jobs=args.jobs, executor=args.executor, progress=args.progress)
     solves = len(spec.models) * len(spec.hws) * len(spec.meshes) * len(grid.solve_batches(spec))
     print(f"wrote {Path(args.out) / 'index.md'} ({len(g.results)} rows, {g.computed} plans solved, "

@@ -35,10 +35,13 @@ def as_written(exc: InputError, names: dict[str, str]) -> InputError:
     return exc if flag is None else InputError(flag, exc.problem, exc.fix)
 
 
-def check_choice(field: str, value: str, allowed: list[str] | tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise an InputError listing them."""
+def check_choice(field: str, value: Any, allowed: list[str] | tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``allowed`` (a string), else raise an InputError listing them."""
+    fix = "allowed: " + ", ".join(sorted(allowed))
+    if not isinstance(value, str):
+        raise InputError(field, f"must be a string, got {shown(value)}", fix)
     if value not in allowed:
-        raise InputError(field, f"unknown value {value!r}", "allowed: " + ", ".join(sorted(allowed)))
+        raise InputError(field, f"unknown value {value!r}", fix)
     return value
 
 
@@ -53,13 +56,23 @@ def check_choice(field: str, value: str, allowed: list[str] | tuple[str, ...]) -
 # and the package keeps its dependency list short (no compiled validation core to install).
 
 
-def expect_int(field: str, value: Any, *, minimum: int | None = None) -> int:
-    """``value`` if it is an integer (not a bool, not a float) >= ``minimum``, else an InputError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputError(field, f"must be a whole number, got {shown(value)}")
+def expect_int(field: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+               why: str = "") -> int:
+    """``value`` as an int if it is an integer (a Python or numpy integer, not a bool, not a float) in
+    ``minimum..maximum`` (either end open when None), else an InputError naming ``field`` whose fix
+    gives the range and ``why`` (what the number counts)."""
+    if minimum is not None and maximum is not None:
+        span = f" in {minimum}..{maximum}"
+    else:
+        span = f" >= {minimum}" if minimum is not None else f" <= {maximum}" if maximum is not None else ""
+    fix = f"give a whole number{span}" + (f" ({why})" if why else "")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InputError(field, f"must be a whole number, got {shown(value)}", fix)
     v = int(value)
     if minimum is not None and v < minimum:
-        raise InputError(field, f"must be >= {minimum}, got {shown(v)}")
+        raise InputError(field, f"must be >= {minimum}, got {shown(v)}", fix)
+    if maximum is not None and v > maximum:
+        raise InputError(field, f"must be <= {maximum}, got {shown(v)}", fix)
     return v
 
 
@@ -70,6 +83,8 @@ MAX_HOP_LATENCY_NS = 1e9  # one second per hop: beyond any network on a chip, an
 DRAM_BW_GBPS_RANGE = (1e-6, 1e9)  # GB/s per node: outside it the roofline leaves float range or is meaningless
 MAX_THREADS = 1024  # solver threads per layer: the backends hold 32-bit counts, and no machine here has more cores
 MAX_BATCHES = 10**6  # batches of one replay: hours of work already; each keeps its latencies in memory
+MAX_EXPERTS = 2**20  # experts per MoE layer: the largest published layer (PEER's 1,048,576); arrays are [E, D]
+MAX_LAYERS = 10**5  # MoE layers of one model: ~1000 times today's deepest; plans, traces and work are per layer
 MAX_BATCH = 1e9  # tokens per batch: far beyond any decode batch, and well inside float range in every cost
 
 

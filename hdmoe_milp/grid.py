@@ -32,10 +32,13 @@ from tqdm import tqdm
 from . import pipeline as pl
 from . import report as rp
 from ._version import __version__
-from .errors import InputError, check_choice
+from .errors import MAX_BATCH, MAX_BATCHES, MAX_TIME_LIMIT_S, InputError, check_choice, check_real, check_seed
+from .hardware import Mesh
+from .moe import get_model
 from .placement import write_atomic
+from .problem import check_mesh_memory
 
-__all__ = ["PRESETS", "GridSpec", "run_grid", "write_report"]
+__all__ = ["PRESETS", "GridSpec", "check_spec", "run_grid", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = ROOT / "instances"
@@ -114,6 +117,37 @@ def _settings(model: str, hw: str, mesh: str, spec: GridSpec, batch: int | None 
                        batch=solve_batches(spec)[-1] if batch is None else batch, seed=spec.seed, mode=spec.mode)
 
 
+def check_spec(spec: GridSpec) -> GridSpec:
+    """``spec`` if every name and number in it is valid, else an InputError naming the field: checked
+    before any work, so a bad value late in a list is not found after the points before it solved."""
+    check_choice("mode", spec.mode, ("mesh", "paper"))
+    for name, values in (("models", spec.models), ("hws", spec.hws), ("meshes", spec.meshes),
+                         ("batches", spec.batches), ("policies", spec.policies)):
+        if not isinstance(values, (tuple, list)) or (not values and name != "policies"):
+            raise InputError(name, f"must be a non-empty tuple, got {values!r:.60}", f"e.g. {name}=(...)")
+        if len(set(values)) != len(values):
+            raise InputError(name, f"lists a value twice: {values!r:.60}", "name each value once")
+    for m in spec.models:
+        check_choice("model", m, tuple(MODEL_TRACES))
+    for h in spec.hws:
+        check_choice("hw", h, tuple(pl.HARDWARE_PRESETS))
+    for s in (*spec.meshes, *(spec.online_meshes or ())):
+        try:
+            mesh = Mesh.parse(s)
+        except InputError as exc:
+            raise InputError("mesh", exc.problem, exc.fix) from None
+        for m in spec.models:
+            check_mesh_memory("mesh", get_model(m), mesh.rows, mesh.cols)
+    for b in (*spec.batches, *(() if spec.solve_batch is None else (spec.solve_batch,)), spec.online_batch):
+        check_real("batch", b, minimum=1, maximum=MAX_BATCH, integer=True)
+    check_real("online_batches", spec.online_batches, minimum=0, maximum=MAX_BATCHES, integer=True)
+    for pol in spec.policies:
+        check_choice("policy", pol, pl.POLICIES)
+    check_real("time_limit_s", spec.time_limit_s, positive=True, maximum=MAX_TIME_LIMIT_S)
+    check_seed(spec.seed)
+    return spec
+
+
 def cache_key(problem: pl.Problem, spec: GridSpec) -> str:
     """sha256 of everything that decides a solved plan: the problem (model, mesh, hardware, trace
     sha256, batch, evaluator options) and the solver settings (not ``jobs``: it does not change
@@ -179,7 +213,7 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, executor: str = 
              progress: bool | None = None) -> GridResult:
     """Run the grid into ``out`` (plans cached in ``out/cache``); returns the frames. ``progress``:
     a bar on stderr (None: on in a terminal)."""
-    check_choice("mode", spec.mode, ("mesh", "paper"))
+    check_spec(spec)
     jobs = pl.check_jobs(jobs, executor)
     out = Path(out)
     cache = out / "cache"

@@ -37,10 +37,10 @@ MESH_PRESETS = ("4x4", "4x8", "8x8")
 # (work / rate, bytes / bandwidth, hops x latency, products of model sizes) finite and non-negative,
 # and agree with the instance loader (``instance.py``), which checks the same quantities in GB/s and ns.
 MAX_MESH_SIZE = 2**31 - 1  # rows x cols: far beyond any chip; the [D, D] hop-count matrix's size fits int64
-COMPUTE_FLOPS_RANGE = (1.0, 1e30)  # FLOP/s per node: 1 FLOP/s up to ~1e16 times today's largest accelerators
-LINK_BW_RANGE = (1.0, 1e30)  # bytes/s per directed link: 1 byte/s up to ~1e18 times today's fastest links
+COMPUTE_FLOPS_PER_S_RANGE = (1.0, 1e30)  # FLOP/s per node: 1 FLOP/s up to ~1e16 times today's largest accelerators
+LINK_BW_BYTES_PER_S_RANGE = (1.0, 1e30)  # bytes/s per directed link: 1 byte/s up to ~1e18 times today's fastest links
 # bytes/s per node: [hardware].dram_bw_gbps's range, converted as the loader converts it (x 1e9)
-DRAM_BW_RANGE = (DRAM_BW_GBPS_RANGE[0] * 1e9, DRAM_BW_GBPS_RANGE[1] * 1e9)
+DRAM_BW_BYTES_PER_S_RANGE = (DRAM_BW_GBPS_RANGE[0] * 1e9, DRAM_BW_GBPS_RANGE[1] * 1e9)
 MAX_HOP_LATENCY_S = MAX_HOP_LATENCY_NS * 1e-9  # s per hop: [hardware].hop_latency_ns bound, converted likewise
 MAX_DRAM_CAPACITY_BYTES = 1e30  # bytes per node: 1e21 GB; keeps capacity / (bytes of one expert) finite
 
@@ -196,8 +196,8 @@ class Hardware:
         expect_instance("hardware.mesh", self.mesh, Mesh,
                         "give a Mesh, e.g. Mesh.parse('4x4') or Mesh(4, 4), or use make_hardware(point, '4x4')")
         expect_instance("hardware.name", self.name, str, "give a string, e.g. 'custom'")
-        ranges = {"compute_flops": (COMPUTE_FLOPS_RANGE, "FLOP/s per node"),
-                  "dram_bw_bytes_per_s": (DRAM_BW_RANGE, "bytes/s per node"),
+        ranges = {"compute_flops": (COMPUTE_FLOPS_PER_S_RANGE, "FLOP/s per node"),
+                  "dram_bw_bytes_per_s": (DRAM_BW_BYTES_PER_S_RANGE, "bytes/s per node"),
                   "hop_latency_s": ((0.0, MAX_HOP_LATENCY_S), "seconds per hop"),
                   "dram_capacity_bytes": ((0.0, MAX_DRAM_CAPACITY_BYTES), "bytes per node; None = unlimited")}
         for fld, ((lo, hi), unit) in ranges.items():
@@ -232,9 +232,9 @@ class Hardware:
 
 def _link_bandwidths(mesh: Mesh, value: object) -> np.ndarray:
     """``value`` (one number, or one per directed link of ``mesh``) as a float array (0-d for one
-    number), every entry finite and in :data:`LINK_BW_RANGE`; else an InputError."""
+    number), every entry finite and in :data:`LINK_BW_BYTES_PER_S_RANGE`; else an InputError."""
     f = "hardware.link_bw_bytes_per_s"
-    lo, hi = LINK_BW_RANGE
+    lo, hi = LINK_BW_BYTES_PER_S_RANGE
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value[()]
     if isinstance(value, (numbers.Real, str, bytes)) or value is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-from .errors import InputError, check_choice, check_real, expect_instance, shown
+from .errors import MAX_EXPERTS, MAX_LAYERS, InputError, check_choice, check_real, expect_instance, shown
 
 # Ranges of a model's numbers. Every cost multiplies a few of these sizes with each other and with the
 # batch and context length, then divides by rates and by the bytes of one expert; these bounds keep all
@@ -55,6 +55,11 @@ class MoEModel:
                                  f"give {kind} integer" + (" or None (= expert_intermediate)"
                                                            if fld == "paper_intermediate" else ""))
             object.__setattr__(self, fld, int(v))  # plain int (not np.int64): JSON-ready
+        for fld, most, what in (("num_experts", MAX_EXPERTS, "experts per layer"),
+                                ("moe_layers", MAX_LAYERS, "MoE layers")):
+            if getattr(self, fld) > most:
+                raise InputError(f"model.{fld}", f"must be at most {most} ({what}), got {shown(getattr(self, fld))}",
+                                 f"give at most {most}")
         if self.top_k > self.num_experts:
             raise InputError("model.top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}",
                              "give top_k <= num_experts")

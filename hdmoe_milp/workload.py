@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import (
     MAX_BATCH,
+    MAX_EXPERTS,
     InputError,
     check_choice,
     check_file,
@@ -32,6 +33,7 @@ from .errors import (
     expect_instance,
     expect_int,
     int_matrix,
+    shown,
 )
 
 BATCHING = ("expected", "random", "contiguous")
@@ -59,11 +61,17 @@ class Trace:
         object.__setattr__(self, "layers", tuple(layers))
         if len(self.layers) == 0:
             raise InputError("trace", "has no layers", "a trace needs at least one MoE layer")
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, (int, np.integer)) \
-                or isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1 \
-                or self.num_experts < 1:
-            raise InputError("trace", f"num_experts and top_k must be whole numbers >= 1, got {self.num_experts!r}, "
-                             f"{self.top_k!r}")
+        E = expect_int("trace.num_experts", self.num_experts, minimum=1, maximum=MAX_EXPERTS, why="experts per layer")
+        k = expect_int("trace.top_k", self.top_k, minimum=1, maximum=E, why="experts per token, at most num_experts")
+        object.__setattr__(self, "num_experts", E)
+        object.__setattr__(self, "top_k", k)
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise InputError("trace.name", f"must be a non-empty string, got {shown(self.name)}",
+                             "e.g. name='my-trace'")
+        for fld in ("path", "sha256"):
+            if getattr(self, fld) is not None and not isinstance(getattr(self, fld), str):
+                raise InputError(f"trace.{fld}", f"must be a string or None, got {shown(getattr(self, fld))}",
+                                 "leave it out for a trace built in memory")
         for li, a in enumerate(self.layers):
             if not isinstance(a, np.ndarray) or a.dtype.kind not in "iu":
                 raise InputError(f"trace layer {li}", "must be an integer numpy array [tokens, top_k] of expert ids",
@@ -126,7 +134,7 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
     file (and the layer).
     """
     p = check_file("trace", path, "give the path of a .json, .json.gz or .npz trace")
-    expect_int("num_experts", num_experts, minimum=1)
+    expect_int("num_experts", num_experts, minimum=1, maximum=MAX_EXPERTS, why="experts per layer")
     expect_int("top_k", top_k, minimum=1)
     if max_tokens is not None:
         expect_int("max_tokens", max_tokens, minimum=1)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import hdmoe_milp as hm
-from hdmoe_milp.errors import DRAM_BW_GBPS_RANGE, MAX_HOP_LATENCY_NS, InputError
+from hdmoe_milp.errors import DRAM_BW_GBPS_RANGE, MAX_EXPERTS, MAX_HOP_LATENCY_NS, MAX_LAYERS, InputError
 from hdmoe_milp.hardware import (
-    COMPUTE_FLOPS_RANGE,
+    COMPUTE_FLOPS_PER_S_RANGE,
     HARDWARE_PRESETS,
-    LINK_BW_RANGE,
+    LINK_BW_BYTES_PER_S_RANGE,
     MAX_DRAM_CAPACITY_BYTES,
     MESH_PRESETS,
     Hardware,
@@ -106,7 +106,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("hw-compute-neg", _hw(compute_flops=-5e12), "hardware.compute_flops"),
     ("hw-compute-nan", _hw(compute_flops=NAN), "hardware.compute_flops"),
     ("hw-compute-inf", _hw(compute_flops=INF), "hardware.compute_flops"),
-    ("hw-compute-above", _hw(compute_flops=COMPUTE_FLOPS_RANGE[1] * 10), "hardware.compute_flops"),
+    ("hw-compute-above", _hw(compute_flops=COMPUTE_FLOPS_PER_S_RANGE[1] * 10), "hardware.compute_flops"),
     ("hw-compute-bigint", _hw(compute_flops=10**400), "hardware.compute_flops"),
     ("hw-compute-giant-int", _hw(compute_flops=10**5000), "hardware.compute_flops"),
     ("hw-bw-list-giant-int", _hw(link_bw_bytes_per_s=[10**5000] * NL), "hardware.link_bw_bytes_per_s"),
@@ -118,7 +118,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("hw-bw-tiny", _hw(link_bw_bytes_per_s=1e-320), "hardware.link_bw_bytes_per_s"),
     ("hw-bw-0", _hw(link_bw_bytes_per_s=0.0), "hardware.link_bw_bytes_per_s"),
     ("hw-bw-inf", _hw(link_bw_bytes_per_s=INF), "hardware.link_bw_bytes_per_s"),
-    ("hw-bw-above", _hw(link_bw_bytes_per_s=LINK_BW_RANGE[1] * 10), "hardware.link_bw_bytes_per_s"),
+    ("hw-bw-above", _hw(link_bw_bytes_per_s=LINK_BW_BYTES_PER_S_RANGE[1] * 10), "hardware.link_bw_bytes_per_s"),
     ("hw-bw-shape", _hw(link_bw_bytes_per_s=[1e9, 2e9]), "hardware.link_bw_bytes_per_s"),
     ("hw-bw-2d", _hw(link_bw_bytes_per_s=np.full((NL, 1), 1e9)), "hardware.link_bw_bytes_per_s"),
     ("hw-bw-list-str", _hw(link_bw_bytes_per_s=["x"] * NL), "hardware.link_bw_bytes_per_s"),
@@ -162,6 +162,12 @@ for _f in _POSITIVE + _NON_NEGATIVE:
         BAD.append((f"model-{_f}-{_tag}", _model(**{_f: _v}), f"model.{_f}"))
     if _f in _POSITIVE:
         BAD.append((f"model-{_f}-0", _model(**{_f: 0}), f"model.{_f}"))
+
+
+# sizes whose arrays or per-layer work would exhaust memory long before the 2**31 size limit
+BAD += [("model-num_experts-above-max", _model(num_experts=MAX_EXPERTS + 1), "model.num_experts"),
+        ("model-num_experts-1e9", _model(num_experts=10**9), "model.num_experts"),
+        ("model-moe_layers-above-max", _model(moe_layers=MAX_LAYERS + 1), "model.moe_layers")]
 
 
 @pytest.mark.parametrize(("make", "field"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
@@ -241,9 +247,11 @@ def test_extreme_accepted_values_give_finite_latency(mixtral: hm.Problem, mode: 
                    dense_intermediate=MAX_MODEL_SIZE, shared_experts=MAX_MODEL_SIZE,
                    shared_intermediate=MAX_MODEL_SIZE, weight_bytes=BYTES_PER_ELEMENT_RANGE[1],
                    activation_bytes=BYTES_PER_ELEMENT_RANGE[1], paper_intermediate=MAX_MODEL_SIZE)
-    slow = Hardware(M44, COMPUTE_FLOPS_RANGE[0], LINK_BW_RANGE[0], dram_bw_bytes_per_s=DRAM_BW_GBPS_RANGE[0] * 1e9,
+    slow = Hardware(M44, COMPUTE_FLOPS_PER_S_RANGE[0], LINK_BW_BYTES_PER_S_RANGE[0],
+                    dram_bw_bytes_per_s=DRAM_BW_GBPS_RANGE[0] * 1e9,
                     hop_latency_s=MAX_HOP_LATENCY_NS * 1e-9)
-    fast = Hardware(M44, COMPUTE_FLOPS_RANGE[1], LINK_BW_RANGE[1], dram_bw_bytes_per_s=DRAM_BW_GBPS_RANGE[1] * 1e9,
+    fast = Hardware(M44, COMPUTE_FLOPS_PER_S_RANGE[1], LINK_BW_BYTES_PER_S_RANGE[1],
+                    dram_bw_bytes_per_s=DRAM_BW_GBPS_RANGE[1] * 1e9,
                     dram_capacity_bytes=MAX_DRAM_CAPACITY_BYTES)
     opts = hm.EvalOptions(mode=mode, context_len=10**8)
     for model, hw in ((big, slow), (mixtral.model, fast), (mixtral.model, slow)):
@@ -251,3 +259,8 @@ def test_extreme_accepted_values_give_finite_latency(mixtral: hm.Problem, mode: 
         e = hm.evaluate(p, "ep")
         for v in (e.tbt_us, e.moe_comm_s, e.moe_compute_s):
             assert math.isfinite(v) and v >= 0
+
+
+def test_largest_sizes_accepted() -> None:
+    m = MoEModel("huge", MAX_EXPERTS, 8, 64, 64, MAX_LAYERS)
+    assert (m.num_experts, m.moe_layers) == (MAX_EXPERTS, MAX_LAYERS)

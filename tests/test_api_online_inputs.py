@@ -11,9 +11,10 @@ import pytest
 
 import hdmoe_milp as hm
 from hdmoe_milp import InputError, Trace, expected_workload, sample_batch
+from hdmoe_milp.errors import MAX_BATCHES, MAX_EXPERTS
 from hdmoe_milp.online import RebalancerConfig, make_policy
 from hdmoe_milp.online import replay as online_replay
-from hdmoe_milp.workload import iter_batches
+from hdmoe_milp.workload import iter_batches, load_trace
 
 INSTANCE = Path(__file__).resolve().parents[1] / "instances" / "mixtral-8x7b_5-50_4x4.toml"
 FAST = dict(batches=2, batch=64, progress=False)
@@ -123,7 +124,8 @@ def test_replay_names_a_trace_of_another_model(case, trace):
     ({"batches": 0}, "batches"), ({"batches": 2.0}, "batches"), ({"batch": True}, "batch"), ({"seed": None}, "seed"),
     ({"seed": -1}, "seed"), ({"batching": "expected"}, "batching"), ({"batching": None}, "batching"),
     ({"batch": 8192, "batching": "contiguous"}, "batch"), ({"progress": "x"}, "progress"),
-    ({"options": "mesh"}, "options"), ({"policy": None}, "policy"),
+    ({"options": "mesh"}, "options"), ({"policy": None}, "policy"), ({"batches": MAX_BATCHES + 1}, "batches"),
+    ({"batching": ["random"]}, "batching"),
 ])
 def test_online_replay_checks_its_arguments(case, kw, field):
     P, cb = case
@@ -203,6 +205,40 @@ def test_bad_trace_layers(layers, field, words):
     assert exc.value.field == field and words in exc.value.problem
 
 
+_IDS = (np.array([[0, 1], [2, 3]]),)
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"num_experts": 0}, "trace.num_experts"), ({"num_experts": 8.0}, "trace.num_experts"),
+    ({"num_experts": True}, "trace.num_experts"), ({"num_experts": MAX_EXPERTS + 1}, "trace.num_experts"),
+    ({"num_experts": 10**9}, "trace.num_experts"), ({"top_k": 0}, "trace.top_k"), ({"top_k": "2"}, "trace.top_k"),
+    ({"top_k": 9}, "trace.top_k"),  # more than num_experts
+    ({"name": None}, "trace.name"), ({"name": ""}, "trace.name"), ({"name": 3}, "trace.name"),
+    ({"path": 5}, "trace.path"), ({"sha256": b"ab"}, "trace.sha256"),
+])
+def test_bad_trace_fields(kw, field):
+    args = {"layers": _IDS, "num_experts": 8, "top_k": 2, **kw}
+    with pytest.raises(InputError) as exc:
+        Trace(**args)
+    assert exc.value.field == field and exc.value.fix
+
+
+def test_trace_stores_plain_ints():
+    tr = Trace(_IDS, np.int64(8), np.int32(2), "t")
+    assert type(tr.num_experts) is int and type(tr.top_k) is int
+    assert tr.frequencies().shape == (1, 8)
+
+
+def test_load_trace_refuses_an_expert_count_above_the_limit(tmp_path):
+    import gzip
+    import json
+    f = tmp_path / "t.json.gz"
+    f.write_bytes(gzip.compress(json.dumps({"0": [[0, 1]]}).encode()))
+    with pytest.raises(InputError) as exc:
+        load_trace(f, 10**9, 2)
+    assert exc.value.field == "num_experts"
+
+
 def test_good_workload_calls(case):
     P, _ = case
     tr = P.trace
@@ -224,3 +260,12 @@ def test_good_workload_calls(case):
     t3 = Trace(np.stack([one, one]), 8, 2)
     assert isinstance(t3.layers, tuple) and t3.num_layers == 2
     assert Trace([one], 8, 2).layers[0] is one
+
+
+@pytest.mark.parametrize("kw", [{"mode": ["mesh"]}, {"mode": np.array(["mesh", "paper"])}, {"coalesce": 1},
+                                {"replica_rule": None}])
+def test_a_choice_that_is_not_a_string_is_one_input_error(kw):
+    with pytest.raises(InputError) as exc:
+        hm.EvalOptions(**kw)
+    (name,) = kw
+    assert exc.value.field == name and "must be a string" in exc.value.problem and "allowed:" in exc.value.fix

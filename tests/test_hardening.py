@@ -545,6 +545,12 @@ CASES = {
     "bench-online-batches-beyond-the-limit": (_flags("bench", "--quick", "--out", "b", "--online-batches",
                                                      "1000000000"), "--online-batches"),
     "bench-out-under-a-file": (lambda d: ["bench", "--quick", "--out", str(d / "good_trace.json" / "sub")], "--out"),
+    # --- a bad value late in a bench list was found only after the points before it had solved ----
+    "bench-model-late-in-the-list": (_flags("bench", "--quick", "--out", "b", "--models", "mixtral-8x7b,nope"),
+                                     "--models"),
+    "bench-mesh-late-in-the-list": (_flags("bench", "--quick", "--out", "b", "--meshes", "4x4,4000x4000"),
+                                    "--meshes"),
+    "bench-hw-late-in-the-list": (_flags("bench", "--quick", "--out", "b", "--hws", "5/50,7/7"), "--hws"),
 }
 
 
@@ -958,3 +964,13 @@ def test_plot_solver_draws_one_solve_and_ablation_needs_online_rows(tmp_path, ca
     assert main(["plot", "ablation", str(tmp_path / "results.csv"), "--out", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err
     assert "online rows" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags", [["--models", "mixtral-8x7b,nope"], ["--hws", "5/50,7/7"], ["--jobs", "100000"],
+                                   ["--meshes", "4x4,4x"], ["--solve-batch", "0"]])
+def test_refused_bench_leaves_no_folder(tmp_path, flags, capsys):
+    """Every flag is checked before bench creates its output folder (or solves anything)."""
+    out = tmp_path / "report"
+    assert main(["bench", "--quick", "--out", str(out), "--no-progress", *flags]) == 2
+    assert not out.exists()
+    assert capsys.readouterr().err.startswith("hdmoe-milp: error: " + flags[0])

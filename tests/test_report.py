@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +372,23 @@ def test_bench_bad_solve_batch(value, tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--out", str(tmp_path), "--solve-batch", value]) == 2
     err = capsys.readouterr().err
     assert "--solve-batch" in err and "each" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"models": ("mixtral-8x7b", "nope")}, "model"), ({"hws": ("5/50", "1/1")}, "hw"),
+    ({"meshes": ("4x4", "x")}, "mesh"),
+    ({"batches": (16, 0)}, "batch"), ({"batches": (16, 16)}, "batches"), ({"models": ()}, "models"),
+    ({"policies": ("static", "nope")}, "policy"), ({"online_batch": 2.5}, "batch"),
+    ({"time_limit_s": 0}, "time_limit_s"),
+    ({"mode": "x"}, "mode"), ({"seed": -1}, "seed"), ({"online_batches": -1}, "online_batches"),
+    ({"online_meshes": ("9x",)}, "mesh"),
+])
+def test_grid_spec_is_checked_before_any_work(change, field, tmp_path):
+    spec = replace(grid.PRESETS["quick"], **change)
+    with pytest.raises(hm.InputError) as exc:
+        grid.check_spec(spec)
+    assert exc.value.field == field
+    with pytest.raises(hm.InputError):
+        grid.run_grid(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert grid.check_spec(grid.PRESETS["full"]) is grid.PRESETS["full"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..costs import UnitCosts, hide_time_s
-from ..errors import MAX_TIME_LIMIT_S, InputError, check_choice, check_real, expect_instance
+from ..errors import MAX_TIME_LIMIT_S, InputError, check_choice, check_real, expect_instance, expect_int
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
 from ..moe import MoEModel
@@ -21,7 +21,7 @@ from ..solvers import BACKENDS, SolveParams
 from ..strategies.block_milp import MilpOptions, solve_layer
 from ..strategies.eplb import eplb_placement
 from ..workload import check_batch
-from .rebalancer import GreedyRebalancer, RebalancerConfig, whole_number
+from .rebalancer import GreedyRebalancer, RebalancerConfig
 
 POLICIES = ("static", "greedy", "hdmoe-prebroadcast", "eplb-periodic", "oracle")
 
@@ -121,8 +121,9 @@ class HdmoePrebroadcast(Policy):
         super().__init__(plan, model, hw, batch, options)
         E = model.num_experts
         self.k = prebroadcast_count(model, hw, batch, self.options) if k is None else \
-            whole_number("k", k, 0, E, f"experts broadcast per layer and batch; {model.name} has {E}, "
-                                      "0 never broadcasts, None: from the alpha-beta model")
+            expect_int("k", k, minimum=0, maximum=E,
+                       why=f"experts broadcast per layer and batch; {model.name} has {E}, "
+                           "0 never broadcasts, None: from the alpha-beta model")
         self.pred_: np.ndarray | None = None
 
     def observe(self, counts: np.ndarray, workload=None) -> None:
@@ -186,13 +187,13 @@ class EplbPeriodic(Policy):
     def __init__(self, plan, model, hw, batch, options=None, period: int = 20, window: int = 20,
                  extra_replicas: int | None = None) -> None:
         super().__init__(plan, model, hw, batch, options)
-        self.period = whole_number("period", period, 1, why="batches between re-plans")
-        self.window = whole_number("window", window, 1, why="past batches whose counts are averaged")
+        self.period = expect_int("period", period, minimum=1, why="batches between re-plans")
+        self.window = expect_int("window", window, minimum=1, why="past batches whose counts are averaged")
         E, D = model.num_experts, hw.num_nodes
         most = max_extra_replicas(E, D)
-        self.extra = min(D, most) if extra_replicas is None else whole_number(
-            "extra_replicas", extra_replicas, 0, most,
-            f"copies beyond one per expert; {most} fill every one of the {D} nodes with all {E} experts")
+        self.extra = min(D, most) if extra_replicas is None else expect_int(
+            "extra_replicas", extra_replicas, minimum=0, maximum=most,
+            why=f"copies beyond one per expert; {most} fill every one of the {D} nodes with all {E} experts")
         self.history: list[np.ndarray] = []
         self.current = plan
         self.hide_s = hide_time_s(model, hw, batch, self.options.mode, self.options.context_len)
@@ -235,9 +236,6 @@ class OraclePolicy(Policy):
                  backend: str = "cpsat") -> None:
         super().__init__(plan, model, hw, batch, options)
         self.time_limit_s = check_real("time_limit_s", time_limit_s, positive=True, maximum=MAX_TIME_LIMIT_S)
-        if not isinstance(backend, str):
-            raise InputError("backend", f"must be a backend name, got {backend!r:.60}",
-                             "allowed: " + ", ".join(sorted(BACKENDS)))
         self.backend = check_choice("backend", backend, tuple(BACKENDS))
         if not BACKENDS[backend].available():
             raise InputError("backend", f"{backend} is not installed", f"pip install 'hdmoe_milp[{backend}]'")

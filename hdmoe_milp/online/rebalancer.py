@@ -3,33 +3,18 @@ modelled gain beats the cost of moving weights over the mesh (``formulations/onl
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from ..costs import hide_time_s, layer_capacity_bytes, roofline_of
-from ..errors import InputError, check_choice, check_real, expect_instance
+from ..errors import InputError, check_choice, check_real, expect_instance, expect_int
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import LayerPlacement, Placement
 from ..workload import check_batch
 from .cost import OnlineCost
-
-
-def whole_number(field: str, value: Any, lo: int, hi: int | None = None, why: str = "") -> int:
-    """``value`` as an int if it is a whole number (a Python or numpy integer, not a bool or float) in
-    ``lo..hi``, else an InputError naming ``field`` whose fix gives the range (and ``why``)."""
-    span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
-    fix = f"give a whole number {span}" + (f" ({why})" if why else "")
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise InputError(field, f"must be a whole number, got {type(value).__name__} {value!r:.60}", fix)
-    v = int(value)
-    if v < lo or (hi is not None and v > hi):
-        raise InputError(field, f"is out of range, got {v}", fix)
-    return v
 
 
 @dataclass(frozen=True)
@@ -66,8 +51,6 @@ class RebalancerConfig:
     def __post_init__(self) -> None:
         """Every setting checked once (counts are whole numbers, numpy integers included), each error
         naming the setting."""
-        if not isinstance(self.estimator, str):
-            raise InputError("estimator", f"must be 'ema' or 'window', got {self.estimator!r:.60}", "quote it")
         check_choice("estimator", self.estimator, ("ema", "window"))
         real = {"ema_decay": check_real("ema_decay", self.ema_decay, minimum=0.0),
                 "horizon": check_real("horizon", self.horizon, positive=True),
@@ -79,10 +62,10 @@ class RebalancerConfig:
         if real["ema_decay"] >= 1:
             raise InputError("ema_decay", f"must be in [0, 1), got {self.ema_decay}",
                              "the weight on the past: 0 uses the last batch only, < 1 always")
-        whole = {"window": whole_number("window", self.window, 1, why="batches averaged"),
-                 "candidates": whole_number("candidates", self.candidates, 1, why="copies tried per layer"),
-                 "targets": whole_number("targets", self.targets, 1, why="nodes tried per copy"),
-                 "max_actions": whole_number("max_actions", self.max_actions, 0,
+        whole = {"window": expect_int("window", self.window, minimum=1, why="batches averaged"),
+                 "candidates": expect_int("candidates", self.candidates, minimum=1, why="copies tried per layer"),
+                 "targets": expect_int("targets", self.targets, minimum=1, why="nodes tried per copy"),
+                 "max_actions": expect_int("max_actions", self.max_actions, minimum=0,
                                              why="per layer and batch; 0 never acts")}
         for name, v in {**real, **whole}.items():
             object.__setattr__(self, name, v)

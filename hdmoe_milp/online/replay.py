@@ -9,14 +9,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..errors import InputError, check_choice, check_seed, expect_instance
+from ..errors import MAX_BATCHES, InputError, check_choice, check_seed, expect_instance, expect_int
 from ..evaluator import EvalOptions, evaluate
 from ..hardware import Hardware
 from ..moe import MoEModel
 from ..placement import Placement
 from ..workload import Trace, check_window, iter_batches
 from .policies import make_policy
-from .rebalancer import whole_number
 
 
 @dataclass(frozen=True)
@@ -84,10 +83,8 @@ def replay(plan: Placement, model: MoEModel, hw: Hardware, trace: Trace, batch: 
     if trace.num_layers != plan.num_layers:
         raise InputError("trace", f"has {trace.num_layers} layers, the plan {plan.num_layers}",
                          f"give a trace of {model.name} with every MoE layer")
-    batch = whole_number("batch", batch, 1, why="tokens per batch")
-    batches = whole_number("batches", batches, 1, why="batches to replay")
-    if not isinstance(batching, str):
-        raise InputError("batching", f"must be 'random' or 'contiguous', got {batching!r:.60}", "quote it")
+    batch = expect_int("batch", batch, minimum=1, why="tokens per batch")
+    batches = expect_int("batches", batches, minimum=1, maximum=MAX_BATCHES, why="batches to replay")
     check_choice("batching", batching, ("random", "contiguous"))
     check_window("batch", batch, batching, trace, "lower batch or use batching='random'")
     seed = check_seed(seed)
