@@ -170,7 +170,7 @@ def read_settings(path: str | Path) -> Settings:
     names) before any work; errors name the key as written, e.g. ``instance x.toml [workload].batch``."""
     p = check_file("instance", path, "give the path of an instance .toml file")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is skipped
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError("instance", f"cannot read {p}: {exc}", "give a UTF-8 instance .toml file") from None
     try:

@@ -303,7 +303,7 @@ class Placement:
     def load(cls, path: str | Path) -> Placement:
         p = check_file("plan", path, "give the path of a plan .json file")
         try:
-            d = json.loads(p.read_bytes().decode("utf-8"))
+            d = json.loads(p.read_bytes().decode("utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise InputError("plan", f"{p} is not a JSON plan file: {exc}", "write it with Placement.save") from None
         except OSError as exc:

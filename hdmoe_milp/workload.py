@@ -189,7 +189,7 @@ def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
 def _json_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
     if p.name.endswith(".gz"):
         data = gzip.decompress(data)
-    raw = json.loads(data.decode("utf-8"))
+    raw = json.loads(data.decode("utf-8-sig"))
     if not isinstance(raw, dict) or not raw:
         raise InputError("trace", f"{p} must hold a non-empty object {{layer: [[experts]...]}}",
                          'e.g. {"0": [[3, 5], [1, 2]], "1": [...]}')

@@ -974,3 +974,28 @@ def test_refused_bench_leaves_no_folder(tmp_path, flags, capsys):
     assert main(["bench", "--quick", "--out", str(out), "--no-progress", *flags]) == 2
     assert not out.exists()
     assert capsys.readouterr().err.startswith("hdmoe-milp: error: " + flags[0])
+
+
+def test_files_with_a_byte_order_mark_read_like_plain_utf8(tmp_path):
+    """Windows editors write a UTF-8 byte-order mark: instance, trace and plan files with one read
+    exactly as without (they were refused as invalid TOML/JSON at line 1, column 1)."""
+    bom = b"\xef\xbb\xbf"
+    trace = tmp_path / "t.json"
+    layers = {str(layer): [[layer % 8, (layer + 1) % 8], [0, 3], [5, 2]] for layer in range(32)}
+    trace.write_bytes(bom + json.dumps(layers).encode())
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(layers))
+    a, b = hm.load_trace(trace, 8, 2), hm.load_trace(plain, 8, 2)
+    assert all((x == y).all() for x, y in zip(a.layers, b.layers, strict=True))
+    toml = (ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml").read_text()
+    toml = toml.replace('"traces/', f'"{ROOT / "instances" / "traces"}/')
+    inst = tmp_path / "bom.toml"
+    inst.write_bytes(bom + toml.replace("\n", "\r\n").encode())
+    (tmp_path / "plain.toml").write_text(toml)
+    p_bom, p_plain = hm.load_instance(inst), hm.load_instance(tmp_path / "plain.toml")
+    assert p_bom.batch == p_plain.batch and p_bom.trace.sha256 == p_plain.trace.sha256
+    plan = tmp_path / "plan.json"
+    hm.place(p_plain, "ep").save(plan)
+    bom_plan = tmp_path / "bom_plan.json"
+    bom_plan.write_bytes(bom + plan.read_bytes())
+    assert Placement.load(bom_plan).to_dict() == Placement.load(plan).to_dict()
