@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...costs import phase_time_s, roofline_s
 from .polish import IncrementalScore
 
 # layers with at most this many experts are searched (Mixtral: 8; a 64-expert layer's tree is far
@@ -73,9 +72,13 @@ def water_level(load: np.ndarray, extra: np.ndarray) -> np.ndarray:
 
 
 def _level(load: np.ndarray, extra: float) -> float:
-    """:func:`water_level` of one load vector ``[D]``; the mean when no node stands above it."""
-    mean = (load.sum() + extra) / load.size
-    return float(mean) if load.max() <= mean else float(water_level(load[None, :], np.array([extra]))[0])
+    """:func:`water_level` of one load vector ``[D]`` (the same number, without the batch axis: this
+    runs twice per node of the search)."""
+    xs = np.sort(load)
+    levels = (extra + np.cumsum(xs)) / np.arange(1, xs.size + 1)
+    fits = levels[:-1] <= xs[1:]  # filling the lowest k nodes reaches a level at most the next node's
+    k = int(np.argmax(fits)) if fits.any() else xs.size - 1
+    return float(levels[k])
 
 
 class _Search:
@@ -90,6 +93,10 @@ class _Search:
         self.member = np.zeros((len(self.order), len(inc.ids)))  # [E, G]: expert i is in group g
         self.member[inc.ids, np.arange(len(inc.ids))[:, None]] = 1.0
         self.feats_pad = np.vstack([inc.feats, np.zeros((1, inc.feats.shape[1]), dtype=inc.feats.dtype)])
+        # seconds per byte of a feature: a link's weight over its bandwidth (tree), or a node's routes' loads
+        # over the links' bandwidths (unicast)
+        self.link_s = inc.link_w / inc.bw2 if inc.link_w is not None else None
+        self.node_load_s = inc.node_load / inc.bw2[None, :] if inc.link_w is None else None
 
     def state(self, prefix: tuple[int, ...]):
         """Counts and per-node loads of the experts ``order[:len(prefix)]`` on columns ``prefix``."""
@@ -106,15 +113,19 @@ class _Search:
 
     def rows(self, d: int) -> tuple:
         """The (expert, column) rows of depth ``d`` (experts ``order[d:]``) and what each adds,
-        computed once per depth: the order is fixed."""
+        computed once per depth: the order is fixed. Compute shares come in seconds (over the node's
+        FLOP/s and DRAM bandwidth) and link features in seconds per byte, so that the look-ahead
+        only adds and takes maxima."""
         if d not in self._rows:
             inc = self.inc
             rem = self.order[d:]
             pos = np.repeat(np.arange(len(rem)), [len(self.cols[j]) for j in rem])
             js = np.asarray(rem, dtype=np.int64)[pos]
             cs = np.concatenate([self.cols[j] for j in rem])
-            self._rows[d] = (rem, pos, cs, inc.feats[cs].astype(float), inc.flops_e[js][:, None] * inc.share[cs],
-                             inc.read_e[js][:, None] * inc.share[cs],
+            feats = inc.feats[cs].astype(float)
+            self._rows[d] = (rem, pos, cs, feats * self.link_s if self.link_s is not None else feats,
+                             inc.flops_e[js][:, None] * inc.share[cs] / self.compute,
+                             inc.read_e[js][:, None] * inc.share[cs] / self.dram,
                              np.where(inc.active[js][:, None], inc.holders[cs], 0), inc.mem_bytes[cs],
                              inc.flops_e[rem].sum(), inc.read_e[rem].sum(), self.member[rem])
         return self._rows[d]
@@ -122,22 +133,25 @@ class _Search:
     def look_ahead(self, prefix: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Bounds of placing each expert still to place on each of its columns: ``(expert position
         among them [n], column [n], bound_s [n])``, grouped by expert in placing order (inf where
-        capacity breaks)."""
+        capacity breaks). The same terms as :class:`~.polish.IncrementalScore`'s score: roofline of
+        the busiest node (at least the water level), busiest link per phase, hop terms."""
         inc = self.inc
         K, flops, read, mem, used = self.state(prefix)
-        rem, pos, cs, feats, fshare, rshare, holders, mem_rows, rem_flops, rem_read, member = self.rows(len(prefix))
+        rem, pos, cs, feats, comp_s, read_s, holders, mem_rows, rem_flops, rem_read, member = self.rows(len(prefix))
         hit = K > 0
         # per expert still to place: the bytes of its groups' messages that miss each feature so far
         miss = member @ (inc.w[:, None] * ~hit)  # [n_rem, F]
-        hitw = (inc.w @ hit)[None, :] + feats * miss[pos]
-        comp = roofline_s(flops[None, :] + fshare, read[None, :] + rshare, inc.bm.hw).max(axis=-1)
+        if self.link_s is not None:  # tree: a feature is a link; seconds on each link
+            link = ((inc.w @ hit) * self.link_s)[None, :] + feats * miss[pos]
+        else:  # unicast: a feature is a node; its bytes load the links of its routes
+            link = ((inc.w @ hit)[None, :] + feats * miss[pos]) @ self.node_load_s
+        comm = link[:, :inc.nl].max(axis=1, initial=0.0) + link[:, inc.nl:].max(axis=1, initial=0.0)
+        comp = np.maximum((flops / self.compute)[None, :] + comp_s, (read / self.dram)[None, :] + read_s).max(axis=1)
         # the experts still to place (this one included) land somewhere: at best on the lowest nodes
         level = max(_level(flops, rem_flops) / self.compute, _level(read, rem_read) / self.dram)
-        link = hitw * inc.link_w if inc.link_w is not None else hitw @ inc.node_load
-        hops = np.where(used[None, :] + holders > 0, inc.ecc, 0).max(axis=-1)
-        val = (np.maximum(comp, level)
-               + phase_time_s(link[:, :inc.nl], inc.bw2[:inc.nl], inc.hop_lat, hops)
-               + phase_time_s(link[:, inc.nl:], inc.bw2[inc.nl:], inc.hop_lat, hops))
+        val = np.maximum(comp, level) + comm
+        if inc.hop_lat:
+            val += 2 * inc.hop_lat * np.where(used[None, :] + holders > 0, inc.ecc, 0).max(axis=-1)
         if inc.cap is not None:
             val[(mem[None, :] + mem_rows).max(axis=1) > inc.cap * (1 + 1e-9)] = np.inf
         return pos, cs, val
