@@ -15,7 +15,7 @@ from hdmoe_milp.strategies.block_milp import (
     layer_baselines,
     solve_layer,
 )
-from hdmoe_milp.strategies.block_milp.bnb import _Search, branch_and_bound, water_level
+from hdmoe_milp.strategies.block_milp.bnb import _Search, branch_and_bound
 from hdmoe_milp.strategies.block_milp.polish import IncrementalScore
 
 from .test_certificate import CASES, best_over_family, family_scores, instance
@@ -24,16 +24,6 @@ from .test_certificate import CASES, best_over_family, family_scores, instance
 def scorer(bm, tr, batch):
     ids, fg = tr.coactivation(0)
     return IncrementalScore(bm, ids, fg * batch, np.zeros(bm.model.num_experts, dtype=np.int64))
-
-
-def test_water_level_is_the_smallest_maximum():
-    rng = np.random.default_rng(0)
-    load = rng.uniform(0, 5, size=(200, 6))
-    extra = rng.uniform(0, 20, size=200)
-    lam = water_level(load, extra)
-    assert np.allclose(np.maximum(lam[:, None] - load, 0).sum(axis=1), extra)
-    assert np.all(lam >= load.min(axis=1) - 1e-12)
-    assert np.allclose(water_level(load, np.zeros(200)), load.min(axis=1))
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

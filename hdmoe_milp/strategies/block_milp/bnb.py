@@ -10,10 +10,10 @@ the family can instead be searched directly, with bounds that are the evaluator'
   weight reads, its capacity use, the messages of a co-activation set (tree: the union of its
   placed experts' columns meets more regions; unicast: more nodes), and the longest route. So the
   score of the placed experts alone is a lower bound on every completion.
-- The compute term is raised to the water level of the experts still to place: their FLOPs (and
-  weight reads) must land on some node, and filling the least-loaded nodes first is the best case
-  (the level is the same for every child of a node; a per-child level is stronger in principle but
-  measured no better per second).
+- The compute term is at least the mean node's roofline (the area bound): every expert's FLOPs and
+  weight reads land on some node, so the busiest node's FLOPs (reads) are at least the mean. The
+  water level of the experts still to place over the least-loaded nodes (versions 0.7.0-0.7.2) is
+  never more than that mean.
 - Look-ahead: each expert still to place must take one of its columns, so a node's bound is also
   the largest, over those experts, of the smallest bound over that expert's columns.
 
@@ -58,29 +58,6 @@ class BnbResult:
     improved: bool
 
 
-def water_level(load: np.ndarray, extra: np.ndarray) -> np.ndarray:
-    """Per row of ``load [n, D]``: the level ``λ`` with ``Σ_c max(0, λ - load_c) = extra``
-    (``[n]``, ≥ 0), the smallest possible maximum after adding ``extra`` anywhere."""
-    xs = np.sort(load, axis=-1)
-    n, D = xs.shape
-    levels = (np.asarray(extra, dtype=float)[:, None] + np.cumsum(xs, axis=-1)) / np.arange(1, D + 1)
-    nxt = np.empty_like(xs)
-    nxt[:, :-1] = xs[:, 1:]
-    nxt[:, -1] = np.inf
-    first = np.argmax(levels <= nxt, axis=1)  # fill the lowest k nodes; the first k whose level fits
-    return levels[np.arange(n), first]
-
-
-def _level(load: np.ndarray, extra: float) -> float:
-    """:func:`water_level` of one load vector ``[D]`` (the same number, without the batch axis: this
-    runs twice per node of the search)."""
-    xs = np.sort(load)
-    levels = (extra + np.cumsum(xs)) / np.arange(1, xs.size + 1)
-    fits = levels[:-1] <= xs[1:]  # filling the lowest k nodes reaches a level at most the next node's
-    k = int(np.argmax(fits)) if fits.any() else xs.size - 1
-    return float(levels[k])
-
-
 class _Search:
     def __init__(self, inc: IncrementalScore, allowed: np.ndarray, order: np.ndarray) -> None:
         self.inc = inc
@@ -97,6 +74,9 @@ class _Search:
         # over the links' bandwidths (unicast)
         self.link_s = inc.link_w / inc.bw2 if inc.link_w is not None else None
         self.node_load_s = inc.node_load / inc.bw2[None, :] if inc.link_w is None else None
+        # the mean node's roofline: every expert's FLOPs and weight reads land somewhere
+        D = inc.share.shape[1]
+        self.area_s = max(inc.flops_e.sum() / (D * self.compute), inc.read_e.sum() / (D * self.dram))
 
     def state(self, prefix: tuple[int, ...]):
         """Counts and per-node loads of the experts ``order[:len(prefix)]`` on columns ``prefix``."""
@@ -127,17 +107,17 @@ class _Search:
                              inc.flops_e[js][:, None] * inc.share[cs] / self.compute,
                              inc.read_e[js][:, None] * inc.share[cs] / self.dram,
                              np.where(inc.active[js][:, None], inc.holders[cs], 0), inc.mem_bytes[cs],
-                             inc.flops_e[rem].sum(), inc.read_e[rem].sum(), self.member[rem])
+                             self.member[rem])
         return self._rows[d]
 
     def look_ahead(self, prefix: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Bounds of placing each expert still to place on each of its columns: ``(expert position
         among them [n], column [n], bound_s [n])``, grouped by expert in placing order (inf where
         capacity breaks). The same terms as :class:`~.polish.IncrementalScore`'s score: roofline of
-        the busiest node (at least the water level), busiest link per phase, hop terms."""
+        the busiest node (at least the mean node's), busiest link per phase, hop terms."""
         inc = self.inc
         K, flops, read, mem, used = self.state(prefix)
-        rem, pos, cs, feats, comp_s, read_s, holders, mem_rows, rem_flops, rem_read, member = self.rows(len(prefix))
+        rem, pos, cs, feats, comp_s, read_s, holders, mem_rows, member = self.rows(len(prefix))
         hit = K > 0
         # per expert still to place: the bytes of its groups' messages that miss each feature so far
         miss = member @ (inc.w[:, None] * ~hit)  # [n_rem, F]
@@ -147,9 +127,7 @@ class _Search:
             link = ((inc.w @ hit)[None, :] + feats * miss[pos]) @ self.node_load_s
         comm = link[:, :inc.nl].max(axis=1, initial=0.0) + link[:, inc.nl:].max(axis=1, initial=0.0)
         comp = np.maximum((flops / self.compute)[None, :] + comp_s, (read / self.dram)[None, :] + read_s).max(axis=1)
-        # the experts still to place (this one included) land somewhere: at best on the lowest nodes
-        level = max(_level(flops, rem_flops) / self.compute, _level(read, rem_read) / self.dram)
-        val = np.maximum(comp, level) + comm
+        val = np.maximum(comp, self.area_s) + comm
         if inc.hop_lat:
             val += 2 * inc.hop_lat * np.where(used[None, :] + holders > 0, inc.ecc, 0).max(axis=-1)
         if inc.cap is not None:
