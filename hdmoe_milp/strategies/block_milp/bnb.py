@@ -121,12 +121,17 @@ class _Search:
         hit = K > 0
         # per expert still to place: the bytes of its groups' messages that miss each feature so far
         miss = member @ (inc.w[:, None] * ~hit)  # [n_rem, F]
+        link = np.take(miss, pos, axis=0)  # [n, F], then in place: the bytes (tree: seconds) it adds
+        link *= feats
         if self.link_s is not None:  # tree: a feature is a link; seconds on each link
-            link = ((inc.w @ hit) * self.link_s)[None, :] + feats * miss[pos]
+            link += (inc.w @ hit) * self.link_s
         else:  # unicast: a feature is a node; its bytes load the links of its routes
-            link = ((inc.w @ hit)[None, :] + feats * miss[pos]) @ self.node_load_s
-        comm = link[:, :inc.nl].max(axis=1, initial=0.0) + link[:, inc.nl:].max(axis=1, initial=0.0)
-        comp = np.maximum((flops / self.compute)[None, :] + comp_s, (read / self.dram)[None, :] + read_s).max(axis=1)
+            link += inc.w @ hit
+            link = link @ self.node_load_s
+        comm = link.reshape(len(pos), 2, inc.nl).max(axis=2, initial=0.0).sum(axis=1)  # dispatch + combine
+        comp = comp_s + flops / self.compute  # [n, D] seconds of compute per node, then the roofline in place
+        np.maximum(comp, read_s + read / self.dram, out=comp)
+        comp = comp.max(axis=1)
         val = np.maximum(comp, self.area_s) + comm
         if inc.hop_lat:
             val += 2 * inc.hop_lat * np.where(used[None, :] + holders > 0, inc.ecc, 0).max(axis=-1)
