@@ -28,7 +28,16 @@ from matplotlib.figure import Figure
 from . import grid
 from . import pipeline as pl
 from . import report as rp
-from .errors import MAX_BATCH, MAX_BATCHES, MAX_TIME_LIMIT_S, InputError, as_written, check_choice, check_real
+from .errors import (
+    DRAM_BW_GBPS_RANGE,
+    MAX_BATCH,
+    MAX_BATCHES,
+    MAX_TIME_LIMIT_S,
+    InputError,
+    as_written,
+    check_choice,
+    check_real,
+)
 from .evaluator import DELIVERIES, HOMES, MODES
 from .hardware import HARDWARE_PRESETS, Mesh
 from .moe import MODEL_PRESETS
@@ -347,13 +356,17 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
     hw = made.get("hardware") or {}
     if not isinstance(hw, dict):
         raise InputError(f"{where}.hardware", f"must be an object, got {hw!r}", "save the plan again")
-    if hw.get("dram_capacity_bytes"):
-        out["dram_capacity_gb"] = num("hardware.dram_capacity_bytes", hw["dram_capacity_bytes"]) / 1e9
-    if hw.get("hop_latency_s"):
+    # a recorded 0 is a value, not a missing key (a capacity of 0 was read as "no capacity")
+    if hw.get("dram_capacity_bytes") is not None:
+        out["dram_capacity_gb"] = check_real(f"{where}.hardware.dram_capacity_bytes", num(
+            "hardware.dram_capacity_bytes", hw["dram_capacity_bytes"]), positive=True) / 1e9
+    if hw.get("hop_latency_s") is not None:
         out["hop_latency_ns"] = check_real(f"{where}.hardware.hop_latency_s", num("hardware.hop_latency_s",
                                            hw["hop_latency_s"]), minimum=0) * 1e9
-    if hw.get("dram_bw_bytes_per_s"):
-        out["dram_bw_gbps"] = num("hardware.dram_bw_bytes_per_s", hw["dram_bw_bytes_per_s"]) / 1e9
+    if hw.get("dram_bw_bytes_per_s") is not None:
+        lo, hi = DRAM_BW_GBPS_RANGE
+        out["dram_bw_gbps"] = check_real(f"{where}.hardware.dram_bw_bytes_per_s", num(
+            "hardware.dram_bw_bytes_per_s", hw["dram_bw_bytes_per_s"]), minimum=lo * 1e9, maximum=hi * 1e9) / 1e9
     for key in ("seed", "synthetic_tokens"):
         v = made.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "seed" else 1)):
@@ -362,8 +375,9 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
     if made.get("seed") is not None:
         out["seed"] = made["seed"]
     recorded = made.get("trace_path")
-    if recorded is not None and not isinstance(recorded, str):
-        raise InputError(f"{where}.trace_path", f"must be a string, got {recorded!r}", "save the plan again")
+    for key in ("trace_path", "trace_sha256"):
+        if made.get(key) is not None and not isinstance(made[key], str):
+            raise InputError(f"{where}.{key}", f"must be a string, got {made[key]!r}", "save the plan again")
     name = made.get("trace")
     if not recorded and trace_flag is None and isinstance(name, str) and not name.startswith("synthetic-"):
         raise InputError("plan", f"was made for the trace {name!r}, which was read from no file",
@@ -400,7 +414,10 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
     for key, recorded, actual in checks:
         if recorded is None:
             continue
-        same = isinstance(recorded, (int, float, list)) and not isinstance(recorded, bool)
+        if isinstance(recorded, (str, bool, dict)):  # not a number: say so, not "differs"
+            raise InputError(f"plan {Path(path).name} meta.problem.{key}", f"must be a number, got {recorded!r}",
+                             "save the plan again from the problem it was made for")
+        same = isinstance(recorded, (int, float, list))
         if same:
             a, b = np.asarray(recorded, dtype=float), np.asarray(actual, dtype=float)
             same = a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=0.0))

@@ -83,6 +83,7 @@ MAX_HOP_LATENCY_NS = 1e9  # one second per hop: beyond any network on a chip, an
 DRAM_BW_GBPS_RANGE = (1e-6, 1e9)  # GB/s per node: outside it the roofline leaves float range or is meaningless
 MAX_THREADS = 1024  # solver threads per layer: the backends hold 32-bit counts, and no machine here has more cores
 MAX_BATCHES = 10**6  # batches of one replay: hours of work already; each keeps its latencies in memory
+MAX_NODES = 2**31 - 1  # nodes of a mesh: far beyond any chip; the [D, D] hop-count matrix's size fits int64
 MAX_EXPERTS = 2**20  # experts per MoE layer: the largest published layer (PEER's 1,048,576); arrays are [E, D]
 MAX_LAYERS = 10**5  # MoE layers of one model: ~1000 times today's deepest; plans, traces and work are per layer
 MAX_BATCH = 1e9  # tokens per batch: far beyond any decode batch, and well inside float range in every cost
@@ -205,9 +206,33 @@ def real_matrix(field: str, value: Any, *, width: int | None = None) -> np.ndarr
     rows = _rows(field, value, width)
     for i, row in enumerate(rows):
         for x in row:
-            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
-                raise InputError(field, f"row {i} holds {x!r}, not a finite number")
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not _finite_float(x):
+                raise InputError(field, f"row {i} holds {shown(x)}, not a finite number",
+                                 "write finite numbers, e.g. 0.25")
     return np.array(rows, dtype=float).reshape(len(rows), len(rows[0]) if rows else 0)
+
+
+def unique_keys(field: str) -> Any:
+    """A ``json.loads`` ``object_pairs_hook`` that refuses a key repeated in one object (JSON keeps the
+    last silently), naming ``field``."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise InputError(field, f"key {k!r} appears twice in one object", "give each key once")
+            out[k] = v
+        return out
+
+    return hook
+
+
+def _finite_float(x: numbers.Real) -> bool:
+    """Whether ``x`` is a finite float (an integer too large for a float is not)."""
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def int_vector(field: str, value: Any) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from .errors import (
     DRAM_BW_GBPS_RANGE,
     MAX_HOP_LATENCY_NS,
+    MAX_NODES,
     InputError,
     check_choice,
     check_real,
@@ -36,7 +37,7 @@ MESH_PRESETS = ("4x4", "4x8", "8x8")
 # Ranges of the constructors' numbers. They keep every cost the evaluator and the solvers derive
 # (work / rate, bytes / bandwidth, hops x latency, products of model sizes) finite and non-negative,
 # and agree with the instance loader (``instance.py``), which checks the same quantities in GB/s and ns.
-MAX_MESH_SIZE = 2**31 - 1  # rows x cols: far beyond any chip; the [D, D] hop-count matrix's size fits int64
+MAX_MESH_SIZE = MAX_NODES  # rows x cols
 COMPUTE_FLOPS_PER_S_RANGE = (1.0, 1e30)  # FLOP/s per node: 1 FLOP/s up to ~1e16 times today's largest accelerators
 LINK_BW_BYTES_PER_S_RANGE = (1.0, 1e30)  # bytes/s per directed link: 1 byte/s up to ~1e18 times today's fastest links
 # bytes/s per node: [hardware].dram_bw_gbps's range, converted as the loader converts it (x 1e9)

@@ -175,7 +175,7 @@ def read_settings(path: str | Path) -> Settings:
         raise InputError("instance", f"cannot read {p}: {exc}", "give a UTF-8 instance .toml file") from None
     try:
         data: dict[str, Any] = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer too long to read (over 4,300 digits)
         for sec in _SECTIONS:
             if re.search(rf"^\s*{sec}\s*=", text, flags=re.M):
                 raise InputError(f"instance {p.name} {sec}", f"is a [{sec}] table, not a top-level key",
@@ -231,6 +231,9 @@ def read_settings(path: str | Path) -> Settings:
     trace = wl.get("trace")
     if trace is not None:
         expect_str(f"{where} [workload].trace", trace, '"traces/x.npz"')
+        if not trace.strip():
+            raise InputError(f"{where} [workload].trace", "is empty",
+                             "give a trace path relative to the instance file, or omit the key for a synthetic trace")
         tp = p.parent / trace
         if not tp.is_file():
             raise InputError(f"{where} [workload].trace", f"{tp} is not a file",

@@ -20,7 +20,19 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .errors import InputError, check_file, expect_int, expect_path, expect_str, int_vector, real_matrix, real_vector
+from .errors import (
+    MAX_EXPERTS,
+    MAX_NODES,
+    InputError,
+    check_file,
+    expect_int,
+    expect_path,
+    expect_str,
+    int_vector,
+    real_matrix,
+    real_vector,
+    unique_keys,
+)
 
 _TOL = 1e-6
 PLAN_FORMAT = "hdmoe_milp.placement/2"  # /2 adds package_version and the problem/solver record in meta
@@ -247,8 +259,10 @@ class Placement:
         for key in ("num_experts", "layers"):
             if key not in d:
                 raise InputError(f"{source} {key}", "is missing", "write the plan with Placement.save")
-        E = expect_int(f"{source} num_experts", d["num_experts"], minimum=1)
-        D = expect_int(f"{source} num_nodes", d["num_nodes"], minimum=1) if "num_nodes" in d else None
+        E = expect_int(f"{source} num_experts", d["num_experts"], minimum=1, maximum=MAX_EXPERTS,
+                       why="experts per layer")
+        D = expect_int(f"{source} num_nodes", d["num_nodes"], minimum=1, maximum=MAX_NODES,
+                       why="nodes of the mesh") if "num_nodes" in d else None
         strategy = expect_str(f"{source} strategy", d.get("strategy", "custom"), '"cb"')
         if not strategy.strip():
             raise InputError(f"{source} strategy", "is empty", 'name the strategy that made the plan, e.g. "cb"')
@@ -303,8 +317,10 @@ class Placement:
     def load(cls, path: str | Path) -> Placement:
         p = check_file("plan", path, "give the path of a plan .json file")
         try:
-            d = json.loads(p.read_bytes().decode("utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            d = json.loads(p.read_bytes().decode("utf-8-sig"), object_pairs_hook=unique_keys(f"plan {p.name}"))
+        except InputError:
+            raise
+        except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors, ints too long to read
             raise InputError("plan", f"{p} is not a JSON plan file: {exc}", "write it with Placement.save") from None
         except OSError as exc:
             raise InputError("plan", f"cannot read {p}: {exc}") from None

@@ -34,6 +34,7 @@ from .errors import (
     expect_int,
     int_matrix,
     shown,
+    unique_keys,
 )
 
 BATCHING = ("expected", "random", "contiguous")
@@ -141,16 +142,18 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
     name = p.name.split(".")[0]
     try:
         data = p.read_bytes()
-        if p.suffix == ".npz":
+        lower = p.name.lower()  # TRACE.JSON.GZ as well
+        if lower.endswith(".npz"):
             layers = _npz_layers(p, data)
-        elif p.name.endswith(".json") or p.name.endswith(".json.gz"):
+        elif lower.endswith(".json") or lower.endswith(".json.gz"):
             layers = _json_layers(p, data)
         else:
             raise InputError("trace", f"unsupported file type {p.name}", "use .json, .json.gz or .npz")
     except InputError:
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, OverflowError, RecursionError, zlib.error,
-            zipfile.BadZipFile, NotImplementedError, RuntimeError) as exc:  # zipfile: unsupported method, encrypted
+            zipfile.BadZipFile, NotImplementedError, RuntimeError,  # zipfile: unsupported method, encrypted
+            MemoryError) as exc:  # an .npz header claiming a shape far larger than its data
         raise InputError("trace", f"cannot read {p}: {type(exc).__name__}: {exc}",
                          "give an uncorrupted .json, .json.gz or .npz trace") from None
     if max_tokens is not None:
@@ -175,29 +178,36 @@ def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
             raise InputError("trace", f"{p}: topk_ids is not a plain integer array ({exc.__class__.__name__})",
                              "store expert ids as an integer array") from None
     if ids.ndim != 3:
-        raise InputError("trace", f"{p}: topk_ids must be [tokens, layers, k], got shape {ids.shape}")
+        raise InputError("trace", f"{p}: topk_ids must be [tokens, layers, k], got shape {ids.shape}",
+                         "save one row of k expert ids per token and layer, e.g. shape (4096, 26, 6)")
     if ids.dtype.kind not in "iu":
         raise InputError("trace", f"{p}: topk_ids must hold integers, got dtype {ids.dtype}",
                          "store expert ids as an integer array")
     if ids.shape[1] == 0:
         raise InputError("trace", f"{p} has no layers", "topk_ids is [tokens, layers, k] with layers >= 1")
     if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
-        raise InputError("trace", f"{p}: expert id {ids.max()} out of range")
+        raise InputError("trace", f"{p}: expert id {ids.max()} out of range", "ids are expert numbers 0, 1, ...")
     return tuple(np.ascontiguousarray(ids[:, li, :]).astype(np.int64) for li in range(ids.shape[1]))
 
 
 def _json_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
-    if p.name.endswith(".gz"):
+    if p.name.lower().endswith(".gz"):
         data = gzip.decompress(data)
-    raw = json.loads(data.decode("utf-8-sig"))
+    raw = json.loads(data.decode("utf-8-sig"), object_pairs_hook=unique_keys(f"trace {p.name}"))
     if not isinstance(raw, dict) or not raw:
         raise InputError("trace", f"{p} must hold a non-empty object {{layer: [[experts]...]}}",
                          'e.g. {"0": [[3, 5], [1, 2]], "1": [...]}')
     want = [str(i) for i in range(len(raw))]
     if sorted(raw) != sorted(want):
-        odd = sorted(set(raw) - set(want), key=str)[:3]
-        raise InputError("trace", f"{p}: layer keys must be exactly \"0\"..\"{len(raw) - 1}\", got {odd}",
-                         "number the layers 0, 1, ... without gaps")
+        if all(k.isdigit() and len(k) < 19 and str(int(k)) == k for k in raw):  # plain numbers: name the gap
+            top = max(int(k) for k in raw)
+            # n distinct numbers that are not 0..n-1 leave a gap below n
+            gaps = ", ".join(repr(str(i)) for i in range(len(raw)) if str(i) not in raw)
+            problem = f"layer keys lack {gaps:.60} (they run \"0\"..\"{top}\")"
+        else:
+            problem = (f"layer keys must be exactly \"0\"..\"{len(raw) - 1}\", "
+                       f"got {sorted(set(raw) - set(want), key=str)[:3]}")
+        raise InputError("trace", f"{p}: {problem}", "number the layers 0, 1, ... without gaps")
     layers = []
     for k in want:
         rows = raw[k]

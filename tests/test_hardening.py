@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -551,7 +552,49 @@ CASES = {
     "bench-mesh-late-in-the-list": (_flags("bench", "--quick", "--out", "b", "--meshes", "4x4,4000x4000"),
                                     "--meshes"),
     "bench-hw-late-in-the-list": (_flags("bench", "--quick", "--out", "b", "--hws", "5/50,7/7"), "--hws"),
+    # --- a third audit, of files (tracebacks, silent answers and wrong field names it found) --------
+    "plan-int-too-long-to-read": (lambda d: _plan_text(d, "1" * 5000), "plan"),
+    "plan-share-too-large-for-a-float": (lambda d: _plan_text(d, "1" * 400), "shares"),
+    "plan-num-experts-huge": (_plan(_set(["num_experts"], 10**12)), "num_experts"),
+    "plan-meta-capacity-zero": (_plan(_set(["meta", "problem", "hardware", "dram_capacity_bytes"], 0)),
+                                "meta.problem.hardware.dram_capacity_bytes"),
+    "plan-meta-dram-bw-negative": (_plan(_set(["meta", "problem", "hardware", "dram_bw_bytes_per_s"], -5.0)),
+                                   "meta.problem.hardware.dram_bw_bytes_per_s"),
+    "plan-meta-sha-a-number": (_plan(_set(["meta", "problem", "trace_sha256"], 5)), "meta.problem.trace_sha256"),
+    "plan-meta-top-k-text": (_plan(_set(["meta", "problem", "top_k"], "2")), "meta.problem.top_k"),
+    "plan-repeated-key": (lambda d: _plan_text(d, '0.0, "strategy": "x"', at="strategy"), "plan"),
+    "toml-int-too-long-to-read": (_toml(BASE_TOML + "[workload]\nbatch = " + "1" * 5000 + "\n"), "instance"),
+    "toml-trace-empty": (_sec("workload", 'trace = ""'), "[workload].trace"),
+    "trace-repeated-layer-key": (_trace_json(None, raw=b'{"0": [[0, 1]], "1": [[0, 1]], "0": [[2, 3]]}'), "trace"),
+    "trace-npz-header-claims-a-huge-shape": (lambda d: _huge_npz(d), "trace"),
 }
+
+
+def _plan_text(d: Path, text: str, at: str = "shares") -> list[str]:
+    """The good plan with ``text`` written in place of its first share (``at="shares"``), or added
+    after the value of ``at`` (a repeated key), as raw JSON text."""
+    plan = json.loads((d / "good_plan.json").read_text())
+    if at == "shares":
+        plan["layers"][0]["shares"][0][0] = "@@"
+        raw = json.dumps(plan).replace('"@@"', text)
+    else:
+        raw = json.dumps(plan).replace(f'"{at}": ', f'"{at}": {text}, "{at}": ', 1)
+    p = d / f"plan_raw_{abs(hash(raw))}.json"
+    p.write_text(raw)
+    return ["evaluate", "--plan", str(p)]
+
+
+def _huge_npz(d: Path) -> list[str]:
+    """An .npz whose topk_ids header claims (1e11, 32, 2) int64 over a few bytes of data."""
+    head = b"{'descr': '<i8', 'fortran_order': False, 'shape': (100000000000, 32, 2), }"
+    head += b" " * (117 - len(head)) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head + b"\x00" * 64
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("topk_ids.npy", npy)
+    p = d / "huge.npz"
+    p.write_bytes(buf.getvalue())
+    return ["evaluate", *MX, "--trace", str(p), "--strategy", "tp"]
 
 
 def _existing(p: Path) -> Path:
@@ -999,3 +1042,21 @@ def test_files_with_a_byte_order_mark_read_like_plain_utf8(tmp_path):
     bom_plan = tmp_path / "bom_plan.json"
     bom_plan.write_bytes(bom + plan.read_bytes())
     assert Placement.load(bom_plan).to_dict() == Placement.load(plan).to_dict()
+
+
+def test_a_trace_missing_a_middle_layer_names_that_layer(files, capsys):
+    trace = {str(li): [[0, 1], [2, 3]] for li in range(32) if li != 5}
+    (files / "gap.json").write_text(json.dumps(trace))
+    assert main(["evaluate", *MX, "--trace", str(files / "gap.json"), "--strategy", "tp"]) == 2
+    err = capsys.readouterr().err
+    assert "lack '5'" in err and "'31'" not in err
+
+
+def test_trace_files_with_upper_case_extensions_are_read(files, tmp_path):
+    src = json.loads((files / "good_trace.json").read_text())
+    (tmp_path / "T.JSON").write_text(json.dumps(src))
+    (tmp_path / "T.JSON.GZ").write_bytes(gzip.compress(json.dumps(src).encode()))
+    a = hm.load_trace(files / "good_trace.json", 8, 2)
+    for name in ("T.JSON", "T.JSON.GZ"):
+        b = hm.load_trace(tmp_path / name, 8, 2)
+        assert all((x == y).all() for x, y in zip(a.layers, b.layers, strict=True))
