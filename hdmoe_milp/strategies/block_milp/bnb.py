@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...costs import phase_time_s, roofline_of
 from .polish import IncrementalScore
 
 # layers with at most this many experts are searched (Mixtral: 8; a 64-expert layer's tree is far
@@ -76,7 +77,7 @@ class _Search:
         self.node_load_s = inc.node_load / inc.bw2[None, :] if inc.link_w is None else None
         # the mean node's roofline: every expert's FLOPs and weight reads land somewhere
         D = inc.share.shape[1]
-        self.area_s = max(inc.flops_e.sum() / (D * self.compute), inc.read_e.sum() / (D * self.dram))
+        self.area_s = float(roofline_of(inc.flops_e.sum() / (D * self.compute), inc.read_e.sum() / (D * self.dram)))
 
     def state(self, prefix: tuple[int, ...]):
         """Counts and per-node loads of the experts ``order[:len(prefix)]`` on columns ``prefix``."""
@@ -128,13 +129,11 @@ class _Search:
         else:  # unicast: a feature is a node; its bytes load the links of its routes
             link += inc.w @ hit
             link = link @ self.node_load_s
-        comm = link.reshape(len(pos), 2, inc.nl).max(axis=2, initial=0.0).sum(axis=1)  # dispatch + combine
-        comp = comp_s + flops / self.compute  # [n, D] seconds of compute per node, then the roofline in place
-        np.maximum(comp, read_s + read / self.dram, out=comp)
-        comp = comp.max(axis=1)
+        # the links' loads are already seconds (their bandwidths were folded in per depth): bandwidth 1
+        hops = np.where(used[None, :] + holders > 0, inc.ecc, 0).max(axis=-1)[:, None] if inc.hop_lat else 0
+        comm = phase_time_s(link.reshape(len(pos), 2, inc.nl), 1.0, inc.hop_lat, hops).sum(axis=1)  # disp + comb
+        comp = roofline_of(comp_s + flops / self.compute, read_s + read / self.dram).max(axis=1)
         val = np.maximum(comp, self.area_s) + comm
-        if inc.hop_lat:
-            val += 2 * inc.hop_lat * np.where(used[None, :] + holders > 0, inc.ecc, 0).max(axis=-1)
         if inc.cap is not None:
             val[(mem[None, :] + mem_rows).max(axis=1) > inc.cap * (1 + 1e-9)] = np.inf
         return pos, cs, val
