@@ -69,11 +69,15 @@ def roofline_of(compute_s: np.ndarray, read_s: np.ndarray) -> np.ndarray:
     return np.maximum(compute_s, read_s)
 
 
-def phase_time_s(link_bytes: np.ndarray, link_bw: np.ndarray, hop_latency_s: float = 0.0,
-                 hops: int = 0) -> np.ndarray:
+def phase_time_s(link_bytes: np.ndarray, link_bw: np.ndarray | float | None, hop_latency_s: float = 0.0,
+                 hops: int | np.ndarray = 0) -> np.ndarray:
     """Time (s) of one communication phase: the busiest link's bytes over its bandwidth, plus the
-    hop latency of the longest route. ``link_bytes [..., num_links]`` (the max is over the last axis)."""
-    return (np.asarray(link_bytes) / link_bw).max(axis=-1, initial=0.0) + hop_latency_s * hops
+    hop latency of the longest route. ``link_bytes [..., num_links]`` (the max is over the last axis);
+    ``link_bw`` bytes/s per link, or None when ``link_bytes`` are already seconds (the bandwidths
+    folded in beforehand, as the branch and bound does once per depth)."""
+    per_link_s = np.asarray(link_bytes) if link_bw is None else np.asarray(link_bytes) / link_bw
+    busiest = per_link_s.max(axis=-1, initial=0.0)
+    return busiest + hop_latency_s * hops if hop_latency_s else busiest
 
 
 def layer_capacity_bytes(model: MoEModel, hw: Hardware, share: float | None = None) -> float | None:

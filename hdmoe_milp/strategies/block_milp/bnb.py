@@ -129,9 +129,9 @@ class _Search:
         else:  # unicast: a feature is a node; its bytes load the links of its routes
             link += inc.w @ hit
             link = link @ self.node_load_s
-        # the links' loads are already seconds (their bandwidths were folded in per depth): bandwidth 1
+        # the links' loads are already seconds (their bandwidths were folded in per depth)
         hops = np.where(used[None, :] + holders > 0, inc.ecc, 0).max(axis=-1)[:, None] if inc.hop_lat else 0
-        comm = phase_time_s(link.reshape(len(pos), 2, inc.nl), 1.0, inc.hop_lat, hops).sum(axis=1)  # disp + comb
+        comm = phase_time_s(link.reshape(len(pos), 2, inc.nl), None, inc.hop_lat, hops).sum(axis=1)  # disp + comb
         comp = roofline_of(comp_s + flops / self.compute, read_s + read / self.dram).max(axis=1)
         val = np.maximum(comp, self.area_s) + comm
         if inc.cap is not None:
