@@ -31,8 +31,6 @@ from . import report as rp
 from .errors import (
     DRAM_BW_GBPS_RANGE,
     MAX_BATCH,
-    MAX_BATCHES,
-    MAX_TIME_LIMIT_S,
     InputError,
     as_written,
     check_choice,
@@ -117,11 +115,8 @@ _BENCH_FLAGS = {"model": "--models", "models": "--models", "hw": "--hws", "--hw"
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.time_limit is not None:
-        check_real("--time-limit", args.time_limit, positive=True, maximum=MAX_TIME_LIMIT_S)
-    check_real("--jobs", args.jobs, minimum=1, integer=True)
-    if args.online_batches is not None:
-        check_real("--online-batches", args.online_batches, minimum=0, integer=True, maximum=MAX_BATCHES)
+    # --time-limit, --online-batches and --jobs are checked with the spec below (grid.check_spec,
+    # check_jobs), before any work; the batches here first, since the spec takes them as integers
     for b in args.batches or ():
         try:
             v = float(b)

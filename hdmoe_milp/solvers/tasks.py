@@ -12,9 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
-import numpy as np
-
-from ..errors import InputError, check_choice, shown
+from ..errors import InputError, check_choice, expect_int, shown
 
 EXECUTORS = ("local", "ray")
 
@@ -31,9 +29,7 @@ def check_jobs(jobs: object, executor: str = "local") -> int:
     """``jobs`` as an int: a whole number >= 1 and, in a local pool, at most this machine's CPUs
     (at least 2). Layers have wall-clock limits, so processes beyond the cores would each search
     less, and every process holds its own model in memory; Ray places tasks by their CPUs."""
-    if isinstance(jobs, (bool, np.bool_)) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
-        raise InputError("jobs", f"must be a whole number >= 1, got {shown(jobs)}")
-    jobs = int(jobs)
+    jobs = expect_int("jobs", jobs, minimum=1, why="processes")
     most = max(2, local_cpus())
     if executor == "local" and jobs > most:
         raise InputError("jobs", f"is {shown(jobs)}, more than the {local_cpus()} CPU(s) of this machine: every "
