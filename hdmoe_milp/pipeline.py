@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ._version import __version__
 from .costs import check_capacity, fits_capacity
-from .errors import MAX_BATCHES, InputError, check_choice, check_seed, expect_instance
+from .errors import MAX_BATCHES, InputError, check_choice, check_seed, expect_instance, expect_int
 from .evaluator import EvalOptions, Evaluation
 from .evaluator import evaluate as score
 from .hardware import HARDWARE_PRESETS
@@ -488,11 +488,8 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
         raise InputError("trace", "is needed to replay", "give a trace or a problem built from one")
     if tr.num_layers != plan.num_layers:
         raise InputError("trace", f"has {tr.num_layers} layers, the plan {plan.num_layers}")
-    for name, v in (("batch", batch), ("batches", batches)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise InputError(name, f"must be a whole number >= 1, got {v!r}")
-    if batches > MAX_BATCHES:
-        raise InputError("batches", f"must be at most {MAX_BATCHES:,}, got {batches:,}", "replay fewer batches")
+    batch = expect_int("batch", batch, minimum=1, why="tokens per batch")
+    batches = expect_int("batches", batches, minimum=1, maximum=MAX_BATCHES, why="batches to replay")
     check_choice("batching", batching, ("random", "contiguous"))
     problem.check_memory("batch", batch)  # refused before any batch is drawn
     check_window("batch", batch, batching, tr, "lower batch or use batching='random'")
