@@ -31,12 +31,12 @@ from .pipeline import (
 )
 from .placement import LayerPlacement, Placement
 from .problem import Budget, Problem
-from .workload import Trace, Workload, expected_workload, load_trace, sample_batch
+from .workload import Trace, TraceShapeError, Workload, expected_workload, load_trace, sample_batch
 
 __all__ = [
     "BASELINES", "Budget", "Comparison", "EvalOptions", "Evaluation", "Hardware", "InputError", "LayerPlacement",
     "LayerReport", "MODEL_PRESETS", "Mesh", "MoEModel", "Placement", "PlanResult", "Problem", "ReplayResult",
-    "STRATEGIES", "Trace", "Workload", "__version__", "check_plan", "compare", "evaluate", "expected_workload",
-    "get_model", "load_instance", "load_plan", "load_trace", "make_hardware", "place", "replay", "sample_batch",
-    "solve",
+    "STRATEGIES", "Trace", "TraceShapeError", "Workload", "__version__", "check_plan", "compare", "evaluate",
+    "expected_workload", "get_model", "load_instance", "load_plan", "load_trace", "make_hardware", "place", "replay",
+    "sample_batch", "solve",
 ]

@@ -171,8 +171,13 @@ def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
 def _to_problem(args: argparse.Namespace, s: pl.Settings, plan: str | None = None) -> pl.Problem:
     """``s.to_problem()``; an error about a value that the instance file or the plan file gave (not a
     flag) names that file's key."""
+    if args.model is not None or not (args.instance or plan):
+        model_field = "--model"  # given, or the default
+    else:
+        model_field = (f"[model].preset in {Path(args.instance).name}" if args.instance
+                       else f"the model of plan {Path(plan).name} (meta.problem.model)")
     try:
-        problem = s.to_problem()
+        problem = s.to_problem(model_field=model_field)
     except InputError as exc:
         flag = "--batch" if exc.field == "batch" else exc.field  # the Problem's own checks name its fields
         if flag not in _FILE_KEYS:

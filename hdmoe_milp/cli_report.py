@@ -380,6 +380,8 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
     if not recorded and made.get("synthetic_tokens") is not None:
         out["synthetic_tokens"] = made["synthetic_tokens"]  # with the seed, the same synthetic trace
     if recorded and trace_flag is None:
+        # a relative path (an edited plan) is read like an instance file's: against the plan's folder
+        recorded = str(Path(path).parent / recorded) if not Path(recorded).is_absolute() else recorded
         if not Path(recorded).is_file():
             raise InputError("plan", f"was made for the trace {recorded}, which is not there",
                              "give the trace with --trace")

@@ -48,7 +48,7 @@ from .hardware import HARDWARE_PRESETS, MAX_DRAM_CAPACITY_BYTES, Mesh, make_hard
 from .moe import MODEL_PRESETS, get_model
 from .problem import Problem, check_memory, check_mesh_memory
 from .synthetic import synthetic_trace
-from .workload import BATCHING, load_trace
+from .workload import BATCHING, Trace, TraceShapeError, load_trace
 
 _SECTIONS = {
     "model": {"preset"},
@@ -80,8 +80,9 @@ class Settings:
     dram_bw_gbps: float = 625.0
     hop_latency_ns: float = 0.0
 
-    def to_problem(self) -> Problem:
-        """The validated Problem of these settings (the trace is read here)."""
+    def to_problem(self, model_field: str = "--model") -> Problem:
+        """The validated Problem of these settings (the trace is read here). ``model_field``: how an
+        error about a trace of another model names the model setting."""
         check_choice("--model", self.model, tuple(MODEL_PRESETS))
         check_choice("--hw", self.hw, tuple(HARDWARE_PRESETS))
         if self.delivery is not None:
@@ -113,13 +114,29 @@ class Settings:
         hw = make_hardware(self.hw, mesh, dram_bw_bytes_per_s=float(self.dram_bw_gbps) * 1e9,
                            dram_capacity_bytes=cap, hop_latency_s=float(self.hop_latency_ns) * 1e-9)
         if self.trace:
-            trace = load_trace(self.trace, model.num_experts, model.top_k)
+            trace = load_model_trace(self.trace, self.model, model_field)
         else:
             trace = synthetic_trace(model, int(self.synthetic_tokens), seed=int(self.seed))
         opts = EvalOptions(mode=self.mode, delivery=self.delivery, home=self.home, seed=int(self.seed),
                            context_len=int(self.context_len))
         return Problem(model, hw, trace, batch=self.batch, options=opts, batching=self.batching,
                        seed=int(self.seed), name=self.name, hw_point=self.hw)
+
+
+def load_model_trace(path: str | Path, preset: str, model_field: str = "--model") -> Trace:
+    """:func:`~hdmoe_milp.workload.load_trace` for the model preset ``preset``; a trace of another
+    model is refused naming both the trace and ``model_field``, with the presets it would fit."""
+    model = get_model(preset)
+    try:
+        return load_trace(path, model.num_experts, model.top_k)
+    except TraceShapeError as exc:
+        fits = [n for n, m in MODEL_PRESETS.items() if m.top_k == exc.top_k and m.num_experts > exc.max_id]
+        routes = (f"routes {exc.top_k} experts per token" if exc.top_k != model.top_k
+                  else f"names expert {exc.max_id}")
+        raise InputError(exc.field, f"{routes}, but the model {preset} ({model_field}) routes top_k={model.top_k} of "
+                         f"{model.num_experts} experts",
+                         f"give a trace recorded from {preset}, or set {model_field} to the trace's model"
+                         + (f": {', '.join(fits)} fit{'s' if len(fits) == 1 else ''} it" if fits else "")) from None
 
 
 # the field a Settings or Problem check names -> the instance file's key that gave the value
@@ -139,7 +156,7 @@ def load_instance(path: str | Path) -> Problem:
     values names the file's key (``instance x.toml [workload].batch``)."""
     s = read_settings(path)
     try:
-        return s.to_problem()
+        return s.to_problem(model_field="[model].preset")
     except InputError as exc:
         key = INSTANCE_KEYS.get(exc.field)
         if key is None:

@@ -126,13 +126,38 @@ def check_window(field_name: str, batch: float, batching: str, trace: Trace, fix
                          f"({trace.num_tokens()} tokens)", fix)
 
 
+class TraceShapeError(InputError):
+    """A readable trace whose routing does not fit the model it was loaded for: ``top_k`` experts
+    per token (``None`` if the rows have different lengths) and expert ids up to ``max_id``."""
+
+    def __init__(self, field: str, problem: str, fix: str, top_k: int | None, max_id: int) -> None:
+        super().__init__(field, problem, fix)
+        self.top_k = top_k
+        self.max_id = max_id
+
+
+def _check_fits(p: Path, layers: tuple[np.ndarray, ...], num_experts: int, top_k: int) -> None:
+    """A :class:`TraceShapeError` if the trace routes another number of experts per token, or names
+    an expert beyond ``num_experts``: most likely a trace of another model."""
+    widths = {a.shape[1] for a in layers if a.ndim == 2}
+    ids = [int(a.max()) for a in layers if a.ndim == 2 and a.size]
+    k, max_id = (widths.pop() if len(widths) == 1 else None), max(ids, default=-1)
+    if k is None or k == top_k and max_id < num_experts:
+        return  # ragged or fitting: Trace's own checks name the layer
+    routes = f"routes {k} experts per token" if k != top_k else f"names expert {max_id}"
+    raise TraceShapeError(f"trace {p.name}", f"{routes}, but the model has top_k={top_k} of {num_experts} experts",
+                          f"give a trace of a model with top_k={top_k} and {num_experts} experts, or choose the "
+                          "trace's model", k, max_id)
+
+
 def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int | None = None) -> Trace:
     """Load a routing trace.
 
     Formats: HD-MoE JSON ``{"<layer>": [[e1..ek], ...]}`` (``.json`` or ``.json.gz``; layer keys
     exactly ``"0"`` .. ``"L-1"``, ids whole numbers) and token-major integer arrays
     ``topk_ids [tokens, layers, k]`` in ``.npz``. Anything else is one :class:`InputError` naming the
-    file (and the layer).
+    file (and the layer); a trace whose width or expert ids do not fit ``top_k`` / ``num_experts``
+    (another model's) raises its subclass :class:`TraceShapeError`.
     """
     p = check_file("trace", path, "give the path of a .json, .json.gz or .npz trace")
     expect_int("num_experts", num_experts, minimum=1, maximum=MAX_EXPERTS, why="experts per layer")
@@ -158,6 +183,7 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
                          "give an uncorrupted .json, .json.gz or .npz trace") from None
     if max_tokens is not None:
         layers = tuple(a[:max_tokens] for a in layers)
+    _check_fits(p, layers, num_experts, top_k)
     sha = hashlib.sha256(data).hexdigest()
     try:
         return Trace(layers, num_experts, top_k, name, str(p.resolve()), sha)

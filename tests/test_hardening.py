@@ -808,6 +808,63 @@ def test_plot_refuses_a_plan_whose_trace_is_gone(tmp_path, capsys):
     assert "not there" in err and "Traceback" not in err and not (tmp_path / "n.png").exists()
 
 
+def test_a_relative_trace_path_in_a_plan_is_read_from_the_plans_folder(tmp_path, capsys, monkeypatch):
+    """An edited plan whose meta.problem.trace_path is relative reads the trace next to the plan
+    (as instance files do), whatever the current folder."""
+    d = tmp_path / "plans"
+    d.mkdir()
+    trace = d / "t.json"
+    rng = np.random.default_rng(1)
+    trace.write_text(json.dumps({str(li): [rng.choice(8, 2, replace=False).tolist() for _ in range(16)]
+                                 for li in range(32)}))
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", trace=str(trace)).to_problem()
+    want = float(hm.evaluate(problem, "cb").tbt_us)
+    path = d / "p.json"
+    hm.place(problem, "cb").save(path)
+    raw = json.loads(path.read_text())
+    assert Path(raw["meta"]["problem"]["trace_path"]).is_absolute()  # what the package writes
+    raw["meta"]["problem"]["trace_path"] = "t.json"
+    path.write_text(json.dumps(raw))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert _tbt_of(["evaluate", "--plan", str(path)], capsys) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("how", ["instance", "flag", "default", "api"])
+def test_a_trace_of_another_model_names_the_model_setting_and_the_presets_it_fits(how, tmp_path, capsys):
+    mixtral = ROOT / "instances" / "traces" / "mixtral_reasoning_4k.json.gz"
+    inst = tmp_path / "x.toml"
+    inst.write_text(f'[model]\npreset = "deepseek-v2-lite"\n[hardware]\npreset = "5/50"\nmesh = "4x8"\n'
+                    f'[workload]\ntrace = "{mixtral}"\n')
+    if how == "api":
+        with pytest.raises(InputError) as exc:
+            hm.load_instance(inst)
+        msg = str(exc.value)
+        assert exc.value.field == "trace mixtral_reasoning_4k.json.gz"
+    else:
+        argv = {"instance": ["--instance", str(inst)], "flag": ["--model", "deepseek-v2-lite", "--trace", str(mixtral)],
+                "default": ["--trace", str(mixtral)]}[how]
+        assert main(["evaluate", *argv, "--strategy", "tp"]) == 2
+        msg = capsys.readouterr().err.strip()
+        assert msg.count("\n") == 0 and "Traceback" not in msg
+    setting = "--model" if how in ("flag", "default") else "[model].preset"
+    assert "routes 2 experts per token" in msg and "deepseek-v2-lite" in msg and "top_k=6" in msg
+    assert f"set {setting}" in msg and "mixtral-8x7b fits it" in msg, msg
+
+
+def test_a_trace_naming_experts_beyond_the_model_is_refused_as_another_models(tmp_path, capsys):
+    p = tmp_path / "wide.npz"
+    ids = np.tile(np.array([0, 1, 2, 3, 4, 70]), (16, 26, 1))  # DeepSeek's width, but 71+ experts
+    np.savez(p, topk_ids=ids)
+    assert main(["evaluate", "--model", "deepseek-v2-lite", "--trace", str(p), "--strategy", "tp"]) == 2
+    err = capsys.readouterr().err
+    assert "names expert 70" in err and "64 experts" in err and "--model" in err
+    with pytest.raises(hm.TraceShapeError) as exc:
+        hm.load_trace(p, 64, 6)
+    assert (exc.value.top_k, exc.value.max_id) == (6, 70)
+
+
 def test_write_atomic_never_replaces_a_special_file_and_names_what_failed(tmp_path):
     pipe = _fifo(tmp_path)
     with pytest.raises(InputError, match="not a regular file"):

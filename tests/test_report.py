@@ -343,7 +343,8 @@ def test_bench_solve_each_batch_keeps_the_milp_plan_at_least_as_good_as_its_fami
     p = argparse.ArgumentParser()
     cli_report.add_commands(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["bench", "--quick", "--out", str(tmp_path), "--hws", "10/25", "--batches", "8,128",
-                         "--time-limit", "0.02", "--online-batches", "0", "--solve-batch", "each", "--no-progress"])
+                         "--time-limit", "0.02", "--online-batches", "0", "--solve-batch", "each", "--jobs", "2",
+                         "--no-progress"])
     assert cli_report.run(args) == 0
     res = pd.read_csv(tmp_path / "results.csv")
     st = res[res["part"] == "static"].pivot_table(index="batch", columns="strategy", values="tbt_us")
