@@ -131,9 +131,7 @@ def load_model_trace(path: str | Path, preset: str, model_field: str = "--model"
         return load_trace(path, model.num_experts, model.top_k)
     except TraceShapeError as exc:
         fits = [n for n, m in MODEL_PRESETS.items() if m.top_k == exc.top_k and m.num_experts > exc.max_id]
-        routes = (f"routes {exc.top_k} experts per token" if exc.top_k != model.top_k
-                  else f"names expert {exc.max_id}")
-        raise InputError(exc.field, f"{routes}, but the model {preset} ({model_field}) routes top_k={model.top_k} of "
+        raise InputError(exc.field, f"{exc.what}, but the model {preset} ({model_field}) routes top_k={model.top_k} of "
                          f"{model.num_experts} experts",
                          f"give a trace recorded from {preset}, or set {model_field} to the trace's model"
                          + (f": {', '.join(fits)} fit{'s' if len(fits) == 1 else ''} it" if fits else "")) from None

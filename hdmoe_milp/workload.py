@@ -127,11 +127,15 @@ def check_window(field_name: str, batch: float, batching: str, trace: Trace, fix
 
 
 class TraceShapeError(InputError):
-    """A readable trace whose routing does not fit the model it was loaded for: ``top_k`` experts
-    per token (``None`` if the rows have different lengths) and expert ids up to ``max_id``."""
+    """A readable trace whose routing does not fit the model it was loaded for. ``what`` says how
+    (``"routes 2 experts per token"``, ``"names expert 70"``); ``top_k`` is the trace's experts per
+    token and ``max_id`` its largest expert id."""
 
-    def __init__(self, field: str, problem: str, fix: str, top_k: int | None, max_id: int) -> None:
-        super().__init__(field, problem, fix)
+    def __init__(self, field: str, what: str, num_experts: int, model_top_k: int, top_k: int, max_id: int) -> None:
+        super().__init__(field, f"{what}, but the model has top_k={model_top_k} of {num_experts} experts",
+                         f"give a trace of a model with top_k={model_top_k} and {num_experts} experts, or choose "
+                         "the trace's model")
+        self.what = what
         self.top_k = top_k
         self.max_id = max_id
 
@@ -144,10 +148,11 @@ def _check_fits(p: Path, layers: tuple[np.ndarray, ...], num_experts: int, top_k
     k, max_id = (widths.pop() if len(widths) == 1 else None), max(ids, default=-1)
     if k is None or k == top_k and max_id < num_experts:
         return  # ragged or fitting: Trace's own checks name the layer
-    routes = f"routes {k} experts per token" if k != top_k else f"names expert {max_id}"
-    raise TraceShapeError(f"trace {p.name}", f"{routes}, but the model has top_k={top_k} of {num_experts} experts",
-                          f"give a trace of a model with top_k={top_k} and {num_experts} experts, or choose the "
-                          "trace's model", k, max_id)
+    what, field = f"routes {k} experts per token", f"trace {p.name}"
+    if k == top_k:  # the first layer naming an expert beyond the model's
+        li = next(i for i, a in enumerate(layers) if a.size and int(a.max()) >= num_experts)
+        what, field = f"names expert {int(layers[li].max())}", f"trace {p.name} layer {li}"
+    raise TraceShapeError(field, what, num_experts, top_k, k, max_id)
 
 
 def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int | None = None) -> Trace:

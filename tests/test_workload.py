@@ -50,8 +50,8 @@ def test_loaders_agree(tmp_path):
 @pytest.mark.parametrize(
     "rows,k,match",
     [
-        ({"0": [[0, 9]]}, 2, "out of range"),
-        ({"0": [[0, 1, 2]]}, 2, "top_k"),
+        ({"0": [[0, 9]]}, 2, "names expert 9, but the model has top_k=2 of 4"),
+        ({"0": [[0, 1, 2]]}, 2, "routes 3 experts per token, but the model has top_k=2"),
         ({"0": []}, 2, "empty"),
         ({"0": [[1, 1]]}, 2, "same expert"),
     ],
