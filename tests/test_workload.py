@@ -133,6 +133,31 @@ def test_synthetic_deepseek_calibration(ds_trace):
     assert 0.04 <= tv <= 0.10
 
 
+def test_synthetic_olmoe_matches_the_published_expert_counts():
+    """OLMoE's profile against its published per-expert counts (layers 0, 7, 15 on six domains,
+    tests/data/olmoe_expert_counts.json): the spread of the hottest expert's share and of the
+    counts' CV over layers, and how far apart domains are. The generic profile fails this."""
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).parent / "data" / "olmoe_expert_counts.json").read_text())["expert_counts"]
+    k = 8
+    real = np.array([(max(c) / (sum(c) / k), np.std(c) / np.mean(c)) for dom in data.values() for c in dom.values()])
+    real_tv = [total_variation(np.array(data[a][li]), np.array(data[b][li]))
+               for li in ("layer0", "layer7", "layer15") for a in data for b in data if a < b]
+    m = get_model("olmoe-1b-7b")
+    q = [0.1, 0.5, 0.9]
+    syn = []
+    for seed in (0, 1, 2):
+        f = synthetic_trace(m, 4096, seed=seed).frequencies()
+        syn += [(row.max(), row.std() / row.mean()) for row in f]  # f: share of tokens per expert
+    syn = np.array(syn)
+    np.testing.assert_allclose(np.quantile(syn[:, 0], q), np.quantile(real[:, 0], q), atol=0.08)
+    np.testing.assert_allclose(np.quantile(syn[:, 1], q), np.quantile(real[:, 1], q), atol=0.16)
+    base = synthetic_trace(m, 4096, seed=0).frequencies()
+    tv = np.median(total_variation(base, synthetic_trace(m, 4096, seed=0, domain=1).frequencies()))
+    assert np.quantile(real_tv, 0.25) <= tv <= np.quantile(real_tv, 0.75)
+
+
 def test_synthetic_qwen_has_half_hot_layers():
     t = synthetic_trace(get_model("qwen2-57b-a14b"), 8192, seed=0)
     hot = hottest_share(t.frequencies())
