@@ -11,8 +11,10 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hdmoe_milp import EvalOptions, Hardware, Mesh, MoEModel, Placement
+from hdmoe_milp import EvalOptions, Hardware, LayerPlacement, Mesh, MoEModel, Placement
 from hdmoe_milp.errors import InputError
 from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.solvers import get_backend, lp_bound
@@ -25,6 +27,7 @@ from hdmoe_milp.strategies.block_milp import (
     layer_baselines,
     solve_layer,
 )
+from hdmoe_milp.strategies.block_milp.formulation import BlockModel
 from hdmoe_milp.strategies.block_milp.solve import LayerScorer
 from hdmoe_milp.synthetic import synthetic_trace
 from hdmoe_milp.workload import LayerRouting, Workload
@@ -246,3 +249,42 @@ def test_lower_model_tracking_every_group_is_exact_at_integer_points(case):
         # CP-SAT solves an integer-scaled copy whose rows are rounded as a relaxation: close, not equal
         assert out.primal / 1e6 == pytest.approx(best_over_family(case), rel=1e-5)
         assert LayerScorer(bm)(bm.decode(out.x)) == pytest.approx(best_over_family(case), rel=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 4), cols=st.integers(1, 5), E=st.integers(2, 6), k=st.integers(1, 3),
+       delivery=st.sampled_from(["tree", "unicast"]), seed=st.integers(0, 10_000))
+def test_cut_floor_is_below_every_placements_phases(rows, cols, E, k, delivery, seed):
+    """``cut_phase_lower_s`` (the bound's floor when no LP finishes) is at most each phase's
+    busiest-link time of any placement (any shares, one copy per expert) under the evaluator with
+    spread homes, and positive on every mesh with links."""
+    k = min(k, E)
+    m = MoEModel("t", num_experts=E, top_k=k, hidden=64, expert_intermediate=128, moe_layers=1)
+    hw = Hardware(Mesh(rows, cols), compute_flops=1e9, link_bw_bytes_per_s=2e8)
+    tr = synthetic_trace(m, 64, seed=seed % 97)
+    f, (ids, fg) = tr.frequencies()[0], tr.coactivation(0)
+    B = 32.0
+    floor = BlockModel(m, hw, f, B, MilpOptions(delivery=delivery), coactivation=(ids, fg)).cut_phase_lower_s
+    assert (floor > 0) == (rows * cols > 1)
+    rng = np.random.default_rng(seed)
+    D = rows * cols
+    shares = rng.random((E, D)) * (rng.random((E, D)) < rng.uniform(0.2, 1.0))
+    shares[np.arange(E), rng.integers(0, D, E)] += 0.1  # every expert somewhere
+    shares /= shares.sum(axis=1, keepdims=True)
+    lp = LayerPlacement(shares, np.arange(E), np.ones(E), E)
+    wl = Workload((LayerRouting(ids, fg * B),), E, k, B, "expected")
+    ev = evaluate(Placement((lp,)), m, hw, wl, EvalOptions(delivery=delivery))
+    assert ev.dispatch_s[0] >= floor * (1 - 1e-9) and ev.combine_s[0] >= floor * (1 - 1e-9)
+
+
+def test_cut_floor_is_attained_where_half_the_tokens_stay_on_each_side():
+    """Top-1 on 1x2, two equally hot experts, one per node: each link carries the tokens homed on
+    its side whose expert is across, a quarter of the batch: exactly the floor."""
+    m = MoEModel("t", num_experts=2, top_k=1, hidden=64, expert_intermediate=128, moe_layers=1)
+    hw = Hardware(Mesh(1, 2), compute_flops=1e9, link_bw_bytes_per_s=2e8)
+    ids, fg, B = np.array([[0], [1]]), np.array([0.5, 0.5]), 32.0
+    floor = BlockModel(m, hw, fg, B, MilpOptions(), coactivation=(ids, fg)).cut_phase_lower_s
+    assert floor == pytest.approx(B / 4 * 64 * m.activation_bytes / 2e8)
+    lp = LayerPlacement(np.eye(2), np.arange(2), np.ones(2), 2)
+    ev = evaluate(Placement((lp,)), m, hw, Workload((LayerRouting(ids, fg * B),), 2, 1, B, "expected"), EvalOptions())
+    assert ev.dispatch_s[0] == pytest.approx(floor) and ev.combine_s[0] == pytest.approx(floor)

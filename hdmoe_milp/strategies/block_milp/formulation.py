@@ -434,6 +434,34 @@ class BlockModel:
         return float(roofline_s(flops, reads, self.hw)) + self.hop_lower_s
 
     @cached_property
+    def cut_phase_lower_s(self) -> float:
+        """A bound needing no solve on each communication phase's busiest-link term (s), from a cut
+        of the mesh (spread homes; either delivery rule). Cut between the middle columns, with a
+        share ``a`` of the columns (so of the homes) on the left: every token's destination set meets
+        the left or the right part. With ``p`` the tokens whose set meets the right part, the
+        eastward crossing links (one per row) carry, between them, at least ``a·p`` of the tokens in
+        dispatch (homes on the left) and the westward ones at least ``(1 - a)(1 - p)``; combine
+        crosses the other way with the same shares. So the busiest crossing link carries at least
+        ``a(1 - a)/R`` of the batch's vectors whatever ``p`` is; the cut between the middle rows
+        gives ``b(1 - b)/C``. Unicast loads are at least tree loads. Argument:
+        ``formulations/offline_milp.md``, "The cut floor"."""
+        mesh = self.hw.mesh
+        R, C = mesh.rows, mesh.cols
+        if mesh.num_links == 0:
+            return 0.0
+        a, b = (C // 2) / C, (R // 2) / R
+        share = max(a * (1 - a) / R, b * (1 - b) / C)
+        return share * self.token_weight * self.unit.vector_bytes / float(np.max(self.hw.link_bw))
+
+    @property
+    def token_weight(self) -> float:
+        """Tokens of the layer's workload: ``B`` times the co-activation sets' total frequency, or,
+        without sets, the tokens that frequencies summing to ``sum(f)`` over top-k imply."""
+        if self.coactivation is not None:
+            return self.B * float(np.asarray(self.coactivation[1], dtype=float).sum())
+        return self.B * float(self.f.sum()) / max(self.model.top_k, 1)
+
+    @cached_property
     def column_floor_s(self) -> np.ndarray:
         """``[E, nb]``: a lower bound (s) on the default evaluator's layer time of every plan of the
         family that puts expert i on column b: the busiest node carries at least i's largest shard
@@ -501,9 +529,10 @@ class BlockModel:
         ub_comp = 1.001 * US * max((fsum * self.comp_coef).max(), (asum * self.mem_coef).max())
         ub_disp = 1.001 * US * fsum * max(self.disp_coef.max(initial=0.0), 1e-30)
         ub_comb = 1.001 * US * fsum * max(self.comb_coef.max(initial=0.0), 1e-30)
+        cut = US * self.cut_phase_lower_s  # every plan's phases carry at least this (a cut of the mesh)
         t = np.r_[mb.add_vars("T_comp", 1, 0.0, ub_comp, integer=False, cost=1.0),
-                  mb.add_vars("T_disp", 1, 0.0, ub_disp, integer=False, cost=1.0),
-                  mb.add_vars("T_comb", 1, 0.0, ub_comb, integer=False, cost=1.0)]
+                  mb.add_vars("T_disp", 1, min(cut, ub_disp), max(ub_disp, cut), integer=False, cost=1.0),
+                  mb.add_vars("T_comb", 1, min(cut, ub_comb), max(ub_comb, cut), integer=False, cost=1.0)]
         self.build_assignment(mb, x)
         self.build_aggregates(mb, x, y, z, n)
         for b in range(nb):  # u_b: every token not in a tracked group, 1/k of a message per expert
