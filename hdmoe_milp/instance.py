@@ -45,7 +45,7 @@ from .errors import (
 )
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
 from .hardware import HARDWARE_PRESETS, MAX_DRAM_CAPACITY_BYTES, Mesh, make_hardware
-from .moe import MODEL_PRESETS, get_model
+from .moe import MODEL_PRESETS, MoEModel, get_model
 from .problem import Problem, check_memory, check_mesh_memory
 from .synthetic import synthetic_trace
 from .workload import BATCHING, Trace, TraceShapeError, load_trace
@@ -125,16 +125,26 @@ class Settings:
 
 def load_model_trace(path: str | Path, preset: str, model_field: str = "--model") -> Trace:
     """:func:`~hdmoe_milp.workload.load_trace` for the model preset ``preset``; a trace of another
-    model is refused naming both the trace and ``model_field``, with the presets it would fit."""
+    model (another top-k, expert ids beyond the model's, or another number of MoE layers) is
+    refused naming both the trace and ``model_field``, with the presets it would fit."""
     model = get_model(preset)
     try:
-        return load_trace(path, model.num_experts, model.top_k)
+        trace = load_trace(path, model.num_experts, model.top_k)
     except TraceShapeError as exc:
         fits = [n for n, m in MODEL_PRESETS.items() if m.top_k == exc.top_k and m.num_experts > exc.max_id]
-        raise InputError(exc.field, f"{exc.what}, but the model {preset} ({model_field}) routes top_k={model.top_k} of "
-                         f"{model.num_experts} experts",
-                         f"give a trace recorded from {preset}, or set {model_field} to the trace's model"
-                         + (f": {', '.join(fits)} fit{'s' if len(fits) == 1 else ''} it" if fits else "")) from None
+        raise _other_model(exc.field, exc.what, model, model_field, fits) from None
+    if trace.num_layers != model.moe_layers:
+        fits = [n for n, m in MODEL_PRESETS.items() if m.moe_layers == trace.num_layers and m.top_k == model.top_k
+                and m.num_experts == model.num_experts]
+        raise _other_model(f"trace {Path(path).name}", f"has {trace.num_layers} MoE layers", model, model_field, fits)
+    return trace
+
+
+def _other_model(field: str, what: str, model: MoEModel, model_field: str, fits: list[str]) -> InputError:
+    shape = f"top_k={model.top_k} of {model.num_experts} experts in {model.moe_layers} MoE layers"
+    return InputError(field, f"{what}, but the model {model.name} ({model_field}) routes {shape}",
+                      f"give a trace recorded from {model.name}, or set {model_field} to the trace's model"
+                      + (f": {', '.join(fits)} fit{'s' if len(fits) == 1 else ''} it" if fits else ""))
 
 
 # the field a Settings or Problem check names -> the instance file's key that gave the value

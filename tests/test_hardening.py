@@ -863,6 +863,10 @@ def test_a_trace_naming_experts_beyond_the_model_is_refused_as_another_models(tm
     with pytest.raises(hm.TraceShapeError) as exc:
         hm.load_trace(p, 64, 6)
     assert (exc.value.top_k, exc.value.max_id) == (6, 70)
+    np.savez(p, topk_ids=np.tile(np.arange(6), (16, 30, 1)))  # DeepSeek's shape, 30 layers instead of 26
+    assert main(["evaluate", "--model", "deepseek-v2-lite", "--trace", str(p), "--strategy", "tp"]) == 2
+    err = capsys.readouterr().err
+    assert "has 30 MoE layers" in err and "26 MoE layers" in err and "--model" in err and err.count("\n") == 1
 
 
 def test_write_atomic_never_replaces_a_special_file_and_names_what_failed(tmp_path):
