@@ -92,7 +92,7 @@ def main() -> None:
     (out / "milp_grid.md").write_text(df[cols].to_markdown(index=False, floatfmt=".3f"))
     print("\nTBT speedup of the plan (>= 1 means the plan is at least as fast):")
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    print("\nmin speedup per baseline:", {s: round(df[f"speedup_vs_{s}"].min(), 4) for s in hm.BASELINES})
+    print("\nmin speedup per baseline:", {s: round(float(df[f"speedup_vs_{s}"].min()), 4) for s in hm.BASELINES})
     print(f"mean speedup vs hdmoe: {df['speedup_vs_hdmoe'].mean():.3f}")
     print(f"\nsolver per (model, hw): gaps against the evaluator, times per layer (limit {args.time_limit} s, "
           f"{'deterministic' if args.deterministic else 'wall'}; targets: gap <= 1 % in <= 10 s per layer, "
