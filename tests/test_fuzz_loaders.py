@@ -30,8 +30,18 @@ json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=5) | st.dicti
                                                                                           max_size=4), max_leaves=30)
 
 
+_FILES = tempfile.TemporaryDirectory(prefix="hdmoe-fuzz-")  # every example's file, removed with the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_files():
+    yield
+    _FILES.cleanup()
+
+
 def _tmp(name: str, data: bytes) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="fuzz"))
+    """``data`` written to ``name`` in a fresh folder (hypothesis examples cannot use tmp_path)."""
+    d = Path(tempfile.mkdtemp(prefix="ex", dir=_FILES.name))
     p = d / name
     p.write_bytes(data)
     return p
