@@ -360,8 +360,8 @@ def _replay(args: argparse.Namespace) -> int:
                 base = problem.with_(trace=pl.load_trace(args.plan_trace, problem.model.num_experts,
                                                          problem.model.top_k), frequencies=None)
             except InputError as exc:
-                raise InputError("--plan-trace", f"{exc.field}: {exc.problem}",
-                                 exc.fix or f"give a trace of {problem.model.name} with every layer") from None
+                raise InputError("--plan-trace", f"{exc.field}: {exc.problem}", _same_model_fix(exc, problem)
+                                 or exc.fix or f"give a trace of {problem.model.name} with every layer") from None
         plan = pl.place(base, args.plan_strategy, budget=pl.Budget(time_limit_s=args.time_limit))
     rows = [pl.replay(problem, plan, policy=n, batches=args.batches, batch=args.batch, batching=batching,
                       replica_rule=args.replica_rule, progress=args.progress).summary() for n in names]
@@ -381,6 +381,14 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _same_model_fix(exc: InputError, problem: pl.Problem) -> str | None:
+    """The fix for a second trace of another model: it must route the problem's model."""
+    if not isinstance(exc, pl.TraceShapeError):
+        return None
+    m = problem.model
+    return f"give a trace recorded from {m.name}, like the problem's: top_k={m.top_k} of {m.num_experts} experts"
+
+
 def _stats(args: argparse.Namespace) -> int:
     s = _settings(args)
     problem = _to_problem(args, s)
@@ -389,8 +397,8 @@ def _stats(args: argparse.Namespace) -> int:
         try:
             against = pl.load_trace(args.against, problem.model.num_experts, problem.model.top_k)
         except InputError as exc:
-            raise InputError("--against", f"{exc.field}: {exc.problem}",
-                             exc.fix or f"give a trace of {problem.model.name}") from None
+            raise InputError("--against", f"{exc.field}: {exc.problem}", _same_model_fix(exc, problem)
+                             or exc.fix or f"give a trace of {problem.model.name}") from None
     try:
         stats = pl.trace_stats(problem, against)
     except InputError as exc:

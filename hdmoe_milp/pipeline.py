@@ -52,13 +52,13 @@ from .strategies.block_milp import (
     solve_layer_task,
 )
 from .strategies.hdmoe import WORK_LIMIT
-from .workload import Trace, check_window, load_trace, summarize, total_variation
+from .workload import Trace, TraceShapeError, check_window, load_trace, summarize, total_variation
 
 __all__ = [
     "BASELINES", "HARDWARE_PRESETS", "INSTANCE_KEYS", "MODEL_PRESETS", "POLICIES", "REPLICA_RULES", "STRATEGIES",
-    "Budget", "Comparison", "LayerReport", "PlanResult", "Problem", "Settings", "check_choice", "check_jobs",
-    "check_plan", "compare", "evaluate", "file_sha256", "load_instance", "load_plan", "load_trace", "place",
-    "plan_settings", "read_settings", "replay", "solve", "trace_stats",
+    "Budget", "Comparison", "LayerReport", "PlanResult", "Problem", "Settings", "TraceShapeError", "check_choice",
+    "check_jobs", "check_plan", "compare", "evaluate", "file_sha256", "load_instance", "load_plan", "load_trace",
+    "place", "plan_settings", "read_settings", "replay", "solve", "trace_stats",
 ]
 
 

@@ -853,6 +853,17 @@ def test_a_trace_of_another_model_names_the_model_setting_and_the_presets_it_fit
     assert f"set {setting}" in msg and "mixtral-8x7b fits it" in msg, msg
 
 
+@pytest.mark.parametrize("flag", ["--against", "--plan-trace"])
+def test_a_second_trace_of_another_model_asks_for_one_of_the_problems_model(flag, capsys):
+    ds = ROOT / "instances" / "traces" / "deepseek_v2_lite_law_4k.npz"
+    mixtral = ROOT / "instances" / "traces" / "mixtral_reasoning_4k.json.gz"
+    cmd = ["stats"] if flag == "--against" else ["replay", "--batches", "2"]
+    assert main([*cmd, "--model", "deepseek-v2-lite", "--trace", str(ds), flag, str(mixtral)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"hdmoe-milp: error: {flag}:")
+    assert "routes 2 experts per token" in err and "give a trace recorded from deepseek-v2-lite" in err
+
+
 def test_a_trace_naming_experts_beyond_the_model_is_refused_as_another_models(tmp_path, capsys):
     p = tmp_path / "wide.npz"
     ids = np.tile(np.array([0, 1, 2, 3, 4, 70]), (16, 26, 1))  # DeepSeek's width, but 71+ experts
