@@ -200,6 +200,15 @@ def test_column_floor_is_below_every_plan_using_the_column(case):
     assert np.min(scores / floor.max(axis=1)) <= 1.01
 
 
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_family_floor_is_below_the_exhaustive_optimum(case):
+    """``family_floor_s`` (the bound before any LP: every expert on its cheapest column's floor) is
+    at most the best plan of the family under the evaluator, and at least area plus the cut floor."""
+    bm, assigns, scores = family_scores(*instance(case))
+    assert bm.area_lower_s + 2 * bm.cut_phase_lower_s <= bm.family_floor_s * (1 + 1e-12)
+    assert bm.family_floor_s <= scores.min() * (1 + 1e-9)
+
+
 def test_unknown_emphasis_is_an_input_error():
     with pytest.raises(InputError, match="emphasis"):
         SolveParams(emphasis="fast")

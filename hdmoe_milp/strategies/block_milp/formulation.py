@@ -466,12 +466,29 @@ class BlockModel:
         """``[E, nb]``: a lower bound (s) on the default evaluator's layer time of every plan of the
         family that puts expert i on column b: the busiest node carries at least i's largest shard
         and at least the mean node (:attr:`area_lower_s`), each phase takes at least i's tokens on
-        the busiest link of b's message (U3), plus the minimum hop terms."""
+        the busiest link of b's message (U3) and at least the cut floor
+        (:attr:`cut_phase_lower_s`), plus the minimum hop terms."""
         single = np.maximum(self.f[:, None] * self.comp_coef.max(axis=1)[None, :],
                             self.a[:, None] * self.mem_coef.max(axis=1)[None, :])
         comp = np.maximum(single, self.area_lower_s - self.hop_lower_s)
-        busiest = self.disp_coef.max(axis=1, initial=0.0) + self.comb_coef.max(axis=1, initial=0.0)
-        return comp + self.f[:, None] * busiest[None, :] + self.hop_lower_s
+        cut = self.cut_phase_lower_s
+        disp = np.maximum(self.f[:, None] * self.disp_coef.max(axis=1, initial=0.0)[None, :], cut)
+        comb = np.maximum(self.f[:, None] * self.comb_coef.max(axis=1, initial=0.0)[None, :], cut)
+        return comp + disp + comb + self.hop_lower_s
+
+    @cached_property
+    def family_floor_s(self) -> float:
+        """A bound needing no solve on every plan of the family: each expert sits on one of its
+        columns (within capacity), so every plan takes at least ``max_i min_b column_floor_s[i, b]``.
+        At least :attr:`area_lower_s` plus twice :attr:`cut_phase_lower_s`; on the layers measured
+        it equals the relaxation's LP optimum (``formulations/offline_milp.md``, "The family floor")."""
+        ok = self.family.copy()
+        if self.cap_layer is not None:
+            ok &= (self.mem_bytes.max(axis=1) <= self.cap_layer * (1 + 1e-9))[None, :]
+        per_expert = np.where(ok, self.column_floor_s, np.inf).min(axis=1)
+        floor = self.area_lower_s + 2.0 * self.cut_phase_lower_s
+        finite = per_expert[np.isfinite(per_expert)]
+        return float(max(floor, finite.max(initial=floor)))
 
     def beaten_columns(self, incumbent_s: float) -> np.ndarray:
         """``[E, nb]`` bool: the pairs (i, b) whose :attr:`column_floor_s` exceeds ``incumbent_s``

@@ -278,8 +278,8 @@ def solve_layer(
     det = params.deterministic
     lower = bm.to_linear_lower(incumbent_s=obj)  # columns that cannot beat the best start are fixed at 0
     bound = lp_bound(lower, time_limit_s=None if det else max(deadline - time.perf_counter(), 0.05))
-    # the LP can be cut by the time limit: the area and cut floors (no solve) are always there
-    bound = min(max(bm.area_lower_s + 2 * bm.cut_phase_lower_s, -np.inf if bound is None else bound / US), obj)
+    # the LP can be cut by the time limit: the family floor (no solve) is always there
+    bound = min(max(bm.family_floor_s, -np.inf if bound is None else bound / US), obj)
     trace.append((time.perf_counter() - t0, None, bound, "bound"))
 
     def gap_of(o: float) -> float | None:
