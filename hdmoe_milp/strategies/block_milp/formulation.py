@@ -481,7 +481,8 @@ class BlockModel:
         """A bound needing no solve on every plan of the family: each expert sits on one of its
         columns (within capacity), so every plan takes at least ``max_i min_b column_floor_s[i, b]``.
         At least :attr:`area_lower_s` plus twice :attr:`cut_phase_lower_s`; on the layers measured
-        it equals the relaxation's LP optimum (``formulations/offline_milp.md``, "The family floor")."""
+        it lies between 0.2 % below and 1.5 % above the relaxation's LP optimum, which may mix an
+        expert's columns (``formulations/offline_milp.md``, "The family floor")."""
         ok = self.family.copy()
         if self.cap_layer is not None:
             ok &= (self.mem_bytes.max(axis=1) <= self.cap_layer * (1 + 1e-9))[None, :]
