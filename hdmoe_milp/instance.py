@@ -114,7 +114,7 @@ class Settings:
         hw = make_hardware(self.hw, mesh, dram_bw_bytes_per_s=float(self.dram_bw_gbps) * 1e9,
                            dram_capacity_bytes=cap, hop_latency_s=float(self.hop_latency_ns) * 1e-9)
         if self.trace:
-            trace = load_model_trace(self.trace, self.model, model_field)
+            trace = load_model_trace(self.trace, model, model_field)
         else:
             trace = synthetic_trace(model, int(self.synthetic_tokens), seed=int(self.seed))
         opts = EvalOptions(mode=self.mode, delivery=self.delivery, home=self.home, seed=int(self.seed),
@@ -123,11 +123,10 @@ class Settings:
                        seed=int(self.seed), name=self.name, hw_point=self.hw)
 
 
-def load_model_trace(path: str | Path, preset: str, model_field: str = "--model") -> Trace:
-    """:func:`~hdmoe_milp.workload.load_trace` for the model preset ``preset``; a trace of another
-    model (another top-k, expert ids beyond the model's, or another number of MoE layers) is
-    refused naming both the trace and ``model_field``, with the presets it would fit."""
-    model = get_model(preset)
+def load_model_trace(path: str | Path, model: MoEModel, model_field: str = "--model") -> Trace:
+    """:func:`~hdmoe_milp.workload.load_trace` for ``model``; a trace of another model (another
+    top-k, expert ids beyond the model's, or another number of MoE layers) is refused naming both
+    the trace and ``model_field``, with the presets it would fit."""
     try:
         trace = load_trace(path, model.num_experts, model.top_k)
     except TraceShapeError as exc:

@@ -214,9 +214,15 @@ class BlockModel:
             eps = 1e-9
             ok = (centre[:, 0] <= (R - 1) / 2.0 + eps) & (centre[:, 1] <= (C - 1) / 2.0 + eps)
             allowed[int(np.argmax(self.f)), :] &= ok
-        if self.cap_layer is not None:
-            allowed &= (self.mem_bytes.max(axis=1) <= self.cap_layer)[None, :]
-        return allowed
+        return allowed & self.column_fits[None, :]
+
+    @property
+    def column_fits(self) -> np.ndarray:
+        """``[nb]`` bool: columns whose largest shard fits the layer's capacity on its own (all
+        without a capacity); no plan uses the others."""
+        if self.cap_layer is None:
+            return np.ones(self.blocks.num_blocks, dtype=bool)
+        return self.mem_bytes.max(axis=1) <= self.cap_layer
 
     @cached_property
     def hop_const_s(self) -> float:
@@ -483,9 +489,7 @@ class BlockModel:
         At least :attr:`area_lower_s` plus twice :attr:`cut_phase_lower_s`; on the layers measured
         it lies between 0.2 % below and 1.5 % above the relaxation's LP optimum, which may mix an
         expert's columns (``formulations/offline_milp.md``, "The family floor")."""
-        ok = self.family.copy()
-        if self.cap_layer is not None:
-            ok &= (self.mem_bytes.max(axis=1) <= self.cap_layer * (1 + 1e-9))[None, :]
+        ok = self.family & self.column_fits[None, :]  # not ``allowed``: no symmetry breaking here
         per_expert = np.where(ok, self.column_floor_s, np.inf).min(axis=1)
         floor = self.area_lower_s + 2.0 * self.cut_phase_lower_s
         finite = per_expert[np.isfinite(per_expert)]
