@@ -188,3 +188,29 @@ def test_evaluate_delivery_and_home_flags(capsys):
     assert out["unicast"]["moe_compute_us"] == pytest.approx(out["tree"]["moe_compute_us"])
     assert main([*base, "--home", "holder"]) == 0
     assert json.loads(capsys.readouterr().out)["home"] == "holder"
+
+
+def test_solve_text_gives_percent_gaps_and_a_summary_of_the_solved_layers(capsys):
+    """The text table shows the same numbers as --json (gap and improvement in percent, times in
+    µs), ``-`` for layers not solved, and one summary line over the solved layers only."""
+    args = ["solve", "--model", "mixtral-8x7b", "--mesh", "2x2", "--layers", "0,2", "--time-limit", "0.5",
+            "--no-baselines", "--deterministic"]
+    assert main([*args, "--json"]) == 0
+    layers = {r["layer"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["layer", "status"])
+    cols = lines[head].split()
+    assert cols[4] == "gap_%" and cols[5] == "improvement_%"
+    rows = {int(ln.split()[0]): ln.split() for ln in lines[head + 1:head + 33]}
+    assert len(rows) == 32 and "NaN" not in "\n".join(lines)
+    for li, row in rows.items():
+        if li in (0, 2):
+            assert float(row[2]) == pytest.approx(layers[li]["objective"] * 1e6, abs=5e-4)
+            assert float(row[4]) == pytest.approx(layers[li]["gap"] * 100, abs=5e-3)
+        else:
+            assert row[1] == "not-solved" and row[3] == row[4] == "-"
+    gaps = [layers[li]["gap"] * 100 for li in (0, 2)]
+    summary = lines[head + 33]
+    assert summary.startswith("2 layers solved: ")
+    assert f"{sum(g <= 1 for g in gaps)} proven within 1 %" in summary and f"max {max(gaps):.2f} %" in summary
