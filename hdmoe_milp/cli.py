@@ -208,29 +208,25 @@ _FILE_KEYS = {flag: (plan_key, pl.INSTANCE_KEYS[flag]) for flag, plan_key in (
     ("--home", "home"))}
 
 
-def layer_text(lt: pd.DataFrame) -> str:
-    """``PlanResult.layer_table`` as text: times in µs to 3 decimals, gap and improvement in percent,
-    ``-`` where a layer has no number (not solved), then one summary line over the solved layers."""
-    t = lt.rename(columns={"gap": "gap_%", "improvement": "improvement_%"})
+def layer_text(res: pl.PlanResult) -> str:
+    """The result's layer table as text: times in µs to 3 decimals, gap and improvement in percent,
+    ``-`` where a layer has no number (not solved), then its :meth:`~PlanResult.summary` in a line."""
+    t = res.layer_table().rename(columns={"gap": "gap_%", "improvement": "improvement_%"})
     t["gap_%"] = t["gap_%"].astype(float) * 100
     t["improvement_%"] = t["improvement_%"].astype(float) * 100
 
     def fmt(digits: int):
-        return lambda x: "-" if pd.isna(x) else f"{x:.{digits}f}"
+        return lambda x: f"{x:.{digits}f}"
 
     formats = {"objective_us": fmt(3), "bound_us": fmt(3), "gap_%": fmt(2), "improvement_%": fmt(2),
                "time_s": fmt(2)}
     text = t.to_string(index=False, formatters=formats, na_rep="-")
-    solved = t[t["status"] != "not-solved"]
-    gaps = solved["gap_%"].dropna()
-    if gaps.empty:
+    s = res.summary()
+    if s["gap_median"] is None:
         return text
-    gain = solved["improvement_%"].fillna(0.0)
-    improved = int((gain > 0).sum())
-    summary = (f"{len(solved)} layers solved: {int((gaps <= 1.0).sum())} proven within 1 %, gap median "
-               f"{gaps.median():.2f} %, max {gaps.max():.2f} %; {improved} improved on the best heuristic"
-               + (f" (up to {gain.max():.2f} %)" if improved else ""))
-    return text + "\n" + summary
+    return (text + f"\n{s['layers_solved']} layers solved: {s['proven_1pct']} proven within 1 %, gap median "
+            f"{100 * s['gap_median']:.2f} %, max {100 * s['gap_max']:.2f} %; {s['improved']} improved on the "
+            f"best heuristic" + (f" (up to {100 * s['improvement_max']:.2f} %)" if s["improved"] else ""))
 
 
 def _print_left_out(problem: pl.Problem, names: list[str]) -> None:
@@ -344,7 +340,7 @@ def _solve(args: argparse.Namespace) -> int:
           f"backend={s['backend']} time_limit={s['time_limit_s']}s ({s['time_mode']}) wall={s['wall_s']:.1f}s"
           + (" INTERRUPTED" if s.get("interrupted") else ""))
     print(f"objective, bound and gap: the evaluator's layer time, bounded over {s['family']}")
-    print(layer_text(res.layer_table()))
+    print(layer_text(res))
     tb = pd.DataFrame({"strategy": list(tbt), "tbt_us": list(tbt.values())})
     tb["plan_speedup"] = tb["tbt_us"] / tbt["plan"]
     print(tb.to_string(index=False, float_format=lambda x: f"{x:.2f}"))

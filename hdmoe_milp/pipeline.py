@@ -265,6 +265,22 @@ class PlanResult:
         return df[["layer", "status", "objective_us", "bound_us", "gap", "improvement", "time_s", "source",
                    "final_source"]]
 
+    def summary(self) -> dict[str, Any]:
+        """What the solve proved, over the layers it solved (``--layers`` may leave some out):
+        ``layers_solved``, ``proven_1pct`` (gap ≤ 1 %), ``gap_median`` and ``gap_max`` (fractions;
+        None when no layer has a gap), ``improved`` (layers where the search beat the best
+        heuristic) and ``improvement_max`` (fraction), the plan's ``tbt_us`` and ``wall_s``."""
+        solved = [r for r in self.layers if r.status != "not-solved"]
+        gaps = np.array([r.gap for r in solved if r.gap is not None and np.isfinite(r.gap)], dtype=float)
+        gains = np.nan_to_num(np.array([r.improvement or 0.0 for r in solved], dtype=float))
+        return {
+            "layers_solved": len(solved), "proven_1pct": int((gaps <= 0.01).sum()),
+            "gap_median": float(np.median(gaps)) if gaps.size else None,
+            "gap_max": float(gaps.max()) if gaps.size else None,
+            "improved": int((gains > 0).sum()), "improvement_max": float(gains.max(initial=0.0)),
+            "tbt_us": self.evaluations["plan"].tbt_us, "wall_s": self.solver.get("wall_s"),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary: the problem, the solver settings, per-layer reports, TBT per strategy."""
         return {

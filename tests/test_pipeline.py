@@ -94,6 +94,17 @@ def test_solve_is_never_worse_than_a_baseline_and_reports_every_layer(tmp_path):
     df = res.table()
     assert list(df["strategy"])[0] == "plan" and df["plan_speedup"].min() == pytest.approx(1.0)
     assert set(res.layer_table().columns) >= {"status", "objective_us", "bound_us", "gap"}
+    s = res.summary()
+    gaps = [r.gap for r in res.layers]
+    assert s["layers_solved"] == SMALL.moe_layers and s["proven_1pct"] == sum(g <= 0.01 for g in gaps)
+    assert s["gap_max"] == max(gaps) and s["tbt_us"] == res.evaluations["plan"].tbt_us
+    assert s["improved"] == sum((r.improvement or 0) > 0 for r in res.layers)
+
+
+def test_summary_counts_only_the_layers_solved():
+    res = hm.solve(small_problem(), time_limit_s=0.3, layers=[1], baselines=False, progress=False)
+    s = res.summary()
+    assert s["layers_solved"] == 1 and s["gap_max"] == s["gap_median"] == res.layers[1].gap
 
 
 # --- plan files --------------------------------------------------------------------------------------
