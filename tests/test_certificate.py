@@ -205,7 +205,7 @@ def test_family_floor_is_below_the_exhaustive_optimum(case):
     """``family_floor_s`` (the bound before any LP: every expert on its cheapest column's floor) is
     at most the best plan of the family under the evaluator, and at least area plus the cut floor."""
     bm, assigns, scores = family_scores(*instance(case))
-    assert bm.area_lower_s + 2 * bm.cut_phase_lower_s <= bm.family_floor_s * (1 + 1e-12)
+    assert bm.area_lower_s + sum(bm.cut_floors_s) <= bm.family_floor_s * (1 + 1e-12)
     assert bm.family_floor_s <= scores.min() * (1 + 1e-9)
 
 
@@ -260,22 +260,25 @@ def test_lower_model_tracking_every_group_is_exact_at_integer_points(case):
         assert LayerScorer(bm)(bm.decode(out.x)) == pytest.approx(best_over_family(case), rel=1e-9)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 4), cols=st.integers(1, 5), E=st.integers(2, 6), k=st.integers(1, 3),
-       delivery=st.sampled_from(["tree", "unicast"]), seed=st.integers(0, 10_000))
-def test_cut_floor_is_below_every_placements_phases(rows, cols, E, k, delivery, seed):
-    """``cut_phase_lower_s`` (the bound's floor when no LP finishes) is at most each phase's
-    busiest-link time of any placement (any shares, one copy per expert) under the evaluator with
-    spread homes, and positive on every mesh with links."""
+       delivery=st.sampled_from(["tree", "unicast"]), per_link=st.booleans(), seed=st.integers(0, 10_000))
+def test_cut_floor_is_below_every_placements_phases(rows, cols, E, k, delivery, per_link, seed):
+    """``cut_floors_s`` (the bound's floor when no LP finishes) are at most the dispatch and the
+    combine phase's busiest-link time of any placement (any shares, one copy per expert) under the
+    evaluator with spread homes, with one bandwidth or one per link, and positive on every mesh
+    with links."""
     k = min(k, E)
+    rng = np.random.default_rng(seed)
     m = MoEModel("t", num_experts=E, top_k=k, hidden=64, expert_intermediate=128, moe_layers=1)
-    hw = Hardware(Mesh(rows, cols), compute_flops=1e9, link_bw_bytes_per_s=2e8)
+    mesh = Mesh(rows, cols)
+    bw = rng.uniform(0.5e8, 4e8, mesh.num_links) if per_link and mesh.num_links else 2e8
+    hw = Hardware(mesh, compute_flops=1e9, link_bw_bytes_per_s=bw)
     tr = synthetic_trace(m, 64, seed=seed % 97)
     f, (ids, fg) = tr.frequencies()[0], tr.coactivation(0)
     B = 32.0
-    floor = BlockModel(m, hw, f, B, MilpOptions(delivery=delivery), coactivation=(ids, fg)).cut_phase_lower_s
-    assert (floor > 0) == (rows * cols > 1)
-    rng = np.random.default_rng(seed)
+    disp, comb = BlockModel(m, hw, f, B, MilpOptions(delivery=delivery), coactivation=(ids, fg)).cut_floors_s
+    assert (disp > 0) == (comb > 0) == (rows * cols > 1)
     D = rows * cols
     shares = rng.random((E, D)) * (rng.random((E, D)) < rng.uniform(0.2, 1.0))
     shares[np.arange(E), rng.integers(0, D, E)] += 0.1  # every expert somewhere
@@ -283,7 +286,7 @@ def test_cut_floor_is_below_every_placements_phases(rows, cols, E, k, delivery, 
     lp = LayerPlacement(shares, np.arange(E), np.ones(E), E)
     wl = Workload((LayerRouting(ids, fg * B),), E, k, B, "expected")
     ev = evaluate(Placement((lp,)), m, hw, wl, EvalOptions(delivery=delivery))
-    assert ev.dispatch_s[0] >= floor * (1 - 1e-9) and ev.combine_s[0] >= floor * (1 - 1e-9)
+    assert ev.dispatch_s[0] >= disp * (1 - 1e-9) and ev.combine_s[0] >= comb * (1 - 1e-9)
 
 
 def test_cut_floor_is_attained_where_half_the_tokens_stay_on_each_side():
@@ -292,8 +295,32 @@ def test_cut_floor_is_attained_where_half_the_tokens_stay_on_each_side():
     m = MoEModel("t", num_experts=2, top_k=1, hidden=64, expert_intermediate=128, moe_layers=1)
     hw = Hardware(Mesh(1, 2), compute_flops=1e9, link_bw_bytes_per_s=2e8)
     ids, fg, B = np.array([[0], [1]]), np.array([0.5, 0.5]), 32.0
-    floor = BlockModel(m, hw, fg, B, MilpOptions(), coactivation=(ids, fg)).cut_phase_lower_s
-    assert floor == pytest.approx(B / 4 * 64 * m.activation_bytes / 2e8)
+    disp, comb = BlockModel(m, hw, fg, B, MilpOptions(), coactivation=(ids, fg)).cut_floors_s
+    assert disp == comb == pytest.approx(B / 4 * 64 * m.activation_bytes / 2e8)
     lp = LayerPlacement(np.eye(2), np.arange(2), np.ones(2), 2)
     ev = evaluate(Placement((lp,)), m, hw, Workload((LayerRouting(ids, fg * B),), 2, 1, B, "expected"), EvalOptions())
-    assert ev.dispatch_s[0] == pytest.approx(floor) and ev.combine_s[0] == pytest.approx(floor)
+    assert ev.dispatch_s[0] == pytest.approx(disp) and ev.combine_s[0] == pytest.approx(comb)
+
+
+def test_cut_floor_with_unequal_links_is_attained_and_above_the_fastest_links_floor():
+    """1x2 with the east link twice as fast as the west one: each phase's floor is
+    ``(B/2)·v / (BW_e + BW_w)``, attained by the split that loads both links equally in that phase:
+    in dispatch the expert on the right takes ``BW_e / (BW_e + BW_w)`` of the tokens, in combine
+    (results flow back) the expert on the left does. Dividing by the fastest link (the floor
+    before version 0.7.5) gives 3/4 of it."""
+    m = MoEModel("t", num_experts=2, top_k=1, hidden=64, expert_intermediate=128, moe_layers=1)
+    bw_e, bw_w = 2e8, 1e8
+    hw = Hardware(Mesh(1, 2), compute_flops=1e9, link_bw_bytes_per_s=np.array([bw_e, bw_w]))
+    assert hw.mesh.link_id(0, 1) == 0  # the east link comes first in the link order
+    p = bw_e / (bw_e + bw_w)
+    ids, fg, B = np.array([[0], [1]]), np.array([1 - p, p]), 32.0
+    vec = 64 * m.activation_bytes
+    disp, comb = BlockModel(m, hw, fg, B, MilpOptions(), coactivation=(ids, fg)).cut_floors_s
+    assert disp == comb == pytest.approx(B / 2 * vec / (bw_e + bw_w))
+    assert B / 4 * vec / bw_e == pytest.approx(0.75 * disp)
+    lp = LayerPlacement(np.eye(2), np.arange(2), np.ones(2), 2)
+    for split, phase, floor in ((fg, "dispatch_s", disp), (fg[::-1], "combine_s", comb)):
+        ev = evaluate(Placement((lp,)), m, hw, Workload((LayerRouting(ids, split * B),), 2, 1, B, "expected"),
+                      EvalOptions())
+        assert getattr(ev, phase)[0] == pytest.approx(floor)
+        assert ev.dispatch_s[0] >= disp * (1 - 1e-12) and ev.combine_s[0] >= comb * (1 - 1e-12)

@@ -440,24 +440,52 @@ class BlockModel:
         return float(roofline_s(flops, reads, self.hw)) + self.hop_lower_s
 
     @cached_property
-    def cut_phase_lower_s(self) -> float:
-        """A bound needing no solve on each communication phase's busiest-link term (s), from a cut
-        of the mesh (spread homes; either delivery rule). Cut between the middle columns, with a
-        share ``a`` of the columns (so of the homes) on the left: every token's destination set meets
-        the left or the right part. With ``p`` the tokens whose set meets the right part, the
-        eastward crossing links (one per row) carry, between them, at least ``a·p`` of the tokens in
-        dispatch (homes on the left) and the westward ones at least ``(1 - a)(1 - p)``; combine
-        crosses the other way with the same shares. So the busiest crossing link carries at least
-        ``a(1 - a)/R`` of the batch's vectors whatever ``p`` is; the cut between the middle rows
-        gives ``b(1 - b)/C``. Unicast loads are at least tree loads. Argument:
-        ``formulations/offline_milp.md``, "The cut floor"."""
+    def cut_floors_s(self) -> tuple[float, float]:
+        """Bounds needing no solve on the dispatch and the combine phase's busiest-link term (s),
+        from cuts of the mesh (spread homes; either delivery rule). Cut between columns ``j - 1``
+        and ``j``, with a share ``a = j/C`` of the columns (so of the homes) on the left: every
+        token's destination set meets the left part or the right part (shares ``q`` and ``p`` of
+        the tokens, ``p + q >= 1``). The tokens homed on the left whose set meets the right cross the
+        cut eastward in dispatch and westward in combine: ``a·p`` of the batch's vectors, and
+        ``(1 - a)·q`` the other way. XY routes move along the sender's row first. So in dispatch
+        every row's crossing link carries its own ``1/R`` of that, and ``max(load / BW)`` is at
+        least that over the row's bandwidth. In combine only the sum over the rows is fixed, so
+        the busiest link carries at least the sum over the direction's total bandwidth. Row cuts
+        swap the roles: combine's Y leg runs in the home's column. Minimising
+        ``max(A·p, B·(1 - p))`` over ``p`` gives ``A·B / (A + B)``. Each phase takes the largest
+        value over all cuts. With one bandwidth on every link, that is the middle cut's
+        ``max(a(1 - a)/R, b(1 - b)/C) · vectors / BW``. Unicast loads are at least tree loads.
+        Argument: ``formulations/offline_milp.md``, "The cut floor"."""
         mesh = self.hw.mesh
         R, C = mesh.rows, mesh.cols
         if mesh.num_links == 0:
-            return 0.0
-        a, b = (C // 2) / C, (R // 2) / R
-        share = max(a * (1 - a) / R, b * (1 - b) / C)
-        return share * self.token_weight * self.unit.vector_bytes / float(np.max(self.hw.link_bw))
+            return 0.0, 0.0
+        bw = self.hw.link_bw
+        lid = mesh.link_id
+
+        def value(share: float, fwd: np.ndarray, back: np.ndarray, per_link: bool, parts: int) -> float:
+            # fwd: the links the near side's tokens cross on (bandwidths); back: the other way
+            if per_link:  # each link carries its 1/parts of the side's share
+                A, B = share / (parts * fwd.min()), (1 - share) / (parts * back.min())
+            else:  # only the sum over the links is fixed
+                A, B = share / fwd.sum(), (1 - share) / back.sum()
+            return A * B / (A + B)
+
+        disp = comb = 0.0
+        for j in range(1, C):  # column cuts: east links (r, j-1) -> (r, j), west links back
+            east = bw[[lid(r * C + j - 1, r * C + j) for r in range(R)]]
+            west = bw[[lid(r * C + j, r * C + j - 1) for r in range(R)]]
+            a = j / C
+            disp = max(disp, value(a, east, west, True, R))
+            comb = max(comb, value(a, west, east, False, R))
+        for i in range(1, R):  # row cuts: south links (i-1, c) -> (i, c), north links back
+            south = bw[[lid((i - 1) * C + c, i * C + c) for c in range(C)]]
+            north = bw[[lid(i * C + c, (i - 1) * C + c) for c in range(C)]]
+            b = i / R
+            disp = max(disp, value(b, south, north, False, C))
+            comb = max(comb, value(b, north, south, True, C))
+        unit = self.token_weight * self.unit.vector_bytes
+        return disp * unit, comb * unit
 
     @property
     def token_weight(self) -> float:
@@ -472,26 +500,26 @@ class BlockModel:
         """``[E, nb]``: a lower bound (s) on the default evaluator's layer time of every plan of the
         family that puts expert i on column b: the busiest node carries at least i's largest shard
         and at least the mean node (:attr:`area_lower_s`), each phase takes at least i's tokens on
-        the busiest link of b's message (U3) and at least the cut floor
-        (:attr:`cut_phase_lower_s`), plus the minimum hop terms."""
+        the busiest link of b's message (U3) and at least its cut floor (:attr:`cut_floors_s`),
+        plus the minimum hop terms."""
         single = np.maximum(self.f[:, None] * self.comp_coef.max(axis=1)[None, :],
                             self.a[:, None] * self.mem_coef.max(axis=1)[None, :])
         comp = np.maximum(single, self.area_lower_s - self.hop_lower_s)
-        cut = self.cut_phase_lower_s
-        disp = np.maximum(self.f[:, None] * self.disp_coef.max(axis=1, initial=0.0)[None, :], cut)
-        comb = np.maximum(self.f[:, None] * self.comb_coef.max(axis=1, initial=0.0)[None, :], cut)
+        cut_disp, cut_comb = self.cut_floors_s
+        disp = np.maximum(self.f[:, None] * self.disp_coef.max(axis=1, initial=0.0)[None, :], cut_disp)
+        comb = np.maximum(self.f[:, None] * self.comb_coef.max(axis=1, initial=0.0)[None, :], cut_comb)
         return comp + disp + comb + self.hop_lower_s
 
     @cached_property
     def family_floor_s(self) -> float:
         """A bound needing no solve on every plan of the family: each expert sits on one of its
         columns (within capacity), so every plan takes at least ``max_i min_b column_floor_s[i, b]``.
-        At least :attr:`area_lower_s` plus twice :attr:`cut_phase_lower_s`; on the layers measured
+        At least :attr:`area_lower_s` plus both :attr:`cut_floors_s`; on the layers measured
         it lies between 0.2 % below and 1.5 % above the relaxation's LP optimum, which may mix an
         expert's columns (``formulations/offline_milp.md``, "The family floor")."""
         ok = self.family & self.column_fits[None, :]  # not ``allowed``: no symmetry breaking here
         per_expert = np.where(ok, self.column_floor_s, np.inf).min(axis=1)
-        floor = self.area_lower_s + 2.0 * self.cut_phase_lower_s
+        floor = self.area_lower_s + sum(self.cut_floors_s)
         finite = per_expert[np.isfinite(per_expert)]
         return float(max(floor, finite.max(initial=floor)))
 
@@ -551,10 +579,10 @@ class BlockModel:
         ub_comp = 1.001 * US * max((fsum * self.comp_coef).max(), (asum * self.mem_coef).max())
         ub_disp = 1.001 * US * fsum * max(self.disp_coef.max(initial=0.0), 1e-30)
         ub_comb = 1.001 * US * fsum * max(self.comb_coef.max(initial=0.0), 1e-30)
-        cut = US * self.cut_phase_lower_s  # every plan's phases carry at least this (a cut of the mesh)
+        cut_d, cut_c = (US * c for c in self.cut_floors_s)  # every plan's phases carry this (cuts of the mesh)
         t = np.r_[mb.add_vars("T_comp", 1, 0.0, ub_comp, integer=False, cost=1.0),
-                  mb.add_vars("T_disp", 1, min(cut, ub_disp), max(ub_disp, cut), integer=False, cost=1.0),
-                  mb.add_vars("T_comb", 1, min(cut, ub_comb), max(ub_comb, cut), integer=False, cost=1.0)]
+                  mb.add_vars("T_disp", 1, min(cut_d, ub_disp), max(ub_disp, cut_d), integer=False, cost=1.0),
+                  mb.add_vars("T_comb", 1, min(cut_c, ub_comb), max(ub_comb, cut_c), integer=False, cost=1.0)]
         self.build_assignment(mb, x)
         self.build_aggregates(mb, x, y, z, n)
         for b in range(nb):  # u_b: every token not in a tracked group, 1/k of a message per expert
