@@ -331,6 +331,7 @@ def _solve(args: argparse.Namespace) -> int:
         "family": s["family"], "layers_solved": s["layers"], "wall_s": s["wall_s"],
         "delivery": problem.options.resolved_delivery, "tbt_us": tbt, "layers": layers,
         "problem": problem.describe(), "baselines_over_capacity": s.get("baselines_over_capacity", []),
+        "summary": res.summary(),
     }
     done = 130 if s.get("interrupted") else 0  # Ctrl-C: the finished layers are printed, exit status 130
     if args.json:

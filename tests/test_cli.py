@@ -196,7 +196,9 @@ def test_solve_text_gives_percent_gaps_and_a_summary_of_the_solved_layers(capsys
     args = ["solve", "--model", "mixtral-8x7b", "--mesh", "2x2", "--layers", "0,2", "--time-limit", "0.5",
             "--no-baselines", "--deterministic"]
     assert main([*args, "--json"]) == 0
-    layers = {r["layer"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    d = json.loads(capsys.readouterr().out)
+    layers = {r["layer"]: r for r in d["layers"]}
+    assert d["summary"]["layers_solved"] == 2 and d["summary"]["gap_max"] == max(layers[li]["gap"] for li in (0, 2))
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["layer", "status"])
