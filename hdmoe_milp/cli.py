@@ -438,7 +438,7 @@ def _stats(args: argparse.Namespace) -> int:
 _NUMERIC_FLAGS = (
     ("time_limit", "--time-limit", 0.0, True, False), ("work_limit", "--work-limit", 0.0, False, False),
     ("gap", "--gap", 0.0, False, False), ("threads", "--threads", 1, False, True), ("jobs", "--jobs", 1, False, True),
-    ("batch", "--batch", 0.0, True, False), ("batches", "--batches", 1, False, True),
+    ("batch", "--batch", 1, False, False), ("batches", "--batches", 1, False, True),
     ("capacity_gb", "--capacity-gb", 0.0, True, False), ("hop_latency_ns", "--hop-latency-ns", 0.0, False, False),
     ("seed", "--seed", 0, False, True), ("lns_patience", "--lns-patience", 0, False, True),
 )

@@ -503,6 +503,8 @@ CASES = {
     # --- numbers out of any sensible range (they used to give NaN times, or a layer 'error') ---------
     "flag-batch-huge": (_flags("evaluate", *MX, "--strategy", "tp", "--batch", "1e308"), "--batch"),
     "flag-batch-below-one": (_flags("solve", *MX, "--batch", "1e-20", "--layers", "0"), "--batch"),
+    "flag-batch-zero-names-the-limit": (_flags("evaluate", *MX, "--strategy", "tp", "--batch", "0"),
+                                        "--batch: must be >= 1, got 0"),
     # --- outputs that are not files or folders ---------------------------------------------------
     "out-not-regular-file": (lambda d: ["evaluate", *MX, "--strategy", "tp", "--save-plan", str(_fifo(d)),
                                         "--force"], "--save-plan"),
