@@ -64,6 +64,9 @@ __all__ = [
 
 def _progress(progress: bool | None, **kw: Any) -> tqdm:
     """A progress bar on stderr: on in a terminal by default (``progress=None``), forced by True/False."""
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise InputError("progress", f"must be True, False or None, got {progress!r:.60}",
+                         "None shows the bar in a terminal only")
     return tqdm(disable=None if progress is None else not progress, leave=False, **kw)
 
 

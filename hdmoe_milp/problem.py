@@ -185,6 +185,11 @@ class Problem:
                              f"got {f.shape}", "one row of expert frequencies per MoE layer")
         if not np.all(np.isfinite(f)) or np.any(f < 0):
             raise InputError("frequencies", "must be finite and non-negative", "frequencies are token fractions")
+        over = np.argwhere(f > 1 + 1e-9)
+        if over.size:
+            li, i = (int(v) for v in over[0])
+            raise InputError("frequencies", f"layer {li} expert {i} has {f[li, i]:g}, but a token picks each expert at "
+                             "most once", "give each expert's share of the tokens, at most 1")
         sums = f.sum(axis=1)
         off = np.flatnonzero(np.abs(sums - m.top_k) > 1e-6 * m.top_k)
         if off.size:

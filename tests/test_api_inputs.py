@@ -178,3 +178,23 @@ def test_a_layer_left_out_takes_a_plan_of_the_stated_family(P):
     bm = S.family_model(P.model, P.hardware, P.frequencies[0], P.batch, opts, P.coactivation[0], base)
     inside = {k for k, a in S._baseline_assigns(bm, base).items() if bm.in_family(a)}
     assert r.warm_start_source in inside
+
+
+def test_frequencies_above_one_are_no_routing(P):
+    """Top-k ids are distinct, so no expert gets more than every token: a row like (2, 0, ...) sums
+    to top_k = 2 but is refused, naming the layer and the expert."""
+    f = np.tile(np.r_[2.0, np.zeros(P.model.num_experts - 1)], (P.model.moe_layers, 1))
+    with pytest.raises(InputError, match="layer 0 expert 0") as exc:
+        hm.Problem(P.model, P.hardware, frequencies=f)
+    assert exc.value.field == "frequencies"
+    ok = np.full((P.model.moe_layers, P.model.num_experts), P.model.top_k / P.model.num_experts)
+    assert hm.Problem(P.model, P.hardware, frequencies=ok).frequencies.shape == ok.shape
+
+
+@pytest.mark.parametrize("progress", ["no", 5, 0.0])
+def test_progress_is_true_false_or_none(P, progress):
+    for call in (lambda: hm.solve(P, time_limit_s=0.1, layers=[0], baselines=["tp"], progress=progress),
+                 lambda: hm.compare(P, ["tp"], progress=progress)):
+        with pytest.raises(InputError) as exc:
+            call()
+        assert exc.value.field == "progress"

@@ -269,3 +269,48 @@ def test_a_choice_that_is_not_a_string_is_one_input_error(kw):
         hm.EvalOptions(**kw)
     (name,) = kw
     assert exc.value.field == name and "must be a string" in exc.value.problem and "allowed:" in exc.value.fix
+
+
+# --- observed counts and the parts a policy runs on (found by an API review) ----------------------
+
+BAD_COUNTS = [
+    ("nan", lambda good: np.where(good == good.max(), np.nan, good), "finite and non-negative"),
+    ("inf", lambda good: np.where(good == good.max(), np.inf, good), "finite and non-negative"),
+    ("negative", lambda good: -good, "finite and non-negative"),
+    ("text", lambda good: np.full(good.shape, "a"), "must be numbers"),
+    ("two layers", lambda good: good[:2], "expected shape"),
+    ("four experts", lambda good: good[:, :4], "expected shape"),
+    ("a layer without tokens", lambda good: np.vstack([np.zeros((1, good.shape[1])), good[1:]]), "layer 0"),
+    ("no tokens", lambda good: np.zeros_like(good), "routes no tokens"),
+]
+
+
+@pytest.mark.parametrize("policy", ["static", "greedy", "hdmoe-prebroadcast", "eplb-periodic", "oracle"])
+@pytest.mark.parametrize("name,make,says", BAD_COUNTS, ids=[c[0] for c in BAD_COUNTS])
+def test_every_policy_refuses_counts_that_are_no_batch(case, policy, name, make, says):
+    """A NaN used to switch the greedy rebalancer off for good (it never left its average), counts
+    of the wrong shape reached numpy inside hdmoe-prebroadcast's decision, and eplb-periodic
+    re-planned from a batch of no tokens."""
+    P, plan = case
+    good = np.tile(np.array([40, 30, 20, 10, 10, 5, 5, 8.0]), (P.model.moe_layers, 1))
+    pol = make_policy(policy, plan, P.model, P.hardware, 64)
+    with pytest.raises(InputError, match=says) as exc:
+        pol.observe(make(good))
+    assert exc.value.field == "counts"
+    pol.observe(good)  # the policy still takes a real batch
+    assert pol.decide(1).placement.num_layers == P.model.moe_layers
+
+
+def test_the_rebalancer_and_prebroadcast_count_check_their_parts(case):
+    P, plan = case
+    small = hm.make_hardware("5/50", "2x2")
+    for args, field in (((None, P.model, P.hardware, 64), "plan"), ((plan, "mixtral", P.hardware, 64), "model"),
+                        ((plan, P.model, None, 64), "hw"), ((plan, P.model, small, 64), "plan")):
+        with pytest.raises(InputError) as exc:
+            hm.online.GreedyRebalancer(*args)
+        assert exc.value.field == field
+    opts = hm.EvalOptions()
+    for args, field in ((("m", P.hardware, 8, opts), "model"), ((P.model, None, 8, opts), "hw")):
+        with pytest.raises(InputError) as exc:
+            hm.online.prebroadcast_count(*args)
+        assert exc.value.field == field

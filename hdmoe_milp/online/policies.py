@@ -21,7 +21,7 @@ from ..solvers import BACKENDS, SolveParams
 from ..strategies.block_milp import MilpOptions, solve_layer
 from ..strategies.eplb import eplb_placement
 from ..workload import check_batch
-from .rebalancer import GreedyRebalancer, RebalancerConfig
+from .rebalancer import GreedyRebalancer, RebalancerConfig, check_counts, check_parts
 
 POLICIES = ("static", "greedy", "hdmoe-prebroadcast", "eplb-periodic", "oracle")
 
@@ -45,14 +45,19 @@ class Policy:
 
     def __init__(self, plan: Placement, model: MoEModel, hw: Hardware, batch: float,
                  options: EvalOptions | None = None) -> None:
-        self.plan, self.model, self.hw, self.batch = plan, model, hw, float(batch)
+        check_parts(plan, model, hw, options)
+        self.plan, self.model, self.hw, self.batch = plan, model, hw, float(check_batch(batch))
         self.options = options or EvalOptions()
 
     def decide(self, j: int) -> Decision:
         return Decision(self.plan)
 
-    def observe(self, counts: np.ndarray, workload=None) -> None:  # noqa: B027 - optional hook
-        pass
+    def counts(self, counts: object) -> np.ndarray:
+        """``counts`` checked (:func:`.rebalancer.check_counts`) for this policy's plan and model."""
+        return check_counts(counts, self.plan.num_layers, self.model.num_experts)
+
+    def observe(self, counts: np.ndarray, workload=None) -> None:
+        self.counts(counts)  # checked even where the policy does not use them
 
 
 class StaticPolicy(Policy):
@@ -88,6 +93,8 @@ def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: Eva
                        alpha_s: float = 1e-7) -> int:
     """HD-MoE's k: the most experts whose broadcast fits behind one layer's non-MoE time, from its
     alpha-beta bound t(k) = S*beta*k + 2*alpha*sqrt(D) + 2*sqrt(2*sqrt(D)*beta*k*alpha*S)."""
+    expect_instance("model", model, MoEModel, "use hm.get_model(name)")
+    expect_instance("hw", hw, Hardware, "use hm.make_hardware(point, mesh)")
     expect_instance("options", options, EvalOptions, "give hm.EvalOptions()")
     alpha_s = check_real("alpha_s", alpha_s, minimum=0.0)
     batch = check_batch(batch)
@@ -127,7 +134,7 @@ class HdmoePrebroadcast(Policy):
         self.pred_: np.ndarray | None = None
 
     def observe(self, counts: np.ndarray, workload=None) -> None:
-        self.pred_ = np.asarray(counts, dtype=float)
+        self.pred_ = self.counts(counts)
 
     def decide(self, j: int) -> Decision:
         if self.pred_ is None or self.k == 0:
@@ -199,7 +206,7 @@ class EplbPeriodic(Policy):
         self.hide_s = hide_time_s(model, hw, batch, self.options.mode, self.options.context_len)
 
     def observe(self, counts: np.ndarray, workload=None) -> None:
-        self.history.append(np.asarray(counts, dtype=float))
+        self.history.append(self.counts(counts))
         self.history = self.history[-self.window:]
 
     def decide(self, j: int) -> Decision:
@@ -280,17 +287,8 @@ def make_policy(name: str, plan: Placement, model: MoEModel, hw: Hardware, batch
     check_choice("policy", name, POLICIES)
     cls = {"static": StaticPolicy, "greedy": GreedyPolicy, "hdmoe-prebroadcast": HdmoePrebroadcast,
            "eplb-periodic": EplbPeriodic, "oracle": OraclePolicy}[name]
-    expect_instance("plan", plan, Placement, "use hm.place(problem, name) or hm.load_plan(path, problem)")
-    expect_instance("model", model, MoEModel, "use hm.get_model(name)")
-    expect_instance("hw", hw, Hardware, "use hm.make_hardware(point, mesh)")
-    expect_instance("options", options, EvalOptions, "give hm.EvalOptions(...) or leave it out", optional=True)
+    check_parts(plan, model, hw, options)
     check_batch(batch)
-    if plan.num_nodes != hw.num_nodes:
-        raise InputError("plan", f"is for {plan.num_nodes} nodes, the mesh has {hw.num_nodes}",
-                         "make the plan for this mesh")
-    if plan.num_experts != model.num_experts or plan.num_layers != model.moe_layers:
-        raise InputError("plan", f"has {plan.num_layers} layers of {plan.num_experts} experts, {model.name} "
-                         f"{model.moe_layers} of {model.num_experts}", "make the plan for this model")
     settings = [p for p in inspect.signature(cls.__init__).parameters if p not in _BUILT]
     for key in sorted(kw):
         if key not in settings:

@@ -91,6 +91,42 @@ _Q_SPLIT = np.array([1.0, 0.5, 0.25, 0.0])  # new copy's token share: equal spli
 _Q_MOVE = np.array([0.0, 0.0, 0.0, 1.0])  # ... or all of it (a move)
 
 
+def check_parts(plan: Placement, model: MoEModel, hw: Hardware, options: EvalOptions | None = None) -> None:
+    """One :class:`InputError` unless ``plan``, ``model`` and ``hw`` are the package's types and fit
+    each other (the plan's nodes are the mesh's, its layers and experts the model's)."""
+    expect_instance("plan", plan, Placement, "use hm.place(problem, name) or hm.load_plan(path, problem)")
+    expect_instance("model", model, MoEModel, "use hm.get_model(name)")
+    expect_instance("hw", hw, Hardware, "use hm.make_hardware(point, mesh)")
+    expect_instance("options", options, EvalOptions, "give hm.EvalOptions(...) or leave it out", optional=True)
+    if plan.num_nodes != hw.num_nodes:
+        raise InputError("plan", f"is for {plan.num_nodes} nodes, the mesh has {hw.num_nodes}",
+                         "make the plan for this mesh")
+    if plan.num_experts != model.num_experts or plan.num_layers != model.moe_layers:
+        raise InputError("plan", f"has {plan.num_layers} layers of {plan.num_experts} experts, {model.name} "
+                         f"{model.moe_layers} of {model.num_experts}", "make the plan for this model")
+
+
+def check_counts(counts: object, num_layers: int, num_experts: int) -> np.ndarray:
+    """One batch's observed token counts as a float array ``[num_layers, num_experts]``, or one
+    :class:`InputError` naming ``counts``: numbers, finite, non-negative, and every layer routing
+    some tokens (a batch routes each of its tokens through every layer)."""
+    try:
+        c = np.array(counts, dtype=float)
+    except (TypeError, ValueError):
+        raise InputError("counts", f"must be numbers, got {type(counts).__name__}",
+                         "give the batch's token counts per layer and expert") from None
+    if c.shape != (num_layers, num_experts):
+        raise InputError("counts", f"expected shape {(num_layers, num_experts)}, got {c.shape}",
+                         "give one count per MoE layer and expert")
+    if not np.all(np.isfinite(c)) or np.any(c < 0):
+        raise InputError("counts", "must be finite and non-negative", "give token counts (0, 1, 2, ...)")
+    empty = np.flatnonzero(c.sum(axis=1) == 0)
+    if empty.size:
+        raise InputError("counts", f"layer {int(empty[0])} routes no tokens",
+                         "give the counts of a batch with at least one token")
+    return c
+
+
 class GreedyRebalancer:
     """Holds the current placement of every layer and adjusts it batch by batch.
 
@@ -110,7 +146,7 @@ class GreedyRebalancer:
                  config: RebalancerConfig | None = None, options: EvalOptions | None = None) -> None:
         expect_instance("config", config, RebalancerConfig, "give hm.online.RebalancerConfig(...) or leave it out",
                         optional=True)
-        expect_instance("options", options, EvalOptions, "give hm.EvalOptions(...) or leave it out", optional=True)
+        check_parts(plan, model, hw, options)
         batch = check_batch(batch)
         self.model, self.hw, self.batch = model, hw, batch
         self.config = config or RebalancerConfig()
@@ -159,9 +195,7 @@ class GreedyRebalancer:
     # --- load estimate -------------------------------------------------------------------------
     def observe(self, counts: np.ndarray) -> None:
         """Feed observed token counts ``[layers, E]`` of one batch."""
-        c = np.asarray(counts, dtype=float)
-        if c.shape != (self.num_layers, self.model.num_experts):
-            raise InputError("counts", f"expected shape {(self.num_layers, self.model.num_experts)}, got {c.shape}")
+        c = check_counts(counts, self.num_layers, self.model.num_experts)
         self.seen_ += 1
         if self.config.estimator == "ema":
             b = self.config.ema_decay
