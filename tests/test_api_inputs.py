@@ -198,3 +198,17 @@ def test_progress_is_true_false_or_none(P, progress):
         with pytest.raises(InputError) as exc:
             call()
         assert exc.value.field == "progress"
+
+
+@pytest.mark.parametrize("name", sorted(hm.STRATEGIES))
+def test_registry_entries_check_their_arguments_when_called_directly(P, name):
+    """``hm.STRATEGIES[name](...)`` is public: a seed of None drew unseeded randomness in ``ep``,
+    and a bad seed, budget or problem reached numpy or an AttributeError."""
+    run = hm.STRATEGIES[name]
+    for kw, field in (({"seed": None}, "seed"), ({"seed": -1}, "seed"), ({"seed": 0, "budget": {}}, "budget")):
+        with pytest.raises(InputError) as exc:
+            run(P, **kw)
+        assert exc.value.field == field
+    with pytest.raises(InputError) as exc:
+        run(None, seed=0)
+    assert exc.value.field == "problem"

@@ -103,10 +103,22 @@ def test_ep_structure():
     assert cnt.sum() == 32 and cnt[0] == cnt.max() and cnt.min() >= 1
 
 
+def _capped(p: np.ndarray, k: int) -> np.ndarray:
+    """Shares ``p`` as top-k frequencies: ``k·p`` with every expert capped at 1 (a token picks an
+    expert at most once), the excess spread over the others in proportion."""
+    f = p * k
+    while f.max() > 1 + 1e-12:
+        over = f > 1
+        excess = float((f[over] - 1).sum())
+        f[over] = 1.0
+        f[~over] += excess * f[~over] / f[~over].sum()
+    return f
+
+
 def test_lpt_balances_better_than_random_ep():
     hw = make_hardware("5/50", "4x8")
     ds = get_model("deepseek-v2-lite")
-    f = np.random.default_rng(2).dirichlet(np.ones(64) * 0.3, size=ds.moe_layers) * 6
+    f = np.array([_capped(p, 6) for p in np.random.default_rng(2).dirichlet(np.ones(64) * 0.3, ds.moe_layers)])
     rand = build("ep", ds, hw, f, seed=0)
     lpt = build("ep-lpt", ds, hw, f)
     for li in range(ds.moe_layers):

@@ -12,6 +12,7 @@ name from those alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -36,26 +37,44 @@ class Strategy(Protocol):
     def __call__(self, problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement: ...
 
 
+def _checked(fn: Strategy) -> Strategy:
+    """The registry's entries check their arguments themselves, so a direct call
+    (``STRATEGIES["ep"](problem, seed=...)``) is refused as :func:`place` would refuse it: a seed
+    must be a whole number (``None`` would draw unseeded randomness)."""
+    @functools.wraps(fn)
+    def run(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
+        expect_instance("problem", problem, Problem, "use hm.load_instance(path) or hm.Problem(...)")
+        expect_instance("budget", budget, Budget, "use hm.Budget(...)", optional=True)
+        return fn(problem, seed=check_seed(seed), budget=budget)
+    return run
+
+
+@_checked
 def _tp(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
     return tensor_parallel(problem.model, problem.hardware, problem.frequencies, seed=seed)
 
 
+@_checked
 def _ep(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
     return expert_parallel(problem.model, problem.hardware, problem.frequencies, seed=seed)
 
 
+@_checked
 def _ep_lpt(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
     return expert_parallel_lpt(problem.model, problem.hardware, problem.frequencies, seed=seed)
 
 
+@_checked
 def _cb(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
     return compute_balanced(problem.model, problem.hardware, problem.frequencies, seed=seed)
 
 
+@_checked
 def _eplb(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
     return eplb_placement(problem.model, problem.hardware, problem.frequencies, seed=seed)
 
 
+@_checked
 def _hdmoe(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
     b = budget or Budget()
     kw = {} if b.work_limit is None else {"work_limit": b.work_limit}
@@ -64,6 +83,7 @@ def _hdmoe(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> 
                            backend=b.backend, **kw)
 
 
+@_checked
 def _milp(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
     b = budget or Budget()
     params = SolveParams(time_limit_s=b.time_limit_s, threads=b.threads, seed=seed, gap=b.gap)
