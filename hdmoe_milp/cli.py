@@ -316,7 +316,7 @@ def _solve(args: argparse.Namespace) -> int:
                 else f"instance {Path(args.instance).name} {_FILE_KEYS['--mesh'][1]}")
         raise as_written(exc, {**_SOLVE_FLAGS, "mesh": mesh}) from None
     if args.out:
-        res.save(args.out)
+        res.save(args.out, field="--out")
     layers = []
     for r in res.layers:
         d = r.to_dict()

@@ -290,7 +290,7 @@ def _save(fig: Any, figdir: Path, name: str) -> list[str]:
     out = []
     for ext in ("png", "svg"):
         p = figdir / f"{name}.{ext}"
-        rp.save_figure(fig, p)
+        rp.save_figure(fig, p, field="--out")
         out.append(p.name)
     return out
 
@@ -409,7 +409,7 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
             figs.append((f"{what} ({k['model']}, {k['hw']}, {k['mesh']})", stem))
         plans = out / "plans"
         plans.mkdir(exist_ok=True)
-        det["placements"][OURS].save(plans / f"{_slug(k['model'], k['hw'], k['mesh'])}_ours.json")
+        det["placements"][OURS].save(plans / f"{_slug(k['model'], k['hw'], k['mesh'])}_ours.json", field="--out")
     if len(g.online):
         for (model, hw, mesh), f in g.online.groupby(["model", "hw", "mesh"], sort=False):
             reps = {p: grp for p, grp in f.groupby("policy", sort=False)}

@@ -51,7 +51,8 @@ def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, fie
     if p.exists() and not p.is_file():  # a device, a socket, a pipe: a rename would replace it
         raise InputError(field, f"{p} is not a regular file", "give the path of a file")
     if not force and (p.exists() or p.is_symlink()):
-        raise InputError(field, f"{p} already exists", "pass --force to overwrite it, or write elsewhere")
+        how = "pass --force" if field.startswith("--") else "pass force=True"
+        raise InputError(field, f"{p} already exists", f"{how} to overwrite it, or write elsewhere")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     except OSError as exc:
@@ -302,10 +303,11 @@ class Placement:
                              "(one per node)", "write the plan again with Placement.save, or correct num_nodes")
         return plan
 
-    def save(self, path: str | Path, *, force: bool = True, field: str = "out") -> None:
+    def save(self, path: str | Path, *, force: bool = True, field: str = "path") -> None:
         """Write the placement as JSON atomically: a temporary file in the same folder, fsync, then
         rename, so an interrupted write never leaves a partial file nor destroys the previous one.
-        ``force=False`` refuses to replace an existing file."""
+        ``force=False`` refuses to replace an existing file. ``field``: the name errors give ``path``
+        (the CLI passes its flag)."""
         try:
             text = json.dumps(self.to_dict())
         except (TypeError, ValueError) as exc:  # meta the caller filled with objects JSON cannot hold

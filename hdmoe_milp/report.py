@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrow, Rectangle
 
+from .errors import InputError, expect_path
 from .evaluator import Evaluation
 from .hardware import Mesh
 from .placement import Placement, write_atomic
@@ -41,11 +42,15 @@ _LINE_GREYS = ("0.0", "0.4", "0.6", "0.25", "0.5")
 _LOAD_CMAP = "viridis"  # luminance rises monotonically: readable in greyscale
 
 
-def save_figure(fig: Figure, path: str | Path, *, field: str = "out") -> None:
+def save_figure(fig: Figure, path: str | Path, *, field: str = "path") -> None:
     """Write ``fig`` to ``path`` atomically (:func:`placement.write_atomic`) in the format its suffix
     names, at 110 dpi; SVGs carry no date, so the same figure gives the same bytes."""
-    p = Path(path)
+    p = expect_path(field, path)
     fmt = p.suffix.lstrip(".").lower()
+    kinds = fig.canvas.get_supported_filetypes()
+    if fmt not in kinds:
+        raise InputError(field, f"{p.name} has no suffix" if not fmt else f"{p.name}: .{fmt} is no figure format",
+                         "end the name in one of " + ", ".join(f".{k}" for k in sorted(kinds)))
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
     write_atomic(p, buf.getvalue(), field=field)

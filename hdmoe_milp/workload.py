@@ -111,10 +111,15 @@ class Trace:
 
     def coactivation(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Distinct sorted expert sets of a layer and their frequencies f_g (summing to 1)."""
+        layer = expect_int("layer", layer, minimum=0, maximum=len(self.layers) - 1, why="MoE layers of the trace")
         uniq, counts = np.unique(np.sort(self.layers[layer], axis=1), axis=0, return_counts=True)
         return uniq, counts / counts.sum()
 
     def slice_tokens(self, start: int, stop: int, name: str | None = None) -> Trace:
+        """Tokens ``start`` (inclusive) to ``stop`` (exclusive) of every layer, as a trace."""
+        n = self.num_tokens()
+        start = expect_int("start", start, minimum=0, maximum=max(n - 1, 0), why="token index")
+        stop = expect_int("stop", stop, minimum=start + 1, maximum=n, why="token index past the last one kept")
         return Trace(tuple(a[start:stop] for a in self.layers), self.num_experts, self.top_k, name or self.name)
 
 
@@ -270,6 +275,27 @@ class Workload:
     top_k: int
     batch_size: float
     kind: str
+
+    def __post_init__(self) -> None:
+        E = expect_int("workload.num_experts", self.num_experts, minimum=1, maximum=MAX_EXPERTS,
+                       why="experts per layer")
+        k = expect_int("workload.top_k", self.top_k, minimum=1, maximum=E, why="experts per token")
+        check_real("workload.batch_size", self.batch_size, positive=True)
+        check_choice("workload.kind", self.kind, ("observed", "expected"))
+        if not isinstance(self.layers, tuple) or not all(isinstance(lr, LayerRouting) for lr in self.layers):
+            raise InputError("workload.layers", "must be a tuple of LayerRouting, one per MoE layer",
+                             "build it with hm.expected_workload or hm.sample_batch")
+        for li, lr in enumerate(self.layers):
+            ids, w = np.asarray(lr.experts), np.asarray(lr.weight)
+            where = f"workload.layers[{li}]"
+            if ids.ndim != 2 or ids.shape[1] != k or not np.issubdtype(ids.dtype, np.integer):
+                raise InputError(f"{where}.experts", f"must be whole expert ids of shape [flows, {k}], got "
+                                 f"{ids.dtype} {ids.shape}", "one row of top-k expert ids per flow")
+            if ids.size and (ids.min() < 0 or ids.max() >= E):
+                raise InputError(f"{where}.experts", f"ids must lie in 0..{E - 1}", "use ids of this model's experts")
+            if w.shape != (ids.shape[0],) or not np.all(np.isfinite(w)) or np.any(w < 0):
+                raise InputError(f"{where}.weight", "must be finite, non-negative and one per flow",
+                                 "give each flow's tokens")
 
     @property
     def num_layers(self) -> int:

@@ -212,3 +212,37 @@ def test_registry_entries_check_their_arguments_when_called_directly(P, name):
     with pytest.raises(InputError) as exc:
         run(None, seed=0)
     assert exc.value.field == "problem"
+
+
+def test_trace_methods_name_their_arguments(P):
+    tr = P.trace
+    for call, field in ((lambda: tr.coactivation(99), "layer"), (lambda: tr.coactivation("a"), "layer"),
+                        (lambda: tr.slice_tokens(1.5, 3), "start"), (lambda: tr.slice_tokens("a", 2), "start"),
+                        (lambda: tr.slice_tokens(5, 2), "stop"), (lambda: tr.slice_tokens(0, 10**9), "stop")):
+        with pytest.raises(InputError) as exc:
+            call()
+        assert exc.value.field == field
+    part = tr.slice_tokens(2, 5)
+    assert part.num_tokens() == 3 and np.array_equal(part.layers[0], tr.layers[0][2:5])
+    ids, fg = tr.coactivation(np.int64(1))
+    assert fg.sum() == pytest.approx(1.0) and ids.shape[1] == P.model.top_k
+
+
+def test_a_hand_built_workload_is_checked():
+    """``hm.Workload`` is public: a negative flow weight used to give a number, an id past the
+    model's a numpy error deep in the evaluator."""
+    from hdmoe_milp.workload import LayerRouting
+    ok = LayerRouting(np.array([[0, 1]]), np.array([3.0]))
+    for args, field in ((((), -1, 0, float("nan"), "foo"), "workload.num_experts"),
+                        (((ok,), 8, 2, 1.0, "seen"), "workload.kind"),
+                        (((ok,), 8, 9, 1.0, "observed"), "workload.top_k"),
+                        (((ok,), 8, 2, float("nan"), "observed"), "workload.batch_size"),
+                        (((LayerRouting(np.array([[0, 99]]), np.array([3.0])),), 8, 2, 1.0, "observed"),
+                         "workload.layers[0].experts"),
+                        (((LayerRouting(np.array([[0, 1]]), np.array([-5.0])),), 8, 2, 1.0, "observed"),
+                         "workload.layers[0].weight"),
+                        ((([ok],), 8, 2, 1.0, "observed"), "workload.layers")):
+        with pytest.raises(InputError) as exc:
+            hm.Workload(*args)
+        assert exc.value.field == field
+    assert hm.Workload((ok,), 8, 2, 3.0, "observed").expert_loads()[0, :2].tolist() == [3.0, 3.0]
