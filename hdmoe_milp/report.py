@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrow, Rectangle
 
-from .errors import InputError, expect_path
+from .errors import InputError, check_choice, expect_instance, expect_int, expect_path
 from .evaluator import Evaluation
 from .hardware import Mesh
 from .placement import Placement, write_atomic
@@ -101,6 +101,31 @@ def _one(df: pd.DataFrame, col: str) -> Any:
     return vals[0] if len(vals) == 1 else None
 
 
+def _table(field: str, df: Any, columns: Sequence[str],
+           source: str = "results.csv as read by pandas, or PlanResult.to_frame()") -> pd.DataFrame:
+    """``df`` if it is a non-empty DataFrame with ``columns``, else one InputError naming ``field``."""
+    if not isinstance(df, pd.DataFrame):
+        raise InputError(field, f"must be a pandas DataFrame, got {type(df).__name__}",
+                         f"pass {source}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(field, f"lacks the column(s) {missing}", f"pass {source}")
+    if df.empty:
+        raise InputError(field, "has no rows", "pass a table with at least one row")
+    return df
+
+
+def _layer(layer: Any, num_layers: int) -> int:
+    return expect_int("layer", layer, minimum=0, maximum=num_layers - 1, why="MoE layers")
+
+
+def _evals(evals: Any) -> list[str]:
+    if not isinstance(evals, Mapping) or not evals or not all(isinstance(e, Evaluation) for e in evals.values()):
+        raise InputError("evals", "must be a non-empty mapping of names to Evaluations",
+                         "e.g. {'tp': hm.evaluate(problem, 'tp')}")
+    return list(evals)
+
+
 # --- tables -------------------------------------------------------------------------------------
 
 
@@ -130,11 +155,13 @@ def speedup_table(df: pd.DataFrame, ours: str = "plan", by: Sequence[str] = ("mo
     """Speedup of ``ours`` over each baseline (baseline TBT / our TBT at the same point), with
     mean, min and max over the points (meshes, batches) of every ``by`` group. ``df``: tidy rows
     with ``strategy`` and ``tbt_us``; points are told apart by every other settings column."""
+    _table("df", df, ("strategy", "tbt_us"))
     d = df if part is None or "part" not in df.columns else df[df["part"] == part]
     point_cols = [c for c in ("model", "mesh", "hw", "mode", "batch") if c in d.columns]
     wide = d.pivot_table(index=point_cols, columns="strategy", values="tbt_us", aggfunc="first")
     if ours not in wide.columns:
-        raise KeyError(f"no rows for strategy {ours!r}")
+        raise InputError("ours", f"no rows with a TBT for strategy {ours!r}",
+                         "name a strategy of the table: " + ", ".join(map(str, wide.columns)))
     bases = strategy_order([c for c in wide.columns if c != ours])
     sp = wide[bases].div(wide[ours], axis=0).reset_index()
     rows = []
@@ -160,6 +187,7 @@ def fig_tbt_normalised(df: pd.DataFrame, *, batch: float | None = None, mesh: st
     """Grouped bars: TBT / TBT(TP) per strategy (one bar each) for every model x hardware point
     (one group each). ``df``: tidy rows (``model, hw, mesh, batch, strategy, tbt_us``). ``batch``,
     ``mesh``: which slice (default: the largest batch, the first mesh). Lower is better."""
+    _table("df", df, ("model", "hw", "batch", "strategy", "tbt_us"))
     d = df[df["part"] == "static"] if "part" in df.columns else df
     if mesh is None and "mesh" in d.columns:
         mesh = sorted(d["mesh"].unique())[0]
@@ -167,8 +195,16 @@ def fig_tbt_normalised(df: pd.DataFrame, *, batch: float | None = None, mesh: st
         d = d[d["mesh"] == mesh]
     batch = float(d["batch"].max()) if batch is None else float(batch)
     d = d[d["batch"] == batch]
+    if d.empty:
+        raise InputError("batch", f"no rows at mesh {mesh}, batch {batch:g}",
+                         "choose a mesh and batch the table holds")
     wide = d.pivot_table(index=["model", "hw"], columns="strategy", values="tbt_us", aggfunc="first")
     names = strategy_order(list(strategies) if strategies is not None else list(wide.columns))
+    unknown = [n for n in ["tp", *names] if n not in wide.columns]
+    if unknown:
+        raise InputError("strategies" if strategies is not None and "tp" not in unknown else "df",
+                         f"no rows for {unknown} at this slice (TP is the reference)",
+                         "pass a table with tp's rows, and strategies it holds")
     norm = wide[names].div(wide["tp"], axis=0)
     fig = Figure(figsize=(max(6.0, 1.0 + 0.35 * len(names) * len(norm)), 4.2))
     ax = fig.add_subplot()
@@ -196,6 +232,9 @@ def fig_decomposition(df: pd.DataFrame, *, title: str = "") -> Figure:
     """Stacked bars per strategy (rows of ``df``, in the report's order): MoE compute, dispatch,
     combine and non-MoE time in us, summed over layers. ``df``: one point (e.g. :func:`plan_frame`
     or a slice of ``results.csv``); the ablation is the same picture over ``tp, ep, hdmoe, plan``."""
+    _table("df", df, ("strategy", "moe_compute_us", "dispatch_us", "combine_us", "non_moe_us"))
+    if df["strategy"].duplicated().any():
+        raise InputError("df", "holds a strategy twice", "pass one point (one row per strategy)")
     d = df.set_index("strategy")
     names = strategy_order(list(d.index))
     fig = Figure(figsize=(max(5.0, 0.8 * len(names) + 2), 4.2))
@@ -220,8 +259,9 @@ def fig_decomposition(df: pd.DataFrame, *, title: str = "") -> Figure:
 def fig_node_load(evals: Mapping[str, Evaluation], layer: int = 0, *, settings: str = "") -> Figure:
     """Per-node MoE compute time (us) of one layer: grouped bars (one per placement) per node; a
     dotted line marks each placement's maximum (the layer's compute time)."""
-    names = list(evals)
+    names = _evals(evals)
     D = next(iter(evals.values())).node_time_s.shape[1]
+    layer = _layer(layer, next(iter(evals.values())).node_time_s.shape[0])
     fig = Figure(figsize=(min(12.0, max(6.0, 0.25 * D * len(names) + 1.5)), 4.0))
     ax = fig.add_subplot()
     x = np.arange(D)
@@ -264,7 +304,14 @@ def fig_link_load(evals: Mapping[str, Evaluation], mesh: Mesh, layer: int = 0, *
     carries (``phase``: ``dispatch``, ``combine`` or ``both``), on one colour scale for all panels."""
     import matplotlib as mpl
 
-    names = list(evals)
+    names = _evals(evals)
+    expect_instance("mesh", mesh, Mesh, "give hm.Mesh(rows, cols), the mesh the evaluations were made on")
+    check_choice("phase", phase, ("dispatch", "combine", "both"))
+    first = next(iter(evals.values()))
+    if first.link_bytes_dispatch.shape[-1] != mesh.num_links:
+        raise InputError("mesh", f"{mesh.name} has {mesh.num_links} links, the evaluations "
+                         f"{first.link_bytes_dispatch.shape[-1]}", "give the mesh the evaluations were made on")
+    layer = _layer(layer, first.link_bytes_dispatch.shape[0])
 
     def load(ev: Evaluation) -> np.ndarray:
         parts = {"dispatch": (ev.link_bytes_dispatch,), "combine": (ev.link_bytes_combine,),
@@ -307,7 +354,12 @@ def fig_placement_map(placement: Placement, mesh: Mesh, layer: int = 0, *, setti
     listed once per copy); cells are shaded by the weight volume they hold (in experts)."""
     import matplotlib as mpl
 
-    lp = placement.layers[layer]
+    expect_instance("placement", placement, Placement, "give a Placement, e.g. hm.place(problem, 'cb')")
+    expect_instance("mesh", mesh, Mesh, "give hm.Mesh(rows, cols), the mesh the placement was made for")
+    if placement.num_nodes != mesh.num_nodes:
+        raise InputError("mesh", f"{mesh.name} has {mesh.num_nodes} nodes, the placement {placement.num_nodes}",
+                         "give the mesh the placement was made for")
+    lp = placement.layers[_layer(layer, placement.num_layers)]
     vol = lp.weight_copies_per_node()
     cmap = mpl.colormaps["Greys"]
     norm = mpl.colors.Normalize(0.0, max(float(vol.max()), 1e-9) * 2.5)  # keep text readable on dark cells
@@ -342,6 +394,7 @@ def fig_placement_map(placement: Placement, mesh: Mesh, layer: int = 0, *, setti
 def fig_solver(layer_table: pd.DataFrame, *, settings: str = "") -> Figure:
     """The MILP per layer: relative gap (%) and solve time (s), as bars on two panels sharing the
     layer axis. ``layer_table``: :meth:`PlanResult.layer_table` (``layer, gap, time_s``)."""
+    _table("layer_table", layer_table, ("layer", "gap", "time_s"), "PlanResult.layer_table() or solver.csv")
     fig = Figure(figsize=(max(6.0, 0.2 * len(layer_table) + 2), 4.6))
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     x = layer_table["layer"].to_numpy()

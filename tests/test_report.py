@@ -393,3 +393,37 @@ def test_grid_spec_is_checked_before_any_work(change, field, tmp_path):
         grid.run_grid(spec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert grid.check_spec(grid.PRESETS["full"]) is grid.PRESETS["full"]
+
+
+def test_figure_and_table_functions_refuse_what_they_cannot_draw():
+    """Called from Python with an empty table, a missing column, a layer or mesh the data does not
+    have, each figure and table function raises one InputError naming its argument (they used to
+    raise KeyError, IndexError or StopIteration, or draw 2 of 16 nodes for a wrong mesh)."""
+    P = hm.load_instance(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml")
+    res = hm.compare(P, ["tp", "cb"])
+    pf, evs, mesh = rp.plan_frame(res), res.evaluations, P.hardware.mesh
+    tp = hm.place(P, "tp")
+    cases = [
+        (lambda: rp.speedup_table(pd.DataFrame()), "df"),
+        (lambda: rp.speedup_table(pf, ours="zzz"), "ours"),
+        (lambda: rp.fig_tbt_normalised(pf.drop(columns=["batch"])), "df"),
+        (lambda: rp.fig_tbt_normalised(pf, batch=7), "batch"),
+        (lambda: rp.fig_tbt_normalised(pf, strategies=["zz"]), "strategies"),
+        (lambda: rp.fig_tbt_normalised(pf[pf.strategy != "tp"]), "df"),
+        (lambda: rp.fig_decomposition(pd.concat([pf, pf])), "df"),
+        (lambda: rp.fig_solver(pd.DataFrame()), "layer_table"),
+        (lambda: rp.fig_node_load({}), "evals"),
+        (lambda: rp.fig_node_load(evs, layer=-1), "layer"),
+        (lambda: rp.fig_link_load(evs, mesh, phase="x"), "phase"),
+        (lambda: rp.fig_link_load(evs, hm.Mesh(2, 2)), "mesh"),
+        (lambda: rp.fig_placement_map(tp, hm.Mesh(1, 2)), "mesh"),
+        (lambda: rp.fig_placement_map(tp, mesh, layer=99), "layer"),
+        (lambda: rp.save_figure(Figure(), "figure"), "path"),
+    ]
+    for call, field in cases:
+        with pytest.raises(hm.InputError) as exc:
+            call()
+        assert exc.value.field == field
+    for fig in (rp.fig_tbt_normalised(pf), rp.fig_decomposition(pf), rp.fig_node_load(evs, layer=1),
+                rp.fig_link_load(evs, mesh, layer=1), rp.fig_placement_map(tp, mesh, layer=1)):
+        assert isinstance(fig, Figure)
