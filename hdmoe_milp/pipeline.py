@@ -505,8 +505,11 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     tr = trace if trace is not None else problem.trace
     if tr is None:
         raise InputError("trace", "is needed to replay", "give a trace or a problem built from one")
-    if tr.num_layers != plan.num_layers:
-        raise InputError("trace", f"has {tr.num_layers} layers, the plan {plan.num_layers}")
+    m = problem.model
+    if tr.num_experts != m.num_experts or tr.top_k != m.top_k or tr.num_layers != m.moe_layers:
+        raise InputError("trace", f"routes top-{tr.top_k} of {tr.num_experts} experts in {tr.num_layers} layers, "
+                         f"{m.name} top-{m.top_k} of {m.num_experts} in {m.moe_layers}",
+                         f"give a trace of {m.name}: hm.load_trace(path, {m.num_experts}, {m.top_k})")
     batch = expect_int("batch", batch, minimum=1, why="tokens per batch")
     batches = expect_int("batches", batches, minimum=1, maximum=MAX_BATCHES, why="batches to replay")
     check_choice("batching", batching, ("random", "contiguous"))

@@ -314,3 +314,12 @@ def test_the_rebalancer_and_prebroadcast_count_check_their_parts(case):
         with pytest.raises(InputError) as exc:
             hm.online.prebroadcast_count(*args)
         assert exc.value.field == field
+
+
+def test_replay_of_another_models_trace_names_both_and_the_fix(case):
+    P, plan = case
+    ds = load_trace(Path(__file__).resolve().parents[1] / "instances" / "traces" / "deepseek_v2_lite_law_4k.npz", 64, 6)
+    for tr in (ds, Trace(P.trace.layers[:1], 8, 2)):
+        with pytest.raises(InputError, match="give a trace of mixtral-8x7b") as exc:
+            hm.replay(P, plan, tr, batches=1, batch=8, progress=False)
+        assert exc.value.field == "trace" and f"in {tr.num_layers} layers" in str(exc.value)
