@@ -417,6 +417,15 @@ def fig_online(replays: Mapping[str, Any], *, settings: str = "") -> Figure:
     policies over one replay; one line per policy (distinct marker and dash), and the batches where a
     policy moved weights marked with a large hollow marker. ``replays``: ``{policy: ReplayResult}``
     or ``{policy: DataFrame}`` with ``batch, latency_us, actions``."""
+    if not isinstance(replays, Mapping) or not replays:
+        raise InputError("replays", "must be a non-empty mapping of policy names to replays",
+                         "e.g. {'greedy': hm.replay(problem, plan, policy='greedy')}")
+    for name, r in replays.items():
+        if not isinstance(r, pd.DataFrame) and not hasattr(r, "to_frame"):
+            raise InputError(f"replays[{name!r}]", f"must be a ReplayResult or a DataFrame, got {type(r).__name__}",
+                             "give hm.replay(...)'s result")
+        _table(f"replays[{name!r}]", r if isinstance(r, pd.DataFrame) else r.to_frame(),
+               ("batch", "latency_us", "actions"), "hm.replay(...)'s result or online.csv's rows of one policy")
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.add_subplot()
     dashes = ("-", "--", "-.", ":")
@@ -559,10 +568,16 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
       solver's rounding) and the solver's bound on that model objective, not the evaluator's numbers.
       Solver bounds far below the certified bound are left off the axis (their count is noted).
     """
-    pts = [(float(p[0]), None if p[1] is None else float(p[1]), None if p[2] is None else float(p[2]), str(p[3]))
-           for p in trace]
+    try:
+        pts = [(float(p[0]), None if p[1] is None else float(p[1]), None if p[2] is None else float(p[2]),
+                str(p[3])) for p in trace]
+    except (TypeError, ValueError, IndexError):
+        raise InputError("trace", "must be points (time_s, primal_s, bound_s, what)",
+                         "give LayerSolveResult.trace or a plan file's meta.layers[i].trace") from None
     if not pts:
-        raise ValueError("empty trace: the layer recorded no progress")
+        raise InputError("trace", "is empty: the layer recorded no progress", "give a solved layer's trace")
+    if not all(np.isfinite(p[0]) and p[0] >= 0 for p in pts):
+        raise InputError("trace", "holds a time that is not a finite number >= 0", "give a solved layer's trace")
     t_min = max(min(p[0] for p in pts), 1e-4)
 
     def series(col: int, best: Any, keep: Any) -> tuple[np.ndarray, np.ndarray]:
