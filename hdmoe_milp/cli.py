@@ -121,11 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--time-limit", type=float, default=2.0,
                     help="wall seconds per layer when --plan-strategy solves a MILP (milp; hdmoe with cbc or highs; "
                     "default 2)")
-    rp.add_argument("--batch", type=int, default=512, help="tokens per batch (default 512)")
+    rp.add_argument("--batch", type=int, help="tokens per batch (default: the instance's [workload].batch, else 512)")
     rp.add_argument("--policy", default="all", help="static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle, "
                     "a comma-separated list, or all (default; all but oracle)")
     rp.add_argument("--batches", type=int, default=50, help="batches to replay (default 50)")
-    rp.add_argument("--batching", help="contiguous (default) or random")
+    rp.add_argument("--batching", help="contiguous or random (default: the instance's [workload].batching if one "
+                    "of these, else contiguous)")
     rp.add_argument("--replica-rule", "--dispatch", dest="replica_rule", default="balanced",
                     help="which copy of a replicated expert serves a token: balanced (default: this batch's "
                     "tokens levelled over the copies, tokens prefer copies on nodes they touch), affinity (the "
@@ -361,18 +362,35 @@ def _replay(args: argparse.Namespace) -> int:
                          "give 'all' alone, or a list of policies")
     for n in names:
         pl.check_choice("--policy", n, pl.POLICIES)
+    batch_field = "--batch"
+    if args.batch is None:  # the instance's batch is the replay's unless --batch says otherwise
+        written = pl.read_settings(args.instance) if args.instance else None
+        if written is not None and "[workload].batch" in written.given:
+            batch_field = f"instance {Path(args.instance).name} [workload].batch"
+            if written.batch != int(written.batch):
+                raise InputError(batch_field, f"replays whole tokens per batch, got {written.batch:g}",
+                                 "give --batch N for the replay, or a whole number in the file")
+            args.batch = int(written.batch)
+        else:
+            args.batch = 512
     s = _settings(args, args.plan)
-    problem = _to_problem(args, s, args.plan)
+    try:
+        problem = _to_problem(args, s, args.plan)
+    except InputError as exc:
+        if exc.field != "--batch" or batch_field == "--batch":
+            raise
+        raise InputError(batch_field, exc.problem, exc.fix) from None
     if len(set(names)) != len(names):
         raise InputError("--policy", f"lists a policy twice: {args.policy}", "name each policy once")
     pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
-    batching = args.batching or "contiguous"
+    from_file = args.instance is not None and args.batching is None and s.batching in ("random", "contiguous")
+    batching = args.batching or (s.batching if from_file else "contiguous")
     pl.check_choice("--batching", batching, ("random", "contiguous"))
-    for flag, v in (("--batch", args.batch), ("--batches", args.batches)):
+    for flag, v in ((batch_field, args.batch), ("--batches", args.batches)):
         if v < 1:
             raise InputError(flag, f"must be >= 1, got {v}", f"e.g. {flag} 64")
-    problem.check_memory("--batch", args.batch)
-    pl.check_window("--batch", args.batch, batching, problem.trace, "lower --batch or use --batching random")
+    problem.check_memory(batch_field, args.batch)
+    pl.check_window(batch_field, args.batch, batching, problem.trace, "lower --batch or use --batching random")
     if args.plan:
         plan = pl.load_plan(args.plan, problem)
     else:
@@ -393,7 +411,8 @@ def _replay(args: argparse.Namespace) -> int:
     trace = s.trace or problem.trace.name
     if args.json:
         print(json.dumps({"model": problem.model.name, "hw": s.hw, "mesh": problem.mesh_name, "batch": args.batch,
-                          "plan": args.plan or f"{args.plan_strategy}", "trace": trace, "results": rows}, indent=2))
+                          "batching": batching, "plan": args.plan or f"{args.plan_strategy}", "trace": trace,
+                          "results": rows}, indent=2))
         return 0
     print(f"model={problem.model.name} hw={s.hw} mesh={problem.mesh_name} batch={args.batch} "
           f"batches={args.batches} batching={batching} trace={trace}")

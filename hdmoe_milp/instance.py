@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ class Settings:
     dram_capacity_gb: float | None = None
     dram_bw_gbps: float = 625.0
     hop_latency_ns: float = 0.0
+    # keys the instance file wrote, as "[section].key" (a default and a written value look alike)
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def to_problem(self, model_field: str = "--model") -> Problem:
         """The validated Problem of these settings (the trace is read here). ``model_field``: how an
@@ -271,4 +273,5 @@ def read_settings(path: str | Path) -> Settings:
         delivery=ev.get("delivery"), home=ev.get("home"), context_len=ev.get("context_len", 1024),
         dram_capacity_gb=hw.get("dram_capacity_gb"), dram_bw_gbps=hw.get("dram_bw_gbps", 625.0),
         hop_latency_ns=hw.get("hop_latency_ns", 0.0),
+        given=frozenset(f"[{sec}].{key}" for sec in _SECTIONS for key in data.get(sec, {})),
     )

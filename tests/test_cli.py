@@ -125,6 +125,38 @@ def test_replay_json_and_bad_policy(capsys):
     assert "dispatch" in capsys.readouterr().err
 
 
+def test_replay_takes_batch_and_batching_from_the_instance(tmp_path, capsys):
+    """replay --instance replays the file's [workload].batch and batching (it replayed 512 contiguous
+    tokens whatever the file said); flags still override, and a fractional batch names the key."""
+    trace = (TRACES / "mixtral_writing_4k.json.gz").resolve()
+
+    def instance(workload: str) -> str:
+        p = tmp_path / "x.toml"
+        p.write_text(f'[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "2.5/75"\nmesh = "2x2"\n'
+                     f'[workload]\ntrace = "{trace}"\n{workload}\n')
+        return str(p)
+
+    run = ["replay", "--batches", "2", "--policy", "static", "--plan-strategy", "ep", "--json"]
+    assert main([*run, "--instance", instance('batch = 48\nbatching = "random"')]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["batch"], d["batching"], d["results"][0]["tokens"]) == (48, "random", 96)
+    assert main([*run, "--instance", instance('batch = 48\nbatching = "random"'), "--batch", "16",
+                 "--batching", "contiguous"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["batch"], d["batching"], d["results"][0]["tokens"]) == (16, "contiguous", 32)
+    assert main([*run, "--instance", instance("batch = 40")]) == 0  # expected batching: replayed contiguous
+    d = json.loads(capsys.readouterr().out)
+    assert (d["batch"], d["batching"]) == (40, "contiguous")
+    assert main([*run, "--instance", instance("seed = 1")]) == 0  # no batch written: the default
+    assert json.loads(capsys.readouterr().out)["batch"] == 512
+    assert main([*run, "--instance", instance("batch = 40.5")]) == 2
+    err = capsys.readouterr().err
+    assert "x.toml [workload].batch" in err and "40.5" in err and "Traceback" not in err
+    assert main([*run, "--instance", instance('batch = 9000\nbatching = "contiguous"')]) == 2
+    err = capsys.readouterr().err
+    assert "x.toml [workload].batch" in err and "longer than the trace" in err
+
+
 def test_every_backend_the_help_names_is_accepted(capsys):
     """``--backend scip`` was refused by a list that predated the SCIP backend; every registered
     backend must get through the CLI (or say how to install it)."""
