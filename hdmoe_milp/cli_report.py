@@ -442,7 +442,8 @@ def _bound_trace(path: Path, layer: int) -> Any:
     """The primal/bound figure of ``layer`` from a plan file's ``meta.layers`` (no re-solve)."""
     meta = Placement.load(path).meta
     layers = meta.get("layers") if isinstance(meta.get("layers"), list) else []
-    rec = next((r for r in layers if isinstance(r, dict) and r.get("layer") == layer), None)
+    idx = next((i for i, r in enumerate(layers) if isinstance(r, dict) and r.get("layer") == layer), None)
+    rec = None if idx is None else layers[idx]
     if rec is None:
         if layers:
             raise InputError("--layer", f"{path} records no layer {layer}", f"give one of 0..{len(layers) - 1}")
@@ -460,12 +461,24 @@ def _bound_trace(path: Path, layer: int) -> Any:
     except (TypeError, ValueError):
         raise InputError("plot", f"layer {layer} of {path}: the trace is not a list of "
                          "[time_s, primal_s, bound_s, what] points") from None
-    made = meta.get("problem") if isinstance(meta.get("problem"), dict) else {}
-    solver = meta.get("solver") if isinstance(meta.get("solver"), dict) else {}
+    where = f"plan {path.name} meta.layers[{idx}]"
+    gap = rec.get("gap")
+    if gap is not None and (isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 <= gap <= 1):
+        raise InputError(f"{where}.gap", f"must be a number in [0, 1] or null, got {gap!r}",
+                         "give the plan file that solve or bench wrote")
+    for key in ("problem", "solver"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise InputError(f"plan {path.name} meta.{key}", f"must be a table of settings, got {meta[key]!r}",
+                             "give the plan file that solve or bench wrote")
+    made = meta.get("problem") or {}
+    solver = meta.get("solver") or {}
     cap = rp.caption(model=made.get("model"), mesh=made.get("mesh"), hw=made.get("hw_point"),
                      batch=made.get("batch"), mode=made.get("mode"), backend=solver.get("backend"),
                      limit_s=solver.get("time_limit_s"), time_mode=solver.get("time_mode"))
-    return rp.fig_bound_trace(points, layer=layer, settings=cap + " (times: wall)")
+    try:
+        return rp.fig_bound_trace(points, layer=layer, settings=cap + " (times: wall)")
+    except InputError as exc:  # named as the file holds it
+        raise InputError(f"{where}.{exc.field}", exc.problem, "give the plan file that solve or bench wrote") from None
 
 
 def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespace) -> Figure:

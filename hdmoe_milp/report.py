@@ -578,6 +578,16 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
         raise InputError("trace", "is empty: the layer recorded no progress", "give a solved layer's trace")
     if not all(np.isfinite(p[0]) and p[0] >= 0 for p in pts):
         raise InputError("trace", "holds a time that is not a finite number >= 0", "give a solved layer's trace")
+    evaluator = ("warm-start", "bound", "lns", "final")
+    for i, p in enumerate(pts):
+        for col, name in ((1, "primal_s"), (2, "bound_s")):
+            if p[3].startswith(evaluator) and p[col] is not None and not (np.isfinite(p[col]) and p[col] > 0):
+                raise InputError(f"trace[{i}]", f"{name} of a {p[3]!r} point must be a finite time > 0 or None, "
+                                 f"got {p[col]!r}", "give a solved layer's trace")
+    fin = pts[-1]
+    if fin[1] is not None and fin[2] is not None and fin[2] > fin[1] * (1 + 1e-9):
+        raise InputError("trace", f"ends with a bound ({fin[2] * 1e6:.6g} us) above its primal ({fin[1] * 1e6:.6g} "
+                         "us): a lower bound cannot exceed a plan's time", "give the trace a solve recorded")
     t_min = max(min(p[0] for p in pts), 1e-4)
 
     def series(col: int, best: Any, keep: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -591,7 +601,6 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
             ys.append(v if not ys else best(ys[-1], v))
         return np.asarray(xs), np.asarray(ys)
 
-    evaluator = ("warm-start", "bound", "lns", "final")
     px, py = series(1, min, lambda w: w.startswith(evaluator))
     bx, by = series(2, max, lambda w: w.startswith(evaluator))
     t_end = pts[-1][0]
@@ -632,7 +641,6 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
     ax.set_ylim(lo - pad, hi + 2.5 * pad)  # room for the legend
     ax.set_xscale("log")
     ax.set_xlim(t_min * 0.8, max(t_end, t_min) * 1.6)
-    fin = pts[-1]
     if fin[1] is not None and fin[2] is not None:
         p_us, b_us = fin[1] * 1e6, fin[2] * 1e6
         gap = (p_us - b_us) / p_us if p_us > 0 else float("nan")

@@ -996,6 +996,37 @@ def test_bound_trace_of_a_layer_left_out_of_the_solve_says_so(tmp_path, capsys):
     assert "--layer" in err and "left out of the solve" in err and "\n" not in err.strip()
 
 
+def test_bound_trace_refuses_records_no_solve_writes(tmp_path, capsys):
+    """A bound above the primal drew "proven gap -87445 %"; a NaN primal, a negative gap or a
+    meta.solver that is not a table were drawn or ignored. Each is refused, naming the plan's key."""
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=64).to_problem()
+    good = tmp_path / "p.json"
+    hm.solve(problem, layers=[0], time_limit_s=0.5, baselines=False).save(good)
+    d0 = json.loads(good.read_text())
+
+    def final(rec, col, v):
+        rec["trace"][-1][col] = v
+
+    edits = {
+        "bound-above-primal": (lambda m: final(m["layers"][0], 2, m["layers"][0]["trace"][-1][1] * 900),
+                               "meta.layers[0].trace", "above its primal"),
+        "nan-primal": (lambda m: final(m["layers"][0], 1, float("nan")), "meta.layers[0].trace[", "finite"),
+        "negative-gap": (lambda m: m["layers"][0].__setitem__("gap", -0.5), "meta.layers[0].gap", "-0.5"),
+        "solver-not-a-table": (lambda m: m.__setitem__("solver", "x"), "meta.solver", "'x'"),
+    }
+    for name, (edit, field, what) in edits.items():
+        d = json.loads(json.dumps(d0))
+        edit(d["meta"])
+        bad = tmp_path / f"{name}.json"
+        bad.write_text(json.dumps(d))
+        out = tmp_path / f"{name}.png"
+        assert main(["plot", "bound-trace", str(bad), "--layer", "0", "--out", str(out)]) == 2, name
+        err = capsys.readouterr().err
+        assert f"{name}.json {field}" in err and what in err and "Traceback" not in err, (name, err)
+        assert not out.exists()
+    assert main(["plot", "bound-trace", str(good), "--layer", "0", "--out", str(tmp_path / "good.png")]) == 0
+
+
 def test_api_inputs_that_used_to_give_silently_wrong_answers():
     """Frequencies that disagree with the trace the evaluator scores (the solve then reported 'optimal,
     gap 0' for a beaten plan), rows not summing to top-k, a plan shadowed by a strategy of the same
