@@ -107,12 +107,11 @@ BASELINES: tuple[str, ...] = ("tp", "ep", "ep-lpt", "cb", "eplb", "hdmoe")
 def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budget | None = None) -> Placement:
     """Run the strategy called ``name`` on ``problem`` (seed: the problem's unless given). The
     placement's ``meta`` records the problem it was made for and the strategy's settings."""
-    expect_instance("problem", problem, Problem, "use hm.load_instance(path) or hm.Problem(...)")
-    expect_instance("budget", budget, Budget, "use hm.Budget(...)", optional=True)
+    expect_instance("problem", problem, Problem, "use hm.load_instance(path) or hm.Problem(...)")  # seed reads it
     check_choice("strategy", name, tuple(STRATEGIES))
-    seed = problem.seed if seed is None else check_seed(seed)
-    plan = STRATEGIES[name](problem, seed=seed, budget=budget)
-    settings = {"strategy": name, "seed": seed}
+    seed = problem.seed if seed is None else seed
+    plan = STRATEGIES[name](problem, seed=seed, budget=budget)  # the entry checks seed and budget
+    settings = {"strategy": name, "seed": check_seed(seed)}
     if budget is not None:
         settings.update(budget.__dict__)
     if problem.trace is None:
