@@ -380,7 +380,7 @@ def expected_workload(trace: Trace, batch: float) -> Workload:
     for li in range(trace.num_layers):
         g, fg = trace.coactivation(li)
         layers.append(LayerRouting(g, fg * b))
-    return Workload(tuple(layers), trace.num_experts, trace.top_k, b, "expected")
+    return _derived(tuple(layers), trace.num_experts, trace.top_k, b, "expected")
 
 
 def sample_batch(trace: Trace, batch: int, mode: str = "random", seed: int = 0) -> Workload:
@@ -411,7 +411,18 @@ def sample_batch(trace: Trace, batch: int, mode: str = "random", seed: int = 0) 
 def _observed(trace: Trace, idx: np.ndarray) -> Workload:
     """The observed batch made of token rows ``idx`` (the same rows in every layer)."""
     layers = tuple(LayerRouting(a[idx], np.ones(len(idx))) for a in trace.layers)
-    return Workload(layers, trace.num_experts, trace.top_k, float(len(idx)), "observed")
+    return _derived(layers, trace.num_experts, trace.top_k, float(len(idx)), "observed")
+
+
+def _derived(layers: tuple[LayerRouting, ...], num_experts: int, top_k: int, batch_size: float,
+             kind: str) -> Workload:
+    """A Workload of flows this module derived from a checked Trace (ids in range, weights it
+    computed): ``Workload``'s per-flow checks, run once per replayed batch, are skipped."""
+    wl = object.__new__(Workload)
+    for name, v in (("layers", layers), ("num_experts", num_experts), ("top_k", top_k),
+                    ("batch_size", batch_size), ("kind", kind)):
+        object.__setattr__(wl, name, v)
+    return wl
 
 
 def iter_batches(trace: Trace, batch: int, mode: str = "random", seed: int = 0,
