@@ -156,7 +156,8 @@ def _settings(args: argparse.Namespace, plan: str | None = None) -> pl.Settings:
     else:
         s = pl.Settings("cli", "deepseek-v2-lite", "5/50", "4x8")
         if plan:
-            made = cli_report.plan_defaults(plan, args.trace)
+            made = cli_report.plan_defaults(plan, args.trace, given=tuple(
+                k for k in ("model", "mesh") if getattr(args, k, None) is not None))
             if args.model is not None and args.model != made.get("model"):
                 made.pop("trace", None)  # the plan's trace routes the plan's model, not the one asked for
             unsaid = [f"--{a}" for a in ("model", "mesh", "hw") if a not in made and getattr(args, a, None) is None]

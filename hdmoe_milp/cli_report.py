@@ -318,9 +318,12 @@ def _first(df: pd.DataFrame, col: str) -> Any:
     return df[col].iloc[0] if col in df.columns else None
 
 
-def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
+def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
+                  given: tuple[str, ...] = ()) -> dict[str, Any]:
     """Settings a plan file records about what it was made for (empty for older plan files). The
-    recorded trace must still be there and unchanged unless ``--trace`` replaces it."""
+    recorded trace must still be there and unchanged unless ``--trace`` replaces it. ``flags``:
+    the fix may offer ``--trace`` (False where the command reads no such flag: ``plot``); ``given``:
+    the settings (``"model"``, ``"mesh"``) a flag overrides, whose record is then not checked."""
     made = pl.plan_settings(path) or {}
     where = f"plan {Path(path).name} meta.problem"
 
@@ -369,6 +372,7 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
                              "save the plan again")
     if made.get("seed") is not None:
         out["seed"] = made["seed"]
+    _check_own_shape(path, {k: v for k, v in out.items() if k not in given})
     recorded = made.get("trace_path")
     for key in ("trace_path", "trace_sha256"):
         if made.get(key) is not None and not isinstance(made[key], str):
@@ -376,7 +380,7 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
     name = made.get("trace")
     if not recorded and trace_flag is None and isinstance(name, str) and not name.startswith("synthetic-"):
         raise InputError("plan", f"was made for the trace {name!r}, which was read from no file",
-                         "give the trace with --trace")
+                         _trace_fix("give the trace with --trace", flags))
     if not recorded and made.get("synthetic_tokens") is not None:
         out["synthetic_tokens"] = made["synthetic_tokens"]  # with the seed, the same synthetic trace
     if recorded and trace_flag is None:
@@ -384,12 +388,42 @@ def plan_defaults(path: str, trace_flag: str | None) -> dict[str, Any]:
         recorded = str(Path(path).parent / recorded) if not Path(recorded).is_absolute() else recorded
         if not Path(recorded).is_file():
             raise InputError("plan", f"was made for the trace {recorded}, which is not there",
-                             "give the trace with --trace")
+                             _trace_fix("give the trace with --trace", flags))
         if made.get("trace_sha256") and pl.file_sha256(recorded) != made["trace_sha256"]:
             raise InputError("plan", f"was made for the trace {recorded}, which has changed since (sha256 differs)",
-                             "give the trace to score on with --trace")
+                             _trace_fix("give the trace to score on with --trace", flags))
         out["trace"] = recorded
     return out
+
+
+def _check_own_shape(path: str, out: dict[str, Any]) -> None:
+    """Refuse a plan whose record contradicts the plan itself: a model whose experts or layer count
+    differ from the plan's rows, or a mesh with another number of nodes (before any trace is read,
+    which would otherwise be blamed)."""
+    plan = Placement.load(path)
+    where = f"plan {Path(path).name} meta.problem"
+    if "model" in out:
+        m = MODEL_PRESETS[out["model"]]
+        if (m.num_experts, m.moe_layers) != (plan.num_experts, plan.num_layers):
+            fits = [n for n, p in MODEL_PRESETS.items()
+                    if (p.num_experts, p.moe_layers) == (plan.num_experts, plan.num_layers)]
+            raise InputError(f"{where}.model", f"says {out['model']} ({m.moe_layers} MoE layers of {m.num_experts} "
+                             f"experts), but the plan has {plan.num_layers} layers of {plan.num_experts}",
+                             "save the plan again from the problem it was made for" + (
+                                 f"; {' or '.join(fits)} fits its shape" if fits else ""))
+    if "mesh" in out:
+        mesh = Mesh.parse(out["mesh"])
+        if mesh.rows * mesh.cols != plan.num_nodes:
+            raise InputError(f"{where}.mesh", f"says {out['mesh']} ({mesh.rows * mesh.cols} nodes), but the plan "
+                             f"places experts on {plan.num_nodes}", "save the plan again from the problem it was "
+                             "made for")
+
+
+def _trace_fix(fix: str, flags: bool) -> str:
+    """``fix`` where the command has ``--trace``; else how to get the plan's own trace back."""
+    if flags:
+        return fix
+    return "put the trace back where the plan's meta.problem.trace_path says (plot reads no --trace)"
 
 
 def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = False, hw_given: bool = False,
@@ -432,7 +466,8 @@ def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
     if made is None or not made.get("model") or not made.get("mesh") or not made.get("hw_point"):
         raise InputError("plot", f"{path} does not record the model, mesh and hardware point it was made for",
                          "save it again from a problem on a named hardware point (make_hardware or an instance file)")
-    s = replace(pl.Settings(path.stem, "deepseek-v2-lite", "5/50", "4x8"), **plan_defaults(str(path), None))
+    s = replace(pl.Settings(path.stem, "deepseek-v2-lite", "5/50", "4x8"), **plan_defaults(str(path), None,
+                                                                                     flags=False))
     problem = s.to_problem()
     check_plan_record(str(path), problem, flags=False)
     return problem, pl.load_plan(path, problem), Mesh.parse(s.mesh)

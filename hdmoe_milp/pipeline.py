@@ -473,7 +473,12 @@ def load_plan(path: str | Path, problem: Problem | None = None) -> Placement:
     _check_problem(problem, optional=True)
     plan = Placement.load(path)
     if problem is not None:
-        check_plan(plan, problem)
+        try:
+            check_plan(plan, problem)
+        except InputError as exc:  # a file: name it
+            if exc.field != "plan":
+                raise
+            raise InputError(f"plan {Path(path).name}", exc.problem, exc.fix) from None
     return plan
 
 

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1025,6 +1026,36 @@ def test_bound_trace_refuses_records_no_solve_writes(tmp_path, capsys):
         assert f"{name}.json {field}" in err and what in err and "Traceback" not in err, (name, err)
         assert not out.exists()
     assert main(["plot", "bound-trace", str(good), "--layer", "0", "--out", str(tmp_path / "good.png")]) == 0
+
+
+def test_plan_records_that_contradict_the_plan_are_named(tmp_path, capsys):
+    """A plan whose meta.problem.model or mesh contradicts its own rows was blamed on the trace (or
+    named no file); plot's fixes offered --trace, which plot lacks."""
+    trace = tmp_path / "t.json.gz"
+    shutil.copy(ROOT / "instances" / "traces" / "mixtral_writing_4k.json.gz", trace)
+    good = tmp_path / "p.json"
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "5/50", "--trace", str(trace),
+                 "--strategy", "cb", "--save-plan", str(good)]) == 0
+    capsys.readouterr()
+    d0 = json.loads(good.read_text())
+    for key, value, says in (("model", "deepseek-v2-lite", "mixtral-8x7b fits its shape"), ("mesh", "4x8", "on 4")):
+        d = json.loads(json.dumps(d0))
+        d["meta"]["problem"][key] = value
+        bad = tmp_path / f"{key}.json"
+        bad.write_text(json.dumps(d))
+        for cmd in (["plot", "placement", str(bad), "--out", str(tmp_path / f"{key}.png")], ["evaluate", "--plan",
+                                                                                              str(bad)]):
+            assert main(cmd) == 2
+            err = capsys.readouterr().err
+            assert f"plan {key}.json meta.problem.{key}" in err and says in err and "trace" not in err, err
+    assert main(["evaluate", "--plan", str(good), "--mesh", "4x8"]) == 2  # another mesh: the file is named
+    assert "plan p.json" in capsys.readouterr().err
+    trace.rename(tmp_path / "moved.json.gz")
+    assert main(["plot", "placement", str(good), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not there" in err and "--trace" not in err.replace("reads no --trace", "")
+    assert main(["evaluate", "--plan", str(good)]) == 2  # evaluate has the flag, and offers it
+    assert "give the trace with --trace" in capsys.readouterr().err
 
 
 def test_api_inputs_that_used_to_give_silently_wrong_answers():
