@@ -192,7 +192,8 @@ _CSV_NEEDS = {
     "tbt": ("results.csv", ("model", "hw", "mesh", "batch", "strategy", "tbt_us")),
     "decomposition": ("results.csv", ("model", "hw", "mesh", "batch", "strategy", "moe_compute_us", "dispatch_us",
                                       "combine_us", "non_moe_us")),
-    "ablation": ("results.csv", ("model", "hw", "mesh", "batch", "strategy", "tbt_us")),
+    "ablation": ("results.csv", ("model", "hw", "mesh", "batch", "part", "strategy", "tbt_us", "moe_compute_us",
+                                 "dispatch_us", "combine_us", "non_moe_us")),
     "solver": ("solver.csv", ("layer", "gap", "time_s")),
     "online": ("online.csv", ("policy", "batch", "latency_us", "actions")),
 }
@@ -234,6 +235,15 @@ def _read_csv(path: Path, kind: str) -> pd.DataFrame:
         else:
             bad_row(v < 0, c, "a number >= 0")
         df[c] = v
+    if name == "results.csv":  # names bench writes; another one would be drawn as if it were one of them
+        for c, allowed in (("part", _PARTS), ("strategy", _STRATEGY_NAMES)):
+            if c in df.columns:
+                bad_row(~df[c].astype(str).isin(allowed), c, "one of " + ", ".join(allowed))
+        if "part" not in df.columns and df["strategy"].astype(str).str.contains("+", regex=False).any():
+            raise InputError("file", f"{path} has online rows (ours+...) but no column part, which tells them "
+                             "from the static rows", fix)
+    if "layer" in needs:
+        bad_row(df["layer"] != np.floor(df["layer"]), "layer", "a whole layer number")
     key = [c for c in _KEYS if c in df.columns]
     dup = df.duplicated(subset=key, keep="first")
     if dup.any():
@@ -246,6 +256,8 @@ _NUMERIC = {"batch", "tbt_us", "moe_compute_us", "dispatch_us", "combine_us", "n
             "latency_us", "actions"}
 _REQUIRED = {"batch", "tbt_us", "latency_us", "layer", "time_s"}  # (online.csv's batch is the batch's index, from 0)
 _POSITIVE = {"tbt_us"}
+_PARTS = ("static", "ablation", "online")
+_STRATEGY_NAMES = (*pl.STRATEGIES, "ours", *(f"ours+{p}" for p in pl.POLICIES))
 # what makes a row of bench's tables unique (those of these columns the table has)
 _KEYS = ("model", "hw", "mesh", "mode", "batch", "part", "strategy", "policy", "layer", "solve_batch")
 
@@ -525,6 +537,8 @@ def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespac
                              "give the results.csv of a bench run with online batches")
         try:
             return rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
+        except InputError as exc:
+            raise InputError("file", f"{path} {exc.problem}", exc.fix) from None
         except ValueError as exc:  # the table lacks the rows the figure compares
             raise InputError("file", f"{path}: {exc}", "give the results.csv that bench wrote") from None
     if kind in ("tbt", "decomposition"):

@@ -500,9 +500,15 @@ def fig_ablation(results: pd.DataFrame, *, model: str | None = None, hw: str | N
         st = d[part == "static"]
         static = st[st["batch"] == st["batch"].max()]
     static = static.set_index("strategy")
+    missing = [k for k, _ in ABLATION if "+" not in k and k not in static.index]
+    if len(online) and "ours+greedy" not in online.index:
+        missing.append("ours+greedy (part online)")
+    if missing:  # a step left out would make the next one look like the first
+        raise InputError("results", f"has no {', '.join(missing)} row at model={d['model'].iloc[0]}, "
+                         f"hw={d['hw'].iloc[0]}, mesh={d['mesh'].iloc[0]}" if {"model", "hw", "mesh"} <= set(d.columns)
+                         else f"has no {', '.join(missing)} row", "give the results.csv that bench wrote, with the "
+                         "rows of cb and ours (and ours+greedy where there are online rows)")
     bars = [(k, lab) for k, lab in ABLATION if (k in static.index if "+" not in k else k in online.index)]
-    if not bars:
-        raise ValueError("no rows for the ablation's strategies (cb, ours, ours+greedy)")
     fig = Figure(figsize=(7.4, 4.8))
     ax = fig.add_subplot()
     x = np.arange(len(bars))

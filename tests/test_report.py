@@ -197,6 +197,40 @@ def test_plot_command(bench, tmp_path):
         assert target.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_plot_refuses_tables_bench_does_not_write(bench, tmp_path):
+    """An ablation without cb rows left that bar out silently; a strategy or part of "zzz" and a
+    fractional solver layer were drawn; a missing column gave a catch-all message or blamed the
+    online rows. Each is refused, naming the file, the row or the column."""
+    out, p = bench
+    res, solver = pd.read_csv(out / "results.csv"), pd.read_csv(out / "solver.csv")
+
+    def edit(df, f):
+        d = df.copy()
+        f(d)
+        return d
+
+    cases = {
+        "nocb": ("ablation", res[res["strategy"] != "cb"], "no cb row"),
+        "nogreedy": ("ablation", res[res["strategy"] != "ours+greedy"], "no ours+greedy (part online) row"),
+        "nonmoe": ("ablation", res.drop(columns=["non_moe_us"]), "no column non_moe_us"),
+        "nopart": ("ablation", res.drop(columns=["part"]), "no column part"),
+        "nopart-tbt": ("tbt", res.drop(columns=["part"]), "no column part"),
+        "strategy": ("decomposition", edit(res, lambda d: d.__setitem__("strategy", d["strategy"].where(
+            d.index != 3, "zzz"))), "row 5: column strategy is 'zzz'"),
+        "part": ("tbt", edit(res, lambda d: d.__setitem__("part", d["part"].where(d.index != 3, "zzz"))),
+                 "row 5: column part is 'zzz'"),
+        "layer": ("solver", edit(solver, lambda d: d.__setitem__("layer", d["layer"].astype(float).where(
+            d.index != 2, 1.5))), "row 4: column layer is '1.5'"),
+    }
+    for name, (kind, df, says) in cases.items():
+        src = tmp_path / f"{name}.csv"
+        df.to_csv(src, index=False)
+        with pytest.raises(hm.InputError, match=re.escape(says)) as exc:
+            cli_report.run(p.parse_args(["plot", kind, str(src), "--out", str(tmp_path / f"{name}.png")]))
+        assert exc.value.field == "file" and f"{name}.csv" in exc.value.problem
+        assert not (tmp_path / f"{name}.png").exists()
+
+
 def test_bad_input():
     with pytest.raises(hm.InputError, match="preset"):
         grid.run("nope", "/nonexistent")
