@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -301,11 +302,11 @@ def _solve(args: argparse.Namespace) -> int:
     problem = _to_problem(args, _settings(args))
     layers = None
     if args.layers is not None:
-        try:
-            layers = [int(v) for v in args.layers.split(",")]
-        except ValueError:
+        items = args.layers.split(",")
+        if not all(re.fullmatch(r"\s*\d+\s*", v, flags=re.ASCII) for v in items):
             raise InputError("--layers", f"must be comma-separated layer numbers, got {args.layers!r}",
-                             "e.g. --layers 0,5,12 (0-based; no ranges or spaces)") from None
+                             "e.g. --layers 0,5,12 (0-based, digits 0-9; no ranges)")
+        layers = [int(v) for v in items]
     try:
         res = pl.solve(problem, backend=args.backend, time_limit_s=args.time_limit, jobs=args.jobs,
                        threads=args.threads, gap=args.gap, baselines=not args.no_baselines, executor=args.executor,

@@ -50,7 +50,9 @@ PLOT_KINDS = ("tbt", "decomposition", "ablation", "node-load", "link-load", "pla
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
+    """The comma-separated items (empty ones kept, so that ``_bench`` can refuse ``"a,"``)."""
+    items = tuple(s.strip() for s in text.split(","))
+    return () if not any(items) else items
 
 
 def add_commands(subparsers: Any) -> None:
@@ -129,6 +131,9 @@ def _bench(args: argparse.Namespace) -> int:
             continue
         if not given:
             raise InputError(f"--{name}", "lists nothing", "give at least one value, or leave the flag out")
+        if "" in given:
+            raise InputError(f"--{name}", f"has an empty item: {','.join(given)!r}",
+                             "separate the values by single commas, with none at either end")
         seen = [float(v) for v in given] if name == "batches" else list(given)
         if len(set(seen)) != len(seen):
             raise InputError(f"--{name}", f"lists a value twice: {','.join(given)}", "name each value once")
@@ -288,15 +293,21 @@ def _at_batch(df: pd.DataFrame, batch: float | None) -> float:
 
 def check_out(flag: str, path: str | None, force: bool = False) -> None:
     """Fail before any work if ``path`` cannot be written, or exists and ``--force`` is not given."""
-    if path is None:
-        return
     flag = flag if flag.startswith("--") else f"--{flag}"
+    if path is None:
+        if force:  # it would do nothing: say so rather than ignore it
+            raise InputError("--force", f"only applies with {flag} (nothing is written without it)",
+                             f"give {flag} FILE, or leave --force out")
+        return
     if not path.strip():
         raise InputError(flag, "is empty", "give a file name")
     if path.endswith(("/", os.sep)):
         raise InputError(flag, f"{path} names a folder", "give a file name")
     parent = Path(path).resolve().parent
     if not parent.is_dir():
+        above = next((a for a in parent.parents if a.exists()), None) if not parent.exists() else parent
+        if above is not None and not above.is_dir():
+            raise InputError(flag, f"{above} is a file, not a folder", "write into a folder")
         raise InputError(flag, f"folder {parent} does not exist", "create it or write elsewhere")
     if Path(path).is_dir():
         raise InputError(flag, f"{path} is a directory", "give a file name")

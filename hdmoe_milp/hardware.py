@@ -66,7 +66,7 @@ class Mesh:
     @classmethod
     def parse(cls, text: str) -> Mesh:
         """Parse ``"RxC"`` (rows x cols), e.g. ``"4x8"``."""
-        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text), flags=re.ASCII)  # no full-width digits
         if not m or len(m.group(1)) > 100 or len(m.group(2)) > 100 or int(m.group(1)) < 1 or int(m.group(2)) < 1:
             raise InputError(
                 "mesh", f"malformed mesh {text!r}", "write ROWSxCOLS with positive integers, e.g. 4x8; presets: "

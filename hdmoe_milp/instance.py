@@ -207,6 +207,12 @@ def read_settings(path: str | Path) -> Settings:
                 raise InputError(f"instance {p.name} {sec}", f"is a [{sec}] table, not a top-level key",
                                  f"write [{sec}] on its own line, then its keys, e.g. [model] preset = "
                                  f'"deepseek-v2-lite"') from None
+        long = re.search(r"^\s*([A-Za-z0-9_-]+)\s*=\s*[+-]?[0-9_]{4000,}", text, flags=re.M)
+        if long:  # Python refuses to read an integer this long; the message would name no key
+            head = [m.group(1) for m in re.finditer(r"^\s*\[([^\]]+)\]", text[:long.start()], flags=re.M)]
+            key = f"[{head[-1].strip()}].{long.group(1)}" if head else long.group(1)
+            raise InputError(f"instance {p.name} {key}", "is a number of over 4,000 digits",
+                             "give a value in the key's range") from None
         raise InputError("instance", f"{p} is not valid TOML: {exc}", "fix the syntax at that line") from None
     where = f"instance {p.name}"
     for sec in _SECTIONS:

@@ -39,6 +39,10 @@ PLAN_FORMAT = "hdmoe_milp.placement/2"  # /2 adds package_version and the proble
 _READABLE = ("hdmoe_milp.placement/1", PLAN_FORMAT)
 
 
+# the keys of a plan file (to_dict); meta holds everything else
+_PLAN_KEYS = {"format", "package_version", "strategy", "num_nodes", "num_experts", "meta", "layers"}
+
+
 def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, field: str = "out") -> None:
     """Write ``text`` (a str, or bytes) to ``path`` through a temporary file in the same folder
     (fsync, then rename), so an interrupted write never leaves a partial file where ``path`` was.
@@ -257,6 +261,10 @@ class Placement:
         if fmt is not None and fmt not in _READABLE:
             raise InputError(source, f"has format {fmt!r}, this version reads {', '.join(_READABLE)}",
                              "write it again with this version")
+        unknown = sorted(set(d) - _PLAN_KEYS, key=str)
+        if unknown:  # a misspelt key would be ignored silently
+            raise InputError(source, f"has unknown key(s) {unknown[:5]}", "allowed: " + ", ".join(sorted(_PLAN_KEYS))
+                             + "; put your own notes under meta")
         for key in ("num_experts", "layers"):
             if key not in d:
                 raise InputError(f"{source} {key}", "is missing", "write the plan with Placement.save")
@@ -279,6 +287,10 @@ class Placement:
             if not isinstance(ld, dict):
                 raise InputError(where, f"must be an object, got {type(ld).__name__}",
                                  "each layer has shares, expert_of and token_fraction")
+            extra = sorted(set(ld) - {"shares", "expert_of", "token_fraction"}, key=str)
+            if extra:
+                raise InputError(where, f"has unknown key(s) {extra[:5]}", "each layer has shares, expert_of and "
+                                 "token_fraction only")
             for key in ("shares", "expert_of", "token_fraction"):
                 if key not in ld:
                     raise InputError(f"{where}: {key}", "is missing", "each layer has shares, expert_of and "
@@ -308,6 +320,9 @@ class Placement:
         rename, so an interrupted write never leaves a partial file nor destroys the previous one.
         ``force=False`` refuses to replace an existing file. ``field``: the name errors give ``path``
         (the CLI passes its flag)."""
+        p = expect_path(field, path)
+        if p.suffix.lower() != ".json":  # load_plan and the CLI read .json plan files
+            raise InputError(field, f"{p.name}: a plan file is JSON", "end the name in .json")
         try:
             text = json.dumps(self.to_dict())
         except (TypeError, ValueError) as exc:  # meta the caller filled with objects JSON cannot hold

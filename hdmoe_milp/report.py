@@ -157,6 +157,12 @@ def speedup_table(df: pd.DataFrame, ours: str = "plan", by: Sequence[str] = ("mo
     with ``strategy`` and ``tbt_us``; points are told apart by every other settings column."""
     _table("df", df, ("strategy", "tbt_us"))
     d = df if part is None or "part" not in df.columns else df[df["part"] == part]
+    tbt = pd.to_numeric(d["tbt_us"], errors="coerce")
+    bad = tbt.notna() & ~(np.isfinite(tbt) & (tbt > 0))  # a speedup over 0 or inf us means nothing
+    if bad.any():
+        i = bad.to_numpy().nonzero()[0][0]
+        raise InputError("df", f"tbt_us of the {d['strategy'].iloc[i]} row {d.index[i]} is {float(tbt.iloc[i]):g}",
+                         "give finite TBTs > 0 (us)")
     point_cols = [c for c in ("model", "mesh", "hw", "mode", "batch") if c in d.columns]
     wide = d.pivot_table(index=point_cols, columns="strategy", values="tbt_us", aggfunc="first")
     if ours not in wide.columns:

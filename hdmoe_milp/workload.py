@@ -236,10 +236,12 @@ def _json_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
     want = [str(i) for i in range(len(raw))]
     if sorted(raw) != sorted(want):
         if all(k.isdigit() and len(k) < 19 and str(int(k)) == k for k in raw):  # plain numbers: name the gap
-            top = max(int(k) for k in raw)
+            low, top = min(int(k) for k in raw), max(int(k) for k in raw)
             # n distinct numbers that are not 0..n-1 leave a gap below n
             gaps = ", ".join(repr(str(i)) for i in range(len(raw)) if str(i) not in raw)
-            problem = f"layer keys lack {gaps:.60} (they run \"0\"..\"{top}\")"
+            problem = f"layer keys lack {gaps:.60} (they run \"{low}\"..\"{top}\")"
+            if low == 1 and top == len(raw):
+                problem += ", numbered from 1"
         else:
             problem = (f"layer keys must be exactly \"0\"..\"{len(raw) - 1}\", "
                        f"got {sorted(set(raw) - set(want), key=str)[:3]}")

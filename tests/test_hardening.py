@@ -1058,6 +1058,59 @@ def test_plan_records_that_contradict_the_plan_are_named(tmp_path, capsys):
     assert "give the trace with --trace" in capsys.readouterr().err
 
 
+def test_cli_review_findings(tmp_path, capsys):
+    """Inputs a CLI review found accepted or misreported: each now gets one line naming what the
+    user wrote."""
+    import gzip
+
+    trace = ROOT / "instances" / "traces" / "mixtral_writing_4k.json.gz"
+    raw = json.loads(gzip.decompress(trace.read_bytes()))
+    shifted = tmp_path / "from1.json"
+    shifted.write_text(json.dumps({str(int(k) + 1): v for k, v in raw.items()}))
+    big = tmp_path / "big.toml"
+    big.write_text('[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n[workload]\n'
+                   "batch = " + "9" * 5000 + "\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    plan = tmp_path / "p.json"
+    MX2 = ["--model", "mixtral-8x7b", "--mesh", "2x2"]
+    assert main(["evaluate", *MX2, "--strategy", "ep", "--save-plan", str(plan)]) == 0
+    d = json.loads(plan.read_text())
+    d["strategyy"] = "typo"
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps(d))
+    capsys.readouterr()
+    cases = [
+        (["evaluate", *MX2, "--trace", str(shifted)], "trace", 'they run "1".."32"'),
+        (["evaluate", "--instance", str(big)], "instance big.toml [workload].batch", "4,000 digits"),
+        (["evaluate", "--plan", str(typo)], "plan typo.json", "strategyy"),
+        (["solve", *MX2, "--layers", "0", "--out", str(a_file / "p.json")], "--out", "is a file, not a folder"),
+        (["solve", *MX2, "--layers", "0", "--force"], "--force", "only applies with --out"),
+        (["evaluate", *MX2, "--force"], "--force", "only applies with --save-plan"),
+        (["bench", "--quick", "--models", "mixtral-8x7b,", "--out", str(tmp_path / "b")], "--models", "empty item"),
+        (["evaluate", "--model", "mixtral-8x7b", "--mesh", "\uff14x2"], "--mesh", "malformed"),
+        (["solve", *MX2, "--layers", "\uff11"], "--layers", "comma-separated"),
+    ]
+    for argv, field, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: {field}" in err and says in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "b").exists()
+    # spaces around layer numbers are read as the numbers
+    assert main(["solve", *MX2, "--layers", " 0, 1", "--time-limit", "0.5", "--no-baselines", "--json"]) == 0
+    assert [r["layer"] for r in json.loads(capsys.readouterr().out)["layers"] if r["status"] != "not-solved"] == [0, 1]
+    # Python: a plan is saved as .json only; speedups over a zero TBT are refused
+    with pytest.raises(InputError, match="a plan file is JSON") as exc:
+        hm.load_plan(plan).save(tmp_path / "p.txt")
+    assert exc.value.field == "path" and not (tmp_path / "p.txt").exists()
+    from hdmoe_milp import report as rp
+
+    df = pd.DataFrame([{"model": "m", "hw": "h", "strategy": "tp", "tbt_us": 0.0},
+                       {"model": "m", "hw": "h", "strategy": "plan", "tbt_us": 1.0}])
+    with pytest.raises(InputError, match="tbt_us of the tp row"):
+        rp.speedup_table(df)
+
+
 def test_api_inputs_that_used_to_give_silently_wrong_answers():
     """Frequencies that disagree with the trace the evaluator scores (the solve then reported 'optimal,
     gap 0' for a beaten plan), rows not summing to top-k, a plan shadowed by a strategy of the same
