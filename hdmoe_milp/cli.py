@@ -182,7 +182,8 @@ def _to_problem(args: argparse.Namespace, s: pl.Settings, plan: str | None = Non
     try:
         problem = s.to_problem(model_field=model_field)
     except InputError as exc:
-        flag = "--batch" if exc.field == "batch" else exc.field  # the Problem's own checks name its fields
+        # the Problem's own checks name its fields; the trace reader names the trace
+        flag = {"batch": "--batch", "trace": "--trace"}.get(exc.field, exc.field)
         if flag not in _FILE_KEYS:
             raise
         if getattr(args, flag.removeprefix("--").replace("-", "_"), None) is not None:  # given: named as written
@@ -208,7 +209,7 @@ _FILE_KEYS = {flag: (plan_key, pl.INSTANCE_KEYS[flag]) for flag, plan_key in (
     ("--batch", "batch"), ("--batching", "batching"), ("--seed", "seed"), ("synthetic_tokens", "synthetic_tokens"),
     ("--capacity-gb", "hardware.dram_capacity_bytes"), ("--hop-latency-ns", "hardware.hop_latency_s"),
     ("--mesh", "mesh"), ("--hw", "hw_point"), ("--model", "model"), ("--mode", "mode"), ("--delivery", "delivery"),
-    ("--home", "home"))}
+    ("--home", "home"), ("--trace", "trace_path"))}
 
 
 def layer_text(res: pl.PlanResult) -> str:

@@ -156,7 +156,7 @@ INSTANCE_KEYS = {
     "--hop-latency-ns": "[hardware].hop_latency_ns", "dram_bw_gbps": "[hardware].dram_bw_gbps",
     "--mesh": "[hardware].mesh", "--hw": "[hardware].preset", "--model": "[model].preset",
     "--mode": "[evaluator].mode", "--delivery": "[evaluator].delivery", "--home": "[evaluator].home",
-    "context_len": "[evaluator].context_len",
+    "context_len": "[evaluator].context_len", "--trace": "[workload].trace",
 }
 
 

@@ -1070,6 +1070,9 @@ def test_cli_review_findings(tmp_path, capsys):
     big = tmp_path / "big.toml"
     big.write_text('[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n[workload]\n'
                    "batch = " + "9" * 5000 + "\n")
+    from_file = tmp_path / "i.toml"
+    from_file.write_text('[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'
+                         '[workload]\ntrace = "from1.json"\n')
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     plan = tmp_path / "p.json"
@@ -1081,7 +1084,8 @@ def test_cli_review_findings(tmp_path, capsys):
     typo.write_text(json.dumps(d))
     capsys.readouterr()
     cases = [
-        (["evaluate", *MX2, "--trace", str(shifted)], "trace", 'they run "1".."32"'),
+        (["evaluate", *MX2, "--trace", str(shifted)], "--trace", 'they run "1".."32"'),
+        (["evaluate", "--instance", str(from_file)], "instance i.toml [workload].trace", 'they run "1".."32"'),
         (["evaluate", "--instance", str(big)], "instance big.toml [workload].batch", "4,000 digits"),
         (["evaluate", "--plan", str(typo)], "plan typo.json", "strategyy"),
         (["solve", *MX2, "--layers", "0", "--out", str(a_file / "p.json")], "--out", "is a file, not a folder"),
