@@ -271,7 +271,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     df = cmp.table()
     o = problem.options
     setting = {
-        "model": problem.model.name, "hw": s.hw, "mesh": problem.mesh_name, "batch": s.batch,
+        "model": problem.model.name, "hw": s.hw, "mesh": problem.mesh_name,
+        "batch": int(s.batch) if float(s.batch).is_integer() else float(s.batch),  # 128 from a flag or a file
         "batching": s.batching, "trace": s.trace or problem.trace.name, "mode": o.mode,
         "delivery": o.resolved_delivery, "home": o.resolved_home, "seed": problem.seed,
     }
