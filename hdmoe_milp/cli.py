@@ -422,7 +422,9 @@ def _replay(args: argparse.Namespace) -> int:
           f"batches={args.batches} batching={batching} trace={trace}")
     df = pd.DataFrame(rows)[["policy", "mean_us", "p50_us", "p99_us", "migration_us", "bytes_moved", "actions",
                              "decide_us_per_layer_mean", "speedup_vs_static"]]
-    print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    fmt = {c: (lambda x: f"{x:.1f}") for c in df.columns if c.endswith("_us") or c.startswith("decide_us")}
+    fmt |= {"bytes_moved": lambda x: f"{x:,.0f}", "speedup_vs_static": lambda x: "-" if pd.isna(x) else f"{x:.3f}"}
+    print(df.to_string(index=False, formatters=fmt))  # µs to 0.1, bytes whole: no e-notation in a paper's table
     return 0
 
 

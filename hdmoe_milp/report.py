@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrow, Rectangle
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .errors import InputError, check_choice, expect_instance, expect_int, expect_path
 from .evaluator import Evaluation
@@ -329,8 +330,13 @@ def fig_link_load(evals: Mapping[str, Evaluation], mesh: Mesh, layer: int = 0, *
     norm = mpl.colors.Normalize(0.0, vmax)
     cmap = mpl.colormaps[_LOAD_CMAP]
     ends = mesh.link_endpoints
-    fig = Figure(figsize=(3.2 * len(names) + 1.0, 0.8 * mesh.rows + 1.6))
-    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    cell = 0.65  # inches per node, so that arrows and labels stay legible on wide meshes
+    if mesh.cols > mesh.rows:  # wide meshes: panels one above the other
+        fig = Figure(figsize=(cell * mesh.cols + 2.2, len(names) * (cell * mesh.rows + 0.7) + 1.0))
+        axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
+    else:
+        fig = Figure(figsize=(len(names) * (cell * mesh.cols + 0.5) + 1.6, cell * mesh.rows + 1.7))
+        axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, n in zip(axes, names, strict=True):
         _draw_mesh(ax, mesh)
         for li, (a, b) in enumerate(ends):
@@ -343,7 +349,8 @@ def fig_link_load(evals: Mapping[str, Evaluation], mesh: Mesh, layer: int = 0, *
                                     length_includes_head=True, color=cmap(norm(v)), zorder=2))
         ax.set_title(f"{n}: max {loads[n].max(initial=0.0):.2f} MB", fontsize=8)
     sm = mpl.cm.ScalarMappable(norm=norm, cmap=cmap)
-    fig.colorbar(sm, ax=list(axes), shrink=0.8, label=f"{phase} bytes per link (MB)")
+    what = "dispatch + combine" if phase == "both" else phase
+    fig.colorbar(sm, ax=list(axes), shrink=0.8, label=f"{what} bytes per link (MB)")
     ev0 = evals[names[0]]
     fig.suptitle(f"Link load, MoE layer {layer}\n" + (settings or caption(batch=ev0.batch_size, mode=ev0.mode)),
                  fontsize=9)
@@ -573,7 +580,7 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
 
     - primal: the best evaluator score known so far (the warm start's when it was scored, each plan
       LNS accepted when it was found, then the returned placement's at the end);
-    - bound: the certified lower bound on the evaluator (LP + area floor) from when it was computed,
+    - bound: the certified lower bound on the evaluator (LP, floors or branch and bound) from when it was computed,
       and at the end;
     - the solver's incumbents (``model:*`` points) are drawn as markers only: they are the block
       model's objective (an upper bound on the evaluator for the placement they decode to, up to the
@@ -621,7 +628,7 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
     ax.step(px, py, where="post", color="0.0", linewidth=1.6, marker="o", markersize=4,
             label="primal: best evaluator layer time so far")
     ax.step(bx, by, where="post", color="0.45", linewidth=1.6, linestyle="--", marker="s", markersize=4,
-            label="bound: certified lower bound on the evaluator (LP + area)")
+            label="bound: certified lower bound on the evaluator")
     model = [p for p in pts if p[3].startswith("model:")]
     lo = float(min(by.min(initial=np.inf), py.min(initial=np.inf)))
     hi = float(max(py.max(initial=-np.inf), by.max(initial=-np.inf)))
@@ -652,15 +659,18 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
     pad = 0.15 * max(hi - lo, 1e-3 * abs(hi), 1e-9)
     ax.set_ylim(lo - pad, hi + 2.5 * pad)  # room for the legend
     ax.set_xscale("log")
-    ax.set_xlim(t_min * 0.8, max(t_end, t_min) * 1.6)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.2, 0.5, 1, 2 s: plain numbers
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlapped on short solves
+    ax.set_xlim(t_min * 0.8, max(t_end, t_min) * 3.0)  # room for the gap's label right of its arrow
     if fin[1] is not None and fin[2] is not None:
         p_us, b_us = fin[1] * 1e6, fin[2] * 1e6
         gap = (p_us - b_us) / p_us if p_us > 0 else float("nan")
         x_ann = max(t_end, t_min) * 1.15
         ax.annotate("", xy=(x_ann, b_us), xytext=(x_ann, p_us),
                     arrowprops={"arrowstyle": "<->", "color": "black", "linewidth": 0.8})
-        ax.annotate(f"proven gap\n{100 * gap:.2f} %", xy=(x_ann, (p_us + b_us) / 2), xytext=(-6, 0),
-                    textcoords="offset points", ha="right", va="center", fontsize=7)
+        ax.annotate(f"proven gap\n{100 * gap:.2f} %", xy=(x_ann, (p_us + b_us) / 2), xytext=(6, 0),
+                    textcoords="offset points", ha="left", va="center", fontsize=7)
     ax.set_xlabel("wall time since the layer began (s, log scale)")
     ax.set_ylabel("layer time (us)")
     head = "Primal and bound against time" + ("" if layer is None else f", MoE layer {layer}")
