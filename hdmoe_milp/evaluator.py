@@ -127,6 +127,10 @@ class Evaluation:
     mode: str
     strategy: str
 
+    def __repr__(self) -> str:
+        return (f"Evaluation({self.strategy!r}: TBT {self.tbt_us:.3f} us, {len(self.compute_s)} layers, "
+                f"batch {self.batch_size:g}, mode {self.mode})")
+
     @property
     def comm_s(self) -> np.ndarray:
         return self.dispatch_s + self.combine_s

@@ -137,6 +137,9 @@ class Comparison:
     reference: Evaluation | None = field(default=None, repr=False)
     over_capacity: dict[str, str] = field(default_factory=dict)  # strategy -> why it does not fit the DRAM
 
+    def __repr__(self) -> str:
+        return f"Comparison({self.problem!r}, strategies {list(self.evaluations)}; .table() for the numbers)"
+
     def table(self) -> pd.DataFrame:
         """One row per strategy: TBT and its decomposition (us), node imbalance, speedup vs TP."""
         ref = (self.reference or self.evaluations["tp"]).tbt_s
@@ -228,6 +231,11 @@ class PlanResult:
     evaluations: dict[str, Evaluation]
     solver: dict[str, Any]
     candidates: dict[str, Placement] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        sm = self.summary()
+        return (f"PlanResult({self.problem!r}: TBT {sm['tbt_us']:.3f} us, {sm['layers_solved']} layers solved, "
+                f"{sm['proven_1pct']} proven within 1 %; .table(), .layer_table(), .summary())")
 
     def at_batch(self, batch: float) -> PlanResult:
         """The same candidates (MILP and baselines, as solved) combined and scored at another batch

@@ -109,6 +109,10 @@ class LayerPlacement:
     token_fraction: np.ndarray
     num_experts: int
 
+    def __repr__(self) -> str:
+        return (f"LayerPlacement({self.num_experts} experts, {self.num_copies} copies on {self.num_nodes} nodes, "
+                f"{int((self.shares > 0).sum())} shards)")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_experts", expect_int("placement.num_experts", self.num_experts, minimum=1))
         s = _numbers("placement.shares", self.shares, "[copies, nodes]").astype(float)
@@ -192,6 +196,12 @@ class Placement:
     layers: tuple[LayerPlacement, ...]
     strategy: str = "custom"
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __repr__(self) -> str:
+        made = self.meta.get("problem") if isinstance(self.meta.get("problem"), dict) else {}
+        what = ", ".join(f"{made[k]}" for k in ("model", "hw_point", "mesh") if made.get(k))
+        return (f"Placement({self.strategy!r}: {self.num_layers} layers of {self.num_experts} experts on "
+                f"{self.num_nodes} nodes" + (f", made for {what}" if what else "") + ")")
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, (tuple, list)) or not all(isinstance(lp, LayerPlacement) for lp in self.layers):

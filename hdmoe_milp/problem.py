@@ -127,6 +127,11 @@ class Problem:
     trace_path: str | None = None
     trace_sha256: str | None = None
 
+    def __repr__(self) -> str:  # the arrays it holds would fill a notebook cell
+        src = self.trace.name if self.trace is not None else "frequencies only"
+        return (f"Problem({self.model.name}, {self.hw_point or 'custom hardware'}, mesh {self.mesh_name}, "
+                f"batch {self.batch:g} ({self.batching}), trace {src}, mode {self.options.mode}, seed {self.seed})")
+
     def __post_init__(self) -> None:
         if not isinstance(self.model, MoEModel):
             raise InputError("model", f"must be a MoEModel, got {type(self.model).__name__}", "use get_model(name)")

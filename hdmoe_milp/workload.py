@@ -51,6 +51,10 @@ class Trace:
     path: str | None = None  # the file it was read from (absolute), if any
     sha256: str | None = None  # of that file's bytes
 
+    def __repr__(self) -> str:
+        return (f"Trace({self.name!r}: {len(self.layers)} layers, {self.num_tokens()} tokens, top-{self.top_k} of "
+                f"{self.num_experts} experts)")
+
     def __post_init__(self) -> None:
         layers = self.layers
         if isinstance(layers, np.ndarray) and layers.ndim == 3:  # [layers, tokens, top_k] in one array
@@ -277,6 +281,11 @@ class Workload:
     top_k: int
     batch_size: float
     kind: str
+
+    def __repr__(self) -> str:
+        flows = sum(len(lr.weight) for lr in self.layers)
+        return (f"Workload({self.kind}, batch {self.batch_size:g}, {len(self.layers)} layers, {flows} flows, "
+                f"top-{self.top_k} of {self.num_experts} experts)")
 
     def __post_init__(self) -> None:
         E = expect_int("workload.num_experts", self.num_experts, minimum=1, maximum=MAX_EXPERTS,

@@ -264,3 +264,27 @@ def test_extreme_accepted_values_give_finite_latency(mixtral: hm.Problem, mode: 
 def test_largest_sizes_accepted() -> None:
     m = MoEModel("huge", MAX_EXPERTS, 8, 64, 64, MAX_LAYERS)
     assert (m.num_experts, m.moe_layers) == (MAX_EXPERTS, MAX_LAYERS)
+
+
+def test_reprs_say_what_the_object_is_in_one_line():
+    """The public result and input types printed whole arrays (a Placement's repr ran to 26,000
+    characters); each now says in one short line what it holds."""
+    p = hm.Problem(hm.get_model("mixtral-8x7b"), hm.make_hardware("5/50", "2x2"),
+                   trace=hm.synthetic.synthetic_trace(hm.get_model("mixtral-8x7b"), 200, seed=1), hw_point="5/50")
+    plan = hm.place(p, "cb")
+    wanted = {
+        "Problem": (p, ["mixtral-8x7b", "5/50", "2x2", "batch 128"]),
+        "Trace": (p.trace, ["32 layers", "200 tokens", "top-2 of 8"]),
+        "Placement": (plan, ["'cb'", "32 layers", "8 experts", "4 nodes"]),
+        "LayerPlacement": (plan.layers[0], ["8 experts", "4 nodes"]),
+        "Evaluation": (hm.evaluate(p, plan), ["'cb'", "TBT", "us"]),
+        "Workload": (hm.expected_workload(p.trace, 64), ["expected", "batch 64"]),
+        "Comparison": (hm.compare(p, ["cb", "ep"], progress=False), ["['cb', 'ep']"]),
+        "ReplayResult": (hm.replay(p, plan, policy="static", batches=2, batch=16), ["'static'", "2 batches"]),
+        "PlanResult": (hm.solve(p, layers=[0], time_limit_s=0.3, baselines=False, progress=False),
+                       ["TBT", "1 layers solved"]),
+    }
+    for name, (obj, parts) in wanted.items():
+        r = repr(obj)
+        assert r.startswith(name + "(") and "\n" not in r and len(r) < 300, (name, r[:400])
+        assert all(part in r for part in parts), (name, r)

@@ -31,6 +31,10 @@ class ReplayResult:
     decide_s_per_layer: np.ndarray
     tokens: np.ndarray
 
+    def __repr__(self) -> str:
+        return (f"ReplayResult({self.policy!r}: {len(self.latency_s)} batches, mean "
+                f"{float(np.mean(self.latency_s)) * 1e6:.1f} us per step; .summary(), .to_frame())")
+
     def to_frame(self) -> pd.DataFrame:
         """One row per batch, in replay order: ``batch`` (index), ``tokens``, ``latency_us`` (TBT plus
         the move time charged), ``migration_us``, ``bytes_moved``, ``actions``,
