@@ -228,7 +228,8 @@ def layer_text(res: pl.PlanResult) -> str:
     s = res.summary()
     if s["gap_median"] is None:
         return text
-    return (text + f"\n{s['layers_solved']} layers solved: {s['proven_1pct']} proven within 1 %, gap median "
+    n = s["layers_solved"]
+    return (text + f"\n{n} layer{'' if n == 1 else 's'} solved: {s['proven_1pct']} proven within 1 %, gap median "
             f"{100 * s['gap_median']:.2f} %, max {100 * s['gap_max']:.2f} %; {s['improved']} improved on the "
             f"best heuristic" + (f" (up to {100 * s['improvement_max']:.2f} %)" if s["improved"] else ""))
 

@@ -234,7 +234,8 @@ class PlanResult:
 
     def __repr__(self) -> str:
         sm = self.summary()
-        return (f"PlanResult({self.problem!r}: TBT {sm['tbt_us']:.3f} us, {sm['layers_solved']} layers solved, "
+        return (f"PlanResult({self.problem!r}: TBT {sm['tbt_us']:.3f} us, {sm['layers_solved']} layer"
+                f"{'' if sm['layers_solved'] == 1 else 's'} solved, "
                 f"{sm['proven_1pct']} proven within 1 %; .table(), .layer_table(), .summary())")
 
     def at_batch(self, batch: float) -> PlanResult:

@@ -282,7 +282,7 @@ def test_reprs_say_what_the_object_is_in_one_line():
         "Comparison": (hm.compare(p, ["cb", "ep"], progress=False), ["['cb', 'ep']"]),
         "ReplayResult": (hm.replay(p, plan, policy="static", batches=2, batch=16), ["'static'", "2 batches"]),
         "PlanResult": (hm.solve(p, layers=[0], time_limit_s=0.3, baselines=False, progress=False),
-                       ["TBT", "1 layers solved"]),
+                       ["TBT", "1 layer solved"]),
     }
     for name, (obj, parts) in wanted.items():
         r = repr(obj)
