@@ -329,7 +329,7 @@ def headline(res: pd.DataFrame, sp: pd.DataFrame, online: pd.DataFrame | None = 
             ratio = piv[others].rdiv(piv[static], axis=0).mean()
             best = ratio.idxmax()
             out.append(f"Online on a drifted trace, {best} averages {ratio[best]:.3f}x the speed of the static plan "
-                       f"(mean per-token latency, weight moves included).")
+                       f"(mean latency per decode step, weight moves included).")
     return out
 
 

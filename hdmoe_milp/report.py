@@ -482,7 +482,7 @@ def fig_ablation(results: pd.DataFrame, *, model: str | None = None, hw: str | N
     expected workload) at the online batch: ``results`` must hold their rows there (the grid writes
     them as ``part == "ablation"``; otherwise static rows at that batch are used, and failing that
     the largest static batch, which the title then states). The online bar is a plain total: the
-    mean per-token latency of the replayed drift trace, weight moves included (its decomposition is
+    mean latency per decode step of the replayed drift trace, weight moves included (its decomposition is
     not recorded); a dashed tick on it marks ``ours+static`` in the same replay, the like-for-like
     reference for the online gain, and the bar sits on a shaded band: the replay is another workload
     (the drift trace, batch by batch) than the static bars' (the expected workload of the trace the
