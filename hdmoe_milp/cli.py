@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--time-limit", type=float, default=2.0,
                     help="wall seconds per layer when --plan-strategy solves a MILP (milp; hdmoe with cbc or highs; "
                     "default 2)")
-    rp.add_argument("--batch", type=int, help="tokens per batch (default: the instance's [workload].batch, else 512)")
+    rp.add_argument("--batch", type=int, help="tokens per batch (default: the problem's, as evaluate: the instance's "
+                    "[workload].batch, else 128)")
     rp.add_argument("--policy", default="all", help="static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle, "
                     "a comma-separated list, or all (default; all but oracle)")
     rp.add_argument("--batches", type=int, default=50, help="batches to replay (default 50)")
@@ -368,16 +369,15 @@ def _replay(args: argparse.Namespace) -> int:
     for n in names:
         pl.check_choice("--policy", n, pl.POLICIES)
     batch_field = "--batch"
-    if args.batch is None:  # the instance's batch is the replay's unless --batch says otherwise
+    if args.batch is None:  # the problem's batch (the instance's, else 128) is the replay's unless --batch
         written = pl.read_settings(args.instance) if args.instance else None
+        b = written.batch if written is not None else pl.Settings("cli", "x", "x", "x").batch
         if written is not None and "[workload].batch" in written.given:
             batch_field = f"instance {Path(args.instance).name} [workload].batch"
-            if written.batch != int(written.batch):
-                raise InputError(batch_field, f"replays whole tokens per batch, got {written.batch:g}",
+            if b != int(b):
+                raise InputError(batch_field, f"replays whole tokens per batch, got {b:g}",
                                  "give --batch N for the replay, or a whole number in the file")
-            args.batch = int(written.batch)
-        else:
-            args.batch = 512
+        args.batch = int(b)
     s = _settings(args, args.plan)
     try:
         problem = _to_problem(args, s, args.plan)

@@ -506,11 +506,12 @@ def plan_settings(path: str | Path) -> dict[str, Any] | None:
 
 
 def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, policy: str = "greedy",
-           batches: int = 50, batch: int = 512, batching: str = "contiguous", replica_rule: str = "balanced",
+           batches: int = 50, batch: int | None = None, batching: str = "contiguous", replica_rule: str = "balanced",
            seed: int | None = None, progress: bool | None = None, **policy_kw: Any) -> ReplayResult:
-    """Stream ``batches`` batches of ``batch`` tokens from ``trace`` (default: the problem's) under
-    an online ``policy`` starting from ``plan``; every batch is scored by the evaluator on its
-    observed tokens with the replica rule ``replica_rule``."""
+    """Stream ``batches`` batches of ``batch`` tokens (default: the problem's batch, as the CLI)
+    from ``trace`` (default: the problem's) under an online ``policy`` starting from ``plan``;
+    every batch is scored by the evaluator on its observed tokens with the replica rule
+    ``replica_rule``."""
     _check_problem(problem)
     check_choice("policy", policy, POLICIES)
     expect_instance("plan", plan, Placement, "use hm.place(problem, name) or hm.load_plan(path, problem)")
@@ -524,6 +525,11 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
         raise InputError("trace", f"routes top-{tr.top_k} of {tr.num_experts} experts in {tr.num_layers} layers, "
                          f"{m.name} top-{m.top_k} of {m.num_experts} in {m.moe_layers}",
                          f"give a trace of {m.name}: hm.load_trace(path, {m.num_experts}, {m.top_k})")
+    if batch is None:
+        if float(problem.batch) != int(problem.batch):
+            raise InputError("batch", f"defaults to the problem's batch, {problem.batch:g} tokens, which is not a "
+                             "whole number of tokens to replay", "give batch=N")
+        batch = int(problem.batch)
     batch = expect_int("batch", batch, minimum=1, why="tokens per batch")
     batches = expect_int("batches", batches, minimum=1, maximum=MAX_BATCHES, why="batches to replay")
     check_choice("batching", batching, ("random", "contiguous"))

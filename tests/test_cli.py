@@ -147,8 +147,14 @@ def test_replay_takes_batch_and_batching_from_the_instance(tmp_path, capsys):
     assert main([*run, "--instance", instance("batch = 40")]) == 0  # expected batching: replayed contiguous
     d = json.loads(capsys.readouterr().out)
     assert (d["batch"], d["batching"]) == (40, "contiguous")
-    assert main([*run, "--instance", instance("seed = 1")]) == 0  # no batch written: the default
-    assert json.loads(capsys.readouterr().out)["batch"] == 512
+    assert main([*run, "--instance", instance("seed = 1")]) == 0  # no batch written: the problem's default, 128
+    assert json.loads(capsys.readouterr().out)["batch"] == 128
+    # Python replays the problem's batch by default too, as the CLI does
+    import hdmoe_milp as hm
+
+    p = hm.load_instance(instance('batch = 48\nbatching = "random"'))
+    r = hm.replay(p, hm.place(p, "ep"), policy="static", batches=2)
+    assert int(r.tokens.sum()) == 96
     assert main([*run, "--instance", instance("batch = 40.5")]) == 2
     err = capsys.readouterr().err
     assert "x.toml [workload].batch" in err and "40.5" in err and "Traceback" not in err
