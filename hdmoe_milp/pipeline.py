@@ -462,19 +462,29 @@ def check_plan(plan: Placement, problem: Problem) -> None:
     different model or mesh than the plan file records, or a different shape."""
     expect_instance("plan", plan, Placement, "use hm.load_plan(path) or hm.place(problem, name)")
     _check_problem(problem)
+    wrong = _plan_mismatch(plan, problem)
+    if wrong is not None:
+        raise InputError("plan", *wrong[1:])
+
+
+def _plan_mismatch(plan: Placement, problem: Problem) -> tuple[str, str, str] | None:
+    """``(key, problem, fix)`` of the first way ``plan`` does not fit ``problem``, where ``key`` is the
+    plan file's key that says so (``meta.problem.mesh``, ``num_nodes``, ...); None if it fits."""
     made = plan.meta.get("problem") if isinstance(plan.meta, dict) else None
     if isinstance(made, dict):
         for key, here in (("model", problem.model.name), ("mesh", problem.mesh_name)):
             if made.get(key) is not None and made[key] != here:
-                raise InputError("plan", f"was made for {key} {made[key]!r} but the problem has {key} {here!r}",
-                                 f"solve again for {here} or score the plan on {made[key]}")
+                return (f"meta.problem.{key}", f"was made for {key} {made[key]!r} but the problem has {key} {here!r}",
+                        f"solve again for {here} or score the plan on {made[key]}")
     m = problem.model
     if plan.num_nodes != problem.hardware.num_nodes:
-        raise InputError("plan", f"places experts on {plan.num_nodes} nodes but the mesh {problem.mesh_name} has "
-                         f"{problem.hardware.num_nodes}", "use a plan made for this mesh")
+        return ("num_nodes", f"places experts on {plan.num_nodes} nodes but the mesh {problem.mesh_name} has "
+                f"{problem.hardware.num_nodes}", "use a plan made for this mesh")
     if plan.num_experts != m.num_experts or plan.num_layers != m.moe_layers:
-        raise InputError("plan", f"has {plan.num_layers} layers of {plan.num_experts} experts but {m.name} has "
-                         f"{m.moe_layers} MoE layers of {m.num_experts}", "use a plan made for this model")
+        return ("num_experts" if plan.num_experts != m.num_experts else "layers", f"has {plan.num_layers} layers "
+                f"of {plan.num_experts} experts but {m.name} has {m.moe_layers} MoE layers of {m.num_experts}",
+                "use a plan made for this model")
+    return None
 
 
 def load_plan(path: str | Path, problem: Problem | None = None) -> Placement:
@@ -482,12 +492,9 @@ def load_plan(path: str | Path, problem: Problem | None = None) -> Placement:
     _check_problem(problem, optional=True)
     plan = Placement.load(path)
     if problem is not None:
-        try:
-            check_plan(plan, problem)
-        except InputError as exc:  # a file: name it
-            if exc.field != "plan":
-                raise
-            raise InputError(f"plan {Path(path).name}", exc.problem, exc.fix) from None
+        wrong = _plan_mismatch(plan, problem)
+        if wrong is not None:  # a file: name it and its key
+            raise InputError(f"plan {Path(path).name} {wrong[0]}", *wrong[1:])
     return plan
 
 

@@ -1058,6 +1058,35 @@ def test_plan_records_that_contradict_the_plan_are_named(tmp_path, capsys):
     assert "give the trace with --trace" in capsys.readouterr().err
 
 
+def test_plan_mismatches_name_the_file_and_key(tmp_path, capsys):
+    """A plan for another mesh or number of layers named the file but not the key that disagrees."""
+    plan = tmp_path / "p.json"
+    MX2 = ["--model", "mixtral-8x7b", "--mesh", "2x2"]
+    assert main(["evaluate", *MX2, "--strategy", "ep", "--save-plan", str(plan)]) == 0
+    d = json.loads(plan.read_text())
+    del d["meta"]["problem"]["mesh"]
+    nomesh = tmp_path / "nomesh.json"
+    nomesh.write_text(json.dumps(d))
+    d = json.loads(plan.read_text())
+    d["layers"] = d["layers"][:5]
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(d))
+    capsys.readouterr()
+    cases = [
+        (["evaluate", "--plan", str(plan), "--mesh", "4x8"], "plan p.json meta.problem.mesh", "was made for mesh"),
+        (["evaluate", "--plan", str(nomesh), "--mesh", "4x8"], "plan nomesh.json num_nodes", "on 4 nodes"),
+        (["evaluate", *MX2, "--plan", str(short)], "plan short.json layers", "has 5 layers"),
+    ]
+    for argv, field, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: {field}: " in err and says in err and err.count("\n") == 1, (argv, err)
+    with pytest.raises(InputError) as exc:  # in Python the plan is an object, not a file
+        hm.check_plan(hm.load_plan(nomesh), Settings("e", "mixtral-8x7b", "5/50", "4x8",
+                                                      synthetic_tokens=256).to_problem())
+    assert exc.value.field == "plan"
+
+
 def test_cli_review_findings(tmp_path, capsys):
     """Inputs a CLI review found accepted or misreported: each now gets one line naming what the
     user wrote."""
