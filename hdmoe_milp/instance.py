@@ -207,11 +207,18 @@ def read_settings(path: str | Path) -> Settings:
                 raise InputError(f"instance {p.name} {sec}", f"is a [{sec}] table, not a top-level key",
                                  f"write [{sec}] on its own line, then its keys, e.g. [model] preset = "
                                  f'"deepseek-v2-lite"') from None
-        long = re.search(r"^\s*([A-Za-z0-9_-]+)\s*=\s*[+-]?[0-9_]{4000,}", text, flags=re.M)
-        if long:  # Python refuses to read an integer this long; the message would name no key
-            head = [m.group(1) for m in re.finditer(r"^\s*\[([^\]]+)\]", text[:long.start()], flags=re.M)]
-            key = f"[{head[-1].strip()}].{long.group(1)}" if head else long.group(1)
-            raise InputError(f"instance {p.name} {key}", "is a number of over 4,000 digits",
+        long = re.search(r"[0-9][0-9_]{4000,}", text) if "digits" in str(exc) else None
+        if long:  # Python refuses to read an integer this long; its message names no key and no line
+            start = text.rfind("\n", 0, long.start()) + 1
+            line = text[start:long.start()]
+            key = re.match(r"\s*((?:[A-Za-z0-9_-]+|\"[^\"\n]*\"|'[^'\n]*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"\n]*\""
+                           r"|'[^'\n]*'))*)\s*=", line)  # the key this line sets (in an array or inline table too)
+            head = [m.group(1) for m in re.finditer(r"^\s*\[([^\]]+)\]", text[:start], flags=re.M)]
+            if key is None:  # a line of a multi-line array: name the line
+                where = f"line {text.count(chr(10), 0, start) + 1}"
+            else:
+                where = f"[{head[-1].strip()}].{key.group(1)}" if head else key.group(1)
+            raise InputError(f"instance {p.name} {where}", "holds a number of over 4,000 digits",
                              "give a value in the key's range") from None
         raise InputError("instance", f"{p} is not valid TOML: {exc}", "fix the syntax at that line") from None
     where = f"instance {p.name}"

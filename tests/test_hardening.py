@@ -1087,6 +1087,26 @@ def test_plan_mismatches_name_the_file_and_key(tmp_path, capsys):
     assert exc.value.field == "plan"
 
 
+def test_a_toml_integer_too_long_to_read_names_its_key_or_line(tmp_path, capsys):
+    """Python refuses integers of over 4,300 digits with a message naming no key: only ``key = 999...``
+    named its key; in an array, an inline table or under a dotted key it did not."""
+    head = '[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'
+    big = "9" * 5000
+    cases = [
+        ("array", f"[workload]\nbatch = [{big}]\n", "[workload].batch"),
+        ("inline", f"[workload]\nbatch = {{a = {big}}}\n", "[workload].batch"),
+        ("dotted", f"[evaluator]\n x . y = {big}\n", "[evaluator].x . y"),
+        ("lines", f"[workload]\nbatch = [\n  {big},\n]\n", "line 8"),
+    ]
+    for name, body, field in cases:
+        f = tmp_path / f"{name}.toml"
+        f.write_text(head + body)
+        assert main(["evaluate", "--instance", str(f)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: instance {name}.toml {field}: holds a number of over 4,000 digits" in err, err
+        assert "sys.set_int_max_str_digits" not in err and err.count("\n") == 1, err
+
+
 def test_cli_review_findings(tmp_path, capsys):
     """Inputs a CLI review found accepted or misreported: each now gets one line naming what the
     user wrote."""
