@@ -44,6 +44,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"hdmoe-milp: error: {message} (see {self.prog} --help)\n")
 
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        # int() and float() read full-width and other Unicode digits ("\uff11\uff16" as 16); meshes, --layers
+        # and the files take 0-9 only, and so do the numeric flags
+        if action.type in (int, float) and not arg_string.isascii():
+            self.error(f"argument {'/'.join(action.option_strings) or action.dest}: invalid {action.type.__name__} "
+                       f"value: {arg_string!r} (write digits 0-9)")
+        return super()._get_value(action, arg_string)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hdmoe-milp", description="Expert placement for MoE models on 2D-mesh "

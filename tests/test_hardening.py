@@ -207,6 +207,9 @@ CASES = {
     "flag-batch-nan": (_flags("evaluate", *MX, "--batch", "nan"), "--batch"),
     "flag-batch-inf": (_flags("evaluate", *MX, "--batch", "inf"), "--batch"),
     "flag-batch-text": (_flags("evaluate", *MX, "--batch", "many"), "--batch"),
+    "flag-batch-full-width": (_flags("evaluate", *MX, "--batch", "\uff11\uff16"), "--batch"),
+    "flag-seed-full-width": (_flags("evaluate", *MX, "--seed", "\uff11"), "--seed"),
+    "plot-layer-full-width": (_flags("plot", "placement", "p.json", "--layer", "\uff11"), "--layer"),
     "flag-batch-fraction-random": (_flags("evaluate", *MX, "--batching", "random", "--batch", "1.5"), "--batch"),
     "flag-batch-memory-random": (_flags("evaluate", *MX, "--batching", "random", "--batch", "1e8"), "--batch"),
     "flag-time-limit-negative": (_flags("evaluate", *MX, "--strategy", "hdmoe", "--time-limit", "-1"),
@@ -638,6 +641,7 @@ def test_bad_input_one_line_exit_2(name, files, capsys, monkeypatch):
 
 def _argparse_case(name: str) -> bool:
     return name in {"flag-seed-float", "flag-seed-text", "flag-batch-text", "flag-unknown-option",
+                    "flag-batch-full-width", "flag-seed-full-width", "plot-layer-full-width",
                     "flag-mode-not-read-as-model",
                     "flag-unknown-command", "replay-batch-float", "flag-lns-patience-text"}
 
