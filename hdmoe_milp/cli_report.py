@@ -120,6 +120,8 @@ def _bench(args: argparse.Namespace) -> int:
     # --time-limit, --online-batches and --jobs are checked with the spec below (grid.check_spec,
     # check_jobs), before any work; the batches here first, since the spec takes them as integers
     for b in args.batches or ():
+        if not b:  # an empty item: refused below, as in the other lists
+            continue
         try:
             v = float(b)
         except ValueError:

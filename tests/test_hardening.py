@@ -530,6 +530,8 @@ CASES = {
     "flag-instance-empty": (_flags("evaluate", "--instance", ""), "--instance"),
     "bench-out-a-file": (lambda d: ["bench", "--quick", "--out", str(d / "good_trace.json")], "--out"),
     "bench-batches-twice": (_flags("bench", "--quick", "--out", "b", "--batches", "8,8"), "--batches"),
+    "bench-batches-empty-item": (_flags("bench", "--quick", "--out", "b", "--batches", "16,,32"),
+                                 "--batches: has an empty item"),
     "bench-meshes-twice": (_flags("bench", "--quick", "--out", "b", "--meshes", "4x4,4x4"), "--meshes"),
     "bench-models-empty": (_flags("bench", "--quick", "--out", "b", "--models", ","), "--models"),
     "bench-batches-huge": (_flags("bench", "--quick", "--out", "b", "--batches", "1e30"), "--batches"),
