@@ -123,9 +123,12 @@ def _bench(args: argparse.Namespace) -> int:
         if not b:  # an empty item: refused below, as in the other lists
             continue
         try:
+            if not b.isascii():  # float() reads full-width digits; 0-9 only, as everywhere else
+                raise ValueError(b)
             v = float(b)
         except ValueError:
-            raise InputError("--batches", f"must be whole numbers, got {b!r}", "e.g. --batches 16,64,128") from None
+            raise InputError("--batches", f"must be whole numbers, got {b!r}", "e.g. --batches 16,64,128 (digits "
+                             "0-9)") from None
         check_real("--batches", v, minimum=1, maximum=MAX_BATCH, integer=True)
     for name in ("models", "hws", "meshes", "batches"):
         given = getattr(args, name)

@@ -532,6 +532,8 @@ CASES = {
     "bench-batches-twice": (_flags("bench", "--quick", "--out", "b", "--batches", "8,8"), "--batches"),
     "bench-batches-empty-item": (_flags("bench", "--quick", "--out", "b", "--batches", "16,,32"),
                                  "--batches: has an empty item"),
+    "bench-batches-full-width": (_flags("bench", "--quick", "--out", "b", "--batches", "16,\uff13\uff12"),
+                                 "--batches: must be whole numbers"),
     "bench-meshes-twice": (_flags("bench", "--quick", "--out", "b", "--meshes", "4x4,4x4"), "--meshes"),
     "bench-models-empty": (_flags("bench", "--quick", "--out", "b", "--models", ","), "--models"),
     "bench-batches-huge": (_flags("bench", "--quick", "--out", "b", "--batches", "1e30"), "--batches"),
