@@ -146,6 +146,9 @@ def _bench(args: argparse.Namespace) -> int:
         raise InputError("--out", "is empty", "give the folder to write the report into")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError("--out", f"{args.out} is not a folder", "give a folder; a missing one is created")
+    above = next((a for a in Path(args.out).absolute().parents if a.exists()), None)
+    if above is not None and not above.is_dir():  # mkdir would say only "Not a directory"
+        raise InputError("--out", f"{above} is a file, not a folder", "write into a folder; a missing one is created")
     try:
         spec = grid.check_spec(_bench_spec(args))  # every flag checked before the folder is made or any work
         pl.check_jobs(args.jobs, args.executor)

@@ -555,7 +555,8 @@ CASES = {
                                         "--batches"),
     "bench-online-batches-beyond-the-limit": (_flags("bench", "--quick", "--out", "b", "--online-batches",
                                                      "1000000000"), "--online-batches"),
-    "bench-out-under-a-file": (lambda d: ["bench", "--quick", "--out", str(d / "good_trace.json" / "sub")], "--out"),
+    "bench-out-under-a-file": (lambda d: ["bench", "--quick", "--out", str(d / "good_trace.json" / "sub")],
+                               "good_trace.json is a file, not a folder"),
     # --- a bad value late in a bench list was found only after the points before it had solved ----
     "bench-model-late-in-the-list": (_flags("bench", "--quick", "--out", "b", "--models", "mixtral-8x7b,nope"),
                                      "--models"),
