@@ -499,7 +499,14 @@ def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
                          "save it again from a problem on a named hardware point (make_hardware or an instance file)")
     s = replace(pl.Settings(path.stem, "deepseek-v2-lite", "5/50", "4x8"), **plan_defaults(str(path), None,
                                                                                      flags=False))
-    problem = s.to_problem()
+    try:  # the values come from the plan file: name its keys, and no flag plot lacks (--model, --trace)
+        problem = s.to_problem(model_field=f"the model of plan {path.name} (meta.problem.model)")
+    except InputError as exc:
+        key = {"batch": "batch", "trace": "trace_path"}.get(exc.field)
+        if key is None:
+            raise
+        raise InputError(f"plan {path.name} meta.problem.{key}", exc.problem,
+                         exc.fix or "save the plan again") from None
     check_plan_record(str(path), problem, flags=False)
     return problem, pl.load_plan(path, problem), Mesh.parse(s.mesh)
 

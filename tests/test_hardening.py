@@ -1096,6 +1096,29 @@ def test_plan_mismatches_name_the_file_and_key(tmp_path, capsys):
     assert exc.value.field == "plan"
 
 
+def test_plot_names_the_plans_trace_not_flags_it_lacks(tmp_path, capsys):
+    """plot on a plan whose recorded trace cannot be read said "trace:" (not the plan's key), and one
+    whose trace has another number of layers said "set --model", which plot does not read."""
+    import hashlib
+
+    plan = tmp_path / "p.json"
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--strategy", "cb", "--save-plan",
+                 str(plan)]) == 0
+    capsys.readouterr()
+    d = json.loads(plan.read_text())
+    for name, text, field, says in (
+            ("bad", "{oops", "plan bad.json meta.problem.trace_path", "cannot read"),
+            ("short", json.dumps({str(i): [[0, 1]] * 10 for i in range(5)}), "trace t_short.json",
+             "set the model of plan short.json (meta.problem.model)")):
+        (tmp_path / f"t_{name}.json").write_text(text)
+        d["meta"]["problem"].update(trace_path=f"t_{name}.json", trace_sha256=hashlib.sha256(text.encode()).hexdigest())
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+        assert main(["plot", "placement", str(tmp_path / f"{name}.json"), "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {field}: " in err and says in err and err.count("\n") == 1, err
+        assert "--model" not in err and "--trace" not in err, err
+
+
 def test_a_toml_integer_too_long_to_read_names_its_key_or_line(tmp_path, capsys):
     """Python refuses integers of over 4,300 digits with a message naming no key: only ``key = 999...``
     named its key; in an array, an inline table or under a dotted key it did not."""
