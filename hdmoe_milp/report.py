@@ -159,10 +159,13 @@ def speedup_table(df: pd.DataFrame, ours: str = "plan", by: Sequence[str] = ("mo
     _table("df", df, ("strategy", "tbt_us"))
     d = df if part is None or "part" not in df.columns else df[df["part"] == part]
     tbt = pd.to_numeric(d["tbt_us"], errors="coerce")
-    bad = tbt.notna() & ~(np.isfinite(tbt) & (tbt > 0))  # a speedup over 0 or inf us means nothing
+    # a speedup over 0 or inf us means nothing; a blank or text TBT left its points out silently (or a TypeError)
+    bad = ~(np.isfinite(tbt) & (tbt > 0))
     if bad.any():
         i = bad.to_numpy().nonzero()[0][0]
-        raise InputError("df", f"tbt_us of the {d['strategy'].iloc[i]} row {d.index[i]} is {float(tbt.iloc[i]):g}",
+        v = d["tbt_us"].iloc[i]
+        said = f"{float(tbt.iloc[i]):g}" if pd.notna(tbt.iloc[i]) else "blank" if pd.isna(v) else f"{str(v)!r:.60}"
+        raise InputError("df", f"tbt_us of the {d['strategy'].iloc[i]} row {d.index[i]} is {said}",
                          "give finite TBTs > 0 (us)")
     point_cols = [c for c in ("model", "mesh", "hw", "mode", "batch") if c in d.columns]
     wide = d.pivot_table(index=point_cols, columns="strategy", values="tbt_us", aggfunc="first")

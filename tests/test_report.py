@@ -440,6 +440,11 @@ def test_figure_and_table_functions_refuse_what_they_cannot_draw():
     cases = [
         (lambda: rp.speedup_table(pd.DataFrame()), "df"),
         (lambda: rp.speedup_table(pf, ours="zzz"), "ours"),
+        # a blank or text TBT left the point out silently (an empty table) or raised TypeError
+        (lambda: rp.speedup_table(pf.assign(tbt_us=pf["tbt_us"].where(pf["strategy"] != "tp")), ours="cb"), "df"),
+        (lambda: rp.speedup_table(pf.assign(tbt_us=pf["tbt_us"].astype(object).where(pf["strategy"] != "tp", "abc")),
+                                  ours="cb"),
+         "df"),
         (lambda: rp.fig_tbt_normalised(pf.drop(columns=["batch"])), "df"),
         (lambda: rp.fig_tbt_normalised(pf, batch=7), "batch"),
         (lambda: rp.fig_tbt_normalised(pf, strategies=["zz"]), "strategies"),
