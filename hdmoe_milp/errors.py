@@ -227,6 +227,20 @@ def unique_keys(field: str) -> Any:
     return hook
 
 
+def json_int(field: str, source: str) -> Any:
+    """A ``json.loads`` ``parse_int`` that refuses an integer too long to read (Python refuses over 4,300
+    digits with a message naming no file), naming ``field`` and ``source`` (the file)."""
+
+    def parse(text: str) -> int:
+        digits = len(text.lstrip("-"))
+        if digits > 4000:
+            raise InputError(field, f"{source} holds a whole number of {digits:,} digits",
+                             "write the small numbers it holds: expert ids, counts and sizes")
+        return int(text)
+
+    return parse
+
+
 def _finite_float(x: numbers.Real) -> bool:
     """Whether ``x`` is a finite float (an integer too large for a float is not)."""
     try:

@@ -29,6 +29,7 @@ from .errors import (
     expect_path,
     expect_str,
     int_vector,
+    json_int,
     real_matrix,
     real_vector,
     unique_keys,
@@ -344,7 +345,8 @@ class Placement:
     def load(cls, path: str | Path) -> Placement:
         p = check_file("plan", path, "give the path of a plan .json file")
         try:
-            d = json.loads(p.read_bytes().decode("utf-8-sig"), object_pairs_hook=unique_keys(f"plan {p.name}"))
+            d = json.loads(p.read_bytes().decode("utf-8-sig"), object_pairs_hook=unique_keys(f"plan {p.name}"),
+                           parse_int=json_int("plan", str(p)))
         except InputError:
             raise
         except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors, ints too long to read

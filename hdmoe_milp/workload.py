@@ -33,6 +33,7 @@ from .errors import (
     expect_instance,
     expect_int,
     int_matrix,
+    json_int,
     shown,
     unique_keys,
 )
@@ -233,7 +234,8 @@ def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
 def _json_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
     if p.name.lower().endswith(".gz"):
         data = gzip.decompress(data)
-    raw = json.loads(data.decode("utf-8-sig"), object_pairs_hook=unique_keys(f"trace {p.name}"))
+    raw = json.loads(data.decode("utf-8-sig"), object_pairs_hook=unique_keys(f"trace {p.name}"),
+                     parse_int=json_int("trace", str(p)))
     if not isinstance(raw, dict) or not raw:
         raise InputError("trace", f"{p} must hold a non-empty object {{layer: [[experts]...]}}",
                          'e.g. {"0": [[3, 5], [1, 2]], "1": [...]}')

@@ -1139,6 +1139,36 @@ def test_a_toml_integer_too_long_to_read_names_its_key_or_line(tmp_path, capsys)
         assert "sys.set_int_max_str_digits" not in err and err.count("\n") == 1, err
 
 
+def test_a_json_integer_too_long_to_read_names_the_file(tmp_path, capsys):
+    """Plan and trace files with an integer of over 4,300 digits gave Python's own message (about
+    sys.set_int_max_str_digits); they name the file as given."""
+    plan = tmp_path / "p.json"
+    MX2 = ["--model", "mixtral-8x7b", "--mesh", "2x2"]
+    assert main(["evaluate", *MX2, "--strategy", "ep", "--save-plan", str(plan)]) == 0
+    big = tmp_path / "big.json"
+    big.write_text(plan.read_text().replace('"num_experts": 8', '"num_experts": ' + "9" * 5000, 1))
+    trace = tmp_path / "t.json"
+    trace.write_text('{"0": [[' + "9" * 5000 + ", 1]]}")
+    inst = tmp_path / "i.toml"
+    inst.write_text('[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n[workload]\n'
+                    'trace = "t.json"\n')
+    capsys.readouterr()
+    cases = [
+        (["evaluate", "--plan", str(big)], "plan", "big.json holds a whole number of 5,000 digits"),
+        (["plot", "placement", str(big), "--out", str(tmp_path / "x.png")], "plan", "big.json holds a whole number"),
+        (["evaluate", *MX2, "--trace", str(trace)], "--trace", "t.json holds a whole number of 5,000 digits"),
+        (["evaluate", "--instance", str(inst)], "instance i.toml [workload].trace", "t.json holds a whole number"),
+    ]
+    for argv, field, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: {field}: " in err and says in err and err.count("\n") == 1, (argv, err)
+        assert "set_int_max_str_digits" not in err, err
+    with pytest.raises(InputError, match="holds a whole number") as exc:
+        hm.load_trace(trace, 8, 2)
+    assert exc.value.field == "trace"
+
+
 def test_cli_review_findings(tmp_path, capsys):
     """Inputs a CLI review found accepted or misreported: each now gets one line naming what the
     user wrote."""
