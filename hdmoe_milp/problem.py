@@ -270,7 +270,7 @@ class Problem:
                 "dram_capacity_bytes": hw.dram_capacity_bytes,
                 "hop_latency_s": hw.hop_latency_s,
             },
-            "batch": self.batch,
+            "batch": int(self.batch) if float(self.batch).is_integer() else float(self.batch),  # 128, not 128.0
             "batching": self.batching,
             "seed": self.seed,
             "trace": None if self.trace is None else self.trace.name,
