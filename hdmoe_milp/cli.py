@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="wall seconds per layer when --plan-strategy solves a MILP (milp; hdmoe with cbc or highs; "
                     "default 2)")
     rp.add_argument("--batch", type=int, help="tokens per batch (default: the problem's, as evaluate: the instance's "
-                    "[workload].batch, else 128)")
+                    "[workload].batch or the batch the --plan was made for, else 128)")
     rp.add_argument("--policy", default="all", help="static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle, "
                     "a comma-separated list, or all (default; all but oracle)")
     rp.add_argument("--batches", type=int, default=50, help="batches to replay (default 50)")
@@ -377,9 +377,13 @@ def _replay(args: argparse.Namespace) -> int:
     for n in names:
         pl.check_choice("--policy", n, pl.POLICIES)
     batch_field = "--batch"
-    if args.batch is None:  # the problem's batch (the instance's, else 128) is the replay's unless --batch
+    if args.batch is None:  # the problem's batch (the instance's or the plan's, else 128) unless --batch
         written = pl.read_settings(args.instance) if args.instance else None
         b = written.batch if written is not None else pl.Settings("cli", "x", "x", "x").batch
+        made = (pl.plan_settings(args.plan) or {}) if args.plan and written is None else {}
+        if isinstance(made.get("batch"), (int, float)) and not isinstance(made["batch"], bool) \
+                and made["batch"] >= 1 and float(made["batch"]).is_integer():
+            b = made["batch"]  # the batch the plan was made for
         if written is not None and "[workload].batch" in written.given:
             batch_field = f"instance {Path(args.instance).name} [workload].batch"
             if b != int(b):

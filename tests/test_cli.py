@@ -149,6 +149,13 @@ def test_replay_takes_batch_and_batching_from_the_instance(tmp_path, capsys):
     assert (d["batch"], d["batching"]) == (40, "contiguous")
     assert main([*run, "--instance", instance("seed = 1")]) == 0  # no batch written: the problem's default, 128
     assert json.loads(capsys.readouterr().out)["batch"] == 128
+    # a plan file: the batch it was made for
+    saved = tmp_path / "p48.json"
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "2.5/75", "--trace", str(trace),
+                 "--batch", "48", "--strategy", "ep", "--save-plan", str(saved)]) == 0
+    capsys.readouterr()
+    assert main(["replay", "--plan", str(saved), "--batches", "2", "--policy", "static", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch"] == 48
     # Python replays the problem's batch by default too, as the CLI does
     import hdmoe_milp as hm
 
