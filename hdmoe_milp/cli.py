@@ -376,38 +376,29 @@ def _replay(args: argparse.Namespace) -> int:
                          "give 'all' alone, or a list of policies")
     for n in names:
         pl.check_choice("--policy", n, pl.POLICIES)
-    batch_field = "--batch"
-    if args.batch is None:  # the problem's batch (the instance's or the plan's, else 128) unless --batch
-        written = pl.read_settings(args.instance) if args.instance else None
-        b = written.batch if written is not None else pl.Settings("cli", "x", "x", "x").batch
-        made = (pl.plan_settings(args.plan) or {}) if args.plan and written is None else {}
-        if isinstance(made.get("batch"), (int, float)) and not isinstance(made["batch"], bool) \
-                and made["batch"] >= 1 and float(made["batch"]).is_integer():
-            b = made["batch"]  # the batch the plan was made for
-        if written is not None and "[workload].batch" in written.given:
-            batch_field = f"instance {Path(args.instance).name} [workload].batch"
-            if b != int(b):
-                raise InputError(batch_field, f"replays whole tokens per batch, got {b:g}",
-                                 "give --batch N for the replay, or a whole number in the file")
-        args.batch = int(b)
     s = _settings(args, args.plan)
-    try:
-        problem = _to_problem(args, s, args.plan)
-    except InputError as exc:
-        if exc.field != "--batch" or batch_field == "--batch":
-            raise
-        raise InputError(batch_field, exc.problem, exc.fix) from None
+    batch, batch_field = args.batch, "--batch"
+    if batch is None:  # the problem's batch: the instance's, the plan's, else 128
+        if args.instance and "[workload].batch" in s.given:
+            batch_field = f"instance {Path(args.instance).name} [workload].batch"
+            if s.batch != int(s.batch):
+                raise InputError(batch_field, f"replays whole tokens per batch, got {s.batch:g}",
+                                 "give --batch N for the replay, or a whole number in the file")
+        elif not float(s.batch).is_integer():  # a plan made for a fractional expected batch
+            s = replace(s, batch=pl.Settings.batch)
+        batch = int(s.batch)
+    problem = _to_problem(args, s, args.plan)  # names the file's key for a batch it gave
     if len(set(names)) != len(names):
         raise InputError("--policy", f"lists a policy twice: {args.policy}", "name each policy once")
     pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
     from_file = args.instance is not None and args.batching is None and s.batching in ("random", "contiguous")
     batching = args.batching or (s.batching if from_file else "contiguous")
     pl.check_choice("--batching", batching, ("random", "contiguous"))
-    for flag, v in ((batch_field, args.batch), ("--batches", args.batches)):
+    for flag, v in ((batch_field, batch), ("--batches", args.batches)):
         if v < 1:
             raise InputError(flag, f"must be >= 1, got {v}", f"e.g. {flag} 64")
-    problem.check_memory(batch_field, args.batch)
-    pl.check_window(batch_field, args.batch, batching, problem.trace, "lower --batch or use --batching random")
+    problem.check_memory(batch_field, batch)
+    pl.check_window(batch_field, batch, batching, problem.trace, "lower --batch or use --batching random")
     if args.plan:
         plan = pl.load_plan(args.plan, problem)
     else:
@@ -420,18 +411,18 @@ def _replay(args: argparse.Namespace) -> int:
                 raise InputError("--plan-trace", f"{exc.field}: {exc.problem}", _same_model_fix(exc, problem)
                                  or exc.fix or f"give a trace of {problem.model.name} with every layer") from None
         plan = pl.place(base, args.plan_strategy, budget=pl.Budget(time_limit_s=args.time_limit))
-    rows = [pl.replay(problem, plan, policy=n, batches=args.batches, batch=args.batch, batching=batching,
+    rows = [pl.replay(problem, plan, policy=n, batches=args.batches, batch=batch, batching=batching,
                       replica_rule=args.replica_rule, progress=args.progress).summary() for n in names]
     static = next((r["mean_us"] for r in rows if r["policy"] == "static"), None)
     for r in rows:
         r["speedup_vs_static"] = None if static is None else static / r["mean_us"]
     trace = s.trace or problem.trace.name
     if args.json:
-        print(json.dumps({"model": problem.model.name, "hw": s.hw, "mesh": problem.mesh_name, "batch": args.batch,
+        print(json.dumps({"model": problem.model.name, "hw": s.hw, "mesh": problem.mesh_name, "batch": batch,
                           "batching": batching, "plan": args.plan or f"{args.plan_strategy}", "trace": trace,
                           "results": rows}, indent=2))
         return 0
-    print(f"model={problem.model.name} hw={s.hw} mesh={problem.mesh_name} batch={args.batch} "
+    print(f"model={problem.model.name} hw={s.hw} mesh={problem.mesh_name} batch={batch} "
           f"batches={args.batches} batching={batching} trace={trace}")
     df = pd.DataFrame(rows)[["policy", "mean_us", "p50_us", "p99_us", "migration_us", "bytes_moved", "actions",
                              "decide_us_per_layer_mean", "speedup_vs_static"]]
