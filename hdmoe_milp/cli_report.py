@@ -146,8 +146,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise InputError("--out", "is empty", "give the folder to write the report into")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError("--out", f"{args.out} is not a folder", "give a folder; a missing one is created")
-    above = next((a for a in Path(args.out).absolute().parents if a.exists()), None)
-    if above is not None and not above.is_dir():  # mkdir would say only "Not a directory"
+    if (above := _file_in_the_way(Path(args.out).absolute().parent)) is not None:
         raise InputError("--out", f"{above} is a file, not a folder", "write into a folder; a missing one is created")
     try:
         spec = grid.check_spec(_bench_spec(args))  # every flag checked before the folder is made or any work
@@ -299,6 +298,13 @@ def _at_batch(df: pd.DataFrame, batch: float | None) -> float:
     return float(batch)
 
 
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (or ``folder`` itself) if it is a file, not a
+    folder: writing there fails with only "Not a directory"."""
+    above = next((a for a in (folder, *folder.parents) if a.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
 def check_out(flag: str, path: str | None, force: bool = False) -> None:
     """Fail before any work if ``path`` cannot be written, or exists and ``--force`` is not given."""
     flag = flag if flag.startswith("--") else f"--{flag}"
@@ -313,8 +319,7 @@ def check_out(flag: str, path: str | None, force: bool = False) -> None:
         raise InputError(flag, f"{path} names a folder", "give a file name")
     parent = Path(path).resolve().parent
     if not parent.is_dir():
-        above = next((a for a in parent.parents if a.exists()), None) if not parent.exists() else parent
-        if above is not None and not above.is_dir():
+        if (above := _file_in_the_way(parent)) is not None:
             raise InputError(flag, f"{above} is a file, not a folder", "write into a folder")
         raise InputError(flag, f"folder {parent} does not exist", "create it or write elsewhere")
     if Path(path).is_dir():
@@ -355,7 +360,8 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
     recorded trace must still be there and unchanged unless ``--trace`` replaces it. ``flags``:
     the fix may offer ``--trace`` (False where the command reads no such flag: ``plot``); ``given``:
     the settings (``"model"``, ``"mesh"``) a flag overrides, whose record is then not checked."""
-    made = pl.plan_settings(path) or {}
+    plan = Placement.load(path)  # once: its record here, its shape in _check_own_shape
+    made = plan.meta.get("problem") if isinstance(plan.meta.get("problem"), dict) else {}
     where = f"plan {Path(path).name} meta.problem"
 
     def num(key: str, v: Any) -> float:
@@ -403,7 +409,7 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
                              "save the plan again")
     if made.get("seed") is not None:
         out["seed"] = made["seed"]
-    _check_own_shape(path, {k: v for k, v in out.items() if k not in given})
+    _check_own_shape(path, plan, {k: v for k, v in out.items() if k not in given})
     recorded = made.get("trace_path")
     for key in ("trace_path", "trace_sha256"):
         if made.get(key) is not None and not isinstance(made[key], str):
@@ -427,11 +433,10 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
     return out
 
 
-def _check_own_shape(path: str, out: dict[str, Any]) -> None:
-    """Refuse a plan whose record contradicts the plan itself: a model whose experts or layer count
-    differ from the plan's rows, or a mesh with another number of nodes (before any trace is read,
-    which would otherwise be blamed)."""
-    plan = Placement.load(path)
+def _check_own_shape(path: str, plan: Placement, out: dict[str, Any]) -> None:
+    """Refuse a plan (read from ``path``) whose record contradicts the plan itself: a model whose
+    experts or layer count differ from the plan's rows, or a mesh with another number of nodes
+    (before any trace is read, which would otherwise be blamed)."""
     where = f"plan {Path(path).name} meta.problem"
     if "model" in out:
         m = MODEL_PRESETS[out["model"]]
