@@ -335,8 +335,8 @@ def _solve(args: argparse.Namespace) -> int:
     layers = []
     for r in res.layers:
         d = r.to_dict()
-        for key in ("objective", "bound", "warm_start_objective"):
-            d[key + "_us"] = None if d[key] is None else d[key] * 1e6
+        for key in ("objective_s", "bound_s", "warm_start_objective_s"):
+            d[key.removesuffix("_s") + "_us"] = None if d[key] is None else d[key] * 1e6
         layers.append(d)
     tbt = {n: e.tbt_us for n, e in res.evaluations.items() if n != "milp"}
     s = res.solver

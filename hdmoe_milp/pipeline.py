@@ -272,8 +272,8 @@ class PlanResult:
     def layer_table(self) -> pd.DataFrame:
         """One row per layer: status, objective, bound (us), gap, time, sources."""
         df = pd.DataFrame([r.to_dict() for r in self.layers])
-        df["objective_us"] = df["objective"] * 1e6
-        df["bound_us"] = df["bound"].astype(float) * 1e6
+        df["objective_us"] = df["objective_s"] * 1e6
+        df["bound_us"] = df["bound_s"].astype(float) * 1e6
         return df[["layer", "status", "objective_us", "bound_us", "gap", "improvement", "time_s", "source",
                    "final_source"]]
 

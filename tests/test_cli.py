@@ -33,9 +33,12 @@ def test_solve_json_reports_layers_and_baselines(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert len(d["layers"]) == 32
     for layer in d["layers"]:
-        for key in ("status", "objective", "bound", "gap", "time_s", "backend"):
+        for key in ("status", "objective_s", "bound_s", "gap", "time_s", "backend", "objective_us", "bound_us"):
             assert key in layer
-        assert layer["status"] in ("optimal", "feasible") and layer["bound"] <= layer["objective"] * (1 + 1e-9)
+        assert layer["status"] in ("optimal", "feasible") and layer["bound_s"] <= layer["objective_s"] * (1 + 1e-9)
+        # every time carries its unit in its key (it was "objective", "bound", ... in seconds)
+        assert not {"objective", "bound", "warm_start_objective", "model_objective", "model_bound"} & set(layer)
+        assert layer["objective_us"] == pytest.approx(layer["objective_s"] * 1e6, rel=1e-12)
     tbt = d["tbt_us"]
     assert set(tbt) == {"plan", *STRATEGIES}
     assert all(tbt["plan"] <= v * (1 + 1e-12) for v in tbt.values())
@@ -195,7 +198,7 @@ def test_solve_flags_reach_the_solver(capsys):
         assert main([*args, "--deterministic", "--no-branch-and-bound"]) == 0
         runs.append(json.loads(capsys.readouterr().out))
     assert runs[0]["time_mode"] == "deterministic"
-    keep = ("layer", "status", "objective", "bound", "source", "message")
+    keep = ("layer", "status", "objective_s", "bound_s", "source", "message")
     assert [{k: r[k] for k in keep} for r in runs[0]["layers"]] == [{k: r[k] for k in keep} for r in runs[1]["layers"]]
     assert all("branch and bound" not in r["message"] for r in runs[0]["layers"])
     assert main(args) == 0
@@ -253,7 +256,7 @@ def test_solve_text_gives_percent_gaps_and_a_summary_of_the_solved_layers(capsys
     assert len(rows) == 32 and "NaN" not in "\n".join(lines)
     for li, row in rows.items():
         if li in (0, 2):
-            assert float(row[2]) == pytest.approx(layers[li]["objective"] * 1e6, abs=5e-4)
+            assert float(row[2]) == pytest.approx(layers[li]["objective_s"] * 1e6, abs=5e-4)
             assert float(row[4]) == pytest.approx(layers[li]["gap"] * 100, abs=5e-3)
         else:
             assert row[1] == "not-solved" and row[3] == row[4] == "-"

@@ -94,14 +94,16 @@ class LayerSolveResult:
     lns_gain: float = 0.0  # relative improvement LNS made on its start (the best plan before it)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record: times in seconds (keys ending in ``_s``), ``gap``, ``improvement`` and
+        ``lns_gain`` as fractions, ``trace`` points as described above; no placement."""
         return {
-            "layer": self.layer, "status": self.status, "objective": self.objective_s, "bound": self.bound_s,
+            "layer": self.layer, "status": self.status, "objective_s": self.objective_s, "bound_s": self.bound_s,
             "gap": self.gap, "time_s": self.time_s, "backend": self.backend, "num_vars": self.num_vars,
             "num_binaries": self.num_binaries, "num_rows": self.num_rows,
-            "warm_start_objective": self.warm_start_objective_s,
+            "warm_start_objective_s": self.warm_start_objective_s,
             "warm_start_source": self.warm_start_source, "source": self.source,
             "bound_certifies": self.bound_certifies, "message": self.message, "final_source": self.final_source,
-            "family": self.family, "model_objective": self.model_objective_s, "model_bound": self.model_bound_s,
+            "family": self.family, "model_objective_s": self.model_objective_s, "model_bound_s": self.model_bound_s,
             "time_mode": self.time_mode, "trace": [list(p) for p in self.trace], "improvement": self.improvement,
             "lns_steps": self.lns_steps, "lns_accepted": self.lns_accepted, "lns_gain": self.lns_gain,
         }
