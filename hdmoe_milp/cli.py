@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--instance", help="instance TOML file; other flags override its values")
         sp.add_argument("--model", help="model preset: " + ", ".join(pl.MODEL_PRESETS))
         sp.add_argument("--mesh", help="mesh ROWSxCOLS, e.g. 4x8")
-        sp.add_argument("--hw", help="hardware point: " + ", ".join(pl.HARDWARE_PRESETS))
+        sp.add_argument("--hw", help="design point, TFLOP/s per node / GB/s per link: the paper's "
+                        + ", ".join(pl.HARDWARE_PRESETS) + ", or any other such as 4/40")
         sp.add_argument("--trace", help="routing trace (.json, .json.gz or .npz); default: synthetic")
         sp.add_argument("--seed", type=int, help="seed for sampling, homes, random EP and synthetic traces")
         sp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -281,7 +282,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     df = cmp.table()
     o = problem.options
     setting = {
-        "model": problem.model.name, "hw": s.hw, "mesh": problem.mesh_name,
+        "model": problem.model.name, "hw": problem.hw_point, "mesh": problem.mesh_name,
         "batch": int(s.batch) if float(s.batch).is_integer() else float(s.batch),  # 128 from a flag or a file
         "batching": s.batching, "trace": s.trace or problem.trace.name, "mode": o.mode,
         "delivery": o.resolved_delivery, "home": o.resolved_home, "seed": problem.seed,
@@ -418,11 +419,11 @@ def _replay(args: argparse.Namespace) -> int:
         r["speedup_vs_static"] = None if static is None else static / r["mean_us"]
     trace = s.trace or problem.trace.name
     if args.json:
-        print(json.dumps({"model": problem.model.name, "hw": s.hw, "mesh": problem.mesh_name, "batch": batch,
-                          "batching": batching, "plan": args.plan or f"{args.plan_strategy}", "trace": trace,
-                          "results": rows}, indent=2))
+        print(json.dumps({"model": problem.model.name, "hw": problem.hw_point, "mesh": problem.mesh_name,
+                          "batch": batch, "batching": batching, "plan": args.plan or f"{args.plan_strategy}",
+                          "trace": trace, "results": rows}, indent=2))
         return 0
-    print(f"model={problem.model.name} hw={s.hw} mesh={problem.mesh_name} batch={batch} "
+    print(f"model={problem.model.name} hw={problem.hw_point} mesh={problem.mesh_name} batch={batch} "
           f"batches={args.batches} batching={batching} trace={trace}")
     df = pd.DataFrame(rows)[["policy", "mean_us", "p50_us", "p99_us", "migration_us", "bytes_moved", "actions",
                              "decide_us_per_layer_mean", "speedup_vs_static"]]

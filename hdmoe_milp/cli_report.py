@@ -37,7 +37,7 @@ from .errors import (
     check_real,
 )
 from .evaluator import DELIVERIES, HOMES, MODES
-from .hardware import HARDWARE_PRESETS, Mesh
+from .hardware import Mesh, parse_point
 from .moe import MODEL_PRESETS
 from .placement import Placement
 from .workload import BATCHING
@@ -277,6 +277,8 @@ _KEYS = ("model", "hw", "mesh", "mode", "batch", "part", "strategy", "policy", "
 def _filter(df: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
     """The rows matching every one of --model, --hw and --mesh given."""
     given = {c: getattr(args, c) for c in ("model", "hw", "mesh") if getattr(args, c, None) is not None}
+    if "hw" in given:  # the table holds canonical names: --hw 5.0/50 is the rows of 5/50
+        given["hw"] = parse_point(given["hw"], "--hw")[0]
     for c, v in given.items():
         if c in df.columns:
             df = df[df[c].astype(str) == str(v)]
@@ -370,7 +372,7 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
         return float(v)
 
     out: dict[str, Any] = {}
-    choices = {"model": tuple(MODEL_PRESETS), "hw_point": tuple(HARDWARE_PRESETS), "batching": BATCHING,
+    choices = {"model": tuple(MODEL_PRESETS), "batching": BATCHING,
                "mode": MODES, "delivery": DELIVERIES, "home": HOMES}
     for key, field in (("model", "model"), ("mesh", "mesh"), ("hw_point", "hw"), ("batch", "batch"),
                        ("batching", "batching"), ("mode", "mode"), ("delivery", "delivery"), ("home", "home")):
@@ -382,6 +384,8 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
                 raise InputError(f"{where}.{key}", f"must be a string, got {v!r}", "save the plan again")
             elif key in choices:  # checked here, so that the error names the plan, not a flag
                 check_choice(f"{where}.{key}", v, choices[key])
+            elif key == "hw_point":
+                v = parse_point(v, f"{where}.hw_point")[0]
             elif key == "mesh":
                 try:
                     Mesh.parse(v)

@@ -33,7 +33,7 @@ from . import pipeline as pl
 from . import report as rp
 from ._version import __version__
 from .errors import MAX_BATCH, MAX_BATCHES, MAX_TIME_LIMIT_S, InputError, check_choice, check_real, check_seed
-from .hardware import Mesh
+from .hardware import Mesh, parse_point
 from .moe import get_model
 from .placement import write_atomic
 from .problem import check_mesh_memory
@@ -121,6 +121,10 @@ def check_spec(spec: GridSpec) -> GridSpec:
     """``spec`` if every name and number in it is valid, else an InputError naming the field: checked
     before any work, so a bad value late in a list is not found after the points before it solved."""
     check_choice("mode", spec.mode, ("mesh", "paper"))
+    if isinstance(spec.hws, (tuple, list)):  # canonical names, so that "5.0/50" and "5/50" are one point
+        hws = tuple(parse_point(h, "hw")[0] for h in spec.hws)
+        if hws != tuple(spec.hws):
+            spec = replace(spec, hws=hws)
     for name, values in (("models", spec.models), ("hws", spec.hws), ("meshes", spec.meshes),
                          ("batches", spec.batches), ("policies", spec.policies)):
         if not isinstance(values, (tuple, list)) or (not values and name != "policies"):
@@ -129,8 +133,6 @@ def check_spec(spec: GridSpec) -> GridSpec:
             raise InputError(name, f"lists a value twice: {values!r:.60}", "name each value once")
     for m in spec.models:
         check_choice("model", m, tuple(MODEL_TRACES))
-    for h in spec.hws:
-        check_choice("hw", h, tuple(pl.HARDWARE_PRESETS))
     for s in (*spec.meshes, *(spec.online_meshes or ())):
         try:
             mesh = Mesh.parse(s)
@@ -213,7 +215,7 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, executor: str = 
              progress: bool | None = None) -> GridResult:
     """Run the grid into ``out`` (plans cached in ``out/cache``); returns the frames. ``progress``:
     a bar on stderr (None: on in a terminal)."""
-    check_spec(spec)
+    spec = check_spec(spec)
     jobs = pl.check_jobs(jobs, executor)
     out = Path(out)
     cache = out / "cache"

@@ -26,7 +26,6 @@ from .errors import (
     MAX_HOP_LATENCY_NS,
     MAX_NODES,
     InputError,
-    check_choice,
     check_real,
     expect_instance,
     shown,
@@ -174,6 +173,39 @@ HARDWARE_PRESETS: dict[str, HardwarePoint] = {
 
 DEFAULT_DRAM_BW = 625e9  # bytes/s per node, from the HD-MoE code
 
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"  # ASCII digits only: Python's float() reads full-width ones
+_POINT_RE = re.compile(rf"({_NUMBER})/({_NUMBER})")
+
+
+def _short(x: float) -> str:
+    """``x`` written without a trailing ``.0`` and without losing digits (``5.0`` → ``5``, ``2.5``)."""
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def parse_point(text: object, field: str = "hw") -> tuple[str, HardwarePoint]:
+    """The design point ``text`` names: a preset of the paper (``2.5/75``, ``5/50``, ``10/25``) or any
+    pair ``TFLOPS/GBPS``, TFLOP/s of compute per node over GB/s per directed link (``4/40``).
+
+    Returns its canonical name (numbers as written by :func:`repr` without ``.0``: ``"5.0/50"`` is
+    ``"5/50"``, the preset) and the point; an :class:`InputError` naming ``field`` otherwise."""
+    fix = ("give a preset (" + ", ".join(HARDWARE_PRESETS) + ") or TFLOP/s per node / GB/s per link, "
+           "e.g. '4/40'")
+    if not isinstance(text, str):
+        raise InputError(field, f"must be a string, got {text!r}", fix)
+    m = _POINT_RE.fullmatch(text.strip())
+    if m is None:
+        raise InputError(field, f"unknown design point {text!r}", fix)
+    tflops, gbps = float(m.group(1)), float(m.group(2))
+    name = f"{_short(tflops)}/{_short(gbps)}"
+    if name in HARDWARE_PRESETS:
+        return name, HARDWARE_PRESETS[name]
+    for value, scale, (lo, hi), unit in ((tflops, 1e12, COMPUTE_FLOPS_PER_S_RANGE, "TFLOP/s per node"),
+                                         (gbps, 1e9, LINK_BW_BYTES_PER_S_RANGE, "GB/s per link")):
+        if not lo <= value * scale <= hi:
+            raise InputError(field, f"{text!r} asks for {value:g} {unit}, outside "
+                             f"[{lo / scale:g}, {hi / scale:g}]", fix)
+    return name, HardwarePoint(tflops * 1e12, gbps * 1e9)
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -278,11 +310,11 @@ def make_hardware(
     dram_capacity_bytes: float | None = None,
     hop_latency_s: float = 0.0,
 ) -> Hardware:
-    """Hardware from a paper design point name (``"2.5/75"``, ``"5/50"``, ``"10/25"``: TFLOP/s per
-    node / GB/s per link) and a mesh (``"RxC"``)."""
-    check_choice("hw", point, tuple(HARDWARE_PRESETS))
+    """Hardware from a design point (TFLOP/s per node / GB/s per link: the paper's ``"2.5/75"``,
+    ``"5/50"``, ``"10/25"``, or any other such as ``"4/40"``; see :func:`parse_point`) and a mesh
+    (``"RxC"``). Its ``name`` is ``POINT@MESH`` with the point's canonical name."""
+    point, p = parse_point(point, "hw")
     m = mesh if isinstance(mesh, Mesh) else Mesh.parse(mesh)
-    p = HARDWARE_PRESETS[point]
     return Hardware(
         mesh=m,
         compute_flops=p.compute_flops,

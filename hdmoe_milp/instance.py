@@ -10,7 +10,7 @@ Example::
     [model]
     preset = "deepseek-v2-lite"
     [hardware]
-    preset = "5/50"          # TFLOP/s per node / GB/s per link
+    preset = "5/50"          # TFLOP/s per node / GB/s per link (any pair, e.g. "4/40")
     mesh = "4x8"
     dram_capacity_gb = 8     # optional, per node
     hop_latency_ns = 0       # optional
@@ -44,7 +44,7 @@ from .errors import (
     expect_str,
 )
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
-from .hardware import HARDWARE_PRESETS, MAX_DRAM_CAPACITY_BYTES, Mesh, make_hardware
+from .hardware import MAX_DRAM_CAPACITY_BYTES, Mesh, make_hardware, parse_point
 from .moe import MODEL_PRESETS, MoEModel, get_model
 from .problem import Problem, check_memory, check_mesh_memory
 from .synthetic import synthetic_trace
@@ -86,7 +86,7 @@ class Settings:
         """The validated Problem of these settings (the trace is read here). ``model_field``: how an
         error about a trace of another model names the model setting."""
         check_choice("--model", self.model, tuple(MODEL_PRESETS))
-        check_choice("--hw", self.hw, tuple(HARDWARE_PRESETS))
+        parse_point(self.hw, "--hw")
         if self.delivery is not None:
             check_choice("--delivery", self.delivery, DELIVERIES)
         if self.home is not None:
@@ -185,7 +185,7 @@ _MAXIMA = {("workload", "batch"): MAX_BATCH, ("evaluator", "context_len"): MAX_C
            ("hardware", "dram_capacity_gb"): MAX_DRAM_CAPACITY_BYTES / 1e9}
 _MINIMA = {("hardware", "dram_bw_gbps"): DRAM_BW_GBPS_RANGE[0], ("workload", "batch"): 1}
 _CHOICES = {
-    ("model", "preset"): tuple(MODEL_PRESETS), ("hardware", "preset"): tuple(HARDWARE_PRESETS),
+    ("model", "preset"): tuple(MODEL_PRESETS),
     ("workload", "batching"): BATCHING, ("evaluator", "mode"): MODES,
     ("evaluator", "delivery"): DELIVERIES, ("evaluator", "home"): HOMES,
 }
@@ -245,6 +245,8 @@ def read_settings(path: str | Path) -> Settings:
         if key in data.get(sec, {}):
             check_choice(f"{where} [{sec}].{key}", expect_str(f"{where} [{sec}].{key}", data[sec][key],
                                                                repr(allowed[0]).replace("'", '"')), allowed)
+    if "preset" in hw:
+        parse_point(expect_str(f"{where} [hardware].preset", hw["preset"], '"5/50"'), f"{where} [hardware].preset")
     mesh = expect_str(f"{where} [hardware].mesh", hw["mesh"], '"4x8"')
     try:
         parsed = Mesh.parse(mesh)

@@ -27,7 +27,7 @@ from .errors import (
     check_seed,
 )
 from .evaluator import EvalOptions
-from .hardware import HARDWARE_PRESETS, Hardware
+from .hardware import Hardware, parse_point
 from .moe import MoEModel
 from .solvers.backends import BACKENDS
 from .workload import (
@@ -66,7 +66,10 @@ def check_mesh_memory(field_name: str, model: MoEModel, rows: int, cols: int) ->
 def _point_of(hw: Hardware) -> str | None:
     """The design-point name of hardware made by ``make_hardware`` (its name is ``POINT@MESH``)."""
     point = hw.name.split("@")[0]
-    return point if point in HARDWARE_PRESETS else None
+    try:
+        return parse_point(point)[0]
+    except InputError:  # hardware built by hand ("custom")
+        return None
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ class Problem:
 
     def __repr__(self) -> str:  # the arrays it holds would fill a notebook cell
         src = self.trace.name if self.trace is not None else "frequencies only"
-        return (f"Problem({self.model.name}, {self.hw_point or 'custom hardware'}, mesh {self.mesh_name}, "
+        point = self.hw_point or _point_of(self.hardware) or "custom hardware"
+        return (f"Problem({self.model.name}, {point}, mesh {self.mesh_name}, "
                 f"batch {self.batch:g} ({self.batching}), trace {src}, mode {self.options.mode}, seed {self.seed})")
 
     def __post_init__(self) -> None:
@@ -151,11 +155,13 @@ class Problem:
             v = getattr(self, name)
             if not (isinstance(v, str) or (v is None and name != "name")):
                 raise InputError(name, f"must be a string, got {v!r}")
-        if self.hw_point is not None and self.hw_point not in HARDWARE_PRESETS:
-            raise InputError("hw_point", f"unknown value {self.hw_point!r}",
-                             "give one of " + ", ".join(HARDWARE_PRESETS) + ", or None")
         if self.hw_point is not None:  # plan files record it: it must be the hardware's point
-            pt, hw = HARDWARE_PRESETS[self.hw_point], self.hardware
+            try:
+                point, pt = parse_point(self.hw_point, "hw_point")
+            except InputError as exc:
+                raise InputError(exc.field, exc.problem, exc.fix + ", or None") from None
+            object.__setattr__(self, "hw_point", point)
+            hw = self.hardware
             if hw.compute_flops != pt.compute_flops or not np.all(hw.link_bw == pt.link_bw_bytes_per_s):
                 raise InputError("hw_point", f"{self.hw_point!r} is {pt.compute_flops / 1e12:g} TFLOP/s per node "
                                  f"and {pt.link_bw_bytes_per_s / 1e9:g} GB/s per link, but the hardware has "

@@ -76,7 +76,7 @@ def test_plan_round_trip(tmp_path, capsys):
     "args,field",
     [
         (["--model", "gpt-5"], "model"),
-        (["--hw", "3/30"], "hw"),
+        (["--hw", "3/30x"], "hw"),
         (["--mesh", "4by8"], "mesh"),
         (["--mesh", "0x8"], "mesh"),
         (["--batch", "0"], "batch"),

@@ -410,7 +410,7 @@ def test_bench_bad_solve_batch(value, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change,field", [
-    ({"models": ("mixtral-8x7b", "nope")}, "model"), ({"hws": ("5/50", "1/1")}, "hw"),
+    ({"models": ("mixtral-8x7b", "nope")}, "model"), ({"hws": ("5/50", "1/")}, "hw"),
     ({"meshes": ("4x4", "x")}, "mesh"),
     ({"batches": (16, 0)}, "batch"), ({"batches": (16, 16)}, "batches"), ({"models": ()}, "models"),
     ({"policies": ("static", "nope")}, "policy"), ({"online_batch": 2.5}, "batch"),
