@@ -136,3 +136,16 @@ def test_every_strategy_returns_valid_placement_on_tiny_mesh():
         assert p.num_layers == 2 and p.num_nodes == 4
         for lp in p.layers:
             np.testing.assert_allclose(lp.shares.sum(axis=1), 1.0)
+
+
+def test_a_plan_records_only_the_budget_its_strategy_used():
+    import hdmoe_milp as hm
+    from hdmoe_milp.synthetic import synthetic_trace
+
+    m = MoEModel("small", num_experts=8, top_k=2, hidden=256, expert_intermediate=512, moe_layers=2)
+    p = hm.Problem(m, make_hardware("5/50", "2x2"), synthetic_trace(m, 512, seed=1))
+    budget = hm.Budget(time_limit_s=0.5, backend="cbc", gap=0.02)
+    for name in ("tp", "ep", "ep-lpt", "cb", "eplb"):  # no MILP under a budget: none recorded
+        assert hm.place(p, name, budget=budget).meta["solver"] == {"strategy": name, "seed": 0}
+    made = hm.place(p, "hdmoe", budget=budget).meta["solver"]
+    assert (made["backend"], made["gap"], made["time_limit_s"]) == ("cbc", 0.02, 0.5)

@@ -102,6 +102,7 @@ STRATEGIES: dict[str, Strategy] = {
     "milp": _milp,
 }
 BASELINES: tuple[str, ...] = ("tp", "ep", "ep-lpt", "cb", "eplb", "hdmoe")
+USES_BUDGET: frozenset[str] = frozenset({"hdmoe", "milp"})  # the strategies that solve a MILP under a Budget
 
 
 def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budget | None = None) -> Placement:
@@ -112,7 +113,7 @@ def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budge
     seed = problem.seed if seed is None else seed
     plan = STRATEGIES[name](problem, seed=seed, budget=budget)  # the entry checks seed and budget
     settings = {"strategy": name, "seed": check_seed(seed)}
-    if budget is not None:
+    if budget is not None and name in USES_BUDGET:  # a plan records only the settings that made it
         settings.update(budget.__dict__)
     if problem.trace is None:
         return Placement(plan.layers, plan.strategy, {**plan.meta, "solver": settings})
@@ -137,6 +138,6 @@ def build(name: str, model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: 
 
 
 __all__ = [
-    "BASELINES", "STRATEGIES", "Strategy", "build", "compute_balanced", "eplb_placement", "expert_parallel",
+    "BASELINES", "STRATEGIES", "USES_BUDGET", "Strategy", "build", "compute_balanced", "eplb_placement", "expert_parallel",
     "expert_parallel_lpt", "hdmoe_placement", "place", "rebalance_experts", "tensor_parallel",
 ]
