@@ -138,6 +138,6 @@ def build(name: str, model: MoEModel, hw: Hardware, freqs: np.ndarray, *, seed: 
 
 
 __all__ = [
-    "BASELINES", "STRATEGIES", "USES_BUDGET", "Strategy", "build", "compute_balanced", "eplb_placement", "expert_parallel",
-    "expert_parallel_lpt", "hdmoe_placement", "place", "rebalance_experts", "tensor_parallel",
+    "BASELINES", "STRATEGIES", "USES_BUDGET", "Strategy", "build", "compute_balanced", "eplb_placement",
+    "expert_parallel", "expert_parallel_lpt", "hdmoe_placement", "place", "rebalance_experts", "tensor_parallel",
 ]
