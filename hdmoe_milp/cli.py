@@ -300,6 +300,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     print(" ".join(f"{k}={v}" for k, v in setting.items()))
     print(df.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    if o.mode == "paper":
+        print("mode=paper reproduces HD-MoE's code: FLOPs only, and a layer split evenly over every node (tp) "
+              "pays the ring formula 2*4*B*h/BW while every other layer is routed on the mesh; use --mode mesh "
+              "to cost every strategy alike")
     _print_left_out(problem, list(cmp.over_capacity))
     return 0
 

@@ -60,6 +60,16 @@ def test_json_single_strategy(capsys):
     assert d["tbt_us"] == pytest.approx(3448.0, rel=1e-3)  # the paper's DeepSeek-V2-Lite 4x8 5/50 B=128 TP
 
 
+def test_paper_mode_text_says_tp_is_costed_by_another_formula(capsys):
+    base = ["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "10/25", "--strategy", "tp,ep",
+            "--trace", str(TRACES / "mixtral_reasoning_4k.json.gz")]
+    assert main([*base, "--mode", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "ring formula" in out and "--mode mesh" in out
+    assert main(base) == 0
+    assert "ring formula" not in capsys.readouterr().out
+
+
 def test_plan_round_trip(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     assert main(["evaluate", "--instance", INSTANCE, "--strategy", "cb", "--save-plan", str(plan), "--json"]) == 0
