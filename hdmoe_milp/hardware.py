@@ -173,7 +173,9 @@ HARDWARE_PRESETS: dict[str, HardwarePoint] = {
 
 DEFAULT_DRAM_BW = 625e9  # bytes/s per node, from the HD-MoE code
 
-_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"  # ASCII digits only: Python's float() reads full-width ones
+# ASCII digits only (Python's float() reads full-width ones); an exponent, since names of tiny or huge
+# points are written with one ("1e-06/25")
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _POINT_RE = re.compile(rf"({_NUMBER})/({_NUMBER})")
 
 

@@ -29,11 +29,19 @@ def test_parse_point_reads_presets_and_any_pair():
 
 
 @pytest.mark.parametrize("text", ["4/", "/40", "x/y", "4/40/1", "4-40", "0/25", "4/0", "nan/25", "4/inf",
-                                  "１０/25", "-4/40", "1e3/25", ""])
+                                  "１０/25", "-4/40", "1e/25", "1e40/25", ""])
 def test_parse_point_refuses_what_is_not_a_point(text):
     with pytest.raises(hm.InputError) as ei:
         parse_point(text, "--hw")
     assert ei.value.field == "--hw" and "4/40" in ei.value.fix and repr(text) in str(ei.value)
+
+
+@pytest.mark.parametrize("tflops", [1e-12, 1e-6, 0.1, 2.5, 3.0, 7.25, 1234.5, 1e14, 1e18])
+@pytest.mark.parametrize("gbps", [1e-9, 1e-3, 0.7, 25.0, 1e6, 1e21])
+def test_a_points_name_reads_back_as_the_same_point(tflops, gbps):
+    name, p = parse_point(f"{tflops!r}/{gbps!r}")
+    assert (p.compute_flops, p.link_bw_bytes_per_s) == (tflops * 1e12, gbps * 1e9)
+    assert parse_point(name) == (name, p)  # plan files and Problem.hw_point hold the name
 
 
 def test_parse_point_refuses_a_number():
