@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import cli_report
 from . import pipeline as pl
+from ._version import __version__
 from .errors import (
     MAX_BATCHES,
     MAX_HOP_LATENCY_NS,
@@ -56,6 +57,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hdmoe-milp", description="Expert placement for MoE models on 2D-mesh "
                                 "accelerators: baselines, offline MILP, online replay, one evaluator.")
+    p.add_argument("--version", action="version", version=f"hdmoe-milp {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     cli_report.add_commands(sub)
 
