@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrow, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -29,9 +30,9 @@ from .hardware import Mesh
 from .placement import Placement, write_atomic
 
 __all__ = [
-    "FIGURES", "HATCHES", "MARKERS", "caption", "fig_ablation", "fig_bound_trace", "fig_decomposition",
-    "fig_link_load", "fig_node_load", "fig_online", "fig_placement_map", "fig_solver", "fig_tbt_normalised",
-    "markdown", "plan_frame", "speedup_table", "strategy_order",
+    "FIGURES", "HATCHES", "MARKERS", "OKABE_ITO", "POLICY_STYLES", "caption", "fig_ablation", "fig_bound_trace",
+    "fig_decomposition", "fig_link_load", "fig_node_load", "fig_online", "fig_placement_map", "fig_solver",
+    "fig_tbt_normalised", "markdown", "plan_frame", "speedup_table", "strategy_order",
 ]
 
 HATCHES = ("", "//", "\\\\", "xx", "..", "oo", "--", "++", "**", "||")
@@ -39,7 +40,17 @@ MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "P", "h")
 GREYS = ("0.15", "0.45", "0.7", "0.9", "0.3", "0.6", "0.8", "0.05", "0.55", "0.95")
 # stable order of strategies in every figure and table: ours first, then the baselines
 _ORDER = ("ours", "plan", "milp", "hdmoe", "cb", "eplb", "ep-lpt", "ep", "tp")
-_LINE_GREYS = ("0.0", "0.4", "0.6", "0.25", "0.5")
+# Okabe & Ito's colour-blind-safe palette (black, blue, orange, bluish green, reddish purple,
+# vermillion, sky blue); lines also differ by dash and marker, so they stay apart in greyscale
+OKABE_ITO = ("#000000", "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9")
+_DASHES = ("-", "--", "-.", ":", (0, (5, 1.5, 1, 1.5, 1, 1.5)), (0, (1, 3)), (0, (8, 3)))
+_LINE_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+# one fixed style per online policy (colour, dash, marker), the same in every figure whatever the
+# other policies drawn; other names take the styles left over, in order
+POLICY_STYLES = {
+    name: {"color": OKABE_ITO[i], "linestyle": _DASHES[i], "marker": _LINE_MARKERS[i]}
+    for i, name in enumerate(("static", "greedy", "hdmoe-prebroadcast", "eplb-periodic", "oracle"))
+}
 _LOAD_CMAP = "viridis"  # luminance rises monotonically: readable in greyscale
 
 
@@ -428,11 +439,24 @@ def fig_solver(layer_table: pd.DataFrame, *, settings: str = "") -> Figure:
 # --- (g) online ---------------------------------------------------------------------------------------
 
 
+def _policy_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Colour, dash and marker of each policy in ``names``: its own in :data:`POLICY_STYLES`, else
+    the first style no other policy drawn uses (cycling if there are more names than styles)."""
+    out = {n: dict(POLICY_STYLES[n]) for n in names if n in POLICY_STYLES}
+    used = {s["marker"] for s in out.values()}
+    free = [i for i, m in enumerate(_LINE_MARKERS) if m not in used] or list(range(len(_LINE_MARKERS)))
+    for k, n in enumerate(n for n in names if n not in out):
+        i = free[k % len(free)]
+        out[n] = {"color": OKABE_ITO[i], "linestyle": _DASHES[i], "marker": _LINE_MARKERS[i]}
+    return out
+
+
 def fig_online(replays: Mapping[str, Any], *, settings: str = "") -> Figure:
     """Per-batch latency (ms, including the weight-move time charged to the batch) of several online
-    policies over one replay; one line per policy (distinct marker and dash), and the batches where a
-    policy moved weights marked with a large hollow marker. ``replays``: ``{policy: ReplayResult}``
-    or ``{policy: DataFrame}`` with ``batch, latency_us, actions``."""
+    policies over one replay; one line per policy, each with its own colour (colour-blind safe), dash
+    and marker, the same in every figure (:data:`POLICY_STYLES`), so the lines stay apart in
+    greyscale; the batches where a policy moved weights are marked with a large hollow marker.
+    ``replays``: ``{policy: ReplayResult}`` or ``{policy: DataFrame}`` with ``batch, latency_us, actions``."""
     if not isinstance(replays, Mapping) or not replays:
         raise InputError("replays", "must be a non-empty mapping of policy names to replays",
                          "e.g. {'greedy': hm.replay(problem, plan, policy='greedy')}")
@@ -442,23 +466,35 @@ def fig_online(replays: Mapping[str, Any], *, settings: str = "") -> Figure:
                              "give hm.replay(...)'s result")
         _table(f"replays[{name!r}]", r if isinstance(r, pd.DataFrame) else r.to_frame(),
                ("batch", "latency_us", "actions"), "hm.replay(...)'s result or online.csv's rows of one policy")
-    fig = Figure(figsize=(7.5, 4.2))
+    fig = Figure(figsize=(9.0, 4.2))
     ax = fig.add_subplot()
-    dashes = ("-", "--", "-.", ":")
+    styles = _policy_styles(list(replays))
+    any_moved = False
     for i, (name, r) in enumerate(replays.items()):
         f = r if isinstance(r, pd.DataFrame) else r.to_frame()
         y = f["latency_us"].to_numpy() / 1e3
         x = f["batch"].to_numpy()
-        ax.plot(x, y, linestyle=dashes[i % len(dashes)], marker=MARKERS[i % len(MARKERS)], markersize=3,
-                color=_LINE_GREYS[i % len(_LINE_GREYS)], label=name)
+        st = styles[name]
+        # policies often coincide (static and a policy that has not moved yet): markers drawn later are
+        # smaller, so those drawn under them still show around them
+        size = 7.5 - 3.5 * i / max(len(replays) - 1, 1)
+        ax.plot(x, y, linewidth=1.4, markersize=size, markeredgecolor="white", markeredgewidth=0.5, label=name,
+                **st)
         moved = f["actions"].to_numpy() > 0
         if moved.any():
-            ax.scatter(x[moved], y[moved], s=60, facecolors="none", edgecolors="black",
-                       marker=MARKERS[i % len(MARKERS)], zorder=3)
+            any_moved = True
+            ax.scatter(x[moved], y[moved], s=90, facecolors="none", edgecolors=st["color"], linewidths=1.2,
+                       marker=st["marker"], zorder=3)
+    handles, _ = ax.get_legend_handles_labels()
+    if any_moved:  # a legend entry for the hollow markers, in the policy's marker and colour on the plot
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=9, markerfacecolor="none",
+                              markeredgecolor="black", label="hollow marker: weights moved"))
     ax.set_xlabel("batch (in replay order)")
     ax.set_ylabel("latency per decode step (ms)")
     ax.set_title("Online: per-batch latency, hollow markers = weights moved\n" + settings, fontsize=9)
-    ax.legend(fontsize=7)
+    # right of the axes: inside, it hid a line wherever it sat
+    ax.legend(handles=handles, fontsize=7, title="policy", title_fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     return fig
 

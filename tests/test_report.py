@@ -469,3 +469,37 @@ def test_figure_and_table_functions_refuse_what_they_cannot_draw():
     for fig in (rp.fig_tbt_normalised(pf), rp.fig_decomposition(pf), rp.fig_node_load(evs, layer=1),
                 rp.fig_link_load(evs, mesh, layer=1), rp.fig_placement_map(tp, mesh, layer=1)):
         assert isinstance(fig, Figure)
+
+
+def _online_frame(actions: list[int]) -> pd.DataFrame:
+    n = len(actions)
+    return pd.DataFrame({"batch": range(n), "latency_us": np.linspace(900.0, 1100.0, n), "actions": actions})
+
+
+def test_fig_online_tells_every_policy_apart_in_colour_and_in_greyscale():
+    """The online lines were all grey, and with five policies two shared a dash: in print they could
+    not be told apart. Each policy now has its own dash, marker and colour-blind-safe colour, the
+    same whichever other policies are drawn, with a legend naming each one."""
+    import matplotlib.colors as mcolors
+    from matplotlib.lines import Line2D
+
+    names = list(hm.pipeline.POLICIES)  # static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle
+    fig = rp.fig_online({n: _online_frame([0, 1, 0, 0]) for n in names}, settings="x")
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines) == names
+    # pairwise distinct: greyscale keeps dash and marker (the dash as drawn: get_linestyle() says "--" for any
+    # custom pattern)
+    for what, of in (("dash", lambda ln: ln._unscaled_dash_pattern), ("marker", Line2D.get_marker),
+                     ("colour", Line2D.get_color)):
+        seen = [str(of(lines[n])) for n in names]
+        assert len(set(seen)) == len(names), (what, seen)
+    rgb = [mcolors.to_rgb(lines[n].get_color()) for n in names]
+    assert sum(max(c) - min(c) < 0.05 for c in rgb) <= 1  # at most one achromatic line (black): not greys
+    assert {mcolors.to_hex(c).upper() for c in rgb} <= set(rp.OKABE_ITO)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:len(names)] == names and "weights moved" in legend[-1]
+    # a policy keeps its style when drawn with others, or in another order
+    alone = rp.fig_online({"greedy": _online_frame([0, 0])}).axes[0].get_lines()[0]
+    assert (alone.get_linestyle(), alone.get_marker(), alone.get_color()) == (
+        lines["greedy"].get_linestyle(), lines["greedy"].get_marker(), lines["greedy"].get_color())
