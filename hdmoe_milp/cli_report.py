@@ -603,8 +603,12 @@ def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespac
         if "solve_batch" in d.columns:  # bench --solve-batch each: one solve per batch; draw the first
             sb = _first(d, "solve_batch")
             d = d[d["solve_batch"] == sb]
-        return rp.fig_solver(d, settings=rp.caption(model=_first(d, "model"), mesh=_first(d, "mesh"),
-                                                    hw=_first(d, "hw"), mode=_first(d, "mode"), batch=sb))
+        try:  # the limit per layer and what it counted: the table's time_limit_s and time_mode columns
+            return rp.fig_solver(d, settings=rp.caption(model=_first(d, "model"), mesh=_first(d, "mesh"),
+                                                        hw=_first(d, "hw"), mode=_first(d, "mode"), batch=sb))
+        except InputError as exc:
+            raise InputError("file", f"{path}: column {exc.field} {exc.problem}", "give the solver.csv that bench wrote"
+                             ) from None
     if kind == "online":
         key = {c: _first(df, c) for c in ("model", "hw", "mesh")}
         d = df[(df[list(key)] == pd.Series(key)).all(axis=1)] if "model" in df.columns else df

@@ -202,6 +202,12 @@ def _evaluations(res: Any, problem: pl.Problem, batch: int) -> tuple[dict[str, A
     return evs, plans
 
 
+def _layer_table(res: Any, spec: GridSpec) -> pd.DataFrame:
+    """``res.layer_table()`` with the limit per layer and what each layer's limit counted
+    (``time_limit_s``, ``time_mode``: ``deterministic`` for CP-SAT here): ``time_s`` is wall time."""
+    return res.layer_table().assign(time_limit_s=spec.time_limit_s, time_mode=[r.time_mode for r in res.layers])
+
+
 def _rows(evs: dict[str, Any], key: dict[str, Any], part: str = "static") -> list[dict[str, Any]]:
     tp = evs["tp"].tbt_s
     return [{**key, "part": part, "strategy": n, "tbt_us": e.tbt_us, "moe_compute_us": e.moe_compute_s * 1e6,
@@ -236,11 +242,11 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, executor: str = 
             res, fresh = _solve_cached(problem, spec, cache, jobs, executor)
             computed += fresh
             solved[sb] = (problem, res)
-            lt = res.layer_table()
+            lt = _layer_table(res, spec)
             solver_rows.append(lt.assign(**key, solve_batch=sb, cached=not fresh))
         for b in spec.batches:
             problem, res = solved[b if spec.solve_batch is None else spec.solve_batch]
-            lt = res.layer_table()
+            lt = _layer_table(res, spec)
             evs, plans = _evaluations(res, problem, b)
             rows += _rows(evs, {**key, "batch": b})
             if not detail and b == max(spec.batches):

@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrow, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .errors import InputError, check_choice, expect_instance, expect_int, expect_path
+from .errors import InputError, check_choice, check_real, expect_instance, expect_int, expect_path, expect_str
 from .evaluator import Evaluation
 from .hardware import Mesh
 from .placement import Placement, write_atomic
@@ -418,20 +418,65 @@ def fig_placement_map(placement: Placement, mesh: Mesh, layer: int = 0, *, setti
 # --- (f) solver per layer ---------------------------------------------------------------------------
 
 
-def fig_solver(layer_table: pd.DataFrame, *, settings: str = "") -> Figure:
-    """The MILP per layer: relative gap (%) and solve time (s), as bars on two panels sharing the
-    layer axis. ``layer_table``: :meth:`PlanResult.layer_table` (``layer, gap, time_s``)."""
+def _solver_limit(layer_table: pd.DataFrame, time_limit_s: Any, time_mode: Any) -> tuple[float | None, str | None]:
+    """The limit per layer and what it counted: ``wall``, ``deterministic``, ``mixed`` (the layers
+    differ: CBC and HiGHS count wall time even when CP-SAT would count work) or None (not known);
+    from the arguments, else from the table's ``time_limit_s`` and ``time_mode`` columns."""
+    if time_limit_s is None and "time_limit_s" in layer_table.columns:
+        vals = pd.to_numeric(layer_table["time_limit_s"], errors="coerce").dropna().unique()
+        time_limit_s = float(vals[0]) if len(vals) == 1 else None
+    if time_limit_s is not None:
+        time_limit_s = check_real("time_limit_s", time_limit_s, positive=True)
+    given = [expect_str("time_mode", time_mode, "'wall'")] if time_mode is not None else (
+        [str(m) for m in layer_table["time_mode"].dropna()] if "time_mode" in layer_table.columns else [])
+    modes = {m.split(" ", 1)[0] for m in given}  # a layer's may read "wall (cbc has no deterministic limit)"
+    for m in modes:
+        check_choice("time_mode", m, ("wall", "deterministic"))
+    return time_limit_s, (modes.pop() if len(modes) == 1 else "mixed" if modes else None)
+
+
+def fig_solver(layer_table: pd.DataFrame, *, settings: str = "", time_limit_s: float | None = None,
+               time_mode: str | None = None) -> Figure:
+    """The MILP per layer: relative gap (%) and the wall time the layer took (s: everything it did,
+    whatever the limit counted), as bars on two panels sharing the layer axis. ``layer_table``:
+    :meth:`PlanResult.layer_table` (``layer, gap, time_s``) or bench's ``solver.csv``.
+
+    ``time_limit_s`` and ``time_mode`` (``PlanResult.solver``'s; default: the table's columns of those
+    names, as bench writes them): the limit per layer and what it counted. A ``wall`` limit is drawn
+    on the time panel as a dashed line; a ``deterministic`` one (CP-SAT work, bench's and
+    ``solve --deterministic``'s) is not a wall time, so it is stated in the panel, not drawn."""
     _table("layer_table", layer_table, ("layer", "gap", "time_s"), "PlanResult.layer_table() or solver.csv")
+    limit, mode = _solver_limit(layer_table, time_limit_s, time_mode)
     fig = Figure(figsize=(max(6.0, 0.2 * len(layer_table) + 2), 4.6))
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     x = layer_table["layer"].to_numpy()
     gap = layer_table["gap"].astype(float).to_numpy() * 100
     ax1.bar(x, np.nan_to_num(gap), 0.7, **_style(1))
     ax1.set_ylabel("gap (%)")
-    ax2.bar(x, layer_table["time_s"].to_numpy(dtype=float), 0.7, **_style(2))
-    ax2.set_ylabel("solve time (s)")
+    wall = layer_table["time_s"].to_numpy(dtype=float)
+    ax2.bar(x, wall, 0.7, **_style(2))
+    ax2.set_ylabel("wall time per layer (s)")
     ax2.set_xlabel("MoE layer")
-    ax1.set_title("MILP per layer: certified gap and time\n" + settings, fontsize=9)
+    if mode == "wall" and limit is not None:
+        ax2.axhline(limit, color="black", linestyle="--", linewidth=1.0,
+                    label=f"wall-clock limit: {limit:g} s per layer")
+        ax2.set_ylim(0, max(float(np.nanmax(wall, initial=0.0)), limit) * 1.35)  # room for the legend
+        ax2.legend(fontsize=7, loc="upper right")
+    else:
+        if mode == "deterministic":
+            note = ("limit: " + (f"{limit:g} " if limit is not None else "")
+                    + "CP-SAT deterministic s (work units, not wall time) per layer: not drawn")
+        elif mode == "mixed":
+            note = ("limit: " + (f"{limit:g} " if limit is not None else "")
+                    + "s per layer, wall time for some layers, CP-SAT deterministic work for others: not drawn")
+        elif limit is not None:
+            note = f"limit: {limit:g} s per layer, wall or deterministic not recorded: not drawn"
+        else:
+            note = "limit per layer not recorded"
+        ax2.set_ylim(0, float(np.nanmax(wall, initial=0.0)) * 1.35 or 1.0)  # room for the note
+        ax2.text(0.99, 0.96, note, transform=ax2.transAxes, ha="right", va="top", fontsize=7,
+                 bbox={"facecolor": "white", "edgecolor": "0.6", "pad": 2.0})
+    ax1.set_title("MILP per layer: certified gap and wall time\n" + settings, fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -503,3 +503,52 @@ def test_fig_online_tells_every_policy_apart_in_colour_and_in_greyscale():
     alone = rp.fig_online({"greedy": _online_frame([0, 0])}).axes[0].get_lines()[0]
     assert (alone.get_linestyle(), alone.get_marker(), alone.get_color()) == (
         lines["greedy"].get_linestyle(), lines["greedy"].get_marker(), lines["greedy"].get_color())
+
+
+def _solver_texts(fig: Figure) -> str:
+    return " | ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def _hlines(ax) -> list[tuple[float, str]]:
+    return [(float(ln.get_ydata()[0]), ln.get_label()) for ln in ax.get_lines()
+            if len(set(map(float, ln.get_ydata()))) == 1]
+
+
+def test_fig_solver_says_the_time_is_wall_and_what_the_limit_counted():
+    """The time panel read "solve time (s)" and did not say what the limit counted: bench's limit is
+    CP-SAT deterministic work, so a 0.05 s limit next to 0.7 s bars looked overrun. The axis now says
+    wall time; a wall limit is drawn at its height, a deterministic one stated (not drawn: another unit)."""
+    lt = pd.DataFrame({"layer": range(3), "gap": [0.0, 0.02, 0.01], "time_s": [0.7, 0.8, 0.75]})
+    det = rp.fig_solver(lt.assign(time_limit_s=0.05, time_mode="deterministic"), settings="x")
+    time_ax = det.axes[1]
+    assert "wall time" in time_ax.get_ylabel() and "wall time" in det.axes[0].get_title()
+    assert _hlines(time_ax) == []  # 0.05 work units are no height on a wall-seconds axis
+    note = _solver_texts(det)
+    assert "0.05 CP-SAT deterministic s" in note and "not wall time" in note
+
+    wall = rp.fig_solver(lt, time_limit_s=2, time_mode="wall")
+    assert _hlines(wall.axes[1]) == [(2.0, "wall-clock limit: 2 s per layer")]
+    assert wall.axes[1].get_ylim()[1] > 2.0 and _solver_texts(wall) == ""
+    # CBC under --deterministic counts wall time (its layers say so) while CP-SAT layers count work
+    mixed = rp.fig_solver(lt.assign(time_mode=["deterministic", "wall (cbc has no deterministic limit)", "wall"]),
+                          time_limit_s=1.0)
+    assert _hlines(mixed.axes[1]) == [] and "wall time for some layers" in _solver_texts(mixed)
+    assert "not recorded" in _solver_texts(rp.fig_solver(lt))
+    for kw, field in (({"time_mode": "work"}, "time_mode"), ({"time_limit_s": -1.0}, "time_limit_s")):
+        with pytest.raises(hm.InputError) as exc:
+            rp.fig_solver(lt, **kw)
+        assert exc.value.field == field
+
+
+def test_bench_solver_csv_records_the_deterministic_limit(bench, tmp_path):
+    """solver.csv's time_s is wall time while bench's limit counts CP-SAT work: the table carries the
+    limit and what it counted, and the solver figure drawn from it says so."""
+    out, p = bench
+    solver = pd.read_csv(out / "solver.csv")
+    assert (solver["time_limit_s"] == 0.02).all() and (solver["time_mode"] == "deterministic").all()
+    fig = cli_report._csv_figure("solver", solver, out / "solver.csv", p.parse_args(["plot", "solver", "x.csv"]))
+    assert "0.02 CP-SAT deterministic s" in _solver_texts(fig) and _hlines(fig.axes[1]) == []
+    bad = solver.assign(time_mode="work")
+    with pytest.raises(hm.InputError, match="column time_mode") as exc:
+        cli_report._csv_figure("solver", bad, out / "solver.csv", p.parse_args(["plot", "solver", "x.csv"]))
+    assert exc.value.field == "file"
