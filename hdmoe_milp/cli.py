@@ -145,7 +145,10 @@ def _parser() -> argparse.ArgumentParser:
                     "tokens levelled over the copies, tokens prefer copies on nodes they touch), affinity (the "
                     "plan's fractions as quotas), nearest (no quotas) or fraction")
 
-    st = sub.add_parser("stats", help="skew and drift statistics of a trace")
+    st = sub.add_parser("stats", help="skew and drift statistics of a trace",
+                        description="Skew statistics of a trace (and, with --against, its drift from another): "
+                        "each is computed per MoE layer, then summarised over the layers.",
+                        epilog=_stats_legend(STATS_KEYS), formatter_class=argparse.RawDescriptionHelpFormatter)
     common(st)
     st.add_argument("--against", help="second trace: report per-layer total-variation drift")
     return p
@@ -447,6 +450,46 @@ def _same_model_fix(exc: InputError, problem: pl.Problem) -> str | None:
     return f"give a trace recorded from {m.name}, like the problem's: top_k={m.top_k} of {m.num_experts} experts"
 
 
+# what each line of `stats` means (workload.summarize, workload.total_variation), for the legend under its
+# table and its --help; {nodes} and {seed} name the mesh and seed used, or the flags that set them
+STATS_KEYS: dict[tuple[str, ...], str] = {
+    ("trace", "model"): "the trace read (or the synthetic one) and the model whose routing it records",
+    ("layers",): "MoE layers in the trace",
+    ("tokens",): "tokens routed in every layer (the count of the trace's shortest layer)",
+    ("hottest_share_min", "hottest_share_median", "hottest_share_max"):
+        "skew: fraction of the layer's tokens (0-1) that pick its most-used expert; min, median and max over layers",
+    ("expert_max_over_mean_median",):
+        "skew: tokens routed to the layer's most-used expert / the mean over its experts (1 = every expert "
+        "equally used); median over layers",
+    ("top_pair_share_median",):
+        "skew: fraction of the layer's tokens (0-1) whose top-k holds its most frequent pair of experts; median "
+        "over layers",
+    ("ep_node_max_over_mean_median",):
+        "skew as placed: whole experts dealt at random ({seed}) over {nodes}, the tokens routed to the busiest "
+        "node's experts / the mean node's (1 = balanced); median over layers",
+    ("tv_median", "tv_max"):
+        "drift against --against: total-variation distance between the two traces' expert popularity in the "
+        "layer (each expert's share of the layer's routed token-expert slots), 0.5 * sum |p - q|: 0 = the same, "
+        "1 = no expert in common; median and max over layers",
+}
+
+
+def _stats_legend(keys: dict[tuple[str, ...], str], shown: Any = None, *, nodes: str = "the --mesh's nodes",
+                  seed: str = "--seed") -> str:
+    """The legend of `stats`: one entry per group of ``keys`` of which some key is in ``shown`` (all when None),
+    wrapped at 100 characters."""
+    import textwrap
+
+    lines = ["What each line means (counts, fractions and ratios: no unit):"]
+    for names, text in keys.items():
+        if shown is not None and not any(n in shown for n in names):
+            continue
+        head = ", ".join(n for n in names if shown is None or n in shown)
+        lines.append(textwrap.fill(text.format(nodes=nodes, seed=seed), width=100, initial_indent=f"  {head}: ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
+
+
 def _stats(args: argparse.Namespace) -> int:
     s = _settings(args)
     problem = _to_problem(args, s)
@@ -467,6 +510,9 @@ def _stats(args: argparse.Namespace) -> int:
     else:
         for k, v in out.items():
             print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+        mesh = problem.hardware.mesh
+        print("\n" + _stats_legend(STATS_KEYS, out, nodes=f"the {mesh.num_nodes} nodes of the {mesh.name} mesh",
+                                   seed=f"seed {problem.seed}"))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -274,3 +275,46 @@ def test_solve_text_gives_percent_gaps_and_a_summary_of_the_solved_layers(capsys
     summary = lines[head + 33]
     assert summary.startswith("2 layers solved: ")
     assert f"{sum(g <= 1 for g in gaps)} proven within 1 %" in summary and f"max {max(gaps):.2f} %" in summary
+
+
+def test_stats_explains_every_line_true_to_its_definition(tmp_path, capsys):
+    """stats printed bare names (hottest_share_median, tv_max, ...). A legend under the table (and in
+    --help) now says what each measures; on a hand-made trace every number is what its line says.
+    Trace A, every layer, 4 tokens: {0,1}, {0,1}, {0,2}, {3,4}; trace B: {0,1} four times."""
+    import numpy as np
+
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(a, topk_ids=np.repeat(np.array([[0, 1], [0, 1], [0, 2], [3, 4]])[:, None, :], 32, axis=1))
+    np.savez(b, topk_ids=np.repeat(np.array([[0, 1]] * 4)[:, None, :], 32, axis=1))
+    args = ["stats", "--model", "mixtral-8x7b", "--mesh", "2x4", "--seed", "5", "--trace", str(a), "--against", str(b)]
+    assert main(args) == 0
+    table, legend = capsys.readouterr().out.split("\n\n", 1)
+    row = dict(ln.split(maxsplit=1) for ln in table.splitlines())
+    explained = {k: " ".join(line.split()) for line in re.split(r"\n(?=  \S)", legend)[1:]
+                 for k in line.strip().split(":", 1)[0].split(", ")}
+    assert set(explained) == set(row)  # every line of the table, and nothing else
+    # "fraction of the layer's tokens that pick its most-used expert": 3 of 4 tokens pick expert 0
+    assert "fraction of the layer's tokens" in explained["hottest_share_median"]
+    assert float(row["hottest_share_median"]) == 0.75 == float(row["hottest_share_max"])
+    # "tokens routed to the most-used expert / the mean over its experts": 3 / (8 slots / 8 experts)
+    assert "/ the mean over its experts" in explained["expert_max_over_mean_median"]
+    assert float(row["expert_max_over_mean_median"]) == 3.0
+    # "fraction of tokens whose top-k holds its most frequent pair": {0,1} in 2 of 4
+    assert "most frequent pair" in explained["top_pair_share_median"]
+    assert float(row["top_pair_share_median"]) == 0.5
+    # 8 experts dealt at random over the 8 nodes: one each, so busiest node / mean node = 3 whatever the seed
+    assert "8 nodes of the 2x4 mesh" in explained["ep_node_max_over_mean_median"]
+    assert "seed 5" in explained["ep_node_max_over_mean_median"]
+    assert float(row["ep_node_max_over_mean_median"]) == 3.0
+    # "0.5 * sum |p - q|" over each expert's share of the slots: 0.5 * (1/8 + 2/8 + 1/8 + 1/8 + 1/8)
+    assert "total-variation" in explained["tv_max"] and "0.5 * sum |p - q|" in explained["tv_max"]
+    assert float(row["tv_median"]) == 0.375
+    assert int(row["tokens"]) == 4 and int(row["layers"]) == 32
+    # --json: the same keys as before, no legend
+    assert main([*args, "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == set(row) == {
+        "trace", "model", "layers", "tokens", "hottest_share_min", "hottest_share_median", "hottest_share_max",
+        "expert_max_over_mean_median", "top_pair_share_median", "ep_node_max_over_mean_median", "tv_median", "tv_max"}
+    with pytest.raises(SystemExit):
+        main(["stats", "--help"])
+    assert "tv_median, tv_max: drift against --against" in capsys.readouterr().out
