@@ -43,8 +43,13 @@ def main() -> None:
     rows, layer_rows = [], []
     for name in args.models.split(","):
         for hwp in args.hw.split(","):
+            hw = hm.make_hardware(hwp, args.mesh)
+            hwp = hw.name.split("@")[0]  # the point's one name ("5.0/50" is "5/50")
+            # the model's shipped instance (its trace) at this point, or at any point for other points
             inst = ROOT / "instances" / f"{name}_{hwp.replace('/', '-')}_4x8.toml"
-            problem = hm.load_instance(inst).with_(hardware=hm.make_hardware(hwp, args.mesh), batch=128)
+            if not inst.is_file():
+                inst = sorted((ROOT / "instances").glob(f"{name}_*_4x8.toml"))[0]
+            problem = hm.load_instance(inst).with_(hardware=hw, batch=128)
             layers = None if args.layers is None else [int(v) for v in args.layers.split(",")]
             batches = [float(b) for b in args.batches.split(",")]
             solves = {}

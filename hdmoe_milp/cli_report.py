@@ -466,6 +466,15 @@ def _trace_fix(fix: str, flags: bool) -> str:
     return "put the trace back where the plan's meta.problem.trace_path says (plot reads no --trace)"
 
 
+def _point_name(text: Any) -> Any:
+    """The canonical name of the design point ``text`` ("5.0/50" is "5/50"); ``text`` itself if it is
+    not one (the checks that read it report that)."""
+    try:
+        return parse_point(text)[0]
+    except InputError:
+        return text
+
+
 def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = False, hw_given: bool = False,
                       flags: bool = True) -> None:
     """Refuse a plan file whose record of what it was made for disagrees with the problem rebuilt
@@ -480,7 +489,7 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
     if not model_given and made.get("model") == here["model"]:
         checks += [(k, made.get(k), here[k]) for k in ("num_experts", "moe_layers", "top_k")]
     hw = made.get("hardware") if isinstance(made.get("hardware"), dict) else {}
-    if not hw_given and made.get("hw_point") is not None and made.get("hw_point") == here["hw_point"]:
+    if not hw_given and made.get("hw_point") is not None and _point_name(made["hw_point"]) == here["hw_point"]:
         checks += [(f"hardware.{k}", hw.get(k), here["hardware"][k]) for k in ("compute_flops", "link_bw_bytes_per_s")]
     for key, recorded, actual in checks:
         if recorded is None:
@@ -554,7 +563,7 @@ def _bound_trace(path: Path, layer: int) -> Any:
                              "give the plan file that solve or bench wrote")
     made = meta.get("problem") or {}
     solver = meta.get("solver") or {}
-    cap = rp.caption(model=made.get("model"), mesh=made.get("mesh"), hw=made.get("hw_point"),
+    cap = rp.caption(model=made.get("model"), mesh=made.get("mesh"), hw=_point_name(made.get("hw_point")),
                      batch=made.get("batch"), mode=made.get("mode"), backend=solver.get("backend"),
                      limit_s=solver.get("time_limit_s"), time_mode=solver.get("time_mode"))
     try:
@@ -571,7 +580,8 @@ def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespac
                              "ablation figure's third bar is ours with the online policy",
                              "give the results.csv of a bench run with online batches")
         try:
-            return rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
+            return rp.fig_ablation(df, model=args.model, hw=None if args.hw is None else _point_name(args.hw),
+                                   mesh=args.mesh)
         except InputError as exc:
             raise InputError("file", f"{path} {exc.problem}", exc.fix) from None
         except ValueError as exc:  # the table lacks the rows the figure compares

@@ -123,6 +123,10 @@ def check_spec(spec: GridSpec) -> GridSpec:
     check_choice("mode", spec.mode, ("mesh", "paper"))
     if isinstance(spec.hws, (tuple, list)):  # canonical names, so that "5.0/50" and "5/50" are one point
         hws = tuple(parse_point(h, "hw")[0] for h in spec.hws)
+        for i, h in enumerate(hws):
+            if h in hws[:i] and spec.hws[i] != spec.hws[hws.index(h)]:
+                raise InputError("hws", f"{spec.hws[hws.index(h)]!r} and {spec.hws[i]!r} are one design point, "
+                                 f"{h!r}", "name each point once")
         if hws != tuple(spec.hws):
             spec = replace(spec, hws=hws)
     for name, values in (("models", spec.models), ("hws", spec.hws), ("meshes", spec.meshes),
@@ -324,17 +328,18 @@ def headline(res: pd.DataFrame, sp: pd.DataFrame, online: pd.DataFrame | None = 
             else f"it is slower than the best baseline at {losses} of them (its layers were chosen in mesh mode)")
     out.append(f"Over {n} grid points, the speedup of ours over the best baseline of each point averages "
                f"{gain.mean():.3f}x (min {gain.min():.3f}x, max {gain.max():.3f}x); {tail}.")
-    if "milp" in wide.columns:  # the MILP's own plan, without the best-of step
-        own = best_base / wide["milp"]
+    own = (best_base / wide["milp"]).dropna() if "milp" in wide.columns else pd.Series(dtype=float)
+    if len(own):  # the MILP's own plan, without the best-of step, where it was scored
         lost = own[own < 1 - 1e-9]
-        text = (f"The MILP's own plan, without that step, is at least as fast as the best baseline at "
-                f"{n - len(lost)} of the {n} points")
+        where = f"{len(own)} points" + (f" where it was scored (of {n})" if len(own) < n else "")
+        text = (f"The MILP's own plan (without the best-of step) is at least as fast as the best baseline at "
+                f"{len(own) - len(lost)} of the {where}")
         if len(lost):
             batches = sorted({float(b) for b in lost.index.get_level_values("batch")})
             text += (f"; it is slower at {len(lost)} (down to {lost.min():.3f}x), at batch"
                      f"{'es' if len(batches) > 1 else ''} {', '.join(f'{b:g}' for b in batches)}")
             if solve_batch is not None and float(solve_batch) not in batches:
-                text += (f", none of them the batch {solve_batch:g} it was solved at (bench --solve-batch each "
+                text += (f", not at the batch {solve_batch:g} it was solved at (bench --solve-batch each "
                          "solves one plan per batch)")
         out.append(text + ".")
     by_base = sp.groupby("baseline")["mean"].mean().sort_values()

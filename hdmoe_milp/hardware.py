@@ -17,6 +17,7 @@ from __future__ import annotations
 import numbers
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import cached_property
 
 import numpy as np
@@ -180,8 +181,10 @@ _POINT_RE = re.compile(rf"({_NUMBER})/({_NUMBER})")
 
 
 def _short(x: float) -> str:
-    """``x`` written without a trailing ``.0`` and without losing digits (``5.0`` → ``5``, ``2.5``)."""
-    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+    """``x`` written without a trailing ``.0`` and without losing digits (``5.0`` → ``5``, ``2.5``,
+    ``1e+16``)."""
+    text = repr(x)
+    return text[:-2] if text.endswith(".0") else text
 
 
 def parse_point(text: object, field: str = "hw") -> tuple[str, HardwarePoint]:
@@ -193,20 +196,25 @@ def parse_point(text: object, field: str = "hw") -> tuple[str, HardwarePoint]:
     fix = ("give a preset (" + ", ".join(HARDWARE_PRESETS) + ") or TFLOP/s per node / GB/s per link, "
            "e.g. '4/40'")
     if not isinstance(text, str):
-        raise InputError(field, f"must be a string, got {text!r}", fix)
+        raise InputError(field, f"must be a string, got {shown(text)}", fix)
     m = _POINT_RE.fullmatch(text.strip())
     if m is None:
-        raise InputError(field, f"unknown design point {text!r}", fix)
+        raise InputError(field, f"unknown design point {shown(text)}", fix)
     tflops, gbps = float(m.group(1)), float(m.group(2))
-    name = f"{_short(tflops)}/{_short(gbps)}"
+    parts = _short(tflops), _short(gbps)
+    name = "/".join(parts)
+    # "4.1" TFLOP/s is the float nearest 4.1e12 (4.1 * 1e12 is 4099999999999.9995): scale in decimal, from
+    # the name, so that every spelling of one point gives the same numbers
+    flops, link_bw = float(Decimal(parts[0]).scaleb(12)), float(Decimal(parts[1]).scaleb(9))
     if name in HARDWARE_PRESETS:
         return name, HARDWARE_PRESETS[name]
-    for value, scale, (lo, hi), unit in ((tflops, 1e12, COMPUTE_FLOPS_PER_S_RANGE, "TFLOP/s per node"),
-                                         (gbps, 1e9, LINK_BW_BYTES_PER_S_RANGE, "GB/s per link")):
-        if not lo <= value * scale <= hi:
-            raise InputError(field, f"{text!r} asks for {value:g} {unit}, outside "
+    for value, si, scale, (lo, hi), unit in (
+            (tflops, flops, 1e12, COMPUTE_FLOPS_PER_S_RANGE, "TFLOP/s per node"),
+            (gbps, link_bw, 1e9, LINK_BW_BYTES_PER_S_RANGE, "GB/s per link")):
+        if not lo <= si <= hi:
+            raise InputError(field, f"{shown(text)} asks for {value:g} {unit}, outside "
                              f"[{lo / scale:g}, {hi / scale:g}]", fix)
-    return name, HardwarePoint(tflops * 1e12, gbps * 1e9)
+    return name, HardwarePoint(flops, link_bw)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ everywhere a point is read (flags, instance files, plan files, the bench grid, t
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -36,11 +37,13 @@ def test_parse_point_refuses_what_is_not_a_point(text):
     assert ei.value.field == "--hw" and "4/40" in ei.value.fix and repr(text) in str(ei.value)
 
 
-@pytest.mark.parametrize("tflops", [1e-12, 1e-6, 0.1, 2.5, 3.0, 7.25, 1234.5, 1e14, 1e18])
+@pytest.mark.parametrize("tflops", [1e-12, 1e-6, 0.1, 2.01, 2.5, 3.0, 4.1, 7.25, 1234.5, 1e14, 1e15, 1e18])
 @pytest.mark.parametrize("gbps", [1e-9, 1e-3, 0.7, 25.0, 1e6, 1e21])
 def test_a_points_name_reads_back_as_the_same_point(tflops, gbps):
     name, p = parse_point(f"{tflops!r}/{gbps!r}")
-    assert (p.compute_flops, p.link_bw_bytes_per_s) == (tflops * 1e12, gbps * 1e9)
+    # the float nearest the decimal value (4.1 * 1e12 would be 4099999999999.9995)
+    assert (p.compute_flops, p.link_bw_bytes_per_s) == (float(Decimal(repr(tflops)).scaleb(12)),
+                                                        float(Decimal(repr(gbps)).scaleb(9)))
     assert parse_point(name) == (name, p)  # plan files and Problem.hw_point hold the name
 
 
@@ -65,6 +68,10 @@ def test_a_custom_point_scores_as_hardware_built_by_hand():
         hm.Problem(model, hw, trace, hw_point="4/40")
     assert ei.value.field == "hw_point" and "'4/40'" in str(ei.value)
     assert hm.Problem(model, hw, trace, hw_point="3.0/60").hw_point == "3/60"
+    # one-decimal points are the numbers a user means: a Problem built by hand with 4.1e12 FLOP/s is 4.1/50
+    assert hm.make_hardware("4.1/50", "2x2").compute_flops == 4.1e12
+    by_hand = hm.Problem(model, Hardware(Mesh(2, 2), 4.1e12, 50e9), trace, hw_point="4.10/50")
+    assert by_hand.hw_point == "4.1/50"
 
 
 def test_cli_takes_a_custom_point_and_the_plan_remembers_it(tmp_path, capsys):
@@ -101,8 +108,27 @@ def test_instance_files_and_the_grid_take_custom_points(tmp_path):
     assert ei.value.field == "instance bad.toml [hardware].preset"
     spec = check_spec(GridSpec(models=("mixtral-8x7b",), hws=("4/40", "5.0/50"), meshes=("4x4",)))
     assert spec.hws == ("4/40", "5/50")
-    with pytest.raises(hm.InputError, match="twice"):  # the same point written two ways
+    with pytest.raises(hm.InputError, match="'5/50' and '5.0/50' are one design point"):
         check_spec(GridSpec(models=("mixtral-8x7b",), hws=("5/50", "5.0/50"), meshes=("4x4",)))
+    with pytest.raises(hm.InputError, match="twice"):
+        check_spec(GridSpec(models=("mixtral-8x7b",), hws=("5/50", "5/50"), meshes=("4x4",)))
     with pytest.raises(hm.InputError) as ei:
         check_spec(GridSpec(models=("mixtral-8x7b",), hws=("4/x",), meshes=("4x4",)))
     assert ei.value.field == "hw"
+
+
+def test_a_plan_whose_point_is_spelt_otherwise_is_still_checked(tmp_path, capsys):
+    plan = tmp_path / "cb.json"
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "5/50", "--trace", MX,
+                 "--strategy", "cb", "--save-plan", str(plan)]) == 0
+    capsys.readouterr()
+    d = json.loads(plan.read_text())
+    d["meta"]["problem"]["hw_point"] = "5.0/50"
+    plan.write_text(json.dumps(d))
+    assert main(["evaluate", "--plan", str(plan), "--json"]) == 0  # the same point, spelt otherwise
+    assert json.loads(capsys.readouterr().out)["hw"] == "5/50"
+    d["meta"]["problem"]["hardware"]["compute_flops"] = 1e13  # a record that contradicts the point
+    plan.write_text(json.dumps(d))
+    assert main(["evaluate", "--plan", str(plan)]) == 2
+    err = capsys.readouterr().err
+    assert "meta.problem.hardware.compute_flops" in err and "5/50" in err

@@ -102,7 +102,10 @@ STRATEGIES: dict[str, Strategy] = {
     "milp": _milp,
 }
 BASELINES: tuple[str, ...] = ("tp", "ep", "ep-lpt", "cb", "eplb", "hdmoe")
-USES_BUDGET: frozenset[str] = frozenset({"hdmoe", "milp"})  # the strategies that solve a MILP under a Budget
+# per strategy that solves a MILP under a Budget, the Budget fields it reads (a plan records those only:
+# hdmoe runs at its own gap and one thread; milp takes no work limit)
+USES_BUDGET: dict[str, tuple[str, ...]] = {"hdmoe": ("backend", "time_limit_s", "work_limit"),
+                                           "milp": ("backend", "time_limit_s", "threads", "gap")}
 
 
 def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budget | None = None) -> Placement:
@@ -113,8 +116,8 @@ def place(problem: Problem, name: str, *, seed: int | None = None, budget: Budge
     seed = problem.seed if seed is None else seed
     plan = STRATEGIES[name](problem, seed=seed, budget=budget)  # the entry checks seed and budget
     settings = {"strategy": name, "seed": check_seed(seed)}
-    if budget is not None and name in USES_BUDGET:  # a plan records only the settings that made it
-        settings.update(budget.__dict__)
+    if budget is not None:  # a plan records only the settings that made it
+        settings.update({k: getattr(budget, k) for k in USES_BUDGET.get(name, ())})
     if problem.trace is None:
         return Placement(plan.layers, plan.strategy, {**plan.meta, "solver": settings})
     return Placement(plan.layers, plan.strategy, {**plan.meta, "problem": problem.describe(), "solver": settings})
