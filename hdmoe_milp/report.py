@@ -451,7 +451,10 @@ def fig_solver(layer_table: pd.DataFrame, *, settings: str = "", time_limit_s: f
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     x = layer_table["layer"].to_numpy()
     gap = layer_table["gap"].astype(float).to_numpy() * 100
-    ax1.bar(x, np.nan_to_num(gap), 0.7, **_style(1))
+    known = np.isfinite(gap)
+    ax1.bar(x[known], gap[known], 0.7, **_style(1))
+    for xi in x[~known]:  # no bound (a layer left out, or interrupted before one): not a 0 % bar
+        ax1.text(xi, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
     ax1.set_ylabel("gap (%)")
     wall = layer_table["time_s"].to_numpy(dtype=float)
     ax2.bar(x, wall, 0.7, **_style(2))

@@ -540,6 +540,14 @@ def test_fig_solver_says_the_time_is_wall_and_what_the_limit_counted():
         assert exc.value.field == field
 
 
+def test_fig_solver_marks_a_missing_gap_instead_of_a_zero_bar():
+    lt = pd.DataFrame({"layer": range(3), "gap": [0.03, None, 0.01], "time_s": [0.7, 0.2, 0.75]})
+    fig = rp.fig_solver(lt)
+    bars = fig.axes[0].patches
+    assert sorted(round(b.get_x() + b.get_width() / 2) for b in bars) == [0, 2]  # no bar at layer 1
+    assert [t.get_text() for t in fig.axes[0].texts] == ["n/a"]
+
+
 def test_bench_solver_csv_records_the_deterministic_limit(bench, tmp_path):
     """solver.csv's time_s is wall time while bench's limit counts CP-SAT work: the table carries the
     limit and what it counted, and the solver figure drawn from it says so."""
