@@ -149,3 +149,22 @@ def test_a_plan_records_only_the_budget_its_strategy_used():
         assert hm.place(p, name, budget=budget).meta["solver"] == {"strategy": name, "seed": 0}
     made = hm.place(p, "hdmoe", budget=budget).meta["solver"]  # hdmoe runs at its own gap, one thread
     assert made == {"strategy": "hdmoe", "seed": 0, "backend": "cbc", "time_limit_s": 0.5, "work_limit": None}
+
+
+def test_eplb_redundant_gives_each_node_one_more_slot_for_the_hottest_experts():
+    import hdmoe_milp as hm
+    from hdmoe_milp.synthetic import synthetic_trace
+
+    m = MoEModel("s16", num_experts=16, top_k=2, hidden=256, expert_intermediate=512, moe_layers=2)
+    p = hm.Problem(m, make_hardware("5/50", "2x2"), synthetic_trace(m, 2048, seed=3))
+    plain, red = hm.place(p, "eplb"), hm.place(p, "eplb-redundant")
+    assert red.strategy == "eplb-redundant" and red.meta["solver"]["strategy"] == "eplb-redundant"
+    for li, (a, b) in enumerate(zip(plain.layers, red.layers, strict=True)):
+        assert a.shares.shape[0] == 16 and b.shares.shape[0] == 16 + 4  # max(E, D) slots, + one per node
+        assert np.all(b.shares.sum(axis=0) == 5)  # every node holds 5 whole copies
+        copies = np.bincount(b.expert_of, minlength=16)
+        assert copies.min() == 1 and copies.sum() == 20
+        assert copies[np.argmax(p.frequencies[li])] == copies.max() >= 2  # extra slots go to the hottest
+        frac = np.bincount(b.expert_of, weights=b.token_fraction, minlength=16)
+        assert np.allclose(frac, 1.0)  # a replicated expert's tokens are split over its copies
+    assert hm.evaluate(p, red).tbt_s > 0

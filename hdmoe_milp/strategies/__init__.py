@@ -2,7 +2,9 @@
 
 Baselines: ``tp``, ``ep`` (seeded random, as in the paper), ``ep-lpt`` (load-balanced), ``cb``
 (compute-balanced hybrid), ``eplb`` (DeepSeek EPLB-style greedy), ``hdmoe`` (HD-MoE
-re-implementation). Ours: ``milp`` (the offline block MILP, per layer; the pipeline's ``solve``
+re-implementation). Also ``eplb-redundant``: EPLB with one redundant slot per node (replicas of the
+hottest experts), not among the baselines that ``solve`` and ``bench`` compare, since one copy per
+expert is the MILP's family. Ours: ``milp`` (the offline block MILP, per layer; the pipeline's ``solve``
 combines it with the baselines and reports its gaps).
 
 The domain functions behind them (``tensor_parallel(model, hw, freqs)`` and so on) take the
@@ -75,6 +77,14 @@ def _eplb(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> P
 
 
 @_checked
+def _eplb_redundant(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
+    # one redundant slot per node, DeepSeek's deployed ratio (256 experts + 32 redundant on 32 GPUs)
+    plan = eplb_placement(problem.model, problem.hardware, problem.frequencies, seed=seed,
+                          extra_replicas=problem.hardware.num_nodes)
+    return Placement(plan.layers, "eplb-redundant", plan.meta)
+
+
+@_checked
 def _hdmoe(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
     b = budget or Budget()
     kw = {} if b.work_limit is None else {"work_limit": b.work_limit}
@@ -98,6 +108,7 @@ STRATEGIES: dict[str, Strategy] = {
     "ep-lpt": _ep_lpt,
     "cb": _cb,
     "eplb": _eplb,
+    "eplb-redundant": _eplb_redundant,
     "hdmoe": _hdmoe,
     "milp": _milp,
 }
