@@ -434,11 +434,14 @@ def _replay(args: argparse.Namespace) -> int:
         return 0
     print(f"model={problem.model.name} hw={problem.hw_point} mesh={problem.mesh_name} batch={batch} "
           f"batches={args.batches} batching={batching} trace={trace}")
-    df = pd.DataFrame(rows)[["policy", "mean_us", "p50_us", "p99_us", "migration_us", "bytes_moved", "actions",
-                             "decide_us_per_layer_mean", "speedup_vs_static"]]
+    cols = ["policy", "mean_us", "p50_us", "p99_us", "migration_us", "bytes_moved", "actions",
+            "decide_us_per_layer_mean"] + (["speedup_vs_static"] if static is not None else [])
+    df = pd.DataFrame(rows)[cols]
     fmt = {c: (lambda x: f"{x:.1f}") for c in df.columns if c.endswith("_us") or c.startswith("decide_us")}
     fmt |= {"bytes_moved": lambda x: f"{x:,.0f}", "speedup_vs_static": lambda x: "-" if pd.isna(x) else f"{x:.3f}"}
     print(df.to_string(index=False, formatters=fmt))  # µs to 0.1, bytes whole: no e-notation in a paper's table
+    if static is None:
+        print("(no speedup_vs_static: add static to --policy to compare with the plan left as it is)")
     return 0
 
 

@@ -318,3 +318,15 @@ def test_stats_explains_every_line_true_to_its_definition(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["stats", "--help"])
     assert "tv_median, tv_max: drift against --against" in capsys.readouterr().out
+
+
+def test_replay_without_static_says_why_it_has_no_speedup(capsys):
+    base = ["replay", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "5/50", "--plan-strategy", "cb",
+            "--trace", str(TRACES / "mixtral_writing_4k.json.gz"), "--batches", "2"]
+    assert main([*base, "--policy", "greedy"]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and "speedup_vs_static" not in out.splitlines()[1]
+    assert "add static to --policy" in out
+    assert main([*base, "--policy", "greedy,static"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup_vs_static" in out.splitlines()[1] and "add static" not in out
