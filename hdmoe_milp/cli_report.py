@@ -572,6 +572,21 @@ def _bound_trace(path: Path, layer: int) -> Any:
         raise InputError(f"{where}.{exc.field}", exc.problem, "give the plan file that solve or bench wrote") from None
 
 
+def _say_what_was_picked(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespace) -> None:
+    """On stderr, the model, hardware point and mesh a one-point figure drew when the table holds
+    several and no flag chose (the first row's; the first mesh by name for ``tbt``)."""
+    cols = ("mesh",) if kind == "tbt" else ("model", "hw", "mesh")
+    picked = []
+    for c in cols:
+        if c not in df.columns or getattr(args, c, None) is not None or df[c].nunique() < 2:
+            continue
+        values = df[c].astype(str).unique()
+        drawn = sorted(values)[0] if kind == "tbt" else str(df[c].iloc[0])
+        picked.append(f"{c} {drawn} (of {', '.join(values)}; --{c} picks)")
+    if picked:
+        print(f"plot {kind}: {path.name} holds several; drew " + ", ".join(picked), file=sys.stderr)
+
+
 def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespace) -> Figure:
     """The ``kind`` figure of a checked bench table ``df`` (read from ``path``)."""
     if kind == "ablation":
@@ -663,6 +678,7 @@ def _plot(args: argparse.Namespace) -> int:
                              f"give the {_CSV_NEEDS[kind][0]} that bench wrote") from None
         rp.save_figure(fig, out, field="--out")
         print(f"wrote {out}", file=sys.stdout)
+        _say_what_was_picked(kind, df, path, args)
         return 0
     if kind == "bound-trace":
         fig = _bound_trace(path, args.layer)

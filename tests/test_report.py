@@ -197,6 +197,22 @@ def test_plot_command(bench, tmp_path):
         assert target.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_plot_says_which_point_it_drew_from_a_table_of_several(bench, tmp_path, capsys):
+    out, p = bench
+    res = pd.read_csv(out / "results.csv")
+    two = tmp_path / "results.csv"
+    pd.concat([res, res.assign(hw="10/25")]).to_csv(two, index=False)
+    capsys.readouterr()
+    assert cli_report.run(p.parse_args(["plot", "decomposition", str(two), "--out", str(tmp_path / "d.png")])) == 0
+    assert "drew hw 5/50 (of 5/50, 10/25; --hw picks)" in capsys.readouterr().err
+    assert cli_report.run(p.parse_args(["plot", "decomposition", str(two), "--hw", "10/25", "--out",
+                                        str(tmp_path / "e.png")])) == 0
+    assert capsys.readouterr().err == ""
+    assert cli_report.run(p.parse_args(["plot", "decomposition", str(out / "results.csv"), "--out",
+                                        str(tmp_path / "f.png")])) == 0
+    assert capsys.readouterr().err == ""  # one point: nothing was picked
+
+
 def test_plot_refuses_tables_bench_does_not_write(bench, tmp_path):
     """An ablation without cb rows left that bar out silently; a strategy or part of "zzz" and a
     fractional solver layer were drawn; a missing column gave a catch-all message or blamed the
