@@ -631,15 +631,16 @@ def fig_ablation(results: pd.DataFrame, *, model: str | None = None, hw: str | N
                             textcoords="offset points", ha="center", fontsize=7)
             total = v
             tops.append(max(v, r) if ref in online.index else v)
+            label_y = tops[-1]  # above the dashed line, which would cross the label
         else:
             bottom = 0.0
             for j, (col, label) in enumerate(_PARTS):
                 v = float(static.loc[k, col]) / 1e3
                 ax.bar(x[i], v, 0.6, bottom=bottom, label=label if i == 0 else None, **_style(j))
                 bottom += v
-            total = bottom
+            total = label_y = bottom
             tops.append(bottom)
-        ax.annotate(f"{total:.2f} ms", (x[i], total), xytext=(0, 3),
+        ax.annotate(f"{total:.2f} ms", (x[i], label_y), xytext=(0, 3),
                     textcoords="offset points", ha="center", fontsize=7)
     ax.set_xticks(x, [lab for _, lab in bars], fontsize=8)
     ax.set_ylim(0, max(tops) * 1.45)  # room for the legend

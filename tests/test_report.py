@@ -376,6 +376,9 @@ def test_fig_ablation_counts_and_png(tmp_path):
                for i in range(3)]
     assert heights == pytest.approx([0.25, 0.23, 0.27])  # ms
     assert len(ax.get_lines()) == 1 and ax.get_lines()[0].get_ydata()[0] == pytest.approx(0.3)  # ours+static
+    # the online bar's value sits above the dashed line (at 0.3 ms) it would otherwise be crossed by
+    online_label = next(t for t in ax.texts if t.get_text() == "0.27 ms")
+    assert online_label.xy[1] == pytest.approx(0.3)
     assert [t.get_text() for t in ax.get_xticklabels()][0].startswith("node balance")
     assert "batch 512" in ax.get_title() and "another batch" not in ax.get_title()
     _png_ok(fig, tmp_path / "ab.png")
