@@ -277,8 +277,6 @@ _KEYS = ("model", "hw", "mesh", "mode", "batch", "part", "strategy", "policy", "
 def _filter(df: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
     """The rows matching every one of --model, --hw and --mesh given."""
     given = {c: getattr(args, c) for c in ("model", "hw", "mesh") if getattr(args, c, None) is not None}
-    if "hw" in given:  # the table holds canonical names: --hw 5.0/50 is the rows of 5/50
-        given["hw"] = parse_point(given["hw"], "--hw")[0]
     for c, v in given.items():
         if c in df.columns:
             df = df[df[c].astype(str) == str(v)]
@@ -595,8 +593,7 @@ def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespac
                              "ablation figure's third bar is ours with the online policy",
                              "give the results.csv of a bench run with online batches")
         try:
-            return rp.fig_ablation(df, model=args.model, hw=None if args.hw is None else _point_name(args.hw),
-                                   mesh=args.mesh)
+            return rp.fig_ablation(df, model=args.model, hw=args.hw, mesh=args.mesh)
         except InputError as exc:
             raise InputError("file", f"{path} {exc.problem}", exc.fix) from None
         except ValueError as exc:  # the table lacks the rows the figure compares
@@ -660,6 +657,8 @@ def _plot(args: argparse.Namespace) -> int:
             why = (", which reads the problem the plan file records" if kind not in _CSV_NEEDS
                    else f" (that figure does not select its rows by {attr})")
             raise InputError(f"--{attr}", f"does not apply to plot {kind}{why}", f"leave --{attr} out")
+    if args.hw is not None:  # tables hold a point's one name: --hw 5.0/50 picks the rows of 5/50
+        args.hw = parse_point(args.hw, "--hw")[0]
     if args.layer is None:
         args.layer = 0
     if kind in _CSV_NEEDS:
