@@ -43,8 +43,8 @@ def main() -> None:
     rows, layer_rows = [], []
     for name in args.models.split(","):
         for hwp in args.hw.split(","):
+            hwp = hm.hardware.parse_point(hwp, "--hw")[0]  # the point's one name ("5.0/50" is "5/50")
             hw = hm.make_hardware(hwp, args.mesh)
-            hwp = hw.name.split("@")[0]  # the point's one name ("5.0/50" is "5/50")
             # the model's shipped instance (its trace) at this point, or at any point for other points
             inst = ROOT / "instances" / f"{name}_{hwp.replace('/', '-')}_4x8.toml"
             if not inst.is_file():
