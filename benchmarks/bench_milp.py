@@ -8,6 +8,7 @@ all strategies are scored by the shared evaluator (mesh mode, defaults). Prints 
 speedups, per-layer solver gaps and times, and writes CSV + markdown + a plot to benchmarks/out/.
 
 Run: python benchmarks/bench_milp.py [--models mixtral-8x7b,deepseek-v2-lite] [--time-limit 10] [--jobs 2]
+     python benchmarks/bench_milp.py --models mixtral-8x7b --trace my_trace.json.gz  # a trace of your own
 """
 
 from __future__ import annotations
@@ -36,12 +37,24 @@ def main() -> None:
                     help="batch the plans are solved at, or 'each' (one solve per batch)")
     ap.add_argument("--layers", help="solve only these layers, e.g. 0,5 (the others: best baseline, not-solved)")
     ap.add_argument("--deterministic", action="store_true", help="CP-SAT deterministic time instead of wall seconds")
+    ap.add_argument("--trace", help="a routing trace (.json, .json.gz or .npz) of the one model in --models, in place "
+                    "of the model's shipped instance trace")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = ap.parse_args()
+    models = args.models.split(",")
+    if args.trace is not None and len(models) != 1:
+        ap.error(f"--trace is one model's trace: give one model in --models, not {len(models)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, layer_rows = [], []
-    for name in args.models.split(","):
+    for name in models:
+        trace = None
+        if args.trace is not None:
+            try:
+                m = hm.get_model(name)
+                trace = hm.load_trace(args.trace, m.num_experts, m.top_k)
+            except hm.InputError as exc:
+                ap.error(str(exc))
         for hwp in args.hw.split(","):
             hwp = hm.hardware.parse_point(hwp, "--hw")[0]  # the point's one name ("5.0/50" is "5/50")
             hw = hm.make_hardware(hwp, args.mesh)
@@ -50,19 +63,23 @@ def main() -> None:
             if not inst.is_file():
                 inst = sorted((ROOT / "instances").glob(f"{name}_*_4x8.toml"))[0]
             problem = hm.load_instance(inst).with_(hardware=hw, batch=128)
+            if trace is not None:
+                problem = problem.with_(trace=trace, trace_path=str(args.trace), trace_sha256=None)
+            trace_name = problem.trace.name
             layers = None if args.layers is None else [int(v) for v in args.layers.split(",")]
             batches = [float(b) for b in args.batches.split(",")]
             solves = {}
             for sb in batches if args.solve_batch == "each" else [float(args.solve_batch)]:
                 solves[sb] = hm.solve(problem.with_(batch=sb), backend=args.backend, time_limit_s=args.time_limit,
                                       jobs=args.jobs, layers=layers, deterministic=args.deterministic)
-                layer_rows += [{"model": name, "hw": hwp, "solve_batch": sb, **r.to_dict()}
+                layer_rows += [{"model": name, "routing": trace_name, "hw": hwp, "solve_batch": sb, **r.to_dict()}
                                for r in solves[sb].layers]
             for B in batches:
                 res = solves[B if args.solve_batch == "each" else float(args.solve_batch)]
                 rb = res.at_batch(B)
                 t = rb.table().set_index("strategy")
-                row = {"model": name, "hw": hwp, "mesh": args.mesh, "batch": B, "plan_us": t.loc["plan", "tbt_us"],
+                row = {"model": name, "routing": trace_name, "hw": hwp, "mesh": args.mesh, "batch": B,
+                       "plan_us": t.loc["plan", "tbt_us"],
                        "milp_only_us": t.loc["milp", "tbt_us"], "solve_wall_s": res.solver["wall_s"],
                        "layers_from_milp": sum(r.final_source == "milp" for r in rb.layers)}
                 for s in hm.BASELINES:
@@ -78,7 +95,7 @@ def main() -> None:
     df.to_csv(out / "milp_grid.csv", index=False)
     ldf.to_csv(out / "milp_layers.csv", index=False)
     ldf = ldf[ldf["status"] != "not-solved"]
-    summary = ldf.groupby(["model", "hw", "solve_batch"]).agg(
+    summary = ldf.groupby(["model", "routing", "hw", "solve_batch"]).agg(
         layers=("layer", "count"), optimal=("status", lambda s: int((s == "optimal").sum())),
         proven_1pct=("gap", lambda g: int((g <= 0.01).sum())),
         gap_median=("gap", "median"), gap_max=("gap", "max"), time_mean_s=("time_s", "mean"),
@@ -88,10 +105,10 @@ def main() -> None:
         improvement_mean=("improvement", "mean"), improvement_max=("improvement", "max"),
     ).reset_index()
     df["solve_batch"] = df["batch"] if args.solve_batch == "each" else float(args.solve_batch)
-    solve_walls = df.groupby(["model", "hw", "solve_batch"])["solve_wall_s"].first().reset_index()
-    summary = summary.merge(solve_walls, on=["model", "hw", "solve_batch"])
-    own = df.groupby(["model", "hw", "solve_batch"])["milp_own_vs_best_baseline"].min().reset_index()
-    summary = summary.merge(own, on=["model", "hw", "solve_batch"])
+    solve_walls = df.groupby(["model", "routing", "hw", "solve_batch"])["solve_wall_s"].first().reset_index()
+    summary = summary.merge(solve_walls, on=["model", "routing", "hw", "solve_batch"])
+    own = df.groupby(["model", "routing", "hw", "solve_batch"])["milp_own_vs_best_baseline"].min().reset_index()
+    summary = summary.merge(own, on=["model", "routing", "hw", "solve_batch"])
     cols = (["model", "hw", "batch", "plan_us"] + [f"speedup_vs_{s}" for s in hm.BASELINES]
             + ["milp_own_vs_best_baseline"])
     (out / "milp_grid.md").write_text(df[cols].to_markdown(index=False, floatfmt=".3f"))
