@@ -37,7 +37,7 @@ from .errors import (
     check_real,
 )
 from .evaluator import DELIVERIES, HOMES, MODES
-from .hardware import Mesh, parse_point
+from .hardware import Mesh, parse_point, point_name
 from .moe import MODEL_PRESETS
 from .placement import Placement
 from .workload import BATCHING
@@ -467,10 +467,8 @@ def _trace_fix(fix: str, flags: bool) -> str:
 def _point_name(text: Any) -> Any:
     """The canonical name of the design point ``text`` ("5.0/50" is "5/50"); ``text`` itself if it is
     not one (the checks that read it report that)."""
-    try:
-        return parse_point(text)[0]
-    except InputError:
-        return text
+    name = point_name(text)
+    return text if name is None else name
 
 
 def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = False, hw_given: bool = False,

@@ -217,6 +217,15 @@ def parse_point(text: object, field: str = "hw") -> tuple[str, HardwarePoint]:
     return name, HardwarePoint(flops, link_bw)
 
 
+def point_name(text: object) -> str | None:
+    """The canonical name of the design point ``text`` (``"5.0/50"`` is ``"5/50"``), or None when
+    ``text`` is not one (say the ``custom`` of hardware built by hand)."""
+    try:
+        return parse_point(text)[0]
+    except InputError:
+        return None
+
+
 @dataclass(frozen=True)
 class Hardware:
     """A mesh accelerator.

@@ -27,7 +27,7 @@ from .errors import (
     check_seed,
 )
 from .evaluator import EvalOptions
-from .hardware import Hardware, parse_point
+from .hardware import Hardware, parse_point, point_name
 from .moe import MoEModel
 from .solvers.backends import BACKENDS
 from .workload import (
@@ -65,11 +65,7 @@ def check_mesh_memory(field_name: str, model: MoEModel, rows: int, cols: int) ->
 
 def _point_of(hw: Hardware) -> str | None:
     """The design-point name of hardware made by ``make_hardware`` (its name is ``POINT@MESH``)."""
-    point = hw.name.split("@")[0]
-    try:
-        return parse_point(point)[0]
-    except InputError:  # hardware built by hand ("custom")
-        return None
+    return point_name(hw.name.split("@")[0])
 
 
 @dataclass(frozen=True)

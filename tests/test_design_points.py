@@ -12,7 +12,7 @@ import pytest
 import hdmoe_milp as hm
 from hdmoe_milp.cli import main
 from hdmoe_milp.grid import GridSpec, check_spec
-from hdmoe_milp.hardware import HARDWARE_PRESETS, Hardware, Mesh, parse_point
+from hdmoe_milp.hardware import HARDWARE_PRESETS, Hardware, Mesh, parse_point, point_name
 
 from .conftest import ROOT, TRACES
 
@@ -132,3 +132,9 @@ def test_a_plan_whose_point_is_spelt_otherwise_is_still_checked(tmp_path, capsys
     assert main(["evaluate", "--plan", str(plan)]) == 2
     err = capsys.readouterr().err
     assert "meta.problem.hardware.compute_flops" in err and "5/50" in err
+
+
+@pytest.mark.parametrize(("text", "name"), [("5.0/50", "5/50"), ("4/40", "4/40"), (" 2.5/75 ", "2.5/75"),
+                                            ("custom", None), ("4/", None), (None, None), (5, None)])
+def test_point_name_is_the_canonical_name_or_none(text, name):
+    assert point_name(text) == name
