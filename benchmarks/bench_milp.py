@@ -56,15 +56,18 @@ def main() -> None:
             except hm.InputError as exc:
                 ap.error(str(exc))
         for hwp in args.hw.split(","):
-            hwp = hm.hardware.parse_point(hwp, "--hw")[0]  # the point's one name ("5.0/50" is "5/50")
-            hw = hm.make_hardware(hwp, args.mesh)
-            # the model's shipped instance (its trace) at this point, or at any point for other points
-            inst = ROOT / "instances" / f"{name}_{hwp.replace('/', '-')}_4x8.toml"
-            if not inst.is_file():
-                inst = sorted((ROOT / "instances").glob(f"{name}_*_4x8.toml"))[0]
-            problem = hm.load_instance(inst).with_(hardware=hw, batch=128)
-            if trace is not None:
-                problem = problem.with_(trace=trace, trace_path=str(args.trace), trace_sha256=None)
+            try:
+                hwp = hm.hardware.parse_point(hwp, "--hw")[0]  # the point's one name ("5.0/50" is "5/50")
+                hw = hm.make_hardware(hwp, args.mesh)
+                # the model's shipped instance (its trace) at this point, or at any point for other points
+                inst = ROOT / "instances" / f"{name}_{hwp.replace('/', '-')}_4x8.toml"
+                if not inst.is_file():
+                    inst = sorted((ROOT / "instances").glob(f"{name}_*_4x8.toml"))[0]
+                problem = hm.load_instance(inst).with_(hardware=hw, batch=128)
+                if trace is not None:
+                    problem = problem.with_(trace=trace, trace_path=str(args.trace), trace_sha256=None)
+            except hm.InputError as exc:  # a point, mesh or trace that does not fit: one line, exit 2
+                ap.error(str(exc))
             trace_name = problem.trace.name
             layers = None if args.layers is None else [int(v) for v in args.layers.split(",")]
             batches = [float(b) for b in args.batches.split(",")]
