@@ -49,23 +49,24 @@ def main() -> None:
     rows, layer_rows = [], []
     for name in models:
         trace = None
-        if args.trace is not None:
-            try:
-                m = hm.get_model(name)
-                trace = hm.load_trace(args.trace, m.num_experts, m.top_k)
-            except hm.InputError as exc:
-                ap.error(str(exc))
+        try:
+            model = hm.get_model(name)
+            if args.trace is not None:  # read once for every point
+                trace = hm.load_trace(args.trace, model.num_experts, model.top_k)
+        except hm.InputError as exc:
+            ap.error(str(exc))
+        shipped = sorted((ROOT / "instances").glob(f"{name}_*_4x8.toml"))
+        if trace is None and not shipped:
+            ap.error(f"{name} has no shipped instance, so no trace: give one with --trace FILE")
         for hwp in args.hw.split(","):
             try:
                 hwp = hm.hardware.parse_point(hwp, "--hw")[0]  # the point's one name ("5.0/50" is "5/50")
                 hw = hm.make_hardware(hwp, args.mesh)
-                # the model's shipped instance (its trace) at this point, or at any point for other points
-                inst = ROOT / "instances" / f"{name}_{hwp.replace('/', '-')}_4x8.toml"
-                if not inst.is_file():
-                    inst = sorted((ROOT / "instances").glob(f"{name}_*_4x8.toml"))[0]
-                problem = hm.load_instance(inst).with_(hardware=hw, batch=128)
                 if trace is not None:
-                    problem = problem.with_(trace=trace, trace_path=str(args.trace), trace_sha256=None)
+                    problem = hm.Problem(model, hw, trace, batch=128, trace_path=str(args.trace))
+                else:  # the model's shipped instance (its trace) at this point, or at any point for other points
+                    inst = ROOT / "instances" / f"{name}_{hwp.replace('/', '-')}_4x8.toml"
+                    problem = hm.load_instance(inst if inst.is_file() else shipped[0]).with_(hardware=hw, batch=128)
             except hm.InputError as exc:  # a point, mesh or trace that does not fit: one line, exit 2
                 ap.error(str(exc))
             trace_name = problem.trace.name
