@@ -90,9 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--delivery", help="tree (default in mesh mode) or unicast")
     ev.add_argument("--home", help="token home nodes: spread, holder or random")
     ev.add_argument("--batching", help="expected (default), random or contiguous")
-    ev.add_argument("--replica-rule", "--dispatch", dest="replica_rule", default="fraction",
-                    help="which copy of a replicated expert serves a token: fraction (default), affinity, "
-                    "balanced or nearest (see formulations/evaluator.md)")
+    ev.add_argument("--replica-rule", "--dispatch", dest="replica_rule",
+                    help="which copy of a replicated expert serves a token: fraction (default; with --plan, "
+                    "the rule the plan records), affinity, balanced or nearest (see formulations/evaluator.md)")
     ev.add_argument("--capacity-gb", type=float, help="DRAM capacity per node, GB (default: unlimited)")
     ev.add_argument("--hop-latency-ns", type=float, help="per-hop latency, ns (default 0)")
 
@@ -257,7 +257,8 @@ def _print_left_out(problem: pl.Problem, names: list[str]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
+    if args.replica_rule is not None:
+        pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
     names = None
     if not args.plan:
         if args.strategy is not None and not args.strategy.strip():
@@ -275,7 +276,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     cli_report.check_plan_out("--save-plan", args.save_plan, args.force)
     s = _settings(args, args.plan)
     problem = _to_problem(args, s, args.plan)
-    problem = problem.with_(options=replace(problem.options, replica_rule=args.replica_rule))
+    # the plan's own rules unless a flag says otherwise (older plan files record none: the defaults)
+    rules = cli_report.plan_rules(args.plan) if args.plan else {}
+    if args.replica_rule is not None:
+        rules["replica_rule"] = args.replica_rule
+    problem = problem.with_(options=replace(problem.options, **{"replica_rule": "fraction", **rules}))
     budget = pl.Budget(time_limit_s=args.time_limit, work_limit=args.work_limit)
     plans = {}
     if args.plan:
@@ -291,7 +296,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         "batch": int(s.batch) if float(s.batch).is_integer() else float(s.batch),  # 128 from a flag or a file
         "batching": s.batching, "trace": s.trace or problem.trace.name, "mode": o.mode,
         "delivery": o.resolved_delivery, "home": o.resolved_home, "seed": problem.seed,
+        "context_len": o.context_len, "replica_rule": o.replica_rule,
     }
+    if o.coalesce != "node":  # only a plan file made in Python can ask for another
+        setting["coalesce"] = o.coalesce
     if args.json:
         rows = [{**ev.summary(), "strategy": name, "speedup_vs_tp": sp}
                 for (name, ev), sp in zip(cmp.evaluations.items(), df["speedup_vs_tp"], strict=True)]

@@ -31,12 +31,13 @@ from . import report as rp
 from .errors import (
     DRAM_BW_GBPS_RANGE,
     MAX_BATCH,
+    MAX_CONTEXT_LEN,
     InputError,
     as_written,
     check_choice,
     check_real,
 )
-from .evaluator import DELIVERIES, HOMES, MODES
+from .evaluator import COALESCE, DELIVERIES, HOMES, MODES
 from .hardware import Mesh, parse_point, point_name
 from .moe import MODEL_PRESETS
 from .placement import Placement
@@ -411,6 +412,13 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
                              "save the plan again")
     if made.get("seed") is not None:
         out["seed"] = made["seed"]
+    v = made.get("context_len")
+    if v is not None:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CONTEXT_LEN:
+            raise InputError(f"{where}.context_len", f"must be a whole number of tokens in 0 .. {MAX_CONTEXT_LEN:.0e}, "
+                             f"got {v!r}", "save the plan again")
+        out["context_len"] = v
+    plan_rules(path, made)  # checked here too, so that every command refuses a bad record alike
     _check_own_shape(path, plan, {k: v for k, v in out.items() if k not in given})
     recorded = made.get("trace_path")
     for key in ("trace_path", "trace_sha256"):
@@ -432,6 +440,20 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
             raise InputError("plan", f"was made for the trace {recorded}, which has changed since (sha256 differs)",
                              _trace_fix("give the trace to score on with --trace", flags))
         out["trace"] = recorded
+    return out
+
+
+def plan_rules(path: str, made: dict[str, Any] | None = None) -> dict[str, str]:
+    """The evaluator rules a plan file records beyond the settings (``coalesce``, ``replica_rule``),
+    checked; empty for plan files older than 0.7.9, which did not record them. ``made``: the
+    record's ``meta.problem``, if already read."""
+    if made is None:
+        made = pl.plan_settings(path) or {}
+    out = {}
+    for key, choices in (("coalesce", COALESCE), ("replica_rule", pl.REPLICA_RULES)):
+        if made.get(key) is not None:
+            check_choice(f"plan {Path(path).name} meta.problem.{key}", made[key], choices)
+            out[key] = made[key]
     return out
 
 

@@ -284,4 +284,9 @@ class Problem:
             "mode": self.options.mode,
             "delivery": self.options.resolved_delivery,
             "home": self.options.resolved_home,
+            # the rest of the evaluator's settings: the attention term's KV length, how a token's
+            # messages merge and which copy of a replicated expert serves it
+            "context_len": int(self.options.context_len),
+            "coalesce": self.options.coalesce,
+            "replica_rule": self.options.replica_rule,
         }

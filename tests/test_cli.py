@@ -330,3 +330,43 @@ def test_replay_without_static_says_why_it_has_no_speedup(capsys):
     assert main([*base, "--policy", "greedy,static"]) == 0
     out = capsys.readouterr().out
     assert "speedup_vs_static" in out.splitlines()[1] and "add static" not in out
+
+
+def test_a_saved_plan_is_scored_with_the_evaluator_settings_it_records(tmp_path, capsys):
+    """A plan made for a 4,096-token context under the ``nearest`` replica rule was rescored with
+    the defaults (1,024 tokens, ``fraction``) by ``evaluate --plan``: a silently different TBT. It
+    now records both and is scored with them; a flag still overrides the rule."""
+    inst = tmp_path / "ctx.toml"
+    inst.write_text(f'[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "4x4"\n'
+                    f'[workload]\ntrace = "{TRACES / "mixtral_writing_4k.json.gz"}"\n'
+                    f'[evaluator]\ncontext_len = 4096\n')
+    plan = tmp_path / "eplb.json"
+
+    def tbt(*argv: str) -> dict:
+        assert main(["evaluate", *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    made = tbt("--instance", str(inst), "--strategy", "eplb", "--replica-rule", "nearest", "--save-plan", str(plan))
+    record = json.loads(plan.read_text())["meta"]["problem"]
+    assert (record["context_len"], record["replica_rule"], record["coalesce"]) == (4096, "nearest", "node")
+    again = tbt("--plan", str(plan))
+    assert again["context_len"] == 4096 and again["replica_rule"] == "nearest"
+    assert again["tbt_us"] == pytest.approx(made["tbt_us"], rel=1e-12)
+    # the settings matter here, so scoring with the defaults would have been a different answer
+    plain = tmp_path / "plain.toml"  # an instance file's settings come before the plan's record
+    plain.write_text(inst.read_text().replace("context_len = 4096", ""))
+    default_ctx = tbt("--instance", str(plain), "--plan", str(plan))
+    assert default_ctx["context_len"] == 1024 and default_ctx["tbt_us"] < made["tbt_us"]
+    fraction = tbt("--plan", str(plan), "--replica-rule", "fraction")
+    direct = tbt("--instance", str(inst), "--strategy", "eplb", "--replica-rule", "fraction")
+    assert fraction["replica_rule"] == "fraction" and fraction["tbt_us"] == pytest.approx(direct["tbt_us"], rel=1e-12)
+    assert fraction["tbt_us"] != pytest.approx(made["tbt_us"], rel=1e-6)
+    # a record that is not a setting is refused in one line naming its key
+    for key, value in (("context_len", -5), ("context_len", 1.5), ("replica_rule", "closest"), ("coalesce", 3)):
+        d = json.loads(plan.read_text())
+        d["meta"]["problem"][key] = value
+        bad = tmp_path / f"bad_{key}.json"
+        bad.write_text(json.dumps(d))
+        assert main(["evaluate", "--plan", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"plan bad_{key}.json meta.problem.{key}" in err and len(err.strip().splitlines()) == 1, err
