@@ -330,6 +330,13 @@ _SOLVE_FLAGS = {"backend": "--backend", "executor": "--executor", "layers": "--l
 def _solve(args: argparse.Namespace) -> int:
     cli_report.check_plan_out("--out", args.out, args.force)
     problem = _to_problem(args, _settings(args))
+    o = problem.options
+    for key, value, model_value in (("mode", o.mode, "mesh"), ("home", o.resolved_home, "spread")):
+        if value != model_value:  # only an instance file can ask: solve has no such flag
+            raise InputError(f"instance {Path(args.instance).name} [evaluator].{key}",
+                             f"is {value!r}, but solve optimises and scores the mesh model with spread homes",
+                             f"leave {key} out of the file for solve, then score the plan "
+                             f"with `hdmoe-milp evaluate --plan PLAN --{key} {value}`")
     layers = None
     if args.layers is not None:
         items = args.layers.split(",")

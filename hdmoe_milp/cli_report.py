@@ -517,7 +517,13 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
                              "save the plan again from the problem it was made for")
         same = isinstance(recorded, (int, float, list))
         if same:
-            a, b = np.asarray(recorded, dtype=float), np.asarray(actual, dtype=float)
+            try:
+                a = np.asarray(recorded, dtype=float)
+            except (TypeError, ValueError):  # a list of text, or of uneven lists
+                raise InputError(f"plan {Path(path).name} meta.problem.{key}",
+                                 f"must be a number or a flat list of numbers, got {recorded!r}",
+                                 "save the plan again from the problem it was made for") from None
+            b = np.asarray(actual, dtype=float)
             same = a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=0.0))
         if not same:
             of_model = not key.startswith("hardware.")

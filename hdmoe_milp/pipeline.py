@@ -321,7 +321,10 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     ``work_limit``: the ``hdmoe`` baseline's stage-1 budget per layer (CP-SAT deterministic seconds;
     None: its default). Each MILP layer computes that layer's hdmoe baseline itself (within its
     ``time_limit_s``; a warm start and part of its family), which is also the ``hdmoe`` candidate.
-    Scoring uses ``mesh`` mode (the model the MILP optimises) with the problem's delivery rule.
+    Scoring uses ``mesh`` mode with spread homes (the model the MILP optimises) and the problem's
+    delivery rule (``unicast`` for a ``paper``-mode problem that names none); the result's
+    ``problem`` and the plan's record say so, whatever ``problem.options`` asked (re-score the plan
+    with :func:`evaluate` for another mode).
     ``layers``: solve only these MoE layers (0-based; the MILP and the hdmoe baseline); every other
     layer takes the best of the other baselines (hdmoe's layer too, if ``baselines`` has hdmoe) and is
     reported ``not-solved``. ``deterministic``:
@@ -433,10 +436,13 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
 
 def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[LayerReport, ...],
              solver: dict[str, Any]) -> PlanResult:
-    """Per layer the candidate the evaluator scores best (mesh mode, the problem's delivery rule),
-    the plan's record, and every candidate's evaluation."""
-    opts = EvalOptions(mode="mesh", delivery=problem.options.delivery, seed=problem.options.seed,
-                       context_len=problem.options.context_len)
+    """Per layer the candidate the evaluator scores best (mesh mode, spread homes, the delivery rule
+    the MILP optimised), the plan's record, and every candidate's evaluation. The result's problem,
+    and the plan's record, carry these options: what the plan was made and scored for."""
+    o = problem.options
+    problem = problem.with_(options=EvalOptions(mode="mesh", delivery=o.resolved_delivery, home="spread",
+                                                seed=o.seed, context_len=o.context_len))
+    opts = problem.options
     evals = {n: _score_named(n, p, problem, opts) for n, p in candidates.items()}
     plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, "plan")
     # a layer left out of the solve holds a baseline's layout under the name "milp": say which one

@@ -667,7 +667,8 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
     points ``(time_s, primal_s, bound_s, what)``.
 
     - primal: the best evaluator score known so far (the warm start's when it was scored, each plan
-      LNS accepted when it was found, then the returned placement's at the end);
+      the polish, the branch and bound or LNS found when it was found, then the returned
+      placement's at the end);
     - bound: the certified lower bound on the evaluator (LP, floors or branch and bound) from when it was computed,
       and at the end;
     - the solver's incumbents (``model:*`` points) are drawn as markers only: they are the block
@@ -685,7 +686,7 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
         raise InputError("trace", "is empty: the layer recorded no progress", "give a solved layer's trace")
     if not all(np.isfinite(p[0]) and p[0] >= 0 for p in pts):
         raise InputError("trace", "holds a time that is not a finite number >= 0", "give a solved layer's trace")
-    evaluator = ("warm-start", "bound", "lns", "final")
+    evaluator = ("warm-start", "bound", "polish", "bnb", "lns", "final")  # the evaluator's numbers
     for i, p in enumerate(pts):
         for col, name in ((1, "primal_s"), (2, "bound_s")):
             if p[3].startswith(evaluator) and p[col] is not None and not (np.isfinite(p[col]) and p[col] > 0):
@@ -710,6 +711,9 @@ def fig_bound_trace(trace: Sequence[Sequence[Any]], *, layer: int | None = None,
 
     px, py = series(1, min, lambda w: w.startswith(evaluator))
     bx, by = series(2, max, lambda w: w.startswith(evaluator))
+    if not len(px) and not len(bx):  # nothing to draw (and no axis limits to take)
+        raise InputError("trace", f"has no evaluator primal or bound among its {len(pts)} point(s) (labels "
+                         f"{sorted({p[3] for p in pts})})", "give the trace a solve recorded")
     t_end = pts[-1][0]
     fig = Figure(figsize=(7.0, 4.2))
     ax = fig.add_subplot()

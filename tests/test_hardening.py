@@ -1364,3 +1364,45 @@ def test_trace_files_with_upper_case_extensions_are_read(files, tmp_path):
     for name in ("T.JSON", "T.JSON.GZ"):
         b = hm.load_trace(tmp_path / name, 8, 2)
         assert all((x == y).all() for x, y in zip(a.layers, b.layers, strict=True))
+
+
+def test_solve_records_the_evaluator_settings_it_scored_with(tmp_path, capsys):
+    """solve scores in mesh mode with spread homes. An instance asking for paper mode or holder homes
+    was solved anyway, and its numbers (mesh, spread) were labelled paper/holder in the output and
+    the plan's record, so ``evaluate --plan`` then gave another TBT. The CLI now refuses such an
+    instance; the Python API records what it scored with."""
+    for key, value in (("mode", "paper"), ("home", "holder")):
+        inst = tmp_path / f"{key}.toml"
+        inst.write_text(f'[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'
+                        f'[workload]\nsynthetic_tokens = 64\n[evaluator]\n{key} = "{value}"\n')
+        out = tmp_path / f"{key}.json"
+        assert main(["solve", "--instance", str(inst), "--time-limit", "0.5", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"instance {key}.toml [evaluator].{key}" in err and f"--{key} {value}" in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+    problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=64, mode="paper").to_problem()
+    res = hm.solve(problem, layers=[0], time_limit_s=0.5, baselines=False)
+    made = res.placement.meta["problem"]
+    # a paper-mode problem names no delivery rule: its own (unicast) is what the MILP optimised
+    assert (made["mode"], made["home"], made["delivery"]) == ("mesh", "spread", "unicast")
+    assert res.problem.options.mode == "mesh"
+    again = hm.evaluate(res.problem, res.placement).summary()["tbt_us"]
+    assert again == pytest.approx(res.summary()["tbt_us"], rel=1e-12)
+    path = tmp_path / "p.json"
+    res.save(path)
+    capsys.readouterr()
+    assert main(["evaluate", "--plan", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tbt_us"] == pytest.approx(again, rel=1e-12)
+    # a recorded number that is text (or uneven lists) was a traceback in the record check
+    for key, value in (("num_experts", ["x"]), ("hardware.compute_flops", ["a"]),
+                       ("hardware.link_bw_bytes_per_s", [[1], [1, 2]])):
+        d = json.loads(path.read_text())
+        rec = d["meta"]["problem"]
+        for part in key.split(".")[:-1]:
+            rec = rec[part]
+        rec[key.split(".")[-1]] = value
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(d))
+        assert main(["evaluate", "--plan", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"plan bad.json meta.problem.{key}" in err and "Traceback" not in err, err

@@ -354,6 +354,21 @@ def test_fig_bound_trace_counts_and_png(tmp_path):
         rp.fig_bound_trace([])
 
 
+def test_fig_bound_trace_draws_the_polish_and_branch_and_bound_points():
+    """The polish's and the branch and bound's points are evaluator numbers found mid-solve; they
+    were left out, so the primal dropped only at "final" and a bnb bound appeared only at the end.
+    A trace with no evaluator number at all was a matplotlib traceback (NaN axis limits)."""
+    trace = [(0.01, 6.4e-3, None, "warm-start:hdmoe"), (0.02, None, 5.0e-3, "bound"),
+             (0.1, 6.2e-3, None, "polish"), (0.3, 6.1e-3, 6.05e-3, "bnb"), (0.4, 6.1e-3, 6.05e-3, "final")]
+    primal, bound = rp.fig_bound_trace(trace).axes[0].get_lines()
+    assert list(primal.get_xdata()) == pytest.approx([0.01, 0.1, 0.3, 0.4])
+    assert list(primal.get_ydata()) == pytest.approx([6400, 6200, 6100, 6100])
+    assert list(bound.get_ydata()) == pytest.approx([5000, 6050, 6050])
+    for pts in ([(0.1, None, None, "final")], [(0.1, 6e-3, 5e-3, "done")]):
+        with pytest.raises(ValueError, match="no evaluator primal or bound"):
+            rp.fig_bound_trace(pts)
+
+
 def _ablation_frame() -> pd.DataFrame:
     key = {"model": "m", "mesh": "4x4", "hw": "5/50", "mode": "mesh"}
     parts = {"moe_compute_us": 100.0, "dispatch_us": 20.0, "combine_us": 20.0, "non_moe_us": 60.0}

@@ -114,14 +114,15 @@ class SolveOutcome:
 TracePoint = tuple[float, float | None, float | None]  # (time_s, primal, dual_bound), model units
 
 
-def make_outcome(backend: str, model: LinearModel, termination: Termination, x: np.ndarray | None,
+def make_outcome(backend: str, model: LinearModel | None, termination: Termination, x: np.ndarray | None,
                  bound: float | None, message: str = "", *, started: float | None = None,
                  trace: tuple[TracePoint, ...] | list[TracePoint] = ()) -> SolveOutcome:
     """Fill the outcome the same way for every backend: primal from ``x``, bound finite or None,
-    gap from both. ``started``: ``time.perf_counter()`` when the solve began; with it, the final
-    point ``(now - started, primal, bound)`` is appended to ``trace`` (the points recorded during
-    the search, if any), so every backend's trace ends at its outcome."""
-    primal = None if x is None else model.objective(x)
+    gap from both (``model`` may be None when ``x`` is). ``started``: ``time.perf_counter()`` when
+    the solve began; with it, the final point ``(now - started, primal, bound)`` is appended to
+    ``trace`` (the points recorded during the search, if any), so every backend's trace ends at
+    its outcome."""
+    primal = None if x is None or model is None else model.objective(x)
     if bound is not None:
         bound = float(bound) if np.isfinite(bound) else None
     gap = None

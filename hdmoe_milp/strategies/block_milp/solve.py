@@ -47,6 +47,7 @@ DET_CAP = 3.0
 # per-column link loads grow with nodes x links)
 MAX_MESH_NODES = 256
 WARM_SHARE = 0.5  # of a layer's wall limit, at most, for the greedy and local-search warm starts
+LP_MIN_LEFT_S = 0.05  # wall mode: with less than this left after the warm starts, no LP bound (floors only)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class LayerSolveResult:
     gap: float | None
     time_s: float
     backend: str
-    num_vars: int
+    num_vars: int  # the block model's size; 0 when none was built (no time left, or not solved)
     num_binaries: int
     num_rows: int
     warm_start_objective_s: float
@@ -278,8 +279,12 @@ def solve_layer(
     trace = [(time.perf_counter() - t0, obj, None, source)]
     # the bound first (cheap): a warm start that already meets the gap target ends the layer
     det = params.deterministic
-    lower = bm.to_linear_lower(incumbent_s=obj)  # columns that cannot beat the best start are fixed at 0
-    bound = lp_bound(lower, time_limit_s=None if det else max(deadline - time.perf_counter(), 0.05))
+    left = deadline - time.perf_counter()
+    if det or left > LP_MIN_LEFT_S:
+        lower = bm.to_linear_lower(incumbent_s=obj)  # columns that cannot beat the best start are fixed at 0
+        bound = lp_bound(lower, time_limit_s=None if det else left)
+    else:  # the warm starts spent the limit (huge meshes at tiny limits): building the LP alone
+        bound = None  # would overrun it (16x16 DeepSeek-V3: 3 s at a 1 s limit); the floors stand in
     # the LP can be cut by the time limit: the family floor (no solve) is always there
     bound = min(max(bm.family_floor_s, -np.inf if bound is None else bound / US), obj)
     trace.append((time.perf_counter() - t0, None, bound, "bound"))
@@ -355,7 +360,8 @@ def solve_layer(
         why = {"proven": "the gap target was met", "deadline": "the time limit was reached",
                "nodes": "its node budget was spent", "memory": f"{BNB_MAX_OPEN:,} nodes were open"}[br.stop]
         bnb_note = f"; branch and bound: {_count(br.nodes, 'node')}, stopped because {why}"
-    lm = bm.to_linear()
+    # no model when the limit is already spent: building it alone overran a 1 s limit by 0.7 s (16x16)
+    lm = bm.to_linear() if det or deadline - time.perf_counter() - RESERVE_S > MIN_SOLVE_S else None
     remaining = deadline - time.perf_counter() - RESERVE_S
     if proven(obj):
         raw = make_outcome(backend, lm, Termination.OPTIMAL, None, None,
@@ -390,7 +396,8 @@ def solve_layer(
             if cobj < obj * (1 - 1e-12):
                 assign, obj, source = cand, cobj, backend
     lres = None
-    if share > 0 and raw.status not in (Termination.OPTIMAL, Termination.ERROR, Termination.INFEASIBLE):
+    if share > 0 and lm is not None and raw.status not in (Termination.OPTIMAL, Termination.ERROR,
+                                                           Termination.INFEASIBLE):
         # wall: what remains; deterministic: the work budget decides, wall time is a safety cap as for CP-SAT
         target = None if bound is None else bound / (1 - params.gap)  # the gap target met: stop
         t_lns = time.perf_counter() - t0
@@ -426,7 +433,8 @@ def solve_layer(
     trace.append((t_end, obj, bound, "final"))
     return LayerSolveResult(
         layer=layer, status=status, objective_s=obj, bound_s=bound, gap=gap, time_s=t_end,
-        backend=backend, num_vars=lm.num_vars, num_binaries=lm.num_binaries, num_rows=lm.num_rows,
+        backend=backend, num_vars=0 if lm is None else lm.num_vars,
+        num_binaries=0 if lm is None else lm.num_binaries, num_rows=0 if lm is None else lm.num_rows,
         warm_start_objective_s=start_scores[best_start], warm_start_source=best_start, source=source,
         bound_certifies=score.certifies, message=message, placement=bm.placement(assign), assign=assign,
         family=family_text(options), model_objective_s=bm.objective(assign), model_bound_s=model_bound,
