@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                     "machine's CPUs with the local executor)")
     so.add_argument("--executor", default="local", help="local (process pool) or ray")
     so.add_argument("--delivery", help="tree (default) or unicast: the traffic rule optimised and evaluated")
+    so.add_argument("--capacity-gb", type=float, help="DRAM capacity per node, GB (default: unlimited); the "
+                    "plan keeps within it, and baselines that do not fit are left out")
+    so.add_argument("--hop-latency-ns", type=float, help="per-hop latency, ns (default 0)")
     so.add_argument("--out", help="write the plan file here")
     so.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     so.add_argument("--no-baselines", action="store_true", help="skip the baseline comparison")

@@ -278,11 +278,13 @@ class PlanResult:
                    "final_source"]]
 
     def summary(self) -> dict[str, Any]:
-        """What the solve proved, over the layers it solved (``--layers`` may leave some out):
+        """What the solve proved, over the layers it solved (``--layers`` may leave some out, and
+        Ctrl-C leaves layers ``interrupted``):
         ``layers_solved``, ``proven_1pct`` (gap ≤ 1 %), ``gap_median`` and ``gap_max`` (fractions;
         None when no layer has a gap), ``improved`` (layers where the search beat the best
         heuristic) and ``improvement_max`` (fraction), the plan's ``tbt_us`` and ``wall_s``."""
-        solved = [r for r in self.layers if r.status != "not-solved"]
+        # a layer cut by Ctrl-C holds its best start, not a solve: it is not counted either
+        solved = [r for r in self.layers if r.status not in ("not-solved", "interrupted")]
         gaps = np.array([r.gap for r in solved if r.gap is not None and np.isfinite(r.gap)], dtype=float)
         gains = np.nan_to_num(np.array([r.improvement or 0.0 for r in solved], dtype=float))
         return {

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
+from hdmoe_milp import Placement, get_model, make_hardware
 from hdmoe_milp.cli import main
+from hdmoe_milp.costs import fits_capacity
 from hdmoe_milp.strategies import BASELINES as STRATEGIES
 
 from .conftest import ROOT, TRACES
@@ -370,3 +372,19 @@ def test_a_saved_plan_is_scored_with_the_evaluator_settings_it_records(tmp_path,
         assert main(["evaluate", "--plan", str(bad)]) == 2
         err = capsys.readouterr().err
         assert f"plan bad_{key}.json meta.problem.{key}" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_solve_takes_the_capacity_and_hop_latency_flags(tmp_path, capsys):
+    """The README offered ``solve --capacity-gb``, which solve did not read (only an instance file
+    could set it). The plan keeps within it and records both settings."""
+    out = tmp_path / "p.json"
+    args = ["solve", "--model", "mixtral-8x7b", "--mesh", "4x4", "--hw", "5/50", "--layers", "0", "--time-limit", "0.5",
+            "--no-baselines"]
+    assert main([*args, "--capacity-gb", "7", "--hop-latency-ns", "20", "--out", str(out)]) == 0
+    hw = json.loads(out.read_text())["meta"]["problem"]["hardware"]
+    assert hw["dram_capacity_bytes"] == 7e9 and hw["hop_latency_s"] == pytest.approx(20e-9)
+    plan = Placement.load(out)
+    assert fits_capacity(plan, get_model("mixtral-8x7b"), make_hardware("5/50", "4x4", dram_capacity_bytes=7e9))
+    capsys.readouterr()
+    assert main([*args, "--capacity-gb", "2"]) == 2
+    assert "--capacity-gb" in capsys.readouterr().err

@@ -3,6 +3,7 @@ made for, the README's Python example, and the layering (fresh-interpreter impor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -105,6 +106,11 @@ def test_summary_counts_only_the_layers_solved():
     res = hm.solve(small_problem(), time_limit_s=0.3, layers=[1], baselines=False, progress=False)
     s = res.summary()
     assert s["layers_solved"] == 1 and s["gap_max"] == s["gap_median"] == res.layers[1].gap
+    # a layer cut by Ctrl-C was counted as solved (its warm start's gap in the median)
+    cut = dataclasses.replace(res, layers=tuple(dataclasses.replace(r, status="interrupted") if r.layer == 1 else r
+                                                for r in res.layers))
+    s = cut.summary()
+    assert s["layers_solved"] == 0 and s["gap_median"] is None and s["proven_1pct"] == 0
 
 
 # --- plan files --------------------------------------------------------------------------------------
