@@ -34,6 +34,12 @@ from .errors import (
 )
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters written as escapes (``\\n``): an error
+    stays one line even when it quotes a file name that holds them."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the package's error style: one line on stderr, exit status 2 (no usage block).
     No abbreviated flags: ``--mode`` on a command without it must not be read as ``--model``."""
@@ -43,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"hdmoe-milp: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"hdmoe-milp: error: {one_line(message)} (see {self.prog} --help)\n")
 
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
         # int() and float() read full-width and other Unicode digits ("\uff11\uff16" as 16); meshes, --layers
@@ -583,7 +589,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise InputError(flag, f"must be a whole number, got {v:g}", "drop the fraction")
         top = _FLAG_MAXIMA.get(flag)
         if top is not None and v > top:
-            got = f"{v:g}" if not integer or abs(v) >= 1e15 else f"{int(v)}"  # 1000001, not 1e+06
+            got = f"{v:.15g}"  # 1000001, not 1e+06 (which reads as the limit itself)
             raise InputError(flag, f"must be <= {top:g}, got {got}", f"give a number <= {top:g}")
     if getattr(args, "gap", None) is not None and args.gap >= 1:
         raise InputError("--gap", f"must be below 1, got {args.gap:g}", "a relative gap such as 1e-4")
@@ -625,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             return _replay(args)
         return _stats(args)
     except InputError as exc:
-        print(f"hdmoe-milp: error: {_capacity_as_written(exc, args)}", file=sys.stderr)
+        print(f"hdmoe-milp: error: {one_line(str(_capacity_as_written(exc, args)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hdmoe-milp: interrupted", file=sys.stderr)

@@ -32,6 +32,7 @@ from .errors import (
     DRAM_BW_GBPS_RANGE,
     MAX_BATCH,
     MAX_CONTEXT_LEN,
+    MAX_HOP_LATENCY_NS,
     InputError,
     as_written,
     check_choice,
@@ -336,6 +337,9 @@ def check_out(flag: str, path: str | None, force: bool = False) -> None:
 def check_plan_out(flag: str, path: str | None, force: bool = False) -> None:
     """:func:`check_out` for a plan file, which is JSON: a name ending in anything but ``.json`` (say
     ``plan.png``, meant for ``plot``) is refused."""
+    if path is not None and (not path.strip() or Path(path).is_dir()):
+        raise InputError(flag, f"{path!r} is {'a folder' if path.strip() else 'empty'}, not a file name",
+                         "give the plan file's path, e.g. plan.json")
     if path is not None and Path(path).suffix.lower() != ".json":
         raise InputError(flag, f"{Path(path).name}: a plan file is JSON", "end the name in .json; draw figures with "
                          "hdmoe-milp plot")
@@ -400,7 +404,7 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
             "hardware.dram_capacity_bytes", hw["dram_capacity_bytes"]), positive=True) / 1e9
     if hw.get("hop_latency_s") is not None:
         out["hop_latency_ns"] = check_real(f"{where}.hardware.hop_latency_s", num("hardware.hop_latency_s",
-                                           hw["hop_latency_s"]), minimum=0) * 1e9
+                                           hw["hop_latency_s"]), minimum=0, maximum=MAX_HOP_LATENCY_NS * 1e-9) * 1e9
     if hw.get("dram_bw_bytes_per_s") is not None:
         lo, hi = DRAM_BW_GBPS_RANGE
         out["dram_bw_gbps"] = check_real(f"{where}.hardware.dram_bw_bytes_per_s", num(

@@ -1406,3 +1406,31 @@ def test_solve_records_the_evaluator_settings_it_scored_with(tmp_path, capsys):
         assert main(["evaluate", "--plan", str(bad)]) == 2
         err = capsys.readouterr().err
         assert f"plan bad.json meta.problem.{key}" in err and "Traceback" not in err, err
+
+
+def test_error_lines_say_what_was_given(tmp_path, capsys):
+    """Four messages that misled: a file name holding a line break split the error over two lines;
+    ``--time-limit 1000001`` was "got 1e+06" against a limit of 1e+06; ``--out`` naming a folder
+    was "a plan file is JSON"; a plan's hop latency of 10 s was shown in nanoseconds under the key
+    in seconds."""
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    plan = tmp_path / "p.json"
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--strategy", "cb",
+                 "--save-plan", str(plan)]) == 0
+    d = json.loads(plan.read_text())
+    d["meta"]["problem"]["hardware"]["hop_latency_s"] = 10.0
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(d))
+    capsys.readouterr()
+    cases = [
+        (["stats", "--model", "mixtral-8x7b", "--trace", "bad\nname.json"], "--trace", "bad\\nname.json"),
+        (["solve", "--model", "mixtral-8x7b", "--time-limit", "1000001"], "--time-limit", "got 1000001"),
+        (["solve", "--model", "mixtral-8x7b", "--out", str(folder)], "--out", "is a folder"),
+        (["solve", "--model", "mixtral-8x7b", "--out", ""], "--out", "is empty"),
+        (["evaluate", "--plan", str(slow)], "meta.problem.hardware.hop_latency_s", "<= 1, got 10.0"),
+    ]
+    for argv, field, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and field in err and says in err, (argv, err)
