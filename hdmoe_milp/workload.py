@@ -208,7 +208,8 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
 
 
 def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
-    if not data.startswith(b"PK"):
+    # not "starts with PK": numpy reads a short or broken zip as a pickle, and says so
+    if not data.startswith(b"PK\x03\x04") or not zipfile.is_zipfile(io.BytesIO(data)):
         raise InputError("trace", f"{p} is not an .npz archive", "save it with numpy.savez(path, topk_ids=...)")
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         if "topk_ids" not in z.files:

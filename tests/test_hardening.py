@@ -1422,6 +1422,8 @@ def test_error_lines_say_what_was_given(tmp_path, capsys):
     d["meta"]["problem"]["hardware"]["hop_latency_s"] = 10.0
     slow = tmp_path / "slow.json"
     slow.write_text(json.dumps(d))
+    pk = tmp_path / "pk.npz"
+    pk.write_bytes(b"PK")
     capsys.readouterr()
     cases = [
         (["stats", "--model", "mixtral-8x7b", "--trace", "bad\nname.json"], "--trace", "bad\\nname.json"),
@@ -1429,6 +1431,8 @@ def test_error_lines_say_what_was_given(tmp_path, capsys):
         (["solve", "--model", "mixtral-8x7b", "--out", str(folder)], "--out", "is a folder"),
         (["solve", "--model", "mixtral-8x7b", "--out", ""], "--out", "is empty"),
         (["evaluate", "--plan", str(slow)], "meta.problem.hardware.hop_latency_s", "<= 1, got 10.0"),
+        # two bytes "PK": numpy took it for a pickle and said so
+        (["stats", "--model", "mixtral-8x7b", "--trace", str(pk)], "--trace", "is not an .npz archive"),
     ]
     for argv, field, says in cases:
         assert main(argv) == 2, argv
