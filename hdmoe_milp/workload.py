@@ -240,6 +240,10 @@ def _json_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
     if not isinstance(raw, dict) or not raw:
         raise InputError("trace", f"{p} must hold a non-empty object {{layer: [[experts]...]}}",
                          'e.g. {"0": [[3, 5], [1, 2]], "1": [...]}')
+    if "expert_counts" in raw:  # OLMoE's published counts: a histogram per layer, no tokens
+        raise InputError("trace", f"{p} holds per-expert counts (expert_counts), not a routing trace",
+                         "a trace lists each token's top-k expert ids per layer; leave --trace out for the "
+                         "synthetic trace, whose OLMoE profile comes from these counts")
     want = [str(i) for i in range(len(raw))]
     if sorted(raw) != sorted(want):
         if all(k.isdigit() and len(k) < 19 and str(int(k)) == k for k in raw):  # plain numbers: name the gap

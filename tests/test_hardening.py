@@ -1433,6 +1433,9 @@ def test_error_lines_say_what_was_given(tmp_path, capsys):
         (["evaluate", "--plan", str(slow)], "meta.problem.hardware.hop_latency_s", "<= 1, got 10.0"),
         # two bytes "PK": numpy took it for a pickle and said so
         (["stats", "--model", "mixtral-8x7b", "--trace", str(pk)], "--trace", "is not an .npz archive"),
+        # the OLMoE counts the synthetic profile is built from: "layer keys must be exactly 0..3"
+        (["stats", "--model", "olmoe-1b-7b", "--trace", str(ROOT / "tests" / "data" / "olmoe_expert_counts.json")],
+         "--trace", "per-expert counts (expert_counts), not a routing trace"),
     ]
     for argv, field, says in cases:
         assert main(argv) == 2, argv
