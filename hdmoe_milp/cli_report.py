@@ -258,6 +258,13 @@ def _read_csv(path: Path, kind: str) -> pd.DataFrame:
                              "from the static rows", fix)
     if "layer" in needs:
         bad_row(df["layer"] != np.floor(df["layer"]), "layer", "a whole layer number")
+    if name == "online.csv":
+        bad_row(df["batch"] != np.floor(df["batch"]), "batch", "a whole batch index")
+    if "gap" in needs:
+        bad_row(df["gap"] > 1, "gap", "a relative gap <= 1")
+        if {"objective_us", "bound_us"} <= set(df.columns):  # a lower bound never exceeds its plan's time
+            obj, low = (pd.to_numeric(df[c], errors="coerce") for c in ("objective_us", "bound_us"))
+            bad_row(low > obj * (1 + 1e-9), "bound_us", "a bound <= objective_us")
     key = [c for c in _KEYS if c in df.columns]
     dup = df.duplicated(subset=key, keep="first")
     if dup.any():
@@ -269,7 +276,7 @@ def _read_csv(path: Path, kind: str) -> pd.DataFrame:
 _NUMERIC = {"batch", "tbt_us", "moe_compute_us", "dispatch_us", "combine_us", "non_moe_us", "layer", "gap", "time_s",
             "latency_us", "actions"}
 _REQUIRED = {"batch", "tbt_us", "latency_us", "layer", "time_s"}  # (online.csv's batch is the batch's index, from 0)
-_POSITIVE = {"tbt_us"}
+_POSITIVE = {"tbt_us", "latency_us"}
 _PARTS = ("static", "ablation", "online")
 _STRATEGY_NAMES = (*pl.STRATEGIES, "ours", *(f"ours+{p}" for p in pl.POLICIES))
 # what makes a row of bench's tables unique (those of these columns the table has)

@@ -219,6 +219,7 @@ def test_plot_refuses_tables_bench_does_not_write(bench, tmp_path):
     online rows. Each is refused, naming the file, the row or the column."""
     out, p = bench
     res, solver = pd.read_csv(out / "results.csv"), pd.read_csv(out / "solver.csv")
+    online = pd.read_csv(out / "online.csv")
 
     def edit(df, f):
         d = df.copy()
@@ -237,6 +238,15 @@ def test_plot_refuses_tables_bench_does_not_write(bench, tmp_path):
                  "row 5: column part is 'zzz'"),
         "layer": ("solver", edit(solver, lambda d: d.__setitem__("layer", d["layer"].astype(float).where(
             d.index != 2, 1.5))), "row 4: column layer is '1.5'"),
+        # a gap above 1, a bound above its plan, a latency of 0 and a fractional batch index were drawn
+        "gap": ("solver", edit(solver, lambda d: d.__setitem__("gap", d["gap"].astype(float).where(
+            d.index != 1, 2.0))), "row 3: column gap is '2.0', not a relative gap <= 1"),
+        "bound": ("solver", edit(solver, lambda d: d.__setitem__("bound_us", d["bound_us"].where(
+            d.index != 0, d["objective_us"] * 1.5))), "row 2: column bound_us is"),
+        "latency": ("online", edit(online, lambda d: d.__setitem__("latency_us", d["latency_us"].where(
+            d.index != 1, 0.0))), "row 3: column latency_us is '0.0', not a number > 0"),
+        "index": ("online", edit(online, lambda d: d.__setitem__("batch", d["batch"].astype(float).where(
+            d.index != 1, 0.5))), "row 3: column batch is '0.5', not a whole batch index"),
     }
     for name, (kind, df, says) in cases.items():
         src = tmp_path / f"{name}.csv"
