@@ -454,10 +454,10 @@ def _replay(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": problem.model.name, "hw": problem.hw_point, "mesh": problem.mesh_name,
                           "batch": batch, "batching": batching, "plan": args.plan or f"{args.plan_strategy}",
-                          "trace": trace, "results": rows}, indent=2))
+                          "trace": trace, "replica_rule": args.replica_rule, "results": rows}, indent=2))
         return 0
     print(f"model={problem.model.name} hw={problem.hw_point} mesh={problem.mesh_name} batch={batch} "
-          f"batches={args.batches} batching={batching} trace={trace}")
+          f"batches={args.batches} batching={batching} trace={trace} replica_rule={args.replica_rule}")
     cols = ["policy", "mean_us", "p50_us", "p99_us", "migration_us", "bytes_moved", "actions",
             "decide_us_per_layer_mean"] + (["speedup_vs_static"] if static is not None else [])
     df = pd.DataFrame(rows)[cols]

@@ -231,6 +231,7 @@ def test_replay_a_saved_plan_on_the_problem_it_records(tmp_path, capsys):
                  "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["model"] == "mixtral-8x7b" and d["mesh"] == "2x2" and d["hw"] == "2.5/75"
+    assert d["replica_rule"] == "balanced"  # replay's own default, said (evaluate's is fraction)
     assert [r["policy"] for r in d["results"]] == ["static", "greedy"]
     assert all(r["tokens"] == 2 * 64 for r in d["results"])
 
