@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("--deterministic", action="store_true", help="count --time-limit as CP-SAT deterministic time "
                     "(same inputs, same plan and numbers); default: wall seconds per layer, everything included")
     so.add_argument("--lns-patience", type=float, help="layers solved by LNS (more experts than one neighbourhood) "
-                    "stop after this many steps in a row without improvement (default 3; 0: use the whole limit)")
+                    "stop after this many steps in a row without improvement (default 2; 0: use the whole limit)")
     so.add_argument("--no-polish", action="store_true", help="skip the evaluator-driven local search (swaps and "
                     "moves) of each layer's plan")
     so.add_argument("--no-branch-and-bound", action="store_true", help="skip the branch and bound over the family "

@@ -332,7 +332,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     reported ``not-solved``. ``deterministic``:
     CP-SAT counts ``time_limit_s`` as deterministic time (reproducible; default: wall seconds).
     ``lns_patience``: on layers solved by LNS, stop after this many steps in a row without
-    improvement (None: the default, 3; 0: use the whole time limit). ``polish``: the evaluator-driven
+    improvement (None: the default, 2; 0: use the whole time limit). ``polish``: the evaluator-driven
     local search of each layer's plan (swaps and moves, before and after the model solve and LNS).
     ``branch_and_bound``: on layers with at most 16 experts (Mixtral), a best-first branch and bound
     over the family on the evaluator's score takes the layer's time left after the polish, in

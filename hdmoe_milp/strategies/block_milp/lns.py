@@ -162,9 +162,9 @@ class LnsSettings:
     measured over 9 DeepSeek-V2-Lite and Qwen2 layers, 10 steps: mean gain 0.70 % against 0.61 %,
     3 layers better, 2 worse, within noise, so not the default); ``max_steps``: at most this
     many steps; ``patience``: stop after this many steps in a row without improvement (0: never;
-    default 3 since 0.7.1, 8 before: since the polish runs first, LNS accepted no step on any
-    DeepSeek-V2-Lite layer measured (three traces, three hardware points), so 3 gives the same plans
-    in about half the wall time, at a cost of 0.04 % TBT on Qwen2 10/25; ``formulations/offline_milp.md``);
+    default 2 since 0.7.9, 3 since 0.7.1, 8 before: since the polish runs first, LNS accepts few
+    steps on 64-expert layers (0 of 78 shipped DeepSeek-V2-Lite layers at 3), so 2 keeps the
+    plans (TBT +0.01 % on Qwen2 10/25) in 11-21 % less wall time; ``formulations/offline_milp.md``);
     ``share``: fraction of a layer's solver budget given to LNS instead of the monolithic solve
     when the model has more experts than ``free`` (:func:`lns_share`); ``polish``: the
     evaluator-driven local search (:mod:`.polish`) of the best plan before the model solve and LNS
@@ -188,7 +188,7 @@ class LnsSettings:
     presolve: bool = False
     accept: str = "evaluator"
     max_steps: int = 10_000
-    patience: int = 3
+    patience: int = 2
     share: float = 1.0
     polish: bool = True
     polish_share: float = 0.5
