@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ from .errors import (
 def one_line(text: str) -> str:
     """``text`` with line breaks and other control characters written as escapes (``\\n``): an error
     stays one line even when it quotes a file name that holds them."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs")
+                   else c for c in text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -344,8 +346,8 @@ def _solve(args: argparse.Namespace) -> int:
         if value != model_value:  # only an instance file can ask: solve has no such flag
             raise InputError(f"instance {Path(args.instance).name} [evaluator].{key}",
                              f"is {value!r}, but solve optimises and scores the mesh model with spread homes",
-                             f"leave {key} out of the file for solve, then score the plan "
-                             f"with `hdmoe-milp evaluate --plan PLAN --{key} {value}`")
+                             f"leave {key} out of the file for solve, then score the plan with "
+                             f"`hdmoe-milp evaluate --instance {Path(args.instance).name} --plan PLAN`")
     layers = None
     if args.layers is not None:
         items = args.layers.split(",")

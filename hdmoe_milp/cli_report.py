@@ -561,6 +561,9 @@ def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
         raise InputError(f"plan {path.name} meta.problem.{key}", exc.problem,
                          exc.fix or "save the plan again") from None
     check_plan_record(str(path), problem, flags=False)
+    rules = plan_rules(str(path))  # the replica rule and coalescing the plan was scored with
+    if rules:
+        problem = problem.with_(options=replace(problem.options, **rules))
     return problem, pl.load_plan(path, problem), Mesh.parse(s.mesh)
 
 

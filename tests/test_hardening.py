@@ -1378,7 +1378,7 @@ def test_solve_records_the_evaluator_settings_it_scored_with(tmp_path, capsys):
         out = tmp_path / f"{key}.json"
         assert main(["solve", "--instance", str(inst), "--time-limit", "0.5", "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert f"instance {key}.toml [evaluator].{key}" in err and f"--{key} {value}" in err, err
+        assert f"instance {key}.toml [evaluator].{key}" in err and f"--instance {key}.toml --plan" in err, err
         assert len(err.strip().splitlines()) == 1 and not out.exists()
     problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=64, mode="paper").to_problem()
     res = hm.solve(problem, layers=[0], time_limit_s=0.5, baselines=False)
@@ -1441,3 +1441,5 @@ def test_error_lines_say_what_was_given(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and field in err and says in err, (argv, err)
+    from hdmoe_milp.cli import one_line  # only breaks and control characters are escaped
+    assert one_line("caf\u00e9 10.00\u202fAM\u00a0x\tb\nc\u2028d") == "caf\u00e9 10.00\u202fAM\u00a0x\\tb\\nc\\u2028d"

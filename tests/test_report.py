@@ -604,3 +604,22 @@ def test_bench_solver_csv_records_the_deterministic_limit(bench, tmp_path):
     with pytest.raises(hm.InputError, match="column time_mode") as exc:
         cli_report._csv_figure("solver", bad, out / "solver.csv", p.parse_args(["plot", "solver", "x.csv"]))
     assert exc.value.field == "file"
+
+
+def test_a_paper_mode_bench_saves_plans_that_score_as_its_table(tmp_path, capsys):
+    """The bench re-scores its plans in paper mode; the saved plan recorded the solve's mesh scoring,
+    so ``evaluate --plan`` gave 175,690 µs against the table's 90,519 µs."""
+    import json
+
+    from hdmoe_milp.cli import main
+
+    spec = grid.GridSpec(models=("mixtral-8x7b",), hws=("5/50",), meshes=("2x2",), batches=(128,),
+                         solve_batch=128, time_limit_s=0.05, policies=(), mode="paper", online_batches=0)
+    g = grid.run(spec, str(tmp_path), jobs=1, progress=False)
+    r = g.results
+    ours = float(r[(r.part == "static") & (r.strategy == "ours")]["tbt_us"].iloc[0])
+    plan = next((tmp_path / "plans").glob("*_ours.json"))
+    assert json.loads(plan.read_text())["meta"]["problem"]["mode"] == "paper"
+    capsys.readouterr()
+    assert main(["evaluate", "--plan", str(plan), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tbt_us"] == pytest.approx(ours, rel=1e-9)
