@@ -291,7 +291,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     rules = cli_report.plan_rules(args.plan) if args.plan else {}
     if args.replica_rule is not None:
         rules["replica_rule"] = args.replica_rule
-    problem = problem.with_(options=replace(problem.options, **{"replica_rule": "fraction", **rules}))
+    if rules:  # else the problem's own: EvalOptions' defaults, as no instance key or flag sets these
+        problem = problem.with_(options=replace(problem.options, **rules))
     budget = pl.Budget(time_limit_s=args.time_limit, work_limit=args.work_limit)
     plans = {}
     if args.plan:

@@ -284,7 +284,7 @@ def solve_layer(
         lower = bm.to_linear_lower(incumbent_s=obj)  # columns that cannot beat the best start are fixed at 0
         bound = lp_bound(lower, time_limit_s=None if det else left)
     else:  # the warm starts spent the limit (huge meshes at tiny limits): building the LP alone
-        bound = None  # would overrun it (16x16 DeepSeek-V3: 3 s at a 1 s limit); the floors stand in
+        lower = bound = None  # would overrun it (16x16 DeepSeek-V3: 3 s at a 1 s limit); the floors stand in
     # the LP can be cut by the time limit: the family floor (no solve) is always there
     bound = min(max(bm.family_floor_s, -np.inf if bound is None else bound / US), obj)
     trace.append((time.perf_counter() - t0, None, bound, "bound"))
@@ -307,7 +307,7 @@ def solve_layer(
         b_share = bound_milp_share(backend, share) if bound_share is None else float(min(max(bound_share, 0.0), 1.0))
     work = params.work_limit if params.work_limit is not None else params.time_limit_s  # deterministic budget
     remaining = deadline - time.perf_counter() - RESERVE_S
-    if b_share > 0 and not proven(obj) and (det or remaining > MIN_SOLVE_S):
+    if b_share > 0 and lower is not None and not proven(obj) and (det or remaining > MIN_SOLVE_S):
         # the certificate's relaxation solved as a MILP: branching lifts the bound above its LP
         sp = replace(params, hint=bm.lower_vector(bm.canonical(assign), lower), emphasis=BOUND_EMPHASIS)
         if det:  # CP-SAT counts the work share; the others (wall only) get that share of the limit
