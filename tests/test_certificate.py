@@ -23,6 +23,7 @@ from hdmoe_milp.strategies.block_milp import (
     MilpOptions,
     SolveParams,
     available_backends,
+    family_layers,
     family_model,
     layer_baselines,
     solve_layer,
@@ -60,6 +61,7 @@ def family_scores(m, hw, tr, delivery, batch, options: MilpOptions | None = None
     f, groups = tr.frequencies()[0], tr.coactivation(0)
     opts = dataclasses.replace(options or MilpOptions(), delivery=delivery, symmetry=False)
     base, _ = layer_baselines(m, hw, f, batch, backend="cpsat", params=SolveParams(), coactivation=groups)
+    base = family_layers(m, hw, f, batch, groups, opts, base, seed=SolveParams().seed)
     bm = family_model(m, hw, f, batch, opts, groups, base)
     cands = [np.flatnonzero(bm.allowed[i]) for i in range(m.num_experts)]  # the family (no symmetry cut)
     assigns = np.array(list(itertools.product(*cands)))

@@ -68,7 +68,9 @@ class MilpOptions:
     baselines use (the family then contains every such baseline). ``pattern_flips``: each pattern
     also with the mesh's rows, columns or both flipped, so that the family stays closed under the
     flips and symmetry breaking stays valid; without them symmetry breaking is off whenever a
-    pattern is a column.
+    pattern is a column. ``packings``: with ``patterns``, :func:`solve_layer` also adds the patterns
+    of this many of the layer's balanced packings with neighbour splits (:mod:`.packing`; the best
+    under the evaluator; layers with at least as many experts as nodes), which are warm starts too.
     """
 
     delivery: str = "tree"
@@ -82,6 +84,7 @@ class MilpOptions:
     patterns: bool = True
     pattern_flips: bool = True
     single_route: bool = True
+    packings: int = 2
 
 
 class BlockModel:

@@ -171,7 +171,11 @@ class LnsSettings:
     (at most ``polish_share`` of the wall time then left) and again after them; under a deterministic
     limit each of the two gets ``polish_share`` of the work budget, charged ``polish_eval_cost``
     seconds per evaluation (measured 0.3-0.5 ms for one swap or all of one expert's moves on a 4x8
-    layer), so that its result does not depend on the machine's speed. ``bnb``: on layers with at
+    layer), so that its result does not depend on the machine's speed. ``polish_packed``: on a
+    layer with balanced packings among its warm starts (:mod:`.packing`), the best start of the
+    other group (packings, or the rest) is polished too, in what is left of the first polish's
+    window (deterministic: with a second ``polish_share`` of the work budget), and the better of
+    the two is kept. ``bnb``: on layers with at
     most :data:`.bnb.MAX_EXPERTS` experts and co-activation sets, a best-first branch and bound over
     the family on the evaluator's score (:mod:`.bnb`) takes ``bnb_share`` of the wall time left
     after the polish (deterministic: of the work budget, at ``bnb_nodes_per_s`` nodes per second,
@@ -192,6 +196,7 @@ class LnsSettings:
     share: float = 1.0
     polish: bool = True
     polish_share: float = 0.5
+    polish_packed: bool = True
     polish_eval_cost: float = 4e-4
     bnb: bool = True
     bnb_share: float = 1.0

@@ -32,6 +32,7 @@ from .bnb import branch_and_bound
 from .formulation import US, BlockModel, MilpOptions
 from .heuristics import warm_starts
 from .lns import LnsSettings, lns, lns_share
+from .packing import PACKED, packings
 from .polish import PASS_GAIN, IncrementalScore, polish
 
 GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
@@ -177,6 +178,41 @@ def _baseline_assigns(bm: BlockModel, baselines: dict[str, LayerPlacement]) -> d
     return out
 
 
+PACKING_SHARE = 0.1  # of a layer's wall limit, at most, for building balanced packings (V3 8x8: 0.6 s)
+
+
+def packing_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
+                   coactivation: tuple[np.ndarray, np.ndarray] | None, options: MilpOptions, *, seed: int,
+                   deadline: float | None = None) -> dict[str, LayerPlacement]:
+    """The ``options.packings`` best of the layer's balanced packings with neighbour splits
+    (:func:`.packing.packings`) under the evaluator (:func:`layer_time_s`, the model's delivery rule),
+    as layers to add to its baselines (they fit the layer's capacity share)."""
+    cap = layer_capacity_bytes(model, hw, options.capacity_share)
+    found = packings(model, hw, freqs, batch, seed=seed, capacity_bytes=cap, deadline=deadline)
+    if not found:
+        return {}
+    layers = {k: LayerPlacement.from_shares(s) for k, s in found.items()}
+    ranked = list(layers)  # without co-activation sets (top-k > 1) the evaluator cannot rank them
+    wl = layer_workload(model, coactivation, np.asarray(freqs, dtype=float), batch)
+    if wl is not None:
+        m1, eo = dataclasses.replace(model, moe_layers=1), EvalOptions(delivery=options.delivery)
+        ranked.sort(key=lambda k: layer_time_s(layers[k], m1, hw, wl, eo))
+    return {k: layers[k] for k in ranked[:options.packings]}
+
+
+def family_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
+                  coactivation: tuple[np.ndarray, np.ndarray] | None, options: MilpOptions | None,
+                  baselines: dict[str, LayerPlacement], *, seed: int,
+                  deadline: float | None = None) -> dict[str, LayerPlacement]:
+    """The layers whose patterns :func:`family_model` adds to the family, and which start the
+    search: the layer's ``baselines`` and, with ``options.patterns``, its best balanced packings
+    (:func:`packing_layers`)."""
+    opts = options or MilpOptions()
+    if not (opts.patterns and opts.packings > 0):
+        return baselines
+    return {**baselines, **packing_layers(model, hw, freqs, batch, coactivation, opts, seed=seed, deadline=deadline)}
+
+
 BOUND_SHARE = 0.5  # of a monolithic layer's solver budget, for the certificate's relaxation as a MILP
 BOUND_BACKENDS = ("cpsat", "highs", "scip")  # backends that report a bound and take a hint
 BOUND_EMPHASIS = "bound"  # SolveParams.emphasis of the bound stage (measured in formulations/offline_milp.md)
@@ -259,6 +295,8 @@ def solve_layer(
     baselines, hd = layer_baselines(model, hw, freqs, batch, backend=backend, params=params, layer=layer,
                                     freqs_all=freqs_all, coactivation=coactivation, baselines=baselines,
                                     hdmoe_work_limit=hdmoe_work_limit)
+    baselines = family_layers(model, hw, freqs, batch, coactivation, options, baselines, seed=params.seed,
+                              deadline=None if params.deterministic else t0 + PACKING_SHARE * params.time_limit_s)
     bm = family_model(model, hw, freqs, batch, options, coactivation, baselines)
     # wall mode: the heuristics may take at most WARM_SHARE of the limit (V3 8x8: 3.4 s in all)
     starts = warm_starts(bm, _baseline_assigns(bm, baselines),
@@ -340,6 +378,18 @@ def solve_layer(
         if (better := pol.run(assign, obj, end, polish_evals)) is not None:
             assign, obj, source = better[0], better[1], f"{source}+polish"
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
+        # with packings, the best start of the other group too (packings or the rest), with what is left
+        # of the window: the best start is not always the best after its polish (on Qwen2 4x8 a
+        # packing's local optimum was 3 % worse than a polished block plan's)
+        other = [k for k in sorted(start_scores, key=start_scores.__getitem__)
+                 if k.startswith(PACKED) != best_start.startswith(PACKED)]
+        if ls.polish_packed and other and any(k.startswith(PACKED) for k in starts) and not proven(obj):
+            second = other[0]
+            if (better := pol.run(starts[second], start_scores[second], end, polish_evals)) is not None \
+                    and better[1] < obj * (1 - 1e-12):
+                assign, obj, source = better[0], better[1], f"warm-start:{second}+polish"
+                trace.append((time.perf_counter() - t0, obj, None, "polish"))
+            pol.last = np.asarray(assign).copy()  # the plan kept is the one polished
     bnb_note = ""
     if use_bnb and not proven(obj):
         inc = pol.incremental(assign)
@@ -488,7 +538,8 @@ def _count(n: int, noun: str) -> str:
 FAMILY_PATTERNS = ("one copy per expert (no replication: EPLB's replicated placements are outside), within the "
                    "layer's capacity share, on either an aligned power-of-two block of the mesh with the expert "
                    "spread evenly over it, or one of the node sets with shares that the layer's non-replicated "
-                   "baselines (tp, ep, ep-lpt, cb, hdmoe) give that expert")
+                   "baselines (tp, ep, ep-lpt, cb, hdmoe) or its best balanced packings with neighbour splits "
+                   "give that expert")
 FAMILY_FLIPS = ", and their mirror images under the mesh's row and column flips"
 FAMILY = FAMILY_PATTERNS + FAMILY_FLIPS  # the default family (patterns and their flips)
 FAMILY_BLOCKS = ("aligned power-of-two blocks of the mesh, one copy per expert spread evenly over its block, "
