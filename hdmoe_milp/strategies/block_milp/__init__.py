@@ -1,5 +1,6 @@
 """The offline block MILP as a strategy: formulation (``formulation.py``), candidate blocks and the
-baselines' patterns (``blocks.py``), warm starts (``heuristics.py``) and per-layer / whole-model solves
+baselines' patterns (``blocks.py``), warm starts (``heuristics.py``, and the balanced packings of
+``packing.py``) and per-layer / whole-model solves
 (``solve.py``). The solvers themselves live in :mod:`hdmoe_milp.solvers`."""
 
 from ...solvers import (
@@ -22,6 +23,7 @@ from .solve import (
     LayerTask,
     ModelSolveResult,
     best_per_layer,
+    family_layers,
     family_model,
     layer_baselines,
     layer_tasks,
@@ -37,6 +39,7 @@ __all__ = [
     "BACKENDS", "EXECUTORS", "MAX_MESH_NODES", "BlockModel", "Blocks", "LayerSolveResult", "LayerTask", "LinearModel",
     "LnsSettings",
     "MilpOptions", "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends",
-    "best_per_layer", "family_model", "get_backend", "layer_baselines", "layer_tasks", "lp_bound", "make_blocks",
+    "best_per_layer", "family_layers", "family_model", "get_backend", "layer_baselines", "layer_tasks", "lp_bound",
+    "make_blocks",
     "model_result", "not_solved_task", "select_layers", "solve_layer", "solve_layer_task", "solve_model",
 ]
