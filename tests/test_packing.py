@@ -136,3 +136,24 @@ def test_packings_join_the_family_and_the_certificate_holds():
                     coactivation=groups)
     assert r.bound_s <= best * (1 + 1e-9) <= r.objective_s * (1 + 1e-9) ** 2
     assert "balanced packings" in r.family
+
+
+def test_polishing_the_other_group_too_never_returns_a_worse_plan():
+    """16 experts on 2x2 (4 per node), deterministic: the second polish (of the best start of the
+    other group, packings or the rest) can only add a better plan; both plans are scored by the
+    evaluator itself."""
+    from hdmoe_milp.strategies.block_milp import LnsSettings
+    m = MoEModel("tiny16", num_experts=16, top_k=2, hidden=256, expert_intermediate=512, moe_layers=1)
+    hw = Hardware(Mesh.parse("2x2"), compute_flops=1e9, link_bw_bytes_per_s=2e8)
+    tr = synthetic_trace(m, 400, seed=2)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
+    params = SolveParams(time_limit_s=2, deterministic=True)
+    runs = [solve_layer(m, hw, f, 32.0, backend="cpsat", params=params, coactivation=groups,
+                        lns_settings=LnsSettings(polish_packed=on, bnb=False)) for on in (False, True)]
+    assert runs[1].objective_s <= runs[0].objective_s * (1 + 1e-12)
+    wl = Workload((LayerRouting(groups[0], groups[1] * 32.0),), 16, 2, 32.0, "expected")
+    for r in runs:
+        ev = evaluate(Placement((r.placement,)), m, hw, wl, EvalOptions())
+        assert r.objective_s == pytest.approx(float(ev.layer_s[0]), rel=1e-12)
+        assert r.bound_s <= r.objective_s
+    assert any(k.startswith(pk.PACKED) for k in packing_layers(m, hw, f, 32.0, groups, MilpOptions(), seed=0))

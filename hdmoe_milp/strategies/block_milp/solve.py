@@ -178,7 +178,7 @@ def _baseline_assigns(bm: BlockModel, baselines: dict[str, LayerPlacement]) -> d
     return out
 
 
-PACKING_SHARE = 0.1  # of a layer's wall limit, at most, for building balanced packings (V3 8x8: 0.6 s)
+PACKING_SHARE = 0.1  # of a layer's wall limit, at most, for building balanced packings (V3 8x8: 1.6 s)
 
 
 def packing_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
