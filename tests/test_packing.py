@@ -132,7 +132,7 @@ def test_packings_join_the_family_and_the_certificate_holds():
         ev = evaluate(Placement(tuple(bm.placement(a) for a in chunk)), dataclasses.replace(m, moe_layers=len(chunk)),
                       hw, wl, EvalOptions(delivery="tree"))
         best = min(best, float(np.min(ev.layer_s)))
-    r = solve_layer(m, hw, f, batch, backend="cpsat", params=SolveParams(time_limit_s=5), options=opts,
+    r = solve_layer(m, hw, f, batch, backend="cpsat", params=SolveParams(time_limit_s=2), options=opts,
                     coactivation=groups)
     assert r.bound_s <= best * (1 + 1e-9) <= r.objective_s * (1 + 1e-9) ** 2
     assert "balanced packings" in r.family
@@ -147,7 +147,7 @@ def test_polishing_the_other_group_too_never_returns_a_worse_plan():
     hw = Hardware(Mesh.parse("2x2"), compute_flops=1e9, link_bw_bytes_per_s=2e8)
     tr = synthetic_trace(m, 400, seed=2)
     f, groups = tr.frequencies()[0], tr.coactivation(0)
-    params = SolveParams(time_limit_s=2, deterministic=True)
+    params = SolveParams(time_limit_s=1, deterministic=True)
     runs = [solve_layer(m, hw, f, 32.0, backend="cpsat", params=params, coactivation=groups,
                         lns_settings=LnsSettings(polish_packed=on, bnb=False)) for on in (False, True)]
     assert runs[1].objective_s <= runs[0].objective_s * (1 + 1e-12)
