@@ -70,7 +70,8 @@ class MilpOptions:
     flips and symmetry breaking stays valid; without them symmetry breaking is off whenever a
     pattern is a column. ``packings``: with ``patterns``, :func:`solve_layer` also adds the patterns
     of this many of the layer's balanced packings with neighbour splits (:mod:`.packing`; the best
-    under the evaluator; layers with at least as many experts as nodes), which are warm starts too.
+    under the evaluator, or the first built without co-activation sets; layers with at least
+    :data:`.packing.MIN_PER_NODE` experts per node), which are warm starts too.
     """
 
     delivery: str = "tree"

@@ -174,7 +174,7 @@ class LnsSettings:
     layer), so that its result does not depend on the machine's speed. ``polish_packed``: on a
     layer with balanced packings among its warm starts (:mod:`.packing`), the best start of the
     other group (packings, or the rest) is polished too, in what is left of the first polish's
-    window (deterministic: with a second ``polish_share`` of the work budget), and the better of
+    window (deterministic: with half of a ``polish_share`` of the work budget more), and the better of
     the two is kept. ``bnb``: on layers with at
     most :data:`.bnb.MAX_EXPERTS` experts and co-activation sets, a best-first branch and bound over
     the family on the evaluator's score (:mod:`.bnb`) takes ``bnb_share`` of the wall time left

@@ -14,7 +14,7 @@ and then each token reaches many nodes. This start takes the middle way:
    time and weight-read time are at most ``τ``, and minimises ``τ`` plus ``λ`` times the moved
    token mass (normalised to the mean node's time), so that few and cold experts are split.
 
-Measured in ``formulations/offline_milp.md`` ("Balanced packing with neighbour splits"). Each
+Measured in ``formulations/offline_milp.md`` ("Balanced packings" and "Version 0.8.0"). Each
 variant is scored by the evaluator, and the best ones become warm starts and patterns.
 """
 
@@ -32,8 +32,9 @@ from ...moe import MoEModel
 
 SPLIT_PENALTIES = (0.0, 0.01, 0.1)  # λ of the split LP (per unit of token mass moved, in mean-node times)
 RESTARTS = 4  # packings from this many random swap sequences (V3 8x8: 1.6 s in all; measured against 1 and 8)
-SWAP_STEPS = 20_000  # random swaps and moves after LPT (0.3 s on 256 experts)
+SWAP_STEPS = 20_000  # random swaps and moves after LPT (0.1-0.3 s on 256 experts)
 MIN_SHARE = 1e-9  # shares below this are dropped after the LP
+CAP_MARGIN = 1e-6  # experts' weights kept free per node in the split LP's capacity rows
 MIN_PER_NODE = 4  # experts per node, at least, for packings (measured: at 2 LPT cannot balance whole experts)
 PACKED = "packed-"  # the names of the packings start with this
 
@@ -154,11 +155,14 @@ def lay_out(bins: np.ndarray, flop_s: np.ndarray, path: np.ndarray) -> np.ndarra
 
 def split_lp(node_of: np.ndarray, flop_s: np.ndarray, read_s: np.ndarray, freqs: np.ndarray, mesh: Mesh,
              penalty: float, max_weight_shares: float | None = None) -> np.ndarray | None:
-    """Shares ``[E, D]``: every expert on ``node_of`` with fractions moved to its mesh neighbours,
+    """Shares ``[E, D]``: every expert on ``node_of [E]`` with fractions moved to its mesh neighbours,
     minimising the largest node FLOP or read time ``τ`` plus ``penalty`` × moved token mass (in
-    mean-node times per unit of the layer's token mass). ``max_weight_shares``: at most this many
-    experts' weights per node (capacity). None if the LP fails."""
+    mean-node times per unit of the layer's token mass). ``flop_s``, ``read_s`` ``[E]``:
+    seconds of each expert whole on one node. ``max_weight_shares``: at most this many experts'
+    weights per node (capacity; a node's whole experts always fit). None if the LP fails or its
+    shares cannot be brought within the capacity."""
     E, D = len(node_of), mesh.num_nodes
+    mean = max(flop_s.sum(), read_s.sum()) / D
     nbrs = []
     for n in range(D):
         r, c = mesh.coords(n)
@@ -170,6 +174,7 @@ def split_lp(node_of: np.ndarray, flop_s: np.ndarray, read_s: np.ndarray, freqs:
     mm = np.array([v[1] for v in var], dtype=np.int64)
     src = node_of[ii]
     k = np.arange(len(var))
+    count = np.bincount(node_of, minlength=D)
     # rows: FLOP time per node (D), read time per node (D), moved share per expert (E), weights per node (D)
     rows = [src, mm, D + src, D + mm, 2 * D + ii]
     cols = [k, k, k, k, k]
@@ -180,14 +185,16 @@ def split_lp(node_of: np.ndarray, flop_s: np.ndarray, read_s: np.ndarray, freqs:
     cols += [np.full(2 * D, nv - 1)]
     vals += [-np.ones(2 * D)]
     nrows = 2 * D + E
+    limit = None
     if max_weight_shares is not None:
+        # the LP's rows hold a margin, so that its tolerance (about 1e-7) cannot tip a node over
+        limit = np.maximum(max_weight_shares - CAP_MARGIN, count)
         rows += [2 * D + E + src, 2 * D + E + mm]
         cols += [k, k]
         vals += [-np.ones(len(var)), np.ones(len(var))]
-        rhs.append(max_weight_shares - np.bincount(node_of, minlength=D))
+        rhs.append(limit - count)
         nrows += D
     A = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(nrows, nv)).tocsr()
-    mean = max(flop_s.sum(), read_s.sum()) / D
     f = np.asarray(freqs, dtype=float)
     c = np.concatenate([penalty * mean * f[ii] / max(f.sum(), 1e-300), [1.0]])
     res = linprog(c, A_ub=A, b_ub=np.concatenate(rhs), bounds=(0, None), method="highs")
@@ -199,7 +206,30 @@ def split_lp(node_of: np.ndarray, flop_s: np.ndarray, read_s: np.ndarray, freqs:
     np.add.at(shares, (ii, src), -x)
     np.add.at(shares, (ii, mm), x)
     shares[shares < MIN_SHARE] = 0.0
-    return shares / shares.sum(axis=1, keepdims=True)
+    shares /= shares.sum(axis=1, keepdims=True)
+    return shares if limit is None else _within(shares, node_of, limit, 4 * D)
+
+
+def _within(shares: np.ndarray, node_of: np.ndarray, limit: np.ndarray, max_steps: int) -> np.ndarray | None:
+    """``shares [E, D]`` with every node's weight shares at most ``limit [D]``: a node over its limit
+    (by the LP's tolerance) hands the excess of its largest incoming share back to that expert's
+    home node, which may pass it on in turn. None if that does not end within ``max_steps``."""
+    load = shares.sum(axis=0)
+    for _ in range(max_steps):
+        over = np.flatnonzero(load > limit)
+        if not over.size:
+            return shares
+        n = int(over[0])
+        e = load[n] - limit[n]
+        inc = np.flatnonzero((node_of != n) & (shares[:, n] >= e))
+        if not inc.size:
+            return None
+        i = int(inc[np.argmax(shares[inc, n])])
+        shares[i, n] -= e
+        shares[i, node_of[i]] += e
+        load[n] -= e
+        load[node_of[i]] += e
+    return None
 
 
 def packings(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, seed: int,
@@ -215,7 +245,7 @@ def packings(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, 
     flop_s, read_s = expert_times_s(model, hw, freqs, batch)
     w = model.expert_weight_bytes()
     max_count = E if capacity_bytes is None else int(np.floor(capacity_bytes / w * (1 + 1e-9)))
-    max_w = None if capacity_bytes is None else capacity_bytes / w * (1 + 1e-9)
+    max_w = None if capacity_bytes is None else capacity_bytes / w
     out: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(seed)
     for r in range(RESTARTS):

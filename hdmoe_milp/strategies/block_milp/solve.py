@@ -162,7 +162,8 @@ def family_text(options: MilpOptions | None) -> str:
     opts = options or MilpOptions()
     if not opts.patterns:
         return FAMILY_BLOCKS
-    return FAMILY_PATTERNS + (FAMILY_FLIPS if opts.pattern_flips else "")
+    text = FAMILY_PATTERNS if opts.packings > 0 else FAMILY_PATTERNS.replace(FAMILY_PACKINGS, "")
+    return text + (FAMILY_FLIPS if opts.pattern_flips else "")
 
 
 def _baseline_assigns(bm: BlockModel, baselines: dict[str, LayerPlacement]) -> dict[str, np.ndarray]:
@@ -253,11 +254,13 @@ def solve_layer(
     ``hdmoe`` strategy's layer) and returned in ``hdmoe``.
 
     Family (``options.patterns``, default): the aligned blocks plus, per expert, the shares every
-    non-replicated baseline gives it, so the returned plan is never worse under the evaluator than
-    any of them that fits the layer's capacity share. Warm start: the best of the baselines and the
-    greedy heuristics under the block model (a MIP start for CBC, a hint for CP-SAT). The returned
-    placement is the best under the evaluator of the solver's plan and every warm start; when the
-    solver fails, that warm start comes back with the solver's status.
+    non-replicated baseline and, on layers with at least 4 experts per node, the best
+    ``options.packings`` balanced packings (:func:`family_layers`) give it, so the returned plan
+    is never worse under the evaluator than any of them that fits the layer's capacity share.
+    Warm start: the best of the baselines and the greedy heuristics under the block model (a MIP
+    start for CBC, a hint for CP-SAT). The returned placement is the best under the evaluator of
+    the solver's plan and every warm start; when the solver fails, that warm start comes back with
+    the solver's status.
 
     Time: ``params.time_limit_s`` covers everything the layer does (warm starts, scoring, model build,
     the LP bound, the backend's translation and search): the bound and the solver get what remains.
@@ -380,12 +383,13 @@ def solve_layer(
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
         # with packings, the best start of the other group too (packings or the rest), with what is left
         # of the window: the best start is not always the best after its polish (on Qwen2 4x8 a
-        # packing's local optimum was 3 % worse than a polished block plan's)
+        # packing's local optimum was 2.9 % worse than a polished block plan's)
         other = [k for k in sorted(start_scores, key=start_scores.__getitem__)
                  if k.startswith(PACKED) != best_start.startswith(PACKED)]
         if ls.polish_packed and other and any(k.startswith(PACKED) for k in starts) and not proven(obj):
             second = other[0]
-            if (better := pol.run(starts[second], start_scores[second], end, polish_evals)) is not None \
+            second_evals = None if polish_evals is None else polish_evals // 2  # deterministic: half a budget more
+            if (better := pol.run(starts[second], start_scores[second], end, second_evals)) is not None \
                     and better[1] < obj * (1 - 1e-12):
                 assign, obj, source = better[0], better[1], f"warm-start:{second}+polish"
                 trace.append((time.perf_counter() - t0, obj, None, "polish"))
@@ -535,11 +539,11 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+FAMILY_PACKINGS = " or its best balanced packings with neighbour splits"
 FAMILY_PATTERNS = ("one copy per expert (no replication: EPLB's replicated placements are outside), within the "
                    "layer's capacity share, on either an aligned power-of-two block of the mesh with the expert "
                    "spread evenly over it, or one of the node sets with shares that the layer's non-replicated "
-                   "baselines (tp, ep, ep-lpt, cb, hdmoe) or its best balanced packings with neighbour splits "
-                   "give that expert")
+                   "baselines (tp, ep, ep-lpt, cb, hdmoe)" + FAMILY_PACKINGS + " give that expert")
 FAMILY_FLIPS = ", and their mirror images under the mesh's row and column flips"
 FAMILY = FAMILY_PATTERNS + FAMILY_FLIPS  # the default family (patterns and their flips)
 FAMILY_BLOCKS = ("aligned power-of-two blocks of the mesh, one copy per expert spread evenly over its block, "
