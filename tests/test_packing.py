@@ -102,7 +102,7 @@ def test_packings_fit_an_exactly_full_capacity():
     per_node = model.num_experts // hw.num_nodes
     cap = per_node * model.expert_weight_bytes()
     found = pk.packings(model, hw, f, 128.0, seed=0, capacity_bytes=cap)
-    assert len(found) >= 3
+    assert len(found) == len(pk.packings(model, hw, f, 128.0, seed=0))  # none is lost to the capacity
     for shares in found.values():
         assert shares.sum(axis=0).max() * model.expert_weight_bytes() <= cap * (1 + 1e-9)
         assert np.allclose(shares.sum(axis=1), 1.0) and (shares == 0).sum() > 0

@@ -211,12 +211,13 @@ def split_lp(node_of: np.ndarray, flop_s: np.ndarray, read_s: np.ndarray, freqs:
 
 
 def _within(shares: np.ndarray, node_of: np.ndarray, limit: np.ndarray, max_steps: int) -> np.ndarray | None:
-    """``shares [E, D]`` with every node's weight shares at most ``limit [D]``: a node over its limit
+    """``shares [E, D]`` with every node's weight shares at most ``limit [D]`` (to 1e-10): a node over its limit
     (by the LP's tolerance) hands the excess of its largest incoming share back to that expert's
     home node, which may pass it on in turn. None if that does not end within ``max_steps``."""
     load = shares.sum(axis=0)
     for _ in range(max_steps):
-        over = np.flatnonzero(load > limit)
+        # rounding below 1e-10 stays (the block model's capacity check allows 1e-9)
+        over = np.flatnonzero(load > limit * (1 + 1e-10))
         if not over.size:
             return shares
         n = int(over[0])
