@@ -144,11 +144,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--time-limit", type=float, default=2.0,
                     help="wall seconds per layer when --plan-strategy solves a MILP (milp; hdmoe with cbc or highs; "
                     "default 2)")
-    rp.add_argument("--batch", type=int, help="tokens per batch (default: the problem's, as evaluate: the instance's "
+    rp.add_argument("--batch", type=float, help="tokens per batch (default: the problem's, as evaluate: the instance's "
                     "[workload].batch or the batch the --plan was made for, else 128)")
     rp.add_argument("--policy", default="all", help="static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle, "
                     "a comma-separated list, or all (default; all but oracle)")
-    rp.add_argument("--batches", type=int, default=50, help="batches to replay (default 50)")
+    rp.add_argument("--batches", type=float, default=50, help="batches to replay (default 50)")
     rp.add_argument("--batching", help="contiguous or random (default: the instance's [workload].batching if one "
                     "of these, else contiguous)")
     rp.add_argument("--replica-rule", "--dispatch", dest="replica_rule", default="balanced",
@@ -415,6 +415,12 @@ def _replay(args: argparse.Namespace) -> int:
         pl.check_choice("--policy", n, pl.POLICIES)
     s = _settings(args, args.plan)
     batch, batch_field = args.batch, "--batch"
+    if batch is not None:  # a float so that 1e3 reads; finite and >= 1 are checked with every flag
+        if not float(batch).is_integer():
+            raise InputError("--batch", f"replays whole tokens per batch, got {batch:g}",
+                             "give a whole number, e.g. 64")
+        batch = int(batch)
+    args.batches = int(args.batches)  # a whole number (checked with every flag)
     if batch is None:  # the problem's batch: the instance's, the plan's, else 128
         if args.instance and "[workload].batch" in s.given:
             batch_field = f"instance {Path(args.instance).name} [workload].batch"

@@ -270,7 +270,8 @@ class PlanResult:
         } for name, ev in self.evaluations.items()])
 
     def layer_table(self) -> pd.DataFrame:
-        """One row per layer: status, objective, bound (us), gap, time, sources."""
+        """One row per layer: status, ``objective_us`` and ``bound_us`` (µs), ``gap`` and
+        ``improvement`` (fractions, as in :meth:`summary`: 0.05 is 5 %), ``time_s``, sources."""
         df = pd.DataFrame([r.to_dict() for r in self.layers])
         df["objective_us"] = df["objective_s"] * 1e6
         df["bound_us"] = df["bound_s"].astype(float) * 1e6

@@ -276,6 +276,8 @@ class Placement:
         if unknown:  # a misspelt key would be ignored silently
             raise InputError(source, f"has unknown key(s) {unknown[:5]}", "allowed: " + ", ".join(sorted(_PLAN_KEYS))
                              + "; put your own notes under meta")
+        if "package_version" in d:  # informational, but a number or a list there is a damaged file
+            expect_str(f"{source} package_version", d["package_version"], f'"{__version__}"')
         for key in ("num_experts", "layers"):
             if key not in d:
                 raise InputError(f"{source} {key}", "is missing", "write the plan with Placement.save")

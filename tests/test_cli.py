@@ -389,3 +389,18 @@ def test_solve_takes_the_capacity_and_hop_latency_flags(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--capacity-gb", "2"]) == 2
     assert "--capacity-gb" in capsys.readouterr().err
+
+
+def test_replay_reads_whole_numbers_in_any_notation(capsys):
+    """``--batch 1e3`` and ``--batches 2.0`` are whole numbers and replay; ``--batch 64.5`` and
+    ``--batches 2.5`` are refused by name, with exit status 2."""
+    base = ["replay", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "5/50", "--plan-strategy", "ep",
+            "--trace", str(TRACES / "mixtral_writing_4k.json.gz"), "--policy", "static", "--json"]
+    assert main([*base, "--batch", "1e3", "--batches", "2.0"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["batch"], d["results"][0]["tokens"]) == (1000, 2000)
+    assert isinstance(d["batch"], int)
+    for flag, value in (("--batch", "64.5"), ("--batches", "2.5")):
+        assert main([*base, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"hdmoe-milp: error: {flag}:") and "whole" in err and "Traceback" not in err

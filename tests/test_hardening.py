@@ -306,6 +306,7 @@ CASES = {
                                  "meta.problem.batch"),
     "plan-without-problem": (_plan(lambda d: d["meta"].pop("problem")), "--model"),
     "plan-num-nodes-mismatch": (_plan(lambda d: d.__setitem__("num_nodes", 2 * d["num_nodes"])), "num_nodes"),
+    "plan-package-version-number": (_plan(lambda d: d.__setitem__("package_version", 0.8)), "package_version"),
     "plot-out-missing-dir": (_plot_results("--out", "no/such/dir/x.png"), "--out"),
     "plot-out-unknown-format": (_plot_results("--out", "x.notanimage"), "--out"),
     "plot-batch-nan": (_plot_results("--out", "x.png", "--batch", "nan"), "--batch"),
@@ -648,7 +649,7 @@ def _argparse_case(name: str) -> bool:
     return name in {"flag-seed-float", "flag-seed-text", "flag-batch-text", "flag-unknown-option",
                     "flag-batch-full-width", "flag-seed-full-width", "plot-layer-full-width",
                     "flag-mode-not-read-as-model",
-                    "flag-unknown-command", "replay-batch-float", "flag-lns-patience-text"}
+                    "flag-unknown-command", "flag-lns-patience-text"}
 
 
 class _nullcontext:
