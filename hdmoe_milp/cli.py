@@ -417,7 +417,7 @@ def _replay(args: argparse.Namespace) -> int:
     batch, batch_field = args.batch, "--batch"
     if batch is not None:  # a float so that 1e3 reads; finite and >= 1 are checked with every flag
         if not float(batch).is_integer():
-            raise InputError("--batch", f"replays whole tokens per batch, got {batch:g}",
+            raise InputError("--batch", f"replays whole tokens per batch, got {batch:.15g}",
                              "give a whole number, e.g. 64")
         batch = int(batch)
     args.batches = int(args.batches)  # a whole number (checked with every flag)
@@ -425,9 +425,12 @@ def _replay(args: argparse.Namespace) -> int:
         if args.instance and "[workload].batch" in s.given:
             batch_field = f"instance {Path(args.instance).name} [workload].batch"
             if s.batch != int(s.batch):
-                raise InputError(batch_field, f"replays whole tokens per batch, got {s.batch:g}",
+                raise InputError(batch_field, f"replays whole tokens per batch, got {s.batch:.15g}",
                                  "give --batch N for the replay, or a whole number in the file")
         elif not float(s.batch).is_integer():  # a plan made for a fractional expected batch
+            print(f"note: plan {Path(args.plan).name if args.plan else ''} was made for an expected batch of "
+                  f"{s.batch:.15g} tokens; replaying whole batches of {pl.Settings.batch} (give --batch N to choose)",
+                  file=sys.stderr)
             s = replace(s, batch=pl.Settings.batch)
         batch = int(s.batch)
     problem = _to_problem(args, s, args.plan)  # names the file's key for a batch it gave
@@ -595,7 +598,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             op = ">" if strict else ">="
             raise InputError(flag, f"must be {op} {low:g}, got {v:g}", f"give a number {op} {low:g}")
         if integer and v != int(v):
-            raise InputError(flag, f"must be a whole number, got {v:g}", "drop the fraction")
+            raise InputError(flag, f"must be a whole number, got {v:.15g}", "drop the fraction")
         top = _FLAG_MAXIMA.get(flag)
         if top is not None and v > top:
             got = f"{v:.15g}"  # 1000001, not 1e+06 (which reads as the limit itself)

@@ -37,6 +37,7 @@ from .errors import (
     as_written,
     check_choice,
     check_real,
+    shown,
 )
 from .evaluator import COALESCE, DELIVERIES, HOMES, MODES
 from .hardware import Mesh, parse_point, point_name
@@ -377,9 +378,14 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
     where = f"plan {Path(path).name} meta.problem"
 
     def num(key: str, v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), -float("inf")):
-            raise InputError(f"{where}.{key}", f"must be a finite number, got {v!r}", "save the plan again")
-        return float(v)
+        ok = not isinstance(v, bool) and isinstance(v, (int, float))
+        try:
+            x = float(v) if ok else float("nan")
+        except OverflowError:  # an int of hundreds of digits
+            x = float("inf")
+        if x != x or x in (float("inf"), -float("inf")):
+            raise InputError(f"{where}.{key}", f"must be a finite number, got {shown(v)}", "save the plan again")
+        return x
 
     out: dict[str, Any] = {}
     choices = {"model": tuple(MODEL_PRESETS), "batching": BATCHING,
@@ -398,7 +404,7 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
                 v = parse_point(v, f"{where}.hw_point")[0]
             elif key == "mesh":
                 try:
-                    Mesh.parse(v)
+                    v = Mesh.parse(v).name  # canonical: a plan made for "4X8" is one for 4x8
                 except InputError as exc:
                     raise InputError(f"{where}.mesh", exc.problem, "save the plan again") from None
             out[field] = v
@@ -530,6 +536,9 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
         if same:
             try:
                 a = np.asarray(recorded, dtype=float)
+            except OverflowError:  # an int of hundreds of digits
+                raise InputError(f"plan {Path(path).name} meta.problem.{key}", f"must be a finite number, got "
+                                 f"{shown(recorded)}", "save the plan again from the problem it was made for") from None
             except (TypeError, ValueError):  # a list of text, or of uneven lists
                 raise InputError(f"plan {Path(path).name} meta.problem.{key}",
                                  f"must be a number or a flat list of numbers, got {recorded!r}",

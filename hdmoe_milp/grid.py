@@ -129,6 +129,19 @@ def check_spec(spec: GridSpec) -> GridSpec:
                                  f"{h!r}", "name each point once")
         if hws != tuple(spec.hws):
             spec = replace(spec, hws=hws)
+    if isinstance(spec.meshes, (tuple, list)):  # canonical names too: "4X4" and "4x4" are one mesh
+        names = []
+        for s in spec.meshes:
+            try:
+                names.append(Mesh.parse(s).name)
+            except InputError as exc:
+                raise InputError("mesh", exc.problem, exc.fix) from None
+        for i, n in enumerate(names):
+            if n in names[:i] and spec.meshes[i] != spec.meshes[names.index(n)]:
+                raise InputError("meshes", f"{spec.meshes[names.index(n)]!r} and {spec.meshes[i]!r} are one mesh, "
+                                 f"{n!r}", "name each mesh once")
+        if tuple(names) != tuple(spec.meshes):
+            spec = replace(spec, meshes=tuple(names))
     for name, values in (("models", spec.models), ("hws", spec.hws), ("meshes", spec.meshes),
                          ("batches", spec.batches), ("policies", spec.policies)):
         if not isinstance(values, (tuple, list)) or (not values and name != "policies"):

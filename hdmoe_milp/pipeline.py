@@ -27,7 +27,7 @@ from .costs import check_capacity, fits_capacity
 from .errors import MAX_BATCHES, InputError, check_choice, check_seed, expect_instance, expect_int
 from .evaluator import EvalOptions, Evaluation
 from .evaluator import evaluate as score
-from .hardware import HARDWARE_PRESETS
+from .hardware import HARDWARE_PRESETS, Mesh
 from .instance import INSTANCE_KEYS, Settings, load_instance, read_settings
 from .moe import MODEL_PRESETS
 from .online import POLICIES, ReplayResult
@@ -482,7 +482,13 @@ def _plan_mismatch(plan: Placement, problem: Problem) -> tuple[str, str, str] | 
     made = plan.meta.get("problem") if isinstance(plan.meta, dict) else None
     if isinstance(made, dict):
         for key, here in (("model", problem.model.name), ("mesh", problem.mesh_name)):
-            if made.get(key) is not None and made[key] != here:
+            rec = made.get(key)
+            if key == "mesh" and isinstance(rec, str):  # "4X8" and "4x8" are one mesh
+                try:
+                    rec = Mesh.parse(rec).name
+                except InputError:
+                    pass
+            if rec is not None and rec != here:
                 return (f"meta.problem.{key}", f"was made for {key} {made[key]!r} but the problem has {key} {here!r}",
                         f"solve again for {here} or score the plan on {made[key]}")
     m = problem.model

@@ -244,6 +244,10 @@ def _json_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
         raise InputError("trace", f"{p} holds per-expert counts (expert_counts), not a routing trace",
                          "a trace lists each token's top-k expert ids per layer; leave --trace out for the "
                          "synthetic trace, whose OLMoE profile comes from these counts")
+    if "layers" in raw and "format" in raw:  # a plan file given where a trace goes
+        raise InputError("trace", f"{p} is a plan file (a placement), not a routing trace",
+                         "give a plan with --plan (evaluate, replay) or as plot's file; a trace lists each "
+                         "token's top-k expert ids per layer")
     want = [str(i) for i in range(len(raw))]
     if sorted(raw) != sorted(want):
         if all(k.isdigit() and len(k) < 19 and str(int(k)) == k for k in raw):  # plain numbers: name the gap

@@ -404,3 +404,29 @@ def test_replay_reads_whole_numbers_in_any_notation(capsys):
         assert main([*base, flag, value]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"hdmoe-milp: error: {flag}:") and "whole" in err and "Traceback" not in err
+
+
+def test_replaying_a_plan_made_for_a_fractional_batch_says_which_batch_it_replays(tmp_path, capsys):
+    plan = tmp_path / "p.json"
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--batch", "64.5", "--strategy", "ep",
+                 "--save-plan", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["replay", "--plan", str(plan), "--batches", "1", "--policy", "static", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["batch"] == 128
+    assert "expected batch of 64.5" in cap.err and "--batch N" in cap.err
+
+
+def test_a_plan_made_for_a_mesh_spelt_in_capitals_is_one_for_that_mesh(tmp_path, capsys):
+    """``4X8`` is read as 4x8 everywhere; a plan file recording "2X2" was refused on 2x2, with a fix
+    (score it on 2X2) that gave the same error."""
+    plan = tmp_path / "p.json"
+    assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2X2", "--strategy", "ep",
+                 "--save-plan", str(plan)]) == 0
+    d = json.loads(plan.read_text())
+    d["meta"]["problem"]["mesh"] = "2X2"  # as other code might write it
+    plan.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert main(["evaluate", "--plan", str(plan), "--json"]) == 0
+    assert main(["evaluate", "--plan", str(plan), "--mesh", "2X2", "--json"]) == 0
+    assert main(["evaluate", "--plan", str(plan), "--mesh", "4x4"]) == 2

@@ -306,6 +306,13 @@ CASES = {
                                  "meta.problem.batch"),
     "plan-without-problem": (_plan(lambda d: d["meta"].pop("problem")), "--model"),
     "plan-num-nodes-mismatch": (_plan(lambda d: d.__setitem__("num_nodes", 2 * d["num_nodes"])), "num_nodes"),
+    # a whole number too large for a float (JSON reads it exactly) gave an OverflowError traceback
+    **{f"plan-meta-huge-int-{key.rsplit('.', 1)[-1]}": (_plan(_set(["meta", "problem", *key.split(".")], 10**400)),
+                                                        f"meta.problem.{key}")
+       for key in ("batch", "hardware.hop_latency_s", "hardware.dram_capacity_bytes", "hardware.compute_flops",
+                   "hardware.link_bw_bytes_per_s")},
+    "trace-is-a-plan-file": (lambda d: ["evaluate", *MX, "--trace", str(d / "good_plan.json"), "--strategy", "tp"],
+                             "is a plan file"),
     "plan-package-version-number": (_plan(lambda d: d.__setitem__("package_version", 0.8)), "package_version"),
     "plot-out-missing-dir": (_plot_results("--out", "no/such/dir/x.png"), "--out"),
     "plot-out-unknown-format": (_plot_results("--out", "x.notanimage"), "--out"),
@@ -1315,7 +1322,7 @@ def test_plot_solver_draws_one_solve_and_ablation_needs_online_rows(tmp_path, ca
 
 
 @pytest.mark.parametrize("flags", [["--models", "mixtral-8x7b,nope"], ["--hws", "5/50,7/"], ["--jobs", "100000"],
-                                   ["--meshes", "4x4,4x"], ["--solve-batch", "0"]])
+                                   ["--meshes", "4x4,4x"], ["--meshes", "4X4,4x4"], ["--solve-batch", "0"]])
 def test_refused_bench_leaves_no_folder(tmp_path, flags, capsys):
     """Every flag is checked before bench creates its output folder (or solves anything)."""
     out = tmp_path / "report"
