@@ -75,7 +75,7 @@ def add_commands(subparsers: Any) -> None:
     b.add_argument("--time-limit", type=float, help="override the solver's limit per layer (deterministic s)")
     b.add_argument("--solve-batch", help="the batch plans are solved at (default 128), or 'each': one solve per "
                    "batch of the grid, every batch scored with plans made for it")
-    b.add_argument("--online-batches", type=int, help="override the number of replayed batches (0: no online part)")
+    b.add_argument("--online-batches", type=float, help="override the number of replayed batches (0: no online part)")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
 
@@ -187,9 +187,10 @@ def _bench_spec(args: argparse.Namespace) -> grid.GridSpec:
         changes["time_limit_s"] = args.time_limit
     if args.solve_batch is not None:
         changes["solve_batch"] = _solve_batch(args.solve_batch)
-    if args.online_batches is not None:
-        changes["online_batches"] = args.online_batches
-        if args.online_batches == 0:
+    if args.online_batches is not None:  # a float so that 1e3 reads; check_spec refuses 2.5, nan and inf
+        v = args.online_batches
+        changes["online_batches"] = int(v) if float(v).is_integer() else v
+        if v == 0:
             changes["policies"] = ()
     return replace(spec, **changes)
 

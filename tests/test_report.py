@@ -623,3 +623,13 @@ def test_a_paper_mode_bench_saves_plans_that_score_as_its_table(tmp_path, capsys
     capsys.readouterr()
     assert main(["evaluate", "--plan", str(plan), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tbt_us"] == pytest.approx(ours, rel=1e-9)
+
+
+@pytest.mark.parametrize("value, want", [("1e3", 1000), ("3.0", 3), ("0", 0)])
+def test_bench_reads_online_batches_in_any_whole_number_notation(value, want):
+    p = argparse.ArgumentParser()
+    cli_report.add_commands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["bench", "--quick", "--out", "x", "--online-batches", value])
+    spec = grid.check_spec(cli_report._bench_spec(args))
+    assert spec.online_batches == want and type(spec.online_batches) is int
+    assert (spec.policies == ()) == (want == 0)
