@@ -18,7 +18,7 @@ from hdmoe_milp.strategies.block_milp import (
 from hdmoe_milp.strategies.block_milp.bnb import _Search, branch_and_bound
 from hdmoe_milp.strategies.block_milp.polish import IncrementalScore
 
-from .test_certificate import CASES, best_over_family, family_scores, instance
+from .test_certificate import CASES, best_over_family, case_family_scores, instance
 
 
 def scorer(bm, tr, batch):
@@ -29,7 +29,7 @@ def scorer(bm, tr, batch):
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_every_node_bound_is_below_every_completion(case):
     m, hw, tr, delivery, batch = instance(case)
-    bm, assigns, scores = family_scores(m, hw, tr, delivery, batch)
+    bm, assigns, scores = case_family_scores(case)
     inc = scorer(bm, tr, batch)
     order = np.argsort(-inc.flops_e, kind="stable")
     s = _Search(inc, bm.allowed, order)
@@ -59,7 +59,7 @@ def test_full_search_returns_the_exhaustive_optimum(case, symmetry):
     m, hw, tr, delivery, batch = instance(case)
     best = best_over_family(case)
     f, groups = tr.frequencies()[0], tr.coactivation(0)
-    bm, assigns, scores = family_scores(m, hw, tr, delivery, batch)
+    bm, assigns, scores = case_family_scores(case)
     if symmetry:  # the default model: the hottest expert restricted to the top-left quadrant
         base, _ = layer_baselines(m, hw, f, batch, backend="cpsat", params=SolveParams(), coactivation=groups)
         bm = family_model(m, hw, f, batch, MilpOptions(delivery=delivery), groups, base)
@@ -77,7 +77,7 @@ def test_full_search_returns_the_exhaustive_optimum(case, symmetry):
 def test_cut_search_gives_a_valid_bound(case):
     m, hw, tr, delivery, batch = instance(case)
     best = best_over_family(case)
-    bm, assigns, scores = family_scores(m, hw, tr, delivery, batch)
+    bm, assigns, scores = case_family_scores(case)
     inc = scorer(bm, tr, batch)
     start = assigns[int(np.argmax(scores))]
     bounds = []
@@ -96,7 +96,7 @@ def test_cut_search_gives_a_valid_bound(case):
 @pytest.mark.parametrize("case", [0, 2])
 def test_capacity_is_respected(case):
     m, hw, tr, delivery, batch = instance(case)
-    bm, assigns, scores = family_scores(m, hw, tr, delivery, batch)
+    bm, assigns, scores = case_family_scores(case)
     inc = scorer(bm, tr, batch)
     mem = bm.mem_bytes[assigns].sum(axis=1).max(axis=1)  # [n] busiest node's expert bytes
     cap = float(np.quantile(mem, 0.3))  # about 70 % of the plans break it
@@ -134,7 +134,7 @@ def test_layer_solve_with_and_without_branch_and_bound(case):
 
 def test_an_expert_without_columns_leaves_the_incumbent_as_the_bound():
     m, hw, tr, delivery, batch = instance(0)
-    bm, assigns, scores = family_scores(m, hw, tr, delivery, batch)
+    bm, assigns, scores = case_family_scores(0)
     inc = scorer(bm, tr, batch)
     allowed = bm.allowed.copy()
     allowed[1] = False  # e.g. every column of expert 1 fixed out by the incumbent

@@ -84,8 +84,17 @@ def exhaustive(m, hw, tr, delivery, batch, options: MilpOptions | None = None) -
 
 
 @functools.cache
+def case_family_scores(case: int):
+    """:func:`family_scores` of one case with the default options (cached: the brute-force tests of
+    this file and of ``test_bnb.py`` share it; they must not modify what it returns)."""
+    return family_scores(*instance(case))
+
+
+@functools.cache
 def best_over_family(case: int, flips: bool = True) -> float:
     """:func:`exhaustive` of one case (cached: several tests and backends share it)."""
+    if flips == MilpOptions().pattern_flips:
+        return float(case_family_scores(case)[2].min())
     return exhaustive(*instance(case), MilpOptions(pattern_flips=flips))
 
 
@@ -193,7 +202,7 @@ def test_column_floor_is_below_every_plan_using_the_column(case):
     """``column_floor_s[i, b]`` (what fixes ``x_ib`` at 0 against an incumbent) is at most the
     evaluator's time of every plan of the family that puts expert i on column b; with the best plan
     as the incumbent, the fixed relaxation's LP stays below the exhaustive optimum."""
-    bm, assigns, scores = family_scores(*instance(case))
+    bm, assigns, scores = case_family_scores(case)
     floor = bm.column_floor_s[np.arange(bm.model.num_experts)[None, :], assigns]  # [n, E]
     assert np.all(floor.max(axis=1) <= scores * (1 + 1e-9))
     best = float(scores.min())
@@ -206,7 +215,7 @@ def test_column_floor_is_below_every_plan_using_the_column(case):
 def test_family_floor_is_below_the_exhaustive_optimum(case):
     """``family_floor_s`` (the bound before any LP: every expert on its cheapest column's floor) is
     at most the best plan of the family under the evaluator, and at least area plus the cut floor."""
-    bm, assigns, scores = family_scores(*instance(case))
+    bm, assigns, scores = case_family_scores(case)
     assert bm.area_lower_s + sum(bm.cut_floors_s) <= bm.family_floor_s * (1 + 1e-12)
     assert bm.family_floor_s <= scores.min() * (1 + 1e-9)
 
