@@ -40,7 +40,7 @@ from .errors import (
     shown,
 )
 from .evaluator import COALESCE, DELIVERIES, HOMES, MODES
-from .hardware import Mesh, parse_point, point_name
+from .hardware import MAX_DRAM_CAPACITY_BYTES, Mesh, parse_point, point_name
 from .moe import MODEL_PRESETS
 from .placement import Placement
 from .workload import BATCHING
@@ -415,7 +415,8 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
     # a recorded 0 is a value, not a missing key (a capacity of 0 was read as "no capacity")
     if hw.get("dram_capacity_bytes") is not None:
         out["dram_capacity_gb"] = check_real(f"{where}.hardware.dram_capacity_bytes", num(
-            "hardware.dram_capacity_bytes", hw["dram_capacity_bytes"]), positive=True) / 1e9
+            "hardware.dram_capacity_bytes", hw["dram_capacity_bytes"]), positive=True,
+            maximum=MAX_DRAM_CAPACITY_BYTES) / 1e9  # checked here in bytes, as the key says
     if hw.get("hop_latency_s") is not None:
         out["hop_latency_ns"] = check_real(f"{where}.hardware.hop_latency_s", num("hardware.hop_latency_s",
                                            hw["hop_latency_s"]), minimum=0, maximum=MAX_HOP_LATENCY_NS * 1e-9) * 1e9
