@@ -738,7 +738,8 @@ def _plot(args: argparse.Namespace) -> int:
         cap = rp.caption(model=desc["model"], mesh=desc["mesh"], hw=desc["hw_point"], batch=desc["batch"],
                          mode=desc["mode"])
         if not 0 <= args.layer < plan.num_layers:
-            raise InputError("--layer", f"must be in 0..{plan.num_layers - 1}, got {args.layer}")
+            raise InputError("--layer", f"must be in 0..{plan.num_layers - 1}, got {args.layer}",
+                             f"the plan has {plan.num_layers} MoE layers, numbered from 0")
         if kind == "placement":
             fig = rp.fig_placement_map(plan, mesh, args.layer, settings=cap)
         else:

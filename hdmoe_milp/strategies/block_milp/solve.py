@@ -698,7 +698,8 @@ def select_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -
         raise InputError("layers", "is empty", f"give layer numbers in 0..{num_layers - 1}")
     for v in vals:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < num_layers:
-            raise InputError("layers", f"{v!r} is not a layer number in 0..{num_layers - 1}")
+            raise InputError("layers", f"{v!r} is not a layer number in 0..{num_layers - 1}",
+                             f"the model has {num_layers} MoE layers, numbered from 0")
     ints = sorted(int(v) for v in vals)
     twice = next((a for a, b in zip(ints, ints[1:], strict=False) if a == b), None)
     if twice is not None:
