@@ -430,3 +430,13 @@ def test_a_plan_made_for_a_mesh_spelt_in_capitals_is_one_for_that_mesh(tmp_path,
     assert main(["evaluate", "--plan", str(plan), "--json"]) == 0
     assert main(["evaluate", "--plan", str(plan), "--mesh", "2X2", "--json"]) == 0
     assert main(["evaluate", "--plan", str(plan), "--mesh", "4x4"]) == 2
+
+
+def test_policy_and_strategy_lists_may_have_spaces_after_commas(capsys):
+    """``--policy "static, greedy"`` read ' greedy' as an unknown policy, where ``--layers "0, 1"``
+    took the space."""
+    base = ["--model", "mixtral-8x7b", "--mesh", "2x2", "--trace", str(TRACES / "mixtral_writing_4k.json.gz")]
+    assert main(["replay", *base, "--batches", "1", "--batch", "8", "--policy", "static, greedy", "--json"]) == 0
+    assert [r["policy"] for r in json.loads(capsys.readouterr().out)["results"]] == ["static", "greedy"]
+    assert main(["evaluate", *base, "--strategy", "ep, tp", "--json"]) == 0
+    assert [r["strategy"] for r in json.loads(capsys.readouterr().out)["results"]] == ["ep", "tp"]

@@ -313,6 +313,9 @@ CASES = {
                    "hardware.link_bw_bytes_per_s")},
     "plan-meta-capacity-too-large": (_plan(_set(["meta", "problem", "hardware", "dram_capacity_bytes"], 1e31)),
                                      "dram_capacity_bytes: must be <= 1e+30, got 1e+31"),  # bytes, as the key
+    "replay-policy-empty-item": (_flags("replay", *MX, "--batches", "1", "--policy", "static,"),
+                                 "--policy: has an empty item"),
+    "evaluate-strategy-empty-item": (_flags("evaluate", *MX, "--strategy", ",ep"), "--strategy: has an empty item"),
     "trace-is-a-plan-file": (lambda d: ["evaluate", *MX, "--trace", str(d / "good_plan.json"), "--strategy", "tp"],
                              "is a plan file"),
     "plan-package-version-number": (_plan(lambda d: d.__setitem__("package_version", 0.8)), "package_version"),
