@@ -547,7 +547,10 @@ class _Polisher:
             self.last = np.asarray(assign).copy()
             return None
         cobj = self.score(r.assign)  # the reported number is the evaluator's own
-        return (r.assign, cobj) if cobj < obj * (1 - 1e-12) else None
+        if cobj < obj * (1 - 1e-12):
+            return r.assign, cobj
+        self.last = np.asarray(assign).copy()  # kept as it was: not a plan "moved" since the polish
+        return None
 
 
 def _count(n: int, noun: str) -> str:
