@@ -274,7 +274,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not args.plan:
         if args.strategy is not None and not args.strategy.strip():
             raise InputError("--strategy", "is empty", "name a strategy, a comma-separated list, or 'all'")
-        names = list(pl.BASELINES) if (args.strategy or "all").strip() == "all" else _items("--strategy", args.strategy)
+        names = (list(pl.BASELINES) if (args.strategy or "all").strip() == "all"
+                 else cli_report.csv_items("--strategy", args.strategy))
         if len(names) > 1 and "all" in names:
             raise InputError("--strategy", f"'all' cannot be listed with other strategies: {args.strategy}",
                              "give 'all' alone, or a list of strategies")
@@ -401,15 +402,6 @@ def _solve(args: argparse.Namespace) -> int:
     return done
 
 
-def _items(flag: str, text: str) -> list[str]:
-    """The comma-separated names of ``text``, spaces around them dropped ("static, greedy", as
-    --layers reads "0, 1"); an empty one is refused."""
-    names = [n.strip() for n in text.split(",")]
-    if "" in names:
-        raise InputError(flag, f"has an empty item: {text!r}", "remove the extra comma")
-    return names
-
-
 def _replay(args: argparse.Namespace) -> int:
     if args.plan_strategy is not None:
         pl.check_choice("--plan-strategy", args.plan_strategy, tuple(pl.STRATEGIES))
@@ -417,7 +409,7 @@ def _replay(args: argparse.Namespace) -> int:
     if args.batching is not None:  # before the settings check, which would also offer "expected"
         pl.check_choice("--batching", args.batching, ("random", "contiguous"))
     names = ([p for p in pl.POLICIES if p != "oracle"] if args.policy.strip() == "all"
-             else _items("--policy", args.policy))
+             else cli_report.csv_items("--policy", args.policy))
     if len(names) > 1 and "all" in names:
         raise InputError("--policy", f"'all' cannot be listed with other policies: {args.policy}",
                          "give 'all' alone, or a list of policies")

@@ -58,6 +58,22 @@ def _csv_list(text: str) -> tuple[str, ...]:
     return () if not any(items) else items
 
 
+def check_items(flag: str, given: tuple[str, ...]) -> None:
+    """Refuse a list from :func:`_csv_list` that names nothing or has an empty item, naming ``flag``."""
+    if not given:
+        raise InputError(flag, "lists nothing", "give at least one value, or leave the flag out")
+    if "" in given:
+        raise InputError(flag, f"has an empty item: {','.join(given)!r}",
+                         "separate the values by single commas, with none at either end")
+
+
+def csv_items(flag: str, text: str) -> list[str]:
+    """The comma-separated names of ``text``, spaces around them dropped, checked by :func:`check_items`."""
+    given = _csv_list(text)
+    check_items(flag, given)
+    return list(given)
+
+
 def add_commands(subparsers: Any) -> None:
     """Register ``bench`` and ``plot`` on an argparse subparsers object."""
     b = subparsers.add_parser("bench", help="run the benchmark grid: results.csv, results.md, figures, index.md")
@@ -137,11 +153,7 @@ def _bench(args: argparse.Namespace) -> int:
         given = getattr(args, name)
         if given is None:
             continue
-        if not given:
-            raise InputError(f"--{name}", "lists nothing", "give at least one value, or leave the flag out")
-        if "" in given:
-            raise InputError(f"--{name}", f"has an empty item: {','.join(given)!r}",
-                             "separate the values by single commas, with none at either end")
+        check_items(f"--{name}", given)
         seen = [float(v) for v in given] if name == "batches" else list(given)
         if len(set(seen)) != len(seen):
             raise InputError(f"--{name}", f"lists a value twice: {','.join(given)}", "name each value once")
