@@ -377,8 +377,12 @@ def solve_layer(
     pol = _Polisher(bm, score, params.seed, ls.polish and score.workload is not None)
     packed = any(k.startswith(PACKED) for k in starts)  # the layer has balanced packings
     polish_evals = int(ls.polish_share * work / ls.polish_eval_cost) if det else None  # a work budget
+
+    def window() -> float:  # a polish's end in wall mode: its share of what remains
+        return time.perf_counter() + ls.polish_share * max(cap - time.perf_counter(), 0.0)
+
     if not proven(obj):
-        end = cap if det else time.perf_counter() + ls.polish_share * max(cap - time.perf_counter(), 0.0)
+        end = cap if det else window()
         if (better := pol.run(assign, obj, end, polish_evals)) is not None:
             assign, obj, source = better[0], better[1], f"{source}+polish"
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
@@ -470,7 +474,7 @@ def solve_layer(
         # 10/25: 0.39 % worse than without packings): resume it with the first window's share of
         # what remains. Not without packings: on DeepSeek-V2-Lite 4x8 resuming gained 0.05 % of
         # TBT and the whole solve took 8 s more of its 2-minute target.
-        end = cap if moved or det else time.perf_counter() + ls.polish_share * max(cap - time.perf_counter(), 0.0)
+        end = cap if moved or det else window()
         if (better := pol.run(assign, obj, end, polish_evals)) is not None:
             assign, obj, source = better[0], better[1], f"{source}+polish"
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
@@ -541,13 +545,11 @@ class _Polisher:
             return None
         r = polish(self.incremental(assign), self.bm.family, seed=self.seed, deadline=end, max_evals=max_evals,
                    min_pass_gain=PASS_GAIN)
-        self.last = r.assign
         self.cut = r.assign.copy() if r.stop in ("deadline", "evaluations") else None
-        if r.score_s >= obj * (1 - 1e-12):
-            self.last = np.asarray(assign).copy()
-            return None
-        cobj = self.score(r.assign)  # the reported number is the evaluator's own
+        # the reported number is the evaluator's own; a plan it does not confirm is not kept
+        cobj = self.score(r.assign) if r.score_s < obj * (1 - 1e-12) else obj
         if cobj < obj * (1 - 1e-12):
+            self.last = r.assign
             return r.assign, cobj
         self.last = np.asarray(assign).copy()  # kept as it was: not a plan "moved" since the polish
         return None
