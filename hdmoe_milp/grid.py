@@ -117,31 +117,34 @@ def _settings(model: str, hw: str, mesh: str, spec: GridSpec, batch: int | None 
                        batch=solve_batches(spec)[-1] if batch is None else batch, seed=spec.seed, mode=spec.mode)
 
 
+def _mesh_name(text: str) -> str:
+    try:
+        return Mesh.parse(text).name
+    except InputError as exc:
+        raise InputError("mesh", exc.problem, exc.fix) from None
+
+
+def _canonical(field: str, values: tuple | list, name_of: Any, what: str) -> tuple:
+    """``values`` by their canonical names (``name_of``); two spellings of one ``what`` are refused."""
+    names = tuple(name_of(v) for v in values)
+    for i, n in enumerate(names):
+        first = names.index(n)
+        if first < i and values[i] != values[first]:
+            raise InputError(field, f"{values[first]!r} and {values[i]!r} are one {what}, {n!r}",
+                             f"name each {what.split()[-1]} once")
+    return names
+
+
 def check_spec(spec: GridSpec) -> GridSpec:
     """``spec`` if every name and number in it is valid, else an InputError naming the field: checked
     before any work, so a bad value late in a list is not found after the points before it solved."""
     check_choice("mode", spec.mode, ("mesh", "paper"))
     if isinstance(spec.hws, (tuple, list)):  # canonical names, so that "5.0/50" and "5/50" are one point
-        hws = tuple(parse_point(h, "hw")[0] for h in spec.hws)
-        for i, h in enumerate(hws):
-            if h in hws[:i] and spec.hws[i] != spec.hws[hws.index(h)]:
-                raise InputError("hws", f"{spec.hws[hws.index(h)]!r} and {spec.hws[i]!r} are one design point, "
-                                 f"{h!r}", "name each point once")
-        if hws != tuple(spec.hws):
+        if (hws := _canonical("hws", spec.hws, lambda h: parse_point(h, "hw")[0], "design point")) != tuple(spec.hws):
             spec = replace(spec, hws=hws)
     if isinstance(spec.meshes, (tuple, list)):  # canonical names too: "4X4" and "4x4" are one mesh
-        names = []
-        for s in spec.meshes:
-            try:
-                names.append(Mesh.parse(s).name)
-            except InputError as exc:
-                raise InputError("mesh", exc.problem, exc.fix) from None
-        for i, n in enumerate(names):
-            if n in names[:i] and spec.meshes[i] != spec.meshes[names.index(n)]:
-                raise InputError("meshes", f"{spec.meshes[names.index(n)]!r} and {spec.meshes[i]!r} are one mesh, "
-                                 f"{n!r}", "name each mesh once")
-        if tuple(names) != tuple(spec.meshes):
-            spec = replace(spec, meshes=tuple(names))
+        if (meshes := _canonical("meshes", spec.meshes, _mesh_name, "mesh")) != tuple(spec.meshes):
+            spec = replace(spec, meshes=meshes)
     for name, values in (("models", spec.models), ("hws", spec.hws), ("meshes", spec.meshes),
                          ("batches", spec.batches), ("policies", spec.policies)):
         if not isinstance(values, (tuple, list)) or (not values and name != "policies"):
