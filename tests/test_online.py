@@ -186,3 +186,53 @@ def test_batched_scoring_agrees_with_the_reference_layer_model(drift_case):
             assert a.gain_s == pytest.approx(lat[0] - lat[1], rel=1e-9)
             checked += 1
     assert checked > 0
+
+
+def test_gains_match_the_reference_model_when_weight_reads_bind():
+    """Where DRAM bandwidth binds, a move drops the old copy's weight reads and a split lowers them:
+    every action's gain is the reference model's, and a move off a read-bound node is taken."""
+    rng = np.random.default_rng(5)
+    phi_s = MoEModel("t", 2, 1, 64, 128, 1).expert_flops_per_token() / 1e9
+    W = MoEModel("t", 2, 1, 64, 128, 1).expert_weight_bytes()
+    # three experts of 4 tokens each on node 0: reading a copy costs 30 tokens' compute
+    hw = Hardware(Mesh(2, 2), compute_flops=1e9, link_bw_bytes_per_s=1e15, dram_bw_bytes_per_s=W / (30 * phi_s))
+    m3 = MoEModel("t", num_experts=3, top_k=1, hidden=64, expert_intermediate=128, moe_layers=1)
+    shares = np.zeros((3, 4))
+    shares[:, 0] = 1.0
+    cfg = RebalancerConfig(ema_decay=0.0, max_actions=1, noise_z=0.0, estimate_z=0.0)
+    reb = GreedyRebalancer(Placement.from_shares([shares], "ep"), m3, hw, 12, config=cfg)
+    reb.observe(np.array([[4.0, 4.0, 4.0]]))
+    acts = reb.step()
+    assert [a.kind for a in acts] == ["move"]
+    # node 0 reads two experts instead of three
+    assert acts[0].gain_s == pytest.approx(reb.cost.w_s * float(reb.cost.activation(np.array(4.0))), rel=1e-9)
+    checked = {"move": 0, "replicate": 0}
+    for _ in range(150):
+        R, C = [(1, 2), (2, 2), (2, 3)][rng.integers(3)]
+        E, L = int(rng.integers(2, 7)), int(rng.integers(1, 3))
+        m = MoEModel("t", num_experts=E, top_k=1, hidden=64, expert_intermediate=128, moe_layers=L)
+        hw = Hardware(Mesh(R, C), compute_flops=1e9, link_bw_bytes_per_s=float(rng.choice([1e8, 1e15])),
+                      dram_bw_bytes_per_s=W / (phi_s * float(rng.choice([1, 5, 20, 60]))))
+        layers = []
+        for _ in range(L):
+            s = np.zeros((E, R * C))
+            s[np.arange(E), rng.integers(0, R * C, size=E)] = 1
+            layers.append(s)
+        B = float(rng.choice([4, 16, 64]))
+        counts = np.stack([rng.multinomial(int(B), rng.dirichlet(np.full(E, 0.3))) for _ in range(L)]).astype(float)
+        counts[counts.sum(axis=1) == 0, 0] = 1
+        cfg = RebalancerConfig(ema_decay=0.0, max_actions=1, noise_z=float(rng.choice([0.0, 1.0])),
+                               estimate_z=0.0, horizon=1e6)
+        reb = GreedyRebalancer(Placement.from_shares(layers, "ep"), m, hw, B, config=cfg)
+        reb.observe(counts)
+        before = reb.placement()
+        acts = reb.step()
+        after = reb.placement()
+        for a in acts:
+            if a.kind == "drop":
+                continue
+            lat = [reb.cost.layer_latency_s(p.layers[a.layer].shares, p.layers[a.layer].expert_of,
+                                            p.layers[a.layer].token_fraction, counts[a.layer]) for p in (before, after)]
+            assert a.gain_s == pytest.approx(lat[0] - lat[1], rel=1e-9, abs=1e-15)
+            checked[a.kind] += 1
+    assert checked["move"] >= 10 and checked["replicate"] >= 10

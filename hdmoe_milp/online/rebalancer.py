@@ -331,8 +331,13 @@ class GreedyRebalancer:
         ax = (slice(None), None, None, None)
         new_flops = (st["flops"][a][ax] - q[..., None, None] * comp_i[:, :, None, None, :]
                      + onehot * (c.phi_s * qn)[..., None, None])
-        # the existing copies keep their weight-read term (a split lowers it: an upper estimate)
-        new_mem = st["mem"][a][ax] + onehot * (c.w_s * c.activation(qn))[..., None, None]
+        # the existing copies' weight reads at their new token counts t·(1 - q) (none after a move)
+        act_now = np.bincount(cell, c.activation(tok[c_in]), AC * NP).reshape(AC, NP) @ self.P
+        left = tok[c_in][:, None] * (1.0 - q.reshape(AC, -1)[slot[c_in]])  # [copies, Q]
+        act_left = np.stack([np.bincount(cell, c.activation(left[:, j]), AC * NP).reshape(AC, NP) @ self.P
+                             for j in range(q.shape[2])], axis=1)  # [AC, Q, D]
+        mem_change = c.w_s * (act_left - act_now[:, None, :]).reshape(len(a), C, -1, 1, D)
+        new_mem = st["mem"][a][ax] + mem_change + onehot * (c.w_s * c.activation(qn))[..., None, None]
         if c.noise_z > 0:  # the candidate's noise leaves its nodes; a move brings it to the target
             var_i = ((mass_i @ self.P**2).reshape(len(a), C, D) * (m == 1)[..., None])[:, :, None, None, :]
             new_var = (st["var"][a][ax] - var_i
