@@ -7,7 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement
+from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, Trace
+from hdmoe_milp.costs import check_capacity
 from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, make_policy, prebroadcast_count, replay
 from hdmoe_milp.replica_rules import assign_by_distance, assign_copies
@@ -115,17 +116,49 @@ def test_capacity_and_dispatch_invariants(drift_case):
     for j, wl in enumerate(iter_batches(shifted, 256, "random", seed=1, count=12)):
         d = pol.decide(j)
         for li, (lp, lr) in enumerate(zip(d.placement.layers, wl.layers, strict=True)):
-            assert np.all(lp.weight_copies_per_node() <= per_node_cap[li] + 1e-9)  # capacity never exceeded
+            assert np.all(lp.weight_copies_per_node() <= per_node_cap[li] + 1e-9)  # per-layer slots
             np.testing.assert_allclose(lp.shares.sum(axis=1), 1.0)  # replicas hold the full expert
             for copies in (assign_copies(lp, lr.experts, lr.weight),  # the rules the replay may use
                            *(assign_by_distance(lp, lr.experts, lr.weight, hw.mesh.distance, rule)
                              for rule in ("affinity", "balanced", "nearest"))):
                 assert np.all(lp.expert_of[copies] == lr.experts)  # tokens go to a copy of their expert
                 assert np.all(lp.shares[copies.ravel()].max(axis=1) > 0)
+        check_capacity(d.placement, m, hw)  # the whole node's DRAM, every batch
         pol.observe(wl.expert_loads(), wl)
-    from hdmoe_milp.costs import check_capacity
 
-    check_capacity(d.placement, m, hw)
+
+def _uneven_plan_case():
+    """2x2 mesh, 2 layers of 4 experts; each node's DRAM holds its share of the other weights plus 5
+    experts. Layer 0 keeps all 4 on node 0, layer 1 one per node: node 0 is full, the others hold 2."""
+    m = MoEModel("t", num_experts=4, top_k=1, hidden=64, expert_intermediate=128, moe_layers=2)
+    cap = 5 * m.expert_weight_bytes() + m.non_expert_weight_bytes() / 4
+    hw = Hardware(Mesh(2, 2), compute_flops=1e9, link_bw_bytes_per_s=1e15, dram_bw_bytes_per_s=1e18,
+                  dram_capacity_bytes=cap)
+    l0 = np.zeros((4, 4))
+    l0[:, 0] = 1
+    plan = Placement.from_shares([l0, np.eye(4)], "custom")
+    check_capacity(plan, m, hw)
+    rng = np.random.default_rng(0)
+    trace = Trace(tuple(rng.choice(4, size=(2000, 1), p=[0.7, 0.1, 0.1, 0.1]) for _ in range(2)), 4, 1)
+    return m, hw, plan, trace
+
+
+def test_greedy_keeps_every_node_within_its_dram_when_layers_use_it_unevenly():
+    """The slots of the layers share a node's DRAM: a plan that fills node 0 in layer 0 leaves it no
+    room for layer 1's replicas (per-layer slots used to add up to 6 experts on a node of 5)."""
+    m, hw, plan, trace = _uneven_plan_case()
+    pol = make_policy("greedy", plan, m, hw, 64, config=RebalancerConfig(estimate_z=0.0))
+    from hdmoe_milp.workload import iter_batches
+
+    acted = 0
+    for j, wl in enumerate(iter_batches(trace, 64, "random", seed=0, count=12)):
+        d = pol.decide(j)
+        acted += d.actions
+        check_capacity(d.placement, m, hw)
+        stored = sum(lp.weight_copies_per_node() for lp in d.placement.layers)
+        assert stored.max() <= 5 + 1e-9
+        pol.observe(wl.expert_loads(), wl)
+    assert acted > 0  # it still replicates, where there is room
 
 
 def test_replay_conserves_tokens_and_is_deterministic(drift_case):

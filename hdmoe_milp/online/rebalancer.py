@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costs import hide_time_s, layer_capacity_bytes, roofline_of
+from ..costs import hide_time_s, roofline_of
 from ..errors import InputError, check_choice, check_real, expect_instance, expect_int
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -179,18 +179,27 @@ class GreedyRebalancer:
         ids = [links.index(row > 0) for row in self.P]
         self.PL = links.matrix[ids]  # [patterns, 2 * links]
         self.capacity_ = np.array([self._capacity(lp) for lp in plan.layers])  # [L, D] copies per node
+        self.node_room_bytes_ = self._node_room()  # [D] routed-expert bytes each node may store (all layers)
         self.estimate_: np.ndarray | None = None
         self._history: list[np.ndarray] = []
         self.seen_ = 0  # batches observed
         self.strategy = plan.strategy
 
     def _capacity(self, lp: LayerPlacement) -> np.ndarray:
+        """``[D]`` expert copies a node may hold in this layer: without a DRAM capacity, the plan's
+        per-node maximum plus ``extra_slots``; with one, any number (the whole node's DRAM limits)."""
         D = self.hw.num_nodes
-        cap_layer = layer_capacity_bytes(self.model, self.hw)
-        if cap_layer is None:
+        if self.hw.dram_capacity_bytes is None:
             return np.full(D, lp.weight_copies_per_node().max() + self.config.extra_slots)
-        per_layer = cap_layer / self.cost.unit.weight_bytes
-        return np.full(D, max(per_layer, lp.weight_copies_per_node().max()))
+        return np.full(D, np.inf)
+
+    def _node_room(self) -> np.ndarray:
+        """``[D]`` bytes of routed-expert weights each node may store over all layers: its DRAM capacity
+        less its share of the other weights, as :func:`costs.check_capacity` counts (inf without)."""
+        cap = self.hw.dram_capacity_bytes
+        if cap is None:
+            return np.full(self.hw.num_nodes, np.inf)
+        return np.full(self.hw.num_nodes, cap - self.model.non_expert_weight_bytes() / self.hw.num_nodes)
 
     # --- load estimate -------------------------------------------------------------------------
     def observe(self, counts: np.ndarray) -> None:
@@ -320,7 +329,11 @@ class GreedyRebalancer:
         holders = (np.bincount(cell, minlength=AC * NP).reshape(AC, NP) @ self.P).reshape(len(a), C, D) > 0
         link_i = ((c.vec * mass_i) @ self.PL).reshape(len(a), C, -1)
         # targets: the least-loaded nodes that hold no copy of the expert and have a free slot
-        free = self.capacity_[a] - st["used"][a]  # [A, D]
+        wb = self.model.expert_weight_bytes()
+        # bytes a node can still take: a new whole copy needs wb (the capacity check's own sum, with a
+        # relative margin so that rounding cannot tip a node over it)
+        room = self.node_room_bytes_ * (1 - 1e-12) - wb * st["used"].sum(axis=0)  # [D]
+        free = np.where(room >= wb, self.capacity_[a] - st["used"][a], 0.0)  # [A, D] copies
         key = np.where(holders | (free[:, None, :] < 1.0 - 1e-9), np.inf, node[a][:, None, :])
         K = min(cfg.targets, D)
         t = np.argsort(key, axis=2, kind="stable")[..., :K]  # [A, C, K]
@@ -366,6 +379,16 @@ class GreedyRebalancer:
             return dropped
         aw = np.flatnonzero(win)
         ci, qi, ki = np.unravel_index(best[win], (C, q.shape[2], K))
+        if np.isfinite(room).any():  # layers act at once: the best first while the node has room
+            keep = np.zeros(len(aw), dtype=bool)
+            for w in np.argsort(-score[aw, best[aw]], kind="stable"):
+                node_t = t[aw[w], ci[w], ki[w]]
+                if room[node_t] >= wb:
+                    room[node_t] -= wb
+                    keep[w] = True
+            aw, ci, qi, ki = aw[keep], ci[keep], qi[keep], ki[keep]
+            if not aw.size:
+                return dropped
         acts = []
         W = c.unit.weight_bytes
         for ai, cj, qj, kj in zip(aw, ci, qi, ki, strict=True):
