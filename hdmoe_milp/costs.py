@@ -388,6 +388,13 @@ def hide_time_s(model: MoEModel, hw: Hardware, batch: float, mode: str = "mesh",
     return non_moe_time_s(model, hw, batch, mode, context_len) / max(model.total_layers, 1)
 
 
+def expert_room_bytes(model: MoEModel, hw: Hardware) -> float | None:
+    """Bytes of routed-expert weights one node may store over all layers: its DRAM capacity less its
+    ``1/D`` share of the other weights (what :func:`check_capacity` allows). None when unlimited."""
+    cap = hw.dram_capacity_bytes
+    return None if cap is None else cap - model.non_expert_weight_bytes() / hw.num_nodes
+
+
 def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:
     """Raise an InputError if any node must store more weights than its DRAM capacity."""
     cap = hw.dram_capacity_bytes

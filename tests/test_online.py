@@ -269,3 +269,33 @@ def test_gains_match_the_reference_model_when_weight_reads_bind():
             assert a.gain_s == pytest.approx(lat[0] - lat[1], rel=1e-9, abs=1e-15)
             checked[a.kind] += 1
     assert checked["move"] >= 10 and checked["replicate"] >= 10
+
+
+def test_peers_keep_every_node_within_its_dram():
+    """hdmoe-prebroadcast's copies and eplb-periodic's re-plans count as stored, as every copy of a
+    scored plan does: with room for 1.5 more experts per node they stay within it (both used to stop
+    the replay with a capacity error), and prebroadcast still broadcasts where there is room."""
+    m = MoEModel("t", num_experts=4, top_k=1, hidden=64, expert_intermediate=128, moe_layers=2)
+    cap = 3.5 * m.expert_weight_bytes() + m.non_expert_weight_bytes() / 4
+    hw = Hardware(Mesh(2, 2), compute_flops=1e9, link_bw_bytes_per_s=1e15, dram_bw_bytes_per_s=1e18,
+                  dram_capacity_bytes=cap)
+    plan = Placement.from_shares([np.eye(4), np.eye(4)], "ep")
+    rng = np.random.default_rng(1)
+    trace = Trace(tuple(rng.choice(4, size=(2000, 1), p=[0.7, 0.1, 0.1, 0.1]) for _ in range(2)), 4, 1)
+    runs = {"hdmoe-prebroadcast": {"k": 2}, "eplb-periodic": {"period": 2, "window": 2}}
+    from hdmoe_milp.workload import iter_batches
+
+    for name, kw in runs.items():
+        pol = make_policy(name, plan, m, hw, 64, **kw)
+        copies = []
+        for j, wl in enumerate(iter_batches(trace, 64, "random", seed=0, count=8)):
+            d = pol.decide(j)
+            check_capacity(d.placement, m, hw)
+            copies.append(sum(lp.num_copies for lp in d.placement.layers))
+            pol.observe(wl.expert_loads(), wl)
+        assert max(copies) > 8 or name == "eplb-periodic"  # prebroadcast added copies
+        r = replay(plan, m, hw, trace, 64, name, batches=8, batching="random", seed=0, **kw)
+        assert np.isfinite(r.latency_s).all()
+    with pytest.raises(InputError, match="extra_replicas") as e:
+        make_policy("eplb-periodic", plan, m, hw, 64, extra_replicas=2)
+    assert "at most 0" in e.value.fix

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costs import UnitCosts, hide_time_s
+from ..costs import UnitCosts, expert_room_bytes, fits_capacity, hide_time_s
 from ..errors import MAX_TIME_LIMIT_S, InputError, check_choice, check_real, expect_instance, expect_int
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -89,6 +89,16 @@ class GreedyPolicy(Policy):
         self.reb.observe(counts)
 
 
+def room_after_bytes(plan: Placement, model: MoEModel, hw: Hardware) -> np.ndarray:
+    """``[D]`` bytes of routed-expert weights each node can still store beside ``plan`` (inf when the
+    hardware sets no DRAM capacity)."""
+    room = expert_room_bytes(model, hw)
+    if room is None:
+        return np.full(hw.num_nodes, np.inf)
+    # a relative margin, so that rounding in the sums cannot tip a node over check_capacity's limit
+    return room * (1 - 1e-12) - plan.memory_bytes_per_node(model.expert_weight_bytes())
+
+
 def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: EvalOptions,
                        alpha_s: float = 1e-7) -> int:
     """HD-MoE's k: the most experts whose broadcast fits behind one layer's non-MoE time, from its
@@ -120,7 +130,9 @@ class HdmoePrebroadcast(Policy):
     the paper code's bug). Prediction = the previous batch's counts (the traces carry no next-layer
     gate predictions). Its water-filled split is the copies' token fractions; at serving time the
     evaluator's replica rule applies to its copies as to every policy's (the replay's ``balanced``
-    re-levels the split on the batch served, which favours this policy over the paper's own)."""
+    re-levels the split on the batch served, which favours this policy over the paper's own). Under a
+    DRAM capacity the broadcast copies count as stored, as every copy of a scored plan does, so an
+    expert goes only to nodes with room for it."""
 
     name = "hdmoe-prebroadcast"
 
@@ -132,6 +144,7 @@ class HdmoePrebroadcast(Policy):
                        why=f"experts broadcast per layer and batch; {model.name} has {E}, "
                            "0 never broadcasts, None: from the alpha-beta model")
         self.pred_: np.ndarray | None = None
+        self.room_bytes_ = room_after_bytes(plan, model, hw)  # [D] free after the plan (inf: no limit)
 
     def observe(self, counts: np.ndarray, workload=None) -> None:
         self.pred_ = self.counts(counts)
@@ -142,6 +155,8 @@ class HdmoePrebroadcast(Policy):
         t0 = time.perf_counter()
         phi = UnitCosts.of(self.model, self.options.mode).flops_per_token
         D = self.hw.num_nodes
+        W = self.model.expert_weight_bytes()
+        room = self.room_bytes_.copy()  # the copies of every layer are stored together in the plan scored
         layers = []
         broadcasts = 0
         for li, lp in enumerate(self.plan.layers):
@@ -156,9 +171,18 @@ class HdmoePrebroadcast(Policy):
                 i = int(np.argmax(prio))
                 if prio[i] <= 0:
                     break
+                # under a DRAM capacity, only nodes with room for a whole copy (the expert's own
+                # shares are freed) receive it
+                fits = room + W * es[i] >= W
+                if not fits.any():
+                    break
                 load = load - n[i] * es[i] * phi
-                spread[i] = water_fill(load, n[i] * phi)  # one load vector across experts
-                load = load + spread[i]
+                x = np.zeros(D)
+                x[fits] = water_fill(load[fits], n[i] * phi)  # one load vector across experts
+                spread[i] = x
+                load = load + x
+                if np.isfinite(room).any():
+                    room = room + W * es[i] - W * (x / max(x.sum(), 1e-300) > 1e-12)
             if not spread:
                 layers.append(lp)
                 continue
@@ -187,7 +211,9 @@ def max_extra_replicas(num_experts: int, num_nodes: int) -> int:
 class EplbPeriodic(Policy):
     """EPLB-style: every ``period`` batches, re-plan from a sliding window of counts with a replica
     budget, charging the weights that move (bytes into each node at the slowest link, minus what
-    hides behind each layer's non-MoE time)."""
+    hides behind each layer's non-MoE time). Under a DRAM capacity the replica budget is cut to what
+    fits every node (an explicit ``extra_replicas`` that cannot fit is refused), and when not even one
+    copy per expert fits EPLB's equal slots it keeps the plan."""
 
     name = "eplb-periodic"
 
@@ -198,9 +224,20 @@ class EplbPeriodic(Policy):
         self.window = expect_int("window", window, minimum=1, why="past batches whose counts are averaged")
         E, D = model.num_experts, hw.num_nodes
         most = max_extra_replicas(E, D)
-        self.extra = min(D, most) if extra_replicas is None else expect_int(
-            "extra_replicas", extra_replicas, minimum=0, maximum=most,
-            why=f"copies beyond one per expert; {most} fill every one of the {D} nodes with all {E} experts")
+        # under a DRAM capacity, a re-plan stores (max(E, D) + extra) / D copies per node in every layer
+        room = expert_room_bytes(model, hw)
+        per_node = None if room is None else math.floor(room / (plan.num_layers * model.expert_weight_bytes()))
+        fit = None if per_node is None else per_node * D - max(E, D)  # most extra copies that fit (< 0: none)
+        self.replans = fit is None or fit >= 0
+        if extra_replicas is None:
+            self.extra = min(D, most) if fit is None else max(0, min(D, most, fit))
+        else:
+            self.extra = expect_int(
+                "extra_replicas", extra_replicas, minimum=0, maximum=most,
+                why=f"copies beyond one per expert; {most} fill every one of the {D} nodes with all {E} experts")
+            if fit is not None and self.extra > max(fit, 0):
+                raise InputError("extra_replicas", f"{self.extra} copies do not fit the nodes' DRAM",
+                                 f"give at most {max(fit, 0)}, or raise the capacity")
         self.history: list[np.ndarray] = []
         self.current = plan
         self.hide_s = hide_time_s(model, hw, batch, self.options.mode, self.options.context_len)
@@ -210,11 +247,13 @@ class EplbPeriodic(Policy):
         self.history = self.history[-self.window:]
 
     def decide(self, j: int) -> Decision:
-        if j == 0 or j % self.period or not self.history:
+        if j == 0 or j % self.period or not self.history or not self.replans:
             return Decision(self.current)
         t0 = time.perf_counter()
         f = np.mean(self.history, axis=0) / self.batch
         new = eplb_placement(self.model, self.hw, f, extra_replicas=self.extra)
+        if not fits_capacity(new, self.model, self.hw):  # only by rounding at an exactly full node
+            return Decision(self.current)
         dt = (time.perf_counter() - t0) / len(self.plan.layers)
         W = UnitCosts.of(self.model, self.options.mode).weight_bytes
         mig, moved, acts = 0.0, 0.0, 0

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costs import hide_time_s, roofline_of
+from ..costs import expert_room_bytes, hide_time_s, roofline_of
 from ..errors import InputError, check_choice, check_real, expect_instance, expect_int
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -196,10 +196,8 @@ class GreedyRebalancer:
     def _node_room(self) -> np.ndarray:
         """``[D]`` bytes of routed-expert weights each node may store over all layers: its DRAM capacity
         less its share of the other weights, as :func:`costs.check_capacity` counts (inf without)."""
-        cap = self.hw.dram_capacity_bytes
-        if cap is None:
-            return np.full(self.hw.num_nodes, np.inf)
-        return np.full(self.hw.num_nodes, cap - self.model.non_expert_weight_bytes() / self.hw.num_nodes)
+        room = expert_room_bytes(self.model, self.hw)
+        return np.full(self.hw.num_nodes, np.inf if room is None else room)
 
     # --- load estimate -------------------------------------------------------------------------
     def observe(self, counts: np.ndarray) -> None:
