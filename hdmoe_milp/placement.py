@@ -58,6 +58,13 @@ def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, fie
     if not force and (p.exists() or p.is_symlink()):
         how = "pass --force" if field.startswith("--") else "pass force=True"
         raise InputError(field, f"{p} already exists", f"{how} to overwrite it, or write elsewhere")
+    if p.is_symlink():  # write through the link: the file it names is replaced, the link stays
+        p = Path(os.path.realpath(p))
+        if not p.parent.is_dir():
+            raise InputError(field, f"the link points into {p.parent}, which does not exist",
+                             "fix the link or write elsewhere")
+        if p.exists() and not p.is_file():
+            raise InputError(field, f"the link points to {p}, which is not a regular file", "give the path of a file")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     except OSError as exc:

@@ -59,7 +59,8 @@ def save_figure(fig: Figure, path: str | Path, *, field: str = "path") -> None:
     names, at 110 dpi; SVGs carry no date, so the same figure gives the same bytes."""
     p = expect_path(field, path)
     fmt = p.suffix.lstrip(".").lower()
-    kinds = fig.canvas.get_supported_filetypes()
+    # pgf needs a LaTeX installation, which a plotting run cannot assume
+    kinds = {k: v for k, v in fig.canvas.get_supported_filetypes().items() if k != "pgf"}
     if fmt not in kinds:
         raise InputError(field, f"{p.name} has no suffix" if not fmt else f"{p.name}: .{fmt} is no figure format",
                          "end the name in one of " + ", ".join(f".{k}" for k in sorted(kinds)))

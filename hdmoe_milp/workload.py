@@ -101,13 +101,17 @@ class Trace:
             srt = np.sort(a, axis=1)
             if np.any(srt[:, 1:] == srt[:, :-1]):
                 raise InputError(f"trace layer {li}", "a token lists the same expert twice", "top-k ids are distinct")
+            if a.shape[0] != self.layers[0].shape[0]:  # expected and sampled batches would see different tokens
+                raise InputError(f"trace layer {li}", f"has {a.shape[0]} tokens, layer 0 has {self.layers[0].shape[0]}",
+                                 "every token passes through every MoE layer: give each layer the same tokens, "
+                                 "in the same order")
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     def num_tokens(self) -> int:
-        """Tokens available in every layer (the shortest layer)."""
+        """Tokens of the trace (every layer has them all)."""
         return min(a.shape[0] for a in self.layers)
 
     def frequencies(self) -> np.ndarray:

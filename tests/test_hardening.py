@@ -442,6 +442,7 @@ CASES = {
     "trace-id-twice": (_trace_json(_bad_layer([[1, 1]])), "layer 3"),
     "trace-wrong-top-k": (_trace_json(_bad_layer([[1, 2, 3]])), "layer 3"),
     "trace-ragged": (_trace_json(_bad_layer([[0, 1], [2]])), "layer 3"),
+    "trace-unequal-layers": (_trace_json(_bad_layer([[0, 1], [2, 3]])), "layer 3: has 2 tokens, layer 0 has 3"),
     "trace-row-not-list": (_trace_json(_bad_layer([5, 6])), "layer 3"),
     "trace-empty-layer": (_trace_json(_bad_layer([])), "layer 3"),
     "trace-null-layer": (_trace_json(_bad_layer(None)), "layer 3"),
@@ -690,6 +691,23 @@ def test_write_atomic_force(tmp_path):
     write_atomic(p, "two")  # the Python API overwrites by default
     assert p.read_text() == "two"
     assert [f.name for f in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_write_atomic_writes_through_a_symlink(tmp_path):
+    """A link named as the output keeps being a link; the file it names gets the new content."""
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    with pytest.raises(InputError, match="already exists"):
+        write_atomic(link, "new", force=False, field="--out")
+    write_atomic(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "nowhere" / "x.json")
+    with pytest.raises(InputError, match="does not exist"):
+        write_atomic(dangling, "new")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["dangling.json", "link.json", "real.json"]
 
 
 def test_save_plan_force(tmp_path, capsys):

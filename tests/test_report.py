@@ -502,6 +502,7 @@ def test_figure_and_table_functions_refuse_what_they_cannot_draw():
         (lambda: rp.fig_placement_map(tp, hm.Mesh(1, 2)), "mesh"),
         (lambda: rp.fig_placement_map(tp, mesh, layer=99), "layer"),
         (lambda: rp.save_figure(Figure(), "figure"), "path"),
+        (lambda: rp.save_figure(Figure(), "figure.pgf"), "path"),  # needs LaTeX: refused, not a traceback
         (lambda: rp.fig_online({}), "replays"),
         (lambda: rp.fig_bound_trace([(1,)]), "trace"),
         (lambda: rp.fig_bound_trace([(float("nan"), 1.0, 0.5, "x")]), "trace"),
