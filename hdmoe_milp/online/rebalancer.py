@@ -32,7 +32,9 @@ class RebalancerConfig:
     mean (Poisson noise of the experts with a single copy; the balanced dispatch absorbs a
     replicated expert's), so replicas that absorb noise are valued. ``estimate_z``: a gain must
     also exceed this many standard deviations of the bottleneck node's *estimated* load (the
-    estimate of few batches is noisy), so early noise does not trigger moves.
+    estimate of few batches is noisy), so early noise does not trigger moves. Both that deviation and
+    ``horizon`` are scaled by the dispersion the rebalancer measures (``dispersion_``: how much more
+    than Poisson noise the counts miss the estimate, at least 1).
     """
 
     estimator: str = "ema"
@@ -183,6 +185,7 @@ class GreedyRebalancer:
         self.estimate_: np.ndarray | None = None
         self._history: list[np.ndarray] = []
         self.seen_ = 0  # batches observed
+        self._miss = [0.0, 0.0]  # squared misses of the estimate, and what Poisson noise would give
         self.strategy = plan.strategy
 
     def _capacity(self, lp: LayerPlacement) -> np.ndarray:
@@ -203,6 +206,11 @@ class GreedyRebalancer:
     def observe(self, counts: np.ndarray) -> None:
         """Feed observed token counts ``[layers, E]`` of one batch."""
         c = check_counts(counts, self.num_layers, self.model.num_experts)
+        if self.estimate_ is not None:  # how far the counts fall from the estimate, in Poisson units
+            e = self.estimate_
+            m = e > 0
+            self._miss[0] += float(((c - e)[m] ** 2).sum())
+            self._miss[1] += float(e[m].sum()) * (1.0 + self._estimate_variance())
         self.seen_ += 1
         if self.config.estimator == "ema":
             b = self.config.ema_decay
@@ -252,10 +260,17 @@ class GreedyRebalancer:
         mem = c.w_s * (per_layer(c.activation(tok)) @ P)
         link = (c.vec * mass) @ PL
         node = roofline_of(flops + c.phi_s * c.noise_z * np.sqrt(var), mem)
-        est_var = self._estimate_variance() * (mass @ P2)  # tokens² of estimate noise
+        est_var = self._estimate_variance() * self.dispersion_ * (mass @ P2)  # tokens² of estimate noise
         return {"tok": tok, "layer": layer, "flops": flops, "mem": mem, "link": link, "node": node, "var": var,
                 "est_var": est_var,
                 "base": node.max(axis=1) + c.comm_s(link), "used": per_layer(None) @ P}
+
+    @property
+    def dispersion_(self) -> float:
+        """How much more the counts miss the estimate than Poisson noise would (at least 1): batches
+        cut from a drifting stream (contiguous ones) move more than sampling alone explains."""
+        num, den = self._miss
+        return max(1.0, num / den) if den > 0 else 1.0
 
     def _estimate_variance(self) -> float:
         """Variance of the load estimate per unit of expected (Poisson) count: the EMA starts at the
@@ -357,7 +372,7 @@ class GreedyRebalancer:
         node_after = roofline_of(new_flops, new_mem).max(axis=-1)  # [A, C, Q, K]
         move = np.where(holders[:, :, None, :], c.move_pair.T[t], np.inf).min(axis=-1)  # [A, C, K]
         cost = np.maximum(0.0, move - budget[a][:, None, None])[:, :, None, :]
-        h, H, b4 = cfg.hysteresis, cfg.horizon, base[a][:, None, None, None]
+        h, H, b4 = cfg.hysteresis, cfg.horizon / self.dispersion_, base[a][:, None, None, None]
         # the hot node's estimated load is itself noisy: a gain must also clear part of its deviation
         doubt = (cfg.estimate_z * c.phi_s * np.sqrt(st["est_var"][a, hot[a]]))[:, None, None, None]
         # links without the new copy's traffic: a lower bound on the links after the action, so
