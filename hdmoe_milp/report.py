@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrow, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .errors import InputError, check_choice, check_real, expect_instance, expect_int, expect_path, expect_str
+from .errors import InputError, check_choice, check_real, expect_instance, expect_int, expect_path, expect_str, shown
 from .evaluator import Evaluation
 from .hardware import Mesh
 from .placement import Placement, write_atomic
@@ -436,6 +436,13 @@ def _solver_limit(layer_table: pd.DataFrame, time_limit_s: Any, time_mode: Any) 
     return time_limit_s, (modes.pop() if len(modes) == 1 else "mixed" if modes else None)
 
 
+def _once(field: str, df: pd.DataFrame, column: str, fix: str) -> None:
+    """An InputError naming ``field`` if a value of ``column`` repeats (rows of several runs)."""
+    dup = df[column][df[column].duplicated()]
+    if len(dup):
+        raise InputError(field, f"holds {column} {shown(dup.iloc[0])} more than once", fix)
+
+
 def fig_solver(layer_table: pd.DataFrame, *, settings: str = "", time_limit_s: float | None = None,
                time_mode: str | None = None) -> Figure:
     """The MILP per layer: relative gap (%) and the wall time the layer took (s: everything it did,
@@ -447,6 +454,8 @@ def fig_solver(layer_table: pd.DataFrame, *, settings: str = "", time_limit_s: f
     on the time panel as a dashed line; a ``deterministic`` one (CP-SAT work, bench's and
     ``solve --deterministic``'s) is not a wall time, so it is stated in the panel, not drawn."""
     _table("layer_table", layer_table, ("layer", "gap", "time_s"), "PlanResult.layer_table() or solver.csv")
+    _once("layer_table", layer_table, "layer", "pass one solve: bench's solver.csv holds one per model, hardware "
+                                                "point, mesh and batch; keep the rows of one")
     limit, mode = _solver_limit(layer_table, time_limit_s, time_mode)
     fig = Figure(figsize=(max(6.0, 0.2 * len(layer_table) + 2), 4.6))
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
@@ -515,6 +524,9 @@ def fig_online(replays: Mapping[str, Any], *, settings: str = "") -> Figure:
                              "give hm.replay(...)'s result")
         _table(f"replays[{name!r}]", r if isinstance(r, pd.DataFrame) else r.to_frame(),
                ("batch", "latency_us", "actions"), "hm.replay(...)'s result or online.csv's rows of one policy")
+        if isinstance(r, pd.DataFrame):
+            _once(f"replays[{name!r}]", r, "batch", "pass one replay per policy: online.csv holds one per model, "
+                                                     "hardware point, mesh and batch; keep the rows of one")
     fig = Figure(figsize=(9.0, 4.2))
     ax = fig.add_subplot()
     styles = _policy_styles(list(replays))

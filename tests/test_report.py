@@ -504,6 +504,9 @@ def test_figure_and_table_functions_refuse_what_they_cannot_draw():
         (lambda: rp.save_figure(Figure(), "figure"), "path"),
         (lambda: rp.save_figure(Figure(), "figure.pgf"), "path"),  # needs LaTeX: refused, not a traceback
         (lambda: rp.fig_online({}), "replays"),
+        (lambda: rp.fig_online({"greedy": pd.DataFrame({"batch": [0, 1, 0], "latency_us": [1.0, 2, 3],
+                                                        "actions": [0, 0, 0]})}), "replays['greedy']"),
+        (lambda: rp.fig_solver(pd.DataFrame({"layer": [0, 1, 0, 1], "gap": 0.01, "time_s": 1.0})), "layer_table"),
         (lambda: rp.fig_bound_trace([(1,)]), "trace"),
         (lambda: rp.fig_bound_trace([(float("nan"), 1.0, 0.5, "x")]), "trace"),
     ]
