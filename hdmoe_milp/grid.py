@@ -378,8 +378,20 @@ def headline(res: pd.DataFrame, sp: pd.DataFrame, online: pd.DataFrame | None = 
     return out
 
 
+def _prune(folder: Path, keep: set[str], patterns: tuple[str, ...]) -> None:
+    """Remove the files of ``folder`` matching ``patterns`` whose names are not in ``keep``: what an
+    earlier run into the same folder wrote and this one did not."""
+    if folder.is_dir():
+        for pat in patterns:
+            for f in folder.glob(pat):
+                if f.name not in keep and f.is_file():
+                    f.unlink()
+
+
 def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
-    """Write results.csv, results.md, solver.csv, online.csv, figures, plans and index.md."""
+    """Write results.csv, results.md, solver.csv, online.csv, figures, plans and index.md. A report
+    written earlier into ``out`` is replaced as a whole: its figures, plans and online.csv that this
+    run does not write are removed (the plan cache in ``out/cache`` stays)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figdir = out / "figures"
@@ -457,7 +469,8 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
         ours = det["placements"][OURS]
         if spec.mode != "mesh":  # the tables re-score it in this mode: its record says so, and evaluate --plan agrees
             ours = replace(ours, meta={**ours.meta, "problem": det["problem"].describe()})
-        ours.save(plans / f"{_slug(k['model'], k['hw'], k['mesh'])}_ours.json", field="--out")
+        plan_name = f"{_slug(k['model'], k['hw'], k['mesh'])}_ours.json"
+        ours.save(plans / plan_name, field="--out")
     if len(g.online):
         for (model, hw, mesh), f in g.online.groupby(["model", "hw", "mesh"], sort=False):
             reps = {p: grp for p, grp in f.groupby("policy", sort=False)}
@@ -475,6 +488,9 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
     idx += ["Tables: [results.md](results.md); data: [results.csv](results.csv), [solver.csv](solver.csv)"
             + (", [online.csv](online.csv)" if len(g.online) else "") + ".", ""]
     write_atomic(out / "index.md", "\n".join(idx))
+    _prune(figdir, {f"{stem}.{ext}" for _, stem in figs for ext in ("png", "svg")}, ("*.png", "*.svg"))
+    _prune(out / "plans", {plan_name} if det else set(), ("*_ours.json",))
+    _prune(out, {"online.csv"} if len(g.online) else set(), ("online.csv",))
     return {"results.csv": out / "results.csv", "results.md": out / "results.md", "index.md": out / "index.md",
             "figures": figdir}
 

@@ -186,6 +186,24 @@ def test_bench_rerun_uses_cache_and_is_byte_identical(bench, tmp_path):
     assert not [f for f in out.rglob("*") if f.name.endswith(".tmp")]
 
 
+def test_bench_into_a_used_folder_replaces_the_report_as_a_whole(bench, tmp_path):
+    """A second, smaller run into the same folder leaves no figure, plan or online.csv of the first:
+    every figure left is one index.md shows (the cache is kept, so nothing is solved again)."""
+    out, p = bench
+    again = tmp_path / "report"
+    shutil.copytree(out, again)
+    args = p.parse_args(["bench", "--quick", "--out", str(again), "--hws", "5/50", "--batches", "128",
+                         "--time-limit", "0.02", "--online-batches", "0", "--no-progress"])
+    assert cli_report.run(args) == 0
+    assert not (again / "online.csv").exists()
+    index = (again / "index.md").read_text()
+    figures = sorted((again / "figures").iterdir())
+    assert figures and all(f"figures/{f.stem}.png" in index for f in figures)
+    assert len(list((again / "figures").glob("*.png"))) < len(list((out / "figures").glob("*.png")))
+    assert [f.name for f in (again / "plans").iterdir()] == [f.name for f in (out / "plans").iterdir()]
+    assert (again / "cache").is_dir() and any((again / "cache").iterdir())
+
+
 def test_plot_command(bench, tmp_path):
     out, p = bench
     plan = next((out / "plans").glob("*.json"))
