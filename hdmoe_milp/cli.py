@@ -316,16 +316,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         rows = [{**ev.summary(), "strategy": name, "speedup_vs_tp": sp}
                 for (name, ev), sp in zip(cmp.evaluations.items(), df["speedup_vs_tp"], strict=True)]
-        if len(rows) == 1:
-            out = {**setting, **rows[0], "per_layer": next(iter(cmp.evaluations.values())).per_layer()}
+        if len(rows) == 1:  # its numbers at the top, as before; "results" as for several strategies
+            out = {**setting, **{k: v for k, v in rows[0].items() if k not in setting},
+                   "per_layer": next(iter(cmp.evaluations.values())).per_layer(), "results": rows}
         else:
             out = {**setting, "results": rows}
+        if args.save_plan:
+            out["saved_plan"] = str(args.save_plan)
         if cmp.over_capacity:
             out["over_capacity"] = cmp.over_capacity
         print(json.dumps(out, indent=2))
         return 0
     print(" ".join(f"{k}={v}" for k, v in setting.items()))
     print(df.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    if args.save_plan:
+        print(f"wrote {args.save_plan}")
     if o.mode == "paper":
         print("mode=paper reproduces HD-MoE's code: FLOPs only, and a layer split evenly over every node (tp) "
               "pays the ring formula 2*4*B*h/BW while every other layer is routed on the mesh; use --mode mesh "
@@ -387,6 +392,17 @@ def _solve(args: argparse.Namespace) -> int:
         "summary": res.summary(),
     }
     done = 130 if s.get("interrupted") else 0  # Ctrl-C: the finished layers are printed, exit status 130
+    if s.get("interrupted"):
+        cut = [r.layer for r in res.layers if r.status == "interrupted"]
+        note = (f"hdmoe-milp: interrupted: {len(cut)} layer(s) did not finish ({', '.join(map(str, cut))}) and "
+                "hold their best baseline")
+        if not args.no_baselines and "hdmoe" not in res.evaluations:
+            note += "; hdmoe is left out (its layers are computed inside the solve)"
+        if args.out:
+            note += f"; the plan written to {args.out} is this partial one"
+        print(note, file=sys.stderr)
+    if args.out:
+        out["out"] = str(args.out)
     if args.json:
         print(json.dumps({**out, "interrupted": bool(s.get("interrupted"))}, indent=2))
         return done
@@ -399,6 +415,8 @@ def _solve(args: argparse.Namespace) -> int:
     tb["plan_speedup"] = tb["tbt_us"] / tbt["plan"]
     print(tb.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     _print_left_out(problem, s.get("baselines_over_capacity", []))
+    if args.out:
+        print(f"wrote {args.out}")
     return done
 
 

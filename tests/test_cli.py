@@ -61,6 +61,9 @@ def test_json_single_strategy(capsys):
         assert key in d
     assert d["strategy"] == "tp" and d["mode"] == "paper"
     assert d["tbt_us"] == pytest.approx(3448.0, rel=1e-3)  # the paper's DeepSeek-V2-Lite 4x8 5/50 B=128 TP
+    # the same "results" list as with several strategies, and the batch as the header writes it
+    assert [r["strategy"] for r in d["results"]] == ["tp"] and d["results"][0]["tbt_us"] == d["tbt_us"]
+    assert d["batch"] == 128 and isinstance(d["batch"], int)
 
 
 def test_paper_mode_text_says_tp_is_costed_by_another_formula(capsys):

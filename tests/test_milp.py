@@ -249,7 +249,8 @@ def test_ctrl_c_prints_the_finished_layers_and_exits_130(tmp_path):
     # gap 0 and no branch and bound (which proves a 4x4 Mixtral layer at gap 0 in about 0.5 s): few
     # layers end early on a proven gap, so 30 layers x 3 s / 2 jobs outlast the signal
     cmd = [sys.executable, "-c", code, "solve", "--instance", inst, "--time-limit", "3", "--jobs", "2",
-           "--gap", "0", "--no-baselines", "--no-branch-and-bound", "--layers", ",".join(str(i) for i in range(30))]
+           "--gap", "0", "--no-baselines", "--no-branch-and-bound", "--layers", ",".join(str(i) for i in range(30)),
+           "--out", str(tmp_path / "partial.json")]
     env = {**os.environ, "PYTHONPATH": root}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     time.sleep(9)
@@ -257,6 +258,8 @@ def test_ctrl_c_prints_the_finished_layers_and_exits_130(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "INTERRUPTED" in out and "interrupted" in out and "not-solved" in out
+    # the plan file is written, and stderr says that it is the partial plan
+    assert "did not finish" in err and "partial" in err and (tmp_path / "partial.json").is_file()
 
 
 @pytest.mark.parametrize("batch", [-5, 0, float("nan"), float("inf"), True])
