@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=float, help="tokens per decode step (default 128)")
     ev.add_argument("--strategy", help="one of " + ", ".join(pl.STRATEGIES) + ", a comma-separated list, or "
                     "'all' (default: every baseline)")
-    ev.add_argument("--time-limit", type=float, default=2.0,
+    ev.add_argument("--time-limit", type=float,
                     help="wall seconds per layer for MILP solves that count wall time (milp; hdmoe with cbc or "
                     "highs; default 2)")
     ev.add_argument("--work-limit", type=float, help="hdmoe's stage-1 MILP budget per layer, in CP-SAT "
@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
                     "default: --plan-strategy on --plan-trace")
     rp.add_argument("--plan-strategy", help="baseline to build the plan from when no --plan (default cb)")
     rp.add_argument("--plan-trace", help="trace the plan is built on (default: --trace)")
-    rp.add_argument("--time-limit", type=float, default=2.0,
+    rp.add_argument("--time-limit", type=float,
                     help="wall seconds per layer when --plan-strategy solves a MILP (milp; hdmoe with cbc or highs; "
                     "default 2)")
     rp.add_argument("--batch", type=float, help="tokens per batch (default: the problem's, as evaluate: the instance's "
@@ -294,7 +294,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         rules["replica_rule"] = args.replica_rule
     if rules:  # else the problem's own: EvalOptions' defaults, as no instance key or flag sets these
         problem = problem.with_(options=replace(problem.options, **rules))
-    budget = pl.Budget(time_limit_s=args.time_limit, work_limit=args.work_limit)
+    budget = pl.Budget(time_limit_s=2.0 if args.time_limit is None else args.time_limit, work_limit=args.work_limit)
     plans = {}
     if args.plan:
         plan = pl.load_plan(args.plan, problem)
@@ -476,7 +476,8 @@ def _replay(args: argparse.Namespace) -> int:
             except InputError as exc:
                 raise InputError("--plan-trace", f"{exc.field}: {exc.problem}", _same_model_fix(exc, problem)
                                  or exc.fix or f"give a trace of {problem.model.name} with every layer") from None
-        plan = pl.place(base, args.plan_strategy, budget=pl.Budget(time_limit_s=args.time_limit))
+        plan = pl.place(base, args.plan_strategy,
+                        budget=pl.Budget(time_limit_s=2.0 if args.time_limit is None else args.time_limit))
     rows = [pl.replay(problem, plan, policy=n, batches=args.batches, batch=batch, batching=batching,
                       replica_rule=args.replica_rule, progress=args.progress).summary() for n in names]
     static = next((r["mean_us"] for r in rows if r["policy"] == "static"), None)
@@ -596,11 +597,19 @@ def _check_conflicts(args: argparse.Namespace) -> None:
         if args.save_plan:
             raise InputError("--save-plan", "cannot be combined with --plan (the plan is already saved)",
                              "give either --plan or --strategy NAME --save-plan FILE")
+        for flag, value in (("--time-limit", args.time_limit), ("--work-limit", args.work_limit)):
+            if value is not None:  # they budget the strategies' solves; a saved plan is not solved again
+                raise InputError(flag, "cannot be combined with --plan (the plan is not solved again)",
+                                 f"leave {flag} out, or give --strategy instead of --plan")
     if args.command == "replay" and args.plan:
-        for flag, value in (("--plan-strategy", args.plan_strategy), ("--plan-trace", args.plan_trace)):
+        for flag, value in (("--plan-strategy", args.plan_strategy), ("--plan-trace", args.plan_trace),
+                            ("--time-limit", args.time_limit)):
             if value is not None:
                 raise InputError(flag, "cannot be combined with --plan (the plan is already made)",
                                  f"give either --plan or {flag}")
+    if args.command == "stats" and args.hw is not None:
+        raise InputError("--hw", "is not read by stats (it reads the trace, and the mesh's node count)",
+                         "leave --hw out")
 
 
 def _check_flags(args: argparse.Namespace) -> None:

@@ -369,6 +369,10 @@ CASES = {
     "solve-out-missing-dir": (_missing_dir("solve", "--out"), "--out"),
     "solve-out-exists": (_existing("solve", "--out"), "--out"),
     "stats-against-missing": (_flags("stats", *MX, "--against", "/no/such.npz"), "--against"),
+    "stats-hw-not-read": (_flags("stats", *MX, "--hw", "5/50"), "--hw"),
+    "evaluate-plan-time-limit": (_flags("evaluate", "--plan", "/no/such.json", "--time-limit", "3"), "--time-limit"),
+    "evaluate-plan-work-limit": (_flags("evaluate", "--plan", "/no/such.json", "--work-limit", "3"), "--work-limit"),
+    "replay-plan-time-limit": (_flags("replay", "--plan", "/no/such.json", "--time-limit", "5"), "--time-limit"),
     # --- instance files ------------------------------------------------------------------------------
     "toml-syntax": (_toml("[model\npreset = 1\n"), "instance"),
     "toml-not-utf8": (_toml(b"\xff\xfe[model]\n"), "instance"),
