@@ -605,6 +605,9 @@ def _bound_trace(path: Path, layer: int) -> Any:
         if rec.get("status") == "not-solved":
             raise InputError("--layer", f"layer {layer} of {path} was left out of the solve (--layers)",
                              "give a solved layer, or solve this one")
+        if rec.get("status") == "interrupted":
+            raise InputError("--layer", f"layer {layer} of {path} was interrupted (Ctrl-C) before it finished",
+                             "give a finished layer, or solve this one again")
         raise InputError("plot", f"layer {layer} of {path} has no progress trace "
                          f"(status {rec.get('status')!r})", "solve it again with this version")
     try:
@@ -724,6 +727,11 @@ def _plot(args: argparse.Namespace) -> int:
         args.hw = parse_point(args.hw, "--hw")[0]
     if args.layer is None:
         args.layer = 0
+    if kind in _CSV_NEEDS and path.suffix.lower() == ".json":
+        hint = ("; a plan's layers: plot bound-trace PLAN --layer N draws one layer's primal and bound, and "
+                "solve prints every layer's gap and time") if kind == "solver" else ""
+        raise InputError("file", f"{path.name} is a plan file, and plot {kind} draws bench's {_CSV_NEEDS[kind][0]}",
+                         f"give the {_CSV_NEEDS[kind][0]} that bench wrote{hint}")
     if kind in _CSV_NEEDS:
         df = _filter(_read_csv(path, kind), args)
         if kind in ("tbt", "decomposition", "ablation") and "part" in df.columns:

@@ -359,7 +359,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     if len(set(names)) != len(names):
         raise InputError("baselines", f"lists a baseline twice: {names}", "name each baseline once")
     for n in names:
-        check_choice("baseline", n, BASELINES)
+        check_choice("baselines", n, BASELINES)
     lns_settings = None
     if lns_patience is not None:
         if isinstance(lns_patience, bool) or not isinstance(lns_patience, (int, np.integer)) or lns_patience < 0:

@@ -231,6 +231,9 @@ def test_pipeline_solves_selected_layers():
     assert all(r.final_source != "hdmoe" for r in quick.layers)
     with pytest.raises(InputError, match="time_limit_s"):
         hm.solve(p, time_limit_s=float("nan"))
+    with pytest.raises(InputError) as e:  # the keyword as the caller wrote it
+        hm.solve(p, baselines=["foo"])
+    assert e.value.field == "baselines"
 
 
 def test_ctrl_c_prints_the_finished_layers_and_exits_130(tmp_path):

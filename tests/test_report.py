@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 from dataclasses import replace
@@ -298,6 +299,18 @@ def test_plot_bound_trace_errors(bench, tmp_path):
     with pytest.raises(hm.InputError, match="give one of 0..31"):
         cli_report.run(p.parse_args(["plot", "bound-trace", str(plan), "--layer", "99", "--out",
                                      str(tmp_path / "x.png")]))
+    d = json.loads(plan.read_text())  # a layer that Ctrl-C stopped records no trace: said so, by layer
+    d["meta"]["layers"][4].update(status="interrupted", trace=[])
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps(d))
+    with pytest.raises(hm.InputError, match="interrupted") as e:
+        cli_report.run(p.parse_args(["plot", "bound-trace", str(cut), "--layer", "4",
+                                     "--out", str(tmp_path / "y.png")]))
+    assert e.value.field == "--layer" and "solve this one again" in e.value.fix
+    # plot solver draws bench's solver.csv: a plan file is named as such, with where its layers are shown
+    with pytest.raises(hm.InputError, match="is a plan file") as e:
+        cli_report.run(p.parse_args(["plot", "solver", str(plan), "--out", str(tmp_path / "z.png")]))
+    assert "bound-trace" in e.value.fix
 
 
 # --- progress traces and the two figures built on them ------------------------------------------------------
