@@ -649,7 +649,7 @@ def _capacity_as_written(exc: InputError, args: argparse.Namespace) -> InputErro
     if getattr(args, "capacity_gb", None) is not None:
         where = "--capacity-gb"
     elif getattr(args, "instance", None):
-        where = f"{args.instance} [hardware].dram_capacity_gb"
+        where = f"instance {Path(args.instance).name} [hardware].dram_capacity_gb"
     elif getattr(args, "plan", None):
         where = f"plan {Path(args.plan).name} meta.problem.hardware.dram_capacity_bytes"
     else:

@@ -303,10 +303,11 @@ def _filter(df: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
     for c, v in given.items():
         if c in df.columns:
             df = df[df[c].astype(str) == str(v)]
+    if df.empty and not given:
+        raise InputError("file", "has no rows (only a header)", "give a table that bench wrote")
     if df.empty:
-        flags = "/".join(f"--{c}" for c in given) or "file"
-        raise InputError(flags, "no rows match " + (", ".join(f"{c}={v}" for c, v in given.items()) or "(empty table)"),
-                         "give values that appear in the file")
+        raise InputError("/".join(f"--{c}" for c in given), "no rows match "
+                         + ", ".join(f"{c}={v}" for c, v in given.items()), "give values that appear in the file")
     return df
 
 
@@ -361,6 +362,8 @@ def check_plan_out(flag: str, path: str | None, force: bool = False) -> None:
     if path is not None and (not path.strip() or Path(path).is_dir()):
         raise InputError(flag, f"{path!r} is {'a folder' if path.strip() else 'empty'}, not a file name",
                          "give the plan file's path, e.g. plan.json")
+    if path is not None and Path(path).name.lower() == ".json":  # a hidden file with no name: no suffix
+        raise InputError(flag, f"{Path(path).name!r} has no name before .json", "give a name, e.g. plan.json")
     if path is not None and Path(path).suffix.lower() != ".json":
         raise InputError(flag, f"{Path(path).name}: a plan file is JSON", "end the name in .json; draw figures with "
                          "hdmoe-milp plot")

@@ -406,7 +406,7 @@ def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:
     if need[worst] > cap:
         raise InputError(
             "hardware.dram_capacity_bytes",
-            f"node {worst} must hold {need[worst] / 1e9:.3f} GB of weights but its capacity is {cap / 1e9:.3f} GB",
+            f"node {worst} must hold {need[worst] / 1e9:.4g} GB of weights but its capacity is {cap / 1e9:.4g} GB",
             "raise the capacity, use a larger mesh, or a placement with fewer copies",
         )
 
@@ -429,9 +429,9 @@ def check_model_fits(model: MoEModel, hw: Hardware) -> None:
     if total > cap * hw.num_nodes:
         raise InputError(
             "hardware.dram_capacity_bytes",
-            f"{model.name} needs {total / 1e9:.2f} GB of weights; {hw.num_nodes} nodes x {cap / 1e9:.2f} GB "
-            f"hold {cap * hw.num_nodes / 1e9:.2f} GB",
-            f"give each node at least {total / hw.num_nodes / 1e9:.2f} GB or use a larger mesh",
+            f"{model.name} needs {total / 1e9:.4g} GB of weights; {hw.num_nodes} nodes x {cap / 1e9:.4g} GB "
+            f"hold {cap * hw.num_nodes / 1e9:.4g} GB",
+            f"give each node at least {total / hw.num_nodes / 1e9:.4g} GB or use a larger mesh",
         )
 
 

@@ -275,6 +275,10 @@ CASES = {
     "plot-csv-wrong-columns": (_plot_csv(b"a,b\n1,2\n"), "file"),
     "plot-csv-binary": (_plot_csv(b"\x00\x01\xff garbage"), "file"),
     "plot-csv-empty": (_plot_csv(b""), "file"),
+    "plot-csv-header-only": (_plot_csv(_RESULTS.split(b"\n", 1)[0] + b"\n"), "file: has no rows"),
+    "solve-out-no-name": (_flags("solve", *MX, "--out", ".json"), "'.json' has no name"),
+    "toml-capacity-tiny": (_toml(BASE_TOML + "dram_capacity_gb = 0.001\n"),
+                           "instance inst_"),  # named as every instance key is, in GB that are not 0.00
     # tables edited by hand: a value that is no number, NaN, a zero reference, rows the figure lacks
     "plot-csv-batch-text": (_plot_csv(_edit_results("batch", "many")), "file"),
     "plot-csv-tbt-nan": (_plot_csv(_edit_results("tbt_us", "nan")), "file"),
