@@ -304,9 +304,10 @@ class PlanResult:
             "tbt_us": {n: e.tbt_us for n, e in self.evaluations.items()},
         }
 
-    def save(self, path: str | Path, *, field: str = "path") -> None:
-        """Write the plan file (atomically): the placement plus what it was made for."""
-        self.placement.save(path, field=field)
+    def save(self, path: str | Path, *, force: bool = True, field: str = "path") -> None:
+        """Write the plan file (atomically): the placement plus what it was made for. ``force=False``
+        refuses to replace an existing file."""
+        self.placement.save(path, force=force, field=field)
 
 
 def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.0, jobs: int = 1,
