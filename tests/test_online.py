@@ -209,18 +209,25 @@ def test_batched_scoring_agrees_with_the_reference_layer_model(drift_case):
     checked = 0
     for wl in iter_batches(shifted, 256, "random", seed=2, count=6):
         reb.observe(wl.expert_loads())
-        before = reb.placement()
-        acts = reb.step()
-        after = reb.placement()
-        for a in acts:
-            if a.kind == "drop":
-                continue
-            n = reb.estimate_[a.layer]
-            lat = [reb.cost.layer_latency_s(p.layers[a.layer].shares, p.layers[a.layer].expert_of,
-                                            p.layers[a.layer].token_fraction, n) for p in (before, after)]
-            assert a.gain_s == pytest.approx(lat[0] - lat[1], rel=1e-9)
-            checked += 1
+        checked += len(_step_checking_gains(reb, reb.estimate_))
     assert checked > 0
+
+
+def _step_checking_gains(reb: GreedyRebalancer, counts: np.ndarray) -> list[str]:
+    """One step of ``reb``: every replicate or move gains what the one-layer reference model says at
+    the expected counts ``[layers, E]``. The kinds of those actions."""
+    before = reb.placement()
+    acts = reb.step()
+    after = reb.placement()
+    kinds = []
+    for a in acts:
+        if a.kind == "drop":
+            continue
+        lat = [reb.cost.layer_latency_s(p.layers[a.layer].shares, p.layers[a.layer].expert_of,
+                                        p.layers[a.layer].token_fraction, counts[a.layer]) for p in (before, after)]
+        assert a.gain_s == pytest.approx(lat[0] - lat[1], rel=1e-9, abs=1e-15)
+        kinds.append(a.kind)
+    return kinds
 
 
 def test_gains_match_the_reference_model_when_weight_reads_bind():
@@ -260,16 +267,8 @@ def test_gains_match_the_reference_model_when_weight_reads_bind():
                                estimate_z=0.0, horizon=1e6)
         reb = GreedyRebalancer(Placement.from_shares(layers, "ep"), m, hw, B, config=cfg)
         reb.observe(counts)
-        before = reb.placement()
-        acts = reb.step()
-        after = reb.placement()
-        for a in acts:
-            if a.kind == "drop":
-                continue
-            lat = [reb.cost.layer_latency_s(p.layers[a.layer].shares, p.layers[a.layer].expert_of,
-                                            p.layers[a.layer].token_fraction, counts[a.layer]) for p in (before, after)]
-            assert a.gain_s == pytest.approx(lat[0] - lat[1], rel=1e-9, abs=1e-15)
-            checked[a.kind] += 1
+        for kind in _step_checking_gains(reb, counts):
+            checked[kind] += 1
     assert checked["move"] >= 10 and checked["replicate"] >= 10
 
 
