@@ -378,20 +378,26 @@ def headline(res: pd.DataFrame, sp: pd.DataFrame, online: pd.DataFrame | None = 
     return out
 
 
-def _prune(folder: Path, keep: set[str], patterns: tuple[str, ...]) -> None:
-    """Remove the files of ``folder`` matching ``patterns`` whose names are not in ``keep``: what an
-    earlier run into the same folder wrote and this one did not."""
-    if folder.is_dir():
-        for pat in patterns:
-            for f in folder.glob(pat):
-                if f.name not in keep and f.is_file():
-                    f.unlink()
+MANIFEST = ".bench-files"  # in OUT: the files the last report wrote, one path (relative to OUT) a line
+
+
+def _replace_report(out: Path, written: set[str]) -> None:
+    """Remove the files the previous report into ``out`` wrote (its manifest) that this one did not,
+    then record this report's files. Only files a report wrote are ever removed."""
+    man = out / MANIFEST
+    old = set(man.read_text(encoding="utf-8").splitlines()) if man.is_file() else set()
+    for rel in sorted(old - written):
+        f = out / rel
+        if rel and ".." not in Path(rel).parts and not Path(rel).is_absolute() and f.is_file() and not f.is_symlink():
+            f.unlink()
+    write_atomic(man, "".join(f"{r}\n" for r in sorted(written)), field="--out")
 
 
 def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
     """Write results.csv, results.md, solver.csv, online.csv, figures, plans and index.md. A report
-    written earlier into ``out`` is replaced as a whole: its figures, plans and online.csv that this
-    run does not write are removed (the plan cache in ``out/cache`` stays)."""
+    written earlier into ``out`` is replaced as a whole: the files it wrote (listed in
+    ``out/.bench-files``) that this run does not write are removed; nothing else is (the plan cache in
+    ``out/cache`` stays)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figdir = out / "figures"
@@ -488,9 +494,11 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
     idx += ["Tables: [results.md](results.md); data: [results.csv](results.csv), [solver.csv](solver.csv)"
             + (", [online.csv](online.csv)" if len(g.online) else "") + ".", ""]
     write_atomic(out / "index.md", "\n".join(idx))
-    _prune(figdir, {f"{stem}.{ext}" for _, stem in figs for ext in ("png", "svg")}, ("*.png", "*.svg"))
-    _prune(out / "plans", {plan_name} if det else set(), ("*_ours.json",))
-    _prune(out, {"online.csv"} if len(g.online) else set(), ("online.csv",))
+    written = {"results.csv", "results.md", "solver.csv", "index.md"}
+    written |= {f"figures/{stem}.{ext}" for _, stem in figs for ext in ("png", "svg")}
+    written |= {f"plans/{plan_name}"} if det else set()
+    written |= {"online.csv"} if len(g.online) else set()
+    _replace_report(out, written)
     return {"results.csv": out / "results.csv", "results.md": out / "results.md", "index.md": out / "index.md",
             "figures": figdir}
 

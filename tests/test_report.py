@@ -193,13 +193,20 @@ def test_bench_into_a_used_folder_replaces_the_report_as_a_whole(bench, tmp_path
     out, p = bench
     again = tmp_path / "report"
     shutil.copytree(out, again)
+    (again / "figures" / "mine.png").write_bytes(b"a figure bench did not write")  # a user's own file stays
+    (again / "notes.md").write_text("mine")
     args = p.parse_args(["bench", "--quick", "--out", str(again), "--hws", "5/50", "--batches", "128",
                          "--time-limit", "0.02", "--online-batches", "0", "--no-progress"])
     assert cli_report.run(args) == 0
     assert not (again / "online.csv").exists()
+    assert (again / "figures" / "mine.png").exists() and (again / "notes.md").exists()
     index = (again / "index.md").read_text()
-    figures = sorted((again / "figures").iterdir())
+    figures = sorted(f for f in (again / "figures").iterdir() if f.name != "mine.png")
     assert figures and all(f"figures/{f.stem}.png" in index for f in figures)
+    listed = set((again / ".bench-files").read_text().split())
+    assert listed == {str(f.relative_to(again)) for f in again.rglob("*")
+                      if f.is_file() and f.parts[len(again.parts)] != "cache"} - {"figures/mine.png", "notes.md",
+                                                                                   ".bench-files"}
     assert len(list((again / "figures").glob("*.png"))) < len(list((out / "figures").glob("*.png")))
     assert [f.name for f in (again / "plans").iterdir()] == [f.name for f in (out / "plans").iterdir()]
     assert (again / "cache").is_dir() and any((again / "cache").iterdir())
