@@ -335,3 +335,18 @@ def test_greedy_does_not_chase_the_drift_of_contiguous_batches():
     static, greedy = (replay(plan, p.model, p.hardware, p.trace, 128, pol, batches=30,
                              batching="contiguous").summary()["mean_us"] for pol in ("static", "greedy"))
     assert static / greedy >= 0.99
+
+
+def test_a_plan_at_exactly_full_capacity_stays_within_it_through_the_rebalancer():
+    """The rebalancer keeps share rows to 12 decimals: 2/3 comes back 3e-13 larger. On a node filled
+    exactly that was over the capacity, and the replay stopped before any action; capacity checks
+    forgive a relative 1e-9 (costs.CAPACITY_RTOL), as the block model's always did."""
+    m = MoEModel("t", num_experts=3, top_k=1, hidden=64, expert_intermediate=128, moe_layers=1)
+    W = m.expert_weight_bytes()
+    plan = Placement.from_shares([np.array([[2 / 3, 1 / 3, 0], [1, 0, 0], [0, 0, 1]])], "x")
+    cap = m.non_expert_weight_bytes() / 3 + plan.memory_bytes_per_node(W).max()
+    hw = Hardware(Mesh(1, 3), compute_flops=1e9, link_bw_bytes_per_s=1e10, dram_capacity_bytes=cap)
+    check_capacity(make_policy("greedy", plan, m, hw, 32).decide(0).placement, m, hw)
+    over = Hardware(Mesh(1, 3), compute_flops=1e9, link_bw_bytes_per_s=1e10, dram_capacity_bytes=cap * (1 - 1e-6))
+    with pytest.raises(InputError, match="capacity"):
+        check_capacity(plan, m, over)

@@ -34,7 +34,14 @@ from functools import cached_property
 
 import numpy as np
 
-from ...costs import UnitCosts, activation_probability, layer_capacity_bytes, phase_time_s, roofline_s
+from ...costs import (
+    CAPACITY_RTOL,
+    UnitCosts,
+    activation_probability,
+    layer_capacity_bytes,
+    phase_time_s,
+    roofline_s,
+)
 from ...errors import InputError
 from ...hardware import Hardware
 from ...moe import MoEModel
@@ -260,7 +267,7 @@ class BlockModel:
     def fits(self, assign: np.ndarray) -> bool:
         """Whether ``assign [E]`` stays within the layer's capacity share on every node."""
         return self.cap_layer is None or self.mem_bytes[np.asarray(assign)].sum(axis=0).max() <= \
-            self.cap_layer * (1 + 1e-9)
+            self.cap_layer * (1 + CAPACITY_RTOL)
 
     def feasible(self, assign: np.ndarray) -> bool:
         """Whether ``assign [E]`` is feasible for the MILP (``allowed``: family, symmetry breaking,
