@@ -393,9 +393,10 @@ CAPACITY_RTOL = 1e-9  # relative excess over a DRAM capacity that capacity check
 
 def expert_room_bytes(model: MoEModel, hw: Hardware) -> float | None:
     """Bytes of routed-expert weights one node may store over all layers: its DRAM capacity less its
-    ``1/D`` share of the other weights (what :func:`check_capacity` allows). None when unlimited."""
+    ``1/D`` share of the other weights, plus half the excess :func:`check_capacity` forgives, so that
+    a node filled exactly (up to rounding in sums of shares) passes it. None when unlimited."""
     cap = hw.dram_capacity_bytes
-    return None if cap is None else cap - model.non_expert_weight_bytes() / hw.num_nodes
+    return None if cap is None else cap * (1 + CAPACITY_RTOL / 2) - model.non_expert_weight_bytes() / hw.num_nodes
 
 
 def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:

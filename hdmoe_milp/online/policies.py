@@ -95,8 +95,7 @@ def room_after_bytes(plan: Placement, model: MoEModel, hw: Hardware) -> np.ndarr
     room = expert_room_bytes(model, hw)
     if room is None:
         return np.full(hw.num_nodes, np.inf)
-    # a relative margin, so that rounding in the sums cannot tip a node over check_capacity's limit
-    return room * (1 - 1e-12) - plan.memory_bytes_per_node(model.expert_weight_bytes())
+    return room - plan.memory_bytes_per_node(model.expert_weight_bytes())
 
 
 def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: EvalOptions,
@@ -161,7 +160,9 @@ class HdmoePrebroadcast(Policy):
         broadcasts = 0
         for li, lp in enumerate(self.plan.layers):
             n = self.pred_[li]
-            es = lp.expert_shares()  # [E, D]
+            es = lp.expert_shares()  # [E, D] token shares
+            stored = np.zeros_like(es)  # [E, D] expert weights each node stores (every copy's shares)
+            np.add.at(stored, lp.expert_of, lp.shares)
             load = (n[:, None] * es).sum(axis=0) * phi
             spread: dict[int, np.ndarray] = {}
             for _ in range(self.k):
@@ -173,7 +174,7 @@ class HdmoePrebroadcast(Policy):
                     break
                 # under a DRAM capacity, only nodes with room for a whole copy (the expert's own
                 # shares are freed) receive it
-                fits = room + W * es[i] >= W
+                fits = room + W * stored[i] >= W
                 if not fits.any():
                     break
                 load = load - n[i] * es[i] * phi
@@ -182,7 +183,7 @@ class HdmoePrebroadcast(Policy):
                 spread[i] = x
                 load = load + x
                 if np.isfinite(room).any():
-                    room = room + W * es[i] - W * (x / max(x.sum(), 1e-300) > 1e-12)
+                    room = room + W * stored[i] - W * (x / max(x.sum(), 1e-300) > 1e-12)
             if not spread:
                 layers.append(lp)
                 continue

@@ -343,9 +343,8 @@ class GreedyRebalancer:
         link_i = ((c.vec * mass_i) @ self.PL).reshape(len(a), C, -1)
         # targets: the least-loaded nodes that hold no copy of the expert and have a free slot
         wb = self.model.expert_weight_bytes()
-        # bytes a node can still take: a new whole copy needs wb (the capacity check's own sum, with a
-        # relative margin so that rounding cannot tip a node over it)
-        room = self.node_room_bytes_ * (1 - 1e-12) - wb * st["used"].sum(axis=0)  # [D]
+        # bytes a node can still take: a new whole copy needs wb (expert_room_bytes holds the rounding slack)
+        room = self.node_room_bytes_ - wb * st["used"].sum(axis=0)  # [D]
         free = np.where(room >= wb, self.capacity_[a] - st["used"][a], 0.0)  # [A, D] copies
         key = np.where(holders | (free[:, None, :] < 1.0 - 1e-9), np.inf, node[a][:, None, :])
         K = min(cfg.targets, D)
