@@ -69,12 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     cli_report.add_commands(sub)
 
-    def common(sp: argparse.ArgumentParser) -> None:
+    def common(sp: argparse.ArgumentParser, hw: bool = True) -> None:
         sp.add_argument("--instance", help="instance TOML file; other flags override its values")
         sp.add_argument("--model", help="model preset: " + ", ".join(pl.MODEL_PRESETS))
         sp.add_argument("--mesh", help="mesh ROWSxCOLS, e.g. 4x8")
+        # stats reads no hardware point: its --hw is kept only to be refused by name
         sp.add_argument("--hw", help="design point, TFLOP/s per node / GB/s per link: the paper's "
-                        + ", ".join(pl.HARDWARE_PRESETS) + ", or any other such as 4/40")
+                        + ", ".join(pl.HARDWARE_PRESETS) + ", or any other such as 4/40" if hw else argparse.SUPPRESS)
         sp.add_argument("--trace", help="routing trace (.json, .json.gz or .npz); default: synthetic")
         sp.add_argument("--seed", type=int, help="seed for sampling, homes, random EP and synthetic traces")
         sp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -160,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
                         description="Skew statistics of a trace (and, with --against, its drift from another): "
                         "each is computed per MoE layer, then summarised over the layers.",
                         epilog=_stats_legend(STATS_KEYS), formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(st)
+    common(st, hw=False)
     st.add_argument("--against", help="second trace: report per-layer total-variation drift")
     return p
 
@@ -515,7 +516,7 @@ def _same_model_fix(exc: InputError, problem: pl.Problem) -> str | None:
 STATS_KEYS: dict[tuple[str, ...], str] = {
     ("trace", "model"): "the trace read (or the synthetic one) and the model whose routing it records",
     ("layers",): "MoE layers in the trace",
-    ("tokens",): "tokens routed in every layer (the count of the trace's shortest layer)",
+    ("tokens",): "tokens of the trace (every layer routes them all)",
     ("hottest_share_min", "hottest_share_median", "hottest_share_max"):
         "skew: fraction of the layer's tokens (0-1) that pick its most-used expert; min, median and max over layers",
     ("expert_max_over_mean_median",):
@@ -606,7 +607,8 @@ def _check_conflicts(args: argparse.Namespace) -> None:
                             ("--time-limit", args.time_limit)):
             if value is not None:
                 raise InputError(flag, "cannot be combined with --plan (the plan is already made)",
-                                 f"give either --plan or {flag}")
+                                 f"give either --plan or {flag}" if flag != "--time-limit" else
+                                 "leave --time-limit out: it budgets the solve of --plan-strategy, without --plan")
     if args.command == "stats" and args.hw is not None:
         raise InputError("--hw", "is not read by stats (it reads the trace, and the mesh's node count)",
                          "leave --hw out")
