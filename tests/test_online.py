@@ -8,7 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, Trace, load_instance, place
+from hdmoe_milp import (
+    EvalOptions,
+    Hardware,
+    InputError,
+    LayerPlacement,
+    Mesh,
+    MoEModel,
+    Placement,
+    Trace,
+    load_instance,
+    place,
+)
 from hdmoe_milp.costs import check_capacity
 from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, make_policy, prebroadcast_count, replay
@@ -371,3 +382,23 @@ def test_a_node_with_room_for_exactly_one_more_expert_takes_it():
     d = pb.decide(1)
     assert np.bincount(d.placement.layers[0].expert_of)[0] > 1  # expert 0 went to other nodes
     check_capacity(d.placement, m, hw)
+
+
+def test_eplb_periodic_moves_only_what_changes_place():
+    """EPLB's devices are interchangeable: a re-plan that gives the current layout with its nodes
+    numbered otherwise moves no weights (every expert used to move when the labels differed)."""
+    from hdmoe_milp.strategies.eplb import eplb_placement
+
+    m = MoEModel("t", num_experts=16, top_k=2, hidden=256, expert_intermediate=256, moe_layers=2)
+    hw = Hardware(Mesh(2, 4), compute_flops=1e10, link_bw_bytes_per_s=1e9)
+    f = synthetic_trace(m, 4000, seed=3).frequencies()
+    same = eplb_placement(m, hw, f, extra_replicas=8)
+    perm = np.random.default_rng(0).permutation(8)
+    shuffled = Placement(tuple(LayerPlacement(lp.shares[:, perm], lp.expert_of, lp.token_fraction, 16)
+                               for lp in same.layers), "eplb")
+    pol = make_policy("eplb-periodic", shuffled, m, hw, 256, period=1, window=1, extra_replicas=8)
+    pol.observe(f * 256)
+    d = pol.decide(1)
+    assert d.bytes_moved == 0 and d.actions == 0
+    for got, want in zip(d.placement.layers, shuffled.layers, strict=True):  # the layout it already had
+        np.testing.assert_array_equal(got.shares, want.shares)

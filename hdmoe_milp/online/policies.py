@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from ..costs import UnitCosts, expert_room_bytes, fits_capacity, hide_time_s
 from ..errors import MAX_TIME_LIMIT_S, InputError, check_choice, check_real, expect_instance, expect_int
@@ -172,8 +173,8 @@ class HdmoePrebroadcast(Policy):
                 i = int(np.argmax(prio))
                 if prio[i] <= 0:
                     break
-                # under a DRAM capacity, only nodes with room for a whole copy (the expert's own
-                # shares are freed) receive it
+                # under a DRAM capacity, only nodes with room for a whole copy (what the expert's own
+                # copies store there are freed first) receive it
                 fits = room + W * stored[i] >= W
                 if not fits.any():
                     break
@@ -207,6 +208,25 @@ def max_extra_replicas(num_experts: int, num_nodes: int) -> int:
     """The most extra copies an EPLB re-plan may add: its ``max(E, D) + extra`` slots then reach
     ``E * D``, every node holding every expert; more would only stack copies of one expert on a node."""
     return max(0, num_experts * num_nodes - max(num_experts, num_nodes))
+
+
+def _held(lp: LayerPlacement) -> np.ndarray:
+    """``[E, D]`` whether each node stores (a share of) each expert."""
+    held = np.zeros((lp.num_experts, lp.num_nodes), dtype=bool)
+    np.logical_or.at(held, lp.expert_of, lp.shares > 0)
+    return held
+
+
+def _keep_in_place(old: LayerPlacement, new: LayerPlacement) -> LayerPlacement:
+    """``new`` with its nodes relabelled (a permutation) so that the experts it stores where ``old``
+    already stores them are as many as possible: an assignment problem over the nodes."""
+    overlap = _held(new).T.astype(float) @ _held(old).astype(float)  # [new node, old node]
+    rows, cols = linear_sum_assignment(-overlap)
+    perm = np.empty(new.num_nodes, dtype=np.int64)
+    perm[rows] = cols  # new node p goes to old node perm[p]
+    shares = np.zeros_like(new.shares)
+    shares[:, perm] = new.shares
+    return LayerPlacement(shares, new.expert_of, new.token_fraction, new.num_experts)
 
 
 class EplbPeriodic(Policy):
@@ -253,18 +273,17 @@ class EplbPeriodic(Policy):
         t0 = time.perf_counter()
         f = np.mean(self.history, axis=0) / self.batch
         new = eplb_placement(self.model, self.hw, f, extra_replicas=self.extra)
+        # EPLB's devices are interchangeable: put each new pack on the node whose current experts it
+        # shares most, so that only experts that really change place move
+        new = Placement(tuple(_keep_in_place(old, nl) for old, nl in zip(self.current.layers, new.layers,
+                                                                            strict=True)), new.strategy, new.meta)
         if not fits_capacity(new, self.model, self.hw):  # only by rounding at an exactly full node
             return Decision(self.current)
         dt = (time.perf_counter() - t0) / len(self.plan.layers)
         W = UnitCosts.of(self.model, self.options.mode).weight_bytes
         mig, moved, acts = 0.0, 0.0, 0
         for old, nl in zip(self.current.layers, new.layers, strict=True):
-            had = old.shares > 0
-            held = np.zeros((self.model.num_experts, self.hw.num_nodes), dtype=bool)
-            np.logical_or.at(held, old.expert_of, had)
-            need = np.zeros_like(held)
-            np.logical_or.at(need, nl.expert_of, nl.shares > 0)
-            arrive = need & ~held  # whole experts to copy in
+            arrive = _held(nl) & ~_held(old)  # whole experts to copy in
             per_node = arrive.sum(axis=0) * W
             moved += per_node.sum()
             acts += int(arrive.sum())
