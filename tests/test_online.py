@@ -8,21 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdmoe_milp import (
-    EvalOptions,
-    Hardware,
-    InputError,
-    LayerPlacement,
-    Mesh,
-    MoEModel,
-    Placement,
-    Trace,
-    load_instance,
-    place,
-)
+from hdmoe_milp import EvalOptions, Hardware, InputError, Mesh, MoEModel, Placement, Trace, load_instance, place
 from hdmoe_milp.costs import check_capacity
 from hdmoe_milp.evaluator import evaluate
 from hdmoe_milp.online import GreedyRebalancer, RebalancerConfig, make_policy, prebroadcast_count, replay
+from hdmoe_milp.placement import LayerPlacement
 from hdmoe_milp.replica_rules import assign_by_distance, assign_copies
 from hdmoe_milp.strategies import build
 from hdmoe_milp.synthetic import synthetic_trace
