@@ -268,6 +268,12 @@ def _print_left_out(problem: pl.Problem, names: list[str]) -> None:
               + ", ".join(names))
 
 
+def _strategy_time_limit(args: argparse.Namespace) -> float:
+    """evaluate's and replay's --time-limit for the strategies they build, default 2 s (None when not
+    given, so that it can be refused with --plan)."""
+    return 2.0 if args.time_limit is None else args.time_limit
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     if args.replica_rule is not None:
         pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
@@ -295,7 +301,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         rules["replica_rule"] = args.replica_rule
     if rules:  # else the problem's own: EvalOptions' defaults, as no instance key or flag sets these
         problem = problem.with_(options=replace(problem.options, **rules))
-    budget = pl.Budget(time_limit_s=2.0 if args.time_limit is None else args.time_limit, work_limit=args.work_limit)
+    budget = pl.Budget(time_limit_s=_strategy_time_limit(args), work_limit=args.work_limit)
     plans = {}
     if args.plan:
         plan = pl.load_plan(args.plan, problem)
@@ -477,8 +483,7 @@ def _replay(args: argparse.Namespace) -> int:
             except InputError as exc:
                 raise InputError("--plan-trace", f"{exc.field}: {exc.problem}", _same_model_fix(exc, problem)
                                  or exc.fix or f"give a trace of {problem.model.name} with every layer") from None
-        plan = pl.place(base, args.plan_strategy,
-                        budget=pl.Budget(time_limit_s=2.0 if args.time_limit is None else args.time_limit))
+        plan = pl.place(base, args.plan_strategy, budget=pl.Budget(time_limit_s=_strategy_time_limit(args)))
     rows = [pl.replay(problem, plan, policy=n, batches=args.batches, batch=batch, batching=batching,
                       replica_rule=args.replica_rule, progress=args.progress).summary() for n in names]
     static = next((r["mean_us"] for r in rows if r["policy"] == "static"), None)

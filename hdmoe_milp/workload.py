@@ -112,7 +112,7 @@ class Trace:
 
     def num_tokens(self) -> int:
         """Tokens of the trace (every layer has them all)."""
-        return min(a.shape[0] for a in self.layers)
+        return self.layers[0].shape[0]
 
     def frequencies(self) -> np.ndarray:
         """``[layers, E]`` f_i: fraction of tokens routed to expert i (each row sums to top_k)."""

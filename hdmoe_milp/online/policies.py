@@ -90,6 +90,18 @@ class GreedyPolicy(Policy):
         self.reb.observe(counts)
 
 
+def stored_shares(lp: LayerPlacement) -> np.ndarray:
+    """``[E, D]`` how much of each expert's weights each node stores (the shares of all its copies)."""
+    stored = np.zeros((lp.num_experts, lp.num_nodes))
+    np.add.at(stored, lp.expert_of, lp.shares)
+    return stored
+
+
+def _held(lp: LayerPlacement) -> np.ndarray:
+    """``[E, D]`` whether each node stores (a share of) each expert."""
+    return stored_shares(lp) > 0
+
+
 def room_after_bytes(plan: Placement, model: MoEModel, hw: Hardware) -> np.ndarray:
     """``[D]`` bytes of routed-expert weights each node can still store beside ``plan`` (inf when the
     hardware sets no DRAM capacity)."""
@@ -162,8 +174,7 @@ class HdmoePrebroadcast(Policy):
         for li, lp in enumerate(self.plan.layers):
             n = self.pred_[li]
             es = lp.expert_shares()  # [E, D] token shares
-            stored = np.zeros_like(es)  # [E, D] expert weights each node stores (every copy's shares)
-            np.add.at(stored, lp.expert_of, lp.shares)
+            stored = stored_shares(lp)  # [E, D] expert weights each node stores
             load = (n[:, None] * es).sum(axis=0) * phi
             spread: dict[int, np.ndarray] = {}
             for _ in range(self.k):
@@ -208,13 +219,6 @@ def max_extra_replicas(num_experts: int, num_nodes: int) -> int:
     """The most extra copies an EPLB re-plan may add: its ``max(E, D) + extra`` slots then reach
     ``E * D``, every node holding every expert; more would only stack copies of one expert on a node."""
     return max(0, num_experts * num_nodes - max(num_experts, num_nodes))
-
-
-def _held(lp: LayerPlacement) -> np.ndarray:
-    """``[E, D]`` whether each node stores (a share of) each expert."""
-    held = np.zeros((lp.num_experts, lp.num_nodes), dtype=bool)
-    np.logical_or.at(held, lp.expert_of, lp.shares > 0)
-    return held
 
 
 def _keep_in_place(old: LayerPlacement, new: LayerPlacement) -> LayerPlacement:
