@@ -274,6 +274,18 @@ def _strategy_time_limit(args: argparse.Namespace) -> float:
     return 2.0 if args.time_limit is None else args.time_limit
 
 
+def _check_budget_read(names: list[str], flags: tuple[tuple[str, Any, str], ...],
+                       choose: str = "add a strategy that reads it") -> None:
+    """Refuse a budget flag that none of the strategies ``names`` reads (tp, ep, ep-lpt, cb and
+    eplb solve nothing). ``flags``: (flag as written, value or None, Budget field)."""
+    for flag, value, fieldname in flags:
+        readers = [n for n in pl.STRATEGIES if fieldname in pl.USES_BUDGET.get(n, ())]
+        if value is not None and not any(n in readers for n in names):
+            raise InputError(flag, f"is not read by {', '.join(names)} (it budgets a solve, and "
+                             f"{'this strategy solves' if len(names) == 1 else 'these strategies solve'} none)",
+                             f"leave {flag} out, or {choose}: {', '.join(readers)}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     if args.replica_rule is not None:
         pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
@@ -292,6 +304,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise InputError("--strategy", f"lists a strategy twice: {args.strategy}", "name each strategy once")
         if args.save_plan and len(names) != 1:
             raise InputError("--save-plan", "needs a single --strategy", "e.g. --strategy cb --save-plan plan.json")
+        _check_budget_read(names, (("--time-limit", args.time_limit, "time_limit_s"),
+                                   ("--work-limit", args.work_limit, "work_limit")))
     cli_report.check_plan_out("--save-plan", args.save_plan, args.force)
     s = _settings(args, args.plan)
     problem = _to_problem(args, s, args.plan)
@@ -431,6 +445,9 @@ def _replay(args: argparse.Namespace) -> int:
     if args.plan_strategy is not None:
         pl.check_choice("--plan-strategy", args.plan_strategy, tuple(pl.STRATEGIES))
     args.plan_strategy = args.plan_strategy or "cb"
+    if not args.plan:
+        _check_budget_read([args.plan_strategy], (("--time-limit", args.time_limit, "time_limit_s"),),
+                           choose="give --plan-strategy one that reads it")
     if args.batching is not None:  # before the settings check, which would also offer "expected"
         pl.check_choice("--batching", args.batching, ("random", "contiguous"))
     names = ([p for p in pl.POLICIES if p != "oracle"] if args.policy.strip() == "all"

@@ -37,7 +37,7 @@ from .problem import Budget, Problem
 from .replica_rules import REPLICA_RULES
 from .solvers import SolveParams
 from .solvers.tasks import TasksInterrupted, check_jobs, run_tasks
-from .strategies import BASELINES, STRATEGIES, place
+from .strategies import BASELINES, STRATEGIES, USES_BUDGET, place
 from .strategies.block_milp import (
     EXECUTORS,
     MAX_MESH_NODES,
@@ -56,6 +56,7 @@ from .workload import Trace, TraceShapeError, check_window, load_trace, summariz
 
 __all__ = [
     "BASELINES", "HARDWARE_PRESETS", "INSTANCE_KEYS", "MODEL_PRESETS", "POLICIES", "REPLICA_RULES", "STRATEGIES",
+    "USES_BUDGET",
     "Budget", "Comparison", "LayerReport", "PlanResult", "Problem", "Settings", "TraceShapeError", "check_choice",
     "check_jobs", "check_plan", "compare", "evaluate", "file_sha256", "load_instance", "load_plan", "load_trace",
     "place", "plan_settings", "read_settings", "replay", "solve", "trace_stats",

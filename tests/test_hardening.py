@@ -377,6 +377,9 @@ CASES = {
     "evaluate-plan-time-limit": (_flags("evaluate", "--plan", "/no/such.json", "--time-limit", "3"), "--time-limit"),
     "evaluate-plan-work-limit": (_flags("evaluate", "--plan", "/no/such.json", "--work-limit", "3"), "--work-limit"),
     "replay-plan-time-limit": (_flags("replay", "--plan", "/no/such.json", "--time-limit", "5"), "--time-limit"),
+    "evaluate-ep-time-limit": (_flags("evaluate", *MX, "--strategy", "ep,cb", "--time-limit", "3"), "--time-limit"),
+    "evaluate-milp-work-limit": (_flags("evaluate", *MX, "--strategy", "milp", "--work-limit", "3"), "--work-limit"),
+    "replay-cb-time-limit": (_flags("replay", *MX, "--time-limit", "5"), "--time-limit"),
     # --- instance files ------------------------------------------------------------------------------
     "toml-syntax": (_toml("[model\npreset = 1\n"), "instance"),
     "toml-not-utf8": (_toml(b"\xff\xfe[model]\n"), "instance"),
