@@ -374,6 +374,23 @@ def test_a_node_with_room_for_exactly_one_more_expert_takes_it():
     check_capacity(d.placement, m, hw)
 
 
+def test_a_layer_that_loses_a_node_to_another_layer_takes_its_next_target():
+    """Two layers want a replica of their hot expert on the same node, which has room for one copy
+    over all layers: the second layer takes its next best node in the same round (it used to act
+    on none until the next batch)."""
+    m = MoEModel("t", num_experts=4, top_k=1, hidden=64, expert_intermediate=128, moe_layers=2)
+    cap = 3 * m.expert_weight_bytes() + m.non_expert_weight_bytes() / 4  # room for one more copy per node
+    hw = Hardware(Mesh(2, 2), compute_flops=1e9, link_bw_bytes_per_s=1e15, dram_bw_bytes_per_s=1e18,
+                  dram_capacity_bytes=cap)
+    plan = Placement.from_shares([np.eye(4), np.eye(4)], "ep")
+    reb = GreedyRebalancer(plan, m, hw, 52, config=RebalancerConfig(ema_decay=0.0, estimate_z=0.0, max_actions=1))
+    reb.observe(np.array([[40.0, 4.0, 4.0, 4.0], [40.0, 4.0, 4.0, 4.0]]))
+    acts = reb.step()
+    assert sorted(a.layer for a in acts) == [0, 1] and all(a.kind == "replicate" and a.expert == 0 for a in acts)
+    assert len({a.node for a in acts}) == 2
+    check_capacity(reb.placement(), m, hw)
+
+
 def test_eplb_periodic_moves_only_what_changes_place():
     """EPLB's devices are interchangeable: a re-plan that gives the current layout with its nodes
     numbered otherwise moves no weights (every expert used to move when the labels differed)."""

@@ -390,17 +390,23 @@ class GreedyRebalancer:
         if not win.any():
             return dropped
         aw = np.flatnonzero(win)
-        ci, qi, ki = np.unravel_index(best[win], (C, q.shape[2], K))
-        if np.isfinite(room).any():  # layers act at once: the best first while the node has room
-            keep = np.zeros(len(aw), dtype=bool)
+        pick = best[win]
+        if np.isfinite(room).any():  # layers act at once: the best first, each at its best node with room
+            pick = np.full(len(aw), -1)
             for w in np.argsort(-score[aw, best[aw]], kind="stable"):
-                node_t = t[aw[w], ci[w], ki[w]]
-                if room[node_t] >= wb:
-                    room[node_t] -= wb
-                    keep[w] = True
-            aw, ci, qi, ki = aw[keep], ci[keep], qi[keep], ki[keep]
+                row = score[aw[w]]
+                for j in np.argsort(-row, kind="stable"):  # its best first, then the next ones
+                    if not np.isfinite(row[j]):
+                        break
+                    node_t = t[aw[w], j // (q.shape[2] * K), j % K]
+                    if room[node_t] >= wb:
+                        room[node_t] -= wb
+                        pick[w] = j
+                        break
+            aw, pick = aw[pick >= 0], pick[pick >= 0]
             if not aw.size:
                 return dropped
+        ci, qi, ki = np.unravel_index(pick, (C, q.shape[2], K))
         acts = []
         W = c.unit.weight_bytes
         for ai, cj, qj, kj in zip(aw, ci, qi, ki, strict=True):
