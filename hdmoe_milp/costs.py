@@ -80,6 +80,12 @@ def phase_time_s(link_bytes: np.ndarray, link_bw: np.ndarray | float | None, hop
     return busiest + hop_latency_s * hops if hop_latency_s else busiest
 
 
+def other_weight_bytes_per_node(model: MoEModel, hw: Hardware) -> float:
+    """Bytes of the weights outside the routed experts (attention, embeddings, shared experts) that
+    each node stores: an even ``1/D`` share. Every capacity rule subtracts this from a node's DRAM."""
+    return model.non_expert_weight_bytes() / hw.num_nodes
+
+
 def layer_capacity_bytes(model: MoEModel, hw: Hardware, share: float | None = None) -> float | None:
     """DRAM bytes per node one MoE layer's experts may use: the node's capacity minus its share of the
     non-expert weights, times ``share`` (default 1 / MoE layers). None when capacity is unlimited."""
@@ -87,7 +93,7 @@ def layer_capacity_bytes(model: MoEModel, hw: Hardware, share: float | None = No
     if cap is None:
         return None
     share = share if share is not None else 1.0 / model.moe_layers
-    return (cap - model.non_expert_weight_bytes() / hw.num_nodes) * share
+    return (cap - other_weight_bytes_per_node(model, hw)) * share
 
 
 # --- link loads under XY routing -----------------------------------------------------------
@@ -396,7 +402,7 @@ def expert_room_bytes(model: MoEModel, hw: Hardware) -> float | None:
     ``1/D`` share of the other weights, plus half the excess :func:`check_capacity` forgives, so that
     a node filled exactly (up to rounding in sums of shares) passes it. None when unlimited."""
     cap = hw.dram_capacity_bytes
-    return None if cap is None else cap * (1 + CAPACITY_RTOL / 2) - model.non_expert_weight_bytes() / hw.num_nodes
+    return None if cap is None else cap * (1 + CAPACITY_RTOL / 2) - other_weight_bytes_per_node(model, hw)
 
 
 def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:
@@ -404,8 +410,7 @@ def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:
     cap = hw.dram_capacity_bytes
     if cap is None:
         return
-    other = model.non_expert_weight_bytes() / hw.num_nodes
-    need = placement.memory_bytes_per_node(model.expert_weight_bytes()) + other
+    need = placement.memory_bytes_per_node(model.expert_weight_bytes()) + other_weight_bytes_per_node(model, hw)
     worst = int(np.argmax(need))
     if need[worst] > cap * (1 + CAPACITY_RTOL):
         raise InputError(
