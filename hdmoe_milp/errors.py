@@ -67,6 +67,10 @@ def expect_int(field: str, value: Any, *, minimum: int | None = None, maximum: i
         span = f" >= {minimum}" if minimum is not None else f" <= {maximum}" if maximum is not None else ""
     fix = f"give a whole number{span}" + (f" ({why})" if why else "")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():  # 4.0: right value, wrong type
+            raise InputError(field, f"must be an integer, got the float {shown(value)}",
+                             f"write {int(value)} without the decimal point (a whole number{span}"
+                             + (f": {why})" if why else ")"))
         raise InputError(field, f"must be a whole number, got {shown(value)}", fix)
     v = int(value)
     if minimum is not None and v < minimum:
@@ -194,7 +198,10 @@ def int_matrix(field: str, value: Any, *, width: int | None = None) -> np.ndarra
         for x in row:
             if type(x) is not int:
                 if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-                    raise InputError(field, f"row {i} holds {x!r}, not a whole number", "ids are integers")
+                    whole = isinstance(x, float) and x.is_integer()  # 4.0: the right value as a float
+                    kind = "an integer" if whole else "a whole number"
+                    raise InputError(field, f"row {i} holds {x!r}, not {kind}",
+                                     "ids are integers" + (", written without a decimal point" if whole else ""))
             if not _I64_MIN <= x <= _I64_MAX:
                 raise InputError(field, f"row {i} holds {x}, out of range", "ids are small non-negative integers")
     a = np.array(rows, dtype=np.int64)

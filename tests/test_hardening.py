@@ -310,6 +310,11 @@ CASES = {
                                  "meta.problem.batch"),
     "plan-without-problem": (_plan(lambda d: d["meta"].pop("problem")), "--model"),
     "plan-num-nodes-mismatch": (_plan(lambda d: d.__setitem__("num_nodes", 2 * d["num_nodes"])), "num_nodes"),
+    # 4.0 where an integer belongs: refused, and the message says how to write it (it read "must be a whole number")
+    "plan-num-nodes-float": (_plan(lambda d: d.__setitem__("num_nodes", float(d["num_nodes"]))),
+                             "num_nodes: must be an integer, got the float"),
+    "plan-expert-of-integral-float": (_plan(lambda d: d["layers"][0]["expert_of"].__setitem__(0, 0.0)),
+                             "expert_of: holds 0.0, not an integer"),
     # a whole number too large for a float (JSON reads it exactly) gave an OverflowError traceback
     **{f"plan-meta-huge-int-{key.rsplit('.', 1)[-1]}": (_plan(_set(["meta", "problem", *key.split(".")], 10**400)),
                                                         f"meta.problem.{key}")
