@@ -268,6 +268,11 @@ def _print_left_out(problem: pl.Problem, names: list[str]) -> None:
               + ", ".join(names))
 
 
+def _capped_text(res: pl.PlanResult) -> str:
+    """The layers a deterministic solve's wall-clock safety net stopped, for the note: "layers 3, 7"."""
+    return "layers " + ", ".join(str(r.layer) for r in res.layers if getattr(r, "wall_capped", False))
+
+
 def _strategy_time_limit(args: argparse.Namespace) -> float:
     """evaluate's and replay's --time-limit for the strategies they build, default 2 s (None when not
     given, so that it can be refused with --plan)."""
@@ -422,6 +427,10 @@ def _solve(args: argparse.Namespace) -> int:
         if args.out:
             note += f"; the plan written to {args.out} is this partial one"
         print(note, file=sys.stderr)
+    if capped := out["summary"]["wall_capped"]:
+        print(f"hdmoe-milp: note: {capped} layer(s) reached the wall-clock safety net of --deterministic "
+              f"({_capped_text(res)}): the machine was busy, so their plans may differ on another run",
+              file=sys.stderr)
     if args.out:
         out["out"] = str(args.out)
     if args.json:

@@ -224,8 +224,10 @@ def _evaluations(res: Any, problem: pl.Problem, batch: int) -> tuple[dict[str, A
 
 def _layer_table(res: Any, spec: GridSpec) -> pd.DataFrame:
     """``res.layer_table()`` with the limit per layer and what each layer's limit counted
-    (``time_limit_s``, ``time_mode``: ``deterministic`` for CP-SAT here): ``time_s`` is wall time."""
-    return res.layer_table().assign(time_limit_s=spec.time_limit_s, time_mode=[r.time_mode for r in res.layers])
+    (``time_limit_s``, ``time_mode``: ``deterministic`` for CP-SAT here; ``wall_capped``: the
+    wall-clock safety net, not the work budget, stopped it): ``time_s`` is wall time."""
+    return res.layer_table().assign(time_limit_s=spec.time_limit_s, time_mode=[r.time_mode for r in res.layers],
+                                    wall_capped=[bool(getattr(r, "wall_capped", False)) for r in res.layers])
 
 
 def _rows(evs: dict[str, Any], key: dict[str, Any], part: str = "static") -> list[dict[str, Any]]:
@@ -415,6 +417,9 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
     solve_at = "each batch" if spec.solve_batch is None else spec.solve_batch
     settings = (f"mode `{spec.mode}`, solve batch {solve_at}, backend {spec.backend}, "
                 f"{spec.time_limit_s:g} s per layer (CP-SAT deterministic time), seed {spec.seed}")
+    if capped := int(g.solver["wall_capped"].sum()) if "wall_capped" in g.solver.columns else 0:
+        settings += (f"; {capped} of {len(g.solver)} layers reached the wall-clock safety net of that limit "
+                     "(the machine was busy: their plans may differ on another run; `wall_capped` in solver.csv)")
     md = ["# Benchmark results", "", f"Settings: {settings}. Speedup = baseline TBT / our TBT at the same point "
           "(model, mesh, hardware point, batch); mean/min/max over the meshes and batches of each group.", "",
           "## Speedup of ours over each baseline", "", rp.markdown(sp), "",

@@ -284,7 +284,9 @@ class PlanResult:
         Ctrl-C leaves layers ``interrupted``):
         ``layers_solved``, ``proven_1pct`` (gap ≤ 1 %), ``gap_median`` and ``gap_max`` (fractions;
         None when no layer has a gap), ``improved`` (layers where the search beat the best
-        heuristic) and ``improvement_max`` (fraction), the plan's ``tbt_us`` and ``wall_s``."""
+        heuristic) and ``improvement_max`` (fraction), the plan's ``tbt_us`` and ``wall_s``;
+        ``wall_capped``: layers whose deterministic search the wall-clock safety net stopped (their
+        plans depend on the machine's load; always 0 in wall mode)."""
         # a layer cut by Ctrl-C holds its best start, not a solve: it is not counted either
         solved = [r for r in self.layers if r.status not in ("not-solved", "interrupted")]
         gaps = np.array([r.gap for r in solved if r.gap is not None and np.isfinite(r.gap)], dtype=float)
@@ -295,6 +297,7 @@ class PlanResult:
             "gap_max": float(gaps.max()) if gaps.size else None,
             "improved": int((gains > 0).sum()), "improvement_max": float(gains.max(initial=0.0)),
             "tbt_us": self.evaluations["plan"].tbt_us, "wall_s": self.solver.get("wall_s"),
+            "wall_capped": sum(bool(getattr(r, "wall_capped", False)) for r in solved),
         }
 
     def to_dict(self) -> dict[str, Any]:

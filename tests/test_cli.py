@@ -204,6 +204,32 @@ def test_every_backend_the_help_names_is_accepted(capsys):
             assert rc == 2 and f"hdmoe_milp[{name}]" in err
 
 
+def test_solve_notes_layers_the_deterministic_safety_net_stopped(capsys, monkeypatch):
+    """A deterministic layer stopped by the wall-clock safety net is counted in the summary and named
+    in a note on stderr (here the layers' flags are set after the solve: when the net stops a layer
+    is tested in test_milp); an unhurried run has neither."""
+    from dataclasses import replace
+
+    import hdmoe_milp.pipeline as pl
+
+    args = ["solve", "--model", "mixtral-8x7b", "--mesh", "2x2", "--layers", "0,1", "--time-limit", "0.3",
+            "--no-baselines", "--deterministic", "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["summary"]["wall_capped"] == 0 and "safety net" not in err
+    solve = pl.solve
+
+    def capped(*a, **kw):
+        res = solve(*a, **kw)
+        return replace(res, layers=[replace(r, wall_capped=r.layer in (0, 1)) for r in res.layers])
+
+    monkeypatch.setattr(pl, "solve", capped)
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["summary"]["wall_capped"] == 2
+    assert "2 layer(s) reached the wall-clock safety net of --deterministic (layers 0, 1)" in err
+
+
 def test_solve_flags_reach_the_solver(capsys):
     """--deterministic and --no-branch-and-bound: the same numbers twice, counted in work, and no
     branch and bound in any layer's account (it would prove these 2x2 layers at once)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -190,6 +191,31 @@ def test_deterministic_mode_repeats_and_says_so():
     assert a.time_mode == b.time_mode == "deterministic"
     np.testing.assert_array_equal(a.assign, b.assign)
     assert (a.objective_s, a.bound_s, a.gap) == (b.objective_s, b.bound_s, b.gap)
+
+
+def test_deterministic_layer_says_when_the_wall_clock_safety_net_stopped_it(monkeypatch):
+    """On an idle machine the work budget ends a deterministic layer; when the wall-clock safety net
+    does (here: set to a millionth of the limit), the result says its plan depends on the load."""
+    import hdmoe_milp.strategies.block_milp.solve as solve_mod
+
+    m, hw = tiny(E=5, mesh="2x4", bw=3e8)
+    tr = synthetic_trace(m, 400, seed=2)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
+    params = SolveParams(time_limit_s=0.5, deterministic=True, gap=0.0)
+    free = solve_layer(m, hw, f, 32, backend="cpsat", params=params, coactivation=groups)
+    assert not free.wall_capped and "safety net" not in free.message
+    run = solve_mod._Polisher.run
+
+    def busy_machine(self, assign, obj, end, evals):  # the polish's work takes until past the net
+        time.sleep(max(end - time.perf_counter(), 0.0) + 0.01)
+        return run(self, assign, obj, end, evals)
+
+    monkeypatch.setattr(solve_mod, "DET_CAP", 1.0)  # the net at the limit itself: 0.5 s of sleep
+    monkeypatch.setattr(solve_mod._Polisher, "run", busy_machine)
+    cut = solve_layer(m, hw, f, 32, backend="cpsat", params=params, coactivation=groups)
+    assert cut.wall_capped and cut.to_dict()["wall_capped"] and "safety net" in cut.message
+    wall = solve_layer(m, hw, f, 32, backend="cpsat", params=SolveParams(time_limit_s=0.5), coactivation=groups)
+    assert not wall.wall_capped  # wall mode: the limit is the point, not a safety net
 
 
 def test_selected_layers_only():
