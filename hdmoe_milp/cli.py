@@ -516,13 +516,17 @@ def _replay(args: argparse.Namespace) -> int:
     for r in rows:
         r["speedup_vs_static"] = None if static is None else static / r["mean_us"]
     trace = s.trace or problem.trace.name
+    o = problem.options  # the evaluator's rules the latencies were scored with, as evaluate prints them
+    rules = {"mode": o.mode, "delivery": o.resolved_delivery, "home": o.resolved_home, "context_len": o.context_len,
+             "seed": problem.seed}
     if args.json:
         print(json.dumps({"model": problem.model.name, "hw": problem.hw_point, "mesh": problem.mesh_name,
                           "batch": batch, "batching": batching, "plan": args.plan or f"{args.plan_strategy}",
-                          "trace": trace, "replica_rule": args.replica_rule, "results": rows}, indent=2))
+                          "trace": trace, "replica_rule": args.replica_rule, **rules, "results": rows}, indent=2))
         return 0
     print(f"model={problem.model.name} hw={problem.hw_point} mesh={problem.mesh_name} batch={batch} "
-          f"batches={args.batches} batching={batching} trace={trace} replica_rule={args.replica_rule}")
+          f"batches={args.batches} batching={batching} trace={trace} replica_rule={args.replica_rule} "
+          + " ".join(f"{k}={v}" for k, v in rules.items()))
     cols = ["policy", "mean_us", "p50_us", "p99_us", "migration_us", "bytes_moved", "actions",
             "decide_us_per_layer_mean"] + (["speedup_vs_static"] if static is not None else [])
     df = pd.DataFrame(rows)[cols]

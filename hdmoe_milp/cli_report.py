@@ -43,6 +43,7 @@ from .evaluator import COALESCE, DELIVERIES, HOMES, MODES
 from .hardware import MAX_DRAM_CAPACITY_BYTES, Mesh, parse_point, point_name
 from .moe import MODEL_PRESETS
 from .placement import Placement
+from .problem import RECORD_HARDWARE_KEYS, RECORD_KEYS
 from .workload import BATCHING
 
 __all__ = ["COMMANDS", "PLOT_KINDS", "add_commands", "run"]
@@ -403,6 +404,7 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
             raise InputError(f"{where}.{key}", f"must be a finite number, got {shown(v)}", "save the plan again")
         return x
 
+    _check_record_keys(where, made)
     out: dict[str, Any] = {}
     choices = {"model": tuple(MODEL_PRESETS), "batching": BATCHING,
                "mode": MODES, "delivery": DELIVERIES, "home": HOMES}
@@ -475,6 +477,19 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
                              _trace_fix("give the trace to score on with --trace", flags))
         out["trace"] = recorded
     return out
+
+
+def _check_record_keys(where: str, made: dict[str, Any]) -> None:
+    """Refuse keys a plan's ``meta.problem`` (``where``) cannot hold: a misspelt one would otherwise
+    be ignored and its default used in its place."""
+    for record, known, at in ((made, RECORD_KEYS, where),
+                              (made.get("hardware"), RECORD_HARDWARE_KEYS, f"{where}.hardware")):
+        if not isinstance(record, dict):
+            continue
+        unknown = sorted(str(k) for k in record if k not in known)
+        if unknown:
+            raise InputError(at, f"has unknown key(s) {', '.join(map(repr, unknown))}",
+                             f"correct or remove them (allowed: {', '.join(sorted(known))})")
 
 
 def plan_rules(path: str, made: dict[str, Any] | None = None) -> dict[str, str]:

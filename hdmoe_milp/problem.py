@@ -100,6 +100,16 @@ class Budget:
         set_(self, "gap", g)
 
 
+# what a plan file records about its problem (Problem.describe), so that a hand-edited record with a
+# misspelt key is refused rather than read as the default
+RECORD_KEYS = frozenset({
+    "model", "moe_layers", "num_experts", "top_k", "mesh", "hw_point", "hardware", "batch", "batching", "seed",
+    "trace", "trace_path", "trace_sha256", "synthetic_tokens", "mode", "delivery", "home", "context_len",
+    "coalesce", "replica_rule"})
+RECORD_HARDWARE_KEYS = frozenset({"compute_flops", "link_bw_bytes_per_s", "dram_bw_bytes_per_s",
+                                  "dram_capacity_bytes", "hop_latency_s"})
+
+
 @dataclass(frozen=True)
 class Problem:
     """One placement problem. Shapes: ``frequencies [layers, E]`` (expert i's share of tokens; from
@@ -255,7 +265,8 @@ class Problem:
         return replace(self, **changes)
 
     def describe(self) -> dict[str, Any]:
-        """What a plan made for this problem records (JSON-ready)."""
+        """What a plan made for this problem records (JSON-ready): the keys of :data:`RECORD_KEYS`,
+        with ``hardware`` holding those of :data:`RECORD_HARDWARE_KEYS`."""
         hw = self.hardware
         bw = hw.link_bw
         return {

@@ -168,6 +168,13 @@ def test_replay_takes_batch_and_batching_from_the_instance(tmp_path, capsys):
     assert (d["batch"], d["batching"]) == (40, "contiguous")
     assert main([*run, "--instance", instance("seed = 1")]) == 0  # no batch written: the problem's default, 128
     assert json.loads(capsys.readouterr().out)["batch"] == 128
+    # the evaluator's rules the latencies were scored with are printed, as evaluate prints them
+    paper = instance('[evaluator]\nmode = "paper"')
+    assert main([*run, "--instance", paper]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["mode"], d["context_len"], d["seed"]) == ("paper", 1024, 0) and d["delivery"] and d["home"]
+    assert main([a for a in run if a != "--json"] + ["--instance", paper]) == 0
+    assert " mode=paper delivery=" in capsys.readouterr().out.splitlines()[0]
     # a plan file: the batch it was made for
     saved = tmp_path / "p48.json"
     assert main(["evaluate", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "2.5/75", "--trace", str(trace),

@@ -310,6 +310,13 @@ CASES = {
                                  "meta.problem.batch"),
     "plan-without-problem": (_plan(lambda d: d["meta"].pop("problem")), "--model"),
     "plan-num-nodes-mismatch": (_plan(lambda d: d.__setitem__("num_nodes", 2 * d["num_nodes"])), "num_nodes"),
+    # a misspelt key in the plan's record was ignored, and its default used (context_len 1024)
+    "plan-meta-misspelt-key": (_plan(lambda d: d["meta"]["problem"].__setitem__(
+        "context_length", d["meta"]["problem"].pop("context_len"))),
+        "meta.problem: has unknown key(s) 'context_length'"),
+    "plan-meta-hardware-unknown-key": (
+        _plan(lambda d: d["meta"]["problem"]["hardware"].__setitem__("hop_latency_ns", 5)),
+        "meta.problem.hardware: has unknown key(s) 'hop_latency_ns'"),
     # 4.0 where an integer belongs: refused, and the message says how to write it (it read "must be a whole number")
     "plan-num-nodes-float": (_plan(lambda d: d.__setitem__("num_nodes", float(d["num_nodes"]))),
                              "num_nodes: must be an integer, got the float"),

@@ -237,3 +237,14 @@ def test_review_regressions(tmp_path, monkeypatch, capsys):
     plan.write_text(json.dumps(d))
     assert main(["evaluate", "--plan", str(plan)]) == 2
     assert "gone.json.gz" in capsys.readouterr().err
+
+
+def test_a_plans_record_holds_exactly_the_keys_plan_files_accept():
+    """Plan files refuse keys outside RECORD_KEYS (a misspelling would be read as the default), so
+    what describe() writes must be those keys, with and without a capacity and a trace file."""
+    from hdmoe_milp.problem import RECORD_HARDWARE_KEYS, RECORD_KEYS
+
+    p = hm.load_instance(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml")
+    for q in (p, p.with_(hardware=dataclasses.replace(p.hardware, dram_capacity_bytes=1e12))):
+        d = q.describe()
+        assert set(d) == RECORD_KEYS and set(d["hardware"]) == RECORD_HARDWARE_KEYS
