@@ -298,14 +298,14 @@ _STRATEGY_NAMES = (*pl.STRATEGIES, "ours", *(f"ours+{p}" for p in pl.POLICIES))
 _KEYS = ("model", "hw", "mesh", "mode", "batch", "part", "strategy", "policy", "layer", "solve_batch")
 
 
-def _filter(df: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
-    """The rows matching every one of --model, --hw and --mesh given."""
+def _filter(df: pd.DataFrame, args: argparse.Namespace, path: str = "file") -> pd.DataFrame:
+    """The rows matching every one of --model, --hw and --mesh given (``path``: the table's, for errors)."""
     given = {c: getattr(args, c) for c in ("model", "hw", "mesh") if getattr(args, c, None) is not None}
     for c, v in given.items():
         if c in df.columns:
             df = df[df[c].astype(str) == str(v)]
     if df.empty and not given:
-        raise InputError("file", "has no rows (only a header)", "give a table that bench wrote")
+        raise InputError(path, "has no rows (only a header)", "give a table that bench wrote")
     if df.empty:
         raise InputError("/".join(f"--{c}" for c in given), "no rows match "
                          + ", ".join(f"{c}={v}" for c, v in given.items()), "give values that appear in the file")
@@ -374,6 +374,8 @@ def check_plan_out(flag: str, path: str | None, force: bool = False) -> None:
 def _check_figure_out(out: Path, force: bool = False) -> None:
     """Before any work: matplotlib writes the suffix's format, and :func:`check_out` passes."""
     formats = Figure().canvas.get_supported_filetypes()
+    if out.is_dir():  # as check_out says it, before the suffix (a folder has none)
+        raise InputError("--out", f"{out} is a directory", "give a file name, e.g. --out fig.png")
     if out.suffix.lstrip(".").lower() not in formats:
         raise InputError("--out", f"{out.name}: unknown image format {out.suffix or '(no suffix)'!r}",
                          "end the name in " + ", ".join(f".{f}" for f in ("png", "svg", "pdf")))
@@ -590,7 +592,9 @@ def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
     made = pl.plan_settings(path)
     if made is None or not made.get("model") or not made.get("mesh") or not made.get("hw_point"):
         raise InputError("plot", f"{path} does not record the model, mesh and hardware point it was made for",
-                         "save it again from a problem on a named hardware point (make_hardware or an instance file)")
+                         "save it again with the problem it was made for, on a named hardware point (make_hardware "
+                         "or an instance file): hm.place(problem, name) records it; a Placement built by hand takes "
+                         "it as Placement(plan.layers, plan.strategy, {'problem': problem.describe()})")
     s = replace(pl.Settings(path.stem, "deepseek-v2-lite", "5/50", "4x8"), **plan_defaults(str(path), None,
                                                                                      flags=False))
     try:  # the values come from the plan file: name its keys, and no flag plot lacks (--model, --trace)
@@ -751,7 +755,7 @@ def _plot(args: argparse.Namespace) -> int:
         raise InputError("file", f"{path.name} is a plan file, and plot {kind} draws bench's {_CSV_NEEDS[kind][0]}",
                          f"give the {_CSV_NEEDS[kind][0]} that bench wrote{hint}")
     if kind in _CSV_NEEDS:
-        df = _filter(_read_csv(path, kind), args)
+        df = _filter(_read_csv(path, kind), args, str(path))
         if kind in ("tbt", "decomposition", "ablation") and "part" in df.columns:
             if not (df["part"] == "static").any():
                 raise InputError("file", f"{path} has no rows with part 'static', which the {kind} figure draws",

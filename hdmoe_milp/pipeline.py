@@ -157,7 +157,8 @@ class Comparison:
 def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = None, *,
             plans: dict[str, Placement] | None = None, seed: int | None = None, budget: Budget | None = None,
             progress: bool | None = None) -> Comparison:
-    """Build every strategy in ``strategies`` (default: the baselines) on ``problem`` and score them,
+    """Build every strategy in ``strategies`` (default, or ``"all"`` as in the CLI: the baselines) on
+    ``problem`` and score them,
     plus any ready ``plans``; TP is always scored as the reference. A built strategy whose placement
     does not fit the nodes' DRAM is left out and listed in ``over_capacity`` (an error if it is the
     only one); a given plan that does not fit is an error."""
@@ -167,7 +168,8 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
     if not isinstance(strategies, (str, list, tuple, type(None))):
         raise InputError("strategies", f"must be a name or a list of names, got {strategies!r}",
                          "e.g. ['tp', 'ep'], or leave it out for the baselines")
-    names = list(BASELINES if strategies is None else [strategies] if isinstance(strategies, str) else strategies)
+    names = list(BASELINES if strategies is None or strategies == "all"
+                 else [strategies] if isinstance(strategies, str) else strategies)
     if not names and not plans:
         raise InputError("strategies", "is empty", "name at least one strategy, or leave it out for the baselines")
     for n in names:

@@ -180,13 +180,14 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
     """
     p = check_file("trace", path, "give the path of a .json, .json.gz or .npz trace")
     expect_int("num_experts", num_experts, minimum=1, maximum=MAX_EXPERTS, why="experts per layer")
-    expect_int("top_k", top_k, minimum=1)
+    expect_int("top_k", top_k, minimum=1, maximum=int(num_experts), why="experts per token, of num_experts")
     if max_tokens is not None:
         expect_int("max_tokens", max_tokens, minimum=1)
     name = p.name.split(".")[0]
     try:
         data = p.read_bytes()
         lower = p.name.lower()  # TRACE.JSON.GZ as well
+        _check_signature(p, lower, data)
         if lower.endswith(".npz"):
             layers = _npz_layers(p, data)
         elif lower.endswith(".json") or lower.endswith(".json.gz"):
@@ -209,6 +210,20 @@ def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int |
     except InputError as exc:
         inner = exc.field.removeprefix("trace").strip()
         raise InputError(f"trace {p.name}" + (f" {inner}" if inner else ""), exc.problem, exc.fix) from None
+
+
+def _check_signature(p: Path, lower: str, data: bytes) -> None:
+    """A file whose first bytes say it is another format than its name (a gzip file named .json, an
+    .npz named .json.gz) is refused with the name it needs, not with a decoding error."""
+    kind = ("gzip" if data.startswith(b"\x1f\x8b") else "npz" if data.startswith(b"PK\x03\x04") else None)
+    named = "npz" if lower.endswith(".npz") else "gzip" if lower.endswith(".gz") else "json"
+    if kind is None or kind == named or not lower.endswith((".npz", ".json", ".json.gz")):
+        return
+    what = {"gzip": "gzip-compressed (a .json.gz trace)", "npz": "a zip archive (an .npz trace)"}[kind]
+    want = {"gzip": ".json.gz", "npz": ".npz"}[kind]
+    suffix = next(x for x in (".npz", ".json.gz", ".json") if lower.endswith(x))
+    raise InputError("trace", f"{p.name} is {what}, but its name ends in {suffix}",
+                     f"rename it to end in {want}")
 
 
 def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:

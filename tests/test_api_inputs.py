@@ -246,3 +246,12 @@ def test_a_hand_built_workload_is_checked():
             hm.Workload(*args)
         assert exc.value.field == field
     assert hm.Workload((ok,), 8, 2, 3.0, "observed").expert_loads()[0, :2].tolist() == [3.0, 3.0]
+
+
+def test_compare_all_is_the_baselines_and_load_trace_refuses_an_impossible_top_k():
+    """hm.compare(problem, "all") builds the baselines, as the CLI's --strategy all; a top-k above
+    the expert count is refused as such (it was blamed on the trace's routing)."""
+    p = hm.load_instance(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml")
+    assert list(hm.compare(p, "all").evaluations) == list(hm.compare(p).evaluations) == list(hm.BASELINES)
+    with pytest.raises(hm.InputError, match=r"top_k: must be <= 8, got 9"):
+        hm.load_trace(ROOT / "instances" / "traces" / "mixtral_writing_4k.json.gz", 8, 9)

@@ -275,7 +275,9 @@ CASES = {
     "plot-csv-wrong-columns": (_plot_csv(b"a,b\n1,2\n"), "file"),
     "plot-csv-binary": (_plot_csv(b"\x00\x01\xff garbage"), "file"),
     "plot-csv-empty": (_plot_csv(b""), "file"),
-    "plot-csv-header-only": (_plot_csv(_RESULTS.split(b"\n", 1)[0] + b"\n"), "file: has no rows"),
+    "plot-csv-header-only": (_plot_csv(_RESULTS.split(b"\n", 1)[0] + b"\n"), ".csv: has no rows"),  # names it
+    "plot-out-folder": (lambda d: ["plot", "link-load", str(d / "good_plan.json"), "--out", str(d)],
+                        "is a directory (give a file name"),
     "solve-out-no-name": (_flags("solve", *MX, "--out", ".json"), "'.json' has no name"),
     "toml-capacity-tiny": (_toml(BASE_TOML + "dram_capacity_gb = 0.001\n"),
                            "instance inst_"),  # named as every instance key is, in GB that are not 0.00
@@ -482,6 +484,11 @@ CASES = {
     "trace-gz-truncated": (_trace_json(None, ".json.gz", raw=gzip.compress(json.dumps(_layers(_ok)).encode())[:60]),
                            "trace"),
     "trace-gz-not-gzip": (_trace_json(None, ".json.gz", raw=b"plain text, not gzip"), "trace"),
+    # a file whose bytes say another format than its name: a decoding error, now the name it needs
+    "trace-gzip-named-json": (_trace_json(None, ".json", raw=gzip.compress(b'{"0": [[0, 1]]}')),
+                              "is gzip-compressed (a .json.gz trace), but its name ends in .json"),
+    "trace-npz-named-json-gz": (_trace_json(None, ".json.gz", raw=b"PK\x03\x04 rest of a zip archive"),
+                                "rename it to end in .npz"),
     "trace-gz-bad-utf8": (_trace_json(None, ".json.gz", raw=gzip.compress(b"\xff\xfe\xfd")), "trace"),
     "trace-unsupported-ext": (_trace_json(_layers(_ok), ".txt"), "trace"),
     "trace-stats-bad": (_trace_json(_bad_layer([[0.5, 1]]), cmd="stats"), "layer 3"),
@@ -1163,7 +1170,7 @@ def test_plot_names_the_plans_trace_not_flags_it_lacks(tmp_path, capsys):
     for name, text, field, says in (
             ("bad", "{oops", "plan bad.json meta.problem.trace_path", "cannot read"),
             ("short", json.dumps({str(i): [[0, 1]] * 10 for i in range(5)}), "trace t_short.json",
-             "set the model of plan short.json (meta.problem.model)")):
+             "give a trace recorded from mixtral-8x7b, the model the plan was made for")):
         (tmp_path / f"t_{name}.json").write_text(text)
         d["meta"]["problem"].update(trace_path=f"t_{name}.json", trace_sha256=hashlib.sha256(text.encode()).hexdigest())
         (tmp_path / f"{name}.json").write_text(json.dumps(d))
