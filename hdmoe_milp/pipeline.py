@@ -123,9 +123,11 @@ def _score_named(name: str, placement: Placement, problem: Problem, options: Eva
         raise _misfit(name, exc) from None
 
 
-def _misfit(name: str, exc: InputError) -> InputError:
-    """A capacity error from :func:`check_capacity` naming the strategy whose placement it is about."""
-    return InputError(exc.field, f"the {name} placement does not fit: {exc.problem}", exc.fix)
+def _misfit(name: str, exc: InputError, others: list[str] | tuple[str, ...] = ()) -> InputError:
+    """A capacity error from :func:`check_capacity` naming the strategy whose placement it is about
+    (and ``others`` that do not fit either)."""
+    also = f" ({', '.join(others)} {'does' if len(others) == 1 else 'do'} not fit either)" if others else ""
+    return InputError(exc.field, f"the {name} placement does not fit: {exc.problem}{also}", exc.fix)
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,8 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
         except InputError as exc:
             misfit[n] = exc
     if misfit and len(misfit) == len(built) and not placements:
-        raise _misfit(*next(iter(misfit.items())))
+        first, *rest = misfit
+        raise _misfit(first, misfit[first], rest)
     placements.update({n: p for n, p in built.items() if n not in misfit})
     evals = {n: _score_named(n, p, problem, problem.options) for n, p in placements.items()}
     ref = evals.get("tp") or score(place(problem, "tp"), problem.model, problem.hardware, problem.workload,

@@ -341,6 +341,8 @@ class Placement:
         ``force=False`` refuses to replace an existing file. ``field``: the name errors give ``path``
         (the CLI passes its flag)."""
         p = expect_path(field, path)
+        if p.is_dir():  # said as the CLI says it, before the suffix (a folder has none)
+            raise InputError(field, f"{p} is a directory", "give a file name ending in .json")
         if p.suffix.lower() != ".json":  # load_plan and the CLI read .json plan files
             raise InputError(field, f"{p.name}: a plan file is JSON", "end the name in .json")
         try:

@@ -255,3 +255,14 @@ def test_compare_all_is_the_baselines_and_load_trace_refuses_an_impossible_top_k
     assert list(hm.compare(p, "all").evaluations) == list(hm.compare(p).evaluations) == list(hm.BASELINES)
     with pytest.raises(hm.InputError, match=r"top_k: must be <= 8, got 9"):
         hm.load_trace(ROOT / "instances" / "traces" / "mixtral_writing_4k.json.gz", 8, 9)
+
+
+def test_saving_a_plan_over_a_folder_says_it_is_a_folder(tmp_path):
+    """A folder named without .json was refused for its suffix ("a plan file is JSON"); a folder
+    named .json too reached the writer. Both say what the CLI says: it is a directory."""
+    p = hm.load_instance(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml")
+    plan = hm.place(p, "ep")
+    for name in ("plans", "plans.json"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(hm.InputError, match="is a directory"):
+            plan.save(tmp_path / name)

@@ -391,6 +391,8 @@ CASES = {
     "evaluate-plan-time-limit": (_flags("evaluate", "--plan", "/no/such.json", "--time-limit", "3"), "--time-limit"),
     "evaluate-plan-work-limit": (_flags("evaluate", "--plan", "/no/such.json", "--work-limit", "3"), "--work-limit"),
     "replay-plan-time-limit": (_flags("replay", "--plan", "/no/such.json", "--time-limit", "5"), "--time-limit"),
+    "evaluate-every-misfit-named": (_flags("evaluate", "--model", "mixtral-8x7b", "--mesh", "4x4", "--strategy",
+                                           "eplb-redundant,eplb", "--capacity-gb", "6"), "eplb does not fit either"),
     "evaluate-ep-time-limit": (_flags("evaluate", *MX, "--strategy", "ep,cb", "--time-limit", "3"), "--time-limit"),
     "evaluate-milp-work-limit": (_flags("evaluate", *MX, "--strategy", "milp", "--work-limit", "3"), "--work-limit"),
     "replay-cb-time-limit": (_flags("replay", *MX, "--time-limit", "5"), "--time-limit"),
