@@ -211,6 +211,7 @@ def test_deterministic_layer_says_when_the_wall_clock_safety_net_stopped_it(monk
         return run(self, assign, obj, end, evals)
 
     monkeypatch.setattr(solve_mod, "DET_CAP", 1.0)  # the net at the limit itself: 0.5 s of sleep
+    monkeypatch.setattr(solve_mod, "DET_CAP_MIN_S", 0.0)
     monkeypatch.setattr(solve_mod._Polisher, "run", busy_machine)
     cut = solve_layer(m, hw, f, 32, backend="cpsat", params=params, coactivation=groups)
     assert cut.wall_capped and cut.to_dict()["wall_capped"] and "safety net" in cut.message

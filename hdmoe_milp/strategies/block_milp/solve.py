@@ -39,13 +39,15 @@ GAP_TOL = 5e-5  # integer scaling (CP-SAT) and LP tolerances
 RESERVE_S = 0.05  # wall seconds kept back from the solver for decoding and scoring its plan
 MIN_SOLVE_S = 0.02  # below this, the solver is not started
 # --deterministic: the polish, branch and bound and LNS stop on work budgets sized to take about the
-# limit on an idle core; this multiple of the limit is only a wall-clock safety net (past it the answer
-# would depend on the clock). At 2x a Mixtral layer whose search took 1.8x the limit with three
-# processes on two cores came within 10 % of it. A Mixtral 8x8 layer takes 1.9x the limit on an idle
-# core, and at 3x the bench grid, run beside a test suite, reached the net on 32 layers (up to 3.9 %
-# worse plans than on an idle machine); 5x leaves room for a machine more than twice as loaded. A
-# layer that reaches it says so (``wall_capped``).
+# limit on an idle core. This multiple of the limit, counted from the start of those stages (what comes
+# before them ends on its own work), is only a wall-clock safety net: past it the answer would depend
+# on the clock. At 5x from the layer's start, the bench grid at 1 s (two jobs on two cores) reached it
+# on 100 of 774 layers, on the 64-expert 8x8 ones, whose setup alone takes 3-4 s. A layer that
+# reaches it says so (``wall_capped``).
 DET_CAP = 5.0
+# ... and never less than this many seconds: each stage has fixed costs of tens of milliseconds, so at
+# limits of a few hundredths of a second the net, not the work budget, would stop every layer
+DET_CAP_MIN_S = 2.0
 # the largest mesh the block family is built for: 16x16 builds a DeepSeek-V3 layer in about 1 GB and
 # keeps the layer's time limit; 32x32 takes minutes per layer before any search (the family's
 # per-column link loads grow with nodes x links)
@@ -379,10 +381,13 @@ def solve_layer(
                 bound = min(max(bound, out.bound / US), obj)
             trace.append((time.perf_counter() - t0, obj if better else None, bound, f"bound:{backend}"))
 
-    # wall: the deadline; deterministic: an evaluation budget, with the wall-clock cap as a safety net
-    net = 1.0 if params.work_limit else DET_CAP  # deterministic: the wall-clock safety net, x the limit
-    cap = deadline - RESERVE_S if not det else t0 + net * params.time_limit_s
-    search_began = time.perf_counter()  # the stages below stop at the cap; after it they do nothing
+    # wall: the deadline; deterministic: an evaluation budget, with the wall-clock cap as a safety net.
+    # Everything above ends on its own work (or runs to completion) whatever the clock says, so the net
+    # starts here: counted from the layer's start, the setup of a 64-expert 8x8 layer (3-4 s) left the
+    # search a fraction of its budget at 1 s, and the bench grid stopped 100 of 774 layers on it
+    # (with a work limit, the time limit is a wall limit of its own; else the net, at least DET_CAP_MIN_S)
+    net_s = params.time_limit_s if params.work_limit else max(DET_CAP * params.time_limit_s, DET_CAP_MIN_S)
+    cap = deadline - RESERVE_S if not det else time.perf_counter() + net_s
     pol = _Polisher(bm, score, params.seed, ls.polish and score.workload is not None)
     packed = any(k.startswith(PACKED) for k in starts)  # the layer has balanced packings
     polish_evals = int(ls.polish_share * work / ls.polish_eval_cost) if det else None  # a work budget
@@ -499,9 +504,8 @@ def solve_layer(
         time_mode = "deterministic" if backend == "cpsat" else f"wall ({backend} has no deterministic limit)"
     else:
         time_mode = "wall"
-    # a stage ran into the cap (what follows the last stage takes milliseconds). Where the setup
-    # alone passed it (limits of a few hundredths of a second), the stages did nothing, on any machine
-    wall_capped = det and backend == "cpsat" and search_began < cap <= time.perf_counter()
+    # a stage ran into the cap (what follows the last stage takes milliseconds)
+    wall_capped = det and backend == "cpsat" and time.perf_counter() >= cap
     message = raw.message + bnb_note
     if lres is not None:
         why = {"target": "the gap target was met", "work": "its work budget was spent",
@@ -509,8 +513,8 @@ def solve_layer(
                "patience": f"{_count(lres.steps_since_best, 'step')} in a row did not improve the plan"}[lres.stop]
         message = f"{message}; LNS: {_count(lres.steps, 'step')}, {lres.accepted} accepted, stopped because {why}"
     if wall_capped:
-        message += (f"; the wall-clock safety net ({net:g}x the limit) stopped the search before its work "
-                    "budget, so this plan depends on the machine's load")
+        message += (f"; the wall-clock safety net ({net_s:g} s after the search began) stopped it before its "
+                    "work budget, so this plan depends on the machine's load")
     t_end = time.perf_counter() - t0
     trace.append((t_end, obj, bound, "final"))
     return LayerSolveResult(
