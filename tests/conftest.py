@@ -20,16 +20,3 @@ def ds_trace():
 def mixtral_trace():
     m = get_model("mixtral-8x7b")
     return load_trace(TRACES / "mixtral_reasoning_4k.json.gz", m.num_experts, m.top_k)
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for every test of the ray executor (each solve would otherwise start and
-    stop its own, several seconds each); the executor leaves an instance it did not start running."""
-    ray = pytest.importorskip("ray", reason="ray is an optional extra (pip install '.[ray]')")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(ignore_reinit_error=True, log_to_driver=False, num_cpus=2)
-    yield ray
-    if started:
-        ray.shutdown()

@@ -126,7 +126,7 @@ def test_pool_matches_serial():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (pip install '.[ray]')")
-def test_ray_executor(ray_local):
+def test_ray_executor():
     f = synthetic_trace(M4, 400, seed=1).frequencies()
     params = SolveParams(time_limit_s=10, gap=1e-6)
     local = solve_model(M4, HW4, f, 64, backend="cpsat", params=params)

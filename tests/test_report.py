@@ -289,8 +289,9 @@ def test_bad_input():
     assert re.search("x", rp.caption(model="x"))
 
 
-def test_bench_on_ray_matches_local(bench, tmp_path, ray_local):
+def test_bench_on_ray_matches_local(bench, tmp_path):
     """``--executor ray`` on a local Ray instance gives the same results.csv as the local pool."""
+    pytest.importorskip("ray", reason="ray is an optional extra (pip install '.[ray]')")
     out, p = bench
     args = p.parse_args(["bench", "--quick", "--out", str(tmp_path), "--hws", "5/50", "--batches", "16,128",
                          "--time-limit", "0.02", "--online-batches", "3", "--executor", "ray", "--no-progress"])
