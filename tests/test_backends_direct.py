@@ -57,3 +57,20 @@ def test_direct_backend_in_solve_layer(backend):
                     coactivation=tr.coactivation(0))
     assert r.status in ("optimal", "feasible") and r.backend == backend
     assert r.bound_s is not None and r.bound_s <= r.objective_s * (1 + 1e-9)
+
+
+def test_cpsat_says_when_its_wall_cap_stopped_a_work_limited_solve():
+    """Under a work limit, CP-SAT's wall-clock cap is a safety net: a solve it stopped before the work
+    limit says so (``wall_capped``), since its answer then depends on the machine's load; one that
+    ran out of work does not."""
+    m = MoEModel("mid", num_experts=32, top_k=2, hidden=256, expert_intermediate=512, moe_layers=1)
+    hw = Hardware(Mesh.parse("4x4"), compute_flops=1e9, link_bw_bytes_per_s=2e8)
+    tr = synthetic_trace(m, 600, seed=0)
+    lm = BlockModel(m, hw, tr.frequencies()[0], 64.0, MilpOptions(), coactivation=tr.coactivation(0)).to_linear()
+    cp = get_backend("cpsat")
+    cut = cp.solve(lm, SolveParams(time_limit_s=0.2, work_limit=1000.0, deterministic=True, gap=0.0))
+    assert cut.wall_capped and cut.termination.value != "optimal"
+    spent = cp.solve(lm, SolveParams(time_limit_s=60.0, work_limit=0.05, deterministic=True, gap=0.0))
+    assert not spent.wall_capped
+    wall = cp.solve(lm, SolveParams(time_limit_s=0.2, gap=0.0))
+    assert not wall.wall_capped  # wall mode: the limit is the point

@@ -101,6 +101,8 @@ class SolveOutcome:
     message: str = ""
     backend: str = "?"
     trace: tuple[tuple[float, float | None, float | None], ...] = ()
+    # a solve under a work limit that its wall-clock cap stopped first: its answer depends on the load
+    wall_capped: bool = False
 
     @property
     def status(self) -> Termination:
@@ -116,7 +118,7 @@ TracePoint = tuple[float, float | None, float | None]  # (time_s, primal, dual_b
 
 def make_outcome(backend: str, model: LinearModel | None, termination: Termination, x: np.ndarray | None,
                  bound: float | None, message: str = "", *, started: float | None = None,
-                 trace: tuple[TracePoint, ...] | list[TracePoint] = ()) -> SolveOutcome:
+                 trace: tuple[TracePoint, ...] | list[TracePoint] = (), wall_capped: bool = False) -> SolveOutcome:
     """Fill the outcome the same way for every backend: primal from ``x``, bound finite or None,
     gap from both (``model`` may be None when ``x`` is). ``started``: ``time.perf_counter()`` when
     the solve began; with it, the final point ``(now - started, primal, bound)`` is appended to
@@ -132,7 +134,7 @@ def make_outcome(backend: str, model: LinearModel | None, termination: Terminati
     if started is not None:
         t_end = max(time.perf_counter() - started, points[-1][0] if points else 0.0)
         points.append((t_end, primal, bound))
-    return SolveOutcome(termination, x, primal, bound, gap, message, backend, tuple(points))
+    return SolveOutcome(termination, x, primal, bound, gap, message, backend, tuple(points), wall_capped)
 
 
 class Backend(ABC):

@@ -141,6 +141,9 @@ class CpSatBackend(Backend):
         p.catch_sigint_signal = False
         recorder, points = _recorder(cp_model, V, scale, model, Ro, t_start)
         st = solver.Solve(m, recorder)
+        # under a work limit, a search that ends short of it (not proven, not infeasible) met its wall cap
+        capped = (params.work_limit is not None or params.deterministic) and st in (
+            cp_model.FEASIBLE, cp_model.UNKNOWN) and solver.deterministic_time < 0.99 * p.max_deterministic_time
         bound = solver.BestObjectiveBound() / Ro + model.obj_const if st in (
             cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN) else None
         if bound is not None and not np.isfinite(bound):
@@ -149,13 +152,13 @@ class CpSatBackend(Backend):
             x = np.array([solver.Value(v) for v in V], dtype=float) * scale
             term = Termination.OPTIMAL if st == cp_model.OPTIMAL else Termination.FEASIBLE
             return make_outcome(self.name, model, term, x, bound, solver.StatusName(st),
-                                started=t_start, trace=points)
+                                started=t_start, trace=points, wall_capped=capped)
         if st == cp_model.INFEASIBLE:
             return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, "CP-SAT: infeasible",
                                 started=t_start, trace=points)
         if st == cp_model.UNKNOWN:
             return make_outcome(self.name, model, Termination.NO_SOLUTION, None, bound,
                                 "CP-SAT: no solution within the limits",
-                                started=t_start, trace=points)
+                                started=t_start, trace=points, wall_capped=capped)
         return make_outcome(self.name, model, Termination.ERROR, None, None, f"CP-SAT: {solver.StatusName(st)}",
                             started=t_start, trace=points)

@@ -454,6 +454,8 @@ def solve_layer(
         if det:
             spent = share + b_share + bnb_frac
             sp = replace(sp, work_limit=work * (1 - spent)) if spent > 0 else sp
+            if backend == "cpsat" and sp.work_limit is not None:  # its wall cap: what is left of the net
+                sp = replace(sp, time_limit_s=max(cap - time.perf_counter(), MIN_SOLVE_S))
             if backend != "cpsat" and b_share + bnb_frac > 0:  # wall only: the earlier stage had its share
                 sp = replace(sp, time_limit_s=params.time_limit_s * (1 - b_share - bnb_frac))
         else:  # wall seconds: the solver gets what remains of the layer's limit (less LNS's share)
@@ -505,7 +507,7 @@ def solve_layer(
     else:
         time_mode = "wall"
     # a stage ran into the cap (what follows the last stage takes milliseconds)
-    wall_capped = det and backend == "cpsat" and time.perf_counter() >= cap
+    wall_capped = det and backend == "cpsat" and (time.perf_counter() >= cap or raw.wall_capped)
     message = raw.message + bnb_note
     if lres is not None:
         why = {"target": "the gap target was met", "work": "its work budget was spent",
