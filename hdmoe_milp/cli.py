@@ -487,6 +487,9 @@ def _replay(args: argparse.Namespace) -> int:
             s = replace(s, batch=pl.Settings.batch)
         batch = int(s.batch)
     problem = _to_problem(args, s, args.plan)  # names the file's key for a batch it gave
+    coalesce = cli_report.plan_rules(args.plan).get("coalesce") if args.plan else None
+    if coalesce is not None:  # the plan's own message rule, as evaluate scores it (the replica rule is a flag)
+        problem = problem.with_(options=replace(problem.options, coalesce=coalesce))
     if len(set(names)) != len(names):
         raise InputError("--policy", f"lists a policy twice: {args.policy}", "name each policy once")
     pl.check_choice("--replica-rule/--dispatch", args.replica_rule, pl.REPLICA_RULES)
@@ -519,6 +522,8 @@ def _replay(args: argparse.Namespace) -> int:
     o = problem.options  # the evaluator's rules the latencies were scored with, as evaluate prints them
     rules = {"mode": o.mode, "delivery": o.resolved_delivery, "home": o.resolved_home, "context_len": o.context_len,
              "seed": problem.seed}
+    if o.coalesce != "node":  # only a plan file made in Python can ask for another
+        rules["coalesce"] = o.coalesce
     if args.json:
         print(json.dumps({"model": problem.model.name, "hw": problem.hw_point, "mesh": problem.mesh_name,
                           "batch": batch, "batching": batching, "plan": args.plan or f"{args.plan_strategy}",

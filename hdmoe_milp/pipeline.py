@@ -573,7 +573,7 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
                              "build the problem with it (hm.Problem / Problem.with_), and leave it out here")
     o = problem.options
     opts = EvalOptions(mode=o.mode, delivery=o.delivery, home=o.home, seed=o.seed, context_len=o.context_len,
-                       replica_rule=replica_rule)
+                       coalesce=o.coalesce, replica_rule=replica_rule)
     return _replay(plan, problem.model, problem.hardware, tr, int(batch), policy, batches=int(batches),
                    batching=batching, seed=problem.seed if seed is None else check_seed(seed), options=opts,
                    progress=progress, **policy_kw)

@@ -476,3 +476,24 @@ def test_policy_and_strategy_lists_may_have_spaces_after_commas(capsys):
     assert [r["policy"] for r in json.loads(capsys.readouterr().out)["results"]] == ["static", "greedy"]
     assert main(["evaluate", *base, "--strategy", "ep, tp", "--json"]) == 0
     assert [r["strategy"] for r in json.loads(capsys.readouterr().out)["results"]] == ["ep", "tp"]
+
+
+def test_replay_scores_with_the_plans_message_rule(tmp_path, capsys):
+    """A plan made in Python with coalesce="expert" is replayed under that rule, as evaluate scores it
+    (the replay dropped it and merged messages per node), and the header says so."""
+    from dataclasses import replace
+
+    import hdmoe_milp as hm
+
+    p = hm.load_instance(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml")
+    q = p.with_(hardware=make_hardware("5/50", "2x2"))
+    per_expert = q.with_(options=replace(q.options, coalesce="expert"))
+    plan = hm.place(per_expert, "ep")
+    plan.save(tmp_path / "ep.json")
+    assert main(["replay", "--plan", str(tmp_path / "ep.json"), "--batches", "2", "--policy", "static",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["coalesce"] == "expert"
+    want = hm.replay(per_expert, plan, policy="static", batches=2, batch=d["batch"]).summary()["mean_us"]
+    node = hm.replay(q, plan, policy="static", batches=2, batch=d["batch"]).summary()["mean_us"]
+    assert d["results"][0]["mean_us"] == pytest.approx(want, rel=1e-9) and want != pytest.approx(node, rel=1e-6)
