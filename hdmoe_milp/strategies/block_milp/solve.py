@@ -45,9 +45,10 @@ MIN_SOLVE_S = 0.02  # below this, the solver is not started
 # on 100 of 774 layers, on the 64-expert 8x8 ones, whose setup alone takes 3-4 s. A layer that
 # reaches it says so (``wall_capped``).
 DET_CAP = 5.0
-# ... and never less than this many seconds: each stage has fixed costs of tens of milliseconds, so at
-# limits of a few hundredths of a second the net, not the work budget, would stop every layer
-DET_CAP_MIN_S = 2.0
+# ... and never less than this many seconds: each stage has fixed costs (a CP-SAT call, an LNS step:
+# tenths of a second on a loaded machine), so at limits of a few hundredths of a second the net, not
+# the work budget, would stop layers (at 2 s it did, for a 0.02 s bench on Ray beside a benchmark)
+DET_CAP_MIN_S = 10.0
 # the largest mesh the block family is built for: 16x16 builds a DeepSeek-V3 layer in about 1 GB and
 # keeps the layer's time limit; 32x32 takes minutes per layer before any search (the family's
 # per-column link loads grow with nodes x links)
