@@ -43,7 +43,7 @@ MIN_SOLVE_S = 0.02  # below this, the solver is not started
 # before them ends on its own work), is only a wall-clock safety net: past it the answer would depend
 # on the clock. The budgets are only roughly calibrated: a Qwen2-57B 8x8 10/25 layer's search takes
 # 4.3 s for a 1 s budget on an idle core (a CP-SAT LNS step runs 3x slower than its deterministic
-# time), and the bench grid (two such jobs on two cores) took over 5 s on 9 of 774 layers. At 5x from
+# time), and the bench grid (two such jobs on two cores) took over 5 s on 10 of 774 layers. At 5x from
 # the layer's start, the net stopped 100 of them, mostly before their search. A layer that reaches
 # the net says so (``wall_capped``).
 DET_CAP = 10.0
