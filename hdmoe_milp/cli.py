@@ -429,7 +429,8 @@ def _solve(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     if capped := out["summary"]["wall_capped"]:
         print(f"hdmoe-milp: note: {capped} layer(s) reached the wall-clock safety net of --deterministic "
-              f"({_capped_text(res)}): the machine was busy, so their plans may differ on another run",
+              f"({_capped_text(res)}): their plans depend on the machine's speed and load, and may differ on "
+              "another run",
               file=sys.stderr)
     if args.out:
         out["out"] = str(args.out)

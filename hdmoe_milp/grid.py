@@ -419,7 +419,8 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
                 f"{spec.time_limit_s:g} s per layer (CP-SAT deterministic time), seed {spec.seed}")
     if capped := int(g.solver["wall_capped"].sum()) if "wall_capped" in g.solver.columns else 0:
         settings += (f"; {capped} of {len(g.solver)} layers reached the wall-clock safety net of that limit "
-                     "(the machine was busy: their plans may differ on another run; `wall_capped` in solver.csv)")
+                     "(their plans depend on the machine's speed and load and may differ on another run; `wall_capped` "
+                     "in solver.csv)")
     md = ["# Benchmark results", "", f"Settings: {settings}. Speedup = baseline TBT / our TBT at the same point "
           "(model, mesh, hardware point, batch); mean/min/max over the meshes and batches of each group.", "",
           "## Speedup of ours over each baseline", "", rp.markdown(sp), "",
