@@ -270,7 +270,7 @@ def _print_left_out(problem: pl.Problem, names: list[str]) -> None:
 
 def _capped_text(res: pl.PlanResult) -> str:
     """The layers a deterministic solve's wall-clock safety net stopped, for the note: "layers 3, 7"."""
-    return "layers " + ", ".join(str(r.layer) for r in res.layers if getattr(r, "wall_capped", False))
+    return "layers " + ", ".join(str(r.layer) for r in res.layers if r.wall_capped)
 
 
 def _strategy_time_limit(args: argparse.Namespace) -> float:

@@ -227,7 +227,7 @@ def _layer_table(res: Any, spec: GridSpec) -> pd.DataFrame:
     (``time_limit_s``, ``time_mode``: ``deterministic`` for CP-SAT here; ``wall_capped``: the
     wall-clock safety net, not the work budget, stopped it): ``time_s`` is wall time."""
     return res.layer_table().assign(time_limit_s=spec.time_limit_s, time_mode=[r.time_mode for r in res.layers],
-                                    wall_capped=[bool(getattr(r, "wall_capped", False)) for r in res.layers])
+                                    wall_capped=[r.wall_capped for r in res.layers])
 
 
 def _rows(evs: dict[str, Any], key: dict[str, Any], part: str = "static") -> list[dict[str, Any]]:

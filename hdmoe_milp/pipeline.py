@@ -302,7 +302,7 @@ class PlanResult:
             "gap_max": float(gaps.max()) if gaps.size else None,
             "improved": int((gains > 0).sum()), "improvement_max": float(gains.max(initial=0.0)),
             "tbt_us": self.evaluations["plan"].tbt_us, "wall_s": self.solver.get("wall_s"),
-            "wall_capped": sum(bool(getattr(r, "wall_capped", False)) for r in solved),
+            "wall_capped": sum(r.wall_capped for r in solved),
         }
 
     def to_dict(self) -> dict[str, Any]:
