@@ -405,6 +405,12 @@ def expert_room_bytes(model: MoEModel, hw: Hardware) -> float | None:
     return None if cap is None else cap * (1 + CAPACITY_RTOL / 2) - other_weight_bytes_per_node(model, hw)
 
 
+def node_room_bytes(model: MoEModel, hw: Hardware) -> np.ndarray:
+    """``[D]`` :func:`expert_room_bytes` per node (inf when the hardware sets no DRAM capacity)."""
+    room = expert_room_bytes(model, hw)
+    return np.full(hw.num_nodes, np.inf if room is None else room)
+
+
 def check_capacity(placement: Placement, model: MoEModel, hw: Hardware) -> None:
     """Raise an InputError if any node must store more weights than its DRAM capacity."""
     cap = hw.dram_capacity_bytes

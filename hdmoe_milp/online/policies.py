@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ..costs import UnitCosts, expert_room_bytes, fits_capacity, hide_time_s
+from ..costs import UnitCosts, expert_room_bytes, fits_capacity, hide_time_s, node_room_bytes
 from ..errors import MAX_TIME_LIMIT_S, InputError, check_choice, check_real, expect_instance, expect_int
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -105,10 +105,7 @@ def _held(lp: LayerPlacement) -> np.ndarray:
 def room_after_bytes(plan: Placement, model: MoEModel, hw: Hardware) -> np.ndarray:
     """``[D]`` bytes of routed-expert weights each node can still store beside ``plan`` (inf when the
     hardware sets no DRAM capacity)."""
-    room = expert_room_bytes(model, hw)
-    if room is None:
-        return np.full(hw.num_nodes, np.inf)
-    return room - plan.memory_bytes_per_node(model.expert_weight_bytes())
+    return node_room_bytes(model, hw) - plan.memory_bytes_per_node(model.expert_weight_bytes())
 
 
 def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: EvalOptions,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..costs import expert_room_bytes, hide_time_s, roofline_of
+from ..costs import hide_time_s, node_room_bytes, roofline_of
 from ..errors import InputError, check_choice, check_real, expect_instance, expect_int
 from ..evaluator import EvalOptions
 from ..hardware import Hardware
@@ -181,7 +181,7 @@ class GreedyRebalancer:
         ids = [links.index(row > 0) for row in self.P]
         self.PL = links.matrix[ids]  # [patterns, 2 * links]
         self.capacity_ = np.array([self._capacity(lp) for lp in plan.layers])  # [L, D] copies per node
-        self.node_room_bytes_ = self._node_room()  # [D] routed-expert bytes each node may store (all layers)
+        self.node_room_bytes_ = node_room_bytes(self.model, self.hw)  # [D] expert bytes, all layers
         self.estimate_: np.ndarray | None = None
         self._history: list[np.ndarray] = []
         self.seen_ = 0  # batches observed
@@ -195,12 +195,6 @@ class GreedyRebalancer:
         if self.hw.dram_capacity_bytes is None:
             return np.full(D, lp.weight_copies_per_node().max() + self.config.extra_slots)
         return np.full(D, np.inf)
-
-    def _node_room(self) -> np.ndarray:
-        """``[D]`` bytes of routed-expert weights each node may store over all layers: its DRAM capacity
-        less its share of the other weights, as :func:`costs.check_capacity` counts (inf without)."""
-        room = expert_room_bytes(self.model, self.hw)
-        return np.full(self.hw.num_nodes, np.inf if room is None else room)
 
     # --- load estimate -------------------------------------------------------------------------
     def observe(self, counts: np.ndarray) -> None:
