@@ -497,3 +497,43 @@ def test_replay_scores_with_the_plans_message_rule(tmp_path, capsys):
     want = hm.replay(per_expert, plan, policy="static", batches=2, batch=d["batch"]).summary()["mean_us"]
     node = hm.replay(q, plan, policy="static", batches=2, batch=d["batch"]).summary()["mean_us"]
     assert d["results"][0]["mean_us"] == pytest.approx(want, rel=1e-9) and want != pytest.approx(node, rel=1e-6)
+
+
+def test_ctrl_c_while_the_command_loads_exits_130_without_a_traceback(monkeypatch, capsys):
+    """The console script's entry (`hdmoe_milp._console`) imports the command inside its own handler:
+    Ctrl-C while numpy, pandas and OR-Tools load is one line and exit status 130."""
+    import importlib.abc
+
+    from hdmoe_milp import _console
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hdmoe_milp.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "hdmoe_milp.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    assert _console.main(["--version"]) == 130
+    assert capsys.readouterr().err == "hdmoe-milp: interrupted\n"
+
+
+def test_ctrl_c_early_in_a_real_process_exits_130(tmp_path):
+    """SIGINT 0.3 s after start (on this machine the command is still loading then; on a faster one it
+    may be parsing or solving): exit status 130 and no traceback, wherever it lands."""
+    import os
+    import signal
+    import time
+
+    # the child gets Python's Ctrl-C handler even if the test runner's process ignores SIGINT
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from hdmoe_milp._console import main; sys.exit(main())")
+    cmd = [sys.executable, "-c", code, "solve", "--instance", str(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml"),
+           "--time-limit", "2", "--layers", "0", "--out", str(tmp_path / "plan.json")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err

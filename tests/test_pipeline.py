@@ -199,6 +199,19 @@ def test_each_layer_imports_first_in_a_fresh_interpreter(module):
     assert r.returncode == 0, r.stderr
 
 
+def test_the_package_loads_its_public_names_on_first_use():
+    """``import hdmoe_milp`` loads nothing heavy (the CLI answers Ctrl-C while the rest loads); every
+    name in ``__all__`` and every submodule is reachable as an attribute, as before."""
+    code = ("import sys, hdmoe_milp as hm; heavy = [m for m in ('numpy', 'pandas', 'ortools') if m in sys.modules]; "
+            "assert not heavy, heavy; [getattr(hm, n) for n in hm.__all__]; "
+            "assert hm.online.GreedyRebalancer and hm.strategies.eplb_placement; "
+            "from hdmoe_milp import *; assert solve is hm.solve and Placement is hm.Placement")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(AttributeError, match="no attribute 'solv'"):
+        hm.solv  # noqa: B018
+
+
 def test_hdmoe_layers_in_the_solve_pool_equal_the_strategy_run_alone():
     p = small_problem(mesh="2x4")
     res = hm.solve(p, backend="cpsat", time_limit_s=0.3, jobs=2, baselines=["hdmoe"], progress=False)
