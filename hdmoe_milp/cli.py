@@ -340,8 +340,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if o.coalesce != "node":  # only a plan file made in Python can ask for another
         setting["coalesce"] = o.coalesce
     if args.json:
-        rows = [{**ev.summary(), "strategy": name, "speedup_vs_tp": sp}
-                for (name, ev), sp in zip(cmp.evaluations.items(), df["speedup_vs_tp"], strict=True)]
+        rows = cmp.to_dict()["results"]
         if len(rows) == 1:  # its numbers at the top, as before; "results" as for several strategies
             out = {**setting, **{k: v for k, v in rows[0].items() if k not in setting},
                    "per_layer": next(iter(cmp.evaluations.values())).per_layer(), "results": rows}

@@ -190,7 +190,12 @@ class Evaluation:
                         non_moe_us=self.non_moe_s * 1e6, tbt_us=self.tbt_us)
         return df
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: :meth:`summary` plus ``per_layer`` (:meth:`per_layer`), times in us."""
+        return {**self.summary(), "per_layer": self.per_layer()}
+
     def per_layer(self) -> dict[str, list[float]]:
+        """Per MoE layer, in us: ``compute_us``, ``dispatch_us``, ``combine_us`` (lists of length L)."""
         return {
             "compute_us": (self.compute_s * 1e6).tolist(),
             "dispatch_us": (self.dispatch_s * 1e6).tolist(),

@@ -155,6 +155,35 @@ class Comparison:
         return pd.DataFrame(rows)[["strategy", "tbt_us", "moe_compute_us", "moe_comm_us", "non_moe_us",
                                    "max_node_imbalance", "speedup_vs_tp"]]
 
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows as :meth:`PlanResult.to_frame` gives them, one per strategy: ``model``, ``mesh``,
+        ``hw``, ``mode``, ``batch``, then the columns of :meth:`table` (so that comparisons of
+        several problems concatenate)."""
+        d = self.problem.describe()
+        df = self.table()
+        head = pd.DataFrame({"model": d["model"], "mesh": d["mesh"], "hw": d["hw_point"],
+                             "mode": [ev.mode for ev in self.evaluations.values()],
+                             "batch": [float(ev.batch_size) for ev in self.evaluations.values()]})
+        return pd.concat([head, df], axis=1)
+
+    def summary(self) -> dict[str, Any]:
+        """``best``: the strategy with the lowest TBT; ``tbt_us`` and ``speedup_vs_tp`` per strategy;
+        ``over_capacity``: the strategies left out because they do not fit the DRAM."""
+        df = self.table()
+        best = df.loc[df["tbt_us"].idxmin(), "strategy"]
+        return {"best": str(best), "tbt_us": dict(zip(df["strategy"], df["tbt_us"].astype(float), strict=True)),
+                "speedup_vs_tp": dict(zip(df["strategy"], df["speedup_vs_tp"].astype(float), strict=True)),
+                "over_capacity": sorted(self.over_capacity)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the problem (as a plan file records it), one ``results`` row per strategy (its
+        :meth:`Evaluation.summary` and ``speedup_vs_tp``), and ``over_capacity`` (strategy -> why)."""
+        speedup = self.table()["speedup_vs_tp"]
+        return {"problem": self.problem.describe(),
+                "results": [{**ev.summary(), "strategy": name, "speedup_vs_tp": float(sp)}
+                            for (name, ev), sp in zip(self.evaluations.items(), speedup, strict=True)],
+                "over_capacity": dict(self.over_capacity)}
+
 
 def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = None, *,
             plans: dict[str, Placement] | None = None, seed: int | None = None, budget: Budget | None = None,

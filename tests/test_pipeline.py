@@ -261,3 +261,29 @@ def test_a_plans_record_holds_exactly_the_keys_plan_files_accept():
     for q in (p, p.with_(hardware=dataclasses.replace(p.hardware, dram_capacity_bytes=1e12))):
         d = q.describe()
         assert set(d) == RECORD_KEYS and set(d["hardware"]) == RECORD_HARDWARE_KEYS
+
+
+def test_every_result_speaks_summary_to_frame_and_to_dict():
+    """Comparison, Evaluation, ReplayResult and PlanResult share one vocabulary: ``summary()`` (a
+    dict), ``to_frame()`` (tidy rows) and ``to_dict()`` (JSON-ready), and they agree with each other."""
+    p = small_problem(mesh="2x4")
+    cmp = hm.compare(p, ["tp", "ep", "cb"])
+    t = cmp.table()
+    sm = cmp.summary()
+    assert sm["best"] == t.loc[t["tbt_us"].idxmin(), "strategy"] and sm["tbt_us"]["ep"] == cmp.evaluations["ep"].tbt_us
+    assert sm["speedup_vs_tp"]["tp"] == 1.0 and sm["over_capacity"] == []
+    d = json.loads(json.dumps(cmp.to_dict()))
+    assert d["problem"]["mesh"] == "2x4" and [r["strategy"] for r in d["results"]] == ["tp", "ep", "cb"]
+    assert [r["speedup_vs_tp"] for r in d["results"]] == pytest.approx(t["speedup_vs_tp"].tolist())
+    f = cmp.to_frame()
+    assert list(f["strategy"]) == ["tp", "ep", "cb"] and set(f["mesh"]) == {"2x4"} and f["tbt_us"].equals(t["tbt_us"])
+    assert set(hm.PlanResult.__dict__) >= {"summary", "to_frame", "to_dict"}
+
+    ev = cmp.evaluations["cb"]
+    e = json.loads(json.dumps(ev.to_dict()))
+    assert e["tbt_us"] == pytest.approx(ev.tbt_us) and len(e["per_layer"]["compute_us"]) == len(ev.compute_s)
+
+    rr = hm.replay(p, cmp.placements["cb"], policy="static", batches=3, progress=False)
+    r = json.loads(json.dumps(rr.to_dict()))
+    assert r["batches"] == 3 and r["per_batch"]["batch"] == [0, 1, 2]
+    assert r["per_batch"]["latency_us"] == pytest.approx(rr.to_frame()["latency_us"].tolist())

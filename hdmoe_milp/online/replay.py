@@ -69,6 +69,12 @@ class ReplayResult:
         }
 
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: :meth:`summary` plus ``per_batch``, the columns of :meth:`to_frame` as lists."""
+        per_batch = {k: v.tolist() for k, v in self.to_frame().drop(columns="policy").items()}
+        return {**self.summary(), "per_batch": per_batch}
+
+
 def replay(plan: Placement, model: MoEModel, hw: Hardware, trace: Trace, batch: int, policy: str,
            *, batches: int = 50, batching: str = "contiguous", seed: int = 0,
            options: EvalOptions | None = None, progress: bool | None = False, **policy_kw) -> ReplayResult:
