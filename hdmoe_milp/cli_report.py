@@ -36,6 +36,7 @@ from .errors import (
     InputError,
     as_written,
     check_choice,
+    check_file,
     check_real,
     shown,
 )
@@ -108,6 +109,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--mesh", help="which mesh's rows (csv files)")
     p.add_argument("--batch", type=float, help="which batch (tbt, decomposition; default the largest)")
     p.add_argument("--layer", type=int, help="MoE layer (node-load, link-load, placement, bound-trace; default 0)")
+    p.add_argument("--trace", help="the routing trace to score a plan on (node-load, link-load, placement; default "
+                   "the one the plan records, which must still be there and unchanged)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -386,11 +389,9 @@ def _first(df: pd.DataFrame, col: str) -> Any:
     return df[col].iloc[0] if col in df.columns else None
 
 
-def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
-                  given: tuple[str, ...] = ()) -> dict[str, Any]:
+def plan_defaults(path: str, trace_flag: str | None, *, given: tuple[str, ...] = ()) -> dict[str, Any]:
     """Settings a plan file records about what it was made for (empty for older plan files). The
-    recorded trace must still be there and unchanged unless ``--trace`` replaces it. ``flags``:
-    the fix may offer ``--trace`` (False where the command reads no such flag: ``plot``); ``given``:
+    recorded trace must still be there and unchanged unless ``--trace`` replaces it. ``given``:
     the settings (``"model"``, ``"mesh"``) a flag overrides, whose record is then not checked."""
     plan = Placement.load(path)  # once: its record here, its shape in _check_own_shape
     made = plan.meta.get("problem") if isinstance(plan.meta.get("problem"), dict) else {}
@@ -465,7 +466,7 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
     name = made.get("trace")
     if not recorded and trace_flag is None and isinstance(name, str) and not name.startswith("synthetic-"):
         raise InputError("plan", f"was made for the trace {name!r}, which was read from no file",
-                         _trace_fix("give the trace with --trace", flags))
+                         "give the trace with --trace")
     if not recorded and made.get("synthetic_tokens") is not None:
         out["synthetic_tokens"] = made["synthetic_tokens"]  # with the seed, the same synthetic trace
     if recorded and trace_flag is None:
@@ -473,10 +474,10 @@ def plan_defaults(path: str, trace_flag: str | None, *, flags: bool = True,
         recorded = str(Path(path).parent / recorded) if not Path(recorded).is_absolute() else recorded
         if not Path(recorded).is_file():
             raise InputError("plan", f"was made for the trace {recorded}, which is not there",
-                             _trace_fix("give the trace with --trace", flags))
+                             "give the trace with --trace")
         if made.get("trace_sha256") and pl.file_sha256(recorded) != made["trace_sha256"]:
             raise InputError("plan", f"was made for the trace {recorded}, which has changed since (sha256 differs)",
-                             _trace_fix("give the trace to score on with --trace", flags))
+                             "give the trace to score on with --trace")
         out["trace"] = recorded
     return out
 
@@ -530,13 +531,6 @@ def _check_own_shape(path: str, plan: Placement, out: dict[str, Any]) -> None:
                              "made for")
 
 
-def _trace_fix(fix: str, flags: bool) -> str:
-    """``fix`` where the command has ``--trace``; else how to get the plan's own trace back."""
-    if flags:
-        return fix
-    return "put the trace back where the plan's meta.problem.trace_path says (plot reads no --trace)"
-
-
 def _point_name(text: Any) -> Any:
     """The canonical name of the design point ``text`` ("5.0/50" is "5/50"); ``text`` itself if it is
     not one (the checks that read it report that)."""
@@ -588,19 +582,22 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
                              f"{actual!r}", fix + (f", or give {flag} to score it on another one" if flags else ""))
 
 
-def _plan_problem(path: Path) -> tuple[pl.Problem, Any, Mesh]:
+def _plan_problem(path: Path, trace_flag: str | None = None) -> tuple[pl.Problem, Any, Mesh]:
     made = pl.plan_settings(path)
     if made is None or not made.get("model") or not made.get("mesh") or not made.get("hw_point"):
         raise InputError("plot", f"{path} does not record the model, mesh and hardware point it was made for",
                          "save it again with the problem it was made for, on a named hardware point (make_hardware "
                          "or an instance file): hm.place(problem, name) records it; a Placement built by hand takes "
                          "it as Placement(plan.layers, plan.strategy, {'problem': problem.describe()})")
-    s = replace(pl.Settings(path.stem, "deepseek-v2-lite", "5/50", "4x8"), **plan_defaults(str(path), None,
-                                                                                     flags=False))
-    try:  # the values come from the plan file: name its keys, and no flag plot lacks (--model, --trace)
+    s = replace(pl.Settings(path.stem, "deepseek-v2-lite", "5/50", "4x8"), **plan_defaults(str(path), trace_flag))
+    if trace_flag is not None:
+        s = replace(s, trace=trace_flag)
+    try:  # the values come from the plan file: name its keys, and no flag plot lacks (--model)
         problem = s.to_problem(model_field=f"the model of plan {path.name} (meta.problem.model)")
     except InputError as exc:
         key = {"batch": "batch", "trace": "trace_path"}.get(exc.field)
+        if exc.field == "trace" and trace_flag is not None:
+            raise InputError("--trace", exc.problem, exc.fix) from None
         if key is None:
             raise
         raise InputError(f"plan {path.name} meta.problem.{key}", exc.problem,
@@ -739,10 +736,11 @@ def _plot(args: argparse.Namespace) -> int:
     # flags a kind does not read are refused, not ignored: the figure would not show what they ask for
     reads = {"tbt": {"model", "hw", "mesh", "batch"}, "decomposition": {"model", "hw", "mesh", "batch"},
              "ablation": {"model", "hw", "mesh"}, "solver": {"model", "hw", "mesh"},
-             "online": {"model", "hw", "mesh"}}.get(kind, {"layer"})
-    for attr in ("model", "hw", "mesh", "batch", "layer"):
+             "online": {"model", "hw", "mesh"}}.get(kind, {"layer"} if kind == "bound-trace" else {"layer", "trace"})
+    for attr in ("model", "hw", "mesh", "batch", "layer", "trace"):
         if getattr(args, attr, None) is not None and attr not in reads:
-            why = (", which reads the problem the plan file records" if kind not in _CSV_NEEDS
+            why = (", which draws the solve the plan file records" if kind == "bound-trace"
+                   else ", which reads the problem the plan file records" if kind not in _CSV_NEEDS
                    else f" (that figure does not select its rows by {attr})")
             raise InputError(f"--{attr}", f"does not apply to plot {kind}{why}", f"leave --{attr} out")
     if args.hw is not None:  # tables hold a point's one name: --hw 5.0/50 picks the rows of 5/50
@@ -775,7 +773,9 @@ def _plot(args: argparse.Namespace) -> int:
     if kind == "bound-trace":
         fig = _bound_trace(path, args.layer)
     else:
-        problem, plan, mesh = _plan_problem(path)
+        if args.trace is not None:
+            check_file("--trace", args.trace, "give the path of a routing trace of the plan's model")
+        problem, plan, mesh = _plan_problem(path, args.trace)
         desc = problem.describe()
         cap = rp.caption(model=desc["model"], mesh=desc["mesh"], hw=desc["hw_point"], batch=desc["batch"],
                          mode=desc["mode"])

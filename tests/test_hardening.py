@@ -876,11 +876,28 @@ def test_plot_refuses_a_plan_whose_trace_is_gone(tmp_path, capsys):
     problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", trace=str(trace)).to_problem()
     path = tmp_path / "p.json"
     hm.place(problem, "tp").save(path)
-    trace.unlink()
+    moved = tmp_path / "moved.json"
+    trace.rename(moved)
     capsys.readouterr()
     assert main(["plot", "node-load", str(path), "--out", str(tmp_path / "n.png")]) == 2
     err = capsys.readouterr().err
-    assert "not there" in err and "Traceback" not in err and not (tmp_path / "n.png").exists()
+    assert "not there" in err and "--trace" in err and "Traceback" not in err and not (tmp_path / "n.png").exists()
+    # --trace names where it went (as evaluate and replay take it); a bad one is refused by that name
+    for kind in ("node-load", "placement"):
+        assert main(["plot", kind, str(path), "--trace", str(moved), "--out", str(tmp_path / f"{kind}.png")]) == 0
+        assert (tmp_path / f"{kind}.png").is_file()
+    assert main(["plot", "node-load", str(path), "--trace", str(tmp_path / "nope.json"), "--out",
+                 str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hdmoe-milp: error: --trace") and "file not found" in err
+    assert main(["plot", "bound-trace", str(path), "--trace", str(moved), "--out", str(tmp_path / "b.png")]) == 2
+    assert "--trace: does not apply to plot bound-trace, which draws the solve" in capsys.readouterr().err
+    qwen = tmp_path / "q.json"
+    qwen.write_text(json.dumps({str(li): [rng.choice(64, 8, replace=False).tolist() for _ in range(16)]
+                                for li in range(28)}))
+    assert main(["plot", "node-load", str(path), "--trace", str(qwen), "--out", str(tmp_path / "q.png")]) == 2
+    err = capsys.readouterr().err
+    assert "q.json" in err and "give a trace recorded from mixtral-8x7b" in err and not (tmp_path / "q.png").exists()
 
 
 def test_a_relative_trace_path_in_a_plan_is_read_from_the_plans_folder(tmp_path, capsys, monkeypatch):
@@ -1125,7 +1142,7 @@ def test_plan_records_that_contradict_the_plan_are_named(tmp_path, capsys):
     trace.rename(tmp_path / "moved.json.gz")
     assert main(["plot", "placement", str(good), "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert "not there" in err and "--trace" not in err.replace("reads no --trace", "")
+    assert "not there" in err and "give the trace with --trace" in err  # plot has the flag too (0.8.4)
     assert main(["evaluate", "--plan", str(good)]) == 2  # evaluate has the flag, and offers it
     assert "give the trace with --trace" in capsys.readouterr().err
 
