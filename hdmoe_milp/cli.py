@@ -398,8 +398,12 @@ def _solve(args: argparse.Namespace) -> int:
         mesh = ("--mesh" if args.mesh is not None or not args.instance
                 else f"instance {Path(args.instance).name} {_FILE_KEYS['--mesh'][1]}")
         raise as_written(exc, {**_SOLVE_FLAGS, "mesh": mesh}) from None
+    unsaved = None  # the plan file could not be written (one that appeared during the solve, without --force)
     if args.out:
-        res.save(args.out, field="--out")
+        try:
+            res.save(args.out, force=args.force, field="--out")
+        except InputError as exc:  # the results are printed all the same, then the error
+            unsaved = exc
     layers = []
     for r in res.layers:
         d = r.to_dict()
@@ -420,10 +424,12 @@ def _solve(args: argparse.Namespace) -> int:
     if s.get("interrupted"):
         cut = [r.layer for r in res.layers if r.status == "interrupted"]
         note = (f"hdmoe-milp: interrupted: {len(cut)} layer(s) did not finish ({', '.join(map(str, cut))}) and "
-                "hold their best baseline")
-        if not args.no_baselines and "hdmoe" not in res.evaluations:
-            note += "; hdmoe is left out (its layers are computed inside the solve)"
-        if args.out:
+                "hold their best baseline" if cut else "hdmoe-milp: interrupted after the solved layers had finished")
+        if s.get("baselines_interrupted"):
+            note += f"; baselines not built or scored: {', '.join(s['baselines_interrupted'])}"
+            if "hdmoe" in s["baselines_interrupted"]:
+                note += " (hdmoe's layers are computed inside the solve)"
+        if args.out and unsaved is None:
             note += f"; the plan written to {args.out} is this partial one"
         print(note, file=sys.stderr)
     if capped := out["summary"]["wall_capped"]:
@@ -431,10 +437,13 @@ def _solve(args: argparse.Namespace) -> int:
               f"({_capped_text(res)}): their plans depend on the machine's speed and load, and may differ on "
               "another run",
               file=sys.stderr)
-    if args.out:
+    if args.out and unsaved is None:
         out["out"] = str(args.out)
+    if unsaved is not None:
+        done = 2
     if args.json:
         print(json.dumps({**out, "interrupted": bool(s.get("interrupted"))}, indent=2))
+        _say_unsaved(unsaved)
         return done
     print(f"model={problem.model.name} hw={problem.hw_point} mesh={problem.mesh_name} batch={problem.batch:g} "
           f"backend={s['backend']} time_limit={s['time_limit_s']}s ({s['time_mode']}) wall={s['wall_s']:.1f}s"
@@ -445,9 +454,16 @@ def _solve(args: argparse.Namespace) -> int:
     tb["plan_speedup"] = tb["tbt_us"] / tbt["plan"]
     print(tb.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     _print_left_out(problem, s.get("baselines_over_capacity", []))
-    if args.out:
+    if args.out and unsaved is None:
         print(f"wrote {args.out}")
+    _say_unsaved(unsaved)
     return done
+
+
+def _say_unsaved(exc: InputError | None) -> None:
+    """The error that kept ``solve`` from writing its plan file, after the results it printed."""
+    if exc is not None:
+        print(f"hdmoe-milp: error: {one_line(str(exc))}; the plan above was not written", file=sys.stderr)
 
 
 def _replay(args: argparse.Namespace) -> int:

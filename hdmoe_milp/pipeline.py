@@ -72,9 +72,10 @@ def _progress(progress: bool | None, **kw: Any) -> tqdm:
 
 
 def _place_all(problem: Problem, names: list[str], seed: int | None, budget: Budget | None,
-               progress: bool | None) -> dict[str, Placement]:
-    """Every named strategy's placement, with a progress bar."""
-    out = {}
+               progress: bool | None, *, into: dict[str, Placement] | None = None) -> dict[str, Placement]:
+    """Every named strategy's placement, with a progress bar; added to ``into`` (a new dict if None)
+    as each is built, so that a caller catching Ctrl-C keeps the ones built before it."""
+    out = {} if into is None else into
     bar = _progress(progress, total=len(names), desc="strategies", unit="strategy")
     try:
         for n in names:
@@ -443,14 +444,22 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     else:
         todo = [milp_tasks[li] if "hdmoe" in names else milp_tasks[li]._replace(hdmoe_work_limit=None)
                 for li in missing]
-        filled = run_tasks(not_solved_task, todo, jobs=jobs, executor=executor, num_cpus=threads)
+        try:
+            filled = run_tasks(not_solved_task, todo, jobs=jobs, executor=executor, num_cpus=threads)
+        except TasksInterrupted as exc:  # Ctrl-C after the solved layers: those are kept
+            interrupted = True
+            filled = [r if r is not None else not_solved_task(t._replace(hdmoe_work_limit=None))
+                      for r, t in zip(exc.results, todo, strict=True)]
     results = [milp_out.get(li) for li in range(L)]
     for li, r in zip(missing, filled, strict=True):
         results[li] = r
     if interrupted:
         results = [replace(r, status="interrupted", message="Ctrl-C before this layer finished")
                    if li in milp_out and milp_out[li] is None else r for li, r in enumerate(results)]
+        asked = names  # hdmoe's layers are computed inside the solve: an interrupted one has no hdmoe
         names = [nm for nm in names if nm != "hdmoe"]
+    else:
+        asked = names
     res = model_result(results, backend, problem.batch, params, time.perf_counter() - t0)
     candidates = {"milp": res.placement}
     if "hdmoe" in names:  # a layer without its hdmoe layer (interrupted): the MILP candidate's
@@ -458,7 +467,12 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
         candidates["hdmoe"] = Placement(
             tuple(hd[li][0] if li in hd else results[li].placement for li in range(L)), "hdmoe",
             {"stage1": [hd[li][1] if li in hd else {"not-solved": True} for li in range(L)], "work_limit": work})
-    candidates.update(_place_all(problem, [n for n in names if n != "hdmoe"], seed, budget, progress))
+    try:
+        _place_all(problem, [n for n in names if n != "hdmoe"], seed, budget, progress, into=candidates)
+    except KeyboardInterrupt:  # the solved layers stand: the plan is the best of what was built so far
+        interrupted = True
+    left_out = [n for n in asked if n not in candidates]  # baselines a Ctrl-C stopped before they were built
+    names = [n for n in names if n in candidates]
     candidates = {"milp": candidates["milp"], **{n: candidates[n] for n in names}}
     # a baseline that does not fit the DRAM is no plan: it is left out of the comparison (and said so)
     misfits = [n for n, p in candidates.items()
@@ -472,8 +486,12 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
               "seed": seed, "executor": executor, "baselines": names, "pool_wall_s": res.wall_s, "wall_s": wall,
               "layers": chosen, "time_mode": "deterministic" if deterministic else "wall",
               "family": next((r.family for r in results if r.family), ""), "interrupted": interrupted,
-              "baselines_over_capacity": misfits}
-    return _combine(problem, candidates, layers, solver)
+              "baselines_over_capacity": misfits, "baselines_interrupted": left_out}
+    try:
+        return _combine(problem, candidates, layers, solver)
+    except KeyboardInterrupt:  # while the candidates were scored: the MILP's plan alone, scored again
+        solver.update(interrupted=True, baselines=[], baselines_interrupted=left_out + names)
+        return _combine(problem, {"milp": candidates["milp"]}, layers, solver)
 
 
 def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[LayerReport, ...],

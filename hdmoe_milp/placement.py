@@ -44,6 +44,22 @@ _READABLE = ("hdmoe_milp.placement/1", PLAN_FORMAT)
 _PLAN_KEYS = {"format", "package_version", "strategy", "num_nodes", "num_experts", "meta", "layers"}
 
 
+def _link_new(tmp: str, p: Path, field: str) -> bool:
+    """Put the written ``tmp`` at ``p`` only if nothing is there (a hard link fails on an existing
+    name, atomically: a file that appeared since the command checked is not replaced), then drop
+    ``tmp``. False where the file system has no hard links (the caller renames instead)."""
+    try:
+        os.link(tmp, p)
+    except FileExistsError:
+        raise InputError(field, f"{p} already exists (it appeared while this command ran)",
+                         f"{'pass --force' if field.startswith('--') else 'pass force=True'} to overwrite it, "
+                         "or write elsewhere") from None
+    except OSError:
+        return False
+    Path(tmp).unlink(missing_ok=True)
+    return True
+
+
 def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, field: str = "out") -> None:
     """Write ``text`` (a str, or bytes) to ``path`` through a temporary file in the same folder
     (fsync, then rename), so an interrupted write never leaves a partial file where ``path`` was.
@@ -77,7 +93,8 @@ def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, fie
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, p)
+        if force or not _link_new(tmp, p, field):
+            os.replace(tmp, p)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise InputError(field, f"cannot write {p}: {exc.strerror}", "write elsewhere") from None

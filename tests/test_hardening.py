@@ -725,6 +725,45 @@ def test_write_atomic_force(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["a.json"]
 
 
+def test_a_file_that_appears_while_the_command_runs_is_not_replaced_without_force(tmp_path, monkeypatch, capsys):
+    """Without force the check is made again where the file is put in place (a hard link, which fails
+    on an existing name): a file another job wrote meanwhile is kept. `solve --out` then prints its
+    results, says the plan was not written, and exits 2 (it replaced the other file and said `wrote`)."""
+    target = tmp_path / "p.json"
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the other job writes between the command's check and its rename
+        if not target.exists():
+            target.write_text("other")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(InputError, match="appeared while this command ran") as e:
+        write_atomic(target, "mine", force=False, field="--out")
+    assert e.value.field == "--out" and "--force" in e.value.fix
+    assert target.read_text() == "other" and [f.name for f in tmp_path.iterdir()] == ["p.json"]
+    write_atomic(target, "mine", force=True)
+    assert target.read_text() == "mine"
+
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    import hdmoe_milp.pipeline as pipeline
+
+    real_solve = pipeline.solve
+    out = tmp_path / "plan.json"
+
+    def solve(*a, **kw):
+        res = real_solve(*a, **kw)
+        out.write_text("other")
+        return res
+
+    monkeypatch.setattr(pipeline, "solve", solve)
+    rc = main(["solve", "--instance", str(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml"), "--layers", "0",
+               "--time-limit", "0.5", "--no-baselines", "--out", str(out)])
+    o, err = capsys.readouterr()
+    assert rc == 2 and out.read_text() == "other" and "plan" in o and "wrote" not in o
+    assert err.startswith("hdmoe-milp: error: --out:") and "the plan above was not written" in err
+
+
 def test_write_atomic_writes_through_a_symlink(tmp_path):
     """A link named as the output keeps being a link; the file it names gets the new content."""
     target = tmp_path / "real.json"

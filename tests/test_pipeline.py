@@ -287,3 +287,37 @@ def test_every_result_speaks_summary_to_frame_and_to_dict():
     r = json.loads(json.dumps(rr.to_dict()))
     assert r["batches"] == 3 and r["per_batch"]["batch"] == [0, 1, 2]
     assert r["per_batch"]["latency_us"] == pytest.approx(rr.to_frame()["latency_us"].tolist())
+
+
+def test_ctrl_c_while_the_baselines_are_built_or_scored_keeps_the_solved_layers(monkeypatch):
+    """Ctrl-C after every layer's solve (while the baselines are built, or the candidates scored)
+    returns the plan of what was built, marked interrupted, with the baselines left out named; it
+    used to lose the whole solve."""
+    import hdmoe_milp.pipeline as pipeline
+
+    p = small_problem()
+    real_place, real_score = pipeline.place, pipeline._score_named
+
+    def place(problem, name, **kw):
+        if name == "eplb":
+            raise KeyboardInterrupt
+        return real_place(problem, name, **kw)
+
+    monkeypatch.setattr(pipeline, "place", place)
+    res = hm.solve(p, time_limit_s=0.3, baselines=["tp", "ep", "eplb", "cb"], progress=False)
+    assert res.solver["interrupted"] and res.solver["baselines_interrupted"] == ["eplb", "cb"]
+    assert res.solver["baselines"] == ["tp", "ep"] and set(res.evaluations) == {"plan", "milp", "tp", "ep"}
+    assert all(r.status not in ("interrupted", "not-solved") for r in res.layers)
+    assert res.evaluations["plan"].tbt_s <= min(res.evaluations[n].tbt_s for n in ("milp", "tp", "ep")) + 1e-15
+
+    monkeypatch.setattr(pipeline, "place", real_place)
+
+    def score_named(name, *a, **kw):
+        if name == "cb":
+            raise KeyboardInterrupt
+        return real_score(name, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "_score_named", score_named)
+    res = hm.solve(p, time_limit_s=0.3, baselines=["tp", "cb"], progress=False)
+    assert res.solver["interrupted"] and res.solver["baselines_interrupted"] == ["tp", "cb"]
+    assert set(res.evaluations) == {"plan", "milp"} and res.placement.meta["solver"]["interrupted"]
