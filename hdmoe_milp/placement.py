@@ -11,6 +11,7 @@ replication, ``token_fraction[r]`` is the share of the expert's tokens served by
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .errors import (
     MAX_NODES,
     InputError,
     check_file,
+    check_real,
     expect_int,
     expect_path,
     expect_str,
@@ -264,7 +266,12 @@ class Placement:
         return self.layers[0].num_experts
 
     def memory_bytes_per_node(self, expert_bytes: float) -> np.ndarray:
-        """``[D]`` bytes of routed-expert weights stored on each node, summed over layers."""
+        """``[D]`` bytes of routed-expert weights stored on each node, summed over layers, for experts
+        of ``expert_bytes`` bytes each (``model.expert_weight_bytes()``)."""
+        if isinstance(expert_bytes, bool) or not isinstance(expert_bytes, numbers.Real):
+            raise InputError("expert_bytes", f"must be a number of bytes, got {type(expert_bytes).__name__}",
+                             "give model.expert_weight_bytes()")
+        expert_bytes = check_real("expert_bytes", expert_bytes, minimum=0.0)
         return expert_bytes * np.sum([lp.weight_copies_per_node() for lp in self.layers], axis=0)
 
     # --- JSON ---------------------------------------------------------------------------------

@@ -143,15 +143,17 @@ def check_window(field_name: str, batch: float, batching: str, trace: Trace, fix
 class TraceShapeError(InputError):
     """A readable trace whose routing does not fit the model it was loaded for. ``what`` says how
     (``"routes 2 experts per token"``, ``"names expert 70"``); ``top_k`` is the trace's experts per
-    token and ``max_id`` its largest expert id."""
+    token, ``max_id`` its largest expert id and ``num_layers`` its number of MoE layers."""
 
-    def __init__(self, field: str, what: str, num_experts: int, model_top_k: int, top_k: int, max_id: int) -> None:
+    def __init__(self, field: str, what: str, num_experts: int, model_top_k: int, top_k: int, max_id: int,
+                 num_layers: int | None = None) -> None:
         super().__init__(field, f"{what}, but the model has top_k={model_top_k} of {num_experts} experts",
                          f"give a trace of a model with top_k={model_top_k} and {num_experts} experts, or choose "
                          "the trace's model")
         self.what = what
         self.top_k = top_k
         self.max_id = max_id
+        self.num_layers = num_layers
 
 
 def _check_fits(p: Path, layers: tuple[np.ndarray, ...], num_experts: int, top_k: int) -> None:
@@ -166,7 +168,7 @@ def _check_fits(p: Path, layers: tuple[np.ndarray, ...], num_experts: int, top_k
     if k == top_k:  # the first layer naming an expert beyond the model's
         li = next(i for i, a in enumerate(layers) if a.size and int(a.max()) >= num_experts)
         what, field = f"names expert {int(layers[li].max())}", f"trace {p.name} layer {li}"
-    raise TraceShapeError(field, what, num_experts, top_k, k, max_id)
+    raise TraceShapeError(field, what, num_experts, top_k, k, max_id, len(layers))
 
 
 def load_trace(path: str | Path, num_experts: int, top_k: int, max_tokens: int | None = None) -> Trace:

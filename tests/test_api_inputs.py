@@ -266,3 +266,18 @@ def test_saving_a_plan_over_a_folder_says_it_is_a_folder(tmp_path):
         (tmp_path / name).mkdir()
         with pytest.raises(hm.InputError, match="is a directory"):
             plan.save(tmp_path / name)
+
+
+@pytest.mark.parametrize("value,says", [(-1.0, "must be >= 0"), (float("nan"), "finite"), ("5", "number of bytes"),
+                                        (True, "number of bytes"), (None, "number of bytes")])
+def test_memory_bytes_per_node_checks_its_argument(value, says):
+    """It returned negative or NaN bytes, or raised a raw TypeError for the model object."""
+    m = hm.get_model("mixtral-8x7b")
+    plan = hm.place(hm.Problem(m, hm.make_hardware("5/50", "2x2"), frequencies=np.full((m.moe_layers, 8), 0.25)), "ep")
+    with pytest.raises(hm.InputError, match=says) as e:
+        plan.memory_bytes_per_node(value)
+    assert e.value.field == "expert_bytes"
+    with pytest.raises(hm.InputError, match="give model.expert_weight_bytes()"):
+        plan.memory_bytes_per_node(m)
+    assert plan.memory_bytes_per_node(m.expert_weight_bytes()).sum() == pytest.approx(
+        m.moe_layers * 8 * m.expert_weight_bytes())

@@ -221,6 +221,7 @@ def test_deterministic_layer_says_when_the_wall_clock_safety_net_stopped_it(monk
 
 def test_selected_layers_only():
     from hdmoe_milp.strategies.block_milp import solve_model
+    from hdmoe_milp.strategies.block_milp.solve import select_layers
 
     m, hw = tiny(E=4, layers=3, mesh="2x2", bw=3e8)
     tr = synthetic_trace(m, 300, seed=4)
@@ -233,6 +234,11 @@ def test_selected_layers_only():
     for bad in ([], [3], [-1], [True], "0"):
         with pytest.raises(InputError, match="layers"):
             solve_model(m, hw, f, 16, params=SolveParams(time_limit_s=1), coactivation=co, layers=bad)
+    # a string is not read digit by digit ("'0' is not a layer number"): the message asks for a list
+    with pytest.raises(InputError, match="must be a list of layer numbers, got '0,1'") as e:
+        select_layers("0,1", 3)
+    assert "layers=[0, 5, 12]" in e.value.fix
+    assert select_layers(2, 3) == [2] and select_layers(np.int64(1), 3) == [1] and select_layers({2, 0}, 3) == [0, 2]
 
 
 def test_pipeline_solves_selected_layers():

@@ -719,10 +719,16 @@ def select_layers(layers: list[int] | tuple[int, ...] | None, num_layers: int) -
     a whole number in ``[0, num_layers)``, none is repeated and the list is non-empty."""
     if layers is None:
         return list(range(num_layers))
+    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        layers = [layers]  # one layer, as the CLI's --layers 5
+    if isinstance(layers, (str, bytes, dict)):  # a string would be read digit by digit
+        raise InputError("layers", f"must be a list of layer numbers, got {layers!r}",
+                         "e.g. layers=[0, 5, 12] (0-based)")
     try:
         vals = list(layers)
     except TypeError:
-        raise InputError("layers", f"must be a list of layer numbers, got {layers!r}") from None
+        raise InputError("layers", f"must be a list of layer numbers, got {layers!r}",
+                         "e.g. layers=[0, 5, 12] (0-based)") from None
     if not vals:
         raise InputError("layers", "is empty", f"give layer numbers in 0..{num_layers - 1}")
     for v in vals:
