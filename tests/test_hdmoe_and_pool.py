@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -133,3 +134,39 @@ def test_ray_executor():
     remote = solve_model(M4, HW4, f, 64, backend="cpsat", params=params, executor="ray")
     for a, b in zip(local.layers, remote.layers, strict=True):
         assert a.objective_s == pytest.approx(b.objective_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("when", ["init", "wait"])
+def test_ctrl_c_under_the_ray_executor_returns_the_finished_tasks_and_shuts_ray_down(when, monkeypatch):
+    """As the local pool: Ctrl-C comes back as TasksInterrupted with the finished results (so `solve`
+    writes its partial plan), and the Ray instance the run started is shut down, also when the
+    Ctrl-C lands while Ray starts (it was left running, and the process could crash at exit)."""
+    import types
+
+    from hdmoe_milp.solvers.tasks import TasksInterrupted, run_tasks
+
+    calls = []
+
+    class Ref:
+        def __init__(self, v):
+            self.v = v
+
+    def init(**kw):
+        calls.append("init")
+        if when == "init":
+            raise KeyboardInterrupt
+
+    def wait(pending, num_returns=1):
+        if len(pending) == 1:  # the first task finished, then Ctrl-C
+            raise KeyboardInterrupt
+        return pending[:1], pending[1:]
+
+    fake = types.SimpleNamespace(
+        is_initialized=lambda: False, init=init, shutdown=lambda: calls.append("shutdown"),
+        remote=lambda **kw: (lambda fn: types.SimpleNamespace(remote=lambda t: Ref(fn(t)))),
+        wait=wait, get=lambda r: r.v, cancel=lambda r, force=False: calls.append("cancel"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(TasksInterrupted) as e:
+        run_tasks(abs, [-1, -2], executor="ray")
+    assert e.value.results == ([None, None] if when == "init" else [1, None])
+    assert calls == (["init", "shutdown"] if when == "init" else ["init", "cancel", "shutdown"])

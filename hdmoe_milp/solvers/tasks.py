@@ -103,20 +103,31 @@ def _run_ray(fn: Callable[[Any], Any], tasks: Sequence[Any], bar: Any, num_cpus:
     except ImportError:
         raise InputError("executor", "ray is not installed", "pip install '.[ray]' or use --executor local") from None
     started = not ray.is_initialized()
-    if started:
-        ray.init(ignore_reinit_error=True, log_to_driver=False)  # RAY_ADDRESS, if set, names the cluster
+    results: list[Any] = [None] * len(tasks)
     try:
-        remote = ray.remote(num_cpus=max(1, int(num_cpus)))(fn)
-        refs = [remote.remote(t) for t in tasks]
+        try:
+            if started:  # inside the try: a Ctrl-C while Ray starts still shuts down what it started
+                ray.init(ignore_reinit_error=True, log_to_driver=False)  # RAY_ADDRESS, if set, names the cluster
+            remote = ray.remote(num_cpus=max(1, int(num_cpus)))(fn)
+            refs = [remote.remote(t) for t in tasks]
+        except KeyboardInterrupt:
+            raise TasksInterrupted(results) from None
         index = {r: i for i, r in enumerate(refs)}
-        results: list[Any] = [None] * len(tasks)
         pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for r in done:
-                results[index[r]] = ray.get(r)
-                if bar is not None:
-                    bar.update()
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for r in done:
+                    results[index[r]] = ray.get(r)
+                    if bar is not None:
+                        bar.update()
+        except KeyboardInterrupt:  # as the local pool: the finished tasks' results come back with it
+            for r in pending:
+                try:
+                    ray.cancel(r, force=True)
+                except Exception:  # noqa: BLE001 - Ray's own processes may have had the Ctrl-C too
+                    pass
+            raise TasksInterrupted(results) from None
         return results
     finally:
         if started:
