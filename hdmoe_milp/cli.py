@@ -207,8 +207,9 @@ def _to_problem(args: argparse.Namespace, s: pl.Settings, plan: str | None = Non
         model_field = (f"[model].preset in {Path(args.instance).name}" if args.instance
                        else f"the model of plan {Path(plan).name} (meta.problem.model)")
     try:
-        problem = s.to_problem(model_field=model_field,
-                               model_default=args.model is None and not (args.instance or plan))
+        source = ("setting" if args.model is not None or args.instance else "plan" if plan
+                  else "default")
+        problem = s.to_problem(model_field=model_field, model_source=source)
     except InputError as exc:
         # the Problem's own checks name its fields; the trace reader names the trace
         flag = {"batch": "--batch", "trace": "--trace"}.get(exc.field, exc.field)

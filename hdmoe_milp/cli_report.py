@@ -593,7 +593,8 @@ def _plan_problem(path: Path, trace_flag: str | None = None) -> tuple[pl.Problem
     if trace_flag is not None:
         s = replace(s, trace=trace_flag)
     try:  # the values come from the plan file: name its keys, and no flag plot lacks (--model)
-        problem = s.to_problem(model_field=f"the model of plan {path.name} (meta.problem.model)")
+        problem = s.to_problem(model_field=f"the model of plan {path.name} (meta.problem.model)",
+                               model_source="plan")
     except InputError as exc:
         key = {"batch": "batch", "trace": "trace_path"}.get(exc.field)
         if exc.field == "trace" and trace_flag is not None:

@@ -82,10 +82,12 @@ class Settings:
     # keys the instance file wrote, as "[section].key" (a default and a written value look alike)
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
-    def to_problem(self, model_field: str = "--model", *, model_default: bool = False) -> Problem:
+    def to_problem(self, model_field: str = "--model", *, model_source: str = "setting") -> Problem:
         """The validated Problem of these settings (the trace is read here). ``model_field``: how an
-        error about a trace of another model names the model setting; ``model_default``: the model
-        is the default, which nobody chose (the error says so)."""
+        error about a trace of another model names the model setting; ``model_source``: where the
+        model came from, which decides the fix that error offers: ``"setting"`` (a flag or a file's
+        key: change it), ``"default"`` (nobody chose it: choose one) or ``"plan"`` (a plan file's
+        record: its rows are that model's, so the trace must change)."""
         check_choice("--model", self.model, tuple(MODEL_PRESETS))
         parse_point(self.hw, "--hw")
         if self.delivery is not None:
@@ -117,7 +119,7 @@ class Settings:
         hw = make_hardware(self.hw, mesh, dram_bw_bytes_per_s=float(self.dram_bw_gbps) * 1e9,
                            dram_capacity_bytes=cap, hop_latency_s=float(self.hop_latency_ns) * 1e-9)
         if self.trace:
-            trace = load_model_trace(self.trace, model, model_field, model_default=model_default)
+            trace = load_model_trace(self.trace, model, model_field, model_source=model_source)
         else:
             trace = synthetic_trace(model, int(self.synthetic_tokens), seed=int(self.seed))
         opts = EvalOptions(mode=self.mode, delivery=self.delivery, home=self.home, seed=int(self.seed),
@@ -127,7 +129,7 @@ class Settings:
 
 
 def load_model_trace(path: str | Path, model: MoEModel, model_field: str = "--model", *,
-                     model_default: bool = False) -> Trace:
+                     model_source: str = "setting") -> Trace:
     """:func:`~hdmoe_milp.workload.load_trace` for ``model``; a trace of another model (another
     top-k, expert ids beyond the model's, or another number of MoE layers) is refused naming both
     the trace and ``model_field``, with the presets it would fit."""
@@ -136,23 +138,23 @@ def load_model_trace(path: str | Path, model: MoEModel, model_field: str = "--mo
     except TraceShapeError as exc:
         fits = [n for n, m in MODEL_PRESETS.items() if m.top_k == exc.top_k and m.num_experts > exc.max_id
                 and exc.num_layers in (None, m.moe_layers)]
-        raise _other_model(exc.field, exc.what, model, model_field, fits, model_default) from None
+        raise _other_model(exc.field, exc.what, model, model_field, fits, model_source) from None
     if trace.num_layers != model.moe_layers:
         fits = [n for n, m in MODEL_PRESETS.items() if m.moe_layers == trace.num_layers and m.top_k == model.top_k
                 and m.num_experts == model.num_experts]
         raise _other_model(f"trace {Path(path).name}", f"has {trace.num_layers} MoE layers", model, model_field, fits,
-                           model_default)
+                           model_source)
     return trace
 
 
 def _other_model(field: str, what: str, model: MoEModel, model_field: str, fits: list[str],
-                 model_default: bool = False) -> InputError:
+                 model_source: str = "setting") -> InputError:
     shape = f"top_k={model.top_k} of {model.num_experts} experts in {model.moe_layers} MoE layers"
-    if model_default:  # nobody chose it: the fix is to choose
+    if model_source == "default":  # nobody chose it: the fix is to choose
         return InputError(field, f"{what}, but the default model {model.name} (no {model_field} was given) routes "
                           f"{shape}", f"give {model_field} with the trace's model"
                           + (f": {', '.join(fits)} fit{'s' if len(fits) == 1 else ''} it" if fits else ""))
-    if "meta.problem" in model_field:  # a plan's model: its rows are that model's, so the trace must change
+    if model_source == "plan":  # a plan's model: its rows are that model's, so the trace must change
         return InputError(field, f"{what}, but the model {model.name} ({model_field}) routes {shape}",
                           f"give a trace recorded from {model.name}, the model the plan was made for")
     return InputError(field, f"{what}, but the model {model.name} ({model_field}) routes {shape}",
