@@ -43,7 +43,7 @@ from .errors import MAX_CONTEXT_LEN, InputError, check_choice, check_seed
 from .hardware import Hardware, Mesh
 from .moe import MoEModel
 from .placement import LayerPlacement, Placement
-from .replica_rules import REPLICA_RULES, assign_by_distance, assign_copies
+from .replica_rules import REPLICA_RULES, assign_by_distance, assign_copies, split_at_quotas
 from .workload import Workload
 
 DELIVERIES = ("tree", "unicast")
@@ -286,16 +286,19 @@ def _evaluate(
     col_masks: list[np.ndarray] = []
     msg_weight: list[np.ndarray] = []
     for li, (lp, lr) in enumerate(zip(placement.layers, workload.layers, strict=True)):
+        flows, flow_w = lr.experts, lr.weight
         if opts.replica_rule != "fraction":
             floor = None
             if not paper:  # tokens a node computes within its weight-read time (every used copy read)
-                used = np.bincount(lr.experts.ravel(), minlength=lp.num_experts)[lp.expert_of] > 0
+                used = np.bincount(flows.ravel(), minlength=lp.num_experts)[lp.expert_of] > 0
                 read_s = w_bytes / hardware.dram_bw_bytes_per_s * (used @ lp.shares)
                 floor = read_s * hardware.compute_flops / flops_tok
-            copies = assign_by_distance(lp, lr.experts, lr.weight, mesh.distance, opts.replica_rule, floor)
+            copies = assign_by_distance(lp, flows, flow_w, mesh.distance, opts.replica_rule, floor)
         else:
-            copies = assign_copies(lp, lr.experts, lr.weight)
-        n_copy = np.bincount(copies.ravel(), weights=np.repeat(lr.weight, copies.shape[1]), minlength=lp.num_copies)
+            if workload.kind == "expected":  # group flows of many tokens: cut them where the copies' shares end
+                flows, flow_w = split_at_quotas(lp, flows, flow_w)
+            copies = assign_copies(lp, flows, flow_w)
+        n_copy = np.bincount(copies.ravel(), weights=np.repeat(flow_w, copies.shape[1]), minlength=lp.num_copies)
         node_flops[li] = flops_tok * (n_copy @ lp.shares)
         if not paper:  # HD-MoE counts FLOPs only
             active = (n_copy > 0).astype(float) if workload.kind == "observed" else activation_probability(n_copy, B)
@@ -303,7 +306,7 @@ def _evaluate(
         full_tp[li] = paper and _is_full_tp(lp)
 
         holders = lp.shares > 0
-        weight = lr.weight
+        weight = flow_w
         if fast and opts.coalesce == "node":  # a token's message reaches every holder of its copies
             _add_messages(mesh, holders, copies, weight * vec_bytes, tree, row_masks, col_masks, msg_weight)
             continue

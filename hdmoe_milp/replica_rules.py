@@ -65,6 +65,52 @@ def assign_copies(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarray) -
     return out.reshape(F, k)
 
 
+def split_at_quotas(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The flows ``experts [F, k]``, ``weight [F]`` with every flow that straddles a cut of the
+    ``fraction`` rule split in two (or more) at that cut, so that :func:`assign_copies` then gives
+    every copy exactly its token fraction of the expert's tokens, whatever the flows' sizes.
+
+    Needed for expected workloads, whose flows are whole co-activation groups of ``f_g·B`` tokens: a
+    top-1 expert has one flow, which would go to one copy whole. Each cut splits at most one flow,
+    so at most ``copies - experts`` rows are added. Observed batches (one token per flow) need none.
+    Returns the new ``experts`` and ``weight`` (rows in the same order; a split row's pieces adjacent)."""
+    if _identity(lp) or not lp.is_replicated:
+        return experts, weight
+    src = np.arange(len(weight))
+    w = np.asarray(weight, dtype=float).copy()
+    ncopy = np.bincount(lp.expert_of, minlength=lp.num_experts)
+    for e in np.flatnonzero(ncopy > 1):
+        rows = np.flatnonzero((experts[src] == e).any(axis=1))
+        if rows.size == 0:
+            continue
+        cw = np.cumsum(w[rows])
+        total = cw[-1]
+        if total <= 0:
+            continue
+        q = lp.token_fraction[np.flatnonzero(lp.expert_of == e)]  # in copy order, as assign_copies cuts
+        cuts = np.cumsum(q)[:-1] / q.sum() * total
+        lo = cw - w[rows]  # each row's interval [lo, cw) on the expert's line
+        tol = 1e-9 * total
+        pieces: dict[int, list[float]] = {}
+        for c in cuts:
+            j = int(np.searchsorted(cw, c, side="left"))
+            if j < len(rows) and lo[j] + tol < c < cw[j] - tol:
+                pieces.setdefault(int(rows[j]), []).append(float(c - lo[j]))
+        if not pieces:
+            continue
+        new_src, new_w = [], []
+        for r in range(len(src)):
+            if r in pieces:
+                at = np.r_[0.0, sorted(pieces[r]), w[r]]
+                new_src.extend([src[r]] * (len(at) - 1))
+                new_w.extend(np.diff(at))
+            else:
+                new_src.append(src[r])
+                new_w.append(w[r])
+        src, w = np.asarray(new_src), np.asarray(new_w)
+    return experts[src], w
+
+
 def water_fill(level: np.ndarray, amount: float, rate: np.ndarray | None = None) -> np.ndarray:
     """Split ``amount`` over bins: bin j at ``level[j]`` rises by ``rate[j]`` (default 1) per unit;
     returns units per bin (>= 0) so that the filled bins end level and the others stay above."""

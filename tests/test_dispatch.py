@@ -10,7 +10,7 @@ from hdmoe_milp.evaluator import EvalOptions, evaluate
 from hdmoe_milp.hardware import Hardware, Mesh
 from hdmoe_milp.moe import MoEModel
 from hdmoe_milp.placement import LayerPlacement, Placement
-from hdmoe_milp.replica_rules import assign_by_distance, assign_copies
+from hdmoe_milp.replica_rules import assign_by_distance, assign_copies, split_at_quotas
 from hdmoe_milp.workload import LayerRouting, Workload
 
 MESH = Mesh.parse("2x2")  # node ids: 0 1 / 2 3
@@ -99,6 +99,45 @@ def test_every_token_is_served_by_a_copy_of_its_expert(case, rule):
         n_e = np.bincount(ex.ravel(), minlength=lp.num_experts)
         served = np.bincount(out.ravel(), minlength=lp.num_copies)
         assert np.all(np.abs(served - lp.token_fraction * n_e[lp.expert_of]) <= 1.0 + 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(replicated_layer(), st.integers(0, 10_000))
+def test_expected_flows_split_at_the_quotas_give_every_copy_its_exact_fraction(case, seed):
+    """Expected workloads carry group flows of many tokens (fractional weights): cut where the copies'
+    shares end (`split_at_quotas`), the `fraction` rule gives every copy exactly ``q_r`` of its
+    expert's tokens, and the flows still carry every token of every expert set. Without the split a
+    flow went to one copy whole (a top-1 expert's only flow: all its tokens on one copy)."""
+    lp, ex = case
+    w = np.random.default_rng(seed).gamma(0.5, 10.0, len(ex)) + 1e-3
+    flows, fw = split_at_quotas(lp, ex, w)
+    # the same tokens per expert set, pieces adjacent and in order
+    key = [tuple(r) for r in ex]
+    got: dict = {}
+    for r, x in zip(flows, fw, strict=True):
+        got[tuple(r)] = got.get(tuple(r), 0.0) + x
+    want: dict = {}
+    for r, x in zip(key, w, strict=True):
+        want[r] = want.get(r, 0.0) + x
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 1e-9 * want[k] for k in want)
+    out = assign_copies(lp, flows, fw)
+    assert np.all(lp.expert_of[out] == flows)
+    n_e = np.bincount(ex.ravel(), weights=np.repeat(w, ex.shape[1]), minlength=lp.num_experts)
+    served = np.bincount(out.ravel(), weights=np.repeat(fw, flows.shape[1]), minlength=lp.num_copies)
+    np.testing.assert_allclose(served, lp.token_fraction * n_e[lp.expert_of], rtol=1e-9, atol=1e-9)
+    assert len(fw) <= len(w) + lp.num_copies - lp.num_experts
+
+
+def test_an_expected_batch_uses_the_replicas_of_a_top1_expert():
+    """Two copies of expert 0, half each on nodes 0 and 1; expert 1 on node 1. The expected batch has
+    one flow per expert (top-1): expert 0's 10 tokens are split 5/5, not all sent to one copy."""
+    model = MoEModel("t", num_experts=2, top_k=1, hidden=64, expert_intermediate=128, moe_layers=1)
+    hw = Hardware(Mesh(1, 2), compute_flops=1e9, link_bw_bytes_per_s=1e15, dram_bw_bytes_per_s=1e18)
+    lp = LayerPlacement(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), np.array([0, 0, 1]),
+                        np.array([0.5, 0.5, 1.0]), 2)
+    wl = Workload((LayerRouting(np.array([[0], [1]]), np.array([10.0, 2.0])),), 2, 1, 12.0, "expected")
+    ev = evaluate(Placement((lp,)), model, hw, wl, EvalOptions())
+    np.testing.assert_allclose(ev.node_flops[0] / model.expert_flops_per_token(), [5.0, 7.0])
 
 
 def test_unknown_dispatch_rule_names_the_field():

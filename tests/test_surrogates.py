@@ -213,13 +213,13 @@ def test_online_cost_against_the_evaluator(inst, delivery, z):
     assert noisy >= lat * (1 - REL)
 
 
-@pytest.mark.parametrize(("weights", "evaluator_tokens"), [((10.0, 1.0), 10.0), ((1.0, 10.0), 16.0)])
-def test_online_cost_with_replicas_errs_both_ways(weights, evaluator_tokens):
-    """With two copies of an expert the evaluator cuts the expert's flows at the copies' token
-    fractions (a whole flow goes to one copy), while the cost model splits the expected tokens
-    exactly: no direction in general. Expert 0 has copies on nodes 0 and 1 (half each), expert 1
-    sits on node 1 with 6 tokens; expert 0's two flows carry ``weights`` tokens. Model: node 1 has
-    5.5 + 6 = 11.5 tokens. Evaluator: the first flow goes to node 0, the second to node 1."""
+@pytest.mark.parametrize("weights", [(10.0, 1.0), (1.0, 10.0), (11.0, 0.0)])
+def test_online_cost_with_replicas_agrees_with_the_evaluator_on_expected_flows(weights):
+    """With two copies of an expert, the evaluator cuts the expert's expected flows exactly at the
+    copies' token fractions (a flow that straddles the cut is split, `split_at_quotas`), as the cost
+    model splits the expected tokens: both give node 1 5.5 + 6 = 11.5 tokens. (Before 0.8.4 a whole
+    flow went to one copy: 10 or 16 tokens on the busiest node, depending on the flows' order.)
+    Expert 0 has copies on nodes 0 and 1 (half each), expert 1 sits on node 1 with 6 tokens."""
     model = MoEModel("t", num_experts=2, top_k=1, hidden=64, expert_intermediate=128, moe_layers=1)
     hw = Hardware(Mesh(1, 2), compute_flops=1e9, link_bw_bytes_per_s=1e15, dram_bw_bytes_per_s=1e18)
     lp = LayerPlacement(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), np.array([0, 0, 1]),
@@ -227,10 +227,11 @@ def test_online_cost_with_replicas_errs_both_ways(weights, evaluator_tokens):
     wl = Workload((LayerRouting(np.array([[0], [0], [1]]), np.array([*weights, 6.0])),), 2, 1, 17.0, "expected")
     n = wl.expert_loads()[0]
     lat = OnlineCost(model, hw, 17.0).layer_latency_s(lp.shares, lp.expert_of, lp.token_fraction, n)
-    ev = evaluate(Placement((lp,)), model, hw, wl, EvalOptions(coalesce="expert")).layer_s[0]
+    ev = evaluate(Placement((lp,)), model, hw, wl, EvalOptions(coalesce="expert"))
     phi = model.expert_flops_per_token() / hw.compute_flops
     assert lat == pytest.approx(11.5 * phi, rel=1e-6)
-    assert ev == pytest.approx(evaluator_tokens * phi, rel=1e-6)
+    assert ev.layer_s[0] == pytest.approx(11.5 * phi, rel=1e-6)
+    assert ev.node_flops[0] == pytest.approx(np.array([5.5, 11.5]) * model.expert_flops_per_token())
 
 
 @settings(max_examples=150, deadline=None)
