@@ -409,3 +409,43 @@ def test_eplb_periodic_moves_only_what_changes_place():
     assert d.bytes_moved == 0 and d.actions == 0
     for got, want in zip(d.placement.layers, shuffled.layers, strict=True):  # the layout it already had
         np.testing.assert_array_equal(got.shares, want.shares)
+
+
+@pytest.mark.parametrize(("model_name", "point", "k"), [("deepseek-v2-lite", "2.5/75", None),
+                                                        ("mixtral-8x7b", "5/50", 8)])
+def test_prebroadcast_counts_the_weights_it_moves_and_charges_what_does_not_hide(model_name, point, k):
+    """The broadcast copies' weights are counted as moved (every batch: the copies are temporary);
+    their time is charged per layer where it does not hide behind the non-MoE time. HD-MoE's own k
+    (alpha-beta) hides by construction, so it is charged nothing; an explicit k beyond it (Mixtral
+    on 4x4 hides none, k = 0) is charged. Before 0.8.4 both were free: 282 broadcasts of 352 MB
+    experts in three Mixtral batches for 0 bytes and 0 us."""
+    from hdmoe_milp.costs import UnitCosts, hide_time_s
+    from hdmoe_milp.hardware import make_hardware
+    from hdmoe_milp.moe import get_model
+
+    m = get_model(model_name)
+    hw = make_hardware(point, "4x4")
+    B = 512  # DeepSeek-V2-Lite 2.5/75 4x4: HD-MoE's k is 4 at this batch (0 at 128)
+    tr = synthetic_trace(m, 2 * B, seed=3)
+    plan = build("cb", m, hw, tr.frequencies())
+    pol = make_policy("hdmoe-prebroadcast", plan, m, hw, B, k=k)
+    pol.observe(np.stack([np.bincount(a[:B].ravel(), minlength=m.num_experts) for a in tr.layers]))
+    d = pol.decide(1)
+    assert d.actions > 0
+    S = UnitCosts.of(m, "mesh").weight_bytes
+    hide = hide_time_s(m, hw, B)
+    moved, charged = 0.0, 0.0
+    for old, new in zip(plan.layers, d.placement.layers, strict=True):
+        held_old = np.zeros((m.num_experts, hw.num_nodes), dtype=bool)
+        held_new = held_old.copy()
+        np.logical_or.at(held_old, old.expert_of, old.shares > 0)
+        np.logical_or.at(held_new, new.expert_of, new.shares > 0)
+        per_node = (held_new & ~held_old).sum(axis=0) * S
+        moved += per_node.sum()
+        charged += max(0.0, per_node.max() / hw.min_link_bw - hide)
+    assert d.bytes_moved == pytest.approx(moved) and moved > 0
+    assert d.migration_s == pytest.approx(charged)
+    if k is None:
+        assert d.migration_s == 0.0 and prebroadcast_count(m, hw, B, EvalOptions()) > 0
+    else:
+        assert d.migration_s > 0 and prebroadcast_count(m, hw, B, EvalOptions()) < k

@@ -134,7 +134,8 @@ def prebroadcast_count(model: MoEModel, hw: Hardware, batch: float, options: Eva
 class HdmoePrebroadcast(Policy):
     """HD-MoE's dynamic stage (§5 of the reconstruction): per layer and batch, the k predicted-hottest
     experts on the most loaded nodes are broadcast to every node for this batch only (k from the
-    alpha-beta model, so the broadcast hides behind the layer's non-MoE time and costs nothing), and
+    alpha-beta model, so the broadcast hides behind the layer's non-MoE time and costs no time; its
+    bytes count as moved, every batch; an explicit ``k`` beyond it is charged what does not hide), and
     their tokens are spread to level the node loads (one load vector kept across experts: the fix of
     the paper code's bug). Prediction = the previous batch's counts (the traces carry no next-layer
     gate predictions). Its water-filled split is the copies' token fractions; at serving time the
@@ -154,6 +155,7 @@ class HdmoePrebroadcast(Policy):
                            "0 never broadcasts, None: from the alpha-beta model")
         self.pred_: np.ndarray | None = None
         self.room_bytes_ = room_after_bytes(plan, model, hw)  # [D] free after the plan (inf: no limit)
+        self.hide_s = hide_time_s(model, hw, batch, self.options.mode, self.options.context_len)
 
     def observe(self, counts: np.ndarray, workload=None) -> None:
         self.pred_ = self.counts(counts)
@@ -209,7 +211,22 @@ class HdmoePrebroadcast(Policy):
             layers.append(LayerPlacement(np.vstack(shares), np.concatenate(eo), np.concatenate(fr),
                                          self.model.num_experts))
         dt = (time.perf_counter() - t0) / len(self.plan.layers)
-        return Decision(Placement(tuple(layers), "hdmoe-prebroadcast"), 0.0, 0.0, broadcasts, dt)
+        new = Placement(tuple(layers), "hdmoe-prebroadcast")
+        # the broadcast weights do move, every batch; their time is charged where it does not hide
+        # behind the layer's non-MoE time (never with the alpha-beta k, which is chosen to hide)
+        mig, moved = 0.0, 0.0
+        S = UnitCosts.of(self.model, self.options.mode).weight_bytes  # bytes on the wire per expert copy
+        for old, nl in zip(self.plan.layers, new.layers, strict=True):
+            per_node = (_held(nl) & ~_held(old)).sum(axis=0) * S
+            moved += per_node.sum()
+            mig += unhidden_move_s(per_node, self.hw, self.hide_s)
+        return Decision(new, mig, moved, broadcasts, dt)
+
+
+def unhidden_move_s(per_node_bytes: np.ndarray, hw: Hardware, hide_s: float) -> float:
+    """Seconds of one layer's weight moves (``per_node_bytes [D]`` arriving at each node) that do not
+    hide behind its non-MoE time ``hide_s``: the busiest receiver at the slowest link, less ``hide_s``."""
+    return max(0.0, float(per_node_bytes.max(initial=0.0)) / hw.min_link_bw - hide_s)
 
 
 def max_extra_replicas(num_experts: int, num_nodes: int) -> int:
@@ -288,7 +305,7 @@ class EplbPeriodic(Policy):
             per_node = arrive.sum(axis=0) * W
             moved += per_node.sum()
             acts += int(arrive.sum())
-            mig += max(0.0, per_node.max(initial=0.0) / self.hw.min_link_bw - self.hide_s)
+            mig += unhidden_move_s(per_node, self.hw, self.hide_s)
         self.current = new
         return Decision(new, mig, moved, acts, dt)
 
