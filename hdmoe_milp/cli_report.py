@@ -44,7 +44,7 @@ from .evaluator import COALESCE, DELIVERIES, HOMES, MODES
 from .hardware import MAX_DRAM_CAPACITY_BYTES, Mesh, parse_point, point_name
 from .moe import MODEL_PRESETS
 from .placement import Placement
-from .problem import RECORD_HARDWARE_KEYS, RECORD_KEYS
+from .problem import RECORD_HARDWARE_KEYS, RECORD_KEYS, RECORD_MODEL_KEYS
 from .workload import BATCHING
 
 __all__ = ["COMMANDS", "PLOT_KINDS", "add_commands", "run"]
@@ -486,7 +486,8 @@ def _check_record_keys(where: str, made: dict[str, Any]) -> None:
     """Refuse keys a plan's ``meta.problem`` (``where``) cannot hold: a misspelt one would otherwise
     be ignored and its default used in its place."""
     for record, known, at in ((made, RECORD_KEYS, where),
-                              (made.get("hardware"), RECORD_HARDWARE_KEYS, f"{where}.hardware")):
+                              (made.get("hardware"), RECORD_HARDWARE_KEYS, f"{where}.hardware"),
+                              (made.get("model_dims"), RECORD_MODEL_KEYS, f"{where}.model_dims")):
         if not isinstance(record, dict):
             continue
         unknown = sorted(str(k) for k in record if k not in known)
@@ -551,6 +552,12 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
     checks: list[tuple[str, Any, Any]] = []
     if not model_given and made.get("model") == here["model"]:
         checks += [(k, made.get(k), here[k]) for k in ("num_experts", "moe_layers", "top_k")]
+        dims = made.get("model_dims")  # plans since 0.8.4: a variant of a preset keeps the preset's name
+        if dims is not None and not isinstance(dims, dict):
+            raise InputError(f"plan {Path(path).name} meta.problem.model_dims", f"must be an object, got {dims!r}",
+                             "save the plan again from the problem it was made for")
+        checks += [(f"model_dims.{k}", v, here["model_dims"][k]) for k, v in (dims or {}).items()
+                   if here["model_dims"][k] is not None]
     hw = made.get("hardware") if isinstance(made.get("hardware"), dict) else {}
     if not hw_given and made.get("hw_point") is not None and _point_name(made["hw_point"]) == here["hw_point"]:
         checks += [(f"hardware.{k}", hw.get(k), here["hardware"][k]) for k in ("compute_flops", "link_bw_bytes_per_s")]
@@ -578,6 +585,11 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
             what = here["model"] if of_model else f"hardware point {here['hw_point']}"
             flag = "--model" if of_model else "--hw"
             fix = "save the plan again from the problem it was made for"
+            if key.startswith("model_dims."):  # made in Python for a variant the command line cannot rebuild
+                raise InputError(f"plan {Path(path).name} meta.problem.{key}", f"records {recorded!r} but the preset "
+                                 f"{what} has {actual!r}: the plan was made for a variant of it",
+                                 "score it from Python with the model it was made for: hm.evaluate(hm.Problem(model, "
+                                 "hardware, trace), hm.load_plan(path))")
             raise InputError(f"plan {Path(path).name} meta.problem.{key}", f"records {recorded!r} but {what} has "
                              f"{actual!r}", fix + (f", or give {flag} to score it on another one" if flags else ""))
 

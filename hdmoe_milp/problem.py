@@ -105,7 +105,10 @@ class Budget:
 RECORD_KEYS = frozenset({
     "model", "moe_layers", "num_experts", "top_k", "mesh", "hw_point", "hardware", "batch", "batching", "seed",
     "trace", "trace_path", "trace_sha256", "synthetic_tokens", "mode", "delivery", "home", "context_len",
-    "coalesce", "replica_rule"})
+    "coalesce", "replica_rule", "model_dims"})
+# the model's sizes beyond its shape (model_dims): a variant of a preset keeps the preset's name
+RECORD_MODEL_KEYS = ("hidden", "expert_intermediate", "dense_layers", "dense_intermediate", "shared_experts",
+                     "shared_intermediate", "weight_bytes", "activation_bytes", "paper_intermediate")
 RECORD_HARDWARE_KEYS = frozenset({"compute_flops", "link_bw_bytes_per_s", "dram_bw_bytes_per_s",
                                   "dram_capacity_bytes", "hop_latency_s"})
 
@@ -266,7 +269,8 @@ class Problem:
 
     def describe(self) -> dict[str, Any]:
         """What a plan made for this problem records (JSON-ready): the keys of :data:`RECORD_KEYS`,
-        with ``hardware`` holding those of :data:`RECORD_HARDWARE_KEYS`."""
+        with ``hardware`` holding those of :data:`RECORD_HARDWARE_KEYS` and ``model_dims`` those of
+        :data:`RECORD_MODEL_KEYS`."""
         hw = self.hardware
         bw = hw.link_bw
         return {
@@ -274,6 +278,7 @@ class Problem:
             "moe_layers": self.model.moe_layers,
             "num_experts": self.model.num_experts,
             "top_k": self.model.top_k,
+            "model_dims": {k: getattr(self.model, k) for k in RECORD_MODEL_KEYS},
             "mesh": hw.mesh.name,
             "hw_point": self.hw_point or _point_of(hw),
             "hardware": {

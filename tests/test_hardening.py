@@ -1591,3 +1591,31 @@ def test_an_instance_trace_that_is_missing_or_a_folder_says_which(tmp_path):
         with pytest.raises(InputError) as e:
             hm.load_instance(inst)
         assert e.value.field == "instance i.toml [workload].trace" and e.value.problem.startswith(says)
+
+
+def test_a_plan_made_for_a_variant_of_a_preset_is_not_scored_as_the_preset(tmp_path, capsys):
+    """Plans record the model's sizes (meta.problem.model_dims): a variant of mixtral-8x7b (8-bit
+    weights, same name) is refused by the commands, which rebuild presets only; before, `evaluate
+    --plan` scored it as the bf16 preset (8875.7 against the variant's 4681.5 us), exit 0."""
+    base = hm.load_instance(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml").with_(batch=8)
+    variant = base.with_(model=dataclasses.replace(base.model, weight_bytes=1.0))
+    path, plain = tmp_path / "q8.json", tmp_path / "plain.json"
+    hm.place(variant, "cb").save(path)
+    hm.place(base, "cb").save(plain)
+    assert Placement.load(path).meta["problem"]["model_dims"]["weight_bytes"] == 1.0
+    for cmd in (["evaluate", "--plan", str(path)], ["replay", "--plan", str(path), "--batches", "2"],
+                ["plot", "node-load", str(path), "--out", str(tmp_path / "n.png")]):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert "meta.problem.model_dims.weight_bytes: records 1.0 but the preset mixtral-8x7b has 2.0" in err, err
+        assert "hm.evaluate(hm.Problem(model" in err and err.count("\n") == 1
+    assert main(["evaluate", "--plan", str(plain), "--json"]) == 0  # the preset's own plan is scored as before
+    assert json.loads(capsys.readouterr().out)["tbt_us"] == pytest.approx(hm.evaluate(base, "cb").tbt_us, rel=1e-12)
+    # a hand-edited record: an unknown size, or not an object, is refused by name
+    for dims, says in (({"hidden": 4096, "hiden": 1}, "unknown key(s) 'hiden'"), ([1, 2], "must be an object")):
+        d = json.loads(plain.read_text())
+        d["meta"]["problem"]["model_dims"] = dims
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(d))
+        assert main(["evaluate", "--plan", str(bad)]) == 2
+        assert says in capsys.readouterr().err
