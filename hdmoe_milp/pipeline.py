@@ -364,10 +364,11 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     ``work_limit``: the ``hdmoe`` baseline's stage-1 budget per layer (CP-SAT deterministic seconds;
     None: its default). Each MILP layer computes that layer's hdmoe baseline itself (within its
     ``time_limit_s``; a warm start and part of its family), which is also the ``hdmoe`` candidate.
-    Scoring uses ``mesh`` mode with spread homes (the model the MILP optimises) and the problem's
-    delivery rule (``unicast`` for a ``paper``-mode problem that names none); the result's
-    ``problem`` and the plan's record say so, whatever ``problem.options`` asked (re-score the plan
-    with :func:`evaluate` for another mode).
+    Scoring uses ``mesh`` mode with spread homes and ``coalesce="node"`` (the model the MILP
+    optimises) and the problem's delivery rule; a problem whose options ask for another mode, home
+    rule or coalescing is refused (an InputError naming ``options.mode``, ``options.home`` or
+    ``options.coalesce``: its plan would be optimised and scored for the mesh model all the same;
+    solve the problem with the default options and re-score the plan with :func:`evaluate`).
     ``layers``: solve only these MoE layers (0-based; the MILP and the hdmoe baseline); every other
     layer takes the best of the other baselines (hdmoe's layer too, if ``baselines`` has hdmoe) and is
     reported ``not-solved``. ``deterministic``:
@@ -381,6 +382,14 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     ``formulations/offline_milp.md``).
     """
     _check_problem(problem)
+    o = problem.options
+    for key, value, model_value in (("mode", o.mode, "mesh"), ("home", o.resolved_home, "spread"),
+                                    ("coalesce", o.coalesce, "node")):
+        if value != model_value:  # it would be optimised and scored for the mesh model all the same
+            raise InputError(f"options.{key}", f"is {value!r}, but solve optimises and scores the mesh model "
+                             "(mode 'mesh', spread homes, coalesce 'node')",
+                             f"solve problem.with_(options=hm.EvalOptions({_solve_options_text(o)})) and score its "
+                             "plan under these options with hm.evaluate(problem, result.placement)")
     if problem.trace is None:  # before any layer is solved: the plans are scored on the trace
         raise InputError("trace", "is needed to solve (every plan is scored by the evaluator on its tokens)",
                          "build the problem with a trace (hm.load_trace or an instance file)")
@@ -494,14 +503,29 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
         return _combine(problem, {"milp": candidates["milp"]}, layers, solver)
 
 
+def _solve_options_text(o: EvalOptions) -> str:
+    """The arguments of the EvalOptions :func:`solve_problem` gives, as code (defaults left out)."""
+    d = EvalOptions()
+    return ", ".join(f"{k}={v!r}" for k, v, dv in (("delivery", o.resolved_delivery, d.resolved_delivery),
+                                                   ("seed", o.seed, d.seed), ("context_len", o.context_len,
+                                                                              d.context_len)) if v != dv)
+
+
+def solve_problem(problem: Problem) -> Problem:
+    """``problem`` with the evaluator options :func:`solve` optimises and scores: mesh mode, spread
+    homes, ``coalesce="node"``, and the problem's own delivery rule (``unicast`` for a paper-mode
+    problem that names none), seed and context length."""
+    o = problem.options
+    return problem.with_(options=EvalOptions(mode="mesh", delivery=o.resolved_delivery, home="spread",
+                                             seed=o.seed, context_len=o.context_len))
+
+
 def _combine(problem: Problem, candidates: dict[str, Placement], layers: tuple[LayerReport, ...],
              solver: dict[str, Any]) -> PlanResult:
     """Per layer the candidate the evaluator scores best (mesh mode, spread homes, the delivery rule
     the MILP optimised), the plan's record, and every candidate's evaluation. The result's problem,
     and the plan's record, carry these options: what the plan was made and scored for."""
-    o = problem.options
-    problem = problem.with_(options=EvalOptions(mode="mesh", delivery=o.resolved_delivery, home="spread",
-                                                seed=o.seed, context_len=o.context_len))
+    problem = solve_problem(problem)
     opts = problem.options
     evals = {n: _score_named(n, p, problem, opts) for n, p in candidates.items()}
     plan, sources = best_per_layer(candidates, {n: e.layer_s for n, e in evals.items()}, "plan")

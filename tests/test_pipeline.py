@@ -321,3 +321,22 @@ def test_ctrl_c_while_the_baselines_are_built_or_scored_keeps_the_solved_layers(
     res = hm.solve(p, time_limit_s=0.3, baselines=["tp", "cb"], progress=False)
     assert res.solver["interrupted"] and res.solver["baselines_interrupted"] == ["tp", "cb"]
     assert set(res.evaluations) == {"plan", "milp"} and res.placement.meta["solver"]["interrupted"]
+
+
+@pytest.mark.parametrize(("options", "field"), [(hm.EvalOptions(mode="paper"), "options.mode"),
+                                                (hm.EvalOptions(home="holder"), "options.home"),
+                                                (hm.EvalOptions(coalesce="expert"), "options.coalesce")])
+def test_solve_refuses_options_it_would_not_score_with(options, field):
+    """solve optimises and scores the mesh model (spread homes, node coalescing): a problem asking for
+    another is refused by name, as the CLI refuses such an instance file, instead of being solved and
+    scored under other options than it asked for (a paper-mode problem's plan could then beat cb in
+    the result's table and lose to it under the caller's own evaluator)."""
+    p = small_problem()
+    with pytest.raises(hm.InputError) as e:
+        hm.solve(p.with_(options=options), time_limit_s=0.2, progress=False)
+    assert e.value.field == field and "hm.evaluate(problem, result.placement)" in e.value.fix
+    if field == "options.mode":  # paper mode's delivery is unicast: the fix keeps it
+        assert "hm.EvalOptions(delivery='unicast')" in e.value.fix
+    res = hm.solve(p.with_(options=hm.EvalOptions(delivery="unicast", context_len=64)), time_limit_s=0.2,
+                   baselines=["cb"], progress=False)
+    assert res.problem.options.resolved_delivery == "unicast" and res.problem.options.context_len == 64
