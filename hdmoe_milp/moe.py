@@ -63,6 +63,11 @@ class MoEModel:
         if self.top_k > self.num_experts:
             raise InputError("model.top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}",
                              "give top_k <= num_experts")
+        for count, size, what in (("shared_experts", "shared_intermediate", "shared experts"),
+                                  ("dense_layers", "dense_intermediate", "dense layers")):
+            if getattr(self, count) > 0 and getattr(self, size) == 0:  # they would cost nothing
+                raise InputError(f"model.{size}", f"is 0 with {count}={getattr(self, count)}: the {what} would "
+                                 "cost no time and hold no weights", f"give their intermediate size, or {count}=0")
         lo, hi = BYTES_PER_ELEMENT_RANGE
         for fld in ("weight_bytes", "activation_bytes"):
             v = check_real(f"model.{fld}", getattr(self, fld), minimum=lo, maximum=hi)  # bytes per element

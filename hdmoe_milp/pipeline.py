@@ -205,9 +205,9 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
     if not names and not plans:
         raise InputError("strategies", "is empty", "name at least one strategy, or leave it out for the baselines")
     for n in names:
-        check_choice("strategy", n, tuple(STRATEGIES))
+        check_choice("strategies", n, tuple(STRATEGIES))
     if len(set(names)) != len(names):
-        raise InputError("strategy", f"lists a strategy twice: {names}", "name each strategy once")
+        raise InputError("strategies", f"lists a strategy twice: {names}", "name each strategy once")
     placements: dict[str, Placement] = {}
     for name, p in (plans or {}).items():
         if name in names:
@@ -215,7 +215,9 @@ def compare(problem: Problem, strategies: list[str] | tuple[str, ...] | None = N
         if not isinstance(name, str) or not name:
             raise InputError("plans", f"keys are the plans' names, got {name!r}", "name each plan with a string")
         expect_instance("plans", p, Placement, f"the value of {name!r} must be a Placement")
-        check_plan(p, problem)
+        wrong = _plan_mismatch(p, problem)
+        if wrong is not None:
+            raise InputError(f"plans[{name!r}]", *wrong[1:])
         if name == "tp" and not _same_layout(p, place(problem, "tp")):  # "tp" is the speedups' reference
             raise InputError("plans", "'tp' names the reference of every speedup, but this plan is not tensor "
                              "parallel", "give the plan another name")

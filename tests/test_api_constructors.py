@@ -288,3 +288,15 @@ def test_reprs_say_what_the_object_is_in_one_line():
         r = repr(obj)
         assert r.startswith(name + "(") and "\n" not in r and len(r) < 300, (name, r[:400])
         assert all(part in r for part in parts), (name, r)
+
+
+@pytest.mark.parametrize(("kw", "field"), [({"shared_experts": 2}, "model.shared_intermediate"),
+                                           ({"dense_layers": 1}, "model.dense_intermediate")])
+def test_shared_experts_or_dense_layers_without_a_size_are_refused(kw, field):
+    """They were accepted and cost nothing (no time, no weights): a silently cheaper model."""
+    with pytest.raises(InputError, match="would cost no time") as e:
+        MoEModel("m", 8, 2, 64, 64, 2, **kw)
+    assert e.value.field == field
+    size = field.removeprefix("model.")
+    assert MoEModel("m", 8, 2, 64, 64, 2, **kw, **{size: 32}).non_expert_weight_bytes() > \
+        MoEModel("m", 8, 2, 64, 64, 2).non_expert_weight_bytes()

@@ -47,6 +47,15 @@ def test_a_plan_named_tp_must_be_tensor_parallel(P, ep):
     with pytest.raises(InputError) as exc:
         hm.compare(P, [], plans={5: ep})
     assert _field(exc) == "plans"
+    # each error names the argument as the caller wrote it: strategies (not "strategy"), plans['x']
+    for bad in (["tp", "nope"], ["ep", "ep"]):
+        with pytest.raises(InputError) as exc:
+            hm.compare(P, bad)
+        assert _field(exc) == "strategies"
+    other = hm.Placement(ep.layers, "ep", {"problem": {**P.describe(), "mesh": "2x8"}})
+    with pytest.raises(InputError, match="was made for mesh '2x8'") as exc:
+        hm.compare(P, [], plans={"mine": other})
+    assert _field(exc) == "plans['mine']"
 
 
 def test_hw_point_must_be_the_hardwares(P):
