@@ -547,8 +547,10 @@ def _replay(args: argparse.Namespace) -> int:
                           "batch": batch, "batching": batching, "plan": args.plan or f"{args.plan_strategy}",
                           "trace": trace, "replica_rule": args.replica_rule, **rules, "results": rows}, indent=2))
         return 0
+    made = (Path(args.plan).name if args.plan
+            else f"{args.plan_strategy}" + (f" on {Path(args.plan_trace).name}" if args.plan_trace else ""))
     print(f"model={problem.model.name} hw={problem.hw_point} mesh={problem.mesh_name} batch={batch} "
-          f"batches={args.batches} batching={batching} trace={trace} replica_rule={args.replica_rule} "
+          f"batches={args.batches} batching={batching} plan={made!r} trace={trace} replica_rule={args.replica_rule} "
           + " ".join(f"{k}={v}" for k, v in rules.items()))
     cols = ["policy", "mean_us", "p50_us", "p99_us", "migration_us", "bytes_moved", "actions",
             "decide_us_per_layer_mean"] + (["speedup_vs_static"] if static is not None else [])

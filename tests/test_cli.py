@@ -270,6 +270,8 @@ def test_replay_a_saved_plan_on_the_problem_it_records(tmp_path, capsys):
     assert d["replica_rule"] == "balanced"  # replay's own default, said (evaluate's is fraction)
     assert [r["policy"] for r in d["results"]] == ["static", "greedy"]
     assert all(r["tokens"] == 2 * 64 for r in d["results"])
+    assert main(["replay", "--plan", str(plan), "--batch", "64", "--batches", "2", "--policy", "static"]) == 0
+    assert "plan='cb.json'" in capsys.readouterr().out.splitlines()[0]  # the text header names the plan too
 
 
 def test_evaluate_delivery_and_home_flags(capsys):
