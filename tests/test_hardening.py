@@ -1506,7 +1506,7 @@ def test_solve_records_the_evaluator_settings_it_scored_with(tmp_path, capsys):
     """solve scores in mesh mode with spread homes. An instance asking for paper mode or holder homes
     was solved anyway, and its numbers (mesh, spread) were labelled paper/holder in the output and
     the plan's record, so ``evaluate --plan`` then gave another TBT. The CLI now refuses such an
-    instance; the Python API records what it scored with."""
+    instance, and so does the Python API (0.8.4; it solved the mesh problem and recorded that)."""
     for key, value in (("mode", "paper"), ("home", "holder")):
         inst = tmp_path / f"{key}.toml"
         inst.write_text(f'[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'
@@ -1517,7 +1517,11 @@ def test_solve_records_the_evaluator_settings_it_scored_with(tmp_path, capsys):
         assert f"instance {key}.toml [evaluator].{key}" in err and f"--instance {key}.toml --plan" in err, err
         assert len(err.strip().splitlines()) == 1 and not out.exists()
     problem = Settings("t", "mixtral-8x7b", "5/50", "2x2", synthetic_tokens=64, mode="paper").to_problem()
-    res = hm.solve(problem, layers=[0], time_limit_s=0.5, baselines=False)
+    with pytest.raises(InputError) as e:
+        hm.solve(problem, layers=[0], time_limit_s=0.5, baselines=False)
+    assert e.value.field == "options.mode" and "hm.EvalOptions(delivery='unicast')" in e.value.fix
+    res = hm.solve(problem.with_(options=hm.EvalOptions(delivery="unicast")), layers=[0], time_limit_s=0.5,
+                   baselines=False)
     made = res.placement.meta["problem"]
     # a paper-mode problem names no delivery rule: its own (unicast) is what the MILP optimised
     assert (made["mode"], made["home"], made["delivery"]) == ("mesh", "spread", "unicast")
