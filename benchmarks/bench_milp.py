@@ -149,4 +149,10 @@ def _plot(df: pd.DataFrame, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    try:
+        main()
+    except hm.InputError as exc:  # one line, as the CLI says it
+        print(f"bench_milp: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -52,7 +52,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--quick", action="store_true", help="fewer cases")
-    ap.add_argument("--segment", type=int, default=200, help="batches per drift segment")
+    ap.add_argument("--segment", type=int, default=None,
+                    help="batches per drift segment (default 200; 40 with --quick)")
     ap.add_argument("--seeds", default="3,4,5,6,7", help="trace seeds of the ceiling instance")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = ap.parse_args()
@@ -103,9 +104,9 @@ def main() -> None:
                   flush=True)
     shifted = pd.DataFrame(res)
 
+    seg = args.segment if args.segment is not None else (40 if args.quick else 200)
     print("\n== synthetic drift: the 4 hottest experts of every layer trade places with cold ones every "
-          f"{args.segment} batches (DeepSeek-V2-Lite-like, 5/50, B=256, contiguous)")
-    seg = args.segment if not args.quick else 40
+          f"{seg} batches (DeepSeek-V2-Lite-like, 5/50, B=256, contiguous)")
     drift = drifting_trace(ds, seg * 256, 3, seed=7)
     hw = make_hardware("5/50", "4x8")
     plan = build("cb", ds, hw, synthetic_trace(ds, 4096, seed=7).frequencies())

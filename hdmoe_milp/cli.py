@@ -369,7 +369,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 # keywords of pl.solve that the solve command fills from a flag
 _SOLVE_FLAGS = {"backend": "--backend", "executor": "--executor", "layers": "--layers", "jobs": "--jobs",
                 "threads": "--threads", "gap": "--gap", "time_limit_s": "--time-limit", "work_limit": "--work-limit",
-                "lns_patience": "--lns-patience"}
+                "lns_patience": "--lns-patience", "deterministic": "--deterministic"}
 
 
 def _solve(args: argparse.Namespace) -> int:

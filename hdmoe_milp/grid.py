@@ -199,7 +199,8 @@ def _solve_cached(problem: pl.Problem, spec: GridSpec, cache: Path, jobs: int, e
     # a paper-mode grid solves the mesh model (as solve scores), then re-scores the plans in its own mode
     res = pl.solve(pl.solve_problem(problem), backend=spec.backend, time_limit_s=spec.time_limit_s, jobs=jobs,
                    threads=spec.threads,
-                   baselines=True, executor=executor, seed=spec.seed, progress=False, deterministic=True)
+                   baselines=True, executor=executor, seed=spec.seed, progress=False,
+                   deterministic=spec.backend in pl.WORK_LIMITED_BACKENDS)
     if res.solver.get("interrupted"):  # Ctrl-C inside the solve: no report and no cache entry from it
         raise KeyboardInterrupt
     cache.mkdir(parents=True, exist_ok=True)

@@ -351,6 +351,9 @@ class PlanResult:
         self.placement.save(path, force=force, field=field)
 
 
+WORK_LIMITED_BACKENDS = ("cpsat", "cbc")  # the backends that can stop on work, not the clock (deterministic)
+
+
 def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.0, jobs: int = 1,
           threads: int = 1, gap: float = 1e-4, baselines: bool | list[str] | tuple[str, ...] = True,
           executor: str = "local", seed: int | None = None, progress: bool | None = None,
@@ -420,6 +423,10 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     for name, flag in (("polish", polish), ("deterministic", deterministic), ("branch_and_bound", branch_and_bound)):
         if not isinstance(flag, (bool, np.bool_)):
             raise InputError(name, f"must be True or False, got {flag!r}")
+    if deterministic and backend not in WORK_LIMITED_BACKENDS:  # its model solve would stop on the clock
+        raise InputError("deterministic", f"{backend} has no work limit: its solves stop on the wall clock, so "
+                         "the same inputs could give other plans and bounds", "use the cpsat or cbc backend for "
+                         "reproducible runs, or leave it out")
     if not polish:
         lns_settings = replace(lns_settings or LnsSettings(), polish=False)
     if not branch_and_bound:

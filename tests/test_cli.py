@@ -539,3 +539,18 @@ def test_ctrl_c_early_in_a_real_process_exits_130(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "interrupted" in err
+
+
+@pytest.mark.parametrize("backend", ["highs", "scip"])
+def test_deterministic_is_refused_with_a_backend_that_has_no_work_limit(backend, capsys):
+    """HiGHS and SCIP stop on the wall clock: `--deterministic` with them reported time_mode
+    "deterministic" while SCIP's bound moved with the machine. Refused by name, before any work."""
+    import hdmoe_milp as hm
+
+    inst = str(ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml")
+    assert main(["solve", "--instance", inst, "--layers", "0", "--deterministic", "--backend", backend]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hdmoe-milp: error: --deterministic:") and f"{backend} has no work limit" in err
+    with pytest.raises(hm.InputError) as e:
+        hm.solve(hm.load_instance(inst), backend=backend, deterministic=True, layers=[0])
+    assert e.value.field == "deterministic" and "cpsat or cbc" in e.value.fix

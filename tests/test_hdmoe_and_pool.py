@@ -170,3 +170,44 @@ def test_ctrl_c_under_the_ray_executor_returns_the_finished_tasks_and_shuts_ray_
         run_tasks(abs, [-1, -2], executor="ray")
     assert e.value.results == ([None, None] if when == "init" else [1, None])
     assert calls == (["init", "shutdown"] if when == "init" else ["init", "cancel", "shutdown"])
+
+
+def test_the_hdmoe_layer_inside_a_wall_mode_solve_gets_a_share_of_the_layers_limit(monkeypatch):
+    """A layer's limit counts its hdmoe warm start too: with `--work-limit` its stage-1 CP-SAT solve ran
+    on a cap of max(limit, 60 x work limit), and a 1 s layer took 3.85 s. In wall mode it now gets
+    HDMOE_WALL_SHARE of the limit (a hard cap); in deterministic mode its work limit, as before."""
+    import hdmoe_milp.strategies.block_milp.solve as sv
+    from hdmoe_milp.strategies import hdmoe as hd_mod
+
+    caps = []
+    real = sv.hdmoe_layer
+
+    def spy(*a, **kw):
+        caps.append(kw.get("wall_cap_s"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sv, "hdmoe_layer", spy)
+    f = synthetic_trace(M4, 400, seed=2).frequencies()
+    for det in (False, True):
+        sv.layer_baselines(M4, HW4, f[0], 64, backend="cpsat", params=SolveParams(time_limit_s=2.0, deterministic=det),
+                           freqs_all=f, hdmoe_work_limit=0.5)
+    assert caps == [sv.HDMOE_WALL_SHARE * 2.0, None]
+
+    # the cap binds: a large work limit under a short cap ends on the cap, and says the answer is the machine's
+    calls = []
+    real_solve = hd_mod.get_backend("cpsat").solve
+
+    class Spy:
+        def solve(self, lm, params):
+            calls.append(params.time_limit_s)
+            return real_solve(lm, params)
+
+    monkeypatch.setattr(hd_mod, "get_backend", lambda name: Spy())
+    import hdmoe_milp as hm
+
+    m, hw = hm.get_model("deepseek-v2-lite"), hm.make_hardware("5/50", "4x4")
+    tr = synthetic_trace(m, 1000, seed=2)
+    _, info = node_balance(m, hw, tr.frequencies()[0], tr.coactivation(0), 128, work_limit=100.0, time_limit_s=1.0,
+                           wall_cap_s=0.3, gap=0.0)
+    assert calls == [0.3]  # the cap, not max(1 s, 6000 s)
+    assert info["wall_capped"] and info["deterministic"] is False

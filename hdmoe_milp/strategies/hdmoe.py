@@ -221,9 +221,13 @@ def stage1_model(est: LayerEstimate, cap: float | None) -> tuple[LinearModel, di
 
 def node_balance(model: MoEModel, hw: Hardware, f: np.ndarray, coactivation, batch: float, *, backend: str = "cpsat",
                  work_limit: float = WORK_LIMIT, time_limit_s: float = TIME_LIMIT_S, seed: int = 0,
-                 gap: float = GAP, max_groups: int = 64, prune: bool = True) -> tuple[np.ndarray, dict]:
+                 gap: float = GAP, max_groups: int = 64, prune: bool = True,
+                 wall_cap_s: float | None = None) -> tuple[np.ndarray, dict]:
     """Stage 1 for one layer: returns ``shares [E, D]`` and solve info. ``work_limit``: CP-SAT
-    deterministic seconds; ``time_limit_s``: wall-clock seconds for cbc / highs (CP-SAT: safety cap)."""
+    deterministic seconds; ``time_limit_s``: wall-clock seconds for cbc / highs (CP-SAT: safety cap).
+    ``wall_cap_s``: a hard wall-clock cap on the solve (a layer of ``solve`` in wall mode, whose
+    limit counts this too); a CP-SAT solve it stops short of its work limit is marked
+    ``deterministic: False`` and ``wall_capped`` in the info."""
     E, D, k = model.num_experts, hw.num_nodes, model.top_k
     f = np.asarray(f, dtype=float)
     unit = UnitCosts.of(model)
@@ -257,14 +261,17 @@ def node_balance(model: MoEModel, hw: Hardware, f: np.ndarray, coactivation, bat
         hint[Y.ravel()] = (best > 0)[g_ids].max(axis=1).ravel()
     hint[var["t_comp"]] = est.u_comp * (f @ best).max()
     hint[var["t_comm"]] = est.u_comm * est.touch(best > 0).max()
+    cap = np.inf if wall_cap_s is None else max(float(wall_cap_s), 1e-3)
     if backend == "cpsat":
-        params = SolveParams(time_limit_s=max(time_limit_s, 60.0 * work_limit), work_limit=work_limit, seed=seed,
-                             gap=gap, hint=hint, threads=1)
+        params = SolveParams(time_limit_s=min(max(time_limit_s, 60.0 * work_limit), cap), work_limit=work_limit,
+                             seed=seed, gap=gap, hint=hint, threads=1)
     else:
-        params = SolveParams(time_limit_s=time_limit_s, seed=seed, gap=gap, hint=hint, threads=1)
+        params = SolveParams(time_limit_s=min(time_limit_s, cap), seed=seed, gap=gap, hint=hint, threads=1)
         info["deterministic"] = False
     raw = get_backend(backend).solve(lm, params)
     info.update(status=raw.status.value, binaries=lm.num_binaries)
+    if raw.wall_capped:  # the wall cap, not the work limit, ended it: the answer depends on the machine
+        info.update(deterministic=False, wall_capped=True)
     if raw.x is not None:
         shares = np.clip(raw.x[P.ravel()].reshape(E, D), 0.0, None)
         shares[shares < 1e-6] = 0.0  # solver noise (CP-SAT works on a grid)
@@ -329,7 +336,7 @@ def link_balance(hw: Hardware, shares: np.ndarray, dest_groups: np.ndarray, weig
 def hdmoe_layer(model: MoEModel, hw: Hardware, f: np.ndarray, coactivation, batch: float, *, seed: int = 0,
                 layer: int = 0, work_limit: float = WORK_LIMIT, backend: str = "cpsat",
                 time_limit_s: float = TIME_LIMIT_S, swap_evals: int = SWAP_EVALS, gap: float = GAP,
-                max_groups: int = 64) -> tuple[LayerPlacement, dict]:
+                max_groups: int = 64, wall_cap_s: float | None = None) -> tuple[LayerPlacement, dict]:
     """HD-MoE's two stages for one layer (``f [E]`` frequencies, ``coactivation`` the layer's
     ``Trace.coactivation`` or None). Top-level and picklable: layers may run in a process pool. The result
     depends only on the arguments (``seed + layer`` seeds stage 2). On a single node (a 1x1 mesh: no
@@ -338,7 +345,8 @@ def hdmoe_layer(model: MoEModel, hw: Hardware, f: np.ndarray, coactivation, batc
         return LayerPlacement.from_shares(np.ones((model.num_experts, 1))), {
             "source": "single-node", "objective_us": None, "bound_us": None, "deterministic": True}
     shares, info = node_balance(model, hw, f, coactivation, batch, backend=backend, work_limit=work_limit,
-                                time_limit_s=time_limit_s, seed=seed, gap=gap, max_groups=max_groups)
+                                time_limit_s=time_limit_s, seed=seed, gap=gap, max_groups=max_groups,
+                                wall_cap_s=wall_cap_s)
     unit = UnitCosts.of(model)
     if coactivation is not None:
         ids, fg = coactivation

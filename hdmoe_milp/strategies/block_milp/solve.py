@@ -139,6 +139,9 @@ def baseline_layers(model: MoEModel, hw: Hardware, freqs_all: np.ndarray,
     return out
 
 
+HDMOE_WALL_SHARE = 0.5  # wall mode: the most of a layer's limit the hdmoe layer's stage-1 solve may take
+
+
 def layer_baselines(
     model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, *, backend: str, params: SolveParams,
     layer: int = 0, freqs_all: np.ndarray | None = None, coactivation: tuple[np.ndarray, np.ndarray] | None = None,
@@ -153,8 +156,12 @@ def layer_baselines(
         baselines = baseline_layers(model, hw, f_all, params.seed)[layer]
     hd = None
     if hdmoe_work_limit is not None and "hdmoe" not in baselines:
+        # wall mode: the layer's limit counts this too, so its stage-1 solve gets a share of it (a
+        # --work-limit it cannot spend there is cut, and the hdmoe layer then depends on the machine)
+        cap = None if params.deterministic else HDMOE_WALL_SHARE * params.time_limit_s
         hd = hdmoe_layer(model, hw, np.asarray(freqs, dtype=float), coactivation, batch, seed=params.seed,
-                         layer=layer, work_limit=hdmoe_work_limit, backend=backend, time_limit_s=params.time_limit_s)
+                         layer=layer, work_limit=hdmoe_work_limit, backend=backend, time_limit_s=params.time_limit_s,
+                         wall_cap_s=cap)
         baselines = {**baselines, "hdmoe": hd[0]}
     return baselines, hd
 
