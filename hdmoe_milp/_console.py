@@ -9,11 +9,20 @@ from __future__ import annotations
 import sys
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ctrl-C: a KeyboardInterrupt, or the ImportError into which a C extension
+    turns one that arrives while it initialises (matplotlib's ``_path``: "initialization failed")."""
+    return isinstance(exc, KeyboardInterrupt) or (
+        isinstance(exc, ImportError) and isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load :mod:`hdmoe_milp.cli` and run it; exit status 130 if interrupted while loading."""
     try:
         from .cli import main as run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ImportError) as exc:
+        if not interrupted(exc):
+            raise
         print("hdmoe-milp: interrupted", file=sys.stderr)
         return 130
     return run(argv)

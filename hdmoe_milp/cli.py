@@ -736,7 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"hdmoe-milp: error: {one_line(str(_capacity_as_written(exc, args)))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ImportError) as exc:  # an import inside a command can be interrupted too
+        if isinstance(exc, ImportError) and not isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            raise
         print("hdmoe-milp: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error

@@ -556,8 +556,14 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
         if dims is not None and not isinstance(dims, dict):
             raise InputError(f"plan {Path(path).name} meta.problem.model_dims", f"must be an object, got {dims!r}",
                              "save the plan again from the problem it was made for")
+        for k, v in (dims or {}).items():
+            if here["model_dims"].get(k) is None and v is not None:  # the preset leaves it unset
+                raise InputError(f"plan {Path(path).name} meta.problem.model_dims.{k}", f"records {v!r} but the "
+                                 f"preset {here['model']} sets none: the plan was made for a variant of it",
+                                 "score it from Python with the model it was made for: hm.evaluate(hm.Problem("
+                                 "model, hardware, trace), hm.load_plan(path))")
         checks += [(f"model_dims.{k}", v, here["model_dims"][k]) for k, v in (dims or {}).items()
-                   if here["model_dims"][k] is not None]
+                   if here["model_dims"].get(k) is not None]
     hw = made.get("hardware") if isinstance(made.get("hardware"), dict) else {}
     if not hw_given and made.get("hw_point") is not None and _point_name(made["hw_point"]) == here["hw_point"]:
         checks += [(f"hardware.{k}", hw.get(k), here["hardware"][k]) for k in ("compute_flops", "link_bw_bytes_per_s")]

@@ -371,8 +371,9 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     ``time_limit_s``; a warm start and part of its family), which is also the ``hdmoe`` candidate.
     Scoring uses ``mesh`` mode with spread homes and ``coalesce="node"`` (the model the MILP
     optimises) and the problem's delivery rule; a problem whose options ask for another mode, home
-    rule or coalescing is refused (an InputError naming ``options.mode``, ``options.home`` or
-    ``options.coalesce``: its plan would be optimised and scored for the mesh model all the same;
+    rule, coalescing or replica rule is refused (an InputError naming ``options.mode``,
+    ``options.home``, ``options.coalesce`` or ``options.replica_rule``: its plan would be optimised
+    and scored for the mesh model all the same;
     solve the problem with the default options and re-score the plan with :func:`evaluate`).
     ``layers``: solve only these MoE layers (0-based; the MILP and the hdmoe baseline); every other
     layer takes the best of the other baselines (hdmoe's layer too, if ``baselines`` has hdmoe) and is
@@ -389,10 +390,10 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     _check_problem(problem)
     o = problem.options
     for key, value, model_value in (("mode", o.mode, "mesh"), ("home", o.resolved_home, "spread"),
-                                    ("coalesce", o.coalesce, "node")):
+                                    ("coalesce", o.coalesce, "node"), ("replica_rule", o.replica_rule, "fraction")):
         if value != model_value:  # it would be optimised and scored for the mesh model all the same
             raise InputError(f"options.{key}", f"is {value!r}, but solve optimises and scores the mesh model "
-                             "(mode 'mesh', spread homes, coalesce 'node')",
+                             "(mode 'mesh', spread homes, coalesce 'node', replica rule 'fraction')",
                              f"solve problem.with_(options=hm.EvalOptions({_solve_options_text(o)})) and score its "
                              "plan under these options with hm.evaluate(problem, result.placement)")
     if problem.trace is None:  # before any layer is solved: the plans are scored on the trace

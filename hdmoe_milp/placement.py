@@ -38,8 +38,10 @@ from .errors import (
 )
 
 _TOL = 1e-6
-PLAN_FORMAT = "hdmoe_milp.placement/2"  # /2 adds package_version and the problem/solver record in meta
-_READABLE = ("hdmoe_milp.placement/1", PLAN_FORMAT)
+# /2 adds package_version and the problem/solver record in meta; /3 (0.8.4) the model's sizes in that
+# record (meta.problem.model_dims), which a /2 reader would refuse as an unknown key
+PLAN_FORMAT = "hdmoe_milp.placement/3"
+_READABLE = ("hdmoe_milp.placement/1", "hdmoe_milp.placement/2", PLAN_FORMAT)
 
 
 # the keys of a plan file (to_dict); meta holds everything else

@@ -509,15 +509,26 @@ def test_ctrl_c_while_the_command_loads_exits_130_without_a_traceback(monkeypatc
     from hdmoe_milp import _console
 
     class Interrupting(importlib.abc.MetaPathFinder):
+        as_import_error = False
+
         def find_spec(self, name, path=None, target=None):
             if name == "hdmoe_milp.cli":
+                if self.as_import_error:  # what a C extension makes of Ctrl-C during its init (matplotlib)
+                    try:
+                        raise KeyboardInterrupt
+                    except KeyboardInterrupt as ki:
+                        raise ImportError("initialization failed") from ki
                 raise KeyboardInterrupt
             return None
 
+    finder = Interrupting()
     monkeypatch.delitem(sys.modules, "hdmoe_milp.cli", raising=False)
-    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
-    assert _console.main(["--version"]) == 130
-    assert capsys.readouterr().err == "hdmoe-milp: interrupted\n"
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    for as_import_error in (False, True):
+        finder.as_import_error = as_import_error
+        assert _console.main(["--version"]) == 130
+        assert capsys.readouterr().err == "hdmoe-milp: interrupted\n"
+    assert _console.interrupted(ImportError("x")) is False  # a real ImportError is not swallowed
 
 
 def test_ctrl_c_early_in_a_real_process_exits_130(tmp_path):

@@ -1613,6 +1613,12 @@ def test_a_plan_made_for_a_variant_of_a_preset_is_not_scored_as_the_preset(tmp_p
         err = capsys.readouterr().err
         assert "meta.problem.model_dims.weight_bytes: records 1.0 but the preset mixtral-8x7b has 2.0" in err, err
         assert "hm.evaluate(hm.Problem(model" in err and err.count("\n") == 1
+    # a size the preset leaves unset (paper_intermediate on mixtral) is a variant too
+    paper = tmp_path / "paper.json"
+    hm.place(base.with_(model=dataclasses.replace(base.model, paper_intermediate=4096)), "cb").save(paper)
+    assert main(["evaluate", "--plan", str(paper)]) == 2
+    err = capsys.readouterr().err
+    assert "model_dims.paper_intermediate: records 4096 but the preset mixtral-8x7b sets none" in err
     assert main(["evaluate", "--plan", str(plain), "--json"]) == 0  # the preset's own plan is scored as before
     assert json.loads(capsys.readouterr().out)["tbt_us"] == pytest.approx(hm.evaluate(base, "cb").tbt_us, rel=1e-12)
     # a hand-edited record: an unknown size, or not an object, is refused by name

@@ -436,11 +436,12 @@ def test_prebroadcast_counts_the_weights_it_moves_and_charges_what_does_not_hide
     hide = hide_time_s(m, hw, B)
     moved, charged = 0.0, 0.0
     for old, new in zip(plan.layers, d.placement.layers, strict=True):
-        held_old = np.zeros((m.num_experts, hw.num_nodes), dtype=bool)
-        held_new = held_old.copy()
-        np.logical_or.at(held_old, old.expert_of, old.shares > 0)
-        np.logical_or.at(held_new, new.expert_of, new.shares > 0)
-        per_node = (held_new & ~held_old).sum(axis=0) * S
+        # what each node stores of each expert, before and after: a node that held a shard receives the rest
+        st_old = np.zeros((m.num_experts, hw.num_nodes))
+        st_new = st_old.copy()
+        np.add.at(st_old, old.expert_of, old.shares)
+        np.add.at(st_new, new.expert_of, new.shares)
+        per_node = np.clip(st_new - st_old, 0.0, None).sum(axis=0) * S
         moved += per_node.sum()
         charged += max(0.0, per_node.max() / hw.min_link_bw - hide)
     assert d.bytes_moved == pytest.approx(moved) and moved > 0
@@ -449,3 +450,15 @@ def test_prebroadcast_counts_the_weights_it_moves_and_charges_what_does_not_hide
         assert d.migration_s == 0.0 and prebroadcast_count(m, hw, B, EvalOptions()) > 0
     else:
         assert d.migration_s > 0 and prebroadcast_count(m, hw, B, EvalOptions()) < k
+
+
+def test_a_node_that_held_a_shard_receives_the_rest_of_the_expert():
+    """Weights moved count what each node stores beyond what it stored: a node holding half of an
+    expert that now holds all of it receives the other half (it was counted as receiving nothing,
+    both by the prebroadcast's charge and eplb-periodic's)."""
+    from hdmoe_milp.online.policies import arriving_bytes
+
+    old = LayerPlacement(np.array([[0.5, 0.5], [0.0, 1.0]]), np.array([0, 1]), np.array([1.0, 1.0]), 2)
+    new = LayerPlacement(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), np.array([0, 1, 1]),
+                         np.array([1.0, 0.5, 0.5]), 2)
+    np.testing.assert_allclose(arriving_bytes(old, new, 100.0), [150.0, 0.0])  # half of 0, all of 1's copy

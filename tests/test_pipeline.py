@@ -122,7 +122,7 @@ def test_plan_file_records_what_it_was_made_for_and_is_checked(tmp_path):
     path = tmp_path / "plan.json"
     res.save(path)
     d = json.loads(path.read_text())
-    assert d["format"] == "hdmoe_milp.placement/2" and d["package_version"] == hm.__version__
+    assert d["format"] == "hdmoe_milp.placement/3" and d["package_version"] == hm.__version__
     made = d["meta"]["problem"]
     assert made["model"] == "small" and made["mesh"] == "2x2" and made["batch"] == 128
     assert made["hardware"]["compute_flops"] == 5e12
@@ -325,7 +325,8 @@ def test_ctrl_c_while_the_baselines_are_built_or_scored_keeps_the_solved_layers(
 
 @pytest.mark.parametrize(("options", "field"), [(hm.EvalOptions(mode="paper"), "options.mode"),
                                                 (hm.EvalOptions(home="holder"), "options.home"),
-                                                (hm.EvalOptions(coalesce="expert"), "options.coalesce")])
+                                                (hm.EvalOptions(coalesce="expert"), "options.coalesce"),
+                                                (hm.EvalOptions(replica_rule="nearest"), "options.replica_rule")])
 def test_solve_refuses_options_it_would_not_score_with(options, field):
     """solve optimises and scores the mesh model (spread homes, node coalescing): a problem asking for
     another is refused by name, as the CLI refuses such an instance file, instead of being solved and

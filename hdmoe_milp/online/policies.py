@@ -217,10 +217,17 @@ class HdmoePrebroadcast(Policy):
         mig, moved = 0.0, 0.0
         S = UnitCosts.of(self.model, self.options.mode).weight_bytes  # bytes on the wire per expert copy
         for old, nl in zip(self.plan.layers, new.layers, strict=True):
-            per_node = (_held(nl) & ~_held(old)).sum(axis=0) * S
+            per_node = arriving_bytes(old, nl, S)
             moved += per_node.sum()
             mig += unhidden_move_s(per_node, self.hw, self.hide_s)
         return Decision(new, mig, moved, broadcasts, dt)
+
+
+def arriving_bytes(old: LayerPlacement, new: LayerPlacement, expert_bytes: float) -> np.ndarray:
+    """``[D]`` bytes of weights each node must receive to go from ``old`` to ``new``: what it stores of
+    each expert in ``new`` beyond what it stored in ``old`` (a node that held a shard of an expert
+    and now holds all of it receives the rest)."""
+    return np.clip(stored_shares(new) - stored_shares(old), 0.0, None).sum(axis=0) * expert_bytes
 
 
 def unhidden_move_s(per_node_bytes: np.ndarray, hw: Hardware, hide_s: float) -> float:
@@ -301,10 +308,9 @@ class EplbPeriodic(Policy):
         W = UnitCosts.of(self.model, self.options.mode).weight_bytes
         mig, moved, acts = 0.0, 0.0, 0
         for old, nl in zip(self.current.layers, new.layers, strict=True):
-            arrive = _held(nl) & ~_held(old)  # whole experts to copy in
-            per_node = arrive.sum(axis=0) * W
+            per_node = arriving_bytes(old, nl, W)
             moved += per_node.sum()
-            acts += int(arrive.sum())
+            acts += int((_held(nl) & ~_held(old)).sum())  # experts a node newly stores (part of)
             mig += unhidden_move_s(per_node, self.hw, self.hide_s)
         self.current = new
         return Decision(new, mig, moved, acts, dt)
