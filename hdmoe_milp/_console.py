@@ -17,12 +17,14 @@ def interrupted(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Load :mod:`hdmoe_milp.cli` and run it; exit status 130 if interrupted while loading."""
+    """Load :mod:`hdmoe_milp.cli` and run it; exit status 130 if interrupted while loading, or by an
+    import a command makes (the command itself answers a plain KeyboardInterrupt)."""
     try:
         from .cli import main as run
+
+        return run(argv)
     except (KeyboardInterrupt, ImportError) as exc:
         if not interrupted(exc):
             raise
         print("hdmoe-milp: interrupted", file=sys.stderr)
         return 130
-    return run(argv)

@@ -202,13 +202,12 @@ def _to_problem(args: argparse.Namespace, s: pl.Settings, plan: str | None = Non
     """``s.to_problem()``; an error about a value that the instance file or the plan file gave (not a
     flag) names that file's key."""
     if args.model is not None or not (args.instance or plan):
-        model_field = "--model"  # given, or the default
+        model_field, source = "--model", "setting" if args.model is not None else "default"
+    elif args.instance:
+        model_field, source = f"[model].preset in {Path(args.instance).name}", "setting"
     else:
-        model_field = (f"[model].preset in {Path(args.instance).name}" if args.instance
-                       else f"the model of plan {Path(plan).name} (meta.problem.model)")
+        model_field, source = f"the model of plan {Path(plan).name} (meta.problem.model)", "plan"
     try:
-        source = ("setting" if args.model is not None or args.instance else "plan" if plan
-                  else "default")
         problem = s.to_problem(model_field=model_field, model_source=source)
     except InputError as exc:
         # the Problem's own checks name its fields; the trace reader names the trace
@@ -736,9 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"hdmoe-milp: error: {one_line(str(_capacity_as_written(exc, args)))}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, ImportError) as exc:  # an import inside a command can be interrupted too
-        if isinstance(exc, ImportError) and not isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
-            raise
+    except KeyboardInterrupt:  # (one an import turned into an ImportError: hdmoe_milp._console)
         print("hdmoe-milp: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error

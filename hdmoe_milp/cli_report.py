@@ -558,10 +558,7 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
                              "save the plan again from the problem it was made for")
         for k, v in (dims or {}).items():
             if here["model_dims"].get(k) is None and v is not None:  # the preset leaves it unset
-                raise InputError(f"plan {Path(path).name} meta.problem.model_dims.{k}", f"records {v!r} but the "
-                                 f"preset {here['model']} sets none: the plan was made for a variant of it",
-                                 "score it from Python with the model it was made for: hm.evaluate(hm.Problem("
-                                 "model, hardware, trace), hm.load_plan(path))")
+                raise _variant(path, f"model_dims.{k}", v, here["model"], "sets none")
         checks += [(f"model_dims.{k}", v, here["model_dims"][k]) for k, v in (dims or {}).items()
                    if here["model_dims"].get(k) is not None]
     hw = made.get("hardware") if isinstance(made.get("hardware"), dict) else {}
@@ -592,12 +589,18 @@ def check_plan_record(path: str, problem: pl.Problem, *, model_given: bool = Fal
             flag = "--model" if of_model else "--hw"
             fix = "save the plan again from the problem it was made for"
             if key.startswith("model_dims."):  # made in Python for a variant the command line cannot rebuild
-                raise InputError(f"plan {Path(path).name} meta.problem.{key}", f"records {recorded!r} but the preset "
-                                 f"{what} has {actual!r}: the plan was made for a variant of it",
-                                 "score it from Python with the model it was made for: hm.evaluate(hm.Problem(model, "
-                                 "hardware, trace), hm.load_plan(path))")
+                raise _variant(path, key, recorded, what, f"has {actual!r}")
             raise InputError(f"plan {Path(path).name} meta.problem.{key}", f"records {recorded!r} but {what} has "
                              f"{actual!r}", fix + (f", or give {flag} to score it on another one" if flags else ""))
+
+
+def _variant(path: str, key: str, recorded: Any, preset: str, preset_value: str) -> InputError:
+    """A plan whose ``meta.problem.{key}`` (a size in ``model_dims``) differs from the preset it names
+    (``preset_value``: what the preset "has 2.0" or "sets none"): it was made in Python for a variant
+    the command line cannot rebuild."""
+    return InputError(f"plan {Path(path).name} meta.problem.{key}", f"records {recorded!r} but the preset {preset} "
+                      f"{preset_value}: the plan was made for a variant of it", "score it from Python with the model "
+                      "it was made for: hm.evaluate(hm.Problem(model, hardware, trace), hm.load_plan(path))")
 
 
 def _plan_problem(path: Path, trace_flag: str | None = None) -> tuple[pl.Problem, Any, Mesh]:

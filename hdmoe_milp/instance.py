@@ -150,16 +150,15 @@ def load_model_trace(path: str | Path, model: MoEModel, model_field: str = "--mo
 def _other_model(field: str, what: str, model: MoEModel, model_field: str, fits: list[str],
                  model_source: str = "setting") -> InputError:
     shape = f"top_k={model.top_k} of {model.num_experts} experts in {model.moe_layers} MoE layers"
+    fit = f": {', '.join(fits)} fit{'s' if len(fits) == 1 else ''} it" if fits else ""
     if model_source == "default":  # nobody chose it: the fix is to choose
         return InputError(field, f"{what}, but the default model {model.name} (no {model_field} was given) routes "
-                          f"{shape}", f"give {model_field} with the trace's model"
-                          + (f": {', '.join(fits)} fit{'s' if len(fits) == 1 else ''} it" if fits else ""))
+                          f"{shape}", f"give {model_field} with the trace's model{fit}")
     if model_source == "plan":  # a plan's model: its rows are that model's, so the trace must change
         return InputError(field, f"{what}, but the model {model.name} ({model_field}) routes {shape}",
                           f"give a trace recorded from {model.name}, the model the plan was made for")
     return InputError(field, f"{what}, but the model {model.name} ({model_field}) routes {shape}",
-                      f"give a trace recorded from {model.name}, or set {model_field} to the trace's model"
-                      + (f": {', '.join(fits)} fit{'s' if len(fits) == 1 else ''} it" if fits else ""))
+                      f"give a trace recorded from {model.name}, or set {model_field} to the trace's model{fit}")
 
 
 # the field a Settings or Problem check names -> the instance file's key that gave the value

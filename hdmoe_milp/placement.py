@@ -48,6 +48,11 @@ _READABLE = ("hdmoe_milp.placement/1", "hdmoe_milp.placement/2", PLAN_FORMAT)
 _PLAN_KEYS = {"format", "package_version", "strategy", "num_nodes", "num_experts", "meta", "layers"}
 
 
+def _overwrite_fix(field: str) -> str:
+    """How to replace an existing output named ``field``: the CLI's flag, or the Python keyword."""
+    return f"{'pass --force' if field.startswith('--') else 'pass force=True'} to overwrite it, or write elsewhere"
+
+
 def _link_new(tmp: str, p: Path, field: str) -> bool:
     """Put the written ``tmp`` at ``p`` only if nothing is there (a hard link fails on an existing
     name, atomically: a file that appeared since the command checked is not replaced), then drop
@@ -56,8 +61,7 @@ def _link_new(tmp: str, p: Path, field: str) -> bool:
         os.link(tmp, p)
     except FileExistsError:
         raise InputError(field, f"{p} already exists (it appeared while this command ran)",
-                         f"{'pass --force' if field.startswith('--') else 'pass force=True'} to overwrite it, "
-                         "or write elsewhere") from None
+                         _overwrite_fix(field)) from None
     except OSError:
         return False
     Path(tmp).unlink(missing_ok=True)
@@ -76,8 +80,7 @@ def write_atomic(path: str | Path, text: str | bytes, *, force: bool = True, fie
     if p.exists() and not p.is_file():  # a device, a socket, a pipe: a rename would replace it
         raise InputError(field, f"{p} is not a regular file", "give the path of a file")
     if not force and (p.exists() or p.is_symlink()):
-        how = "pass --force" if field.startswith("--") else "pass force=True"
-        raise InputError(field, f"{p} already exists", f"{how} to overwrite it, or write elsewhere")
+        raise InputError(field, f"{p} already exists", _overwrite_fix(field))
     if p.is_symlink():  # write through the link: the file it names is replaced, the link stays
         p = Path(os.path.realpath(p))
         if not p.parent.is_dir():

@@ -98,16 +98,14 @@ def split_at_quotas(lp: LayerPlacement, experts: np.ndarray, weight: np.ndarray)
                 pieces.setdefault(int(rows[j]), []).append(float(c - lo[j]))
         if not pieces:
             continue
-        new_src, new_w = [], []
-        for r in range(len(src)):
-            if r in pieces:
-                at = np.r_[0.0, sorted(pieces[r]), w[r]]
-                new_src.extend([src[r]] * (len(at) - 1))
-                new_w.extend(np.diff(at))
-            else:
-                new_src.append(src[r])
-                new_w.append(w[r])
-        src, w = np.asarray(new_src), np.asarray(new_w)
+        counts = np.ones(len(src), dtype=np.int64)  # pieces per row; rows keep their order
+        for r, at in pieces.items():
+            counts[r] += len(at)
+        first = np.cumsum(counts) - counts  # each row's first piece in the new rows
+        src, new_w = np.repeat(src, counts), np.repeat(w, counts)
+        for r, at in pieces.items():
+            new_w[first[r]:first[r] + counts[r]] = np.diff(np.r_[0.0, sorted(at), w[r]])
+        w = new_w
     return experts[src], w
 
 

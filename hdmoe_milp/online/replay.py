@@ -68,7 +68,6 @@ class ReplayResult:
             "decide_us_per_layer_max": float(self.decide_s_per_layer.max(initial=0.0) * 1e6),
         }
 
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: :meth:`summary` plus ``per_batch``, the columns of :meth:`to_frame` as lists."""
         per_batch = {k: v.tolist() for k, v in self.to_frame().drop(columns="policy").items()}
