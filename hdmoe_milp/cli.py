@@ -88,8 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--strategy", help="one of " + ", ".join(pl.STRATEGIES) + ", a comma-separated list, or "
                     "'all' (default: every baseline)")
     ev.add_argument("--time-limit", type=float,
-                    help="wall seconds per layer for MILP solves that count wall time (milp; hdmoe with cbc or "
-                    "highs; default 2)")
+                    help="wall seconds per layer for the milp strategy's solve (default 2)")
     ev.add_argument("--work-limit", type=float, help="hdmoe's stage-1 MILP budget per layer, in CP-SAT "
                     "deterministic seconds (default 0: its node-balanced start, no solve); deterministic")
     ev.add_argument("--plan", help="evaluate a saved plan; model, mesh and hardware default to the plan's")
@@ -143,8 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--plan-strategy", help="baseline to build the plan from when no --plan (default cb)")
     rp.add_argument("--plan-trace", help="trace the plan is built on (default: --trace)")
     rp.add_argument("--time-limit", type=float,
-                    help="wall seconds per layer when --plan-strategy solves a MILP (milp; hdmoe with cbc or highs; "
-                    "default 2)")
+                    help="wall seconds per layer when --plan-strategy is milp (default 2)")
     rp.add_argument("--batch", type=float, help="tokens per batch (default: the problem's, as evaluate: the instance's "
                     "[workload].batch or the batch the --plan was made for, else 128)")
     rp.add_argument("--policy", default="all", help="static, greedy, hdmoe-prebroadcast, eplb-periodic, oracle, "
@@ -280,15 +278,24 @@ def _strategy_time_limit(args: argparse.Namespace) -> float:
     return 2.0 if args.time_limit is None else args.time_limit
 
 
+# evaluate and replay build hdmoe with CP-SAT, whose stage 1 counts --work-limit (the wall-clock
+# time limit reaches only cbc or highs, which these commands do not offer)
+_CLI_UNREAD = {("hdmoe", "time_limit_s")}
+
+
 def _check_budget_read(names: list[str], flags: tuple[tuple[str, Any, str], ...],
                        choose: str = "add a strategy that reads it") -> None:
     """Refuse a budget flag that none of the strategies ``names`` reads (tp, ep, ep-lpt, cb and
     eplb solve nothing). ``flags``: (flag as written, value or None, Budget field)."""
     for flag, value, fieldname in flags:
-        readers = [n for n in pl.STRATEGIES if fieldname in pl.USES_BUDGET.get(n, ())]
+        readers = [n for n in pl.STRATEGIES
+                   if fieldname in pl.USES_BUDGET.get(n, ()) and (n, fieldname) not in _CLI_UNREAD]
         if value is not None and not any(n in readers for n in names):
-            raise InputError(flag, f"is not read by {', '.join(names)} (it budgets a solve, and "
-                             f"{'this strategy solves' if len(names) == 1 else 'these strategies solve'} none)",
+            why = ("it budgets a solve, and " + ("this strategy solves" if len(names) == 1 else
+                                                  "these strategies solve") + " none")
+            if "hdmoe" in names and ("hdmoe", fieldname) in _CLI_UNREAD:
+                why = "hdmoe here solves with CP-SAT on a work budget (evaluate's --work-limit), not wall seconds"
+            raise InputError(flag, f"is not read by {', '.join(names)} ({why})",
                              f"leave {flag} out, or {choose}: {', '.join(readers)}")
 
 
@@ -557,6 +564,8 @@ def _replay(args: argparse.Namespace) -> int:
     fmt = {c: (lambda x: f"{x:.1f}") for c in df.columns if c.endswith("_us") or c.startswith("decide_us")}
     fmt |= {"bytes_moved": lambda x: f"{x:,.0f}", "speedup_vs_static": lambda x: "-" if pd.isna(x) else f"{x:.3f}"}
     print(df.to_string(index=False, formatters=fmt))  # µs to 0.1, bytes whole: no e-notation in a paper's table
+    print("(mean/p50/p99_us: per decode step, moves included; migration_us, bytes_moved, actions: totals over "
+          "the batches)")
     if static is None:
         print("(no speedup_vs_static: add static to --policy to compare with the plan left as it is)")
     return 0

@@ -291,3 +291,14 @@ def check_file(field: str, path: str | Path, fix: str) -> Path:
         what = ("is a directory" if p.is_dir() else "is not a regular file" if p.exists() else "file not found")
         raise InputError(field, f"{what}: {p}", fix)
     return p
+
+
+def freeze_arrays(obj: Any) -> None:
+    """Replace every numpy array field of the frozen dataclass ``obj`` by a read-only copy, so that a
+    result cannot change under its other users (a frozen dataclass freezes its fields, not their
+    contents). Call from ``__post_init__``."""
+    for name, value in vars(obj).items():
+        if isinstance(value, np.ndarray):
+            arr = np.array(value)
+            arr.setflags(write=False)
+            object.__setattr__(obj, name, arr)

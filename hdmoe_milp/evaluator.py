@@ -39,7 +39,7 @@ from .costs import (
     roofline_s,
     spread_link_loads,
 )
-from .errors import MAX_CONTEXT_LEN, InputError, check_choice, check_seed
+from .errors import MAX_CONTEXT_LEN, InputError, check_choice, check_seed, freeze_arrays
 from .hardware import Hardware, Mesh
 from .moe import MoEModel
 from .placement import LayerPlacement, Placement
@@ -93,9 +93,7 @@ class EvalOptions:
                 or not 0 <= self.context_len <= MAX_CONTEXT_LEN:
             raise InputError("context_len", f"must be a whole number of tokens in 0 .. {MAX_CONTEXT_LEN:.0e}, "
                              f"got {self.context_len!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise InputError("seed", f"must be a whole number >= 0, got {self.seed!r}")
-        check_seed(self.seed)
+        object.__setattr__(self, "seed", check_seed(self.seed))  # as Problem, evaluate and replay take it
 
     @property
     def resolved_delivery(self) -> str:
@@ -126,6 +124,9 @@ class Evaluation:
     batch_size: float
     mode: str
     strategy: str
+
+    def __post_init__(self) -> None:
+        freeze_arrays(self)
 
     def __repr__(self) -> str:
         return (f"Evaluation({self.strategy!r}: TBT {self.tbt_us:.3f} us, {len(self.compute_s)} layers, "

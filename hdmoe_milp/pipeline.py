@@ -619,12 +619,14 @@ def plan_settings(path: str | Path) -> dict[str, Any] | None:
 
 
 def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, policy: str = "greedy",
-           batches: int = 50, batch: int | None = None, batching: str = "contiguous", replica_rule: str = "balanced",
-           seed: int | None = None, progress: bool | None = None, **policy_kw: Any) -> ReplayResult:
+           batches: int = 50, batch: int | None = None, batching: str | None = None,
+           replica_rule: str = "balanced", seed: int | None = None, progress: bool | None = None,
+           **policy_kw: Any) -> ReplayResult:
     """Stream ``batches`` batches of ``batch`` tokens (default: the problem's batch, as the CLI)
     from ``trace`` (default: the problem's) under an online ``policy`` starting from ``plan``;
     every batch is scored by the evaluator on its observed tokens with the replica rule
-    ``replica_rule``."""
+    ``replica_rule``. ``batching``: ``random`` or ``contiguous`` (default: the problem's when it is
+    one of them, as the CLI keeps an instance's, else ``contiguous``)."""
     _check_problem(problem)
     check_choice("policy", policy, POLICIES)
     expect_instance("plan", plan, Placement, "use hm.place(problem, name) or hm.load_plan(path, problem)")
@@ -645,6 +647,8 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
         batch = int(problem.batch)
     batch = expect_int("batch", batch, minimum=1, why="tokens per batch")
     batches = expect_int("batches", batches, minimum=1, maximum=MAX_BATCHES, why="batches to replay")
+    if batching is None:
+        batching = problem.batching if problem.batching in ("random", "contiguous") else "contiguous"
     check_choice("batching", batching, ("random", "contiguous"))
     problem.check_memory("batch", batch)  # refused before any batch is drawn
     check_window("batch", batch, batching, tr, "lower batch or use batching='random'")

@@ -141,6 +141,17 @@ class LayerPlacement:
     token_fraction: np.ndarray
     num_experts: int
 
+    def __eq__(self, other: object) -> bool:
+        """Same layout: equal shares, copy owners and token fractions (exactly)."""
+        if not isinstance(other, LayerPlacement):
+            return NotImplemented
+        return self.num_experts == other.num_experts and all(
+            np.array_equal(getattr(self, n), getattr(other, n)) for n in ("shares", "expert_of", "token_fraction"))
+
+    def __hash__(self) -> int:
+        return hash((self.num_experts, self.shares.shape, self.shares.tobytes(), self.expert_of.tobytes(),
+                     self.token_fraction.tobytes()))
+
     def __repr__(self) -> str:
         return (f"LayerPlacement({self.num_experts} experts, {self.num_copies} copies on {self.num_nodes} nodes, "
                 f"{int((self.shares > 0).sum())} shards)")
@@ -256,6 +267,9 @@ class Placement:
     @classmethod
     def from_shares(cls, shares: list[np.ndarray] | np.ndarray, strategy: str = "custom", **meta: Any) -> Placement:
         """One copy per expert in every layer: ``shares [layers, E, D]``."""
+        if isinstance(shares, (str, bytes, dict)) or not isinstance(shares, (list, tuple, np.ndarray)):
+            raise InputError("placement.shares", f"must be one [experts, nodes] share matrix per layer, got "
+                             f"{type(shares).__name__}", "give a list of [E, D] arrays or one [layers, E, D] array")
         return cls(tuple(LayerPlacement.from_shares(s) for s in shares), strategy, dict(meta))
 
     @property

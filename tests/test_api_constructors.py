@@ -300,3 +300,23 @@ def test_shared_experts_or_dense_layers_without_a_size_are_refused(kw, field):
     size = field.removeprefix("model.")
     assert MoEModel("m", 8, 2, 64, 64, 2, **kw, **{size: 32}).non_expert_weight_bytes() > \
         MoEModel("m", 8, 2, 64, 64, 2).non_expert_weight_bytes()
+
+
+def test_placements_compare_and_hash_by_layout() -> None:
+    """``==`` and ``hash`` on placements: equal layouts (and strategy name) are equal, whatever their
+    meta; a layer is compared exactly. Both raised before (an array's ambiguous truth value)."""
+    eye = np.eye(4)
+    a = hm.Placement.from_shares([eye, eye], "x", note="a")
+    b = hm.Placement.from_shares([eye.copy(), eye.copy()], "x")
+    c = hm.Placement.from_shares([eye, eye[::-1]], "x")
+    assert a == b and hash(a) == hash(b) and a in [b] and len({a, b, c}) == 2
+    assert a != c and a.layers[0] == c.layers[0] and a.layers[1] != c.layers[1]
+    assert a != hm.Placement.from_shares([eye, eye], "y") and a.layers == hm.Placement.from_shares([eye, eye]).layers
+    assert (a == "x") is False
+
+
+@pytest.mark.parametrize("shares", [None, 3, "abc", {"a": 1}])
+def test_placement_from_shares_of_the_wrong_kind_is_one_input_error(shares: Any) -> None:
+    with pytest.raises(InputError) as exc:
+        hm.Placement.from_shares(shares)
+    assert exc.value.field == "placement.shares"

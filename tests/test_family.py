@@ -63,7 +63,7 @@ def test_solve_layer_never_worse_than_any_baseline(c):
 def test_patterns_off_is_the_block_family():
     m, hw, tr = case(0)
     f = tr.frequencies()
-    base = baseline_layers(m, hw, f, 0)[0]
+    base = baseline_layers(m, hw, f, 0, 32.0)[0]
     bm = family_model(m, hw, f[0], 32.0, MilpOptions(patterns=False), tr.coactivation(0), base)
     assert bm.blocks.num_patterns == 0 and bm.family.all()
     assert bm.assign_from_shares(base["ep"].shares) is None  # EP's snake runs on 2x4 are no aligned blocks

@@ -1381,13 +1381,15 @@ def test_api_inputs_that_used_to_give_silently_wrong_answers():
          "placement.expert_of"),
         (lambda: hm.Trace((np.array([[False, True]]),) * 32, 8, 2), "trace layer 0"),
         (lambda: problem.with_(hw_point="99/1"), "hw_point"),
-        (lambda: hm.EvalOptions(seed=2.0), "seed"),
+        (lambda: hm.EvalOptions(seed=2.5), "seed"),
         (lambda: hm.solve(problem, baselines=None), "baselines"),
         (lambda: hm.replay(problem, plan, foo=1, batches=1, batch=8), "foo"),
     ):
         with pytest.raises(InputError) as exc:
             call()
         assert exc.value.field == field
+    # a whole float seed is taken as everywhere else (Problem, evaluate, place, replay), stored as an int
+    assert type(hm.EvalOptions(seed=2.0).seed) is int and hm.EvalOptions(seed=2.0) == hm.EvalOptions(seed=2)
     # the frequencies a problem derives from its own trace still travel with it
     assert problem.with_(batch=64).frequencies.shape == (32, 8)
     assert hm.Problem(problem.model, problem.hardware, None, frequencies=skewed).frequencies.sum() == 64

@@ -52,3 +52,29 @@ def test_headline_counts_only_the_points_where_the_milp_was_scored():
     assert "at 2 of the 3 points where it was scored (of 4)" in own and "slower at 1" in own
     none = _results({16: 120.0, 128: 80.0})
     assert not [s for s in _sentences(none[none["strategy"] != "milp"], 128) if "MILP's own" in s]
+
+
+def _online(res: pd.DataFrame, tbt: dict[str, float]) -> pd.DataFrame:
+    rows = [{"model": "a", "mesh": "4x8", "hw": "5/50", "mode": "mesh", "batch": 128, "part": "online",
+             "strategy": s, "tbt_us": t, "tbt_norm_tp": t / 100} for s, t in tbt.items()]
+    return pd.concat([res, pd.DataFrame(rows)], ignore_index=True)
+
+
+def test_headline_online_names_ours_greedy_even_where_another_policy_is_faster():
+    res = _online(_results({16: 85.0, 128: 80.0}),
+                  {"ours+static": 100.0, "ours+greedy": 105.0, "ours+eplb-periodic": 100.0})
+    line = [s for s in _sentences(res, None) if s.startswith("Online")]
+    assert line == ["Online on a drifted trace, ours+greedy averages 0.952x the speed of the static plan (mean "
+                    "latency per decode step, weight moves included); the fastest policy there is "
+                    "ours+eplb-periodic, at 1.000x."]
+    res = _online(_results({16: 85.0, 128: 80.0}), {"ours+static": 100.0, "ours+greedy": 80.0})
+    assert "ours+greedy averages 1.250x" in [s for s in _sentences(res, None) if s.startswith("Online")][0]
+
+
+def test_headline_on_one_point_where_ours_is_no_faster():
+    res = _results({128: 95.0})
+    res = res[res["model"] == "a"]
+    out = _sentences(res, 128)
+    assert out[0].startswith("Over 1 grid point, ")
+    assert "Ours is faster than the best baseline at no point (largest margin 1.000x)." in out
+    assert not [s for s in out if "largest margin over" in s]

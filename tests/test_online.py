@@ -411,6 +411,25 @@ def test_eplb_periodic_moves_only_what_changes_place():
         np.testing.assert_array_equal(got.shares, want.shares)
 
 
+def test_eplb_periodic_counts_every_node_that_receives_weights_as_an_action():
+    """From a TP plan every node already holds a shard of every expert, so an EPLB re-plan makes no
+    node a new holder; yet weights arrive wherever a shard becomes a whole copy. Each (expert, node)
+    pair that receives weights is an action (0.8.4 counted only new holders: 0 actions, 339 GB)."""
+    from hdmoe_milp.online.policies import arriving_shares
+    from hdmoe_milp.strategies.tp import tensor_parallel
+
+    m = MoEModel("t", num_experts=16, top_k=2, hidden=256, expert_intermediate=256, moe_layers=2)
+    hw = Hardware(Mesh(2, 4), compute_flops=1e10, link_bw_bytes_per_s=1e9)
+    f = synthetic_trace(m, 4000, seed=3).frequencies()
+    tp = tensor_parallel(m, hw, f)
+    pol = make_policy("eplb-periodic", tp, m, hw, 256, period=1, window=1)
+    pol.observe(f * 256)
+    d = pol.decide(1)
+    pairs = sum(int((arriving_shares(a, b) > 1e-9).sum()) for a, b in zip(tp.layers, d.placement.layers, strict=True))
+    assert d.bytes_moved > 0 and pairs >= 16 * m.moe_layers  # every expert ends whole somewhere
+    assert d.actions == pairs
+
+
 @pytest.mark.parametrize(("model_name", "point", "k"), [("deepseek-v2-lite", "2.5/75", None),
                                                         ("mixtral-8x7b", "5/50", 8)])
 def test_prebroadcast_counts_the_weights_it_moves_and_charges_what_does_not_hide(model_name, point, k):

@@ -289,6 +289,37 @@ def test_every_result_speaks_summary_to_frame_and_to_dict():
     assert r["per_batch"]["latency_us"] == pytest.approx(rr.to_frame()["latency_us"].tolist())
 
 
+def test_results_cannot_change_under_their_users():
+    """Frozen results hold read-only arrays: editing ``Evaluation.compute_s`` in place changed
+    ``tbt_us`` and the solve's table (cb: 45128 -> 26836 us in the review's case)."""
+    p = small_problem(mesh="2x4")
+    ev = hm.evaluate(p, "cb")
+    tbt = ev.tbt_us
+    for arr in (ev.compute_s, ev.node_time_s, ev.link_bytes_dispatch):
+        with pytest.raises(ValueError, match="read-only"):
+            arr[0] = 0.0
+    assert ev.tbt_us == tbt
+    rr = hm.replay(p, hm.place(p, "cb"), policy="static", batches=2, progress=False)
+    with pytest.raises(ValueError, match="read-only"):
+        rr.latency_s[0] = 0.0
+    res = hm.solve(p, time_limit_s=1, layers=[0], progress=False)
+    with pytest.raises(ValueError, match="read-only"):
+        res.layers[0].assign[0] = -1
+    with pytest.raises(ValueError, match="read-only"):
+        res.evaluations["cb"].compute_s[0] = 0.0
+
+
+def test_replay_keeps_the_problems_batching_unless_told():
+    p = small_problem(mesh="2x4", batch=32, batching="random")
+    plan = hm.place(p, "cb")
+    run = {b: hm.replay(p, plan, policy="static", batches=3, batching=b, progress=False).latency_s
+           for b in ("random", "contiguous")}
+    default = hm.replay(p, plan, policy="static", batches=3, progress=False).latency_s
+    assert np.array_equal(default, run["random"]) and not np.array_equal(run["random"], run["contiguous"])
+    expected = hm.replay(p.with_(batching="expected"), plan, policy="static", batches=3, progress=False).latency_s
+    assert np.array_equal(expected, run["contiguous"])  # an expected-batch problem replays contiguous batches
+
+
 def test_ctrl_c_while_the_baselines_are_built_or_scored_keeps_the_solved_layers(monkeypatch):
     """Ctrl-C after every layer's solve (while the baselines are built, or the candidates scored)
     returns the plan of what was built, marked interrupted, with the baselines left out named; it

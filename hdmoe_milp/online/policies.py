@@ -25,6 +25,7 @@ from ..workload import check_batch
 from .rebalancer import GreedyRebalancer, RebalancerConfig, check_counts, check_parts
 
 POLICIES = ("static", "greedy", "hdmoe-prebroadcast", "eplb-periodic", "oracle")
+_SHARE_TOL = 1e-9  # a share of an expert this small is rounding, not weights that move
 
 
 @dataclass
@@ -223,11 +224,17 @@ class HdmoePrebroadcast(Policy):
         return Decision(new, mig, moved, broadcasts, dt)
 
 
+def arriving_shares(old: LayerPlacement, new: LayerPlacement) -> np.ndarray:
+    """``[E, D]`` the share of each expert's weights each node must receive to go from ``old`` to
+    ``new``: what it stores in ``new`` beyond what it stored in ``old`` (a node that held a shard of
+    an expert and now holds all of it receives the rest)."""
+    return np.clip(stored_shares(new) - stored_shares(old), 0.0, None)
+
+
 def arriving_bytes(old: LayerPlacement, new: LayerPlacement, expert_bytes: float) -> np.ndarray:
-    """``[D]`` bytes of weights each node must receive to go from ``old`` to ``new``: what it stores of
-    each expert in ``new`` beyond what it stored in ``old`` (a node that held a shard of an expert
-    and now holds all of it receives the rest)."""
-    return np.clip(stored_shares(new) - stored_shares(old), 0.0, None).sum(axis=0) * expert_bytes
+    """``[D]`` bytes of weights each node must receive to go from ``old`` to ``new``
+    (:func:`arriving_shares` summed over the experts)."""
+    return arriving_shares(old, new).sum(axis=0) * expert_bytes
 
 
 def unhidden_move_s(per_node_bytes: np.ndarray, hw: Hardware, hide_s: float) -> float:
@@ -308,9 +315,10 @@ class EplbPeriodic(Policy):
         W = UnitCosts.of(self.model, self.options.mode).weight_bytes
         mig, moved, acts = 0.0, 0.0, 0
         for old, nl in zip(self.current.layers, new.layers, strict=True):
-            per_node = arriving_bytes(old, nl, W)
+            arrive = arriving_shares(old, nl)
+            per_node = arrive.sum(axis=0) * W
             moved += per_node.sum()
-            acts += int((_held(nl) & ~_held(old)).sum())  # experts a node newly stores (part of)
+            acts += int((arrive > _SHARE_TOL).sum())  # (expert, node) pairs that receive weights
             mig += unhidden_move_s(per_node, self.hw, self.hide_s)
         self.current = new
         return Decision(new, mig, moved, acts, dt)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..errors import MAX_BATCHES, InputError, check_choice, check_seed, expect_instance, expect_int
+from ..errors import MAX_BATCHES, InputError, check_choice, check_seed, expect_instance, expect_int, freeze_arrays
 from ..evaluator import EvalOptions, evaluate
 from ..hardware import Hardware
 from ..moe import MoEModel
@@ -31,6 +31,9 @@ class ReplayResult:
     decide_s_per_layer: np.ndarray
     tokens: np.ndarray
 
+    def __post_init__(self) -> None:
+        freeze_arrays(self)
+
     def __repr__(self) -> str:
         return (f"ReplayResult({self.policy!r}: {len(self.latency_s)} batches, mean "
                 f"{float(np.mean(self.latency_s)) * 1e6:.1f} us per step; .summary(), .to_frame())")
@@ -51,7 +54,8 @@ class ReplayResult:
         })
 
     def summary(self) -> dict[str, Any]:
-        """Per-token latency statistics (every token of a batch sees that batch's TBT), in us."""
+        """Per-token latency statistics (every token of a batch sees that batch's TBT), in us;
+        ``migration_us``, ``bytes_moved`` and ``actions`` are totals over the batches."""
         lat = self.latency_s * 1e6
         w = self.tokens / self.tokens.sum()
         return {

@@ -63,7 +63,8 @@ def _ep(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Pla
 
 @_checked
 def _ep_lpt(problem: Problem, *, seed: int = 0, budget: Budget | None = None) -> Placement:
-    return expert_parallel_lpt(problem.model, problem.hardware, problem.frequencies, seed=seed)
+    return expert_parallel_lpt(problem.model, problem.hardware, problem.frequencies, seed=seed,
+                               batch=problem.batch)
 
 
 @_checked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -11,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ...costs import layer_capacity_bytes
-from ...errors import InputError, check_choice, check_real
+from ...errors import InputError, check_choice, check_real, freeze_arrays
 from ...evaluator import EvalOptions, evaluate
 from ...hardware import Hardware
 from ...moe import MoEModel
@@ -106,6 +107,9 @@ class LayerSolveResult:
     # ended the search, so this layer's plan depends on the machine's load (never set in wall mode)
     wall_capped: bool = False
 
+    def __post_init__(self) -> None:
+        freeze_arrays(self)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record: times in seconds (keys ending in ``_s``), ``gap``, ``improvement`` and
         ``lns_gain`` as fractions, ``trace`` points as described above; no placement."""
@@ -124,10 +128,12 @@ class LayerSolveResult:
 
 
 def baseline_layers(model: MoEModel, hw: Hardware, freqs_all: np.ndarray,
-                    seed: int) -> list[dict[str, LayerPlacement]]:
+                    seed: int, batch: float) -> list[dict[str, LayerPlacement]]:
     """Per layer, the placements of the baselines the block model may express (TP, EP-LPT, EP, CB),
-    built once for the whole model (they warm-start every layer's MILP)."""
-    makers = {"tp": tensor_parallel, "ep-lpt": expert_parallel_lpt, "ep": expert_parallel, "cb": compute_balanced}
+    built once for the whole model (they warm-start every layer's MILP), as the strategies of the
+    same names build them for a batch of ``batch`` tokens."""
+    makers = {"tp": tensor_parallel, "ep-lpt": functools.partial(expert_parallel_lpt, batch=batch),
+              "ep": expert_parallel, "cb": compute_balanced}
     out: list[dict[str, LayerPlacement]] = [{} for _ in range(len(freqs_all))]
     for name, make in makers.items():
         try:
@@ -153,7 +159,7 @@ def layer_baselines(
     Returns them and the computed ``(hdmoe layer, its info)`` (None if not computed)."""
     if baselines is None:
         f_all = np.tile(np.asarray(freqs, dtype=float), (model.moe_layers, 1)) if freqs_all is None else freqs_all
-        baselines = baseline_layers(model, hw, f_all, params.seed)[layer]
+        baselines = baseline_layers(model, hw, f_all, params.seed, batch)[layer]
     hd = None
     if hdmoe_work_limit is not None and "hdmoe" not in baselines:
         # wall mode: the layer's limit counts this too, so its stage-1 solve gets a share of it (a
@@ -809,7 +815,7 @@ def layer_tasks(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float, 
     every layer's LNS, None: the defaults)."""
     f = check_freqs(freqs, model)
     get_backend(backend)
-    base = baseline_layers(model, hw, f, params.seed)
+    base = baseline_layers(model, hw, f, params.seed, batch)
     co = [None] * f.shape[0] if coactivation is None else coactivation
     return [LayerTask(model, hw, f, li, batch, backend, params, options, co[li], base[li], hdmoe_work_limit,
                       lns_settings) for li in range(f.shape[0])]
