@@ -388,6 +388,13 @@ def _solve(args: argparse.Namespace) -> int:
                              f"is {value!r}, but solve optimises and scores the mesh model with spread homes",
                              f"leave {key} out of the file for solve, then score the plan with "
                              f"`hdmoe-milp evaluate --instance {Path(args.instance).name} --plan PLAN`")
+    if problem.batching != "expected":  # only an instance file can ask: solve has no --batching
+        raise InputError(f"instance {Path(args.instance).name} {_FILE_KEYS['--batching'][1]}",
+                         f"is {problem.batching!r}, but solve optimises, proves and scores the expected batch "
+                         "(each expert's frequency x the batch); a sampled batch would score the comparison on "
+                         "other tokens than the certificate", f"leave batching out of the file for solve, then "
+                         f"score the plan on sampled batches with `hdmoe-milp evaluate --instance "
+                         f"{Path(args.instance).name} --plan PLAN`")
     layers = None
     if args.layers is not None:
         items = args.layers.split(",")

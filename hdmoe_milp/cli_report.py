@@ -419,6 +419,11 @@ def plan_defaults(path: str, trace_flag: str | None, *, given: tuple[str, ...] =
                 check_real(f"{where}.batch", num(key, v), minimum=1, maximum=MAX_BATCH)
             elif not isinstance(v, str):
                 raise InputError(f"{where}.{key}", f"must be a string, got {v!r}", "save the plan again")
+            elif key == "model" and v not in MODEL_PRESETS:  # a plan of a model built in Python
+                raise InputError(f"{where}.model", f"is {v!r}, not one of the preset models ("
+                                 f"{', '.join(sorted(MODEL_PRESETS))}), which are all the CLI knows",
+                                 "score it in Python with the model it was made for: "
+                                 "hm.evaluate(problem, hm.load_plan(path, problem))")
             elif key in choices:  # checked here, so that the error names the plan, not a flag
                 check_choice(f"{where}.{key}", v, choices[key])
             elif key == "hw_point":
@@ -747,9 +752,7 @@ def _csv_figure(kind: str, df: pd.DataFrame, path: Path, args: argparse.Namespac
 
 
 def _plot(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        raise InputError("file", f"not found: {path}", "give the path of a results/solver/online csv or a plan file")
+    path = check_file("file", args.file, "give the path of a results/solver/online csv or a plan file")
     kind = args.kind
     if args.out is not None and not args.out.strip():
         raise InputError("--out", "is empty", "give the image's file name, or leave --out out")

@@ -374,7 +374,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     rule, coalescing or replica rule is refused (an InputError naming ``options.mode``,
     ``options.home``, ``options.coalesce`` or ``options.replica_rule``: its plan would be optimised
     and scored for the mesh model all the same;
-    solve the problem with the default options and re-score the plan with :func:`evaluate`).
+    solve the problem with the default options and re-score the plan with :func:`evaluate`); so is a
+    problem whose ``batching`` is not ``expected`` (the certificate is about the expected batch).
     ``layers``: solve only these MoE layers (0-based; the MILP and the hdmoe baseline); every other
     layer takes the best of the other baselines (hdmoe's layer too, if ``baselines`` has hdmoe) and is
     reported ``not-solved``. ``deterministic``:
@@ -396,6 +397,11 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
                              "(mode 'mesh', spread homes, coalesce 'node', replica rule 'fraction')",
                              f"solve problem.with_(options=hm.EvalOptions({_solve_options_text(o)})) and score its "
                              "plan under these options with hm.evaluate(problem, result.placement)")
+    if problem.batching != "expected":  # the certificate is about the expected batch: score that too
+        raise InputError("batching", f"is {problem.batching!r}, but solve optimises, proves and scores the expected "
+                         "batch (each expert's frequency x the batch); the comparison would score other tokens "
+                         "than the certificate", "solve problem.with_(batching='expected') and score its plan on "
+                         "sampled batches with hm.evaluate(problem, result.placement)")
     if problem.trace is None:  # before any layer is solved: the plans are scored on the trace
         raise InputError("trace", "is needed to solve (every plan is scored by the evaluator on its tokens)",
                          "build the problem with a trace (hm.load_trace or an instance file)")

@@ -231,6 +231,9 @@ def _check_signature(p: Path, lower: str, data: bytes) -> None:
 def _npz_layers(p: Path, data: bytes) -> tuple[np.ndarray, ...]:
     # not "starts with PK": numpy reads a short or broken zip as a pickle, and says so
     if not data.startswith(b"PK\x03\x04") or not zipfile.is_zipfile(io.BytesIO(data)):
+        if data.startswith(b"PK\x03\x04"):  # a zip that starts right but does not end: cut short
+            raise InputError("trace", f"{p} is a truncated or corrupt .npz archive ({len(data)} bytes: its end, "
+                             "the zip directory, is missing or broken)", "copy or save the file again")
         raise InputError("trace", f"{p} is not an .npz archive", "save it with numpy.savez(path, topk_ids=...)")
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         if "topk_ids" not in z.files:

@@ -126,3 +126,24 @@ def test_sigterm_while_a_wait_holds_popens_lock_does_not_hang():
         signal.signal(signal.SIGTERM, before)
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cbc_stopped_by_the_wall_clock_in_deterministic_mode_says_so(monkeypatch, deterministic):
+    """--deterministic CBC stops on its CPU seconds; where the wall cap (twice the limit) stops it
+    instead, the machine's load chose the answer, and the outcome says so (``wall_capped``, which
+    solve notes), as CP-SAT's safety net does. In wall mode a stop at the limit is the rule."""
+    import numpy as np
+
+    from hdmoe_milp.solvers import SolveParams
+    from hdmoe_milp.solvers.backends import cbc
+    from hdmoe_milp.strategies.cb import balance_model
+
+    def stopped(*a, **k):  # CBC ran to the end, but as if the watch had to stop it
+        run_until(*a, **k)
+        return "stopped"
+
+    monkeypatch.setattr(cbc, "run_until", stopped)
+    loads = np.random.default_rng(1).random(8) + 0.1
+    out = cbc.CbcBackend().solve(balance_model(loads, 3), SolveParams(time_limit_s=2.0, deterministic=deterministic))
+    assert out.x is not None and out.wall_capped is deterministic

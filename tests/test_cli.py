@@ -567,3 +567,19 @@ def test_deterministic_is_refused_with_a_backend_that_has_no_work_limit(backend,
     with pytest.raises(hm.InputError) as e:
         hm.solve(hm.load_instance(inst), backend=backend, deterministic=True, layers=[0])
     assert e.value.field == "deterministic" and "cpsat or cbc" in e.value.fix
+
+
+def test_a_plan_of_a_model_built_in_python_points_to_the_python_api(tmp_path, capsys):
+    from hdmoe_milp import MoEModel, Problem, place
+    from hdmoe_milp.synthetic import synthetic_trace
+
+    m = MoEModel("custom-moe", num_experts=6, top_k=2, hidden=64, expert_intermediate=128, moe_layers=2)
+    p = Problem(m, make_hardware("5/50", "2x2"), synthetic_trace(m, 256, seed=1), batch=32)
+    place(p, "cb").save(tmp_path / "custom.json")
+    for extra in ([], ["--model", "mixtral-8x7b"]):
+        assert main(["evaluate", "--plan", str(tmp_path / "custom.json"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "meta.problem.model: is 'custom-moe', not one of the preset models" in err
+        assert "hm.load_plan(path, problem)" in err
+    assert main(["plot", "tbt", str(tmp_path)]) == 2
+    assert "file: is a directory" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from hdmoe_milp.placement import Placement, write_atomic
 from hdmoe_milp.solvers import SolveParams, available_backends
 from hdmoe_milp.strategies import STRATEGIES
 
-from .conftest import ROOT
+from .conftest import ROOT, TRACES
 
 MX = ["--model", "mixtral-8x7b", "--mesh", "2x2"]  # 32 layers, 8 experts, top-2, 4 nodes
 BASE_TOML = '[model]\npreset = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'
@@ -1566,6 +1566,9 @@ def test_error_lines_say_what_was_given(tmp_path, capsys):
     slow.write_text(json.dumps(d))
     pk = tmp_path / "pk.npz"
     pk.write_bytes(b"PK")
+    cut = tmp_path / "cut.npz"
+    whole = (TRACES / "deepseek_v2_lite_law_4k.npz").read_bytes()
+    cut.write_bytes(whole[:len(whole) // 2])
     capsys.readouterr()
     cases = [
         (["stats", "--model", "mixtral-8x7b", "--trace", "bad\nname.json"], "--trace", "bad\\nname.json"),
@@ -1575,6 +1578,7 @@ def test_error_lines_say_what_was_given(tmp_path, capsys):
         (["evaluate", "--plan", str(slow)], "meta.problem.hardware.hop_latency_s", "<= 1, got 10.0"),
         # two bytes "PK": numpy took it for a pickle and said so
         (["stats", "--model", "mixtral-8x7b", "--trace", str(pk)], "--trace", "is not an .npz archive"),
+        (["stats", "--model", "deepseek-v2-lite", "--trace", str(cut)], "--trace", "is a truncated or corrupt .npz"),
         # the OLMoE counts the synthetic profile is built from: "layer keys must be exactly 0..3"
         (["stats", "--model", "olmoe-1b-7b", "--trace", str(ROOT / "tests" / "data" / "olmoe_expert_counts.json")],
          "--trace", "per-expert counts (expert_counts), not a routing trace"),

@@ -372,3 +372,22 @@ def test_solve_refuses_options_it_would_not_score_with(options, field):
     res = hm.solve(p.with_(options=hm.EvalOptions(delivery="unicast", context_len=64)), time_limit_s=0.2,
                    baselines=["cb"], progress=False)
     assert res.problem.options.resolved_delivery == "unicast" and res.problem.options.context_len == 64
+
+
+@pytest.mark.parametrize("batching", ["random", "contiguous"])
+def test_solve_refuses_a_sampled_batch_it_would_not_prove_anything_about(batching, tmp_path, capsys):
+    """The MILP's objective, bound and gap are about the expected batch; a problem that asks for a
+    sampled batch had its table and per-layer choice scored on other tokens (the review's DeepSeek
+    4x4 instance: layers reported at 173 us, scored at 194-232 us, the plan slower than tp)."""
+    p = small_problem(batching=batching, batch=32)
+    with pytest.raises(hm.InputError) as e:
+        hm.solve(p, time_limit_s=0.2, progress=False)
+    assert e.value.field == "batching" and "with_(batching='expected')" in e.value.fix
+    src = (ROOT / "instances" / "mixtral-8x7b_5-50_4x4.toml").read_text()
+    inst = tmp_path / "sampled.toml"
+    trace = (ROOT / "instances" / "traces" / "mixtral_reasoning_4k.json.gz").as_posix()
+    inst.write_text(src.replace('batching = "expected"', f'batching = "{batching}"')
+                    .replace('"traces/mixtral_reasoning_4k.json.gz"', f'"{trace}"'))
+    assert main(["solve", "--instance", str(inst), "--time-limit", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "instance sampled.toml [workload].batching" in err and "evaluate --instance sampled.toml --plan" in err

@@ -167,18 +167,21 @@ class CbcBackend(Backend):
                 how = run_until(args, stop_at, kill_at, params.verbose)
             except OSError as exc:
                 return make_outcome(self.name, model, Termination.ERROR, None, None, f"CBC: {exc}", started=t_start)
+            # deterministic: CBC stops on its CPU seconds; the wall clock stopping it instead means the
+            # machine's load decided this answer (say so, as CP-SAT's safety net does)
+            capped = bool(params.deterministic and how != "exited")
             if how == "killed" or not os.path.exists(sol):  # stopped before writing one: the time limit
                 msg = {"killed": "CBC: killed at the time limit", "stopped": "CBC: stopped at the time limit before "
                        "writing a solution"}.get(how, "CBC wrote no solution")
                 term = Termination.ERROR if how == "exited" else Termination.NO_SOLUTION
-                return make_outcome(self.name, model, term, None, None, msg, started=t_start)
+                return make_outcome(self.name, model, term, None, None, msg, started=t_start, wall_capped=capped)
             _, values, _, _, _, ss = cmd.readsol_MPS(sol, prob, vs, vnames, cnames)
         msg = f"CBC {how}, sol_status {ss}"
         if ss in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             x = np.array([float(values.get(v.name, 0.0) or 0.0) for v in xs])
             optimal = ss == pulp.LpSolutionOptimal and how == "exited"
             st = Termination.OPTIMAL if optimal else Termination.FEASIBLE
-            return make_outcome(self.name, model, st, x, None, msg, started=t_start)
+            return make_outcome(self.name, model, st, x, None, msg, started=t_start, wall_capped=capped)
         if ss == pulp.LpSolutionInfeasible:
             return make_outcome(self.name, model, Termination.INFEASIBLE, None, None, "CBC: infeasible",
                                 started=t_start)

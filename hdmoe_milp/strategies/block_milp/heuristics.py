@@ -108,7 +108,10 @@ def warm_starts(bm: BlockModel, extra: dict[str, np.ndarray] | None = None, dead
             out["greedy"] = g
     aligned = bm.blocks.aligned
     shapes = {tuple(s) for s in bm.blocks.shape[aligned].tolist()}
-    for shp in sorted(shapes):
+    # square blocks first, small to large, then the more elongated ones: on large meshes the time
+    # limit may cut this loop, and the square shapes (shortest routes for their size) are the ones
+    # that pay (DeepSeek-V2-Lite on 16x16: 4x4 blocks, 15 % faster than cb, were reached only at 30 s)
+    for shp in sorted(shapes, key=lambda rc: (abs(np.log2(rc[0] / rc[1])), rc[0] * rc[1], rc)):
         if out and not in_time():  # without any plan yet, the greedies go on: better late than none
             break
         mask = aligned & (bm.blocks.shape == np.array(shp)).all(axis=1)

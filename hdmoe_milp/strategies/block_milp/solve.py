@@ -519,18 +519,22 @@ def solve_layer(
     else:
         status = Termination.FEASIBLE.value
     if det:
-        time_mode = "deterministic" if backend == "cpsat" else f"wall ({backend} has no deterministic limit)"
+        time_mode = ("deterministic" if backend == "cpsat" else "wall (cbc has no deterministic limit: it counts its "
+                     "CPU seconds)" if backend == "cbc" else f"wall ({backend} has no deterministic limit)")
     else:
         time_mode = "wall"
     # a stage ran into the cap (what follows the last stage takes milliseconds)
-    wall_capped = det and backend == "cpsat" and (time.perf_counter() >= cap or raw.wall_capped)
+    wall_capped = det and (raw.wall_capped or (backend == "cpsat" and time.perf_counter() >= cap))
     message = raw.message + bnb_note
     if lres is not None:
         why = {"target": "the gap target was met", "work": "its work budget was spent",
                "deadline": "the time limit was reached", "max_steps": "its step limit was reached",
                "patience": f"{_count(lres.steps_since_best, 'step')} in a row did not improve the plan"}[lres.stop]
         message = f"{message}; LNS: {_count(lres.steps, 'step')}, {lres.accepted} accepted, stopped because {why}"
-    if wall_capped:
+    if wall_capped and backend == "cbc":
+        message += ("; CBC ran past twice its limit in wall time before its CPU seconds were spent and was "
+                    "stopped, so this plan depends on the machine's load")
+    elif wall_capped:
         message += (f"; the wall-clock safety net ({net_s:g} s after the search began) stopped it before its "
                     "work budget, so this plan depends on the machine's load")
     t_end = time.perf_counter() - t0
