@@ -93,9 +93,12 @@ class Trace:
                     "check the model's top-k or the trace file",
                 )
             if a.min() < 0 or a.max() >= self.num_experts:
+                bad = (a < 0) | (a >= self.num_experts)
+                row = int(np.argmax(bad.any(axis=1)))
                 raise InputError(
                     f"trace layer {li}",
-                    f"expert id out of range [{int(a.min())}, {int(a.max())}]",
+                    f"token {row} routes to expert {int(a[row][bad[row]][0])}, out of range (ids seen: "
+                    f"{int(a.min())} to {int(a.max())})",
                     f"ids must lie in 0..{self.num_experts - 1}",
                 )
             srt = np.sort(a, axis=1)

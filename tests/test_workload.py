@@ -12,6 +12,7 @@ from hdmoe_milp import InputError, expected_workload, get_model, load_trace, sam
 from hdmoe_milp.strategies.common import check_freqs
 from hdmoe_milp.synthetic import drifting_trace, synthetic_trace
 from hdmoe_milp.workload import (
+    Trace,
     ep_node_imbalance,
     hottest_share,
     iter_batches,
@@ -188,3 +189,11 @@ def test_drifting_trace_moves_the_hot_set_and_keeps_the_skew():
         np.testing.assert_allclose(np.sort(counts[1])[::-1][:4].sum(), np.sort(counts[0])[::-1][:4].sum(), rtol=0.15)
     with pytest.raises(InputError, match="swap"):
         drifting_trace(m, 10, 2, swap=E)
+
+
+def test_an_out_of_range_expert_id_is_named_with_its_token():
+    ids = np.array([[0, 1], [2, 3], [1, -3], [9, 0]])
+    with pytest.raises(InputError) as exc:
+        Trace((ids,), 8, 2)
+    assert exc.value.field == "trace layer 0" and "token 2 routes to expert -3" in exc.value.problem
+    assert "ids seen: -3 to 9" in exc.value.problem and exc.value.fix == "ids must lie in 0..7"
