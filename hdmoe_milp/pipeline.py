@@ -97,7 +97,9 @@ def _check_problem(problem: Any, *, optional: bool = False) -> None:
 def evaluate(problem: Problem, plan: str | Placement, *, seed: int | None = None, budget: Budget | None = None,
              options: EvalOptions | None = None) -> Evaluation:
     """Score a strategy (by name, built on ``problem``) or a :class:`Placement` on the problem's
-    workload with the shared evaluator (``options``: the problem's unless given)."""
+    workload with the shared evaluator (``options``: the problem's unless given). ``seed`` and
+    ``budget`` (time and work limits, backend) go to the strategy a name builds (``seed``: the
+    problem's unless given); a Placement takes neither. Times in the result are seconds."""
     _check_problem(problem)
     expect_instance("plan", plan, (str, Placement), "give a strategy name or a Placement")
     expect_instance("options", options, EvalOptions, "use hm.EvalOptions(...)", optional=True)
@@ -632,7 +634,13 @@ def replay(problem: Problem, plan: Placement, trace: Trace | None = None, *, pol
     from ``trace`` (default: the problem's) under an online ``policy`` starting from ``plan``;
     every batch is scored by the evaluator on its observed tokens with the replica rule
     ``replica_rule``. ``batching``: ``random`` or ``contiguous`` (default: the problem's when it is
-    one of them, as the CLI keeps an instance's, else ``contiguous``)."""
+    one of them, as the CLI keeps an instance's, else ``contiguous``); contiguous batches are the
+    trace's windows from its first token on, whatever the seed. ``seed`` (default: the problem's)
+    draws the random batches. ``policy``: ``static``, ``greedy``, ``hdmoe-prebroadcast``,
+    ``eplb-periodic`` or ``oracle``; ``policy_kw`` go to it (greedy: ``config``, a
+    ``RebalancerConfig``; ``hdmoe-prebroadcast``: ``k``; ``eplb-periodic``: ``period``, ``window``,
+    ``extra_replicas``; ``oracle``: ``time_limit_s``, ``backend``; see ``formulations/online.md``). The result's
+    latencies are seconds per decode step, its weights moved bytes."""
     _check_problem(problem)
     check_choice("policy", policy, POLICIES)
     expect_instance("plan", plan, Placement, "use hm.place(problem, name) or hm.load_plan(path, problem)")

@@ -234,7 +234,14 @@ class LayerPlacement:
 
 @dataclass(frozen=True)
 class Placement:
-    """A placement of every MoE layer of a model on ``num_nodes`` nodes."""
+    """A placement of every MoE layer of a model on ``num_nodes`` nodes: the one type every strategy
+    returns and the evaluator scores.
+
+    ``layers``: one :class:`LayerPlacement` per MoE layer (each: ``shares [copies, D]``, the share
+    of a copy's weights and work on each node, rows summing to 1; ``expert_of [copies]``;
+    ``token_fraction [copies]``, each expert's copies summing to 1). ``strategy``: the name it was
+    made by. ``meta``: what it was made for and with (the problem's record, the solver's settings),
+    kept in plan files and left out of ``==``. Save with :meth:`save`, read with :meth:`load`."""
 
     layers: tuple[LayerPlacement, ...]
     strategy: str = "custom"

@@ -479,8 +479,9 @@ def iter_batches(trace: Trace, batch: int, mode: str = "random", seed: int = 0,
     """An iterator over ``count`` (None: endless) successive observed batches of ``batch`` tokens,
     its arguments checked on the call. ``random``:
     each drawn as by :func:`sample_batch` from one generator seeded by ``seed`` (default 0; None is
-    refused); ``contiguous``: consecutive windows, cycling round the trace (a window no longer than the
-    trace, so no batch repeats a token)."""
+    refused); ``contiguous``: consecutive windows from the trace's first token, cycling round the
+    trace (a window no longer than the trace, so no batch repeats a token); ``seed`` does not move
+    them (unlike :func:`sample_batch`, whose one contiguous window starts at a seeded token)."""
     _check_trace(trace)
     b = int(check_batch(batch, whole=True))
     _check_mode(mode)

@@ -325,8 +325,9 @@ class EplbPeriodic(Policy):
 
 
 class OraclePolicy(Policy):
-    """The ceiling: an offline block-MILP solve on each batch's true counts, no move cost (small
-    instances only: one solve per layer per batch)."""
+    """The ceiling of the offline model: a block-MILP solve on each batch's true counts, no move cost
+    (small instances only: one solve per layer per batch). The MILP reads weights with the expected
+    batch's probability, the observed batch in full, so at small batches it can lose to static."""
 
     name = "oracle"
 
