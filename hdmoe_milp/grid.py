@@ -18,10 +18,17 @@ floats rounded, no wall times), ``results.md`` (speedups of ours over each basel
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import pickle
+import shutil
+import signal
 import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -161,6 +168,10 @@ def check_spec(spec: GridSpec) -> GridSpec:
             raise InputError("mesh", exc.problem, exc.fix) from None
         for m in spec.models:
             check_mesh_memory("mesh", get_model(m), mesh.rows, mesh.cols)
+        if s in spec.meshes and mesh.num_nodes > pl.MAX_MESH_NODES:  # every grid point is solved
+            raise InputError("mesh", f"{s} has {mesh.num_nodes} nodes; bench solves every point, and the MILP "
+                             f"builds its block family for meshes of at most {pl.MAX_MESH_NODES} nodes (16x16)",
+                             "use meshes of at most 256 nodes")
     for b in (*spec.batches, *(() if spec.solve_batch is None else (spec.solve_batch,)), spec.online_batch):
         check_real("batch", b, minimum=1, maximum=MAX_BATCH, integer=True)
     check_real("online_batches", spec.online_batches, minimum=0, maximum=MAX_BATCHES, integer=True)
@@ -186,8 +197,10 @@ def cache_key(problem: pl.Problem, spec: GridSpec) -> str:
 
 def _solve_cached(problem: pl.Problem, spec: GridSpec, cache: Path, jobs: int, executor: str) -> tuple[Any, bool]:
     """The solved :class:`PlanResult` of ``problem``, from ``cache`` if it holds one for the same
-    inputs; second item: True if it was computed now."""
-    path = cache / f"{cache_key(problem, spec)}.pkl"
+    inputs; second item: True if it was computed now. The key is the problem the solve is made on
+    (:func:`pipeline.solve_problem`), so a paper-mode grid reuses a mesh-mode grid's solve where they
+    are one solve."""
+    path = cache / f"{cache_key(pl.solve_problem(problem), spec)}.pkl"
     if path.is_file():
         try:
             with path.open("rb") as fh:
@@ -413,9 +426,43 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
     """Write results.csv, results.md, solver.csv, online.csv, figures, plans and index.md. A report
     written earlier into ``out`` is replaced as a whole: the files it wrote (listed in
     ``out/.bench-files``) that this run does not write are removed; nothing else is (the plan cache in
-    ``out/cache`` stays)."""
+    ``out/cache`` stays). The files are written into a staging folder inside ``out`` first and moved
+    into place at the end, with Ctrl-C held back for those renames, so an interrupted run leaves the
+    previous report whole (or none), never a mix."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".bench-staging-", dir=out))
+    try:
+        written = _write_files(g, stage)
+        with _sigint_held():
+            for rel in sorted(written):
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(stage / rel, out / rel)
+            _replace_report(out, written)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {"results.csv": out / "results.csv", "results.md": out / "results.md", "index.md": out / "index.md",
+            "figures": out / "figures"}
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block ends (then raise it), in the main thread; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _write_files(g: GridResult, out: Path) -> set[str]:
+    """The report's files written into ``out`` (a fresh folder); returns their paths relative to it."""
     figdir = out / "figures"
     spec = g.spec
     res = tidy(g.results)
@@ -520,9 +567,7 @@ def write_report(g: GridResult, out: str | Path) -> dict[str, Path]:
     written |= {f"figures/{stem}.{ext}" for _, stem in figs for ext in ("png", "svg")}
     written |= {f"plans/{plan_name}"} if det else set()
     written |= {"online.csv"} if len(g.online) else set()
-    _replace_report(out, written)
-    return {"results.csv": out / "results.csv", "results.md": out / "results.md", "index.md": out / "index.md",
-            "figures": figdir}
+    return written
 
 
 def run(spec: GridSpec | str, out: str | Path, *, jobs: int = 1, executor: str = "local", mode: str | None = None,

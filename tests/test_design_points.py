@@ -115,6 +115,10 @@ def test_instance_files_and_the_grid_take_custom_points(tmp_path):
     with pytest.raises(hm.InputError) as ei:
         check_spec(GridSpec(models=("mixtral-8x7b",), hws=("4/x",), meshes=("4x4",)))
     assert ei.value.field == "hw"
+    # a mesh the MILP cannot solve is refused before the first point is solved (it was refused after)
+    with pytest.raises(hm.InputError, match="17x17 has 289 nodes") as ei:
+        check_spec(GridSpec(models=("mixtral-8x7b",), hws=("5/50",), meshes=("2x2", "17x17")))
+    assert ei.value.field == "mesh"
 
 
 def test_a_plan_whose_point_is_spelt_otherwise_is_still_checked(tmp_path, capsys):

@@ -212,6 +212,34 @@ def test_bench_into_a_used_folder_replaces_the_report_as_a_whole(bench, tmp_path
     assert (again / "cache").is_dir() and any((again / "cache").iterdir())
 
 
+def test_ctrl_c_while_the_report_is_written_leaves_the_previous_report_whole(bench, tmp_path, monkeypatch):
+    """The report is staged and moved into place at the end: a Ctrl-C while its files are written
+    leaves the previous report as it was (the CSVs of a second run beside the first run's index.md
+    and figures, before), and no staging folder."""
+    out, p = bench
+    again = tmp_path / "report"
+    shutil.copytree(out, again)
+    before = {f.relative_to(again): f.read_bytes() for f in again.rglob("*") if f.is_file()}
+    calls = []
+
+    def interrupted(*a, **k):  # the second figure: the CSVs and results.md are written by then
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    real = grid._save
+    monkeypatch.setattr(grid, "_save", interrupted)
+    args = p.parse_args(["bench", "--quick", "--out", str(again), "--hws", "5/50", "--batches", "128",
+                         "--time-limit", "0.02", "--online-batches", "0", "--no-progress"])
+    with pytest.raises(KeyboardInterrupt):  # the console entry turns it into exit status 130
+        cli_report.run(args)
+    after = {f.relative_to(again): f.read_bytes() for f in again.rglob("*") if f.is_file()}
+    assert {k: v for k, v in after.items() if k.parts[0] != "cache"} == \
+        {k: v for k, v in before.items() if k.parts[0] != "cache"}
+    assert not list(again.glob(".bench-staging-*"))
+
+
 def test_plot_command(bench, tmp_path):
     out, p = bench
     plan = next((out / "plans").glob("*.json"))
