@@ -109,7 +109,9 @@ def check_real(field_name: str, value: Any, *, positive: bool = False, minimum: 
         kind = "a whole number" if integer else "a number"
         raise InputError(field_name, f"must be {kind}, got {shown(value)}", f"write {kind} without quotes")
     if isinstance(value, numbers.Integral) and abs(int(value)) >= 2**63:
-        raise InputError(field_name, f"is out of range, got {shown(value)}", "give a smaller number")
+        limit = f"<= {maximum:g}" if maximum is not None and int(value) > 0 else (
+            f">= {minimum:g}" if minimum is not None and int(value) < 0 else "of fewer than 19 digits")
+        raise InputError(field_name, f"is out of range, got {shown(value)}", f"give a number {limit}")
     v = float(value)
     if not np.isfinite(v):
         raise InputError(field_name, f"must be finite, got {value!r}", "give a finite number")

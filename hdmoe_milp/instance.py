@@ -42,6 +42,7 @@ from .errors import (
     check_real,
     check_seed,
     expect_str,
+    shown,
 )
 from .evaluator import DELIVERIES, HOMES, MODES, EvalOptions
 from .hardware import MAX_DRAM_CAPACITY_BYTES, Mesh, make_hardware, parse_point
@@ -173,6 +174,19 @@ INSTANCE_KEYS = {
 }
 
 
+def _key_at(text: str, start: int) -> str:
+    """``[section].key`` for the key that the line of ``text`` beginning at offset ``start`` sets (a
+    dotted or quoted key too), or ``line N`` where the line sets none (a line of a multi-line array)."""
+    line = text[start:text.find("\n", start) if "\n" in text[start:] else len(text)]
+    key = re.match(r"\s*((?:[A-Za-z0-9_-]+|\"[^\"\n]*\"|'[^'\n]*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"\n]*\""
+                   r"|'[^'\n]*'))*)\s*=", line)  # the key this line sets (in an array or inline table too)
+    head = [m.group(1) for m in re.finditer(r"^\s*\[([^\]]+)\]", text[:start], flags=re.M)]
+    if key is None:
+        table = re.match(r"\s*\[+([^\]]+)\]", line)  # a table's header line
+        return f"[{table.group(1).strip()}]" if table else f"line {text.count(chr(10), 0, start) + 1}"
+    return f"[{head[-1].strip()}].{key.group(1)}" if head else key.group(1)
+
+
 def load_instance(path: str | Path) -> Problem:
     """Read an instance TOML file into a validated :class:`Problem`; an error about one of its
     values names the file's key (``instance x.toml [workload].batch``)."""
@@ -223,16 +237,20 @@ def read_settings(path: str | Path) -> Settings:
         long = re.search(r"[0-9][0-9_]{4000,}", text) if "digits" in str(exc) else None
         if long:  # Python refuses to read an integer this long; its message names no key and no line
             start = text.rfind("\n", 0, long.start()) + 1
-            line = text[start:long.start()]
-            key = re.match(r"\s*((?:[A-Za-z0-9_-]+|\"[^\"\n]*\"|'[^'\n]*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"\n]*\""
-                           r"|'[^'\n]*'))*)\s*=", line)  # the key this line sets (in an array or inline table too)
-            head = [m.group(1) for m in re.finditer(r"^\s*\[([^\]]+)\]", text[:start], flags=re.M)]
-            if key is None:  # a line of a multi-line array: name the line
-                where = f"line {text.count(chr(10), 0, start) + 1}"
-            else:
-                where = f"[{head[-1].strip()}].{key.group(1)}" if head else key.group(1)
-            raise InputError(f"instance {p.name} {where}", "holds a number of over 4,000 digits",
+            raise InputError(f"instance {p.name} {_key_at(text, start)}", "holds a number of over 4,000 digits",
                              "give a value in the key's range") from None
+        at = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        lines = text.splitlines()
+        if at and 1 <= int(at.group(1)) <= len(lines):  # name the key the line sets, and show the line
+            n = int(at.group(1))
+            start = sum(len(ln) + 1 for ln in lines[:n - 1])
+            why = str(exc)[:at.start()].strip()
+            fixes = {"Cannot overwrite a value": "a key given twice in its table: keep one",
+                     "Cannot declare": "a table given twice: merge its keys under one header",
+                     "Invalid value": "write a number, a \"quoted string\" or true/false (lower case)"}
+            fix = next((f for k, f in fixes.items() if why.startswith(k)), "fix the syntax at that line")
+            raise InputError(f"instance {p.name} {_key_at(text, start)}",
+                             f"is not valid TOML: {why} (line {n}: {shown(lines[n - 1].strip())})", fix) from None
         raise InputError("instance", f"{p} is not valid TOML: {exc}", "fix the syntax at that line") from None
     where = f"instance {p.name}"
     for sec in _SECTIONS:

@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrow, Rectangle
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from .errors import InputError, check_choice, check_real, expect_instance, expect_int, expect_path, expect_str, shown
 from .evaluator import Evaluation
@@ -73,6 +73,22 @@ def strategy_order(names: Sequence[str]) -> list[str]:
     """``names`` in the report's order (ours first, TP last, unknown names after in given order)."""
     known = [n for n in _ORDER if n in names]
     return known + [n for n in names if n not in known]
+
+
+def _fit(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` with each line wrapped at spaces to ``width_in`` inches (about 0.6 em per character),
+    so that a caption on a narrow figure (a 2x2 mesh) is not cut at both edges; lines that fit are
+    left as they are."""
+    import textwrap
+
+    width = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    out = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+            continue
+        out += textwrap.wrap(line, width, break_long_words=False, break_on_hyphens=False)
+    return "\n".join(out)
 
 
 def caption(**settings: Any) -> str:
@@ -296,7 +312,8 @@ def fig_node_load(evals: Mapping[str, Evaluation], layer: int = 0, *, settings: 
     ax.set_xlabel("node (row-major)")
     ax.set_ylabel("node compute time (us)")
     ev0 = next(iter(evals.values()))
-    ax.set_title(f"Per-node load, MoE layer {layer}\n" + (settings or caption(batch=ev0.batch_size, mode=ev0.mode)),
+    ax.set_title(_fit(f"Per-node load, MoE layer {layer}\n"  # over the axes: about 0.8 of the figure
+                      + (settings or caption(batch=ev0.batch_size, mode=ev0.mode)), 0.8 * fig.get_figwidth(), 9),
                  fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -365,10 +382,13 @@ def fig_link_load(evals: Mapping[str, Evaluation], mesh: Mesh, layer: int = 0, *
         ax.set_title(f"{n}: max {loads[n].max(initial=0.0):.2f} MB", fontsize=8)
     sm = mpl.cm.ScalarMappable(norm=norm, cmap=cmap)
     what = "dispatch + combine" if phase == "both" else phase
-    fig.colorbar(sm, ax=list(axes), shrink=0.8, label=f"{what} bytes per link (MB)")
+    label = f"{what} bytes per link (MB)"
+    if fig.get_figheight() < 4.0:  # a short figure (a 2-row mesh): the label would overrun the bar
+        label = f"{what}\nbytes per link (MB)"
+    fig.colorbar(sm, ax=list(axes), shrink=0.8, label=label)
     ev0 = evals[names[0]]
-    fig.suptitle(f"Link load, MoE layer {layer}\n" + (settings or caption(batch=ev0.batch_size, mode=ev0.mode)),
-                 fontsize=9)
+    fig.suptitle(_fit(f"Link load, MoE layer {layer}\n"
+                      + (settings or caption(batch=ev0.batch_size, mode=ev0.mode)), fig.get_figwidth(), 9), fontsize=9)
     return fig
 
 
@@ -410,8 +430,8 @@ def fig_placement_map(placement: Placement, mesh: Mesh, layer: int = 0, *, setti
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"Placement map ({placement.strategy}), MoE layer {layer}: expert or shard:share per node\n"
-                 + settings, fontsize=8)
+    ax.set_title(_fit(f"Placement map ({placement.strategy}), MoE layer {layer}: expert or shard:share per node\n"
+                      + settings, fig.get_figwidth(), 8), fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -551,6 +571,7 @@ def fig_online(replays: Mapping[str, Any], *, settings: str = "") -> Figure:
         handles.append(Line2D([], [], linestyle="none", marker="o", markersize=9, markerfacecolor="none",
                               markeredgecolor="black", label="hollow marker: weights moved"))
     ax.set_xlabel("batch (in replay order)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # batches are whole: no 0.25 ticks
     ax.set_ylabel("latency per decode step (ms)")
     ax.set_title("Online: per-batch latency, hollow markers = weights moved\n" + settings, fontsize=9)
     # right of the axes: inside, it hid a line wherever it sat

@@ -398,6 +398,11 @@ CASES = {
     "replay-cb-time-limit": (_flags("replay", *MX, "--time-limit", "5"), "--time-limit"),
     # --- instance files ------------------------------------------------------------------------------
     "toml-syntax": (_toml("[model\npreset = 1\n"), "instance"),
+    # tomllib names a line and column only: the key the line sets is named, with the line
+    "toml-key-twice": (_sec("workload", "batch = 64\nbatch = 32"), "[workload].batch: is not valid TOML: Cannot "
+                       "overwrite a value (line 8: 'batch = 32') (a key given twice in its table: keep one)"),
+    "toml-bool-capital": (_sec("workload", "seed = True"), "[workload].seed: is not valid TOML: Invalid value"),
+    "toml-table-twice": (_toml(BASE_TOML + "[model]\n"), "[model]: is not valid TOML: Cannot declare"),
     "toml-not-utf8": (_toml(b"\xff\xfe[model]\n"), "instance"),
     "toml-top-level-model": (_toml('model = "mixtral-8x7b"\n' + BASE_TOML), "model"),
     "toml-model-not-table": (_toml('model = "mixtral-8x7b"\n[hardware]\npreset = "5/50"\nmesh = "2x2"\n'), "model"),

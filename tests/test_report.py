@@ -412,6 +412,24 @@ def test_layer_trace_of_a_real_cpsat_solve(tmp_path):
     _png_ok(fig, tmp_path / "trace.png")
 
 
+def test_captions_fit_the_figures_of_a_small_mesh():
+    """On a 2x2 mesh the figures are narrow: the caption's settings line is wrapped, not cut at both
+    edges (node load, link load, placement map), and the link-load bar's label stays beside its bar."""
+    problem = hm.load_instance(INSTANCE).with_(hardware=hm.make_hardware("5/50", "2x2"))
+    cmp = hm.compare(problem, ["ep", "cb"], progress=False)
+    settings = rp.caption(model=problem.model.name, mesh="2x2", hw="5/50", batch=128, mode="mesh")
+    figs = {"node-load": (rp.fig_node_load(cmp.evaluations, settings=settings), lambda f: f.axes[0].title),
+            "link-load": (rp.fig_link_load(cmp.evaluations, problem.hardware.mesh, settings=settings),
+                          lambda f: f._suptitle),
+            "placement": (rp.fig_placement_map(cmp.placements["cb"], problem.hardware.mesh, settings=settings),
+                          lambda f: f.axes[0].title)}
+    for name, (fig, title) in figs.items():
+        fig.canvas.draw()
+        box, page = title(fig).get_window_extent(), fig.bbox
+        assert box.x0 >= page.x0 and box.x1 <= page.x1, name
+        assert "\n" in title(fig).get_text().split("\n", 1)[1], name  # the settings line was wrapped
+
+
 def test_fig_bound_trace_counts_and_png(tmp_path):
     trace = [(0.01, 6.4e-3, None, "warm-start:cb"), (0.02, None, 6.0e-3, "bound"),
              (0.5, 6.5e-3, 1e-3, "model:cpsat"), (0.9, 6.3e-3, 6.1e-3, "model:cpsat"),
