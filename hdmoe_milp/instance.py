@@ -177,7 +177,8 @@ INSTANCE_KEYS = {
 def _key_at(text: str, start: int) -> str:
     """``[section].key`` for the key that the line of ``text`` beginning at offset ``start`` sets (a
     dotted or quoted key too), or ``line N`` where the line sets none (a line of a multi-line array)."""
-    line = text[start:text.find("\n", start) if "\n" in text[start:] else len(text)]
+    end = text.find("\n", start)
+    line = text[start:end if end >= 0 else None]
     key = re.match(r"\s*((?:[A-Za-z0-9_-]+|\"[^\"\n]*\"|'[^'\n]*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"\n]*\""
                    r"|'[^'\n]*'))*)\s*=", line)  # the key this line sets (in an array or inline table too)
     head = [m.group(1) for m in re.finditer(r"^\s*\[([^\]]+)\]", text[:start], flags=re.M)]
@@ -306,11 +307,8 @@ def read_settings(path: str | Path) -> Settings:
         if not trace.strip():
             raise InputError(f"{where} [workload].trace", "is empty",
                              "give a trace path relative to the instance file, or omit the key for a synthetic trace")
-        tp = p.parent / trace
-        if not tp.is_file():
-            what = "is a directory" if tp.is_dir() else "is not a regular file" if tp.exists() else "file not found"
-            raise InputError(f"{where} [workload].trace", f"{what}: {tp}",
-                             "give a trace path relative to the instance file, or omit it for a synthetic trace")
+        tp = check_file(f"{where} [workload].trace", p.parent / trace,
+                        "give a trace path relative to the instance file, or omit it for a synthetic trace")
         trace = str(tp.resolve())
     return Settings(
         name=str(data.get("name", p.stem)),

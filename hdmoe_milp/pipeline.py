@@ -480,13 +480,11 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     results = [milp_out.get(li) for li in range(L)]
     for li, r in zip(missing, filled, strict=True):
         results[li] = r
+    asked = names
     if interrupted:
         results = [replace(r, status="interrupted", message="Ctrl-C before this layer finished")
                    if li in milp_out and milp_out[li] is None else r for li, r in enumerate(results)]
-        asked = names  # hdmoe's layers are computed inside the solve: an interrupted one has no hdmoe
-        names = [nm for nm in names if nm != "hdmoe"]
-    else:
-        asked = names
+        names = [nm for nm in names if nm != "hdmoe"]  # hdmoe's layers are computed inside the solve
     res = model_result(results, backend, problem.batch, params, time.perf_counter() - t0)
     candidates = {"milp": res.placement}
     if "hdmoe" in names:  # a layer without its hdmoe layer (interrupted): the MILP candidate's

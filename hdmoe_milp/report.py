@@ -13,6 +13,7 @@ each baseline, mean/min/max per model and hardware point) and :func:`markdown`.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,6 @@ def _fit(text: str, width_in: float, fontsize: float) -> str:
     """``text`` with each line wrapped at spaces to ``width_in`` inches (about 0.6 em per character),
     so that a caption on a narrow figure (a 2x2 mesh) is not cut at both edges; lines that fit are
     left as they are."""
-    import textwrap
-
     width = max(20, int(width_in * 72 / (0.6 * fontsize)))
     out = []
     for line in text.split("\n"):
