@@ -128,6 +128,8 @@ def link_loads(
     nl = mesh.num_links
     if F == 0:
         return np.zeros(nl), np.zeros(nl), 0
+    if home is None:
+        return _spread_loads(mesh, np.asarray(dest, dtype=bool), np.asarray(weight, dtype=np.float64), tree)
     m = dest.reshape(F, R, C).astype(np.float64)
     w = np.asarray(weight, dtype=np.float64)
     used = (lambda v: (v > 0.5).astype(np.float64)) if tree else (lambda v: v)
@@ -186,6 +188,71 @@ def link_loads(
     return dispatch, combine, hops
 
 
+def _spread_loads(mesh: Mesh, dest: np.ndarray, w: np.ndarray, tree: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`link_loads` with spread homes, from per-flow extremes instead of ``[F, R, C]`` prefix sums.
+
+    A link position is used by a flow when some destination lies beyond it (the flow's furthest
+    destination in that direction: tree) or once per destination beyond it (unicast, linear in the
+    destinations: the loads of the weight reaching each node). Each position's load is then a
+    suffix or prefix sum of a weighted histogram of those extremes, times the number of homes whose
+    tree uses it (:func:`_spread_counts`). 4-8x faster than the prefix sums on 16x16."""
+    R, C = mesh.rows, mesh.cols
+    F = dest.shape[0]
+    m = dest.reshape(F, R, C)
+    wd = w / mesh.num_nodes
+    k = _spread_counts(mesh)
+
+    def beyond(hist: np.ndarray) -> np.ndarray:  # [..., n] -> [..., n-1]: weight at an index > i
+        return np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1][..., 1:]
+
+    def upto(hist: np.ndarray) -> np.ndarray:  # [..., n] -> [..., n-1]: weight at an index <= i
+        return np.cumsum(hist, axis=-1)[..., :-1]
+
+    if tree:
+        def extremes(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """First and last True index of ``a`` along ``axis``, and where there is one."""
+            n = a.shape[axis]
+            return a.argmax(axis=axis), n - 1 - np.flip(a, axis=axis).argmax(axis=axis), a.any(axis=axis)
+
+        def hist(idx: np.ndarray, ok: np.ndarray, n: int) -> np.ndarray:
+            """``[..., n]``: the weight ``wd`` of the flows per extreme index, per position of the
+            middle axis (``idx``, ``ok``: ``[F]`` or ``[F, P]``)."""
+            if idx.ndim == 1:
+                return np.bincount(idx[ok], wd[ok], minlength=n)
+            P = idx.shape[1]
+            key = np.arange(P)[None, :] * n + idx
+            return np.bincount(key[ok], np.broadcast_to(wd[:, None], idx.shape)[ok], minlength=P * n).reshape(P, n)
+
+        col_lo, col_hi, col_ok = extremes(m.any(axis=1), 1)  # [F]: the columns a flow reaches
+        row_lo, row_hi, row_ok = extremes(m.any(axis=2), 1)  # [F]: its rows
+        top, bottom, in_col = extremes(m, 1)  # [F, C]: its rows within each column
+        left, right, in_row = extremes(m, 2)  # [F, R]: its columns within each row
+        east, west = beyond(hist(col_hi, col_ok, C)), upto(hist(col_lo, col_ok, C))  # [C-1]
+        south, north = beyond(hist(bottom, in_col, R)).T, upto(hist(top, in_col, R)).T  # [R-1, C]
+        c_west, c_east = beyond(hist(right, in_row, C)), upto(hist(left, in_row, C))  # [R, C-1]
+        c_north, c_south = beyond(hist(row_hi, row_ok, R)), upto(hist(row_lo, row_ok, R))  # [R-1]
+    else:  # once per destination: linear in the weight reaching each node
+        node = (wd @ m.reshape(F, -1)).reshape(R, C)
+        cols, rows = node.sum(axis=0), node.sum(axis=1)
+        east, west = beyond(cols), upto(cols)
+        south, north = beyond(node.T).T, upto(node.T).T
+        c_west, c_east = beyond(node), upto(node)
+        c_north, c_south = beyond(rows), upto(rows)
+    de = np.tile(east * k["d_east"], (R, 1))
+    dw = np.tile(west * k["d_west"], (R, 1))
+    ds = south * k["d_south"][:, None]
+    dn = north * k["d_north"][:, None]
+    cw = c_west * k["c_west"][None, :]
+    ce = c_east * k["c_east"][None, :]
+    cn = np.tile((c_north * k["c_north"])[:, None], (1, C))
+    cs = np.tile((c_south * k["c_south"])[:, None], (1, C))
+    reached = dest.any(axis=0)
+    hops = int(mesh.distance.max(axis=0)[reached].max(initial=0))
+    dispatch = np.concatenate([de.ravel(), dw.ravel(), ds.ravel(), dn.ravel()])
+    combine = np.concatenate([ce.ravel(), cw.ravel(), cs.ravel(), cn.ravel()])
+    return dispatch, combine, hops
+
+
 def merge_flows(dest: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Merge flows with identical destination sets ``dest [F, D]`` (bool), summing their ``weight [F]``.
     Exact for link loads when homes are spread."""
@@ -195,8 +262,17 @@ def merge_flows(dest: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.nd
         pad[:, : packed.shape[1]] = packed
         keys = pad.view(np.uint64).ravel()
         uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-    else:
-        uniq, first, inv = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+    else:  # rows as uint64 words, sorted stably (np.unique over rows of bytes was 10x slower on 16x16)
+        F, nw = packed.shape[0], -(-packed.shape[1] // 8)
+        pad = np.zeros((F, 8 * nw), dtype=np.uint8)
+        pad[:, : packed.shape[1]] = packed
+        words = pad.view(np.uint64)  # [F, nw]
+        order = np.lexsort(words.T[::-1])
+        ordered = words[order]
+        new = np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)] if F else np.zeros(0, dtype=bool)
+        first = order[new]  # the first flow of each set (stable sort: its smallest index)
+        inv = np.empty(F, dtype=np.intp)
+        inv[order] = np.cumsum(new) - 1
     return dest[first], np.bincount(inv.ravel(), weights=weight, minlength=len(first))
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hdmoe_milp.costs import link_loads, pack_dest, spread_link_loads
+from hdmoe_milp.costs import link_loads, merge_flows, pack_dest, spread_link_loads
 from hdmoe_milp.hardware import Mesh
 
 
@@ -134,3 +134,46 @@ def test_vectorised_matches_explicit_routes(case, tree):
         assert c.sum() == pytest.approx(hop_bytes)
     expected_hops = max((mesh.distance[home[f], dest[f]].max(initial=0) for f in range(len(w))), default=0)
     assert hops == expected_hops
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (3, 13), (16, 16)])
+@pytest.mark.parametrize("tree", [True, False])
+def test_spread_homes_on_large_meshes_are_the_mean_over_explicit_homes(shape, tree):
+    """Spread homes (computed from each flow's extreme rows and columns) equal the mean of every
+    explicit home's loads on meshes larger than the hypothesis cases, with empty and one-node flows."""
+    mesh = Mesh(*shape)
+    rng = np.random.default_rng(sum(shape))
+    dest = rng.random((30, mesh.num_nodes)) < rng.choice([0.01, 0.1, 0.5], size=(30, 1))
+    dest[0] = False
+    dest[1] = False
+    dest[1, mesh.num_nodes - 1] = True
+    w = rng.random(30)
+    d, c, hops = link_loads(mesh, dest, w, None, tree)
+    acc_d, acc_c = np.zeros(mesh.num_links), np.zeros(mesh.num_links)
+    for h in range(mesh.num_nodes):
+        x, y, _ = link_loads(mesh, dest, w / mesh.num_nodes, np.full(len(w), h), tree)
+        acc_d += x
+        acc_c += y
+    np.testing.assert_allclose(d, acc_d, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(c, acc_c, rtol=1e-12, atol=1e-15)
+    assert hops == mesh.distance.max(axis=0)[dest.any(axis=0)].max()
+
+
+@pytest.mark.parametrize("nodes", [8, 64, 65, 130, 256])
+def test_merge_flows_groups_equal_destination_sets(nodes):
+    """merge_flows: one row per distinct destination set, its weight the sum of that set's flows, on
+    both key paths (up to 64 nodes one word, beyond several)."""
+    rng = np.random.default_rng(nodes)
+    sets = rng.random((12, nodes)) < 0.1
+    pick = rng.integers(0, len(sets), 200)
+    w = rng.random(200)
+    dest, weight = merge_flows(sets[pick], w)
+    expect: dict[bytes, float] = {}
+    for i, x in zip(pick, w, strict=True):
+        key = sets[i].tobytes()
+        expect[key] = expect.get(key, 0.0) + x
+    assert len(dest) == len(expect)
+    for row, x in zip(dest, weight, strict=True):
+        assert x == pytest.approx(expect[row.tobytes()], rel=1e-12)
+    empty_d, empty_w = merge_flows(np.zeros((0, nodes), dtype=bool), np.zeros(0))
+    assert empty_d.shape == (0, nodes) and empty_w.shape == (0,)

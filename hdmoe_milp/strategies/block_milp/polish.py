@@ -66,8 +66,11 @@ class IncrementalScore:
         nl = mesh.num_links
         # per column (tree) or per node (unicast): the loads of one unit message from spread homes
         if tree:
-            loads = np.array([np.concatenate(link_loads(mesh, h[None, :], np.ones(1), None, True)[:2])
-                              for h in holders])  # [nb, 2L]
+            if bm.blocks.tree and np.array_equal(bm.blocks.members > 0, holders):  # the family's own loads
+                loads = np.hstack([bm.blocks.disp, bm.blocks.comb])  # [nb, 2L]
+            else:
+                loads = np.array([np.concatenate(link_loads(mesh, h[None, :], np.ones(1), None, True)[:2])
+                                  for h in holders])
             full = np.concatenate(link_loads(mesh, np.ones((1, D), dtype=bool), np.ones(1), None, True)[:2])
             feats = loads > 0
             if not np.allclose(loads, feats * full[None, :], rtol=1e-12, atol=0.0):

@@ -58,6 +58,10 @@ DET_CAP_MIN_S = 10.0
 MAX_MESH_NODES = 256
 WARM_SHARE = 0.5  # of a layer's wall limit, at most, for the greedy and local-search warm starts
 LP_MIN_LEFT_S = 0.05  # wall mode: with less than this left after the warm starts, no LP bound (floors only)
+# wall mode: seconds per nonzero kept back from the LP's limit for SciPy's work around HiGHS and
+# HiGHS's overrun of it (measured: 0.46 s at a 0.2 s limit with 1.36 M nonzeros, 16x16; 0.21 s with 74 k,
+# 4x8), with room for a second process beside it (jobs 2)
+LP_S_PER_NONZERO = 4e-7
 
 
 @dataclass(frozen=True)
@@ -346,9 +350,15 @@ def solve_layer(
     # the bound first (cheap): a warm start that already meets the gap target ends the layer
     det = params.deterministic
     left = deadline - time.perf_counter()
+    build_s = 0.0  # wall seconds the relaxation took to build: the full model takes longer
     if det or left > LP_MIN_LEFT_S:
+        t_build = time.perf_counter()
         lower = bm.to_linear_lower(incumbent_s=obj)  # columns that cannot beat the best start are fixed at 0
-        bound = lp_bound(lower, time_limit_s=None if det else left)
+        build_s = time.perf_counter() - t_build
+        # the LP's limit counts from now (building it took 0.4 s of a 3 s layer on 16x16), less what
+        # SciPy spends around HiGHS (converting the rows, reading the answer back: 0.3 s there)
+        left = deadline - time.perf_counter() - RESERVE_S - LP_S_PER_NONZERO * lower.A.nnz
+        bound = lp_bound(lower, time_limit_s=None if det else left) if det or left > LP_MIN_LEFT_S else None
     else:  # the warm starts spent the limit (huge meshes at tiny limits): building the LP alone
         lower = bound = None  # would overrun it (16x16 DeepSeek-V3: 3 s at a 1 s limit); the floors stand in
     # the LP can be cut by the time limit: the family floor (no solve) is always there
@@ -452,8 +462,10 @@ def solve_layer(
         why = {"proven": "the gap target was met", "deadline": "the time limit was reached",
                "nodes": "its node budget was spent", "memory": f"{BNB_MAX_OPEN:,} nodes were open"}[br.stop]
         bnb_note = f"; branch and bound: {_count(br.nodes, 'node')}, stopped because {why}"
-    # no model when the limit is already spent: building it alone overran a 1 s limit by 0.7 s (16x16)
-    lm = bm.to_linear() if det or deadline - time.perf_counter() - RESERVE_S > MIN_SOLVE_S else None
+    # no model when the limit is already spent: building it alone overran a 1 s limit by 0.7 s (16x16),
+    # and with less time left than the relaxation took to build it overran a 3 s limit by 0.25 s there
+    lm = (bm.to_linear() if det or deadline - time.perf_counter() - RESERVE_S > MIN_SOLVE_S + build_s
+          else None)
     remaining = deadline - time.perf_counter() - RESERVE_S
     if proven(obj):
         raw = make_outcome(backend, lm, Termination.OPTIMAL, None, None,
@@ -461,7 +473,7 @@ def solve_layer(
                            + (", branch and bound)" if use_bnb else ")"))
     elif use_bnb and (remaining <= MIN_SOLVE_S if not det else bnb_frac >= 1.0):
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "the branch and bound had the whole budget")
-    elif not det and remaining <= MIN_SOLVE_S:
+    elif lm is None:  # wall mode only: the model was not built, for want of time
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
     elif share >= 1.0:
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "LNS instead of the monolithic solve")
