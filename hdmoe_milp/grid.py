@@ -272,45 +272,46 @@ def run_grid(spec: GridSpec, out: str | Path, *, jobs: int = 1, executor: str = 
     detail: dict[str, Any] = {}
     computed = 0
     bar = tqdm(points, desc="bench", unit="point", file=sys.stderr, disable=None if progress is None else not progress)
-    for model, hw, mesh in bar:
-        bar.set_postfix_str(f"{model} {hw} {mesh}")
-        key = {"model": model, "mesh": mesh, "hw": hw, "mode": spec.mode}
-        solved: dict[int, tuple[pl.Problem, Any]] = {}
-        for sb in solve_batches(spec):
-            problem = _settings(model, hw, mesh, spec, sb).to_problem()
-            res, fresh = _solve_cached(problem, spec, cache, jobs, executor)
-            computed += fresh
-            solved[sb] = (problem, res)
-            lt = _layer_table(res, spec)
-            solver_rows.append(lt.assign(**key, solve_batch=sb, cached=not fresh))
-        for b in spec.batches:
-            problem, res = solved[b if spec.solve_batch is None else spec.solve_batch]
-            lt = _layer_table(res, spec)
-            evs, plans = _evaluations(res, problem, b)
-            rows += _rows(evs, {**key, "batch": b})
-            if not detail and b == max(spec.batches):
-                detail = {"problem": problem.with_(batch=b), "evaluations": evs, "placements": plans,
-                          "layer_table": lt, "key": {**key, "batch": b}, "solve_layers": res.layers}
-        problem, res = solved[max(solved)]  # the online part starts from the largest solve batch's plan
-        if mesh in online_meshes and spec.policies:
-            # the ablation's static steps (node balance: cb; + link balance: ours) at the online batch, so that
-            # all its bars share one batch; part "ablation" keeps them out of the static tables
-            evs, plans = _evaluations(res, problem, spec.online_batch)
-            rows += [r for r in _rows(evs, {**key, "batch": spec.online_batch}, "ablation")
-                     if r["strategy"] in ("cb", OURS)]
-            start = plans[OURS]
-            drift = MODEL_TRACES[model][1]
-            trace = None if drift is None else pl.load_trace(TRACES / drift, problem.model.num_experts,
-                                                             problem.model.top_k)
-            for pol in spec.policies:
-                r = pl.replay(problem, start, trace, policy=pol, batches=spec.online_batches,
-                              batch=spec.online_batch, seed=spec.seed, progress=False)
-                f = r.to_frame().assign(**key)
-                online_rows.append(f)
-                s = r.summary()
-                rows.append({**key, "batch": spec.online_batch, "part": "online", "strategy": f"{OURS}+{pol}",
-                             "tbt_us": s["mean_us"], "p99_us": s["p99_us"], "migration_us": s["migration_us"],
-                             "actions": s["actions"]})
+    with pl.executor_session(executor):  # one Ray instance for the whole grid (--executor ray)
+        for model, hw, mesh in bar:
+            bar.set_postfix_str(f"{model} {hw} {mesh}")
+            key = {"model": model, "mesh": mesh, "hw": hw, "mode": spec.mode}
+            solved: dict[int, tuple[pl.Problem, Any]] = {}
+            for sb in solve_batches(spec):
+                problem = _settings(model, hw, mesh, spec, sb).to_problem()
+                res, fresh = _solve_cached(problem, spec, cache, jobs, executor)
+                computed += fresh
+                solved[sb] = (problem, res)
+                lt = _layer_table(res, spec)
+                solver_rows.append(lt.assign(**key, solve_batch=sb, cached=not fresh))
+            for b in spec.batches:
+                problem, res = solved[b if spec.solve_batch is None else spec.solve_batch]
+                lt = _layer_table(res, spec)
+                evs, plans = _evaluations(res, problem, b)
+                rows += _rows(evs, {**key, "batch": b})
+                if not detail and b == max(spec.batches):
+                    detail = {"problem": problem.with_(batch=b), "evaluations": evs, "placements": plans,
+                              "layer_table": lt, "key": {**key, "batch": b}, "solve_layers": res.layers}
+            problem, res = solved[max(solved)]  # the online part starts from the largest solve batch's plan
+            if mesh in online_meshes and spec.policies:
+                # the ablation's static steps (node balance: cb; + link balance: ours) at the online batch, so that
+                # all its bars share one batch; part "ablation" keeps them out of the static tables
+                evs, plans = _evaluations(res, problem, spec.online_batch)
+                rows += [r for r in _rows(evs, {**key, "batch": spec.online_batch}, "ablation")
+                         if r["strategy"] in ("cb", OURS)]
+                start = plans[OURS]
+                drift = MODEL_TRACES[model][1]
+                trace = None if drift is None else pl.load_trace(TRACES / drift, problem.model.num_experts,
+                                                                 problem.model.top_k)
+                for pol in spec.policies:
+                    r = pl.replay(problem, start, trace, policy=pol, batches=spec.online_batches,
+                                  batch=spec.online_batch, seed=spec.seed, progress=False)
+                    f = r.to_frame().assign(**key)
+                    online_rows.append(f)
+                    s = r.summary()
+                    rows.append({**key, "batch": spec.online_batch, "part": "online", "strategy": f"{OURS}+{pol}",
+                                 "tbt_us": s["mean_us"], "p99_us": s["p99_us"], "migration_us": s["migration_us"],
+                                 "actions": s["actions"]})
     bar.close()
     results = pd.DataFrame(rows)
     online = pd.concat(online_rows, ignore_index=True) if online_rows else pd.DataFrame()

@@ -36,7 +36,7 @@ from .placement import Placement
 from .problem import Budget, Problem
 from .replica_rules import REPLICA_RULES
 from .solvers import SolveParams
-from .solvers.tasks import TasksInterrupted, check_jobs, run_tasks
+from .solvers.tasks import TasksInterrupted, check_jobs, executor_session, run_tasks
 from .strategies import BASELINES, STRATEGIES, USES_BUDGET, place
 from .strategies.block_milp import (
     EXECUTORS,
@@ -455,28 +455,30 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     chosen = select_layers(layers, L)
     tasks = [milp_tasks[li] for li in chosen]
     bar = _progress(progress, total=len(tasks), desc=f"solve {m.name}", unit="layer")
-    interrupted = False
-    try:
-        out = run_tasks(solve_layer_task, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=threads)
-    except TasksInterrupted as exc:  # Ctrl-C: keep the finished layers, the others take their best start
-        out, interrupted = exc.results, True
-    finally:
-        bar.close()
-    milp_out = dict(zip(chosen, out, strict=True))
-    # a layer left out computes its hdmoe layer (in the pool, like the solved layers) when the hdmoe
-    # baseline is asked for; after a Ctrl-C no layer does, so that the run stops promptly
-    missing = [li for li in range(L) if milp_out.get(li) is None]
-    if interrupted:
-        filled = [not_solved_task(milp_tasks[li]._replace(hdmoe_work_limit=None)) for li in missing]
-    else:
-        todo = [milp_tasks[li] if "hdmoe" in names else milp_tasks[li]._replace(hdmoe_work_limit=None)
-                for li in missing]
+    # one Ray instance (--executor ray) for both calls: each started and stopped its own
+    with executor_session(executor):
+        interrupted = False
         try:
-            filled = run_tasks(not_solved_task, todo, jobs=jobs, executor=executor, num_cpus=threads)
-        except TasksInterrupted as exc:  # Ctrl-C after the solved layers: those are kept
-            interrupted = True
-            filled = [r if r is not None else not_solved_task(t._replace(hdmoe_work_limit=None))
-                      for r, t in zip(exc.results, todo, strict=True)]
+            out = run_tasks(solve_layer_task, tasks, jobs=jobs, executor=executor, bar=bar, num_cpus=threads)
+        except TasksInterrupted as exc:  # Ctrl-C: keep the finished layers, the others take their best start
+            out, interrupted = exc.results, True
+        finally:
+            bar.close()
+        milp_out = dict(zip(chosen, out, strict=True))
+        # a layer left out computes its hdmoe layer (in the pool, like the solved layers) when the hdmoe
+        # baseline is asked for; after a Ctrl-C no layer does, so that the run stops promptly
+        missing = [li for li in range(L) if milp_out.get(li) is None]
+        if interrupted:
+            filled = [not_solved_task(milp_tasks[li]._replace(hdmoe_work_limit=None)) for li in missing]
+        else:
+            todo = [milp_tasks[li] if "hdmoe" in names else milp_tasks[li]._replace(hdmoe_work_limit=None)
+                    for li in missing]
+            try:
+                filled = run_tasks(not_solved_task, todo, jobs=jobs, executor=executor, num_cpus=threads)
+            except TasksInterrupted as exc:  # Ctrl-C after the solved layers: those are kept
+                interrupted = True
+                filled = [r if r is not None else not_solved_task(t._replace(hdmoe_work_limit=None))
+                          for r, t in zip(exc.results, todo, strict=True)]
     results = [milp_out.get(li) for li in range(L)]
     for li, r in zip(missing, filled, strict=True):
         results[li] = r

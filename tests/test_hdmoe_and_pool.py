@@ -172,6 +172,61 @@ def test_ctrl_c_under_the_ray_executor_returns_the_finished_tasks_and_shuts_ray_
     assert calls == (["init", "shutdown"] if when == "init" else ["init", "cancel", "shutdown"])
 
 
+def test_one_ray_instance_per_executor_session(monkeypatch):
+    """A solve makes two run_tasks calls and a bench grid two per point: inside one
+    executor_session Ray starts once and is shut down once, at the end (each call started and
+    stopped its own, 5 s or more a time). No tasks start no Ray; a Ray already running is left up;
+    a Ctrl-C while Ray starts inside a session still shuts it down."""
+    import types
+
+    from hdmoe_milp.solvers.tasks import TasksInterrupted, executor_session, run_tasks
+
+    calls = []
+    state = {"up": False, "fail_init": False}
+
+    def init(**kw):
+        calls.append("init")
+        state["up"] = True
+        if state["fail_init"]:
+            raise KeyboardInterrupt
+
+    def shutdown():
+        calls.append("shutdown")
+        state["up"] = False
+
+    class Ref:
+        def __init__(self, v):
+            self.v = v
+
+    fake = types.SimpleNamespace(
+        is_initialized=lambda: state["up"], init=init, shutdown=shutdown,
+        remote=lambda **kw: (lambda fn: types.SimpleNamespace(remote=lambda t: Ref(fn(t)))),
+        wait=lambda pending, num_returns=1: (pending[:1], pending[1:]), get=lambda r: r.v,
+        cancel=lambda r, force=False: None)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert run_tasks(abs, [], executor="ray") == [] and calls == []
+    with executor_session("ray"):
+        assert run_tasks(abs, [-1, -2], executor="ray") == [1, 2]
+        assert run_tasks(abs, [], executor="ray") == []
+        assert run_tasks(abs, [-3], executor="ray") == [3]
+        assert calls == ["init"]
+    assert calls == ["init", "shutdown"] and not state["up"]
+    calls.clear()
+    assert run_tasks(abs, [-1], executor="ray") == [1]  # outside a session: its own, as before
+    assert calls == ["init", "shutdown"]
+    calls.clear()
+    state["up"] = True  # already running (ray.init by the user): left up
+    with executor_session("ray"):
+        run_tasks(abs, [-1], executor="ray")
+    assert calls == [] and state["up"]
+    state.update(up=False, fail_init=True)
+    with pytest.raises(TasksInterrupted), executor_session("ray"):
+        run_tasks(abs, [-1], executor="ray")
+    assert calls == ["init", "shutdown"] and not state["up"]
+    with executor_session("local"):  # nothing to keep
+        assert run_tasks(abs, [-1, -2], jobs=1) == [1, 2]
+
+
 def test_the_hdmoe_layer_inside_a_wall_mode_solve_gets_a_share_of_the_layers_limit(monkeypatch):
     """A layer's limit counts its hdmoe warm start too: with `--work-limit` its stage-1 CP-SAT solve ran
     on a cap of max(limit, 60 x work limit), and a 1 s layer took 3.85 s. In wall mode it now gets

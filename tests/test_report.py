@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrow
 
@@ -721,3 +722,27 @@ def test_bench_reads_online_batches_in_any_whole_number_notation(value, want):
     spec = grid.check_spec(cli_report._bench_spec(args))
     assert spec.online_batches == want and type(spec.online_batches) is int
     assert (spec.policies == ()) == (want == 0)
+
+
+def test_decomposition_legend_covers_no_bar_and_solver_gap_axis_starts_at_zero(small):
+    """The decomposition's legend sits above the bars (on a 2x2 mesh it hid the tallest one), and
+    the solver figure's gap axis never goes below 0 (with every gap 0 it read -0.05 to 0.05 %)."""
+    _, cmp = small
+    df = rp.plan_frame(cmp)
+    for frame in (df, df.assign(non_moe_us=df["non_moe_us"] * 20)):  # a tall non-MoE part as well
+        fig = rp.fig_decomposition(frame)
+        FigureCanvasAgg(fig)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        box = ax.get_legend().get_window_extent(renderer)
+        for bar in ax.patches:
+            assert not box.overlaps(bar.get_window_extent(renderer))
+    lt = pd.DataFrame({"layer": range(4), "gap": [0.0, 0.0, None, 0.0], "time_s": [1.0, 2.0, 1.0, 1.0]})
+    ax = rp.fig_solver(lt, settings="x").axes[0]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > 0
+    assert any("gap 0" in t.get_text() for t in ax.texts)
+    lt = lt.assign(gap=[0.0, 0.02, None, 0.01])
+    ax = rp.fig_solver(lt, settings="x").axes[0]
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 2.0
+    assert not any("gap 0" in t.get_text() for t in ax.texts)

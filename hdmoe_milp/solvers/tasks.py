@@ -8,8 +8,9 @@ the tasks not yet started, stops the pool without waiting for the rest and raise
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Any
 
 from ..errors import InputError, check_choice, expect_int, shown
@@ -55,6 +56,8 @@ def run_tasks(fn: Callable[[Any], Any], tasks: Sequence[Any], *, jobs: int = 1, 
     bar (or None)."""
     check_choice("executor", executor, EXECUTORS)
     jobs = check_jobs(jobs, executor)
+    if not tasks:  # nothing to start a pool or Ray for
+        return []
     if executor == "ray":
         return _run_ray(fn, tasks, bar, num_cpus)
     if jobs == 1 or len(tasks) <= 1:
@@ -97,11 +100,45 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False)
 
 
-def _run_ray(fn: Callable[[Any], Any], tasks: Sequence[Any], bar: Any, num_cpus: int) -> list[Any]:
+def _ray() -> Any:
     try:
         import ray
     except ImportError:
         raise InputError("executor", "ray is not installed", "pip install '.[ray]' or use --executor local") from None
+    return ray
+
+
+_SESSION = {"ray": 0}  # open executor sessions: Ray stays up between run_tasks calls while one is
+
+
+@contextmanager
+def executor_session(executor: str) -> Iterator[None]:
+    """Keep the Ray instance that a :func:`run_tasks` inside starts up until the end of the block
+    (``executor="ray"``; the local pool needs nothing). Each call started and stopped its own, 5 s
+    or more a time, and a solve makes two calls, a bench grid two per point. Ray is started by the
+    first call, as before (a Ctrl-C while it starts is that call's), and a Ray that was already
+    running is left as it is."""
+    check_choice("executor", executor, EXECUTORS)
+    if executor != "ray":
+        yield
+        return
+    try:
+        import ray
+    except ImportError:  # run_tasks says so
+        yield
+        return
+    running = ray.is_initialized()
+    _SESSION["ray"] += 1
+    try:
+        yield
+    finally:
+        _SESSION["ray"] -= 1
+        if not running and not _SESSION["ray"] and ray.is_initialized():
+            ray.shutdown()
+
+
+def _run_ray(fn: Callable[[Any], Any], tasks: Sequence[Any], bar: Any, num_cpus: int) -> list[Any]:
+    ray = _ray()
     started = not ray.is_initialized()
     results: list[Any] = [None] * len(tasks)
     try:
@@ -130,5 +167,5 @@ def _run_ray(fn: Callable[[Any], Any], tasks: Sequence[Any], bar: Any, num_cpus:
             raise TasksInterrupted(results) from None
         return results
     finally:
-        if started:
+        if started and not _SESSION["ray"]:  # inside a session, the session shuts it down
             ray.shutdown()
