@@ -189,7 +189,7 @@ class Problem:
                 raise InputError("trace", f"has {t.num_layers} layers but {m.name} has {m.moe_layers} MoE layers",
                                  "use a trace recorded on this model")
             check_window("batch", self.batch, self.batching, t,
-                         "lower the batch or use batching 'random'")
+                         "lower the batch or sample batches at random (batching 'random'; --batching random)")
         if self.frequencies is None:
             if self.trace is None:
                 raise InputError("problem", "needs a trace or frequencies", "give trace=load_trace(...)")
