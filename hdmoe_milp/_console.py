@@ -7,6 +7,7 @@ command as Ctrl-C later does (one line, exit status 130), not with a traceback o
 from __future__ import annotations
 
 import sys
+import time
 
 
 def interrupted(exc: BaseException) -> bool:
@@ -19,10 +20,11 @@ def interrupted(exc: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Load :mod:`hdmoe_milp.cli` and run it; exit status 130 if interrupted while loading, or by an
     import a command makes (the command itself answers a plain KeyboardInterrupt)."""
+    started = time.time()  # before the imports: a solve's whole-model time counts them
     try:
         from .cli import main as run
 
-        return run(argv)
+        return run(argv, started=started)
     except (KeyboardInterrupt, ImportError) as exc:
         if not interrupted(exc):
             raise

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 import unicodedata
 from dataclasses import replace
 from pathlib import Path
@@ -408,7 +409,8 @@ def _solve(args: argparse.Namespace) -> int:
                        progress=args.progress, work_limit=args.work_limit, layers=layers,
                        deterministic=args.deterministic,
                        lns_patience=None if args.lns_patience is None else int(args.lns_patience),
-                       polish=not args.no_polish, branch_and_bound=not args.no_branch_and_bound)
+                       polish=not args.no_polish, branch_and_bound=not args.no_branch_and_bound,
+                       run_start=getattr(args, "started", None))
     except InputError as exc:  # name the flag the user wrote, not the keyword it became
         mesh = ("--mesh" if args.mesh is not None or not args.instance
                 else f"instance {Path(args.instance).name} {_FILE_KEYS['--mesh'][1]}")
@@ -734,9 +736,13 @@ def _capacity_as_written(exc: InputError, args: argparse.Namespace) -> InputErro
     return InputError(where, exc.problem, exc.fix)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hdmoe-milp`` console script. Bad input: one line on stderr, exit 2."""
+def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
+    """Entry point of the ``hdmoe-milp`` console script. Bad input: one line on stderr, exit 2.
+    ``started``: when the command started (``time.time()``, before its imports; default now): a
+    solve's whole-model time counts from then."""
+    started = time.time() if started is None else started
     args = _parser().parse_args(argv)
+    args.started = started
     try:
         if args.command in cli_report.COMMANDS:
             return cli_report.run(args)

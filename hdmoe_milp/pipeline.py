@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ._version import __version__
 from .costs import check_capacity, fits_capacity
-from .errors import MAX_BATCHES, InputError, check_choice, check_seed, expect_instance, expect_int
+from .errors import MAX_BATCHES, InputError, check_choice, check_real, check_seed, expect_instance, expect_int
 from .evaluator import EvalOptions, Evaluation
 from .evaluator import evaluate as score
 from .hardware import HARDWARE_PRESETS, Mesh
@@ -48,6 +48,7 @@ from .strategies.block_milp import (
     layer_tasks,
     model_result,
     not_solved_task,
+    schedule_tasks,
     select_layers,
     solve_layer_task,
 )
@@ -361,7 +362,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
           executor: str = "local", seed: int | None = None, progress: bool | None = None,
           work_limit: float | None = None, layers: list[int] | tuple[int, ...] | None = None,
           deterministic: bool = False, lns_patience: int | None = None, polish: bool = True,
-          branch_and_bound: bool = True) -> PlanResult:
+          branch_and_bound: bool = True, run_start: float | None = None) -> PlanResult:
     """Solve every layer's block MILP (warm-started from the best baseline and heuristic), then keep
     per layer whichever of the MILP's plan and the baselines scores best under the evaluator, so the
     plan is never worse than any baseline.
@@ -389,8 +390,16 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     over the family on the evaluator's score takes the layer's time left after the polish, in
     place of the bound stage (it proves Mixtral 4x8 layers within 1 % in seconds; see
     ``formulations/offline_milp.md``).
+    ``run_start``: the wall-clock time (``time.time()``) the whole model's time counts from (default:
+    this call; the CLI gives its own start). In wall mode with the local pool, the whole solve takes
+    at most about layers x ``time_limit_s`` / ``jobs`` + 10 % from then: where the fixed work of a
+    run (imports, loading, the final scoring) would push it past that, at small limits, later layers
+    get a shorter limit, and their messages say so.
     """
+    started = time.time()
     _check_problem(problem)
+    if run_start is not None:
+        started = min(check_real("run_start", run_start), started)
     o = problem.options
     for key, value, model_value in (("mode", o.mode, "mesh"), ("home", o.resolved_home, "spread"),
                                     ("coalesce", o.coalesce, "node"), ("replica_rule", o.replica_rule, "fraction")):
@@ -454,6 +463,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
                              hdmoe_work_limit=work, lns_settings=lns_settings)
     chosen = select_layers(layers, L)
     tasks = [milp_tasks[li] for li in chosen]
+    if not deterministic and executor == "local":  # Ray places tasks on its own CPUs: no slots to plan
+        tasks = schedule_tasks(tasks, jobs, budget.time_limit_s, started)
     bar = _progress(progress, total=len(tasks), desc=f"solve {m.name}", unit="layer")
     # one Ray instance (--executor ray) for both calls: each started and stopped its own
     with executor_session(executor):

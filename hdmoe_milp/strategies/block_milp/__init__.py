@@ -29,6 +29,7 @@ from .solve import (
     layer_tasks,
     model_result,
     not_solved_task,
+    schedule_tasks,
     select_layers,
     solve_layer,
     solve_layer_task,
@@ -41,5 +42,6 @@ __all__ = [
     "MilpOptions", "ModelSolveResult", "SolveParams", "Status", "Termination", "available_backends",
     "best_per_layer", "family_layers", "family_model", "get_backend", "layer_baselines", "layer_tasks", "lp_bound",
     "make_blocks",
-    "model_result", "not_solved_task", "select_layers", "solve_layer", "solve_layer_task", "solve_model",
+    "model_result", "not_solved_task", "schedule_tasks", "select_layers", "solve_layer", "solve_layer_task",
+    "solve_model",
 ]
