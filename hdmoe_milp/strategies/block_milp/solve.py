@@ -278,7 +278,7 @@ def solve_layer(
     hdmoe_work_limit: float | None = WORK_LIMIT,
     lns_settings: LnsSettings | None = None,
     bound_share: float | None = None,
-    end_by: float | None = None,
+    schedule: tuple[float, int] | None = None,
 ) -> LayerSolveResult:
     """Solve one layer's block MILP for expert frequencies ``freqs [E]`` and batch ``batch``;
     ``coactivation`` (distinct expert sets ``[G, k]`` and their frequencies) enables co-location modelling.
@@ -299,6 +299,9 @@ def solve_layer(
 
     Time: ``params.time_limit_s`` covers everything the layer does (warm starts, scoring, model build,
     the LP bound, the backend's translation and search): the bound and the solver get what remains.
+    ``schedule`` (wall mode; :func:`schedule_tasks`): the whole model's end (``time.time()``) and
+    the pool slots left, this one included; the layer's limit becomes the time left over the slots
+    left when that is shorter (at least ``SCHEDULE_FLOOR`` of it), and its message says so.
     Bound stage (``bound_share``, default :func:`bound_milp_share`): that share of what remains
     (deterministic: of the work budget) solves the certificate's relaxation as a MILP with the
     layer's backend, from the best warm start; its proven bound replaces the LP's when higher, and
@@ -328,8 +331,9 @@ def solve_layer(
     params = params or SolveParams()
     check_real("batch", batch, positive=True)
     schedule_note = ""
-    if end_by is not None and not params.deterministic:  # a whole model behind its schedule: a shorter limit
-        cut = max(end_by - time.time(), SCHEDULE_FLOOR * params.time_limit_s)
+    if schedule is not None and not params.deterministic:  # a whole model behind its schedule: a shorter limit
+        run_end, slots_left = schedule
+        cut = max((run_end - time.time()) / max(int(slots_left), 1), SCHEDULE_FLOOR * params.time_limit_s)
         if cut < params.time_limit_s * (1 - 1e-9):
             schedule_note = (f"; its limit was cut from {params.time_limit_s:g} to {cut:.3g} s to keep the whole "
                              "model within layers x limit / jobs")
@@ -699,35 +703,32 @@ class LayerTask(NamedTuple):
     baselines: dict[str, LayerPlacement]
     hdmoe_work_limit: float | None
     lns_settings: LnsSettings | None
-    end_by: float | None = None  # wall clock (time.time()) the layer should end by, in wall mode
+    schedule: tuple[float, int] | None = None  # wall mode: the whole model's end (time.time()) and the slots left
 
 
 def solve_layer_task(t: LayerTask) -> LayerSolveResult:
     """One task of :func:`layer_tasks` (top-level, so that a process pool or Ray can run it)."""
     return solve_layer(t.model, t.hw, t.freqs_all[t.li], t.batch, backend=t.backend, params=t.params,
                        options=t.options, layer=t.li, coactivation=t.coactivation, baselines=t.baselines,
-                       hdmoe_work_limit=t.hdmoe_work_limit, lns_settings=t.lns_settings, end_by=t.end_by)
+                       hdmoe_work_limit=t.hdmoe_work_limit, lns_settings=t.lns_settings, schedule=t.schedule)
 
 
 def schedule_tasks(tasks: list[LayerTask], jobs: int, time_limit_s: float, started: float) -> list[LayerTask]:
-    """``tasks`` with the wall-clock time each should end by so that the whole model, counted from
-    ``started`` (``time.time()``), takes at most ``WHOLE_MODEL_SLACK`` x slots x limit, slots =
-    ceil(tasks / jobs), with ``AFTER_POOL_S`` left for what follows the layers (the other baselines,
-    scoring every candidate, writing the plan). A pool of ``jobs`` workers takes the tasks in order, so
-    task i runs in about slot ``i // jobs``; its end is that slot's share of the time left. A layer
-    that the schedule finds late gets a shorter limit (at least ``SCHEDULE_FLOOR`` of it): at 0.5 s
+    """``tasks`` with the whole model's end and each task's place in the pool, so that the run,
+    counted from ``started`` (``time.time()``), takes at most ``WHOLE_MODEL_SLACK`` x slots x limit
+    (slots = ceil(tasks / jobs)), with ``AFTER_POOL_S`` left for what follows the layers (the other
+    baselines, scoring every candidate, writing the plan). A pool of ``jobs`` workers takes the tasks
+    in order, so task i runs in about slot ``i // jobs``; when it starts, it takes the time left
+    over the slots left (its own included), if that is less than its limit, and at least
+    ``SCHEDULE_FLOOR`` of it. Layers that end early leave the later ones their whole limit. At 0.5 s
     per layer the fixed work of a run (imports, loading, the final scoring: about 2 s) put 26 layers
-    9 % past the rule. Where every slot's share is at least the limit, nothing changes."""
+    9 % past the rule."""
     if not tasks:
         return tasks
-    slots = -(-len(tasks) // max(1, min(jobs, len(tasks))))
-    now = time.time()
-    per = (started + WHOLE_MODEL_SLACK * slots * time_limit_s - AFTER_POOL_S - now) / slots
-    if per >= time_limit_s:
-        return tasks
     width = max(1, min(jobs, len(tasks)))
-    per = max(per, 0.0)  # already past the whole model's end: every layer on the floor of its limit
-    return [t._replace(end_by=now + (i // width + 1) * per) for i, t in enumerate(tasks)]
+    slots = -(-len(tasks) // width)
+    end = started + WHOLE_MODEL_SLACK * slots * time_limit_s - AFTER_POOL_S
+    return [t._replace(schedule=(end, slots - i // width)) for i, t in enumerate(tasks)]
 
 
 @dataclass(frozen=True)
