@@ -195,7 +195,7 @@ def _spread_loads(mesh: Mesh, dest: np.ndarray, w: np.ndarray, tree: bool) -> tu
     destination in that direction: tree) or once per destination beyond it (unicast, linear in the
     destinations: the loads of the weight reaching each node). Each position's load is then a
     suffix or prefix sum of a weighted histogram of those extremes, times the number of homes whose
-    tree uses it (:func:`_spread_counts`). 4-8x faster than the prefix sums on 16x16."""
+    tree uses it (:func:`_spread_counts`). About 2x faster than the prefix sums on 16x16."""
     R, C = mesh.rows, mesh.cols
     F = dest.shape[0]
     m = dest.reshape(F, R, C)

@@ -399,7 +399,11 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     started = time.time()
     _check_problem(problem)
     if run_start is not None:
-        started = min(check_real("run_start", run_start), started)
+        run_start = check_real("run_start", run_start)
+        if started - run_start > 86400:  # time.monotonic() or perf_counter() by mistake: every layer cut
+            raise InputError("run_start", f"is {started - run_start:.0f} s before now",
+                             "give time.time() taken when the run started, or leave it out")
+        started = min(run_start, started)
     o = problem.options
     for key, value, model_value in (("mode", o.mode, "mesh"), ("home", o.resolved_home, "spread"),
                                     ("coalesce", o.coalesce, "node"), ("replica_rule", o.replica_rule, "fraction")):

@@ -391,3 +391,24 @@ def test_solve_refuses_a_sampled_batch_it_would_not_prove_anything_about(batchin
     assert main(["solve", "--instance", str(inst), "--time-limit", "0.2"]) == 2
     err = capsys.readouterr().err
     assert "instance sampled.toml [workload].batching" in err and "evaluate --instance sampled.toml --plan" in err
+
+
+def test_solve_counts_the_whole_model_from_run_start():
+    """hm.solve(run_start=...): a run that started long ago (the caller's clock) leaves every layer the
+    floor of its limit, and the layers say why; a time that is not time.time() (a day or more back:
+    time.monotonic() by mistake) or not a number is refused, naming run_start."""
+    import time
+
+    from hdmoe_milp.strategies.block_milp.solve import SCHEDULE_FLOOR
+
+    p = small_problem()
+    res = hm.solve(p, time_limit_s=0.4, layers=[0, 1], baselines=False, progress=False, run_start=time.time() - 600)
+    solved = [r for r in res.layers if r.status != "not-solved"]
+    assert len(solved) == 2
+    assert all(f"cut from 0.4 to {SCHEDULE_FLOOR * 0.4:.3g} s" in r.message for r in solved)
+    fresh = hm.solve(p, time_limit_s=30.0, layers=[0], baselines=False, progress=False, run_start=time.time())
+    assert "cut from" not in fresh.layers[0].message
+    for bad in (time.monotonic() - 2 * 86400, "now", float("nan")):
+        with pytest.raises(hm.InputError) as e:
+            hm.solve(p, time_limit_s=0.4, layers=[0], baselines=False, progress=False, run_start=bad)
+        assert e.value.field == "run_start"
