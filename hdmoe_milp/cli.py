@@ -454,6 +454,10 @@ def _solve(args: argparse.Namespace) -> int:
               f"({_capped_text(res)}): their plans depend on the machine's speed and load, and may differ on "
               "another run",
               file=sys.stderr)
+    if cuts := [r.cut_limit_s for r in res.layers if r.cut_limit_s is not None]:
+        print(f"hdmoe-milp: note: {len(cuts)} layer(s) ran on a shorter limit, {min(cuts):.3g}-{max(cuts):.3g} s, to "
+              f"keep the whole solve within layers x --time-limit / --jobs + 10 % from the command's start "
+              "(imports, loading and the final scoring count too)", file=sys.stderr)
     if args.out and unsaved is None:
         out["out"] = str(args.out)
     if unsaved is not None:

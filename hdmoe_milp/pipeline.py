@@ -391,10 +391,10 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     place of the bound stage (it proves Mixtral 4x8 layers within 1 % in seconds; see
     ``formulations/offline_milp.md``).
     ``run_start``: the wall-clock time (``time.time()``) the whole model's time counts from (default:
-    this call; the CLI gives its own start). In wall mode with the local pool, the whole solve takes
-    at most about layers x ``time_limit_s`` / ``jobs`` + 10 % from then: where the fixed work of a
-    run (imports, loading, the final scoring) would push it past that, at small limits, later layers
-    get a shorter limit, and their messages say so.
+    this call; the CLI gives its own start). Solving the whole model (no ``layers``) in wall mode
+    with the local pool, the solve takes at most about layers x ``time_limit_s`` / ``jobs`` + 10 %
+    from then: where the fixed work of a run (imports, loading, the final scoring) would push it
+    past that, at small limits, a layer gets a shorter limit, and says so (``cut_limit_s``).
     """
     started = time.time()
     _check_problem(problem)
@@ -467,7 +467,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
                              hdmoe_work_limit=work, lns_settings=lns_settings)
     chosen = select_layers(layers, L)
     tasks = [milp_tasks[li] for li in chosen]
-    if not deterministic and executor == "local":  # Ray places tasks on its own CPUs: no slots to plan
+    # the whole model's time (not a quick look at chosen layers); Ray places tasks on its own CPUs: no slots
+    if layers is None and not deterministic and executor == "local":
         tasks = schedule_tasks(tasks, jobs, budget.time_limit_s, started)
     bar = _progress(progress, total=len(tasks), desc=f"solve {m.name}", unit="layer")
     # one Ray instance (--executor ray) for both calls: each started and stopped its own

@@ -287,7 +287,7 @@ def fig_decomposition(df: pd.DataFrame, *, title: str = "") -> Figure:
                                             batch=_one(df, "batch"), mode=_one(df, "mode")),
                       fig.get_figwidth() * 0.85, 9), fontsize=9)
     # the legend in a band above the tallest bar, one row: inside the bars it hid the shortest parts
-    ax.set_ylim(0, float(bottom.max(initial=0.0)) * 1.18 or 1.0)
+    ax.set_ylim(0, float(np.nanmax(bottom, initial=0.0)) * 1.18 or 1.0)
     ax.legend(fontsize=7, loc="upper center", ncol=len(_PARTS), frameon=False, columnspacing=1.0,
               handlelength=1.5)
     fig.tight_layout()
@@ -490,8 +490,9 @@ def fig_solver(layer_table: pd.DataFrame, *, settings: str = "", time_limit_s: f
         ax1.text(xi, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
     ax1.set_ylabel("gap (%)")
     top = float(np.max(gap[known], initial=0.0))  # gaps are >= 0: no negative axis, even when all are 0
-    ax1.set_ylim(0, top * 1.15 if top > 0 else 1.0)
-    if known.any() and top == 0:
+    low = float(np.min(gap[known], initial=0.0))  # (a hand-made table may hold negative ones)
+    ax1.set_ylim(low * 1.15, top * 1.15 if top > 0 else 1.0)
+    if known.any() and top == 0 and low == 0:
         ax1.text(0.5, 0.5, "gap 0 on every layer with a bound", transform=ax1.transAxes, ha="center",
                  va="center", fontsize=8)
     wall = layer_table["time_s"].to_numpy(dtype=float)

@@ -239,6 +239,25 @@ def test_solve_notes_layers_the_deterministic_safety_net_stopped(capsys, monkeyp
     assert "2 layer(s) reached the wall-clock safety net of --deterministic (layers 0, 1)" in err
 
 
+def test_solve_says_when_the_whole_models_schedule_cut_layers(capsys):
+    """A run that started long before its layers (here: started given 10 minutes back) cuts every layer
+    to the floor of its limit; the JSON records each layer's cut limit and stderr says how many and to
+    what. A run on time cuts none and says nothing."""
+    import time
+
+    from hdmoe_milp.strategies.block_milp.solve import SCHEDULE_FLOOR
+
+    args = ["solve", "--model", "mixtral-8x7b", "--mesh", "2x2", "--time-limit", "0.4", "--no-baselines", "--json"]
+    assert main(args, started=time.time() - 600) == 0
+    out, err = capsys.readouterr()
+    cut = [r["cut_limit_s"] for r in json.loads(out)["layers"]]
+    assert cut == [pytest.approx(SCHEDULE_FLOOR * 0.4)] * len(cut)
+    assert f"{len(cut)} layer(s) ran on a shorter limit, 0.1-0.1 s" in err
+    assert main([*args[:-3], "30", "--no-baselines", "--json", "--layers", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert all(r["cut_limit_s"] is None for r in json.loads(out)["layers"]) and "shorter limit" not in err
+
+
 def test_solve_flags_reach_the_solver(capsys):
     """--deterministic and --no-branch-and-bound: the same numbers twice, counted in work, and no
     branch and bound in any layer's account (it would prove these 2x2 layers at once)."""

@@ -402,12 +402,15 @@ def test_solve_counts_the_whole_model_from_run_start():
     from hdmoe_milp.strategies.block_milp.solve import SCHEDULE_FLOOR
 
     p = small_problem()
-    res = hm.solve(p, time_limit_s=0.4, layers=[0, 1], baselines=False, progress=False, run_start=time.time() - 600)
-    solved = [r for r in res.layers if r.status != "not-solved"]
-    assert len(solved) == 2
-    assert all(f"cut from 0.4 to {SCHEDULE_FLOOR * 0.4:.3g} s" in r.message for r in solved)
-    fresh = hm.solve(p, time_limit_s=30.0, layers=[0], baselines=False, progress=False, run_start=time.time())
-    assert "cut from" not in fresh.layers[0].message
+    res = hm.solve(p, time_limit_s=0.4, baselines=False, progress=False, run_start=time.time() - 600)
+    assert len(res.layers) == 2
+    assert all(f"cut from 0.4 to {SCHEDULE_FLOOR * 0.4:.3g} s" in r.message for r in res.layers)
+    assert [r.cut_limit_s for r in res.layers] == [pytest.approx(SCHEDULE_FLOOR * 0.4)] * 2
+    fresh = hm.solve(p, time_limit_s=30.0, baselines=False, progress=False, run_start=time.time())
+    assert "cut from" not in fresh.layers[0].message and fresh.layers[0].cut_limit_s is None
+    # a quick look at chosen layers is not the whole model: its layers keep their limit
+    look = hm.solve(p, time_limit_s=0.4, layers=[0], baselines=False, progress=False, run_start=time.time() - 600)
+    assert look.layers[0].cut_limit_s is None
     for bad in (time.monotonic() - 2 * 86400, "now", float("nan")):
         with pytest.raises(hm.InputError) as e:
             hm.solve(p, time_limit_s=0.4, layers=[0], baselines=False, progress=False, run_start=bad)

@@ -110,6 +110,8 @@ class LayerSolveResult:
     # deterministic mode only: the wall-clock safety net (DET_CAP x the limit), not the work budget,
     # ended the search, so this layer's plan depends on the machine's load (never set in wall mode)
     wall_capped: bool = False
+    # wall mode: the limit the layer ran on, when the whole model's schedule cut it (None: as asked)
+    cut_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         freeze_arrays(self)
@@ -127,7 +129,7 @@ class LayerSolveResult:
             "family": self.family, "model_objective_s": self.model_objective_s, "model_bound_s": self.model_bound_s,
             "time_mode": self.time_mode, "trace": [list(p) for p in self.trace], "improvement": self.improvement,
             "lns_steps": self.lns_steps, "lns_accepted": self.lns_accepted, "lns_gain": self.lns_gain,
-            "wall_capped": self.wall_capped,
+            "wall_capped": self.wall_capped, "cut_limit_s": self.cut_limit_s,
         }
 
 
@@ -208,11 +210,13 @@ def _baseline_assigns(bm: BlockModel, baselines: dict[str, LayerPlacement]) -> d
     return out
 
 
-# the whole model, in wall mode: at most WHOLE_MODEL_SLACK x layers x limit / jobs, counted from the run's
-# start; AFTER_POOL_S kept for what follows the layers; a late layer still gets SCHEDULE_FLOOR of its limit
+# the whole model, in wall mode: at most WHOLE_MODEL_SLACK x slots x limit (slots: ceil(layers / jobs)),
+# counted from the run's start; AFTER_POOL_S (at most a tenth of the whole) kept for what follows the
+# layers; a late layer still gets SCHEDULE_FLOOR of its limit
 WHOLE_MODEL_SLACK = 1.05
 AFTER_POOL_S = 1.0
 SCHEDULE_FLOOR = 0.25
+SCHEDULE_MIN_CUT = 0.03  # a cut of less than this share of the limit is not made (V3 8x8 at 60 s: 2 %)
 PACKING_SHARE = 0.1  # of a layer's wall limit, at most, for building balanced packings (V3 8x8: 1.6 s)
 
 
@@ -331,17 +335,18 @@ def solve_layer(
     params = params or SolveParams()
     check_real("batch", batch, positive=True)
     schedule_note = ""
+    asked = params  # the hdmoe baseline keeps the asked limit: a cut must not change what it compares with
     if schedule is not None and not params.deterministic:  # a whole model behind its schedule: a shorter limit
         run_end, slots_left = schedule
         cut = max((run_end - time.time()) / max(int(slots_left), 1), SCHEDULE_FLOOR * params.time_limit_s)
-        if cut < params.time_limit_s * (1 - 1e-9):
+        if cut < params.time_limit_s * (1 - SCHEDULE_MIN_CUT):  # smaller cuts: the slack covers them
             schedule_note = (f"; its limit was cut from {params.time_limit_s:g} to {cut:.3g} s to keep the whole "
                              "model within layers x limit / jobs")
             params = replace(params, time_limit_s=cut)
     t0 = time.perf_counter()
     deadline = t0 + params.time_limit_s
     solver = get_backend(backend)
-    baselines, hd = layer_baselines(model, hw, freqs, batch, backend=backend, params=params, layer=layer,
+    baselines, hd = layer_baselines(model, hw, freqs, batch, backend=backend, params=asked, layer=layer,
                                     freqs_all=freqs_all, coactivation=coactivation, baselines=baselines,
                                     hdmoe_work_limit=hdmoe_work_limit)
     baselines = family_layers(model, hw, freqs, batch, coactivation, options, baselines, seed=params.seed,
@@ -490,7 +495,7 @@ def solve_layer(
                            + (", branch and bound)" if use_bnb else ")"))
     elif use_bnb and (remaining <= MIN_SOLVE_S if not det else bnb_frac >= 1.0):
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "the branch and bound had the whole budget")
-    elif lm is None:  # wall mode only: the model was not built, for want of time
+    elif lm is None or (not det and remaining <= MIN_SOLVE_S):  # (wall mode) not built, or built too late
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
     elif share >= 1.0:
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "LNS instead of the monolithic solve")
@@ -579,6 +584,7 @@ def solve_layer(
         improvement=1.0 - obj / start_scores[best_start] if start_scores[best_start] > 0 else None,
         lns_steps=lres.steps if lres else 0, lns_accepted=lres.accepted if lres else 0,
         lns_gain=lres.gain if lres else 0.0, wall_capped=wall_capped,
+        cut_limit_s=params.time_limit_s if schedule_note else None,
     )
 
 
@@ -716,18 +722,18 @@ def solve_layer_task(t: LayerTask) -> LayerSolveResult:
 def schedule_tasks(tasks: list[LayerTask], jobs: int, time_limit_s: float, started: float) -> list[LayerTask]:
     """``tasks`` with the whole model's end and each task's place in the pool, so that the run,
     counted from ``started`` (``time.time()``), takes at most ``WHOLE_MODEL_SLACK`` x slots x limit
-    (slots = ceil(tasks / jobs)), with ``AFTER_POOL_S`` left for what follows the layers (the other
-    baselines, scoring every candidate, writing the plan). A pool of ``jobs`` workers takes the tasks
-    in order, so task i runs in about slot ``i // jobs``; when it starts, it takes the time left
-    over the slots left (its own included), if that is less than its limit, and at least
-    ``SCHEDULE_FLOOR`` of it. Layers that end early leave the later ones their whole limit. At 0.5 s
+    (slots = ceil(tasks / jobs)), with ``AFTER_POOL_S`` (at most a tenth of that) left for what
+    follows the layers (the other baselines, scoring every candidate, writing the plan). A pool of
+    ``jobs`` workers takes the tasks in order, so task i runs in about slot ``i // jobs``; when it
+    starts, it takes the time left over the slots left (its own included), if that is less than its
+    limit, and at least ``SCHEDULE_FLOOR`` of it. Layers that end early leave the later ones their whole limit. At 0.5 s
     per layer the fixed work of a run (imports, loading, the final scoring: about 2 s) put 26 layers
     9 % past the rule."""
     if not tasks:
         return tasks
     width = max(1, min(jobs, len(tasks)))
     slots = -(-len(tasks) // width)
-    end = started + WHOLE_MODEL_SLACK * slots * time_limit_s - AFTER_POOL_S
+    end = started + WHOLE_MODEL_SLACK * slots * time_limit_s - min(AFTER_POOL_S, 0.1 * slots * time_limit_s)
     return [t._replace(schedule=(end, slots - i // width)) for i, t in enumerate(tasks)]
 
 
