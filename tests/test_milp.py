@@ -346,7 +346,7 @@ def test_every_backend_takes_seeds_past_31_bits(backend):
 
 def test_a_layer_behind_the_whole_models_schedule_gets_a_shorter_limit():
     """schedule_tasks gives each task the whole model's end (counted from the run's start, at most
-    WHOLE_MODEL_SLACK x slots x limit, less AFTER_POOL_S or a tenth) and the pool slots left; a layer that finds
+    WHOLE_MODEL_SLACK x tasks x limit / jobs, less AFTER_POOL_S or a tenth) and the pool slots left; a layer that finds
     less time left per slot than its limit gets that much (never below SCHEDULE_FLOOR of it) and
     says so. At 0.5 s per layer, 26 DeepSeek-V2-Lite layers took 7.8 s against the rule's 7.2 s."""
     import hdmoe_milp.strategies.block_milp.solve as sv
@@ -357,7 +357,7 @@ def test_a_layer_behind_the_whole_models_schedule_gets_a_shorter_limit():
                         coactivation=None)
     now = time.time()
     plan = sv.schedule_tasks(tasks, 2, 2.0, now)
-    end = now + sv.WHOLE_MODEL_SLACK * 3 * 2.0 - min(sv.AFTER_POOL_S, 0.1 * 3 * 2.0)  # 5 tasks, 2 workers: 3 slots
+    end = now + sv.WHOLE_MODEL_SLACK * 5 * 2.0 / 2 - min(sv.AFTER_POOL_S, 0.1 * 5)  # 5 tasks, 2 workers: 3 slots
     assert [t.schedule for t in plan] == [(end, 3), (end, 3), (end, 2), (end, 2), (end, 1)]
     assert sv.schedule_tasks([], 2, 2.0, now) == []
     assert [t.schedule[1] for t in sv.schedule_tasks(tasks, 1, 2.0, now)] == [5, 4, 3, 2, 1]
