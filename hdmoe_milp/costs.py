@@ -150,39 +150,26 @@ def link_loads(
     c_north = used(rowcum[:, -1:] - rowcum[:, :-1])  # [F, R-1] rows below r, heading north on home column
     c_south = used(rowcum[:, :-1])
 
-    if home is None:
-        k = _spread_counts(mesh)
-        wd = w / mesh.num_nodes
-        de = np.tile((wd @ d_east) * k["d_east"], (R, 1))
-        dw = np.tile((wd @ d_west) * k["d_west"], (R, 1))
-        ds = np.einsum("f,frc->rc", wd, d_south) * k["d_south"][:, None]
-        dn = np.einsum("f,frc->rc", wd, d_north) * k["d_north"][:, None]
-        cw = np.einsum("f,frc->rc", wd, c_west) * k["c_west"][None, :]
-        ce = np.einsum("f,frc->rc", wd, c_east) * k["c_east"][None, :]
-        cn = np.tile(((wd @ c_north) * k["c_north"])[:, None], (1, C))
-        cs = np.tile(((wd @ c_south) * k["c_south"])[:, None], (1, C))
-        ecc = mesh.distance.max(axis=0)
-        hops = int((dest * ecc[None, :]).max())
-    else:
-        home = np.asarray(home, dtype=np.int64)
-        r0, c0 = np.divmod(home, C)
-        ci = np.arange(C - 1)
-        ri = np.arange(R - 1)
-        one_r = np.zeros((F, R))
-        one_r[np.arange(F), r0] = w
-        one_c = np.zeros((F, C))
-        one_c[np.arange(F), c0] = 1.0
-        east_ok = ci[None, :] >= c0[:, None]  # [F, C-1]
-        south_ok = ri[None, :] >= r0[:, None]  # [F, R-1]
-        de = one_r.T @ (d_east * east_ok)
-        dw = one_r.T @ (d_west * ~east_ok)
-        ds = np.einsum("f,frc->rc", w, d_south * south_ok[:, :, None])
-        dn = np.einsum("f,frc->rc", w, d_north * ~south_ok[:, :, None])
-        cw = np.einsum("f,frc->rc", w, c_west * east_ok[:, None, :])
-        ce = np.einsum("f,frc->rc", w, c_east * ~east_ok[:, None, :])
-        cn = (w[:, None] * c_north * south_ok).T @ one_c
-        cs = (w[:, None] * c_south * ~south_ok).T @ one_c
-        hops = int((dest * mesh.distance[home]).max())
+    # explicit homes (spread homes returned above)
+    home = np.asarray(home, dtype=np.int64)
+    r0, c0 = np.divmod(home, C)
+    ci = np.arange(C - 1)
+    ri = np.arange(R - 1)
+    one_r = np.zeros((F, R))
+    one_r[np.arange(F), r0] = w
+    one_c = np.zeros((F, C))
+    one_c[np.arange(F), c0] = 1.0
+    east_ok = ci[None, :] >= c0[:, None]  # [F, C-1]
+    south_ok = ri[None, :] >= r0[:, None]  # [F, R-1]
+    de = one_r.T @ (d_east * east_ok)
+    dw = one_r.T @ (d_west * ~east_ok)
+    ds = np.einsum("f,frc->rc", w, d_south * south_ok[:, :, None])
+    dn = np.einsum("f,frc->rc", w, d_north * ~south_ok[:, :, None])
+    cw = np.einsum("f,frc->rc", w, c_west * east_ok[:, None, :])
+    ce = np.einsum("f,frc->rc", w, c_east * ~east_ok[:, None, :])
+    cn = (w[:, None] * c_north * south_ok).T @ one_c
+    cs = (w[:, None] * c_south * ~south_ok).T @ one_c
+    hops = int((dest * mesh.distance[home]).max())
     dispatch = np.concatenate([de.ravel(), dw.ravel(), ds.ravel(), dn.ravel()])
     combine = np.concatenate([ce.ravel(), cw.ravel(), cs.ravel(), cn.ravel()])
     return dispatch, combine, hops

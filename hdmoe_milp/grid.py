@@ -168,10 +168,9 @@ def check_spec(spec: GridSpec) -> GridSpec:
             raise InputError("mesh", exc.problem, exc.fix) from None
         for m in spec.models:
             check_mesh_memory("mesh", get_model(m), mesh.rows, mesh.cols)
-        if s in spec.meshes and mesh.num_nodes > pl.MAX_MESH_NODES:  # every grid point is solved
-            raise InputError("mesh", f"{s} has {mesh.num_nodes} nodes; bench solves every point, and the MILP "
-                             f"builds its block family for meshes of at most {pl.MAX_MESH_NODES} nodes (16x16)",
-                             "use meshes of at most 256 nodes")
+        if s in spec.meshes:  # every grid point is solved
+            pl.check_mesh_nodes(s, mesh.num_nodes, "bench solves every point, and the MILP",
+                                f"use meshes of at most {pl.MAX_MESH_NODES} nodes")
     for b in (*spec.batches, *(() if spec.solve_batch is None else (spec.solve_batch,)), spec.online_batch):
         check_real("batch", b, minimum=1, maximum=MAX_BATCH, integer=True)
     check_real("online_batches", spec.online_batches, minimum=0, maximum=MAX_BATCHES, integer=True)

@@ -421,11 +421,9 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
         raise InputError("trace", "is needed to solve (every plan is scored by the evaluator on its tokens)",
                          "build the problem with a trace (hm.load_trace or an instance file)")
     budget = Budget(time_limit_s=time_limit_s, work_limit=work_limit, backend=backend, threads=threads, gap=gap)
-    if problem.hardware.num_nodes > MAX_MESH_NODES:
-        raise InputError("mesh", f"{problem.mesh_name} has {problem.hardware.num_nodes} nodes; the MILP solve builds "
-                         f"its block family for meshes of at most {MAX_MESH_NODES} nodes (16x16)",
-                         "use a mesh of at most 256 nodes, or score the baselines on this mesh with "
-                         "`hdmoe-milp evaluate --strategy all`")
+    check_mesh_nodes(problem.mesh_name, problem.hardware.num_nodes, "the MILP solve",
+                     f"use a mesh of at most {MAX_MESH_NODES} nodes, or score the baselines on this mesh with "
+                     "`hdmoe-milp evaluate --strategy all`")
     check_choice("executor", executor, EXECUTORS)
     jobs = check_jobs(jobs, executor)
     if not isinstance(baselines, (bool, str, list, tuple)):
@@ -535,6 +533,14 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     except KeyboardInterrupt:  # while the candidates were scored: the MILP's plan alone, scored again
         solver.update(interrupted=True, baselines=[], baselines_interrupted=left_out + names)
         return _combine(problem, {"milp": candidates["milp"]}, layers, solver)
+
+
+def check_mesh_nodes(mesh_name: str, num_nodes: int, who: str, fix: str) -> None:
+    """An InputError naming ``mesh`` if a mesh of ``num_nodes`` is beyond what the MILP builds its
+    block family for (``who``: what solves there; ``fix``: what to do instead)."""
+    if num_nodes > MAX_MESH_NODES:
+        raise InputError("mesh", f"{mesh_name} has {num_nodes} nodes; {who} builds its block family for meshes of "
+                         f"at most {MAX_MESH_NODES} nodes (16x16)", fix)
 
 
 def _solve_options_text(o: EvalOptions) -> str:

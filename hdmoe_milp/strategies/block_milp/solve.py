@@ -211,8 +211,8 @@ def _baseline_assigns(bm: BlockModel, baselines: dict[str, LayerPlacement]) -> d
 
 
 # the whole model, in wall mode: at most WHOLE_MODEL_SLACK x layers x limit / jobs, counted from the run's
-# start; AFTER_POOL_S (at most a tenth of the whole) kept for what follows the
-# layers; a late layer still gets SCHEDULE_FLOOR of its limit
+# start; AFTER_POOL_S (at most a tenth of the whole) kept for what follows the layers; a late layer
+# still gets SCHEDULE_FLOOR of its limit
 WHOLE_MODEL_SLACK = 1.05
 AFTER_POOL_S = 1.0
 SCHEDULE_FLOOR = 0.25
