@@ -1,3 +1,3 @@
 """The package version (one place; recorded in every plan file)."""
 
-__version__ = "0.8.6"
+__version__ = "0.8.7"

@@ -135,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                     "moves) of each layer's plan")
     so.add_argument("--no-branch-and-bound", action="store_true", help="skip the branch and bound over the family "
                     "on layers with at most 16 experts (the bound stage runs instead)")
+    so.add_argument("--no-node-order", action="store_true", help="skip the node-order search (swaps of whole "
+                    "nodes' contents that lower the link loads of the best starting layouts)")
 
     rp = sub.add_parser("replay", help="stream a trace batch by batch under online policies")
     common(rp)
@@ -410,7 +412,7 @@ def _solve(args: argparse.Namespace) -> int:
                        deterministic=args.deterministic,
                        lns_patience=None if args.lns_patience is None else int(args.lns_patience),
                        polish=not args.no_polish, branch_and_bound=not args.no_branch_and_bound,
-                       run_start=getattr(args, "started", None))
+                       node_order=not args.no_node_order, run_start=getattr(args, "started", None))
     except InputError as exc:  # name the flag the user wrote, not the keyword it became
         mesh = ("--mesh" if args.mesh is not None or not args.instance
                 else f"instance {Path(args.instance).name} {_FILE_KEYS['--mesh'][1]}")

@@ -362,7 +362,7 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
           executor: str = "local", seed: int | None = None, progress: bool | None = None,
           work_limit: float | None = None, layers: list[int] | tuple[int, ...] | None = None,
           deterministic: bool = False, lns_patience: int | None = None, polish: bool = True,
-          branch_and_bound: bool = True, run_start: float | None = None) -> PlanResult:
+          branch_and_bound: bool = True, node_order: bool = True, run_start: float | None = None) -> PlanResult:
     """Solve every layer's block MILP (warm-started from the best baseline and heuristic), then keep
     per layer whichever of the MILP's plan and the baselines scores best under the evaluator, so the
     plan is never worse than any baseline.
@@ -390,6 +390,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     over the family on the evaluator's score takes the layer's time left after the polish, in
     place of the bound stage (it proves Mixtral 4x8 layers within 1 % in seconds; see
     ``formulations/offline_milp.md``).
+    ``node_order``: the node-order search, which swaps whole nodes' contents on the mesh where that
+    lowers the link loads of the best two starting layouts (the reordered layouts join the family).
     ``run_start``: the wall-clock time (``time.time()``) the whole model's time counts from (default:
     this call; the CLI gives its own start). Solving the whole model (no ``layers``) in wall mode
     with the local pool, the solve takes at most about layers x ``time_limit_s`` / ``jobs`` + 10 %
@@ -440,7 +442,8 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
             raise InputError("lns_patience", f"must be a whole number >= 0, got {lns_patience!r}",
                              "0 lets LNS use the whole time limit")
         lns_settings = LnsSettings(patience=int(lns_patience))
-    for name, flag in (("polish", polish), ("deterministic", deterministic), ("branch_and_bound", branch_and_bound)):
+    for name, flag in (("polish", polish), ("deterministic", deterministic), ("branch_and_bound", branch_and_bound),
+                       ("node_order", node_order)):
         if not isinstance(flag, (bool, np.bool_)):
             raise InputError(name, f"must be True or False, got {flag!r}")
     if deterministic and backend not in WORK_LIMITED_BACKENDS:  # its model solve would stop on the clock
@@ -461,8 +464,9 @@ def solve(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.
     coact = problem.coactivation
     work = WORK_LIMIT if work_limit is None else work_limit
     milp_tasks = layer_tasks(m, problem.hardware, problem.frequencies, problem.batch, backend=backend, params=params,
-                             options=MilpOptions(delivery=problem.options.resolved_delivery), coactivation=coact,
-                             hdmoe_work_limit=work, lns_settings=lns_settings)
+                             options=MilpOptions(delivery=problem.options.resolved_delivery,
+                                                 node_order=bool(node_order)),
+                             coactivation=coact, hdmoe_work_limit=work, lns_settings=lns_settings)
     chosen = select_layers(layers, L)
     tasks = [milp_tasks[li] for li in chosen]
     # the whole model's time (not a quick look at chosen layers); Ray places tasks on its own CPUs: no slots

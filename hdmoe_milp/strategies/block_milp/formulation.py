@@ -78,7 +78,10 @@ class MilpOptions:
     pattern is a column. ``packings``: with ``patterns``, :func:`solve_layer` also adds the patterns
     of this many of the layer's balanced packings with neighbour splits (:mod:`.packing`; the best
     under the evaluator, or the first built without co-activation sets; layers with at least
-    :data:`.packing.MIN_PER_NODE` experts per node), which are warm starts too.
+    :data:`.packing.MIN_PER_NODE` experts per node), which are warm starts too. ``node_order``:
+    with ``patterns``, each of those layouts (tree delivery, co-activation sets given) also with its
+    nodes' contents reordered on the mesh by :mod:`.nodes` where that lowers its evaluator time
+    (a packing is replaced by its reordered self).
     """
 
     delivery: str = "tree"
@@ -93,6 +96,7 @@ class MilpOptions:
     pattern_flips: bool = True
     single_route: bool = True
     packings: int = 2
+    node_order: bool = True
 
 
 class BlockModel:

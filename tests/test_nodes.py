@@ -1,0 +1,175 @@
+"""The node-order search (:mod:`hdmoe_milp.strategies.block_milp.nodes`): its traffic is the
+evaluator's, its swaps keep every node's contents, it stops only where no swap helps, and the
+certificate stays valid with the reordered layouts in the family."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from hdmoe_milp.evaluator import EvalOptions, evaluate
+from hdmoe_milp.hardware import Mesh, make_hardware
+from hdmoe_milp.moe import get_model
+from hdmoe_milp.placement import LayerPlacement, Placement
+from hdmoe_milp.solvers import SolveParams
+from hdmoe_milp.strategies.block_milp import nodes
+from hdmoe_milp.strategies.block_milp.solve import (
+    FAMILY,
+    NODES,
+    MilpOptions,
+    family_layers,
+    family_text,
+    layer_baselines,
+    reordered_layers,
+    solve_layer,
+)
+from hdmoe_milp.synthetic import synthetic_trace
+from hdmoe_milp.workload import LayerRouting, Workload
+
+
+def _case(mesh: str, model: str = "deepseek-v2-lite", tokens: int = 300, seed: int = 0):
+    m = dataclasses.replace(get_model(model), moe_layers=1)
+    hw = make_hardware("5/50", Mesh.parse(mesh))
+    tr = synthetic_trace(m, tokens, seed=seed)
+    ids, fg = tr.coactivation(0)
+    return m, hw, ids, fg * 128.0, tr.frequencies()[0]
+
+
+def _random_layout(E: int, D: int, rng: np.random.Generator) -> LayerPlacement:
+    """Each expert on 1-3 random nodes with random shares."""
+    shares = np.zeros((E, D))
+    for e in range(E):
+        where = rng.choice(D, size=min(D, int(rng.integers(1, 4))), replace=False)
+        shares[e, where] = rng.random(len(where)) + 0.1
+    return LayerPlacement.from_shares(shares / shares.sum(axis=1, keepdims=True))
+
+
+def _scores(m, hw, ids, tokens, lp):
+    wl = Workload((LayerRouting(ids, tokens),), m.num_experts, m.top_k, 128.0, "expected")
+    ev = evaluate(Placement((lp,)), m, hw, wl, EvalOptions())
+    return float(ev.compute_s[0]), float(ev.comm_s[0]), float(ev.layer_s[0])
+
+
+@pytest.mark.parametrize("mesh", ["1x4", "2x2", "3x5", "4x4"])
+def test_traffic_is_the_evaluators_before_and_after_the_search(mesh):
+    m, hw, ids, tokens, _ = _case(mesh)
+    rng = np.random.default_rng(len(mesh))
+    for _ in range(3):
+        lp = _random_layout(m.num_experts, hw.num_nodes, rng)
+        order = nodes.NodeOrder(m, hw, lp.shares > 0, ids, tokens)
+        comp0, comm0, _ = _scores(m, hw, ids, tokens, lp)
+        assert order.traffic() == pytest.approx(comm0, rel=1e-9)
+        order.improve()
+        assert sorted(order.perm.tolist()) == list(range(hw.num_nodes))
+        moved = LayerPlacement.from_shares(lp.shares[:, order.perm])
+        comp1, comm1, _ = _scores(m, hw, ids, tokens, moved)
+        assert order.traffic() == pytest.approx(comm1, rel=1e-9)  # the incremental loads stayed exact
+        assert comm1 <= comm0 * (1 + 1e-12)
+        assert comp1 == pytest.approx(comp0, rel=1e-12)  # same contents per node: same compute
+
+
+@pytest.mark.parametrize("mesh", ["2x3", "3x3", "1x5"])
+def test_the_search_stops_only_where_no_swap_lowers_the_traffic(mesh):
+    # up to 36 pairs: fewer than MAX_CHECKS, so every promising swap was checked
+    m, hw, ids, tokens, _ = _case(mesh, seed=4)
+    D = hw.num_nodes
+    assert D * (D - 1) // 2 <= nodes.MAX_CHECKS
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        lp = _random_layout(m.num_experts, D, rng)
+        order = nodes.NodeOrder(m, hw, lp.shares > 0, ids, tokens)
+        order.improve()
+        shares = lp.shares[:, order.perm]
+        _, here, _ = _scores(m, hw, ids, tokens, LayerPlacement.from_shares(shares))
+        for a, b in itertools.combinations(range(D), 2):
+            p = np.arange(D)
+            p[[a, b]] = p[[b, a]]
+            _, comm, _ = _scores(m, hw, ids, tokens, LayerPlacement.from_shares(shares[:, p]))
+            assert comm >= here * (1 - 1e-9), (a, b)
+
+
+def test_max_swaps_and_a_past_deadline_stop_the_search():
+    m, hw, ids, tokens, _ = _case("4x4")
+    lp = _random_layout(m.num_experts, hw.num_nodes, np.random.default_rng(1))
+    order = nodes.NodeOrder(m, hw, lp.shares > 0, ids, tokens)
+    assert order.improve(max_swaps=1) == 1  # a random layout has an improving swap
+    assert order.improve(deadline=0.0) == 0
+    assert nodes.reorder_nodes(lp, m, hw, ids, tokens, max_swaps=0) is None
+
+
+def test_reorder_keeps_each_nodes_contents_and_is_deterministic():
+    m, hw, ids, tokens, _ = _case("4x4", seed=2)
+    lp = _random_layout(m.num_experts, hw.num_nodes, np.random.default_rng(3))
+    a = nodes.reorder_nodes(lp, m, hw, ids, tokens)
+    b = nodes.reorder_nodes(lp, m, hw, ids, tokens)
+    assert a is not None and np.array_equal(a.shares, b.shares)
+    # the columns (node contents) are the old ones, permuted
+    old = {tuple(np.round(c, 12)) for c in lp.shares.T}
+    assert {tuple(np.round(c, 12)) for c in a.shares.T} == old
+    assert _scores(m, hw, ids, tokens, a)[2] < _scores(m, hw, ids, tokens, lp)[2]
+
+
+def test_replicated_layouts_and_single_nodes_are_left_alone():
+    m, hw, ids, tokens, _ = _case("2x2")
+    rep = LayerPlacement(expert_of=np.array([0, *range(m.num_experts)]),
+                         shares=np.eye(4)[np.arange(m.num_experts + 1) % 4],
+                         token_fraction=np.array([0.5, 0.5, *np.ones(m.num_experts - 1)]),
+                         num_experts=m.num_experts)
+    assert nodes.reorder_nodes(rep, m, hw, ids, tokens) is None
+    hw1 = make_hardware("5/50", Mesh.parse("1x1"))
+    lp = LayerPlacement.from_shares(np.ones((m.num_experts, 1)))
+    assert nodes.reorder_nodes(lp, m, hw1, ids, tokens) is None
+
+
+def test_reordered_layouts_join_the_family_and_the_text_says_so():
+    m, hw, ids, tokens, f = _case("4x4", seed=5)
+    groups = (ids, tokens / 128.0)
+    base, _ = layer_baselines(m, hw, f, 128.0, backend="cpsat", params=SolveParams(), coactivation=groups)
+    fam = family_layers(m, hw, f, 128.0, groups, MilpOptions(), base, seed=0)
+    added = [k for k in fam if k.endswith(NODES)]
+    assert added and all(k[:-len(NODES)] in fam or k.startswith("packed-") for k in added)
+    off = family_layers(m, hw, f, 128.0, groups, MilpOptions(node_order=False), base, seed=0)
+    assert not any(k.endswith(NODES) for k in off)
+    assert "reordered" in FAMILY and "reordered" in family_text(MilpOptions())
+    assert "reordered" not in family_text(MilpOptions(node_order=False))
+    # unicast traffic is not what the search counts: nothing is reordered
+    assert reordered_layers(m, hw, f, 128.0, groups, MilpOptions(delivery="unicast"), base) == {}
+    assert reordered_layers(m, hw, f, 128.0, None, MilpOptions(), base) == {}
+
+
+def test_solve_layer_with_reordered_layouts_is_no_worse_than_each_of_them():
+    m, hw, ids, tokens, f = _case("4x4", seed=6)
+    groups = (ids, tokens / 128.0)
+    res = solve_layer(m, hw, f, 128.0, params=SolveParams(time_limit_s=20, deterministic=True, work_limit=0.5),
+                      coactivation=groups, layer=0)
+    base, _ = layer_baselines(m, hw, f, 128.0, backend="cpsat", params=SolveParams(), coactivation=groups)
+    fam = family_layers(m, hw, f, 128.0, groups, MilpOptions(), base, seed=0)
+    got = _scores(m, hw, ids, tokens, res.placement)[2]
+    assert got == pytest.approx(res.objective_s, rel=1e-9)
+    for name, lp in fam.items():
+        if not lp.is_replicated:
+            assert got <= _scores(m, hw, ids, tokens, lp)[2] * (1 + 1e-9), name
+    assert res.bound_s <= got * (1 + 1e-12)
+
+
+def test_pipeline_and_cli_can_turn_the_node_order_search_off(capsys):
+    import json
+
+    import hdmoe_milp as hm
+    from hdmoe_milp.cli import main
+
+    m = dataclasses.replace(get_model("deepseek-v2-lite"), moe_layers=1)
+    p = hm.Problem(m, make_hardware("5/50", Mesh.parse("2x4")), synthetic_trace(m, 300, seed=1))
+    kw = dict(time_limit_s=2, deterministic=True, work_limit=0.0, baselines=False, progress=False)
+    on, off = (hm.solve(p, node_order=v, **kw) for v in (True, False))
+    assert "reordered" in on.solver["family"] and "reordered" not in off.solver["family"]
+    assert not any(NODES in r.source for r in off.layers)
+    with pytest.raises(hm.InputError, match="node_order"):
+        hm.solve(p, node_order="no")
+    assert main(["solve", "--model", "mixtral-8x7b", "--mesh", "2x2", "--hw", "10/25", "--layers", "0",
+                 "--time-limit", "2", "--no-node-order", "--no-baselines", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert "reordered" not in d["family"] and NODES not in d["layers"][0]["source"]
