@@ -335,3 +335,31 @@ def test_cut_floor_with_unequal_links_is_attained_and_above_the_fastest_links_fl
                       EvalOptions())
         assert getattr(ev, phase)[0] == pytest.approx(floor)
         assert ev.dispatch_s[0] >= disp * (1 - 1e-12) and ev.combine_s[0] >= comb * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("layers", [49, 1])
+def test_bound_is_valid_when_a_nodes_capacity_share_is_exactly_one_expert(layers):
+    # a capacity share one expert wide, rounded 1 ulp below it (49 layers) or 1e-10 below it: the
+    # one-node columns fit within the capacity checks' tolerance and must stay in the bound's family
+    from hdmoe_milp.costs import CAPACITY_RTOL, layer_capacity_bytes, other_weight_bytes_per_node
+    from hdmoe_milp.workload import Trace
+
+    m = MoEModel("tiny", num_experts=2, top_k=1, hidden=256, expert_intermediate=512, moe_layers=layers)
+    w = m.expert_weight_bytes()
+    hw0 = Hardware(Mesh(1, 4), compute_flops=1e12, link_bw_bytes_per_s=1e7)
+    per_layer = w if layers > 1 else w * (1 - 1e-10)
+    hw = dataclasses.replace(hw0, dram_capacity_bytes=other_weight_bytes_per_node(m, hw0) + layers * per_layer)
+    assert abs(layer_capacity_bytes(m, hw) / w - 1) < CAPACITY_RTOL
+    tr = Trace((np.array([[0]] * 80 + [[1]] * 20),) * layers, 2, 1)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
+    r = solve_layer(m, hw, f, 16.0, backend="cpsat", params=SolveParams(time_limit_s=5, deterministic=True),
+                    coactivation=groups)
+    bm = family_model(m, hw, f, 16.0, MilpOptions(), groups,
+                      layer_baselines(m, hw, f, 16.0, backend="cpsat", params=SolveParams(), coactivation=groups)[0])
+    m1 = dataclasses.replace(m, moe_layers=1)
+    wl = Workload((LayerRouting(groups[0], groups[1] * 16.0),), 2, 1, 16.0, "expected")
+    best = min(float(evaluate(Placement((bm.placement(np.array(a)),)), m1, hw0, wl, EvalOptions()).layer_s[0])
+               for a in itertools.product(*[np.flatnonzero(bm.family[i]) for i in range(2)])
+               if bm.in_family(np.array(a)))
+    assert r.bound_s <= best * (1 + 1e-9) <= r.objective_s * (1 + 1e-9)
+    assert r.objective_s == pytest.approx(best, rel=1e-9)  # each expert alone on its own node

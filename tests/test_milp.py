@@ -392,3 +392,44 @@ def test_a_model_built_as_the_limit_runs_out_is_not_solved_with_a_negative_limit
     r = solve_layer(m, hw, f[0], 64, backend="cpsat", params=SolveParams(time_limit_s=0.5, gap=0.0))
     assert r.status in ("feasible", "optimal")
     assert "time limit spent before the solve" in r.message or r.status == "optimal"
+
+
+def test_a_backend_calling_a_model_with_a_feasible_hint_infeasible_is_no_error(monkeypatch):
+    # CP-SAT's safe integer scaling of tight capacity rows can cut off every plan; the layer's plan
+    # and bound do not come from that solve, so its status must not be an error
+    from hdmoe_milp.solvers import Termination
+    from hdmoe_milp.solvers.backends import make_outcome
+    from hdmoe_milp.strategies.block_milp import solve as S
+    from hdmoe_milp.strategies.block_milp.lns import LnsSettings
+
+    real = S.get_backend
+
+    class Misreads:
+        def __init__(self, backend):
+            self.inner = real(backend)
+
+        def solve(self, lm, sp):
+            if sp.emphasis == S.BOUND_EMPHASIS:  # the bound stage: as it is
+                return self.inner.solve(lm, sp)
+            return make_outcome("cpsat", lm, Termination.INFEASIBLE, None, None, "CP-SAT: infeasible")
+
+    monkeypatch.setattr(S, "get_backend", Misreads)
+    m = MoEModel("tiny", num_experts=6, top_k=2, hidden=256, expert_intermediate=512, moe_layers=1)
+    hw = Hardware(Mesh.parse("2x2"), compute_flops=4e9, link_bw_bytes_per_s=5e7)
+    tr = synthetic_trace(m, 300, seed=1)
+    r = solve_layer(m, hw, tr.frequencies()[0], 32, params=SolveParams(time_limit_s=5, deterministic=True),
+                    coactivation=tr.coactivation(0), lns_settings=LnsSettings(bnb=False))
+    assert r.status in ("optimal", "feasible") and "called it infeasible" in r.message, (r.status, r.message)
+    assert r.bound_s <= r.objective_s
+
+
+def test_a_bound_stage_with_the_whole_budget_leaves_no_zero_second_model_solve():
+    from hdmoe_milp.strategies.block_milp.lns import LnsSettings
+
+    m = MoEModel("tiny", num_experts=6, top_k=2, hidden=256, expert_intermediate=512, moe_layers=1)
+    hw = Hardware(Mesh.parse("2x2"), compute_flops=4e9, link_bw_bytes_per_s=5e7)
+    tr = synthetic_trace(m, 300, seed=2)
+    r = solve_layer(m, hw, tr.frequencies()[0], 32, backend="cbc",
+                    params=SolveParams(time_limit_s=1.0, deterministic=True, gap=0.0),
+                    coactivation=tr.coactivation(0), lns_settings=LnsSettings(bnb=False), bound_share=1.0)
+    assert r.status == "feasible" and "whole budget" in r.message and r.bound_s <= r.objective_s

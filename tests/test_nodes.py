@@ -97,7 +97,20 @@ def test_max_swaps_and_a_past_deadline_stop_the_search():
     order = nodes.NodeOrder(m, hw, lp.shares > 0, ids, tokens)
     assert order.improve(max_swaps=1) == 1  # a random layout has an improving swap
     assert order.improve(deadline=0.0) == 0
-    assert nodes.reorder_nodes(lp, m, hw, ids, tokens, max_swaps=0) is None
+    assert nodes.reorder_nodes(lp, m, hw, ids, tokens, deadline=0.0) is None
+
+
+def test_random_restarts_keep_the_best_order_and_are_seeded():
+    m, hw, ids, tokens, _ = _case("3x4", seed=8)
+    lp = _random_layout(m.num_experts, hw.num_nodes, np.random.default_rng(9))
+    alone = nodes.reorder_nodes(lp, m, hw, ids, tokens, restarts=0)
+    many = nodes.reorder_nodes(lp, m, hw, ids, tokens, restarts=6, seed=3)
+    again = nodes.reorder_nodes(lp, m, hw, ids, tokens, restarts=6, seed=3)
+    assert alone is not None and many is not None and np.array_equal(many.shares, again.shares)
+    comm = {k: _scores(m, hw, ids, tokens, v)[1] for k, v in (("alone", alone), ("many", many))}
+    assert comm["many"] <= comm["alone"] * (1 + 1e-12)
+    assert nodes.restarts_for(32) == 8 and nodes.restarts_for(64) == 4 and nodes.restarts_for(1024) == 1
+    assert nodes.restarts_for(4) == nodes.MAX_RESTARTS
 
 
 def test_reorder_keeps_each_nodes_contents_and_is_deterministic():

@@ -237,7 +237,9 @@ class BlockModel:
         without a capacity); no plan uses the others."""
         if self.cap_layer is None:
             return np.ones(self.blocks.num_blocks, dtype=bool)
-        return self.mem_bytes.max(axis=1) <= self.cap_layer
+        # the tolerance :meth:`fits` and the evaluator forgive: a strict test dropped every one-node
+        # column of a layer whose share is one expert rounded down by 1 ulp, and the bound with them
+        return self.mem_bytes.max(axis=1) <= self.cap_layer * (1 + CAPACITY_RTOL)
 
     @cached_property
     def hop_const_s(self) -> float:
@@ -429,9 +431,10 @@ class BlockModel:
         """(M1) per node: sum_b n_b * expert bytes / d_b <= this layer's capacity. ``kind``: how an
         integer-scaling backend may round the rows: ``safe`` (its solutions stay feasible; the
         optimisation model) or ``relax`` (its bound stays valid; the certificate's model)."""
+        cap = self.cap_layer * (1 + CAPACITY_RTOL)  # as :meth:`fits`: both models admit every plan it admits
         for c in range(D):
             on = np.flatnonzero(self.blocks.members[:, c])
-            mb.add_row(n[on], self.mem_bytes[on, c] / 1e9, -np.inf, self.cap_layer / 1e9, kind=kind)
+            mb.add_row(n[on], self.mem_bytes[on, c] / 1e9, -np.inf, cap / 1e9, kind=kind)
 
     # --- the evaluator-lower relaxation (the certificate) -----------------------------------------
     @cached_property

@@ -245,23 +245,44 @@ def family_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float
                   baselines: dict[str, LayerPlacement], *, seed: int,
                   deadline: float | None = None, nodes_s: float | None = None) -> dict[str, LayerPlacement]:
     """The layers whose patterns :func:`family_model` adds to the family, and which start the
-    search: the layer's ``baselines`` and, with ``options.patterns``, its best balanced packings
-    (:func:`packing_layers`, built until ``deadline``) and, with ``options.node_order``, those
-    layouts with their nodes' contents reordered (:func:`reordered_layers`, for at most ``nodes_s``
-    wall seconds; None: to the end of each search)."""
+    search (:func:`layer_family`'s first item)."""
+    return layer_family(model, hw, freqs, batch, coactivation, options, baselines, seed=seed, deadline=deadline,
+                        nodes_s=nodes_s)[0]
+
+
+def layer_family(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
+                 coactivation: tuple[np.ndarray, np.ndarray] | None, options: MilpOptions | None,
+                 baselines: dict[str, LayerPlacement], *, seed: int,
+                 deadline: float | None = None, nodes_s: float | None = None,
+                 ) -> tuple[dict[str, LayerPlacement], BlockModel]:
+    """The layers whose patterns the family holds, and which start the search, with the family's
+    block model (:func:`family_model`): the layer's ``baselines`` and, with ``options.patterns``,
+    its best balanced packings (:func:`packing_layers`, built until ``deadline``) and, with
+    ``options.node_order``, the best two of those layouts with their nodes' contents reordered
+    (:func:`reordered_layers`, for at most ``nodes_s`` wall seconds; None: to the end of each
+    search). A reordered baseline joins beside the baseline; a reordered packing replaces the
+    packing. Reordered layouts whose patterns would lower the family floor (they can give a hot
+    expert a cheaper column than any aligned block or original layout) are left out, the worse one
+    first: the bound would fall with it (DeepSeek-V2-Lite 4x8 10/25 layer 7: 68.08 -> 65.55 us)."""
     opts = options or MilpOptions()
-    if not opts.patterns:
-        return baselines
     layers = dict(baselines)
-    if opts.packings > 0:
+    if opts.patterns and opts.packings > 0:
         layers.update(packing_layers(model, hw, freqs, batch, coactivation, opts, seed=seed, deadline=deadline))
-    if opts.node_order:
-        end = None if nodes_s is None else time.perf_counter() + nodes_s
-        for name, lp in reordered_layers(model, hw, freqs, batch, coactivation, opts, layers, deadline=end).items():
-            if name.startswith(PACKED):  # a packing's node order is the search's own choice: replace it
-                del layers[name]
-            layers[name + NODES] = lp
-    return layers
+    bm = family_model(model, hw, freqs, batch, opts, coactivation, layers)
+    if not (opts.patterns and opts.node_order):
+        return layers, bm
+    end = None if nodes_s is None else time.perf_counter() + nodes_s
+    moved = reordered_layers(model, hw, freqs, batch, coactivation, opts, layers, seed=seed, deadline=end)
+    for keep in range(len(moved), 0, -1):  # the best layout's reordering is tried last alone
+        trial = dict(layers)
+        for name, lp in list(moved.items())[:keep]:
+            if name.startswith(PACKED):  # a packing's node order was the packing's own choice
+                del trial[name]
+            trial[name + NODES] = lp
+        bm1 = family_model(model, hw, freqs, batch, opts, coactivation, trial)
+        if bm1.family_floor_s >= bm.family_floor_s * (1 - 1e-12):
+            return trial, bm1
+    return layers, bm
 
 
 NODES = "~nodes"  # the name of a layout whose nodes' contents the node-order search reordered ends with this
@@ -272,13 +293,14 @@ NODES_LAYOUTS = 2  # the best this many layouts are reordered (each adds its pat
 
 def reordered_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
                      coactivation: tuple[np.ndarray, np.ndarray] | None, options: MilpOptions,
-                     layers: dict[str, LayerPlacement], *, deadline: float | None = None) -> dict[str, LayerPlacement]:
+                     layers: dict[str, LayerPlacement], *, seed: int = 0,
+                     deadline: float | None = None) -> dict[str, LayerPlacement]:
     """Per layout of the :data:`NODES_LAYOUTS` best of ``layers`` (non-replicated) under the
     evaluator, the same node contents reordered on the mesh by :func:`.nodes.reorder_nodes` where
     that lowers its evaluator time: the compute term stays, the link loads fall. Tree delivery with
     co-activation sets only (the search counts the union messages); the best layouts first, each
-    search until ``deadline`` (``time.perf_counter()``; None: no deadline, the same answer every
-    run) and at most as many swaps as nodes."""
+    with an equal share of the time to ``deadline`` (``time.perf_counter()``; None: no deadline, the
+    same answer every run), its random restarts seeded by ``seed``."""
     wl = layer_workload(model, coactivation, np.asarray(freqs, dtype=float), batch)
     if wl is None or coactivation is None or options.delivery != "tree" or hw.num_nodes < 2:
         return {}
@@ -286,10 +308,13 @@ def reordered_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: fl
     scores = {k: layer_time_s(lp, m1, hw, wl, eo) for k, lp in layers.items() if not lp.is_replicated}
     ids, tokens = wl.layers[0].experts, wl.layers[0].weight
     out = {}
-    for name in sorted(scores, key=scores.__getitem__)[:NODES_LAYOUTS]:
-        if deadline is not None and time.perf_counter() >= deadline:
+    todo = sorted(scores, key=scores.__getitem__)[:NODES_LAYOUTS]
+    for i, name in enumerate(todo):
+        now = time.perf_counter()
+        if deadline is not None and now >= deadline:
             break
-        new = reorder_nodes(layers[name], model, hw, ids, tokens, deadline=deadline, max_swaps=hw.num_nodes)
+        mine = None if deadline is None else now + (deadline - now) / (len(todo) - i)  # an equal share each
+        new = reorder_nodes(layers[name], model, hw, ids, tokens, deadline=mine, seed=seed)
         if new is not None and layer_time_s(new, m1, hw, wl, eo) < scores[name] * (1 - 1e-12):
             out[name] = new
     return out
@@ -392,10 +417,9 @@ def solve_layer(
     baselines, hd = layer_baselines(model, hw, freqs, batch, backend=backend, params=asked, layer=layer,
                                     freqs_all=freqs_all, coactivation=coactivation, baselines=baselines,
                                     hdmoe_work_limit=hdmoe_work_limit)
-    baselines = family_layers(model, hw, freqs, batch, coactivation, options, baselines, seed=params.seed,
-                              deadline=None if params.deterministic else t0 + PACKING_SHARE * params.time_limit_s,
-                              nodes_s=None if params.deterministic else NODES_SHARE * params.time_limit_s)
-    bm = family_model(model, hw, freqs, batch, options, coactivation, baselines)
+    baselines, bm = layer_family(model, hw, freqs, batch, coactivation, options, baselines, seed=params.seed,
+                                 deadline=None if params.deterministic else t0 + PACKING_SHARE * params.time_limit_s,
+                                 nodes_s=None if params.deterministic else NODES_SHARE * params.time_limit_s)
     # wall mode: the heuristics may take at most WARM_SHARE of the limit (V3 8x8: 3.4 s in all)
     starts = warm_starts(bm, _baseline_assigns(bm, baselines),
                          deadline=None if params.deterministic else t0 + WARM_SHARE * params.time_limit_s)
@@ -543,6 +567,8 @@ def solve_layer(
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
     elif share >= 1.0:
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "LNS instead of the monolithic solve")
+    elif det and backend != "cpsat" and b_share + bnb_frac >= 1.0:  # its limit would be 0 s
+        raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "the bound stage had the whole budget")
     else:
         sp = replace(params, hint=bm.full_vector(bm.canonical(ws), lm))  # a hint symmetry breaking allows
         if det:
@@ -590,7 +616,14 @@ def solve_layer(
             trace.append((time.perf_counter() - t0, obj, None, "polish"))
     model_bound = raw.bound / US if raw.bound is not None else None
     gap = gap_of(obj)
-    if raw.status in (Termination.ERROR, Termination.INFEASIBLE):
+    # a backend that calls the model infeasible although its hint is a plan of it: its integer scaling
+    # of tight capacity rows (CP-SAT rounds them to stay safe) cut that plan off. The plan and the
+    # bound do not come from that solve, so the layer's status is theirs, and the message says so
+    misread = raw.status == Termination.INFEASIBLE and bm.feasible(ws)
+    if misread:
+        raw = replace(raw, message=f"{raw.message} (the model's solve called it infeasible, but the warm start "
+                      f"{ws_name!r} is a feasible plan of it; the plan and bound stand)")
+    if raw.status == Termination.ERROR or raw.status == Termination.INFEASIBLE and not misread:
         status = Termination.ERROR.value if raw.status == Termination.ERROR else "error:solver-says-infeasible"
     elif gap is not None and gap <= params.gap + GAP_TOL:
         status = Termination.OPTIMAL.value
@@ -685,7 +718,7 @@ FAMILY_PATTERNS = ("one copy per expert (no replication: EPLB's replicated place
                    "spread evenly over it, or one of the node sets with shares that the layer's non-replicated "
                    "baselines (tp, ep, ep-lpt, cb, hdmoe)" + FAMILY_PACKINGS + " give that expert")
 FAMILY_NODES = (" (the best two of those layouts also with their nodes' contents reordered on the mesh where the "
-                "node-order search lowers their time)")
+                "node-order search lowers their time without lowering the family floor)")
 FAMILY_FLIPS = ", and their mirror images under the mesh's row and column flips"
 FAMILY = FAMILY_PATTERNS + FAMILY_NODES + FAMILY_FLIPS  # the default family (patterns, reordered layouts, flips)
 FAMILY_BLOCKS = ("aligned power-of-two blocks of the mesh, one copy per expert spread evenly over its block, "
