@@ -186,3 +186,49 @@ def test_pipeline_and_cli_can_turn_the_node_order_search_off(capsys):
                  "--time-limit", "2", "--no-node-order", "--no-baselines", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert "reordered" not in d["family"] and NODES not in d["layers"][0]["source"]
+
+
+def test_with_unequal_links_the_search_stops_only_where_no_swap_helps():
+    # one slow link gives the phases different numbers of distinct features after de-duplication
+    m, hw0, ids, tokens, _ = _case("2x3", seed=1)
+    stopped_early = cases = 0
+    for link in range(8, 14):
+        bw = hw0.link_bw.copy()
+        bw[link] *= 0.05
+        hw = dataclasses.replace(hw0, link_bw_bytes_per_s=bw)
+        rng = np.random.default_rng(link)
+        for _ in range(4):
+            lp = _random_layout(m.num_experts, hw.num_nodes, rng)
+            order = nodes.NodeOrder(m, hw, lp.shares > 0, ids, tokens)
+            cases += order.nl * 2 != len(order.load)
+            order.improve()
+            cur = order.traffic()
+            stopped_early += any(order.traffic(order.load + order._delta(a, b)[0]) < cur * (1 - 1e-12)
+                                 for a, b in itertools.combinations(range(hw.num_nodes), 2))
+    assert cases > 0 and stopped_early == 0
+
+
+def test_bound_below_exhaustive_optimum_below_score_with_a_reordered_layout_in_the_family():
+    import hdmoe_milp.strategies.block_milp.solve as S
+    from hdmoe_milp.hardware import Hardware
+    from hdmoe_milp.moe import MoEModel
+
+    m = MoEModel("tiny", num_experts=4, top_k=2, hidden=256, expert_intermediate=512, moe_layers=1)
+    hw = Hardware(Mesh.parse("1x6"), compute_flops=1e9, link_bw_bytes_per_s=2e8)
+    tr = synthetic_trace(m, 300, seed=7)
+    f, groups = tr.frequencies()[0], tr.coactivation(0)
+    base, _ = layer_baselines(m, hw, f, 16.0, backend="cpsat", params=SolveParams(), coactivation=groups)
+    fam, bm = S.layer_family(m, hw, f, 16.0, groups, MilpOptions(symmetry=False), base, seed=SolveParams().seed)
+    assert any(k.endswith(NODES) for k in fam)  # the case this test is for
+    plans = np.array(list(itertools.product(*[np.flatnonzero(bm.family[i] & bm.column_fits) for i in range(4)])))
+    ids, fg = groups
+    best = np.inf
+    for lo in range(0, len(plans), 4000):
+        chunk = plans[lo:lo + 4000]
+        wl = Workload(tuple(LayerRouting(ids, fg * 16.0) for _ in chunk), 4, 2, 16.0, "expected")
+        ev = evaluate(Placement(tuple(bm.placement(a) for a in chunk)), dataclasses.replace(m, moe_layers=len(chunk)),
+                      hw, wl, EvalOptions())
+        best = min(best, float(np.min(ev.layer_s)))
+    r = solve_layer(m, hw, f, 16.0, params=SolveParams(time_limit_s=1, deterministic=True, gap=0.0),
+                    coactivation=groups, baselines=base, hdmoe_work_limit=None)
+    assert r.bound_s <= best * (1 + 1e-9) <= r.objective_s * (1 + 1e-9)

@@ -16,7 +16,7 @@ links does: the search first finds, for every pair at once, what the swap does t
 (two sparse ``[D, G] @ [G, D]`` products per link), then checks the promising swaps exactly. The
 search starts from the layout's own order and from a few random orders: on DeepSeek-V2-Lite 4x8
 2.5/75 the best of 20 random starts carried 6-16 % less traffic than the search from hdmoe's order.
-Measured in ``formulations/offline_milp.md`` ("Node-order search").
+Measured in ``formulations/offline_milp.md`` ("Family", "Reordered layouts").
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class NodeOrder:
         D = len(self.perm)
         best = np.full((D, D), np.inf)  # predicted change of a phase's busiest load (s), the lower the better
         notr = (~self.reach).astype(float)
-        for lo, hi in ((0, self.nl), (self.nl, 2 * self.nl)):
+        for lo, hi in ((0, self.nl), (self.nl, len(self.load))):  # the phases' features (counts may differ)
             seg = self.load[lo:hi]
             peak = seg.max()
             top = lo + np.flatnonzero(seg >= peak * (1 - REL_TOL))
@@ -160,8 +160,8 @@ def reorder_nodes(lp: LayerPlacement, model: MoEModel, hw: Hardware, ids: np.nda
     so the same compute term and memory per node; the caller scores the result with the evaluator
     before keeping it."""
     D = hw.num_nodes
-    if lp.is_replicated or D < 2 or len(ids) == 0:
-        return None
+    if lp.is_replicated or D < 2 or len(ids) == 0 or not np.array_equal(lp.expert_of, np.arange(lp.num_experts)):
+        return None  # (rows out of expert order: the co-activation sets' ids would name the wrong rows)
     shares = np.asarray(lp.shares)
     order = NodeOrder(model, hw, shares > 0, ids, tokens)
     start = order.traffic()

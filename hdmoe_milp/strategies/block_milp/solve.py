@@ -567,7 +567,7 @@ def solve_layer(
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "time limit spent before the solve")
     elif share >= 1.0:
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "LNS instead of the monolithic solve")
-    elif det and backend != "cpsat" and b_share + bnb_frac >= 1.0:  # its limit would be 0 s
+    elif det and share + b_share + bnb_frac >= 1.0:  # its limit (work or seconds) would be 0 or less
         raw = make_outcome(backend, lm, Termination.FEASIBLE, None, None, "the bound stage had the whole budget")
     else:
         sp = replace(params, hint=bm.full_vector(bm.canonical(ws), lm))  # a hint symmetry breaking allows
@@ -619,7 +619,7 @@ def solve_layer(
     # a backend that calls the model infeasible although its hint is a plan of it: its integer scaling
     # of tight capacity rows (CP-SAT rounds them to stay safe) cut that plan off. The plan and the
     # bound do not come from that solve, so the layer's status is theirs, and the message says so
-    misread = raw.status == Termination.INFEASIBLE and bm.feasible(ws)
+    misread = raw.status == Termination.INFEASIBLE and bm.feasible(bm.canonical(ws))  # the hint it was given
     if misread:
         raw = replace(raw, message=f"{raw.message} (the model's solve called it infeasible, but the warm start "
                       f"{ws_name!r} is a feasible plan of it; the plan and bound stand)")
@@ -717,8 +717,9 @@ FAMILY_PATTERNS = ("one copy per expert (no replication: EPLB's replicated place
                    "layer's capacity share, on either an aligned power-of-two block of the mesh with the expert "
                    "spread evenly over it, or one of the node sets with shares that the layer's non-replicated "
                    "baselines (tp, ep, ep-lpt, cb, hdmoe)" + FAMILY_PACKINGS + " give that expert")
-FAMILY_NODES = (" (the best two of those layouts also with their nodes' contents reordered on the mesh where the "
-                "node-order search lowers their time without lowering the family floor)")
+FAMILY_NODES = (" (where the node-order search lowers their time without lowering the family floor, the best two "
+                "of those layouts with their nodes' contents reordered on the mesh: beside a baseline, in place of "
+                "a packing)")
 FAMILY_FLIPS = ", and their mirror images under the mesh's row and column flips"
 FAMILY = FAMILY_PATTERNS + FAMILY_NODES + FAMILY_FLIPS  # the default family (patterns, reordered layouts, flips)
 FAMILY_BLOCKS = ("aligned power-of-two blocks of the mesh, one copy per expert spread evenly over its block, "
