@@ -152,28 +152,37 @@ class NodeOrder:
 
 
 def reorder_nodes(lp: LayerPlacement, model: MoEModel, hw: Hardware, ids: np.ndarray, tokens: np.ndarray, *,
-                  deadline: float | None = None, restarts: int | None = None, seed: int = 0) -> LayerPlacement | None:
+                  deadline: float | None = None, restarts: int | None = None, seed: int = 0,
+                  steps: int | None = None) -> LayerPlacement | None:
     """``lp`` with its nodes' contents permuted, or None when no order found lowers its traffic (or
     ``lp`` is replicated). :meth:`NodeOrder.improve` from ``lp``'s own order (at most D swaps), then
     from ``restarts`` random orders (default :func:`restarts_for`; at most 4·D swaps each; seeded by
-    ``seed``), until ``deadline`` (``time.perf_counter()``); the best order wins. Same node contents,
-    so the same compute term and memory per node; the caller scores the result with the evaluator
-    before keeping it."""
+    ``seed``), until ``deadline`` (``time.perf_counter()``) or until ``steps`` search steps (a swap
+    made, or a search's last look) are spent: a work budget, the same on every machine. The best
+    order wins. Same node contents, so the same compute term and memory per node; the caller scores
+    the result with the evaluator before keeping it."""
     D = hw.num_nodes
     if lp.is_replicated or D < 2 or len(ids) == 0 or not np.array_equal(lp.expert_of, np.arange(lp.num_experts)):
         return None  # (rows out of expert order: the co-activation sets' ids would name the wrong rows)
+    left = np.inf if steps is None else int(steps)
+    if left < 1:
+        return None
     shares = np.asarray(lp.shares)
     order = NodeOrder(model, hw, shares > 0, ids, tokens)
     start = order.traffic()
-    order.improve(deadline=deadline, max_swaps=D)
+    cap = int(min(D, left))
+    made = order.improve(deadline=deadline, max_swaps=cap)
+    left -= made + (made < cap)  # the swaps, and the look that found none (if the cap did not stop it)
     best, best_perm = order.traffic(), order.perm.copy()
     rng = np.random.default_rng(seed)
     for _ in range(restarts_for(D) if restarts is None else int(restarts)):
-        if deadline is not None and time.perf_counter() >= deadline:
+        if deadline is not None and time.perf_counter() >= deadline or left < 1:
             break
         perm = rng.permutation(D)
         other = NodeOrder(model, hw, shares[:, perm] > 0, ids, tokens)
-        other.improve(deadline=deadline, max_swaps=RESTART_SWAPS * D)
+        cap = int(min(RESTART_SWAPS * D, left))
+        made = other.improve(deadline=deadline, max_swaps=cap)
+        left -= made + (made < cap)
         if other.traffic() < best * (1 - REL_TOL):
             best, best_perm = other.traffic(), perm[other.perm]
     if best >= start * (1 - REL_TOL):

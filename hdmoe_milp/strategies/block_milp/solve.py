@@ -243,36 +243,43 @@ def packing_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: floa
 def family_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
                   coactivation: tuple[np.ndarray, np.ndarray] | None, options: MilpOptions | None,
                   baselines: dict[str, LayerPlacement], *, seed: int,
-                  deadline: float | None = None, nodes_s: float | None = None) -> dict[str, LayerPlacement]:
+                  deadline: float | None = None, nodes_s: float | None = None,
+                  nodes_steps: int | None = None) -> dict[str, LayerPlacement]:
     """The layers whose patterns :func:`family_model` adds to the family, and which start the
     search (:func:`layer_family`'s first item)."""
     return layer_family(model, hw, freqs, batch, coactivation, options, baselines, seed=seed, deadline=deadline,
-                        nodes_s=nodes_s)[0]
+                        nodes_s=nodes_s, nodes_steps=nodes_steps)[0]
 
 
 def layer_family(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
                  coactivation: tuple[np.ndarray, np.ndarray] | None, options: MilpOptions | None,
                  baselines: dict[str, LayerPlacement], *, seed: int,
-                 deadline: float | None = None, nodes_s: float | None = None,
+                 deadline: float | None = None, nodes_s: float | None = None, nodes_steps: int | None = None,
                  ) -> tuple[dict[str, LayerPlacement], BlockModel]:
     """The layers whose patterns the family holds, and which start the search, with the family's
     block model (:func:`family_model`): the layer's ``baselines`` and, with ``options.patterns``,
     its best balanced packings (:func:`packing_layers`, built until ``deadline``) and, with
     ``options.node_order``, the best two of those layouts with their nodes' contents reordered
-    (:func:`reordered_layers`, for at most ``nodes_s`` wall seconds; None: to the end of each
-    search). A reordered baseline joins beside the baseline; a reordered packing replaces the
+    (:func:`reordered_layers`, for at most ``nodes_s`` wall seconds and ``nodes_steps`` search
+    steps; None: no such limit). A reordered baseline joins beside the baseline; a reordered packing replaces the
     packing. Reordered layouts whose patterns would lower the family floor (they can give a hot
     expert a cheaper column than any aligned block or original layout) are left out, the worse one
-    first: the bound would fall with it (DeepSeek-V2-Lite 4x8 10/25 layer 7: 68.08 -> 65.55 us)."""
+    first: the bound would fall with it (DeepSeek-V2-Lite 4x8 10/25 layer 7: 68.08 -> 65.55 us). In
+    wall mode the search is skipped where ``nodes_s`` is less than two builds of the family."""
     opts = options or MilpOptions()
     layers = dict(baselines)
     if opts.patterns and opts.packings > 0:
         layers.update(packing_layers(model, hw, freqs, batch, coactivation, opts, seed=seed, deadline=deadline))
+    t_build = time.perf_counter()
     bm = family_model(model, hw, freqs, batch, opts, coactivation, layers)
-    if not (opts.patterns and opts.node_order):
+    t_build = time.perf_counter() - t_build
+    # wall mode: where the two more builds of the family the search may need would take its whole
+    # share of the limit, it is skipped (a DeepSeek-V3 16x16 family takes seconds and a GB to build)
+    if not (opts.patterns and opts.node_order) or nodes_s is not None and nodes_s < NODES_BUILDS * t_build:
         return layers, bm
     end = None if nodes_s is None else time.perf_counter() + nodes_s
-    moved = reordered_layers(model, hw, freqs, batch, coactivation, opts, layers, seed=seed, deadline=end)
+    moved = reordered_layers(model, hw, freqs, batch, coactivation, opts, layers, seed=seed, deadline=end,
+                             steps=nodes_steps)
     for keep in range(len(moved), 0, -1):  # the best layout's reordering is tried last alone
         trial = dict(layers)
         for name, lp in list(moved.items())[:keep]:
@@ -282,11 +289,16 @@ def layer_family(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
         bm1 = family_model(model, hw, freqs, batch, opts, coactivation, trial)
         if bm1.family_floor_s >= bm.family_floor_s * (1 - 1e-12):
             return trial, bm1
+        del bm1  # before the next build: one family at a time beside the first
     return layers, bm
 
 
 NODES = "~nodes"  # the name of a layout whose nodes' contents the node-order search reordered ends with this
 NODES_SHARE = 0.1  # of a layer's wall limit, at most, for the node-order search
+NODES_BUILDS = 2  # builds of the family, at most, that the search adds (in its share: else it is skipped)
+# --deterministic: search steps per second of the limit (a step took 1-5 ms on 4x8, 10-25 ms on DeepSeek-V3 8x8;
+# without a budget, 8 restarts on a DeepSeek-V2-Lite 8x8 layer took about 20 s at any limit)
+NODES_STEPS_PER_S = 100
 NODES_LAYOUTS = 2  # the best this many layouts are reordered (each adds its patterns: DeepSeek-V3 8x8's LP
 # took 24 s instead of 6 s with every baseline's)
 
@@ -294,13 +306,14 @@ NODES_LAYOUTS = 2  # the best this many layouts are reordered (each adds its pat
 def reordered_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: float,
                      coactivation: tuple[np.ndarray, np.ndarray] | None, options: MilpOptions,
                      layers: dict[str, LayerPlacement], *, seed: int = 0,
-                     deadline: float | None = None) -> dict[str, LayerPlacement]:
+                     deadline: float | None = None, steps: int | None = None) -> dict[str, LayerPlacement]:
     """Per layout of the :data:`NODES_LAYOUTS` best of ``layers`` (non-replicated) under the
     evaluator, the same node contents reordered on the mesh by :func:`.nodes.reorder_nodes` where
     that lowers its evaluator time: the compute term stays, the link loads fall. Tree delivery with
     co-activation sets only (the search counts the union messages); the best layouts first, each
     with an equal share of the time to ``deadline`` (``time.perf_counter()``; None: no deadline, the
-    same answer every run), its random restarts seeded by ``seed``."""
+    same answer every run) and of ``steps`` (a work budget: :func:`.nodes.reorder_nodes`), its random
+    restarts seeded by ``seed``."""
     wl = layer_workload(model, coactivation, np.asarray(freqs, dtype=float), batch)
     if wl is None or coactivation is None or options.delivery != "tree" or hw.num_nodes < 2:
         return {}
@@ -314,7 +327,8 @@ def reordered_layers(model: MoEModel, hw: Hardware, freqs: np.ndarray, batch: fl
         if deadline is not None and now >= deadline:
             break
         mine = None if deadline is None else now + (deadline - now) / (len(todo) - i)  # an equal share each
-        new = reorder_nodes(layers[name], model, hw, ids, tokens, deadline=mine, seed=seed)
+        new = reorder_nodes(layers[name], model, hw, ids, tokens, deadline=mine, seed=seed,
+                            steps=None if steps is None else steps // len(todo))
         if new is not None and layer_time_s(new, m1, hw, wl, eo) < scores[name] * (1 - 1e-12):
             out[name] = new
     return out
@@ -419,7 +433,9 @@ def solve_layer(
                                     hdmoe_work_limit=hdmoe_work_limit)
     baselines, bm = layer_family(model, hw, freqs, batch, coactivation, options, baselines, seed=params.seed,
                                  deadline=None if params.deterministic else t0 + PACKING_SHARE * params.time_limit_s,
-                                 nodes_s=None if params.deterministic else NODES_SHARE * params.time_limit_s)
+                                 nodes_s=None if params.deterministic else NODES_SHARE * params.time_limit_s,
+                                 nodes_steps=(max(1, int(NODES_STEPS_PER_S * NODES_SHARE * params.time_limit_s))
+                                              if params.deterministic else None))
     # wall mode: the heuristics may take at most WARM_SHARE of the limit (V3 8x8: 3.4 s in all)
     starts = warm_starts(bm, _baseline_assigns(bm, baselines),
                          deadline=None if params.deterministic else t0 + WARM_SHARE * params.time_limit_s)
