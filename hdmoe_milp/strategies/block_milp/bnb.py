@@ -135,7 +135,7 @@ class _Search:
         comp = roofline_of(comp_s + flops / self.compute, read_s + read / self.dram).max(axis=1)
         val = np.maximum(comp, self.area_s) + comm
         if inc.cap is not None:
-            val[(mem[None, :] + mem_rows).max(axis=1) > inc.cap * (1 + 1e-9)] = np.inf
+            val[(mem[None, :] + mem_rows).max(axis=1) > inc.cap] = np.inf
         return pos, cs, val
 
 

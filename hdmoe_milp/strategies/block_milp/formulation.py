@@ -79,9 +79,10 @@ class MilpOptions:
     of this many of the layer's balanced packings with neighbour splits (:mod:`.packing`; the best
     under the evaluator, or the first built without co-activation sets; layers with at least
     :data:`.packing.MIN_PER_NODE` experts per node), which are warm starts too. ``node_order``:
-    with ``patterns``, each of those layouts (tree delivery, co-activation sets given) also with its
-    nodes' contents reordered on the mesh by :mod:`.nodes` where that lowers its evaluator time
-    (a packing is replaced by its reordered self).
+    with ``patterns``, the best two of those layouts (tree delivery, co-activation sets given) also
+    with their nodes' contents reordered on the mesh by :mod:`.nodes` where that lowers their
+    evaluator time and leaves the family floor where it was (a packing is replaced by its reordered
+    self; :func:`.solve.layer_family`).
     """
 
     delivery: str = "tree"
@@ -232,14 +233,21 @@ class BlockModel:
         return allowed & self.column_fits[None, :]
 
     @property
+    def cap_limit(self) -> float | None:
+        """The most bytes of this layer's experts a node may hold (None: no capacity): the layer's
+        capacity share with the rounding every capacity check forgives (:data:`costs.CAPACITY_RTOL`).
+        One number for every check of the search and both models: a strict copy of it dropped every
+        one-node column of a layer whose share is one expert rounded down by 1 ulp, and the bound
+        with them."""
+        return None if self.cap_layer is None else self.cap_layer * (1 + CAPACITY_RTOL)
+
+    @property
     def column_fits(self) -> np.ndarray:
         """``[nb]`` bool: columns whose largest shard fits the layer's capacity on its own (all
         without a capacity); no plan uses the others."""
         if self.cap_layer is None:
             return np.ones(self.blocks.num_blocks, dtype=bool)
-        # the tolerance :meth:`fits` and the evaluator forgive: a strict test dropped every one-node
-        # column of a layer whose share is one expert rounded down by 1 ulp, and the bound with them
-        return self.mem_bytes.max(axis=1) <= self.cap_layer * (1 + CAPACITY_RTOL)
+        return self.mem_bytes.max(axis=1) <= self.cap_limit
 
     @cached_property
     def hop_const_s(self) -> float:
@@ -272,8 +280,7 @@ class BlockModel:
 
     def fits(self, assign: np.ndarray) -> bool:
         """Whether ``assign [E]`` stays within the layer's capacity share on every node."""
-        return self.cap_layer is None or self.mem_bytes[np.asarray(assign)].sum(axis=0).max() <= \
-            self.cap_layer * (1 + CAPACITY_RTOL)
+        return self.cap_limit is None or self.mem_bytes[np.asarray(assign)].sum(axis=0).max() <= self.cap_limit
 
     def feasible(self, assign: np.ndarray) -> bool:
         """Whether ``assign [E]`` is feasible for the MILP (``allowed``: family, symmetry breaking,
@@ -431,10 +438,9 @@ class BlockModel:
         """(M1) per node: sum_b n_b * expert bytes / d_b <= this layer's capacity. ``kind``: how an
         integer-scaling backend may round the rows: ``safe`` (its solutions stay feasible; the
         optimisation model) or ``relax`` (its bound stays valid; the certificate's model)."""
-        cap = self.cap_layer * (1 + CAPACITY_RTOL)  # as :meth:`fits`: both models admit every plan it admits
-        for c in range(D):
+        for c in range(D):  # :attr:`cap_limit`: both models admit every plan :meth:`fits` admits
             on = np.flatnonzero(self.blocks.members[:, c])
-            mb.add_row(n[on], self.mem_bytes[on, c] / 1e9, -np.inf, cap / 1e9, kind=kind)
+            mb.add_row(n[on], self.mem_bytes[on, c] / 1e9, -np.inf, self.cap_limit / 1e9, kind=kind)
 
     # --- the evaluator-lower relaxation (the certificate) -----------------------------------------
     @cached_property

@@ -42,8 +42,8 @@ def _candidate_scores(bm: BlockModel, i: int, state: tuple[np.ndarray, ...], all
     score = c + phase_time_s(disp + bm.f[i] * bm.disp_bytes, bm.hw.link_bw) \
         + phase_time_s(comb + bm.f[i] * bm.comb_bytes, bm.hw.link_bw)
     ok = allowed.copy()
-    if bm.cap_layer is not None:
-        ok &= (memb[None, :] + bm.mem_bytes).max(axis=1) <= bm.cap_layer * (1 + 1e-9)
+    if bm.cap_limit is not None:
+        ok &= (memb[None, :] + bm.mem_bytes).max(axis=1) <= bm.cap_limit
     return np.where(ok, score, np.inf)
 
 

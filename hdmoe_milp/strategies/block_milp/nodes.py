@@ -72,10 +72,16 @@ class NodeOrder:
         reach = np.zeros((len(ids), D), dtype=bool)
         for j in range(ids.shape[1]):
             reach |= h[ids[:, j]]
-        self.reach = reach  # [G, D]: the nodes each set reaches, in the current order
-        self.count = reach.astype(np.int32) @ self.region_i  # [G, F] (integer: no BLAS)
+        self._reach0 = reach  # [G, D]: the nodes each set reaches in the layout's own order
+        self.restart(np.arange(D))
+
+    def restart(self, order: np.ndarray) -> None:
+        """Start over from the layout's contents in ``order`` (position q holds what node
+        ``order[q]`` holds in the layout); :attr:`perm` counts from there. The regions stay."""
+        self.reach = self._reach0[:, np.asarray(order)]  # [G, D]: the nodes each set reaches, in the current order
+        self.count = self.reach.astype(np.int32) @ self.region_i  # [G, F] (integer: no BLAS)
         self.load = self.scale * (self.t[:, None] * (self.count > 0)).sum(axis=0)  # [F] seconds
-        self.perm = np.arange(D)  # position q holds the contents that node perm[q] held at the start
+        self.perm = np.arange(len(order))  # position q holds the contents that position perm[q] held at the start
 
     def traffic(self, load: np.ndarray | None = None) -> float:
         ld = self.load if load is None else load
@@ -179,12 +185,12 @@ def reorder_nodes(lp: LayerPlacement, model: MoEModel, hw: Hardware, ids: np.nda
         if deadline is not None and time.perf_counter() >= deadline or left < 1:
             break
         perm = rng.permutation(D)
-        other = NodeOrder(model, hw, shares[:, perm] > 0, ids, tokens)
+        order.restart(perm)  # the regions are the mesh's: only the sets' reach is redone
         cap = int(min(RESTART_SWAPS * D, left))
-        made = other.improve(deadline=deadline, max_swaps=cap)
+        made = order.improve(deadline=deadline, max_swaps=cap)
         left -= made + (made < cap)
-        if other.traffic() < best * (1 - REL_TOL):
-            best, best_perm = other.traffic(), perm[other.perm]
+        if order.traffic() < best * (1 - REL_TOL):
+            best, best_perm = order.traffic(), perm[order.perm]
     if best >= start * (1 - REL_TOL):
         return None
     return LayerPlacement.from_shares(shares[:, best_perm])

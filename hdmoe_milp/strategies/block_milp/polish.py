@@ -95,7 +95,7 @@ class IncrementalScore:
         self.read_e = unit.weight_bytes * activation_probability(n_tok, bm.B)  # [E]
         self.active = np.bincount(ids.ravel(), minlength=E) > 0  # experts some message reaches
         self.share, self.holders = share, holders
-        self.mem_bytes, self.cap = bm.mem_bytes, bm.cap_layer
+        self.mem_bytes, self.cap = bm.mem_bytes, bm.cap_limit  # bytes a node may hold, rounding forgiven
         # groups of each expert
         order = np.argsort(ids.ravel(), kind="stable")
         grp = order // ids.shape[1]
@@ -153,7 +153,7 @@ class IncrementalScore:
         return (g, f, K_new), hitw, flops, read, mem, used
 
     def fits_mem(self, mem: np.ndarray) -> bool:
-        return self.cap is None or float(mem.max()) <= self.cap * (1 + 1e-9)
+        return self.cap is None or float(mem.max()) <= self.cap
 
     def try_moves(self, moves: list[tuple[int, int]]) -> float:
         """The layer time after ``moves`` ((expert, column) pairs, distinct experts); inf if they
@@ -186,7 +186,7 @@ class IncrementalScore:
                           used)
         if self.cap is not None:
             mem = self.mem[None, :] - self.mem_bytes[old][None, :] + self.mem_bytes[cols]
-            val[mem.max(axis=1) > self.cap * (1 + 1e-9)] = np.inf
+            val[mem.max(axis=1) > self.cap] = np.inf
         out[cols] = val
         return out
 
